@@ -1,0 +1,17 @@
+"""moebench's reference expert-parallel MoE runtime (never imports ``moebench``)."""
+
+from runtime.config import MoEConfig, ParallelConfig
+from runtime.layer import MoELayer, MoEOutput
+from runtime.reference import ReferenceOutput, reference_moe
+from runtime.weights import MoEWeights, init_weights
+
+__all__ = [
+    "MoEConfig",
+    "MoELayer",
+    "MoEOutput",
+    "MoEWeights",
+    "ParallelConfig",
+    "ReferenceOutput",
+    "init_weights",
+    "reference_moe",
+]

@@ -1,0 +1,108 @@
+"""Configuration of one MoE layer and of its expert-parallel layout, validated on construction.
+
+Every impossible value raises ``ValueError`` naming the field, the value and what is accepted,
+so that a scenario loader can turn it into a one-line message for the user.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ACTIVATIONS = ("gelu", "swiglu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PLACEMENTS = ("round_robin", "contiguous", "load_balanced", "custom")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "bmm", "loop")
+
+
+def _fail(cls: str, name: str, value: object, accepted: str) -> None:
+    raise ValueError(f"{cls}.{name} = {value!r} is invalid: accepted {accepted}")
+
+
+def _positive_int(cls: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(cls, name, value, "an integer >= 1")
+
+
+def _non_negative_number(cls: str, name: str, value: object) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        _fail(cls, name, value, "a finite number >= 0")
+
+
+def _one_of(cls: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(cls, name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shape and routing of one MoE layer (the same on every rank)."""
+
+    hidden_size: int  # D: model width, the size of each token vector
+    ffn_hidden_size: int  # F: hidden width of each expert's FFN
+    num_experts: int  # E: experts in the layer, over all ranks
+    top_k: int = 1  # K: experts each token is sent to, 1 <= K <= E
+    activation: str = "gelu"  # "gelu": W_down·gelu(W_up·x); "swiglu": W_down·(silu(W_gate·x)⊙W_up·x)
+    capacity_factor: float = 0.0  # 0 = dropless; else capacity = ceil(cf·N·K/E) per expert
+    aux_loss_coef: float = 0.0  # weight of the Switch/GShard load-balancing loss in router_loss
+    z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss in router_loss
+    normalize_topk: bool = False  # True: top-k weights renormalised to sum to 1; False: raw softmax
+    dtype: str = "float32"  # expert compute and activations dtype; the router always runs in fp32
+    expert_backend: str = "auto"  # grouped expert GEMM: "grouped_mm", "bmm" (padded), "loop", "auto"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
+            _positive_int(name, field, getattr(self, field))
+        if self.top_k > self.num_experts:
+            _fail(name, "top_k", self.top_k, f"1 <= top_k <= num_experts ({self.num_experts})")
+        _one_of(name, "activation", self.activation, ACTIVATIONS)
+        for field in ("capacity_factor", "aux_loss_coef", "z_loss_coef"):
+            _non_negative_number(name, field, getattr(self, field))
+        if not isinstance(self.normalize_topk, bool):
+            _fail(name, "normalize_topk", self.normalize_topk, "true or false")
+        _one_of(name, "dtype", self.dtype, tuple(DTYPES))
+        _one_of(name, "expert_backend", self.expert_backend, EXPERT_BACKENDS)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor == 0
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the experts of a layer are spread over the expert-parallel (EP) group."""
+
+    ep_size: int = 1  # W: ranks in the EP group; each owns a disjoint subset of the experts
+    placement: str = "round_robin"  # expert -> rank strategy, see runtime/placement.py
+    max_experts_per_rank: int | None = None  # slot limit per rank; None = ceil(E / W)
+    expert_loads: tuple[float, ...] | None = None  # per-expert load, required by "load_balanced"
+    expert_to_rank: tuple[int, ...] | None = None  # explicit map, required by "custom"
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _positive_int(name, "ep_size", self.ep_size)
+        _one_of(name, "placement", self.placement, PLACEMENTS)
+        if self.max_experts_per_rank is not None:
+            _positive_int(name, "max_experts_per_rank", self.max_experts_per_rank)
+        if self.placement == "load_balanced" and self.expert_loads is None:
+            _fail(name, "expert_loads", None, "a per-expert load vector when placement = 'load_balanced'")
+        if self.placement == "custom" and self.expert_to_rank is None:
+            _fail(name, "expert_to_rank", None, "an expert -> rank list when placement = 'custom'")
+        if self.expert_loads is not None:
+            loads = tuple(self.expert_loads)
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in loads):
+                _fail(name, "expert_loads", self.expert_loads, "finite numbers >= 0")
+            object.__setattr__(self, "expert_loads", tuple(float(v) for v in loads))
+        if self.expert_to_rank is not None:
+            ranks = tuple(self.expert_to_rank)
+            if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < self.ep_size for r in ranks):
+                _fail(name, "expert_to_rank", self.expert_to_rank, f"ranks in [0, {self.ep_size - 1}]")
+            object.__setattr__(self, "expert_to_rank", ranks)

@@ -1,0 +1,82 @@
+"""The experts a rank owns, computed grouped over an expert-major token layout.
+
+Shape legend: L = local experts, R = rows (token copies) received, D = hidden,
+F = FFN hidden, H = F (gelu) or 2F (swiglu: gate then up, fused into one matrix).
+
+Each expert is a bias-free FFN:
+  gelu:   y = gelu(x · W_in) · W_down                  W_in: [D, F]
+  swiglu: y = (silu(x · W_in[:, :F]) ⊙ x · W_in[:, F:]) · W_down     W_in: [D, 2F]
+with W_down: [F, D]. Rows arrive sorted by local expert; ``tokens_per_expert`` gives the run
+lengths. Three interchangeable backends compute the two grouped GEMMs:
+  grouped_mm  ``torch._grouped_mm`` (one kernel per GEMM; CUDA sm90+ and recent CPU builds)
+  bmm         pad every expert's rows to the longest run, one ``torch.bmm``
+  loop        one ``torch.mm`` per expert
+"auto" picks grouped_mm on CUDA devices that support it and loop elsewhere; the measurements
+behind that choice are in the README (``python -m moebench.bench_experts``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    if backend == "auto":
+        return "grouped_mm" if _grouped_mm_supported(device, dtype) else "loop"
+    return backend
+
+
+def _gmm_grouped(x_RD: torch.Tensor, w_LDH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    offs = torch.tensor(counts, device=x_RD.device).cumsum(0).to(torch.int32)
+    return torch.ops.aten._grouped_mm(x_RD, w_LDH, offs=offs)
+
+
+def _gmm_loop(x_RD: torch.Tensor, w_LDH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    chunks = torch.split(x_RD, counts)
+    return torch.cat([chunk @ w_LDH[i] for i, chunk in enumerate(chunks)], dim=0)
+
+
+def _gmm_bmm(x_RD: torch.Tensor, w_LDH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    num_local, longest = len(counts), max(counts, default=0)
+    rows_R = torch.cat([torch.arange(c, device=x_RD.device) for c in counts])
+    expert_R = torch.repeat_interleave(torch.arange(num_local, device=x_RD.device), torch.tensor(counts, device=x_RD.device))
+    padded_LCD = x_RD.new_zeros(num_local, longest, x_RD.shape[-1]).index_put((expert_R, rows_R), x_RD)
+    return torch.bmm(padded_LCD, w_LDH)[expert_R, rows_R]
+
+
+GEMMS = {"grouped_mm": _gmm_grouped, "bmm": _gmm_bmm, "loop": _gmm_loop}
+
+
+def expert_ffn(x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str, backend: str) -> torch.Tensor:
+    """Apply local expert l to its ``counts[l]`` consecutive rows of ``x_RD``."""
+    gmm = GEMMS[backend]
+    h_RH = gmm(x_RD, w_in_LDH, counts)
+    if activation == "swiglu":
+        gate_RF, up_RF = h_RH.chunk(2, dim=-1)
+        a_RF = F.silu(gate_RF) * up_RF
+    else:
+        a_RF = F.gelu(h_RH)
+    return gmm(a_RF, w_down_LFD, counts)
+
+
+class GroupedExperts(nn.Module):
+    """The L experts of one rank, their weights stacked: ``w_in_LDH`` and ``w_down_LFD``."""
+
+    def __init__(self, num_local: int, hidden: int, ffn_hidden: int, activation: str, dtype: torch.dtype, backend: str):
+        super().__init__()
+        width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        self.activation, self.backend = activation, backend
+        self.w_in_LDH = nn.Parameter(torch.empty(num_local, hidden, width, dtype=dtype))
+        self.w_down_LFD = nn.Parameter(torch.empty(num_local, ffn_hidden, hidden, dtype=dtype))
+
+    def forward(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        backend = resolve_backend(self.backend, x_RD.device, x_RD.dtype)
+        return expert_ffn(x_RD, self.w_in_LDH, self.w_down_LFD, tokens_per_expert, self.activation, backend)

@@ -1,0 +1,122 @@
+"""The expert-parallel MoE layer: route, dispatch, grouped experts, combine.
+
+Shape legend: T = tokens on this rank, K = top_k, E = experts, W = EP group size,
+L = experts on this rank, R = token copies received, D = hidden.
+
+Gradients. The group's objective is the *sum* of the ranks' losses. Under that convention
+  - expert weights live only on their owner; the backward all-to-alls bring every rank's
+    gradient contribution to the owner, so expert gradients are complete with no reduction;
+  - the router is replicated on every rank and sees only local tokens, so its gradients must be
+    summed over the EP group: call ``reduce_replicated_grads()`` after backward.
+If the group also forms data-parallel replicas of the experts, those replicas' expert gradients
+are reduced over the expert-data-parallel group, which is outside this layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from runtime.config import MoEConfig, ParallelConfig
+from runtime.dispatch import AllToAllDispatcher, LocalDispatcher
+from runtime.experts import GroupedExperts
+from runtime.placement import local_experts, place_experts
+from runtime.router import Router, expert_capacity, keep_mask, kept_counts, load_balancing_loss, router_z_loss
+from runtime.weights import MoEWeights
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    out_TD: torch.Tensor  # the layer's output for this rank's tokens (no residual added)
+    aux_loss: torch.Tensor  # this rank's share of the load-balancing loss (sum over ranks = group's)
+    z_loss: torch.Tensor  # this rank's share of the router z-loss (sum over ranks = group's)
+    router_loss: torch.Tensor  # aux_loss_coef · aux_loss + z_loss_coef · z_loss, add it to the loss
+    counts_WE: torch.Tensor  # copies each rank routed to each expert, before dropping (host)
+    kept_WE: torch.Tensor  # copies each rank sent to each expert, after capacity (host)
+    capacity: int | None  # per-expert capacity over the group's batch; None when dropless
+
+    @property
+    def tokens_dropped(self) -> int:
+        """Token copies dropped by capacity over the whole EP group."""
+        return int(self.counts_WE.sum() - self.kept_WE.sum())
+
+
+class MoELayer(nn.Module):
+    """One rank's part of an expert-parallel MoE layer. ``group`` is required when ep_size > 1."""
+
+    def __init__(self, moe: MoEConfig, par: ParallelConfig | None = None, group=None, device=None):
+        super().__init__()
+        par = par if par is not None else ParallelConfig()
+        self.moe, self.par = moe, par
+        self.expert_to_rank = place_experts(moe, par)
+        if par.ep_size == 1:
+            self.group, self.dispatcher = None, LocalDispatcher(moe.num_experts)
+        else:
+            if group is None or dist.get_world_size(group) != par.ep_size:
+                size = None if group is None else dist.get_world_size(group)
+                raise ValueError(f"ParallelConfig.ep_size = {par.ep_size} needs a process group of that size, got {size}")
+            self.group, self.dispatcher = group, AllToAllDispatcher(self.expert_to_rank, group)
+        self.rank = self.dispatcher.rank
+        self.local_experts = local_experts(self.expert_to_rank, self.rank)
+        self.router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
+        self.experts = GroupedExperts(
+            len(self.local_experts), moe.hidden_size, moe.ffn_hidden_size, moe.activation, moe.torch_dtype, moe.expert_backend
+        )
+        if device is not None:
+            self.to(device)
+
+    @torch.no_grad()
+    def load_global_weights(self, weights: MoEWeights) -> None:
+        """Copy the replicated router and this rank's slice of the experts from global weights."""
+        local = list(self.local_experts)
+        self.router.weight_ED.copy_(weights.router_ED)
+        self.experts.w_in_LDH.copy_(weights.w_in_EDH[local])
+        self.experts.w_down_LFD.copy_(weights.w_down_EFD[local])
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Parameters every rank of the EP group holds a copy of: the router."""
+        return list(self.router.parameters())
+
+    def reduce_replicated_grads(self) -> None:
+        """Sum the replicated parameters' gradients over the EP group (no-op at EP = 1)."""
+        if self.group is None:
+            return
+        for p in self.replicated_parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.group)
+
+    def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+        moe = self.moe
+        # 1. Route this rank's tokens (fp32 router).
+        routing = self.router(x_TD)
+        ids_TK = routing.ids_TK
+        # 2. Group-wide copies per expert; capacity and the copies kept follow from them.
+        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=moe.num_experts)
+        counts_WE = self.dispatcher.exchange_counts(counts_E).cpu()  # sync: splits are host ints
+        num_tokens = int(counts_WE.sum()) // moe.top_k
+        capacity = expert_capacity(moe.capacity_factor, num_tokens, moe.top_k, moe.num_experts)
+        kept_WE = kept_counts(counts_WE, capacity)
+        if capacity is None:
+            keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+        else:
+            keep_TK = keep_mask(ids_TK, kept_WE[self.rank].to(ids_TK.device))
+        # 3. Auxiliary losses over the group's batch (this rank's share).
+        denom = max(num_tokens, 1)
+        aux = load_balancing_loss(routing.probs_TE, counts_WE.sum(0).to(x_TD.device), denom, moe.top_k)
+        z = router_z_loss(routing.logits_TE, denom)
+        # 4. Dispatch, grouped expert compute, combine.
+        x_RD, meta = self.dispatcher.dispatch(x_TD.to(moe.torch_dtype), ids_TK, keep_TK, kept_WE)
+        y_RD = self.experts(x_RD, meta.tokens_per_expert)
+        out_TD = self.dispatcher.combine(y_RD, routing.weights_TK, meta)
+        return MoEOutput(
+            out_TD=out_TD,
+            aux_loss=aux,
+            z_loss=z,
+            router_loss=moe.aux_loss_coef * aux + moe.z_loss_coef * z,
+            counts_WE=counts_WE,
+            kept_WE=kept_WE,
+            capacity=capacity,
+        )

@@ -1,0 +1,111 @@
+"""Top-k softmax router: gating, capacity, token dropping and the auxiliary losses.
+
+Shape legend: T = tokens on this rank, N = tokens over the whole EP group, E = experts,
+K = top_k, W = EP group size, D = hidden size.
+
+Everything but ``Router`` is a pure function of tensors, so it can be property-tested.
+
+Capacity and dropping policy (the same in ``runtime/reference.py``)
+  capacity C = ceil(capacity_factor · N · K / E), with N the tokens of the *whole EP group*,
+  so the result does not depend on how the batch is split over ranks. An expert keeps at most
+  C token copies: copies are ranked by global token index (rank 0's tokens first, then rank
+  1's, ...; within a rank, by position) and the first C are kept. A dropped copy is not sent
+  anywhere and its combine weight is 0; the token's other copies keep their weights (no
+  renormalisation), so a token whose every copy is dropped leaves the layer as zeros and only
+  the residual connection around the layer carries it. capacity_factor = 0 means dropless.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def route(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, ...]:
+    """Softmax gating with top-k selection.
+
+    Returns ``probs_TE`` (softmax over all experts, fp32), ``weights_TK`` and ``ids_TK``.
+    The K ids of a token are distinct, in descending probability. ``weights_TK`` are the softmax
+    probabilities of the chosen experts, divided by their sum when ``normalize`` is set.
+    """
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if normalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return probs_TE, weights_TK, ids_TK
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
+    """C = ceil(capacity_factor · num_tokens · top_k / num_experts); None when dropless (cf = 0)."""
+    if capacity_factor == 0:
+        return None
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def kept_counts(counts_WE: torch.Tensor, capacity: int | None) -> torch.Tensor:
+    """Copies each rank may send to each expert under capacity ``C``, ranks served in order.
+
+    ``counts_WE[r, e]`` is how many copies rank r routes to expert e. Rank r keeps
+    clamp(C − Σ_{r' < r} counts[r', e], 0, counts[r, e]).
+    """
+    if capacity is None:
+        return counts_WE.clone()
+    before_WE = torch.cumsum(counts_WE, dim=0) - counts_WE
+    return (capacity - before_WE).clamp(min=0).minimum(counts_WE)
+
+
+def keep_mask(ids_TK: torch.Tensor, budget_E: torch.Tensor) -> torch.Tensor:
+    """True for the copies kept: the first ``budget_E[e]`` copies to expert e in token order."""
+    flat_ids = ids_TK.reshape(-1)  # token-major, so position order is token order
+    order = torch.sort(flat_ids, stable=True).indices
+    counts_E = torch.bincount(flat_ids, minlength=budget_E.numel())
+    starts_E = torch.cumsum(counts_E, dim=0) - counts_E
+    rank_in_expert = torch.empty_like(flat_ids)
+    rank_in_expert[order] = torch.arange(flat_ids.numel(), device=flat_ids.device) - starts_E[flat_ids[order]]
+    return (rank_in_expert < budget_E[flat_ids]).reshape(ids_TK.shape)
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """This rank's share of the Switch/GShard load-balancing loss over the EP group's batch.
+
+        aux = E · Σ_e f_e · P_e,   f_e = count_e / (N · K),   P_e = (1/N) Σ_{t ≤ N} p_{t,e}
+
+    ``counts_E`` are the group's copies per expert before dropping (no gradient); ``probs_TE``
+    are this rank's tokens. The return value sums P over local tokens only, so the sum over ranks
+    is the group's loss. Its minimum, 1, is reached by perfectly uniform routing.
+    """
+    num_experts = probs_TE.shape[-1]
+    f_E = counts_E.to(probs_TE.dtype) / (num_tokens * top_k)
+    p_E = probs_TE.sum(dim=0) / num_tokens
+    return num_experts * torch.sum(f_E * p_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """This rank's share of the ST-MoE router z-loss: (1/N) Σ_t (log Σ_e exp(logit_{t,e}))²."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / num_tokens
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    logits_TE: torch.Tensor  # fp32 router logits
+    probs_TE: torch.Tensor  # fp32 softmax over experts
+    weights_TK: torch.Tensor  # combine weight of each chosen expert (before dropping)
+    ids_TK: torch.Tensor  # chosen expert ids, distinct per token
+
+
+class Router(nn.Module):
+    """A linear gate ``logits = x · W_gateᵀ`` in fp32, replicated on every rank."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool):
+        super().__init__()
+        self.top_k, self.normalize = top_k, normalize
+        self.weight_ED = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = F.linear(x_TD.float(), self.weight_ED)
+        probs_TE, weights_TK, ids_TK = route(logits_TE, self.top_k, self.normalize)
+        return RouterOutput(logits_TE, probs_TE, weights_TK, ids_TK)

@@ -1,0 +1,32 @@
+"""The global weights of one MoE layer: what every rank slices its experts from, and what the
+fp64 reference computes with.
+
+Shape legend: E = experts, D = hidden, F = FFN hidden, H = F (gelu) or 2F (swiglu).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.config import MoEConfig
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    router_ED: torch.Tensor  # gate: logits = x · router_EDᵀ
+    w_in_EDH: torch.Tensor  # per-expert input projection (swiglu: [gate | up] along H)
+    w_down_EFD: torch.Tensor  # per-expert output projection
+
+
+def init_weights(cfg: MoEConfig, seed: int = 0) -> MoEWeights:
+    """Seeded fp32 weights on the CPU with unit-variance activations (std 1/√fan_in)."""
+    gen = torch.Generator().manual_seed(seed)
+    d, f, e = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts
+    h = 2 * f if cfg.activation == "swiglu" else f
+    return MoEWeights(
+        router_ED=torch.randn(e, d, generator=gen) / d**0.5,
+        w_in_EDH=torch.randn(e, d, h, generator=gen) / d**0.5,
+        w_down_EFD=torch.randn(e, f, d, generator=gen) / f**0.5,
+    )
