@@ -155,10 +155,10 @@ class AllToAllDispatcher:
         self._rank_of_expert_E = torch.tensor(expert_to_rank, dtype=torch.long)
 
     def exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        counts_WE = counts_E.new_empty(self.ep_size, counts_E.numel())
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        counts_WE = counts_E.new_empty(self.ep_size * counts_E.numel())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.12
         gather(counts_WE, counts_E.contiguous(), group=self.group)
-        return counts_WE
+        return counts_WE.view(self.ep_size, -1)
 
     def dispatch(self, x_TD, ids_TK, keep_TK, kept_WE) -> tuple[torch.Tensor, DispatchMeta]:
         # sync: split sizes must be host ints for all_to_all_single.

@@ -1,0 +1,166 @@
+"""Numerical equivalence of the EP layer with the fp64 reference, at any EP size.
+
+One *case* fixes a layer config, a placement, a routing pattern and a token split. The same
+global weights and tokens go to ``runtime.reference.reference_moe`` (fp64, one process) and to
+``runtime.MoELayer`` on W ranks (each rank gets a contiguous slice of the tokens). The training
+objective is L = Σ_t ⟨out_t, g_t⟩ + router_loss with a fixed random g, summed over ranks.
+
+Compared, each as ‖x − ref‖ / ‖ref‖ (``rel_error``): the output, the aux and z losses (summed
+over ranks), and the gradients of the input, the router (after ``reduce_replicated_grads``) and
+every expert weight (gathered from the owners into the global layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights, reference_moe
+
+# Documented tolerances of ‖out − ref‖/‖ref‖ against the fp64 reference, per compute dtype.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One equivalence check. ``routing``: "random" | "hot:E" (every token's top choice is E)
+    | "avoid:E" (no token picks E) | "cyclic" (token t's top choice is t mod num_experts)."""
+
+    name: str
+    moe: MoEConfig
+    placement: str = "round_robin"
+    par_extra: dict = field(default_factory=dict)  # expert_loads / expert_to_rank / max_experts_per_rank
+    num_tokens: int = 128
+    routing: str = "random"
+    empty_rank: bool = False  # rank 0 gets no tokens when W > 1
+    seed: int = 0
+
+    def parallel(self, world_size: int) -> ParallelConfig:
+        return ParallelConfig(ep_size=world_size, placement=self.placement, **self.par_extra)
+
+
+@dataclass
+class Result:
+    """Global tensors of one run (EP or reference), all on the CPU."""
+
+    out: torch.Tensor
+    aux_loss: float
+    z_loss: float
+    tokens_dropped: int
+    grads: dict[str, torch.Tensor]  # "x", "router", "w_in", "w_down"
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖₂ / ‖ref‖₂ in fp64; ‖x‖ when ref is all zeros; NaN anywhere gives inf."""
+    x, ref = x.double(), ref.double()
+    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
+        return float("inf")
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+def make_inputs(case: Case) -> tuple[MoEWeights, torch.Tensor, torch.Tensor]:
+    """Seeded global weights, tokens x_ND and upstream gradient g_ND for the case's routing."""
+    cfg = case.moe
+    weights = init_weights(cfg, case.seed)
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    x_ND = torch.randn(case.num_tokens, cfg.hidden_size, generator=gen)
+    g_ND = torch.randn(case.num_tokens, cfg.hidden_size, generator=gen)
+    router = weights.router_ED.clone()
+    kind, _, arg = case.routing.partition(":")
+    if kind in ("hot", "avoid"):
+        x_ND[:, 0] = 1.0  # a constant feature only expert E's gate weighs: a fixed logit offset
+        router[:, 0] = 0.0
+        router[int(arg), 0] = 6.0 if kind == "hot" else -6.0  # decisive, yet the softmax is not saturated
+    elif kind == "cyclic":
+        e = cfg.num_experts
+        x_ND[:, :e] = 0.1 * x_ND[:, :e] + 2.0 * torch.eye(e)[torch.arange(case.num_tokens) % e]
+        router.zero_()
+        router[:, :e] = 2.0 * torch.eye(e)
+    elif kind != "random":
+        raise ValueError(f"Case.routing = {case.routing!r}: accepted random, hot:E, avoid:E, cyclic")
+    return dataclasses.replace(weights, router_ED=router), x_ND, g_ND
+
+
+def token_splits(case: Case, world_size: int) -> list[int]:
+    """Tokens per rank: as even as possible, or none on rank 0 when ``empty_rank``."""
+    ranks = world_size - 1 if case.empty_rank and world_size > 1 else world_size
+    base, extra = divmod(case.num_tokens, ranks)
+    sizes = [base + (1 if r < extra else 0) for r in range(ranks)]
+    return [0] * (world_size - ranks) + sizes
+
+
+def run_rank(ctx, case: Case) -> dict:
+    """One rank's forward and backward; returns its slices (called on every rank by ``launch``)."""
+    weights, x_ND, g_ND = make_inputs(case)
+    splits = token_splits(case, ctx.world_size)
+    start = sum(splits[: ctx.rank])
+    x_TD = x_ND[start : start + splits[ctx.rank]].to(ctx.device).requires_grad_()
+    g_TD = g_ND[start : start + splits[ctx.rank]].to(ctx.device)
+    group = ctx.group if ctx.world_size > 1 else None
+    layer = MoELayer(case.moe, case.parallel(ctx.world_size), group=group, device=ctx.device)
+    layer.load_global_weights(weights)
+    result = layer(x_TD)
+    loss = (result.out_TD.float() * g_TD).sum() + result.router_loss
+    loss.backward()
+    layer.reduce_replicated_grads()
+    return {
+        "out": result.out_TD.detach().cpu(),
+        "aux_loss": result.aux_loss.item(),
+        "z_loss": result.z_loss.item(),
+        "tokens_dropped": result.tokens_dropped,
+        "local_experts": layer.local_experts,
+        "x": x_TD.grad.cpu(),
+        "router": layer.router.weight_ED.grad.cpu(),
+        "w_in": layer.experts.w_in_LDH.grad.cpu(),
+        "w_down": layer.experts.w_down_LFD.grad.cpu(),
+    }
+
+
+def run_cases(ctx, cases: list[Case]) -> list[dict]:
+    """``run_rank`` for several cases in one launch (spawning ranks costs seconds)."""
+    return [run_rank(ctx, case) for case in cases]
+
+
+def assemble(per_rank: list[dict]) -> Result:
+    """Stitch the ranks' slices into global tensors (expert grads into their global slots)."""
+    num_experts = sum(len(r["local_experts"]) for r in per_rank)
+    grads = {"x": torch.cat([r["x"] for r in per_rank]), "router": per_rank[0]["router"]}
+    for name in ("w_in", "w_down"):
+        full = per_rank[0][name].new_zeros((num_experts, *per_rank[0][name].shape[1:]))
+        for r in per_rank:
+            full[list(r["local_experts"])] = r[name]
+        grads[name] = full
+    return Result(
+        out=torch.cat([r["out"] for r in per_rank]),
+        aux_loss=sum(r["aux_loss"] for r in per_rank),
+        z_loss=sum(r["z_loss"] for r in per_rank),
+        tokens_dropped=per_rank[0]["tokens_dropped"],
+        grads=grads,
+    )
+
+
+def run_reference(case: Case) -> Result:
+    """The fp64 reference on the whole batch, with gradients of the same objective."""
+    weights, x_ND, g_ND = make_inputs(case)
+    x = x_ND.double().requires_grad_()
+    w = MoEWeights(*(t.double().requires_grad_() for t in dataclasses.astuple(weights)))
+    ref = reference_moe(x, w, case.moe)
+    loss = (ref.out_ND * g_ND.double()).sum() + case.moe.aux_loss_coef * ref.aux_loss + case.moe.z_loss_coef * ref.z_loss
+    loss.backward()
+    grads = {"x": x.grad, "router": w.router_ED.grad, "w_in": w.w_in_EDH.grad, "w_down": w.w_down_EFD.grad}
+    return Result(ref.out_ND.detach(), ref.aux_loss.item(), ref.z_loss.item(), len(ref.dropped), grads)
+
+
+def compare(ep: Result, ref: Result) -> dict[str, float]:
+    """Relative error of every compared quantity (forward, losses, each gradient)."""
+    errors = {
+        "out": rel_error(ep.out, ref.out),
+        "aux_loss": rel_error(torch.tensor(ep.aux_loss), torch.tensor(ref.aux_loss)),
+        "z_loss": rel_error(torch.tensor(ep.z_loss), torch.tensor(ref.z_loss)),
+    }
+    errors.update({f"grad_{k}": rel_error(ep.grads[k], ref.grads[k]) for k in ref.grads})
+    return errors

@@ -1,0 +1,112 @@
+"""Start ranks on this host, or join the ranks ``torchrun`` started, with one code path.
+
+``launch(fn, world_size, ...)`` calls ``fn(ctx, *args)`` on every rank with a ``RankContext``
+(rank, world size, process group, device) and returns every rank's return value in rank order.
+
+- Under ``torchrun`` (RANK, WORLD_SIZE, MASTER_ADDR in the environment) it joins the process
+  group torchrun's rendezvous describes (``init_method="env://"``): single- or multi-node.
+- Otherwise it spawns ``world_size`` processes on this host with a loopback rendezvous on a free
+  port. A rank that raises makes ``launch`` raise in the caller.
+
+Backends: "nccl" needs one GPU per rank (NCCL refuses two ranks on one GPU); "gloo" runs on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class RankContext:
+    rank: int
+    world_size: int
+    group: object | None  # the process group (None when world_size == 1 and nothing was started)
+    device: torch.device
+    backend: str
+
+    def print0(self, *args, **kwargs) -> None:
+        """Print on rank 0 only."""
+        if self.rank == 0:
+            print(*args, **kwargs, flush=True)
+
+
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def resolve_device(device: str, backend: str) -> tuple[str, str]:
+    """Turn "auto" choices into concrete ("cpu" | "cuda", "gloo" | "nccl")."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but no CUDA device is visible: accepted 'cpu' or 'auto'")
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if backend == "nccl" and device != "cuda":
+        raise ValueError(f"backend = 'nccl' needs device = 'cuda', got {device!r}: accepted backend 'gloo' on CPU")
+    return device, backend
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world_size: int, device: str, backend: str, init_method: str) -> RankContext:
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    kwargs = {"device_id": dev} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+    return RankContext(rank, world_size, dist.group.WORLD, dev, backend)
+
+
+def _spawned_rank(rank, world_size, device, backend, port, out_dir, fn, args):
+    ctx = _init(rank, world_size, device, backend, f"tcp://127.0.0.1:{port}")
+    try:
+        result = fn(ctx, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "auto") -> list:
+    """Run ``fn(ctx, *args)`` on ``world_size`` ranks; return the per-rank results in rank order."""
+    device, backend = resolve_device(device, backend)
+    if under_torchrun():
+        env_world = int(os.environ["WORLD_SIZE"])
+        if env_world != world_size:
+            raise ValueError(f"world_size = {world_size} but torchrun started {env_world} ranks: they must agree")
+        ctx = _init(int(os.environ["RANK"]), env_world, device, backend, "env://")
+        try:
+            result = fn(ctx, *args)
+            gathered = [None] * env_world
+            dist.all_gather_object(gathered, result, group=ctx.group)
+            return gathered
+        finally:
+            dist.destroy_process_group()
+    if backend == "nccl" and world_size > torch.cuda.device_count():
+        raise ValueError(
+            f"world_size = {world_size} with NCCL needs {world_size} GPUs, {torch.cuda.device_count()} visible: "
+            "accepted world_size <= GPU count, or device = 'cpu' (gloo)"
+        )
+    with tempfile.TemporaryDirectory(prefix="moebench-ranks-") as out_dir:
+        mp.spawn(
+            _spawned_rank,
+            args=(world_size, device, backend, free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=True,
+        )
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
