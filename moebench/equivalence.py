@@ -26,7 +26,8 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 @dataclass(frozen=True)
 class Case:
     """One equivalence check. ``routing``: "random" | "hot:E" (every token's top choice is E)
-    | "avoid:E" (no token picks E) | "cyclic" (token t's top choice is t mod num_experts)."""
+    | "avoid:E" (no token picks E) | "cyclic" (token t's top choice is t mod num_experts)
+    | "tied" (a zero router: every probability ties, so ties must go to the lower id)."""
 
     name: str
     moe: MoEConfig
@@ -35,6 +36,8 @@ class Case:
     num_tokens: int = 128
     routing: str = "random"
     empty_rank: bool = False  # rank 0 gets no tokens when W > 1
+    dispatcher: str = "auto"  # "all_to_all" forces the collective path even at W = 1
+    expert_backend: str | None = None  # overrides moe.expert_backend (e.g. "grouped_mm" on GPU)
     seed: int = 0
 
     def parallel(self, world_size: int) -> ParallelConfig:
@@ -80,8 +83,10 @@ def make_inputs(case: Case) -> tuple[MoEWeights, torch.Tensor, torch.Tensor]:
         x_ND[:, :e] = 0.1 * x_ND[:, :e] + 2.0 * torch.eye(e)[torch.arange(case.num_tokens) % e]
         router.zero_()
         router[:, :e] = 2.0 * torch.eye(e)
+    elif kind == "tied":
+        router.zero_()
     elif kind != "random":
-        raise ValueError(f"Case.routing = {case.routing!r}: accepted random, hot:E, avoid:E, cyclic")
+        raise ValueError(f"Case.routing = {case.routing!r}: accepted random, hot:E, avoid:E, cyclic, tied")
     return dataclasses.replace(weights, router_ED=router), x_ND, g_ND
 
 
@@ -100,8 +105,8 @@ def run_rank(ctx, case: Case) -> dict:
     start = sum(splits[: ctx.rank])
     x_TD = x_ND[start : start + splits[ctx.rank]].to(ctx.device).requires_grad_()
     g_TD = g_ND[start : start + splits[ctx.rank]].to(ctx.device)
-    group = ctx.group if ctx.world_size > 1 else None
-    layer = MoELayer(case.moe, case.parallel(ctx.world_size), group=group, device=ctx.device)
+    moe = case.moe if case.expert_backend is None else dataclasses.replace(case.moe, expert_backend=case.expert_backend)
+    layer = MoELayer(moe, case.parallel(ctx.world_size), group=ctx.group, device=ctx.device, dispatcher=case.dispatcher)
     layer.load_global_weights(weights)
     result = layer(x_TD)
     loss = (result.out_TD.float() * g_TD).sum() + result.router_loss
@@ -149,7 +154,9 @@ def run_reference(case: Case) -> Result:
     x = x_ND.double().requires_grad_()
     w = MoEWeights(*(t.double().requires_grad_() for t in dataclasses.astuple(weights)))
     ref = reference_moe(x, w, case.moe)
-    loss = (ref.out_ND * g_ND.double()).sum() + case.moe.aux_loss_coef * ref.aux_loss + case.moe.z_loss_coef * ref.z_loss
+    loss = (
+        (ref.out_ND * g_ND.double()).sum() + case.moe.aux_loss_coef * ref.aux_loss + case.moe.z_loss_coef * ref.z_loss
+    )
     loss.backward()
     grads = {"x": x.grad, "router": w.router_ED.grad, "w_in": w.w_in_EDH.grad, "w_down": w.w_down_EFD.grad}
     return Result(ref.out_ND.detach(), ref.aux_loss.item(), ref.z_loss.item(), len(ref.dropped), grads)

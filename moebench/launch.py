@@ -68,6 +68,9 @@ def _init(rank: int, world_size: int, device: str, backend: str, init_method: st
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+        # Ranks on one host share its cores: without this, W ranks × all-core thread pools thrash.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_ranks))
     kwargs = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
     return RankContext(rank, world_size, dist.group.WORLD, dev, backend)

@@ -74,7 +74,7 @@ def unpermute(y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) 
 
 
 def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+    out = x.new_empty((sum(output_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
     return out
 

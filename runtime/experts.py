@@ -40,14 +40,17 @@ def _gmm_grouped(x_RD: torch.Tensor, w_LDH: torch.Tensor, counts: list[int]) -> 
 
 
 def _gmm_loop(x_RD: torch.Tensor, w_LDH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    # unbind, not w_LDH[i]: its backward stacks the L grads once instead of L full-size scatters
     chunks = torch.split(x_RD, counts)
-    return torch.cat([chunk @ w_LDH[i] for i, chunk in enumerate(chunks)], dim=0)
+    return torch.cat([chunk @ w_DH for chunk, w_DH in zip(chunks, w_LDH.unbind(0), strict=True)], dim=0)
 
 
 def _gmm_bmm(x_RD: torch.Tensor, w_LDH: torch.Tensor, counts: list[int]) -> torch.Tensor:
     num_local, longest = len(counts), max(counts, default=0)
     rows_R = torch.cat([torch.arange(c, device=x_RD.device) for c in counts])
-    expert_R = torch.repeat_interleave(torch.arange(num_local, device=x_RD.device), torch.tensor(counts, device=x_RD.device))
+    expert_R = torch.repeat_interleave(
+        torch.arange(num_local, device=x_RD.device), torch.tensor(counts, device=x_RD.device)
+    )
     padded_LCD = x_RD.new_zeros(num_local, longest, x_RD.shape[-1]).index_put((expert_R, rows_R), x_RD)
     return torch.bmm(padded_LCD, w_LDH)[expert_R, rows_R]
 

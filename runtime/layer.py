@@ -47,23 +47,36 @@ class MoEOutput:
 class MoELayer(nn.Module):
     """One rank's part of an expert-parallel MoE layer. ``group`` is required when ep_size > 1."""
 
-    def __init__(self, moe: MoEConfig, par: ParallelConfig | None = None, group=None, device=None):
+    def __init__(self, moe: MoEConfig, par: ParallelConfig | None = None, group=None, device=None, dispatcher="auto"):
+        """``dispatcher``: "auto" (local at EP = 1, all-to-all above), or force "local" / "all_to_all"
+        (all-to-all over a one-rank group exercises the collective path at EP = 1)."""
         super().__init__()
         par = par if par is not None else ParallelConfig()
         self.moe, self.par = moe, par
         self.expert_to_rank = place_experts(moe, par)
-        if par.ep_size == 1:
+        if dispatcher not in ("auto", "local", "all_to_all"):
+            raise ValueError(f"MoELayer dispatcher = {dispatcher!r}: accepted 'auto', 'local', 'all_to_all'")
+        if dispatcher == "local" or (dispatcher == "auto" and par.ep_size == 1):
+            if par.ep_size != 1:
+                raise ValueError(f"MoELayer dispatcher = 'local' needs ep_size = 1, got {par.ep_size}")
             self.group, self.dispatcher = None, LocalDispatcher(moe.num_experts)
         else:
             if group is None or dist.get_world_size(group) != par.ep_size:
                 size = None if group is None else dist.get_world_size(group)
-                raise ValueError(f"ParallelConfig.ep_size = {par.ep_size} needs a process group of that size, got {size}")
+                raise ValueError(
+                    f"ParallelConfig.ep_size = {par.ep_size} needs a process group of that size, got {size}"
+                )
             self.group, self.dispatcher = group, AllToAllDispatcher(self.expert_to_rank, group)
         self.rank = self.dispatcher.rank
         self.local_experts = local_experts(self.expert_to_rank, self.rank)
         self.router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
         self.experts = GroupedExperts(
-            len(self.local_experts), moe.hidden_size, moe.ffn_hidden_size, moe.activation, moe.torch_dtype, moe.expert_backend
+            len(self.local_experts),
+            moe.hidden_size,
+            moe.ffn_hidden_size,
+            moe.activation,
+            moe.torch_dtype,
+            moe.expert_backend,
         )
         if device is not None:
             self.to(device)

@@ -6,8 +6,9 @@ A placement is a tuple ``expert_to_rank`` of length E. Four strategies, those of
 - ``round_robin``: expert e on rank e mod W.
 - ``contiguous``: experts split into W consecutive blocks, the first E mod W blocks one larger.
 - ``load_balanced``: greedy bin-packing (longest processing time first): experts sorted by
-  descending load, each put on the least-loaded rank that still has a free slot (ties: lower
-  rank, then lower expert id first).
+  descending load (ties: lower id first), each put on the least-loaded rank that still has a
+  free slot; ties go to the rank with fewer experts, then the lower rank, so zero-load experts
+  still spread out and every rank gets one.
 - ``custom``: an explicit map, validated.
 
 Every strategy honours ``max_experts_per_rank`` (default ceil(E/W)); a layout that cannot fit
@@ -50,7 +51,7 @@ def load_balanced(loads: tuple[float, ...], ep_size: int, slots: int) -> tuple[i
     rank_used = [0] * ep_size
     for e in sorted(range(len(loads)), key=lambda e: (-loads[e], e)):
         free = [r for r in range(ep_size) if rank_used[r] < slots]
-        rank = min(free, key=lambda r: (rank_load[r], r))
+        rank = min(free, key=lambda r: (rank_load[r], rank_used[r], r))
         owner[e] = rank
         rank_load[rank] += loads[e]
         rank_used[rank] += 1
@@ -81,8 +82,7 @@ def place_experts(moe: MoEConfig, par: ParallelConfig) -> tuple[int, ...]:
         owner = par.expert_to_rank
         if len(owner) != num_experts:
             raise ValueError(
-                f"ParallelConfig.expert_to_rank has {len(owner)} entries: "
-                f"accepted one rank per expert ({num_experts})"
+                f"ParallelConfig.expert_to_rank has {len(owner)} entries: accepted one rank per expert ({num_experts})"
             )
     counts = [owner.count(r) for r in range(ep_size)]
     if max(counts) > slots or min(counts) == 0:

@@ -73,7 +73,7 @@ def reference_moe(x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig) -> Re
             total = sum(gate)
             gate = [g / total for g in gate]
         out = x.new_zeros(x.shape[1])
-        for e, g in zip(chosen, gate):
+        for e, g in zip(chosen, gate, strict=True):
             counts[e] += 1
             if capacity is not None and used[e] >= capacity:
                 dropped.append((t, e))

@@ -29,11 +29,14 @@ def route(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.T
     """Softmax gating with top-k selection.
 
     Returns ``probs_TE`` (softmax over all experts, fp32), ``weights_TK`` and ``ids_TK``.
-    The K ids of a token are distinct, in descending probability. ``weights_TK`` are the softmax
+    The K ids of a token are distinct, in descending probability, ties to the lower id. ``weights_TK`` are the softmax
     probabilities of the chosen experts, divided by their sum when ``normalize`` is set.
     """
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+    # A stable descending sort, not topk: equal probabilities (a zero router, padding tokens)
+    # must go to the lower expert id, as in the reference; topk breaks ties arbitrarily.
+    sorted_TE, order_TE = torch.sort(probs_TE, dim=-1, descending=True, stable=True)
+    weights_TK, ids_TK = sorted_TE[:, :top_k], order_TE[:, :top_k]
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return probs_TE, weights_TK, ids_TK

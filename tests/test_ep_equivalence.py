@@ -35,7 +35,12 @@ def _grid() -> list[Case]:
 SKEWED_LOADS = {"expert_loads": (9.0, 1.0, 1.0, 7.0, 2.0, 2.0, 5.0, 1.0)}
 CASES = [
     *_grid(),
-    Case("load_balanced-top2-cap", _moe(top_k=2, capacity_factor=1.25, activation="swiglu"), "load_balanced", SKEWED_LOADS),
+    Case(
+        "load_balanced-top2-cap",
+        _moe(top_k=2, capacity_factor=1.25, activation="swiglu"),
+        "load_balanced",
+        SKEWED_LOADS,
+    ),
     Case("custom-top2-dropless", _moe(top_k=2), "custom"),
     Case("normalized-top2-cap", _moe(top_k=2, capacity_factor=1.25, normalize_topk=True)),
     Case("empty-rank-top2-cap", _moe(top_k=2, capacity_factor=1.25), empty_rank=True),
@@ -46,6 +51,9 @@ CASES = [
     Case("capacity-one-short", _moe(top_k=1, capacity_factor=0.9), routing="cyclic"),
     Case("ep-equals-experts", _moe(num_experts=4, top_k=2, capacity_factor=1.25, activation="swiglu")),
     Case("one-expert", _moe(num_experts=1, top_k=1, capacity_factor=0.5)),
+    Case("tied-router-top2-cap", _moe(top_k=2, capacity_factor=1.25), routing="tied"),
+    Case("all-to-all-path-top2-cap", _moe(top_k=2, capacity_factor=1.25), dispatcher="all_to_all"),
+    Case("bmm-backend-top2-cap", _moe(top_k=2, capacity_factor=1.25, activation="swiglu", expert_backend="bmm")),
 ]
 BY_NAME = {case.name: case for case in CASES}
 
@@ -105,6 +113,7 @@ def test_ep_layer_matches_fp64_reference(world_size, name, ep_results, reference
         ("capacity-exactly-hit", 0),  # 16 copies per expert, C = ceil(1.0·128/8) = 16
         ("capacity-one-short", 8),  # C = ceil(0.9·128/8) = 15: one copy dropped per expert
         ("one-expert", 64),  # C = ceil(0.5·128·1/1) = 64
+        ("tied-router-top2-cap", 2 * (128 - 40)),  # every token picks experts 0 and 1; C = 40
     ],
 )
 @pytest.mark.parametrize("world_size", [1, 4])

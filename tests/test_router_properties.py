@@ -9,6 +9,7 @@ integer arithmetic or fp64 tensor arithmetic written out in this file.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -147,19 +148,16 @@ def test_route_normalized_weights_are_chosen_probabilities_over_their_sum(logits
 
 def test_route_hand_example_picks_the_two_largest_logits():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    probs_TE, weights_TK, ids_TK = route(logits, 2, normalize=True)
+    _, weights_TK, ids_TK = route(logits, 2, normalize=True)
     assert ids_TK.tolist() == [[1, 3]]
     e = [math.exp(v) for v in (0.0, 3.0, 1.0, 2.0)]
     assert weights_TK[0].tolist() == pytest.approx([e[1] / (e[1] + e[3]), e[3] / (e[1] + e[3])], rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime bug: route() breaks probability ties with torch.topk's arbitrary order, "
-    "while reference_moe (and its docstring) send ties to the lower expert id",
-)
 def test_route_breaks_probability_ties_toward_the_lower_expert_id_like_the_reference():
-    picked = {num_experts: route(torch.zeros(1, num_experts), 2, normalize=False)[2].tolist() for num_experts in (4, 8, 16)}
+    picked = {
+        num_experts: route(torch.zeros(1, num_experts), 2, normalize=False)[2].tolist() for num_experts in (4, 8, 16)
+    }
     assert picked == {4: [[0, 1]], 8: [[0, 1]], 16: [[0, 1]]}
 
 
@@ -296,7 +294,7 @@ def aux_by_hand(probs: list[list[float]], counts: list[int], num_tokens: int, to
     num_experts = len(counts)
     f = [c / (num_tokens * top_k) for c in counts]
     p = [sum(row[e] for row in probs) / num_tokens for e in range(num_experts)]
-    return num_experts * sum(fe * pe for fe, pe in zip(f, p))
+    return num_experts * sum(fe * pe for fe, pe in zip(f, p, strict=True))
 
 
 @st.composite
@@ -342,7 +340,8 @@ def test_load_balancing_loss_shares_over_ranks_sum_to_the_whole_batch_loss(batch
     cuts = sorted(data.draw(st.lists(st.integers(0, num_tokens), max_size=3)))
     bounds = [0, *cuts, num_tokens]
     shares = [
-        load_balancing_loss(probs_NE[lo:hi], counts_E, num_tokens, top_k).item() for lo, hi in zip(bounds, bounds[1:])
+        load_balancing_loss(probs_NE[lo:hi], counts_E, num_tokens, top_k).item()
+        for lo, hi in itertools.pairwise(bounds)
     ]
     whole = load_balancing_loss(probs_NE, counts_E, num_tokens, top_k).item()
     assert sum(shares) == pytest.approx(whole, rel=1e-12, abs=1e-15)
@@ -556,6 +555,6 @@ def test_expert_loop_and_bmm_backends_have_the_same_gradients_as_the_fp64_refere
     bmm = _grads("bmm", x_RD, w_in_LDH, w_down_LFD, counts, activation, g_RD)
     leaves = [t.double().requires_grad_(True) for t in (x_RD, w_in_LDH, w_down_LFD)]
     (ffn_rows_fp64(*leaves, counts, activation) * g_RD.double()).sum().backward()
-    for name, a, b, ref in zip(("x", "w_in", "w_down"), loop, bmm, leaves):
+    for name, a, b, ref in zip(("x", "w_in", "w_down"), loop, bmm, leaves, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(a.double(), ref.grad, rtol=1e-4, atol=1e-5, msg=name)

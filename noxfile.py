@@ -1,0 +1,79 @@
+"""Developer sessions. ``nox -l`` lists them; ``nox -s NAME -- ARGS`` passes ARGS through.
+
+Session virtualenvs see the system's site-packages, so an already-installed torch (your CUDA
+build, or the CPU build) is reused and never downloaded again. Only when no torch is importable
+does a session install one: ``$MOEBENCH_TORCH`` (default ``torch==2.13.0``, which on this
+project's CPU machines resolves to the local CPU wheel).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH_SPEC = os.environ.get("MOEBENCH_TORCH", "torch==2.13.0")
+VENV = {"venv_params": ["--system-site-packages"]}
+
+
+def _install(session: nox.Session, extras: str = "") -> None:
+    """Install moebench (editable), installing torch first only if none is importable."""
+    found = session.run(
+        "python", "-c", "import importlib.util as u; print(u.find_spec('torch') is not None)", silent=True
+    )
+    if found.strip() != "True":
+        session.log(f"no torch importable: installing {TORCH_SPEC}")
+        session.install(TORCH_SPEC)
+    session.install("-e", f".{extras}")
+
+
+@nox.session(**VENV)
+def tests(session: nox.Session) -> None:
+    """The CPU test suite (multi-rank tests run on gloo; `gpu` tests skip without CUDA)."""
+    _install(session, "[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff lint and format check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(**VENV)
+def bench(session: nox.Session) -> None:
+    """The main job on this host: time a small EP layer on 1, 2, 4 ranks (gloo on CPU) and check it."""
+    _install(session)
+    session.run("moebench", "demo", *session.posargs)
+
+
+@nox.session(name="bench-multigpu", default=False, **VENV)
+def bench_multigpu(session: nox.Session) -> None:
+    """One rank per visible GPU over NCCL, started by torchrun; gloo ranks on a CPU-only host."""
+    _install(session)
+    gpus = int(session.run("python", "-c", "import torch; print(torch.cuda.device_count())", silent=True).strip())
+    if gpus == 0:
+        session.log("no CUDA device visible: running the multi-rank set on CPU gloo ranks instead")
+        session.run("moebench", "demo", "--world-sizes", "2", "4", "--device", "cpu", *session.posargs)
+        return
+    torchrun = shutil.which("torchrun", path=os.path.join(session.virtualenv.location, "bin")) or "torchrun"
+    session.run(
+        torchrun,
+        "--standalone",
+        f"--nproc-per-node={gpus}",
+        "-m",
+        "moebench",
+        "demo",
+        "--world-sizes",
+        str(gpus),
+        "--device",
+        "cuda",
+        *session.posargs,
+        external=True,
+    )

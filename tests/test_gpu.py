@@ -1,0 +1,55 @@
+"""On a CUDA device: NCCL at world size 1 (the all-to-all path over a one-rank group) and the
+grouped-GEMM expert path, each against the fp64 reference. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moebench.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
+from moebench.launch import launch
+from runtime import MoEConfig
+from runtime.experts import expert_ffn, resolve_backend
+
+pytestmark = pytest.mark.gpu
+
+
+def _moe(**kw) -> MoEConfig:
+    base = dict(hidden_size=64, ffn_hidden_size=128, num_experts=8, aux_loss_coef=0.1, z_loss_coef=0.01)
+    return MoEConfig(**{**base, **kw})
+
+
+CASES = [
+    Case("nccl-a2a-loop", _moe(top_k=2, capacity_factor=1.25), dispatcher="all_to_all", expert_backend="loop"),
+    Case("nccl-a2a-grouped", _moe(top_k=2, activation="swiglu"), dispatcher="all_to_all", expert_backend="grouped_mm"),
+    Case("local-grouped-cap", _moe(top_k=1, capacity_factor=1.0), expert_backend="grouped_mm"),
+]
+
+
+def test_nccl_world_size_one_matches_fp64_reference():
+    per_rank = launch(run_cases, 1, CASES, device="cuda", backend="nccl")
+    for i, case in enumerate(CASES):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        errors = compare(assemble([r[i] for r in per_rank]), run_reference(case))
+        assert max(errors.values()) <= TOLERANCE["float32"], (case.name, errors)
+
+
+def test_auto_backend_is_grouped_mm_on_hopper():
+    device = torch.device("cuda")
+    expected = "grouped_mm" if torch.cuda.get_device_capability(device) >= (9, 0) else "loop"
+    assert resolve_backend("auto", device, torch.bfloat16) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_agrees_with_loop_on_cuda(dtype):
+    if resolve_backend("auto", torch.device("cuda"), dtype) != "grouped_mm":
+        pytest.skip("torch._grouped_mm needs compute capability >= 9.0")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 64, generator=gen).cuda().to(dtype)
+    w_in = (torch.randn(4, 64, 256, generator=gen) / 8).cuda().to(dtype)
+    w_down = (torch.randn(4, 128, 64, generator=gen) / 11).cuda().to(dtype)
+    counts = [100, 0, 150, 50]
+    ref = expert_ffn(x.double(), w_in.double(), w_down.double(), counts, "swiglu", "loop")
+    got = expert_ffn(x, w_in, w_down, counts, "swiglu", "grouped_mm")
+    rel = ((got.double() - ref).norm() / ref.norm()).item()
+    assert rel <= (1e-5 if dtype == torch.float32 else 2e-2)
