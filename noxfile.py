@@ -35,7 +35,7 @@ def _install(session: nox.Session, extras: str = "") -> None:
 def tests(session: nox.Session) -> None:
     """The CPU test suite (multi-rank tests run on gloo; `gpu` tests skip without CUDA)."""
     _install(session, "[test]")
-    session.run("pytest", *session.posargs)
+    session.run("python", "-m", "pytest", *session.posargs)  # the venv's python, even if pytest is a system install
 
 
 @nox.session
@@ -50,7 +50,7 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The main job on this host: time a small EP layer on 1, 2, 4 ranks (gloo on CPU) and check it."""
     _install(session)
-    session.run("moebench", "demo", *session.posargs)
+    session.run("python", "-m", "moebench", "demo", *session.posargs)
 
 
 @nox.session(name="bench-multigpu", default=False, **VENV)
@@ -60,7 +60,7 @@ def bench_multigpu(session: nox.Session) -> None:
     gpus = int(session.run("python", "-c", "import torch; print(torch.cuda.device_count())", silent=True).strip())
     if gpus == 0:
         session.log("no CUDA device visible: running the multi-rank set on CPU gloo ranks instead")
-        session.run("moebench", "demo", "--world-sizes", "2", "4", "--device", "cpu", *session.posargs)
+        session.run("python", "-m", "moebench", "demo", "--world-sizes", "2", "4", "--device", "cpu", *session.posargs)
         return
     torchrun = shutil.which("torchrun", path=os.path.join(session.virtualenv.location, "bin")) or "torchrun"
     session.run(
