@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             from moebench.demo import run_demo
+            from moebench.launch import resolve_device
+
+            resolve_device(args.device, "auto")  # refuse an impossible device before any work
 
             for name in ("tokens_per_rank", "warmup", "repeats"):
                 if getattr(args, name) < 1:

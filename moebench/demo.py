@@ -11,7 +11,7 @@ import torch
 from tabulate import tabulate
 
 from moebench.equivalence import TOLERANCE, Case, assemble, compare, run_rank, run_reference
-from moebench.launch import launch
+from moebench.launch import is_rank_zero, launch
 from moebench.timing import time_fn
 from runtime import MoEConfig, MoELayer, ParallelConfig, init_weights
 
@@ -70,6 +70,8 @@ def run_demo(world_sizes: list[int], tokens_per_rank: int, warmup: int, repeats:
         "max rel err vs fp64",
         "check",
     ]
+    if not is_rank_zero():
+        return all_ok
     print(
         f"MoE layer D={moe.hidden_size} F={moe.ffn_hidden_size} E={moe.num_experts} top_k={moe.top_k} "
         f"capacity={moe.capacity_factor} {moe.dtype}; {repeats} timed forwards after {warmup} warm-up"

@@ -42,6 +42,11 @@ def under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def is_rank_zero() -> bool:
+    """True in the process that should print: rank 0 under torchrun, or any non-torchrun process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def resolve_device(device: str, backend: str) -> tuple[str, str]:
     """Turn "auto" choices into concrete ("cpu" | "cuda", "gloo" | "nccl")."""
     if device == "auto":
