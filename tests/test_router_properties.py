@@ -1,10 +1,7 @@
-"""Property tests of the pure routing, capacity, permutation, loss and expert-GEMM functions.
+"""Property tests of routing, capacity, dropping and the router losses (runtime/router.py).
 
-Shape legend: T = tokens on a rank, N = tokens over the group, E = experts, K = top_k,
-W = ranks, L = local experts, D = hidden, F = FFN hidden, P = copies kept.
-
-Every expected value here is computed independently of ``runtime/``: plain Python loops,
-integer arithmetic or fp64 tensor arithmetic written out in this file.
+Every expected value is computed independently of ``runtime/``: plain Python loops, integer
+arithmetic or fp64 tensor arithmetic written out in the tests.
 """
 
 from __future__ import annotations
@@ -14,11 +11,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from strategies import FAST, bincount_E, choices_TK, first_copies_kept, logits_TE
 
-from runtime.dispatch import LocalDispatcher, permute_order, slot_of_expert, source_to_expert_major
-from runtime.experts import expert_ffn
 from runtime.router import (
     expert_capacity,
     keep_mask,
@@ -27,78 +23,6 @@ from runtime.router import (
     route,
     router_z_loss,
 )
-
-FAST = settings(max_examples=60, deadline=None)
-BACKENDS = ("loop", "bmm", "grouped_mm")
-
-# ---------------------------------------------------------------------------------------------
-# Strategies and independent helpers
-
-
-@st.composite
-def logits_TE(draw, min_tokens: int = 1, max_tokens: int = 10, max_experts: int = 8) -> torch.Tensor:
-    """fp32 logits [T, E], values drawn by hypothesis (ties and extremes included)."""
-    num_tokens = draw(st.integers(min_tokens, max_tokens))
-    num_experts = draw(st.integers(1, max_experts))
-    values = draw(
-        st.lists(
-            st.floats(-30, 30, allow_nan=False, width=32),
-            min_size=num_tokens * num_experts,
-            max_size=num_tokens * num_experts,
-        )
-    )
-    return torch.tensor(values, dtype=torch.float32).reshape(num_tokens, num_experts)
-
-
-@st.composite
-def choices_TK(draw, num_experts: int, top_k: int, max_tokens: int = 10) -> torch.Tensor:
-    """Expert ids [T, K], each row K distinct experts (what ``route`` guarantees)."""
-    num_tokens = draw(st.integers(0, max_tokens))
-    rows = [list(draw(st.permutations(range(num_experts))))[:top_k] for _ in range(num_tokens)]
-    return torch.tensor(rows, dtype=torch.long).reshape(num_tokens, top_k)
-
-
-def first_copies_kept(ids_TK: torch.Tensor, budget_E: list[int]) -> list[list[bool]]:
-    """Plain-loop keep rule: walk copies in token order, keep while the expert has budget."""
-    used = [0] * len(budget_E)
-    mask = []
-    for row in ids_TK.tolist():
-        kept_row = []
-        for e in row:
-            kept_row.append(used[e] < budget_E[e])
-            used[e] += kept_row[-1]
-        mask.append(kept_row)
-    return mask
-
-
-def bincount_E(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
-
-
-def ffn_rows_fp64(x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str) -> torch.Tensor:
-    """One row at a time in fp64: row i goes through the expert whose run contains it."""
-    expert_of_row = [l for l, c in enumerate(counts) for _ in range(c)]
-    ffn = w_down_LFD.shape[1]
-    rows = []
-    for i, l in enumerate(expert_of_row):
-        h = x_RD[i].double() @ w_in_LDH[l].double()
-        if activation == "swiglu":
-            gate, up = h[:ffn], h[ffn:]
-            a = gate * torch.sigmoid(gate) * up
-        else:
-            a = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
-        rows.append(a @ w_down_LFD[l].double())
-    return torch.stack(rows) if rows else torch.zeros(0, x_RD.shape[1], dtype=torch.float64)
-
-
-def expert_weights(num_local: int, activation: str, seed: int, hidden: int = 8, ffn: int = 4):
-    """Random expert weights; D and F are multiples of 4 so grouped_mm's 16-byte strides hold."""
-    gen = torch.Generator().manual_seed(seed)
-    width = 2 * ffn if activation == "swiglu" else ffn
-    w_in_LDH = torch.randn(num_local, hidden, width, generator=gen) / hidden**0.5
-    w_down_LFD = torch.randn(num_local, ffn, hidden, generator=gen) / ffn**0.5
-    return w_in_LDH, w_down_LFD
-
 
 # ---------------------------------------------------------------------------------------------
 # route
@@ -375,186 +299,3 @@ def test_router_z_loss_shares_over_ranks_sum_to_the_whole_batch_loss(logits, dat
     shares = router_z_loss(logits[:cut], num_tokens) + router_z_loss(logits[cut:], num_tokens)
     whole = router_z_loss(logits, num_tokens)
     assert shares.item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Permutation: slot_of_expert, permute_order, source_to_expert_major
-
-
-@FAST
-@given(data=st.data(), num_experts=st.integers(1, 10), ep_size=st.integers(1, 4))
-def test_slot_of_expert_lists_experts_rank_major_then_by_id(data, num_experts, ep_size):
-    owner = tuple(data.draw(st.lists(st.integers(0, ep_size - 1), min_size=num_experts, max_size=num_experts)))
-    slot_E = slot_of_expert(owner).tolist()
-    assert sorted(slot_E) == list(range(num_experts))
-    start = 0
-    for rank in range(ep_size):
-        mine = [e for e in range(num_experts) if owner[e] == rank]
-        assert [slot_E[e] for e in mine] == list(range(start, start + len(mine)))
-        start += len(mine)
-
-
-def test_slot_of_expert_hand_example():
-    # rank 0 owns experts 1 and 3, rank 1 owns 0 and 2: slots 1->0, 3->1, 0->2, 2->3
-    assert slot_of_expert((1, 0, 1, 0)).tolist() == [2, 0, 3, 1]
-
-
-@FAST
-@given(data=st.data(), num_experts=st.integers(1, 6), ep_size=st.integers(1, 3))
-def test_permute_order_lists_each_kept_copy_once_sorted_by_slot_then_token(data, num_experts, ep_size):
-    top_k = data.draw(st.integers(1, num_experts))
-    ids_TK = data.draw(choices_TK(num_experts, top_k))
-    keep = data.draw(st.lists(st.booleans(), min_size=ids_TK.numel(), max_size=ids_TK.numel()))
-    keep_TK = torch.tensor(keep, dtype=torch.bool).reshape(ids_TK.shape)
-    owner = tuple(data.draw(st.lists(st.integers(0, ep_size - 1), min_size=num_experts, max_size=num_experts)))
-    slot_E = slot_of_expert(owner)
-    order_P = permute_order(ids_TK, keep_TK, slot_E).tolist()
-    assert sorted(order_P) == [i for i, k in enumerate(keep) if k]
-    keys = [(slot_E[ids_TK.reshape(-1)[i]].item(), i) for i in order_P]
-    assert keys == sorted(keys)
-
-
-@FAST
-@given(data=st.data(), ep_size=st.integers(1, 4), num_local=st.integers(1, 4))
-def test_source_to_expert_major_regroups_rows_by_local_expert_then_source(data, ep_size, num_local):
-    counts = data.draw(st.lists(st.integers(0, 3), min_size=ep_size * num_local, max_size=ep_size * num_local))
-    counts_WL = torch.tensor(counts, dtype=torch.long).reshape(ep_size, num_local)
-    c = counts_WL.tolist()
-    source_major = [(s, l, j) for s in range(ep_size) for l in range(num_local) for j in range(c[s][l])]
-    idx = source_to_expert_major(counts_WL).tolist()
-    assert sorted(idx) == list(range(len(source_major)))
-    assert [source_major[i] for i in idx] == [
-        (s, l, j) for l in range(num_local) for s in range(ep_size) for j in range(c[s][l])
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# LocalDispatcher: combine(identity(dispatch(x)))
-
-
-def dispatch_identity_combine(x_TD, weights_TK, ids_TK, num_experts, capacity):
-    """EP = 1 round trip with identity experts; returns (out_TD, keep_TK, dispatched rows, meta)."""
-    dispatcher = LocalDispatcher(num_experts)
-    kept_WE = kept_counts(bincount_E(ids_TK, num_experts)[None], capacity)
-    keep_TK = keep_mask(ids_TK, kept_WE[0])
-    x_PD, meta = dispatcher.dispatch(x_TD, ids_TK, keep_TK, kept_WE)
-    return dispatcher.combine(x_PD, weights_TK, meta), keep_TK, x_PD, meta
-
-
-@FAST
-@given(logits=logits_TE(), data=st.data())
-def test_combine_inverts_dispatch_for_identity_experts_when_dropless_and_normalized(logits, data):
-    top_k = data.draw(st.integers(1, logits.shape[1]))
-    _, weights_TK, ids_TK = route(logits, top_k, normalize=True)
-    x_TD = torch.randn(logits.shape[0], 5, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 999))))
-    out_TD, keep_TK, _, _ = dispatch_identity_combine(x_TD, weights_TK, ids_TK, logits.shape[1], capacity=None)
-    assert bool(keep_TK.all())
-    torch.testing.assert_close(out_TD, x_TD, rtol=1e-6, atol=1e-6)
-
-
-@FAST
-@given(logits=logits_TE(max_tokens=12, max_experts=5), data=st.data())
-def test_combine_scales_identity_experts_by_the_kept_weight_sum_under_capacity(logits, data):
-    num_tokens, num_experts = logits.shape
-    top_k = data.draw(st.integers(1, num_experts))
-    normalize = data.draw(st.booleans())
-    capacity = expert_capacity(data.draw(st.sampled_from([0.25, 0.5, 1.0, 1.5])), num_tokens, top_k, num_experts)
-    _, weights_TK, ids_TK = route(logits, top_k, normalize)
-    x_TD = torch.randn(num_tokens, 5, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 999))))
-    out_TD, keep_TK, _, _ = dispatch_identity_combine(x_TD, weights_TK, ids_TK, logits.shape[1], capacity)
-    kept_weight_T = (weights_TK * keep_TK).sum(-1, keepdim=True)
-    torch.testing.assert_close(out_TD, x_TD * kept_weight_T, rtol=1e-5, atol=1e-6)
-    all_dropped = ~keep_TK.any(-1)
-    assert torch.equal(out_TD[all_dropped], torch.zeros_like(x_TD[all_dropped]))
-    if normalize:
-        all_kept = keep_TK.all(-1)
-        torch.testing.assert_close(out_TD[all_kept], x_TD[all_kept], rtol=1e-6, atol=1e-6)
-
-
-def test_combine_hand_example_keeps_drops_and_partly_drops_tokens():
-    # capacity 1 per expert; copies in token order: e0 keeps t0, e1 keeps t0, e2 keeps t1, e3 keeps t3
-    ids_TK = torch.tensor([[0, 1], [0, 2], [1, 0], [3, 2]])
-    weights_TK = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.6, 0.4], [0.3, 0.7]])
-    x_TD = torch.arange(1.0, 9.0).reshape(4, 2)
-    out_TD, keep_TK, _, _ = dispatch_identity_combine(x_TD, weights_TK, ids_TK, 4, capacity=1)
-    assert keep_TK.tolist() == [[True, True], [False, True], [False, False], [True, False]]
-    assert torch.equal(out_TD[0], x_TD[0])  # all kept: 0.75 + 0.25
-    assert torch.equal(out_TD[1], 0.5 * x_TD[1])  # only the e2 copy
-    assert torch.equal(out_TD[2], torch.zeros(2))  # every copy dropped
-    torch.testing.assert_close(out_TD[3], 0.3 * x_TD[3])  # only the e3 copy
-
-
-@FAST
-@given(logits=logits_TE(), data=st.data())
-def test_local_dispatch_sends_token_rows_expert_major_with_kept_counts_as_run_lengths(logits, data):
-    num_experts = logits.shape[1]
-    top_k = data.draw(st.integers(1, num_experts))
-    _, weights_TK, ids_TK = route(logits, top_k, normalize=False)
-    x_TD = torch.arange(float(logits.shape[0]))[:, None].expand(-1, 3)  # row t holds t
-    capacity = data.draw(st.none() | st.integers(1, 4))
-    _, keep_TK, x_PD, meta = dispatch_identity_combine(x_TD, weights_TK, ids_TK, logits.shape[1], capacity)
-    expected = sorted((e, t) for t in range(ids_TK.shape[0]) for k, e in enumerate(ids_TK[t].tolist()) if keep_TK[t, k])
-    assert x_PD[:, 0].long().tolist() == [t for _, t in expected]
-    runs = [sum(1 for e, _ in expected if e == l) for l in range(len(meta.tokens_per_expert))]
-    assert meta.tokens_per_expert == runs
-
-
-# ---------------------------------------------------------------------------------------------
-# Expert GEMM backends
-
-
-@FAST
-@given(
-    counts=st.lists(st.integers(0, 6), min_size=1, max_size=4),
-    activation=st.sampled_from(["gelu", "swiglu"]),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_expert_backends_agree_with_a_per_row_fp64_reference(counts, activation, seed):
-    w_in_LDH, w_down_LFD = expert_weights(len(counts), activation, seed)
-    x_RD = torch.randn(sum(counts), 8, generator=torch.Generator().manual_seed(seed + 1))
-    expected = ffn_rows_fp64(x_RD, w_in_LDH, w_down_LFD, counts, activation)
-    outs = {b: expert_ffn(x_RD, w_in_LDH, w_down_LFD, counts, activation, b) for b in BACKENDS}
-    for backend, y_RD in outs.items():
-        assert y_RD.shape == x_RD.shape, backend
-        torch.testing.assert_close(y_RD.double(), expected, rtol=1e-4, atol=1e-5, msg=backend)
-    for backend in ("bmm", "grouped_mm"):
-        torch.testing.assert_close(outs[backend], outs["loop"], rtol=1e-5, atol=1e-6, msg=backend)
-
-
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("counts", [[0, 5, 0], [7, 0, 0, 0], [0, 0, 0, 6], [0, 0], [3, 0, 2, 0]], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_expert_backend_handles_empty_experts_and_all_rows_on_one_expert(backend, counts, activation):
-    w_in_LDH, w_down_LFD = expert_weights(len(counts), activation, seed=7)
-    x_RD = torch.randn(sum(counts), 8, generator=torch.Generator().manual_seed(3))
-    y_RD = expert_ffn(x_RD, w_in_LDH, w_down_LFD, counts, activation, backend)
-    expected = ffn_rows_fp64(x_RD, w_in_LDH, w_down_LFD, counts, activation)
-    assert y_RD.shape == (sum(counts), 8)
-    torch.testing.assert_close(y_RD.double(), expected, rtol=1e-4, atol=1e-5)
-
-
-def _grads(backend, x_RD, w_in_LDH, w_down_LFD, counts, activation, g_RD):
-    leaves = [t.clone().requires_grad_(True) for t in (x_RD, w_in_LDH, w_down_LFD)]
-    (expert_ffn(*leaves, counts, activation, backend) * g_RD).sum().backward()
-    return [t.grad for t in leaves]
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    counts=st.lists(st.integers(0, 5), min_size=1, max_size=4),
-    activation=st.sampled_from(["gelu", "swiglu"]),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_expert_loop_and_bmm_backends_have_the_same_gradients_as_the_fp64_reference(counts, activation, seed):
-    assume(sum(counts) > 0)
-    w_in_LDH, w_down_LFD = expert_weights(len(counts), activation, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x_RD = torch.randn(sum(counts), 8, generator=gen)
-    g_RD = torch.randn(sum(counts), 8, generator=gen)  # random upstream gradient
-    loop = _grads("loop", x_RD, w_in_LDH, w_down_LFD, counts, activation, g_RD)
-    bmm = _grads("bmm", x_RD, w_in_LDH, w_down_LFD, counts, activation, g_RD)
-    leaves = [t.double().requires_grad_(True) for t in (x_RD, w_in_LDH, w_down_LFD)]
-    (ffn_rows_fp64(*leaves, counts, activation) * g_RD.double()).sum().backward()
-    for name, a, b, ref in zip(("x", "w_in", "w_down"), loop, bmm, leaves, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(a.double(), ref.grad, rtol=1e-4, atol=1e-5, msg=name)
