@@ -135,7 +135,7 @@ class LocalDispatcher:
             output_splits=[order_P.numel()],
             to_expert_major_R=None,
             to_source_major_R=None,
-            tokens_per_expert=kept_WE[0].tolist(),  # sync: host ints for the grouped GEMM
+            tokens_per_expert=kept_WE[0].tolist(),  # kept_WE is already on the host
         )
         return x_TD[order_P // meta.top_k], meta
 
@@ -161,8 +161,7 @@ class AllToAllDispatcher:
         return counts_WE.view(self.ep_size, -1)
 
     def dispatch(self, x_TD, ids_TK, keep_TK, kept_WE) -> tuple[torch.Tensor, DispatchMeta]:
-        # sync: split sizes must be host ints for all_to_all_single.
-        kept_WE = kept_WE.cpu()
+        # kept_WE is on the host (the layer synced once after exchange_counts): splits are host ints.
         send_W = torch.zeros(self.ep_size, dtype=torch.long).index_add_(0, self._rank_of_expert_E, kept_WE[self.rank])
         recv_WL = kept_WE[:, list(self.local_experts)]
         to_expert = source_to_expert_major(recv_WL).to(x_TD.device)
