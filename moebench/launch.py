@@ -32,11 +32,6 @@ class RankContext:
     device: torch.device
     backend: str
 
-    def print0(self, *args, **kwargs) -> None:
-        """Print on rank 0 only."""
-        if self.rank == 0:
-            print(*args, **kwargs, flush=True)
-
 
 def under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from runtime.placement import local_experts
+
 # ---------------------------------------------------------------------------------------------
 # Pure functions
 
@@ -150,7 +152,7 @@ class AllToAllDispatcher:
         self.group = group
         self.rank, self.ep_size = dist.get_rank(group), dist.get_world_size(group)
         self.expert_to_rank = expert_to_rank
-        self.local_experts = tuple(e for e, r in enumerate(expert_to_rank) if r == self.rank)
+        self.local_experts = local_experts(expert_to_rank, self.rank)
         self.slot_E = slot_of_expert(expert_to_rank)
         self._rank_of_expert_E = torch.tensor(expert_to_rank, dtype=torch.long)
 

@@ -23,7 +23,7 @@ from torch import nn
 from runtime.config import MoEConfig, ParallelConfig
 from runtime.dispatch import AllToAllDispatcher, LocalDispatcher
 from runtime.experts import GroupedExperts
-from runtime.placement import local_experts, place_experts
+from runtime.placement import place_experts
 from runtime.router import Router, expert_capacity, keep_mask, kept_counts, load_balancing_loss, router_z_loss
 from runtime.weights import MoEWeights
 
@@ -68,7 +68,7 @@ class MoELayer(nn.Module):
                 )
             self.group, self.dispatcher = group, AllToAllDispatcher(self.expert_to_rank, group)
         self.rank = self.dispatcher.rank
-        self.local_experts = local_experts(self.expert_to_rank, self.rank)
+        self.local_experts = self.dispatcher.local_experts
         self.router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
         self.experts = GroupedExperts(
             len(self.local_experts),
