@@ -1,45 +1,98 @@
-"""The ``moebench`` command line. Exit codes: 0 ok, 1 a check failed, 2 usage or input error."""
+"""The ``moebench`` command line. Exit codes: 0 ok, 1 a check or SLO failed, 2 usage or input error.
+
+moebench run PATH...     run scenario files (or every *.toml in a folder) and write results
+moebench list [DIR]      show the shipped scenarios
+moebench report PATH...  re-render the tables of saved result files
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from moebench import __version__
 
+SHIPPED = Path(__file__).resolve().parent.parent / "scenarios"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: accepted an integer >= 1")
+    return value
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moebench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="moebench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"moebench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="time a small EP layer on 1..N ranks and check it against fp64")
-    demo.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4], metavar="W")
-    demo.add_argument("--tokens-per-rank", type=int, default=2048)
-    demo.add_argument("--warmup", type=int, default=3)
-    demo.add_argument("--repeats", type=int, default=10)
-    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run = sub.add_parser("run", help="run scenario files or folders of them")
+    run.add_argument("paths", nargs="+", metavar="PATH", help="scenario .toml files or folders")
+    run.add_argument("--out", type=Path, help="result folder (default results/runs/<UTC time>-<git sha>/)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override every scenario's [parallel] device")
+    run.add_argument("--repeats", type=_positive_int, help="override every scenario's [scenario] repeats")
+    run.add_argument("--world-size", type=_positive_int, help="override every scenario's [parallel] world_size")
+    run.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
+    run.add_argument("--telemetry-interval", type=float, default=0.1, metavar="S", help="sampling period (s)")
+    run.add_argument("--no-telemetry", action="store_true", help="run without the telemetry sampler")
+    listing = sub.add_parser("list", help="show the shipped scenarios")
+    listing.add_argument("dir", nargs="?", type=Path, default=SHIPPED)
+    report = sub.add_parser("report", help="re-render tables from saved result files or folders")
+    report.add_argument("paths", nargs="+", metavar="PATH")
+    report.add_argument("--format", choices=["plain", "markdown"], default="plain")
     return parser
+
+
+def _run(args) -> int:
+    from moebench.runner import default_out_dir, load_all, run_scenarios
+
+    if args.telemetry_interval <= 0:
+        raise ValueError(f"--telemetry-interval = {args.telemetry_interval}: accepted a number of seconds > 0")
+    overrides = {}
+    if args.device:
+        overrides["parallel", "device"] = args.device
+    if args.repeats:
+        overrides["scenario", "repeats"] = args.repeats
+    if args.world_size:
+        overrides["parallel", "world_size"] = args.world_size
+    scenarios = load_all(args.paths, overrides)
+    interval = None if args.no_telemetry else args.telemetry_interval
+    return run_scenarios(scenarios, args.out or default_out_dir(), interval, args.format)
+
+
+def _list(args) -> int:
+    from tabulate import tabulate
+
+    from moebench.scenario import discover, load
+
+    rows = []
+    for path in discover([args.dir]):
+        sc = load(path)
+        info = sc.sections["scenario"]
+        rows.append([info["name"], info["kind"], len(sc.runs), path.name, info["description"]])
+    print(tabulate(rows, headers=["name", "kind", "runs", "file", "description"], maxcolwidths=[None] * 4 + [60]))
+    return 0
+
+
+def _report(args) -> int:
+    from moebench.results import find, read, render
+
+    for path in find(args.paths):
+        print(render(read(path), args.format) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"run": _run, "list": _list, "report": _report}
     try:
-        if args.command == "demo":
-            from moebench.demo import run_demo
-            from moebench.launch import resolve_device
-
-            resolve_device(args.device, "auto")  # refuse an impossible device before any work
-
-            for name in ("tokens_per_rank", "warmup", "repeats"):
-                if getattr(args, name) < 1:
-                    raise ValueError(f"--{name.replace('_', '-')} = {getattr(args, name)}: accepted an integer >= 1")
-            if any(w < 1 for w in args.world_sizes):
-                raise ValueError(f"--world-sizes = {args.world_sizes}: accepted integers >= 1")
-            return 0 if run_demo(args.world_sizes, args.tokens_per_rank, args.warmup, args.repeats, args.device) else 1
-    except ValueError as err:
+        return commands[args.command](args)
+    except ValueError as err:  # ScenarioError is a ValueError: one line, exit 2
         print(f"moebench: error: {err}", file=sys.stderr)
         return 2
-    return 2
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Numerical equivalence of the EP layer with the fp64 reference, at any EP size.
 
-One *case* fixes a layer config, a placement, a routing pattern and a token split. The same
-global weights and tokens go to ``runtime.reference.reference_moe`` (fp64, one process) and to
-``runtime.MoELayer`` on W ranks (each rank gets a contiguous slice of the tokens). The training
-objective is L = Σ_t ⟨out_t, g_t⟩ + router_loss with a fixed random g, summed over ranks.
+One *case* fixes a layer config, the number of stacked layers, a placement, a routing pattern
+and skew, and a token split. The same global weights and tokens go to a stack of
+``runtime.reference.reference_moe`` layers (fp64, one process) and to a ``MoEStack`` of
+``runtime.MoELayer`` on W ranks (each rank gets a contiguous slice of the tokens); both stacks are
+residual, x ← x + moe_l(x). The training objective is L = Σ_t ⟨out_t, g_t⟩ + Σ_l router_loss_l
+with a fixed random g, summed over ranks.
 
 Compared, each as ‖x − ref‖ / ‖ref‖ (``rel_error``): the output, the aux and z losses (summed
-over ranks), and the gradients of the input, the router (after ``reduce_replicated_grads``) and
-every expert weight (gathered from the owners into the global layout).
+over ranks and layers), and the gradients of the input, each router (after
+``reduce_replicated_grads``) and every expert weight (gathered from the owners into the global
+layout). Gradient names: "x", then "router", "w_in", "w_down" for layer 0 and "router.1", ... for
+later layers.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights, reference_moe
+from moebench.workload import MoEStack, layer_weights
+from runtime import MoEConfig, MoEWeights, ParallelConfig, reference_moe
 
 # Documented tolerances of ‖out − ref‖/‖ref‖ against the fp64 reference, per compute dtype.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -39,6 +44,9 @@ class Case:
     dispatcher: str = "auto"  # "all_to_all" forces the collective path even at W = 1
     expert_backend: str | None = None  # overrides moe.expert_backend (e.g. "grouped_mm" on GPU)
     seed: int = 0
+    layers: int = 1  # residual stack depth
+    skew: str = "uniform"  # router logit offset per layer, see moebench/workload.py
+    skew_param: float | None = None
 
     def parallel(self, world_size: int) -> ParallelConfig:
         return ParallelConfig(ep_size=world_size, placement=self.placement, **self.par_extra)
@@ -51,8 +59,8 @@ class Result:
     out: torch.Tensor
     aux_loss: float
     z_loss: float
-    tokens_dropped: int
-    grads: dict[str, torch.Tensor]  # "x", "router", "w_in", "w_down"
+    tokens_dropped: int  # over all layers
+    grads: dict[str, torch.Tensor]  # "x", "router", "w_in", "w_down", "router.1", ...
 
 
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,14 +73,16 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def make_inputs(case: Case) -> tuple[MoEWeights, torch.Tensor, torch.Tensor]:
-    """Seeded global weights, tokens x_ND and upstream gradient g_ND for the case's routing."""
+def make_inputs(case: Case) -> tuple[list[MoEWeights], torch.Tensor, torch.Tensor]:
+    """Seeded global weights per layer, tokens x_ND and upstream gradient g_ND for the case.
+
+    A ``routing`` pattern other than "random" rewrites the first layer's router."""
     cfg = case.moe
-    weights = init_weights(cfg, case.seed)
+    weights = layer_weights(cfg, case.layers, case.seed, case.skew, case.skew_param)
     gen = torch.Generator().manual_seed(case.seed + 1)
     x_ND = torch.randn(case.num_tokens, cfg.hidden_size, generator=gen)
     g_ND = torch.randn(case.num_tokens, cfg.hidden_size, generator=gen)
-    router = weights.router_ED.clone()
+    router = weights[0].router_ED.clone()
     kind, _, arg = case.routing.partition(":")
     if kind in ("hot", "avoid"):
         x_ND[:, 0] = 1.0  # a constant feature only expert E's gate weighs: a fixed logit offset
@@ -87,7 +97,12 @@ def make_inputs(case: Case) -> tuple[MoEWeights, torch.Tensor, torch.Tensor]:
         router.zero_()
     elif kind != "random":
         raise ValueError(f"Case.routing = {case.routing!r}: accepted random, hot:E, avoid:E, cyclic, tied")
-    return dataclasses.replace(weights, router_ED=router), x_ND, g_ND
+    weights[0] = dataclasses.replace(weights[0], router_ED=router)
+    return weights, x_ND, g_ND
+
+
+def _grad_name(name: str, layer: int) -> str:
+    return name if layer == 0 else f"{name}.{layer}"
 
 
 def token_splits(case: Case, world_size: int) -> list[int]:
@@ -106,22 +121,23 @@ def run_rank(ctx, case: Case) -> dict:
     x_TD = x_ND[start : start + splits[ctx.rank]].to(ctx.device).requires_grad_()
     g_TD = g_ND[start : start + splits[ctx.rank]].to(ctx.device)
     moe = case.moe if case.expert_backend is None else dataclasses.replace(case.moe, expert_backend=case.expert_backend)
-    layer = MoELayer(moe, case.parallel(ctx.world_size), group=ctx.group, device=ctx.device, dispatcher=case.dispatcher)
-    layer.load_global_weights(weights)
-    result = layer(x_TD)
-    loss = (result.out_TD.float() * g_TD).sum() + result.router_loss
+    stack = MoEStack(moe, case.parallel(ctx.world_size), weights, ctx.group, ctx.device, case.dispatcher)
+    out_TD, results = stack(x_TD)
+    loss = (out_TD.float() * g_TD).sum() + sum(r.router_loss for r in results)
     loss.backward()
-    layer.reduce_replicated_grads()
+    stack.reduce_replicated_grads()
+    grads = {"x": x_TD.grad.cpu()}
+    for i, layer in enumerate(stack.layers):
+        grads[_grad_name("router", i)] = layer.router.weight_ED.grad.cpu()
+        grads[_grad_name("w_in", i)] = layer.experts.w_in_LDH.grad.cpu()
+        grads[_grad_name("w_down", i)] = layer.experts.w_down_LFD.grad.cpu()
     return {
-        "out": result.out_TD.detach().cpu(),
-        "aux_loss": result.aux_loss.item(),
-        "z_loss": result.z_loss.item(),
-        "tokens_dropped": result.tokens_dropped,
-        "local_experts": layer.local_experts,
-        "x": x_TD.grad.cpu(),
-        "router": layer.router.weight_ED.grad.cpu(),
-        "w_in": layer.experts.w_in_LDH.grad.cpu(),
-        "w_down": layer.experts.w_down_LFD.grad.cpu(),
+        "out": out_TD.detach().cpu(),
+        "aux_loss": sum(r.aux_loss.item() for r in results),
+        "z_loss": sum(r.z_loss.item() for r in results),
+        "tokens_dropped": sum(r.tokens_dropped for r in results),
+        "local_experts": stack.layers[0].local_experts,
+        "grads": grads,
     }
 
 
@@ -133,12 +149,17 @@ def run_cases(ctx, cases: list[Case]) -> list[dict]:
 def assemble(per_rank: list[dict]) -> Result:
     """Stitch the ranks' slices into global tensors (expert grads into their global slots)."""
     num_experts = sum(len(r["local_experts"]) for r in per_rank)
-    grads = {"x": torch.cat([r["x"] for r in per_rank]), "router": per_rank[0]["router"]}
-    for name in ("w_in", "w_down"):
-        full = per_rank[0][name].new_zeros((num_experts, *per_rank[0][name].shape[1:]))
-        for r in per_rank:
-            full[list(r["local_experts"])] = r[name]
-        grads[name] = full
+    grads = {}
+    for name, first in per_rank[0]["grads"].items():
+        if name == "x":
+            grads[name] = torch.cat([r["grads"]["x"] for r in per_rank])
+        elif name.startswith("router"):
+            grads[name] = first  # already summed over the group
+        else:
+            full = first.new_zeros((num_experts, *first.shape[1:]))
+            for r in per_rank:
+                full[list(r["local_experts"])] = r["grads"][name]
+            grads[name] = full
     return Result(
         out=torch.cat([r["out"] for r in per_rank]),
         aux_loss=sum(r["aux_loss"] for r in per_rank),
@@ -149,17 +170,27 @@ def assemble(per_rank: list[dict]) -> Result:
 
 
 def run_reference(case: Case) -> Result:
-    """The fp64 reference on the whole batch, with gradients of the same objective."""
+    """The fp64 reference stack on the whole batch, with gradients of the same objective."""
     weights, x_ND, g_ND = make_inputs(case)
     x = x_ND.double().requires_grad_()
-    w = MoEWeights(*(t.double().requires_grad_() for t in dataclasses.astuple(weights)))
-    ref = reference_moe(x, w, case.moe)
-    loss = (
-        (ref.out_ND * g_ND.double()).sum() + case.moe.aux_loss_coef * ref.aux_loss + case.moe.z_loss_coef * ref.z_loss
-    )
+    leaves = [
+        MoEWeights(*(t.double().requires_grad_() for t in (w.router_ED, w.w_in_EDH, w.w_down_EFD)), w.router_bias_E)
+        for w in weights
+    ]
+    h, loss, aux, z, dropped = x, 0.0, 0.0, 0.0, 0
+    for w in leaves:
+        ref = reference_moe(h, w, case.moe)
+        h = h + ref.out_ND
+        loss = loss + case.moe.aux_loss_coef * ref.aux_loss + case.moe.z_loss_coef * ref.z_loss
+        aux, z, dropped = aux + ref.aux_loss.item(), z + ref.z_loss.item(), dropped + len(ref.dropped)
+    loss = loss + (h * g_ND.double()).sum()
     loss.backward()
-    grads = {"x": x.grad, "router": w.router_ED.grad, "w_in": w.w_in_EDH.grad, "w_down": w.w_down_EFD.grad}
-    return Result(ref.out_ND.detach(), ref.aux_loss.item(), ref.z_loss.item(), len(ref.dropped), grads)
+    grads = {"x": x.grad}
+    for i, w in enumerate(leaves):
+        grads[_grad_name("router", i)] = w.router_ED.grad
+        grads[_grad_name("w_in", i)] = w.w_in_EDH.grad
+        grads[_grad_name("w_down", i)] = w.w_down_EFD.grad
+    return Result(h.detach(), aux, z, dropped, grads)
 
 
 def compare(ep: Result, ref: Result) -> dict[str, float]:

@@ -4,7 +4,8 @@
 (rank, world size, process group, device) and returns every rank's return value in rank order.
 
 - Under ``torchrun`` (RANK, WORLD_SIZE, MASTER_ADDR in the environment) it joins the process
-  group torchrun's rendezvous describes (``init_method="env://"``): single- or multi-node.
+  group torchrun's rendezvous describes (``init_method="env://"``): single- or multi-node. The
+  group is joined once per process and kept for later launches; it is destroyed at exit.
 - Otherwise it spawns ``world_size`` processes on this host with a loopback rendezvous on a free
   port. A rank that raises makes ``launch`` raise in the caller.
 
@@ -13,6 +14,7 @@ Backends: "nccl" needs one GPU per rank (NCCL refuses two ranks on one GPU); "gl
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import tempfile
@@ -85,6 +87,23 @@ def _spawned_rank(rank, world_size, device, backend, port, out_dir, fn, args):
         dist.destroy_process_group()
 
 
+_torchrun_ctx: RankContext | None = None
+
+
+def _join_torchrun(device: str, backend: str) -> RankContext:
+    """Join torchrun's process group once per process; later launches reuse it."""
+    global _torchrun_ctx
+    if _torchrun_ctx is None:
+        _torchrun_ctx = _init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device, backend, "env://")
+        atexit.register(dist.destroy_process_group)
+    elif (_torchrun_ctx.device.type, _torchrun_ctx.backend) != (device, backend):
+        raise ValueError(
+            f"device/backend = {device}/{backend} but this torchrun job joined "
+            f"{_torchrun_ctx.device.type}/{_torchrun_ctx.backend}: one job uses one of them"
+        )
+    return _torchrun_ctx
+
+
 def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "auto") -> list:
     """Run ``fn(ctx, *args)`` on ``world_size`` ranks; return the per-rank results in rank order."""
     device, backend = resolve_device(device, backend)
@@ -92,14 +111,11 @@ def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "aut
         env_world = int(os.environ["WORLD_SIZE"])
         if env_world != world_size:
             raise ValueError(f"world_size = {world_size} but torchrun started {env_world} ranks: they must agree")
-        ctx = _init(int(os.environ["RANK"]), env_world, device, backend, "env://")
-        try:
-            result = fn(ctx, *args)
-            gathered = [None] * env_world
-            dist.all_gather_object(gathered, result, group=ctx.group)
-            return gathered
-        finally:
-            dist.destroy_process_group()
+        ctx = _join_torchrun(device, backend)
+        result = fn(ctx, *args)
+        gathered = [None] * env_world
+        dist.all_gather_object(gathered, result, group=ctx.group)
+        return gathered
     if backend == "nccl" and world_size > torch.cuda.device_count():
         raise ValueError(
             f"world_size = {world_size} with NCCL needs {world_size} GPUs, {torch.cuda.device_count()} visible: "

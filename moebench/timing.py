@@ -28,6 +28,10 @@ class Timing:
         return float(np.percentile(self.samples_s, p, method="inverted_cdf"))
 
     @property
+    def min(self) -> float:
+        return float(np.min(self.samples_s))
+
+    @property
     def cv(self) -> float:
         """Coefficient of variation, population std / mean."""
         return float(np.std(self.samples_s) / np.mean(self.samples_s))

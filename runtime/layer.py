@@ -24,7 +24,15 @@ from runtime.config import MoEConfig, ParallelConfig
 from runtime.dispatch import AllToAllDispatcher, LocalDispatcher
 from runtime.experts import GroupedExperts
 from runtime.placement import place_experts
-from runtime.router import Router, expert_capacity, keep_mask, kept_counts, load_balancing_loss, router_z_loss
+from runtime.router import (
+    Router,
+    RouterOutput,
+    expert_capacity,
+    keep_mask,
+    kept_counts,
+    load_balancing_loss,
+    router_z_loss,
+)
 from runtime.weights import MoEWeights
 
 
@@ -42,6 +50,18 @@ class MoEOutput:
     def tokens_dropped(self) -> int:
         """Token copies dropped by capacity over the whole EP group."""
         return int(self.counts_WE.sum() - self.kept_WE.sum())
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Routing of this rank's tokens and the group-wide keep decisions (what dispatch takes)."""
+
+    routing: RouterOutput
+    keep_TK: torch.Tensor  # copies kept after capacity
+    counts_WE: torch.Tensor  # copies each rank routed to each expert, before dropping (host)
+    kept_WE: torch.Tensor  # copies each rank sends to each expert, after capacity (host)
+    capacity: int | None  # per-expert capacity over the group's batch; None when dropless
+    num_tokens: int  # tokens over the whole EP group
 
 
 class MoELayer(nn.Module):
@@ -86,6 +106,9 @@ class MoELayer(nn.Module):
         """Copy the replicated router and this rank's slice of the experts from global weights."""
         local = list(self.local_experts)
         self.router.weight_ED.copy_(weights.router_ED)
+        self.router.bias_E.zero_()
+        if weights.router_bias_E is not None:
+            self.router.bias_E.copy_(weights.router_bias_E)
         self.experts.w_in_LDH.copy_(weights.w_in_EDH[local])
         self.experts.w_down_LFD.copy_(weights.w_down_EFD[local])
 
@@ -101,12 +124,11 @@ class MoELayer(nn.Module):
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.group)
 
-    def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+    def plan(self, x_TD: torch.Tensor) -> RoutingPlan:
+        """Route this rank's tokens and decide, group-wide, which copies each expert keeps."""
         moe = self.moe
-        # 1. Route this rank's tokens (fp32 router).
-        routing = self.router(x_TD)
+        routing = self.router(x_TD)  # fp32 router
         ids_TK = routing.ids_TK
-        # 2. Group-wide copies per expert; capacity and the copies kept follow from them.
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=moe.num_experts)
         counts_WE = self.dispatcher.exchange_counts(counts_E).cpu()  # sync: splits are host ints
         num_tokens = int(counts_WE.sum()) // moe.top_k
@@ -116,12 +138,19 @@ class MoELayer(nn.Module):
             keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
         else:
             keep_TK = keep_mask(ids_TK, kept_WE[self.rank].to(ids_TK.device))
-        # 3. Auxiliary losses over the group's batch (this rank's share).
-        denom = max(num_tokens, 1)
-        aux = load_balancing_loss(routing.probs_TE, counts_WE.sum(0).to(x_TD.device), denom, moe.top_k)
+        return RoutingPlan(routing, keep_TK, counts_WE, kept_WE, capacity, num_tokens)
+
+    def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+        moe = self.moe
+        # 1. Route; exchange group-wide copies per expert; capacity and the copies kept follow.
+        plan = self.plan(x_TD)
+        routing = plan.routing
+        # 2. Auxiliary losses over the group's batch (this rank's share).
+        denom = max(plan.num_tokens, 1)
+        aux = load_balancing_loss(routing.probs_TE, plan.counts_WE.sum(0).to(x_TD.device), denom, moe.top_k)
         z = router_z_loss(routing.logits_TE, denom)
-        # 4. Dispatch, grouped expert compute, combine.
-        x_RD, meta = self.dispatcher.dispatch(x_TD.to(moe.torch_dtype), ids_TK, keep_TK, kept_WE)
+        # 3. Dispatch, grouped expert compute, combine.
+        x_RD, meta = self.dispatcher.dispatch(x_TD.to(moe.torch_dtype), routing.ids_TK, plan.keep_TK, plan.kept_WE)
         y_RD = self.experts(x_RD, meta.tokens_per_expert)
         out_TD = self.dispatcher.combine(y_RD, routing.weights_TK, meta)
         return MoEOutput(
@@ -129,7 +158,7 @@ class MoELayer(nn.Module):
             aux_loss=aux,
             z_loss=z,
             router_loss=moe.aux_loss_coef * aux + moe.z_loss_coef * z,
-            counts_WE=counts_WE,
-            kept_WE=kept_WE,
-            capacity=capacity,
+            counts_WE=plan.counts_WE,
+            kept_WE=plan.kept_WE,
+            capacity=plan.capacity,
         )

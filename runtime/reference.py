@@ -52,6 +52,7 @@ def reference_moe(x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig) -> Re
     """Run the layer on N tokens in fp64. Inputs may require grad; outputs are differentiable."""
     x = x_ND.double()
     router = weights.router_ED.double()
+    bias = x.new_zeros(cfg.num_experts) if weights.router_bias_E is None else weights.router_bias_E.double()
     w_in, w_down = weights.w_in_EDH.double(), weights.w_down_EFD.double()
     n, e_count, k = x.shape[0], cfg.num_experts, cfg.top_k
     capacity = None if cfg.capacity_factor == 0 else math.ceil(cfg.capacity_factor * n * k / e_count)
@@ -61,7 +62,7 @@ def reference_moe(x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig) -> Re
     dropped = []
     rows, prob_sum, z_sum = [], torch.zeros(e_count, dtype=torch.float64), x.new_zeros(())
     for t in range(n):
-        logits = router @ x[t]
+        logits = router @ x[t] + bias
         shifted = logits - logits.max()
         probs = torch.exp(shifted) / torch.exp(shifted).sum()
         prob_sum = prob_sum + probs

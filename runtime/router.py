@@ -101,14 +101,19 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """A linear gate ``logits = x · W_gateᵀ`` in fp32, replicated on every rank."""
+    """A linear gate ``logits = x · W_gateᵀ + b`` in fp32, replicated on every rank.
+
+    ``bias_E`` is a fixed (untrained) logit offset, zero by default; a benchmark sets it to give
+    routing a chosen skew while the whole router still runs.
+    """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool):
         super().__init__()
         self.top_k, self.normalize = top_k, normalize
         self.weight_ED = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.register_buffer("bias_E", torch.zeros(num_experts, dtype=torch.float32))
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
-        logits_TE = F.linear(x_TD.float(), self.weight_ED)
+        logits_TE = F.linear(x_TD.float(), self.weight_ED, self.bias_E)
         probs_TE, weights_TK, ids_TK = route(logits_TE, self.top_k, self.normalize)
         return RouterOutput(logits_TE, probs_TE, weights_TK, ids_TK)

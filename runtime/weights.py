@@ -18,6 +18,7 @@ class MoEWeights:
     router_ED: torch.Tensor  # gate: logits = x · router_EDᵀ
     w_in_EDH: torch.Tensor  # per-expert input projection (swiglu: [gate | up] along H)
     w_down_EFD: torch.Tensor  # per-expert output projection
+    router_bias_E: torch.Tensor | None = None  # fixed logit offset (routing skew); None = zero
 
 
 def init_weights(cfg: MoEConfig, seed: int = 0) -> MoEWeights:
@@ -26,7 +27,7 @@ def init_weights(cfg: MoEConfig, seed: int = 0) -> MoEWeights:
     d, f, e = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts
     h = 2 * f if cfg.activation == "swiglu" else f
     return MoEWeights(
-        router_ED=torch.randn(e, d, generator=gen) / d**0.5,
+        router_ED=torch.randn(e, d, generator=gen) / d**0.5,  # unit-variance logits
         w_in_EDH=torch.randn(e, d, h, generator=gen) / d**0.5,
         w_down_EFD=torch.randn(e, f, d, generator=gen) / f**0.5,
     )

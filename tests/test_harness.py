@@ -1,16 +1,13 @@
-"""The harness pieces the suite leans on: timing statistics, the launcher, and the CLI."""
+"""The harness pieces the suite leans on: timing statistics and the launcher."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from moebench.cli import main
 from moebench.launch import launch, resolve_device
 from moebench.timing import Timing, time_fn
 
@@ -67,50 +64,3 @@ def test_nccl_and_cuda_choices_are_refused_with_a_reason_on_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device is visible"):
             resolve_device("cuda", "auto")
-
-
-@pytest.mark.multiproc
-def test_cli_demo_prints_a_checked_row_per_world_size(capsys):
-    argv = ["demo", "--world-sizes", "1", "2", "--tokens-per-rank", "64", "--warmup", "1", "--repeats", "2"]
-    assert main([*argv, "--device", "cpu"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
-    assert [(r[0], r[1], r[2], r[-1]) for r in rows] == [("1", "gloo", "64", "ok"), ("2", "gloo", "64", "ok")]
-    assert all(float(r[-2]) <= 1e-5 for r in rows)  # max relative error vs fp64
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["demo", "--repeats", "0"], "--repeats = 0"),
-        (["demo", "--world-sizes", "0"], "--world-sizes = [0]"),
-        (["demo", "--device", "cuda"] if not torch.cuda.is_available() else ["demo", "--warmup", "0"], "accepted"),
-    ],
-)
-def test_cli_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
-
-
-@pytest.mark.multiproc
-@pytest.mark.slow
-def test_demo_runs_unchanged_under_torchrun_and_prints_once():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "moebench"]
-    cmd += [
-        "demo",
-        "--world-sizes",
-        "2",
-        "--device",
-        "cpu",
-        "--tokens-per-rank",
-        "64",
-        "--warmup",
-        "1",
-        "--repeats",
-        "2",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert len(rows) == 1 and rows[0][0] == "2" and rows[0][-1] == "ok"

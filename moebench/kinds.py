@@ -1,0 +1,331 @@
+"""What each scenario kind measures: the per-rank measurement, then the metrics from its raw data.
+
+``measure(ctx, spec, interval)`` runs on every rank (through ``launch``) and returns plain data;
+``evaluate(spec, per_rank)`` turns the ranks' data into metrics, checks and details in the
+parent. Metric names, units and formulas are documented in ``results/README.md``.
+
+Shape legend: T = tokens on this rank, D = hidden, W = ranks, E = experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moebench import metrics as M
+from moebench.equivalence import TOLERANCE, Case, assemble, compare, run_reference
+from moebench.equivalence import run_rank as equivalence_rank
+from moebench.scenario import RunSpec
+from moebench.telemetry import Sampler
+from moebench.timing import time_fn
+from moebench.workload import MoEStack, layer_weights, tokens
+
+# -------------------------------------------------------------------------------------------
+# Rank side
+
+
+class _NoSampler:
+    """Stands in for ``Sampler`` when telemetry is switched off."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def summary(self) -> dict:
+        return {"available": False, "reason": "telemetry switched off (--no-telemetry)"}
+
+
+def _sampler(ctx, interval: float | None):
+    return _NoSampler() if interval is None else Sampler(ctx.device, interval_s=interval)
+
+
+def _stack(ctx, spec: RunSpec) -> MoEStack:
+    wl = spec.workload
+    weights = layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
+    return MoEStack(spec.moe_config(), spec.parallel_config(), weights, ctx.group, ctx.device)
+
+
+def _step_fn(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor):
+    """One timed step: the stack's forward, or forward + backward when ``train``."""
+    if not spec.workload["train"]:
+
+        def forward():
+            with torch.no_grad():
+                return stack(x_TD)[0]
+
+        return forward
+    x_TD.requires_grad_()
+    g_TD = tokens(x_TD.shape[0], x_TD.shape[1], spec.workload["seed"], 500_000 + ctx.rank).to(x_TD)
+    params = list(stack.parameters())
+
+    def train_step():
+        for p in (*params, x_TD):
+            p.grad = None
+        out_TD, results = stack(x_TD)
+        loss = (out_TD.float() * g_TD.float()).sum() + sum(r.router_loss for r in results)
+        loss.backward()
+        stack.reduce_replicated_grads()
+        return out_TD
+
+    return train_step
+
+
+def _collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, group) -> dict:
+    """Time every layer's dispatch, combine, and a raw all-to-all of the dispatch's bytes.
+
+    Each layer is planned on the input it sees in a forward pass; the timed functions run all
+    layers' dispatches (combines, raw all-to-alls) back to back, as one step does.
+    """
+    dtype = spec.moe_config().torch_dtype
+    warmup, repeats = spec.scenario["warmup"], spec.scenario["repeats"]
+    jobs = []  # (layer, plan, input, dispatched rows, meta)
+    with torch.no_grad():
+        h_TD = x_TD.detach()
+        for layer in stack.layers:
+            plan = layer.plan(h_TD)
+            h_in = h_TD.to(dtype)
+            x_RD, meta = layer.dispatcher.dispatch(h_in, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+            jobs.append((layer, plan, h_in, x_RD, meta))
+            h_TD = h_TD + layer(h_TD).out_TD
+
+        def dispatch_all():
+            for layer, plan, h_in, _, _ in jobs:
+                layer.dispatcher.dispatch(h_in, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+
+        def combine_all():
+            for layer, plan, _, x_RD, meta in jobs:
+                layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta)
+
+        timing = {
+            "dispatch": time_fn(dispatch_all, warmup=warmup, repeats=repeats, device=ctx.device, group=group),
+            "combine": time_fn(combine_all, warmup=warmup, repeats=repeats, device=ctx.device, group=group),
+            "a2a": None,
+        }
+        if group is not None:
+            buffers = []
+            for _, _, h_in, _, meta in jobs:
+                send = h_in.new_empty(sum(meta.input_splits), h_in.shape[1]).normal_()
+                recv = h_in.new_empty(sum(meta.output_splits), h_in.shape[1])
+                buffers.append((recv, send, meta.output_splits, meta.input_splits))
+
+            def a2a_all():
+                for recv, send, out_splits, in_splits in buffers:
+                    dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+
+            timing["a2a"] = time_fn(a2a_all, warmup=warmup, repeats=repeats, device=ctx.device, group=group)
+    return {k: None if t is None else list(t.samples_s) for k, t in timing.items()}
+
+
+def _routing_stats(stack: MoEStack, x_TD: torch.Tensor) -> dict:
+    """Per-layer W×E routed and kept counts of one forward (global: the same on every rank)."""
+    with torch.no_grad():
+        _, results = stack(x_TD)
+    return {
+        "counts_WE": [r.counts_WE.tolist() for r in results],
+        "kept_WE": [r.kept_WE.tolist() for r in results],
+        "expert_to_rank": list(stack.layers[0].expert_to_rank),
+    }
+
+
+def _measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool) -> dict:
+    """throughput and latency: time the step (and, for throughput, the collectives)."""
+    moe = spec.moe_config()
+    stack = _stack(ctx, spec)
+    group = ctx.group if ctx.world_size > 1 else None
+    x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], ctx.rank)
+    x_TD = x_TD.to(ctx.device, moe.torch_dtype)
+    step = _step_fn(ctx, spec, stack, x_TD)
+    time_fn(step, warmup=spec.scenario["warmup"], repeats=0, device=ctx.device, group=group)
+    with _sampler(ctx, interval) as sampler:
+        step_t = time_fn(step, warmup=0, repeats=spec.scenario["repeats"], device=ctx.device, group=group)
+    out = {
+        "step": list(step_t.samples_s),
+        "finite": bool(torch.isfinite(step()).all()),
+        "telemetry": sampler.summary(),
+        **_routing_stats(stack, x_TD.detach()),
+    }
+    if collectives:
+        out.update(_collective_timings(ctx, spec, stack, x_TD, group))
+    return out
+
+
+def _measure_load(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """load_balance: route ``repeats`` fresh batches through the stack; keep every batch's counts."""
+    moe = spec.moe_config()
+    stack = _stack(ctx, spec)
+    batches = []
+    with _sampler(ctx, interval) as sampler:
+        for batch in range(spec.scenario["repeats"]):
+            stream = 1_000 * (batch + 1) + ctx.rank
+            x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], stream)
+            batches.append(_routing_stats(stack, x_TD.to(ctx.device, moe.torch_dtype)))
+    return {"batches": batches, "telemetry": sampler.summary()}
+
+
+def _case(spec: RunSpec) -> Case:
+    return Case(
+        name=spec.name,
+        moe=spec.moe_config(),
+        placement=spec.parallel["placement"],
+        num_tokens=spec.workload["tokens_per_rank"] * spec.world_size,
+        seed=spec.workload["seed"],
+        layers=spec.model["layers"],
+        skew=spec.workload["skew"],
+        skew_param=spec.workload["skew_param"],
+    )
+
+
+def _measure_equivalence(ctx, spec: RunSpec, interval: float | None) -> dict:
+    with _sampler(ctx, interval) as sampler:
+        out = equivalence_rank(ctx, _case(spec))
+    out["telemetry"] = sampler.summary()
+    return out
+
+
+def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Run ``spec`` on this rank; ``interval`` is the telemetry period in s (None: no sampler)."""
+    if spec.kind == "throughput":
+        return _measure_timed(ctx, spec, interval, collectives=True)
+    if spec.kind == "latency":
+        return _measure_timed(ctx, spec, interval, collectives=False)
+    if spec.kind == "load_balance":
+        return _measure_load(ctx, spec, interval)
+    return _measure_equivalence(ctx, spec, interval)
+
+
+# -------------------------------------------------------------------------------------------
+# Parent side: raw data -> metrics, checks, details
+
+
+def _layer_bytes(spec: RunSpec, kept_WE: list, expert_to_rank: list) -> tuple[list[int], list[int]]:
+    row = spec.model["hidden"] * torch.finfo(spec.moe_config().torch_dtype).bits // 8
+    return M.a2a_rank_bytes(kept_WE, expert_to_rank, row)
+
+
+def _total(nested: list) -> int:
+    return int(torch.tensor(nested).sum())
+
+
+def _timed_metrics(spec: RunSpec, raw: dict) -> dict:
+    world, total = spec.world_size, spec.workload["tokens_per_rank"] * spec.world_size
+    step = raw["step"]
+    out = {"step_time_s": M.metric(step, "s", "lower")}
+    if spec.kind == "latency":
+        return out
+    per_layer = [_layer_bytes(spec, kept, raw["expert_to_rank"]) for kept in raw["kept_WE"]]
+    sent = sum(sum(send) for send, _ in per_layer)
+    dropped = sum(_total(c) - _total(k) for c, k in zip(raw["counts_WE"], raw["kept_WE"], strict=True))
+    out.update(
+        {
+            "tokens_per_s": M.metric([total / t for t in step], "tokens/s", "higher"),
+            "tokens_per_s_per_gpu": M.metric([total / t / world for t in step], "tokens/s", "higher"),
+            "dispatch_time_s": M.metric(raw["dispatch"], "s", "lower"),
+            "combine_time_s": M.metric(raw["combine"], "s", "lower"),
+            "bytes_per_token": M.metric([2 * sent / total], "B", "lower"),
+            "tokens_dropped": M.metric([dropped], "copies", "lower"),
+        }
+    )
+    if raw["a2a"] is not None:
+        size = sum(M.a2a_size_bytes(send, recv) for send, recv in per_layer)
+        algbw = [M.algbw_gbps(size, t) for t in raw["a2a"]]
+        out["a2a_time_s"] = M.metric(raw["a2a"], "s", "lower")
+        out["a2a_algbw_gbps"] = M.metric(algbw, "GB/s", "higher")
+        out["a2a_busbw_gbps"] = M.metric([M.busbw_gbps(b, world) for b in algbw], "GB/s", "higher")
+    return out
+
+
+def _layer_loads(batch: dict, layer: int, world: int) -> tuple[list[int], list[int], int]:
+    counts = torch.tensor(batch["counts_WE"][layer])
+    kept = torch.tensor(batch["kept_WE"][layer])
+    expert_E = counts.sum(0).tolist()
+    return expert_E, M.rank_loads(expert_E, batch["expert_to_rank"], world), int(counts.sum() - kept.sum())
+
+
+def _load_metrics(spec: RunSpec, raw: dict) -> tuple[dict, dict]:
+    """Per batch: the worst layer's imbalance and CV; dropped copies; plus per-layer details."""
+    world, layers = spec.world_size, spec.model["layers"]
+    copies = spec.workload["tokens_per_rank"] * world * spec.model["top_k"] * layers
+    samples = {"imbalance_max_mean": [], "rank_imbalance_max_mean": [], "load_cv": [], "tokens_dropped": []}
+    expert_totals = [[0] * spec.model["num_experts"] for _ in range(layers)]
+    for batch in raw["batches"]:
+        stats = [_layer_loads(batch, layer, world) for layer in range(layers)]
+        samples["imbalance_max_mean"].append(max(M.imbalance(e) for e, _, _ in stats))
+        samples["rank_imbalance_max_mean"].append(max(M.imbalance(r) for _, r, _ in stats))
+        samples["load_cv"].append(max(M.load_cv(e) for e, _, _ in stats))
+        samples["tokens_dropped"].append(sum(d for _, _, d in stats))
+        for layer, (expert_E, _, _) in enumerate(stats):
+            expert_totals[layer] = [a + b for a, b in zip(expert_totals[layer], expert_E, strict=True)]
+    out = {name: M.metric(v, "ratio", "lower") for name, v in samples.items() if name != "tokens_dropped"}
+    out["tokens_dropped"] = M.metric(samples["tokens_dropped"], "copies", "lower")
+    out["tokens_dropped_fraction"] = M.metric([d / copies for d in samples["tokens_dropped"]], "fraction", "lower")
+    owner = raw["batches"][0]["expert_to_rank"]
+    per_layer = [
+        {
+            "layer": layer,
+            "expert_tokens": totals,
+            "rank_tokens": M.rank_loads(totals, owner, world),
+            "imbalance_max_mean": M.imbalance(totals),
+            "rank_imbalance_max_mean": M.imbalance(M.rank_loads(totals, owner, world)),
+            "load_cv": M.load_cv(totals),
+        }
+        for layer, totals in enumerate(expert_totals)
+    ]
+    details = {
+        "batches": len(raw["batches"]),
+        "expert_to_rank": owner,
+        "layers": per_layer,
+        "across_layers": {
+            "imbalance_max_mean": M.across_layers([p["imbalance_max_mean"] for p in per_layer]),
+            "load_cv": M.across_layers([p["load_cv"] for p in per_layer]),
+        },
+    }
+    return out, details
+
+
+def _equivalence(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict]]:
+    case = _case(spec)
+    ep, ref = assemble(per_rank), run_reference(case)
+    errors = compare(ep, ref)
+    forward = errors["out"]
+    grad = max(v for k, v in errors.items() if k.startswith("grad_"))
+    tol = TOLERANCE[spec.model["dtype"]]
+    metrics = {
+        "rel_error_forward": M.metric([forward], "ratio", "lower"),
+        "rel_error_grad": M.metric([grad], "ratio", "lower"),
+        "tokens_dropped": M.metric([ep.tokens_dropped], "copies", "lower"),
+    }
+    checks = [
+        {
+            "name": "rel_error_within_tolerance",
+            "pass": max(forward, grad) <= tol,  # NaN or inf never passes
+            "detail": f"forward {forward:.2e}, grad {grad:.2e} (worst of {len(errors) - 3}), tolerance {tol:g}",
+        },
+        {
+            "name": "tokens_dropped_match_reference",
+            "pass": ep.tokens_dropped == ref.tokens_dropped,
+            "detail": f"{ep.tokens_dropped} dropped, reference {ref.tokens_dropped}",
+        },
+    ]
+    return metrics, checks
+
+
+def window_tokens(spec: RunSpec) -> int:
+    """Tokens processed, over all ranks, inside the telemetry window."""
+    total = spec.workload["tokens_per_rank"] * spec.world_size
+    return total if spec.kind == "equivalence" else total * spec.scenario["repeats"]
+
+
+def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    """Metrics, checks and details of one run from every rank's ``measure`` output."""
+    if spec.kind == "equivalence":
+        metrics, checks = _equivalence(spec, per_rank)
+        return metrics, checks, {"compared": "output, aux and z losses, every gradient"}
+    if spec.kind == "load_balance":
+        metrics, details = _load_metrics(spec, per_rank[0])
+        return metrics, [], details
+    raw = per_rank[0]
+    finite = all(r["finite"] for r in per_rank)
+    checks = [{"name": "finite_output", "pass": finite, "detail": "every rank's output is finite"}]
+    return _timed_metrics(spec, raw), checks, {"layers": spec.model["layers"]}

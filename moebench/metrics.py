@@ -1,0 +1,108 @@
+"""Metric formulas and the metric record every result carries; pure functions of numbers.
+
+Conventions follow ../shared/METRICS.md (nccl-tests for all-to-all bandwidth, population CV,
+nearest-rank percentiles) and are documented with units in ``results/README.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# -------------------------------------------------------------------------------------------
+# The metric record
+
+
+def metric(samples, unit: str, better: str) -> dict:
+    """A metric with its raw samples and their summary. ``better`` is "higher" or "lower".
+
+    Percentiles are nearest-rank (``sorted[ceil(p·n) − 1]``); CV is population std / mean.
+    A single sample (a deterministic metric) is its own median, percentiles and min.
+    """
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better = {better!r}: accepted 'higher' or 'lower'")
+    values = np.asarray([float(v) for v in samples], dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("a metric needs at least one sample")
+    mean = float(values.mean())
+    return {
+        "unit": unit,
+        "better": better,
+        "samples": values.tolist(),
+        "n": int(values.size),
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90, method="inverted_cdf")),
+        "p99": float(np.percentile(values, 99, method="inverted_cdf")),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "cv": float(values.std() / mean) if mean != 0 else 0.0,
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# All-to-all bandwidth (nccl-tests convention, skew-aware)
+
+
+def a2a_rank_bytes(kept_WE, expert_to_rank, bytes_per_row: int) -> tuple[list[int], list[int]]:
+    """Bytes each rank sends and receives in one dispatch all-to-all, its own chunk included.
+
+    ``kept_WE[w][e]`` = token copies rank w sends to expert e (after capacity).
+    """
+    kept = np.asarray(kept_WE, dtype=np.int64)
+    world = kept.shape[0]
+    owner_E = np.asarray(expert_to_rank, dtype=np.int64)
+    send_W = kept.sum(axis=1)
+    recv_W = np.array([kept[:, owner_E == r].sum() for r in range(world)], dtype=np.int64)
+    return (send_W * bytes_per_row).tolist(), (recv_W * bytes_per_row).tolist()
+
+
+def a2a_size_bytes(send_W, recv_W) -> int:
+    """S of nccl-tests ``alltoallv``: max over ranks of max(bytes sent, bytes received)."""
+    return int(max(max(s, r) for s, r in zip(send_W, recv_W, strict=True)))
+
+
+def algbw_gbps(size_bytes: float, time_s: float) -> float:
+    """algbw = S / t, in GB/s (1e9 bytes)."""
+    return size_bytes / time_s / 1e9
+
+
+def busbw_gbps(algbw: float, world_size: int) -> float:
+    """busbw = algbw · (n − 1) / n: comparable with a link's peak whatever n is."""
+    return algbw * (world_size - 1) / world_size
+
+
+# -------------------------------------------------------------------------------------------
+# Load balance
+
+
+def imbalance(loads) -> float:
+    """max(L) / mean(L); 1.0 is perfect balance. NaN when every load is zero."""
+    values = np.asarray(loads, dtype=np.float64)
+    mean = values.mean()
+    return float(values.max() / mean) if mean > 0 else math.nan
+
+
+def load_cv(loads) -> float:
+    """Coefficient of variation std(L) / mean(L), population std. NaN when every load is zero."""
+    values = np.asarray(loads, dtype=np.float64)
+    mean = values.mean()
+    return float(values.std() / mean) if mean > 0 else math.nan
+
+
+def rank_loads(expert_loads, expert_to_rank, world_size: int) -> list[int]:
+    """Per-rank load: the sum of the loads of the experts each rank owns."""
+    loads = np.zeros(world_size, dtype=np.int64)
+    np.add.at(loads, np.asarray(expert_to_rank, dtype=np.int64), np.asarray(expert_loads, dtype=np.int64))
+    return loads.tolist()
+
+
+def across_layers(values) -> dict:
+    """Worst (max), median and mean of a per-layer statistic, and the worst layer's index."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "worst": float(arr.max()),
+        "median": float(np.median(arr)),
+        "mean": float(arr.mean()),
+        "worst_layer": int(arr.argmax()),
+    }

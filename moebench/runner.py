@@ -1,0 +1,145 @@
+"""``moebench run``: load scenarios, run every expanded run, judge it, and write the results.
+
+1. Load and validate every file first: a bad scenario stops everything before any run (exit 2).
+2. For each scenario, for each run: launch the ranks (spawned here, or torchrun's), measure,
+   evaluate metrics, checks and SLOs, and rewrite the scenario's result file atomically, so a
+   crash or Ctrl-C later keeps every run already finished.
+3. A run that raises is recorded with its error and the others go on.
+4. Print each scenario's table, rendered from the JSON just written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moebench import kinds
+from moebench.launch import is_rank_zero, launch, resolve_device, under_torchrun
+from moebench.results import SCHEMA, environment, read, render, short_sha, verdict, write_atomic
+from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
+from moebench.telemetry import combine_summaries
+
+
+def load_all(paths: list[str], overrides: dict) -> list[Scenario]:
+    """Every scenario file under ``paths``, validated, with devices checked against this host."""
+    scenarios = [load(p, overrides) for p in discover(paths)]
+    names = {}
+    for sc in scenarios:
+        if sc.name in names:
+            raise ScenarioError(f'{sc.path}: [scenario] name = "{sc.name}" is also used by {names[sc.name]}')
+        names[sc.name] = sc.path
+        for spec in sc.runs:
+            _check_host(spec)
+    return scenarios
+
+
+def run_device(spec: RunSpec) -> tuple[str, str]:
+    """The (device, backend) a run uses. ``device = "auto"`` means CUDA when the run has a GPU per
+    rank (or runs under torchrun on a GPU host), else the CPU with gloo ranks."""
+    device, backend = spec.parallel["device"], spec.parallel["backend"]
+    if device == "auto":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        fits = gpus > 0 and (under_torchrun() or spec.world_size <= gpus)
+        device = "cuda" if fits and backend != "gloo" else "cpu"
+    return resolve_device(device, backend)
+
+
+def _check_host(spec: RunSpec) -> None:
+    """Refuse runs this host cannot start (no GPU for cuda, too few GPUs for NCCL ranks)."""
+    try:
+        _, backend = run_device(spec)
+    except ValueError as err:
+        raise ScenarioError(f"{spec.path}: [parallel] {err}") from None
+    if backend == "nccl" and not under_torchrun() and spec.world_size > torch.cuda.device_count():
+        raise ScenarioError(
+            f"{spec.path}: [parallel] world_size = {spec.world_size} is invalid with NCCL on this host: "
+            f'accepted at most {torch.cuda.device_count()} (one rank per visible GPU), or device = "cpu"'
+        )
+
+
+def _one_line(err: BaseException) -> str:
+    """The last meaningful line of an error (a rank's traceback arrives as one long message)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _judge_slos(spec: RunSpec, metrics: dict) -> list[dict]:
+    verdicts = []
+    for slo in spec.slos:
+        entry = {"metric": slo.metric, "op": slo.op, "limit": slo.limit, "source": slo.source}
+        m = metrics.get(slo.metric)
+        if m is None:
+            verdicts.append({**entry, "value": None, "pass": None, "detail": "not measured in this run"})
+            continue
+        value = m["median"]
+        ok = value <= slo.limit if slo.op == "max" else value >= slo.limit  # NaN fails both
+        verdicts.append({**entry, "value": value, "pass": bool(ok)})
+    return verdicts
+
+
+def run_one(spec: RunSpec, interval: float | None) -> dict:
+    """Launch, measure and judge one run; never raises for a failure of the run itself."""
+    device, backend = run_device(spec)
+    run = {"params": spec.params, "config": spec.resolved(), "world_size": spec.world_size}
+    run.update({"device": device, "backend": backend, "status": "ok", "error": None})
+    run.update({"metrics": {}, "checks": [], "slo": [], "telemetry": None, "details": {}})
+    if under_torchrun() and spec.world_size != int(os.environ["WORLD_SIZE"]):
+        run.update(
+            status="skipped",
+            error=f"torchrun started {os.environ['WORLD_SIZE']} ranks, this run needs {spec.world_size}",
+        )
+        return run
+    start = time.perf_counter()
+    try:
+        per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend)
+        metrics, checks, details = kinds.evaluate(spec, per_rank)
+        telemetry = combine_summaries([r["telemetry"] for r in per_rank], kinds.window_tokens(spec))
+        run.update(metrics=metrics, checks=checks, details=details, telemetry=telemetry)
+        run["slo"] = _judge_slos(spec, metrics)
+    except Exception as err:
+        run.update(status="error", error=f"{type(err).__name__}: {_one_line(err)}")
+    run["wall_time_s"] = time.perf_counter() - start
+    return run
+
+
+def default_out_dir() -> Path:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path("results") / "runs" / f"{stamp}-{short_sha()}"
+
+
+def _log(message: str) -> None:
+    if is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_scenarios(scenarios: list[Scenario], out_dir: Path, interval: float | None, fmt: str = "plain") -> int:
+    """Run everything; write one JSON per scenario under ``out_dir``. Returns the exit code."""
+    env = environment()
+    total, done, all_ok = sum(len(sc.runs) for sc in scenarios), 0, True
+    _log(f"moebench: {total} runs from {len(scenarios)} scenarios; results in {out_dir}/")
+    for sc in scenarios:
+        doc = {
+            "schema": SCHEMA,
+            "source": sc.path,
+            "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "scenario": sc.sections,
+            "environment": env,
+            "runs": [],
+        }
+        for spec in sc.runs:
+            done += 1
+            _log(f"[{done}/{total}] {sc.name} {spec.params or ''} ...")
+            run = run_one(spec, interval)
+            doc["runs"].append(run)
+            all_ok &= verdict(run) in ("ok", "skipped")
+            _log(f"[{done}/{total}] {sc.name} {spec.params or ''}: {verdict(run)} in {run.get('wall_time_s', 0):.1f} s")
+            if is_rank_zero():
+                write_atomic(out_dir / f"{sc.name}.json", doc)
+        if is_rank_zero():
+            print(render(read(out_dir / f"{sc.name}.json"), fmt) + "\n", flush=True)
+    return 0 if all_ok else 1

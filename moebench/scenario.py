@@ -1,0 +1,378 @@
+"""Scenario files: the TOML schema, its validation, and the expansion of sweeps into runs.
+
+A scenario file (``scenarios/*.toml``, schema in ``scenarios/README.md``) has the sections
+[scenario], [model], [routing], [parallel], [workload] and optionally [slo]. A list value in
+[model], [parallel] or [workload] is a sweep: the file expands into one ``RunSpec`` per
+combination, in the order the keys are listed in ``SCHEMA``.
+
+Every problem raises ``ScenarioError`` with one line naming the file, the section and key, the
+value and what is accepted. The runtime's own validation (``MoEConfig``, ``ParallelConfig``,
+placement) runs here too, for every combination, so an impossible run fails before anything runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from moebench.workload import SKEWS
+from runtime import MoEConfig, ParallelConfig
+from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
+from runtime.placement import place_experts
+
+KINDS = ("throughput", "latency", "load_balance", "equivalence")
+
+# The metrics each kind reports: the names an [slo] key may gate (``max_<name>`` / ``min_<name>``).
+METRICS = {
+    "throughput": (
+        "tokens_per_s",
+        "tokens_per_s_per_gpu",
+        "step_time_s",
+        "dispatch_time_s",
+        "combine_time_s",
+        "a2a_time_s",
+        "a2a_algbw_gbps",
+        "a2a_busbw_gbps",
+        "bytes_per_token",
+        "tokens_dropped",
+    ),
+    "latency": ("step_time_s",),
+    "load_balance": (
+        "imbalance_max_mean",
+        "rank_imbalance_max_mean",
+        "load_cv",
+        "tokens_dropped",
+        "tokens_dropped_fraction",
+    ),
+    "equivalence": ("rel_error_forward", "rel_error_grad", "tokens_dropped"),
+}
+SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
+# The seed deployment plan's load-balancing gate, "expert load variance < 20%", read as CV < 0.2.
+DEFAULT_SLOS = {"load_balance": {"max_load_cv": 0.2}}
+
+REQUIRED = object()
+SWEEPABLE = ("model", "parallel", "workload")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of the schema: its default (or ``REQUIRED``), a validity test and its wording."""
+
+    default: object
+    valid: object  # callable(value) -> bool
+    accepted: str
+
+
+def _int(minimum: int) -> tuple:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum), f"an integer >= {minimum}"
+
+
+def _number(minimum: float) -> tuple:
+    def valid(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= minimum
+
+    return valid, f"a finite number >= {minimum:g}"
+
+
+def _choice(*choices: str) -> tuple:
+    return (lambda v: v in choices), "one of " + ", ".join(f'"{c}"' for c in choices)
+
+
+def _text(pattern: str = r"(?s).*", accepted: str = "a string") -> tuple:
+    return (lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None), accepted
+
+
+_BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+_OPTIONAL_NUMBER = ((lambda v: v is None or _number(0)[0](v)), "a finite number >= 0")
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "scenario": {
+        "name": Key(REQUIRED, *_text(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '-', '_', '.'")),
+        "kind": Key(REQUIRED, *_choice(*KINDS)),
+        "description": Key("", *_text()),
+        "warmup": Key(3, *_int(0)),
+        "repeats": Key(10, *_int(1)),
+    },
+    "model": {
+        "hidden": Key(REQUIRED, *_int(1)),
+        "ffn_hidden": Key(REQUIRED, *_int(1)),
+        "num_experts": Key(REQUIRED, *_int(1)),
+        "top_k": Key(1, *_int(1)),
+        "activation": Key("gelu", *_choice(*ACTIVATIONS)),
+        "dtype": Key("float32", *_choice(*DTYPES)),
+        "layers": Key(1, *_int(1)),
+        "expert_backend": Key("auto", *_choice(*EXPERT_BACKENDS)),
+    },
+    "routing": {
+        "capacity_factor": Key(0.0, *_number(0)),
+        "aux_loss_coef": Key(0.01, *_number(0)),
+        "z_loss_coef": Key(0.001, *_number(0)),
+        "normalize_topk": Key(False, *_BOOL),
+    },
+    "parallel": {
+        "world_size": Key(1, *_int(1)),
+        "placement": Key("round_robin", *_choice("round_robin", "contiguous")),
+        "device": Key("auto", *_choice("auto", "cpu", "cuda")),
+        "backend": Key("auto", *_choice("auto", "gloo", "nccl")),
+    },
+    "workload": {
+        "tokens_per_rank": Key(REQUIRED, *_int(1)),
+        "skew": Key("uniform", *_choice(*SKEWS)),
+        "skew_param": Key(None, *_OPTIONAL_NUMBER),
+        "seed": Key(0, *_int(0)),
+        "train": Key(False, *_BOOL),
+    },
+}
+_RUNTIME_FIELDS = {
+    "hidden_size": ("model", "hidden"),
+    "ffn_hidden_size": ("model", "ffn_hidden"),
+    "ep_size": ("parallel", "world_size"),
+    **{k: ("model", k) for k in ("num_experts", "top_k", "activation", "dtype", "expert_backend")},
+    **{k: ("routing", k) for k in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "normalize_topk")},
+    "placement": ("parallel", "placement"),
+}
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; the message is one line for the user."""
+
+
+def _show(value: object) -> str:
+    """A value as TOML would spell it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Slo:
+    metric: str
+    op: str  # "max": value must be <= limit; "min": value must be >= limit
+    limit: float
+    source: str  # "scenario" or "default (...)"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a scenario: every key resolved, sweeps expanded to single values."""
+
+    path: str
+    scenario: dict
+    model: dict
+    routing: dict
+    parallel: dict
+    workload: dict
+    slos: tuple[Slo, ...]
+    params: dict = field(default_factory=dict)  # the swept keys and their values in this run
+
+    @property
+    def name(self) -> str:
+        return self.scenario["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.scenario["kind"]
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel["world_size"]
+
+    def moe_config(self) -> MoEConfig:
+        m, r = self.model, self.routing
+        return MoEConfig(
+            hidden_size=m["hidden"],
+            ffn_hidden_size=m["ffn_hidden"],
+            num_experts=m["num_experts"],
+            top_k=m["top_k"],
+            activation=m["activation"],
+            capacity_factor=float(r["capacity_factor"]),
+            aux_loss_coef=float(r["aux_loss_coef"]),
+            z_loss_coef=float(r["z_loss_coef"]),
+            normalize_topk=r["normalize_topk"],
+            dtype=m["dtype"],
+            expert_backend=m["expert_backend"],
+        )
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(ep_size=self.parallel["world_size"], placement=self.parallel["placement"])
+
+    def resolved(self) -> dict:
+        """The run's full configuration, as the result file records it."""
+        slo = {f"{s.op}_{s.metric}": s.limit for s in self.slos}
+        return {
+            "scenario": self.scenario,
+            "model": self.model,
+            "routing": self.routing,
+            "parallel": self.parallel,
+            "workload": self.workload,
+            "slo": slo,
+        }
+
+
+# -------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_value(path: str, section: str, key: str, value: object, spec: Key) -> None:
+    if not spec.valid(value):
+        raise ScenarioError(f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted {spec.accepted}")
+
+
+def _read_section(path: str, section: str, table: object) -> dict:
+    """Validate one section's keys and values; fill defaults. Lists become sweeps where allowed."""
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{path}: [{section}] = {_show(table)} is invalid: accepted a table of keys")
+    schema = SCHEMA[section]
+    for key in table:
+        if key not in schema:
+            raise ScenarioError(f"{path}: [{section}] {key} is not a known key: accepted {', '.join(schema)}")
+    out = {}
+    for key, spec in schema.items():
+        if key not in table:
+            if spec.default is REQUIRED:
+                raise ScenarioError(f"{path}: [{section}] {key} is missing: accepted {spec.accepted}")
+            out[key] = spec.default
+            continue
+        value = table[key]
+        if isinstance(value, list):
+            if section not in SWEEPABLE:
+                raise ScenarioError(
+                    f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted {spec.accepted} "
+                    f"(lists sweep only in {', '.join(f'[{s}]' for s in SWEEPABLE)})"
+                )
+            if not value or len(set(map(_show, value))) != len(value):
+                raise ScenarioError(
+                    f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted a non-empty list of "
+                    f"distinct values, each {spec.accepted}"
+                )
+            for item in value:
+                _check_value(path, section, key, item, spec)
+        else:
+            _check_value(path, section, key, value, spec)
+        out[key] = value
+    return out
+
+
+def _read_slos(path: str, kind: str, table: object) -> tuple[Slo, ...]:
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{path}: [slo] = {_show(table)} is invalid: accepted a table of max_<metric> = number")
+    names = METRICS[kind]
+    accepted = f"max_<metric> or min_<metric> with <metric> one of {', '.join(names)}"
+    slos = []
+    for key, limit in table.items():
+        op, _, metric = key.partition("_")
+        metric = SLO_ALIASES.get(metric, metric)
+        if op not in ("max", "min") or metric not in names:
+            raise ScenarioError(f'{path}: [slo] {key} is not a known gate for kind = "{kind}": accepted {accepted}')
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+            raise ScenarioError(f"{path}: [slo] {key} = {_show(limit)} is invalid: accepted a finite number")
+        slos.append(Slo(metric, op, float(limit), "scenario"))
+    for key, limit in DEFAULT_SLOS.get(kind, {}).items():
+        op, _, metric = key.partition("_")
+        if not any(s.metric == metric and s.op == op for s in slos):
+            slos.append(Slo(metric, op, limit, "default: the seed plan's gate"))
+    return tuple(slos)
+
+
+def _runtime_error(path: str, params: dict, err: ValueError) -> ScenarioError:
+    """Reword a runtime config error ("MoEConfig.top_k = 3 is invalid: ...") in the file's terms."""
+    message = str(err)
+    match = re.match(r"(MoEConfig|ParallelConfig)\.(\w+)", message)
+    if match and match.group(2) in _RUNTIME_FIELDS:
+        section, key = _RUNTIME_FIELDS[match.group(2)]
+        message = f"[{section}] {key}" + message[match.end() :]
+    where = f" (run {_show(params)})" if params else ""
+    return ScenarioError(f"{path}{where}: {message}")
+
+
+def _expand(sections: dict) -> list[tuple[dict, dict]]:
+    """All combinations of the swept keys: [(per-section values, params), ...]."""
+    swept = [(s, k) for s in SWEEPABLE for k, v in sections[s].items() if isinstance(v, list)]
+    runs = []
+    for values in itertools.product(*(sections[s][k] for s, k in swept)):
+        resolved = {s: dict(table) for s, table in sections.items()}
+        for (s, k), v in zip(swept, values, strict=True):
+            resolved[s][k] = v
+        runs.append((resolved, {k: v for (_, k), v in zip(swept, values, strict=True)}))
+    return runs
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One loaded scenario file: its sections with defaults filled (sweeps still lists), its runs."""
+
+    path: str
+    sections: dict
+    runs: list[RunSpec]
+
+    @property
+    def name(self) -> str:
+        return self.sections["scenario"]["name"]
+
+
+def load(path: str | Path, overrides: dict | None = None) -> Scenario:
+    """Parse, validate and expand one scenario file. ``overrides``: {(section, key): value}
+    applied before validation (the CLI's --device, --repeats, --world-size)."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as err:
+        raise ScenarioError(f"{path}: cannot be read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path}: not valid TOML: {err}") from None
+    known = (*SCHEMA, "slo")
+    for section in doc:
+        if section not in known:
+            raise ScenarioError(f"{path}: [{section}] is not a known section: accepted {', '.join(known)}")
+    for section in ("scenario", "model", "workload"):
+        if section not in doc:
+            raise ScenarioError(f"{path}: [{section}] is missing: every scenario needs [scenario], [model], [workload]")
+    for (section, key), value in (overrides or {}).items():
+        if isinstance(doc.setdefault(section, {}), dict):  # a non-table section is reported below
+            doc[section][key] = value
+    sections = {s: _read_section(path, s, doc.get(s, {})) for s in SCHEMA}
+    slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
+    specs = []
+    for resolved, params in _expand(sections):
+        spec = RunSpec(path, slos=slos, params=params, **resolved)
+        try:
+            place_experts(spec.moe_config(), spec.parallel_config())
+            _check_device(spec.parallel)
+        except ValueError as err:
+            raise _runtime_error(path, params, err) from None
+        specs.append(spec)
+    sections["slo"] = {f"{s.op}_{s.metric}": s.limit for s in slos}
+    return Scenario(path, sections, specs)
+
+
+def _check_device(parallel: dict) -> None:
+    if parallel["backend"] == "nccl" and parallel["device"] == "cpu":
+        raise ValueError('[parallel] backend = "nccl" with device = "cpu" is invalid: accepted backend "gloo" on CPU')
+
+
+def discover(paths: list[str | Path]) -> list[Path]:
+    """Scenario files named directly, and the ``*.toml`` directly inside named folders, sorted."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.toml"))
+            if not found:
+                raise ScenarioError(f"{p}: no scenario files (*.toml) in this folder")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ScenarioError(f"{p}: no such file or folder")
+    return files
