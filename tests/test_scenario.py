@@ -152,7 +152,7 @@ def test_unreadable_or_invalid_toml_and_missing_paths_are_named(tmp_path):
     bad.write_text("[scenario\nname = 1\n")
     with pytest.raises(ScenarioError, match=r"bad\.toml: not valid TOML"):
         load(bad)
-    with pytest.raises(ScenarioError, match="nothere.toml: no such file or folder"):
+    with pytest.raises(ScenarioError, match=r"nothere\.toml: no such file or folder"):
         discover([tmp_path / "nothere.toml"])
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -1,0 +1,89 @@
+"""Metric formulas on hand-computed inputs, and the router skew they are measured under."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moebench import metrics as M
+from moebench.workload import SINGLE_EXPERT_OFFSET, layer_weights, skew_bias, tokens
+from runtime import MoEConfig
+from runtime.router import Router
+
+
+def test_metric_record_summarises_samples_with_nearest_rank_percentiles():
+    m = M.metric([4, 1, 3, 2, 5, 10, 6, 7, 9, 8], "s", "lower")
+    assert (m["median"], m["p90"], m["p99"], m["min"], m["max"], m["n"]) == (5.5, 9.0, 10.0, 1.0, 10.0, 10)
+    assert m["cv"] == pytest.approx(math.sqrt(8.25) / 5.5)
+    assert m["samples"] == [4.0, 1.0, 3.0, 2.0, 5.0, 10.0, 6.0, 7.0, 9.0, 8.0]  # raw, in order
+    single = M.metric([7], "copies", "lower")
+    assert single["median"] == single["p99"] == single["min"] == 7.0 and single["cv"] == 0.0
+    with pytest.raises(ValueError, match="better"):
+        M.metric([1], "s", "faster")
+
+
+def test_a2a_bytes_count_the_kept_copies_each_rank_sends_and_receives():
+    kept_WE = [[3, 1, 0, 2], [1, 0, 4, 1]]  # rank w sends kept_WE[w][e] copies to expert e
+    owner_E = (0, 1, 0, 1)  # round robin over 2 ranks
+    send, recv = M.a2a_rank_bytes(kept_WE, owner_E, bytes_per_row=10)
+    assert send == [60, 60]  # 3+1+0+2, 1+0+4+1
+    assert recv == [80, 40]  # experts 0 and 2: 3+1+0+4; experts 1 and 3: 1+0+2+1
+    assert M.a2a_size_bytes(send, recv) == 80  # the busiest rank's larger direction
+
+
+def test_bandwidth_follows_nccl_tests():
+    assert M.algbw_gbps(4e9, 2.0) == 2.0
+    assert M.busbw_gbps(2.0, 4) == 1.5
+    assert M.busbw_gbps(2.0, 1) == 0.0  # one rank moves nothing over a link
+
+
+def test_load_statistics_on_hand_values():
+    loads = [1, 2, 3, 6]
+    assert M.imbalance(loads) == 2.0
+    assert M.load_cv(loads) == pytest.approx(math.sqrt(14 / 4) / 3)
+    assert M.rank_loads([5, 1, 2, 7], (0, 1, 0, 1), 2) == [7, 8]
+    assert M.imbalance([5, 5, 5]) == 1.0 and M.load_cv([5, 5, 5]) == 0.0
+    assert math.isnan(M.imbalance([0, 0])) and math.isnan(M.load_cv([0, 0]))
+    assert M.across_layers([1.1, 1.5, 1.2]) == {
+        "worst": 1.5,
+        "median": 1.2,
+        "mean": pytest.approx(3.8 / 3),
+        "worst_layer": 1,
+    }
+
+
+def test_skew_offsets_have_the_documented_shape():
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(skew_bias("uniform", None, 8, gen), torch.zeros(8))
+    zipf = skew_bias("zipf", 2.0, 8, torch.Generator().manual_seed(0))
+    expected = -2.0 * np.log(np.arange(1, 9))
+    assert np.allclose(np.sort(zipf.numpy())[::-1], expected, atol=1e-6)
+    hot = skew_bias("hot", 3.0, 8, torch.Generator().manual_seed(0))
+    assert sorted(hot.tolist()) == [0.0] * 7 + [3.0]
+    single = skew_bias("single", None, 8, torch.Generator().manual_seed(0))
+    assert single.max().item() == SINGLE_EXPERT_OFFSET and (single != 0).sum() == 1
+    with pytest.raises(ValueError, match="skew = 'pareto'"):
+        skew_bias("pareto", None, 8, gen)
+
+
+def _routed_counts(skew: str, param: float | None, num_experts: int = 16) -> np.ndarray:
+    moe = MoEConfig(hidden_size=64, ffn_hidden_size=64, num_experts=num_experts, top_k=1)
+    (w,) = layer_weights(moe, 1, seed=3, skew=skew, skew_param=param)
+    router = Router(64, num_experts, 1, False)
+    with torch.no_grad():
+        router.weight_ED.copy_(w.router_ED)
+        router.bias_E.copy_(w.router_bias_E)
+        ids = router(tokens(4096, 64, seed=3, stream=0)).ids_TK
+    return np.bincount(ids.reshape(-1).numpy(), minlength=num_experts)
+
+
+def test_skew_through_the_real_router_orders_the_measured_imbalance():
+    uniform, mild, steep = (_routed_counts("zipf", s) for s in (0.0, 1.0, 2.0))
+    assert M.imbalance(uniform) < M.imbalance(mild) < M.imbalance(steep)
+    assert M.load_cv(uniform) < 0.5 < M.load_cv(mild)
+    single = _routed_counts("single", None)
+    assert single.max() == 4096  # every token's first choice is the one expert
+    assert M.imbalance(single) == 16.0 and M.load_cv(single) == pytest.approx(math.sqrt(15))

@@ -1,0 +1,163 @@
+"""Result files and tables, and the metrics each kind derives from its ranks' raw data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from moebench import kinds
+from moebench.results import SCHEMA, read, render, verdict, write_atomic
+from moebench.runner import _judge_slos
+from moebench.scenario import RunSpec, Slo
+
+
+def spec(kind: str, world: int = 2, **workload) -> RunSpec:
+    return RunSpec(
+        path="t.toml",
+        scenario={"name": "t", "kind": kind, "description": "", "warmup": 0, "repeats": 3},
+        model={
+            "hidden": 8,
+            "ffn_hidden": 8,
+            "num_experts": 4,
+            "top_k": 1,
+            "activation": "gelu",
+            "dtype": "float32",
+            "layers": 1,
+            "expert_backend": "auto",
+        },
+        routing={"capacity_factor": 0.0, "aux_loss_coef": 0.0, "z_loss_coef": 0.0, "normalize_topk": False},
+        parallel={"world_size": world, "placement": "round_robin", "device": "cpu", "backend": "gloo"},
+        workload={"tokens_per_rank": 100, "skew": "uniform", "skew_param": None, "seed": 0, "train": False} | workload,
+        slos=(Slo("tokens_per_s", "min", 1500.0, "scenario"), Slo("a2a_busbw_gbps", "min", 1.0, "scenario")),
+    )
+
+
+# One layer, 2 ranks, 4 experts placed round robin; rank w routed counts_WE[w], kept kept_WE[w].
+RAW = {
+    "step": [0.1, 0.2, 0.4],
+    "dispatch": [0.01, 0.02, 0.03],
+    "combine": [0.02, 0.02, 0.02],
+    "a2a": [0.001, 0.002, 0.004],
+    "counts_WE": [[[60, 20, 10, 10], [30, 30, 20, 20]]],
+    "kept_WE": [[[50, 20, 10, 10], [30, 30, 20, 20]]],
+    "expert_to_rank": [0, 1, 0, 1],
+    "finite": True,
+}
+
+
+def test_throughput_metrics_from_raw_samples_match_hand_computation():
+    metrics, checks, _ = kinds.evaluate(spec("throughput"), [RAW, RAW | {"finite": True}])
+    assert metrics["tokens_per_s"]["median"] == 200 / 0.2  # 2 ranks x 100 tokens per step
+    assert metrics["tokens_per_s_per_gpu"]["samples"] == [1000.0, 500.0, 250.0]
+    assert metrics["step_time_s"]["p90"] == 0.4 and metrics["dispatch_time_s"]["median"] == 0.02
+    assert metrics["tokens_dropped"]["median"] == 10  # expert 0 on rank 0: 60 routed, 50 kept
+    # Row = 8 fp32 = 32 B. Sent: rank 0 90 rows, rank 1 100 rows. Received: experts 0, 2 -> rank 0:
+    # 50+10+30+20 = 110 rows; experts 1, 3 -> rank 1: 20+10+30+20 = 80 rows. S = 110 rows = 3520 B.
+    assert metrics["bytes_per_token"]["median"] == 2 * 190 * 32 / 200
+    assert metrics["a2a_algbw_gbps"]["median"] == pytest.approx(3520 / 0.002 / 1e9)
+    assert metrics["a2a_busbw_gbps"]["median"] == pytest.approx(3520 / 0.002 / 1e9 / 2)
+    assert metrics["a2a_time_s"]["unit"] == "s" and metrics["a2a_busbw_gbps"]["better"] == "higher"
+    assert checks == [{"name": "finite_output", "pass": True, "detail": "every rank's output is finite"}]
+    _, checks, _ = kinds.evaluate(spec("throughput"), [RAW, RAW | {"finite": False}])
+    assert checks[0]["pass"] is False
+
+
+def test_single_rank_throughput_has_no_all_to_all_metrics():
+    raw = RAW | {"a2a": None, "counts_WE": [[[60, 20, 10, 10]]], "kept_WE": [[[50, 20, 10, 10]]]}
+    metrics, _, _ = kinds.evaluate(spec("throughput", world=1), [raw])
+    assert "a2a_busbw_gbps" not in metrics and "a2a_time_s" not in metrics
+    assert metrics["tokens_per_s"]["median"] == 100 / 0.2
+
+
+def test_slo_verdicts_use_the_median_and_skip_metrics_a_run_lacks():
+    s = spec("throughput", world=1)
+    metrics, _, _ = kinds.evaluate(
+        s, [RAW | {"a2a": None, "counts_WE": [[[60, 20, 10, 10]]], "kept_WE": [[[50, 20, 10, 10]]]}]
+    )
+    tokens, busbw = _judge_slos(s, metrics)
+    assert (tokens["value"], tokens["pass"]) == (500.0, False)  # 100 tokens / 0.2 s < 1500
+    assert busbw["pass"] is None and busbw["value"] is None
+    metrics["tokens_per_s"]["median"] = math.nan
+    assert _judge_slos(s, metrics)[0]["pass"] is False  # NaN never passes
+
+
+def test_load_balance_metrics_per_batch_and_per_layer():
+    batch_a = {"counts_WE": [[[4, 0, 0, 0], [4, 0, 0, 0]]], "kept_WE": [[[2, 0, 0, 0], [0, 0, 0, 0]]]}
+    batch_b = {"counts_WE": [[[1, 1, 1, 1], [1, 1, 1, 1]]], "kept_WE": [[[1, 1, 1, 1], [1, 1, 1, 1]]]}
+    raw = {"batches": [b | {"expert_to_rank": [0, 1, 0, 1]} for b in (batch_a, batch_b)]}
+    metrics, checks, details = kinds.evaluate(spec("load_balance", tokens_per_rank=4), [raw])
+    assert metrics["imbalance_max_mean"]["samples"] == [4.0, 1.0]  # all 8 on expert 0; then even
+    assert metrics["rank_imbalance_max_mean"]["samples"] == [2.0, 1.0]
+    assert metrics["load_cv"]["samples"] == [pytest.approx(math.sqrt(3)), 0.0]
+    assert metrics["tokens_dropped"]["samples"] == [6.0, 0.0]
+    assert metrics["tokens_dropped_fraction"]["samples"] == [6 / 8, 0.0]  # of 2 ranks x 4 tokens x top-1
+    (layer,) = details["layers"]
+    assert layer["expert_tokens"] == [10, 2, 2, 2] and layer["rank_tokens"] == [12, 4]
+    assert layer["imbalance_max_mean"] == 2.5 and checks == []
+
+
+def doc_with(runs: list[dict]) -> dict:
+    return {
+        "schema": SCHEMA,
+        "source": "scenarios/x.toml",
+        "scenario": {"scenario": {"name": "x", "kind": "latency", "description": "d"}},
+        "environment": {"git_sha": "abcdef1234567", "git_dirty": False},
+        "runs": runs,
+    }
+
+
+def run_with(step_median: float, status: str = "ok", check: bool = True, error: str | None = None) -> dict:
+    metric = {"median": step_median, "p90": step_median, "p99": step_median, "n": 5}
+    return {
+        "params": {"world_size": 2},
+        "device": "cpu",
+        "backend": "gloo",
+        "status": status,
+        "error": error,
+        "metrics": {"step_time_s": metric} if status == "ok" else {},
+        "checks": [{"name": "c", "pass": check}],
+        "slo": [],
+        "telemetry": {"available": False, "peak_host_memory_bytes": 3 * 2**20},
+    }
+
+
+def test_table_has_units_a_device_column_and_the_verdicts():
+    doc = doc_with([run_with(0.0125), run_with(0.02, check=False), run_with(0, "error", error="RuntimeError: x")])
+    text = render(doc)
+    lines = text.splitlines()
+    assert lines[0] == "x (latency) — d" and "git abcdef1234" in lines[1]
+    header = lines[2].split()
+    assert header[:3] == ["world_size", "device", "p50"] and "(ms)" in lines[2]
+    rows = [line.split() for line in lines[4:7]]
+    assert rows[0][:3] == ["2", "cpu/gloo", "12.500"] and rows[0][-1] == "ok" and rows[0][-3] == "3"
+    assert rows[1][-1] == "FAIL" and rows[2][-1] == "error"
+    assert lines[-1].strip() == "{'world_size': 2}: error: RuntimeError: x"
+    assert [verdict(r) for r in doc["runs"]] == ["ok", "FAIL", "error"]
+    markdown = render(doc, "markdown")
+    assert markdown.startswith("### x (latency)") and "| world_size" in markdown
+
+
+def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_atomic(path, doc_with([run_with(0.5)]) | {"nan": math.nan})
+    saved = json.loads(path.read_text())  # strict JSON: NaN was written as null
+    assert saved["nan"] is None and read(path)["runs"][0]["metrics"]["step_time_s"]["median"] == 0.5
+    with pytest.raises(TypeError):
+        write_atomic(path, doc_with([run_with(0.5)]) | {"bad": object()})
+    assert json.loads(path.read_text()) == saved  # the old file is intact
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary left behind
+
+
+def test_read_refuses_other_schemas_and_bad_json(tmp_path):
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps({"schema": "pytest-benchmark"}))
+    with pytest.raises(
+        ValueError, match=r"o\.json: schema = .pytest-benchmark. is invalid: accepted .moebench\.result/1."
+    ):
+        read(other)
+    broken = tmp_path / "b.json"
+    broken.write_text("{")
+    with pytest.raises(ValueError, match=r"b\.json: not a readable result file"):
+        read(broken)
