@@ -48,29 +48,35 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(**VENV)
 def bench(session: nox.Session) -> None:
-    """The main job on this host: time a small EP layer on 1, 2, 4 ranks (gloo on CPU) and check it."""
+    """The default scenario set (scenarios/*.toml) on this host: GPUs where a run fits, else gloo ranks."""
     _install(session)
-    session.run("python", "-m", "moebench", "demo", *session.posargs)
+    session.run("python", "-m", "moebench", "run", "scenarios", *session.posargs)
 
 
 @nox.session(name="bench-multigpu", default=False, **VENV)
 def bench_multigpu(session: nox.Session) -> None:
-    """One rank per visible GPU over NCCL, started by torchrun; gloo ranks on a CPU-only host."""
+    """The multi-GPU set (scenarios/multigpu) with one rank per visible GPU over NCCL, under torchrun.
+
+    On a host without CUDA it runs the same scenarios on 2 gloo ranks, with fewer repeats, and says so.
+    """
     _install(session)
     gpus = int(session.run("python", "-c", "import torch; print(torch.cuda.device_count())", silent=True).strip())
     if gpus == 0:
-        session.log("no CUDA device visible: running the multi-rank set on CPU gloo ranks instead")
-        session.run("python", "-m", "moebench", "demo", "--world-sizes", "2", "4", "--device", "cpu", *session.posargs)
+        session.log("no CUDA device visible: running scenarios/multigpu on 2 CPU gloo ranks (2 warm-up, 3 repeats)")
+        cpu = ["--device", "cpu", "--world-size", "2", "--warmup", "2", "--repeats", "3"]
+        session.run("python", "-m", "moebench", "run", "scenarios/multigpu", *cpu, *session.posargs)
         return
     torchrun = shutil.which("torchrun", path=os.path.join(session.virtualenv.location, "bin")) or "torchrun"
+    session.log(f"{gpus} CUDA device(s): one NCCL rank per GPU under torchrun")
     session.run(
         torchrun,
         "--standalone",
         f"--nproc-per-node={gpus}",
         "-m",
         "moebench",
-        "demo",
-        "--world-sizes",
+        "run",
+        "scenarios/multigpu",
+        "--world-size",
         str(gpus),
         "--device",
         "cuda",

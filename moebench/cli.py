@@ -16,6 +16,12 @@ from moebench import __version__
 SHIPPED = Path(__file__).resolve().parent.parent / "scenarios"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Usage errors as one line (``prog: error: ...``) and exit code 2, without the usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -23,16 +29,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: accepted an integer >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moebench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="moebench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moebench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run scenario files or folders of them")
     run.add_argument("paths", nargs="+", metavar="PATH", help="scenario .toml files or folders")
     run.add_argument("--out", type=Path, help="result folder (default results/runs/<UTC time>-<git sha>/)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override every scenario's [parallel] device")
+    run.add_argument("--warmup", type=_non_negative_int, help="override every scenario's [scenario] warmup")
     run.add_argument("--repeats", type=_positive_int, help="override every scenario's [scenario] repeats")
     run.add_argument("--world-size", type=_positive_int, help="override every scenario's [parallel] world_size")
     run.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
@@ -54,6 +66,8 @@ def _run(args) -> int:
     overrides = {}
     if args.device:
         overrides["parallel", "device"] = args.device
+    if args.warmup is not None:
+        overrides["scenario", "warmup"] = args.warmup
     if args.repeats:
         overrides["scenario", "repeats"] = args.repeats
     if args.world_size:

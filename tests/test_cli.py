@@ -182,3 +182,19 @@ def test_run_under_torchrun_uses_its_ranks_and_writes_once(tmp_path):
     assert ran["status"] == "ok" and ran["world_size"] == 2 and ran["metrics"]["a2a_busbw_gbps"]["median"] > 0
     assert proc.stdout.count("tiny (throughput)") == 1  # only rank 0 prints
     assert [p.name for p in out.iterdir()] == ["tiny.json"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "scenarios", "--repeats", "0"], "argument --repeats: 0: accepted an integer >= 1"),
+        (["run", "scenarios", "--warmup", "-1"], "argument --warmup: -1: accepted an integer >= 0"),
+        (["run"], "the following arguments are required: PATH"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_argument_errors_are_one_line_with_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
