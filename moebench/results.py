@@ -221,20 +221,24 @@ def render(doc: dict, fmt: str = "plain") -> str:
     kind = scenario["kind"]
     param_keys = list(dict.fromkeys(k for run in doc["runs"] for k in run["params"]))
     columns = COLUMNS[kind]
-    headers = [*param_keys, "device", *(h for _, h, _, _ in columns), "J/token", "peak mem (MiB)", "SLO", "check"]
+    energy = any(_telemetry_cell(run) != "-" for run in doc["runs"])  # a J/token column only with NVML
+    headers = [*param_keys, "device", *(h for _, h, _, _ in columns), *(["J/token"] * energy)]
+    headers += ["peak mem (MiB)", "SLO", "check"]
     rows = []
     for run in doc["runs"]:
         row = [run["params"].get(k, "") for k in param_keys] + [f"{run['device']}/{run['backend']}"]
         row += [_cell(run, c, scale, f) for c, _, scale, f in columns]
-        row += [_telemetry_cell(run), _memory_cell(run), _slo_cell(run), verdict(run)]
+        row += [_telemetry_cell(run)] * energy + [_memory_cell(run), _slo_cell(run), verdict(run)]
         rows.append(row)
+    align = ["left"] * (len(param_keys) + 1) + ["right"] * (len(headers) - len(param_keys) - 3) + ["left"] * 2
     env = doc["environment"]
     title = (
         f"{scenario['name']} ({kind}) — {scenario.get('description', '')}".rstrip(" —")
         + f"\n  {doc['source']} · git {(env.get('git_sha') or 'unknown')[:10]}"
         + (" (dirty)" if env.get("git_dirty") else "")
     )
-    table = tabulate(rows, headers=headers, tablefmt="github" if fmt == "markdown" else "simple", disable_numparse=True)
+    tablefmt = "github" if fmt == "markdown" else "simple"
+    table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
     notes = [f"  {run['params']}: {run['status']}: {run['error']}" for run in doc["runs"] if run.get("error")]
     if fmt == "markdown":
         return "\n".join([f"### {title.splitlines()[0]}", "", title.splitlines()[1].strip(), "", table, *notes])

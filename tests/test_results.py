@@ -135,6 +135,10 @@ def test_table_has_units_a_device_column_and_the_verdicts():
     assert rows[1][-1] == "FAIL" and rows[2][-1] == "error"
     assert lines[-1].strip() == "{'world_size': 2}: error: RuntimeError: x"
     assert [verdict(r) for r in doc["runs"]] == ["ok", "FAIL", "error"]
+    assert "J/token" not in text  # no energy without NVML: no column
+    doc["runs"][0]["telemetry"] = {"energy_j_per_token": 0.0025, "peak_memory_bytes": 2**30}
+    energy_row = render(doc).splitlines()[4].split()
+    assert "J/token" in render(doc).splitlines()[2] and energy_row[-4:-2] == ["0.0025", "1024"]
     markdown = render(doc, "markdown")
     assert markdown.startswith("### x (latency)") and "| world_size" in markdown
 
