@@ -53,3 +53,47 @@ def test_grouped_mm_agrees_with_loop_on_cuda(dtype):
     got = expert_ffn(x, w_in, w_down, counts, "swiglu", "grouped_mm")
     rel = ((got.double() - ref).norm() / ref.norm()).item()
     assert rel <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+SCENARIO = """
+[scenario]
+name = "gpu-tiny"
+kind = "throughput"
+warmup = 3
+repeats = 20
+
+[model]
+hidden = 256
+ffn_hidden = 512
+num_experts = 8
+top_k = 2
+dtype = "bfloat16"
+layers = 2
+
+[parallel]
+world_size = 1
+device = "cuda"
+
+[workload]
+tokens_per_rank = 4096
+"""
+
+
+def test_scenario_on_cuda_times_with_events_and_reads_nvml_for_the_right_gpu(tmp_path):
+    import json
+
+    from moebench.cli import main
+
+    path = tmp_path / "gpu-tiny.toml"
+    path.write_text(SCENARIO)
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--telemetry-interval", "0.02"]) == 0
+    (run,) = json.loads((tmp_path / "out" / "gpu-tiny.json").read_text())["runs"]
+    assert (run["device"], run["backend"]) == ("cuda", "nccl")
+    assert run["metrics"]["step_time_s"]["n"] == 20 and run["metrics"]["step_time_s"]["min"] > 0
+    telemetry = run["telemetry"]
+    assert telemetry["available"] is True, telemetry.get("reason")
+    (rank,) = telemetry["per_rank"]
+    props = torch.cuda.get_device_properties(0)
+    assert rank["device_name"] and rank["samples"] >= 2
+    assert int(rank["pci_bus_id"].split(":")[1], 16) == props.pci_bus_id  # NVML matched by PCI bus id
+    assert rank["max_power_w"] > 0 and rank["peak_memory_used_bytes"] > 0
