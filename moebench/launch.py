@@ -90,12 +90,26 @@ def _spawned_rank(rank, world_size, device, backend, port, out_dir, fn, args):
 _torchrun_ctx: RankContext | None = None
 
 
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an error's message (a spawned rank's traceback is one long message)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _leave_torchrun() -> None:
+    """At exit: wait for every rank, then destroy the group (a rank tearing down while another
+    still talks to it can abort the process)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _join_torchrun(device: str, backend: str) -> RankContext:
     """Join torchrun's process group once per process; later launches reuse it."""
     global _torchrun_ctx
     if _torchrun_ctx is None:
         _torchrun_ctx = _init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device, backend, "env://")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave_torchrun)
     elif (_torchrun_ctx.device.type, _torchrun_ctx.backend) != (device, backend):
         raise ValueError(
             f"device/backend = {device}/{backend} but this torchrun job joined "
@@ -112,10 +126,19 @@ def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "aut
         if env_world != world_size:
             raise ValueError(f"world_size = {world_size} but torchrun started {env_world} ranks: they must agree")
         ctx = _join_torchrun(device, backend)
-        result = fn(ctx, *args)
+        try:
+            outcome = (None, fn(ctx, *args))
+        except Exception as err:
+            outcome = (f"rank {ctx.rank}: {type(err).__name__}: {last_line(err)}", None)
+        # Every rank learns whether any rank failed, so all of them raise (and go on to the next
+        # run) together rather than some waiting for the others. A rank that fails while the
+        # others sit inside a collective still leaves them waiting until the backend's timeout.
         gathered = [None] * env_world
-        dist.all_gather_object(gathered, result, group=ctx.group)
-        return gathered
+        dist.all_gather_object(gathered, outcome, group=ctx.group)
+        errors = [e for e, _ in gathered if e is not None]
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return [r for _, r in gathered]
     if backend == "nccl" and world_size > torch.cuda.device_count():
         raise ValueError(
             f"world_size = {world_size} with NCCL needs {world_size} GPUs, {torch.cuda.device_count()} visible: "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moebench import kinds
-from moebench.launch import is_rank_zero, launch, resolve_device, under_torchrun
+from moebench.launch import is_rank_zero, last_line, launch, resolve_device, under_torchrun
 from moebench.results import SCHEMA, environment, read, render, short_sha, verdict, write_atomic
 from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
 from moebench.telemetry import combine_summaries
@@ -62,12 +62,6 @@ def _check_host(spec: RunSpec) -> None:
         )
 
 
-def _one_line(err: BaseException) -> str:
-    """The last meaningful line of an error (a rank's traceback arrives as one long message)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
-
-
 def _judge_slos(spec: RunSpec, metrics: dict) -> list[dict]:
     verdicts = []
     for slo in spec.slos:
@@ -102,7 +96,7 @@ def run_one(spec: RunSpec, interval: float | None) -> dict:
         run.update(metrics=metrics, checks=checks, details=details, telemetry=telemetry)
         run["slo"] = _judge_slos(spec, metrics)
     except Exception as err:
-        run.update(status="error", error=f"{type(err).__name__}: {_one_line(err)}")
+        run.update(status="error", error=f"{type(err).__name__}: {last_line(err)}")
     run["wall_time_s"] = time.perf_counter() - start
     return run
 

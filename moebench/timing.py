@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moebench.metrics import nearest_rank
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -24,8 +26,8 @@ class Timing:
         return float(np.median(self.samples_s))
 
     def percentile(self, p: float) -> float:
-        """Nearest-rank percentile (LoadGen's method): sorted[ceil(p/100 · n) − 1]."""
-        return float(np.percentile(self.samples_s, p, method="inverted_cdf"))
+        """LoadGen's nearest-rank percentile, see ``moebench.metrics.nearest_rank``."""
+        return nearest_rank(self.samples_s, p)
 
     @property
     def min(self) -> float:

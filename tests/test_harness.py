@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,7 +17,10 @@ from moebench.timing import Timing, time_fn
 def test_timing_summary_uses_nearest_rank_percentiles_and_population_cv():
     t = Timing(tuple(float(v) for v in range(1, 11)))
     assert t.median == 5.5
-    assert t.percentile(90) == 9.0 and t.percentile(99) == 10.0 and t.percentile(50) == 5.0
+    # LoadGen's nearest rank, sorted[floor(n·p)]: p50 of 1..10 is the 6th value, p90 the 10th.
+    assert t.percentile(50) == 6.0 and t.percentile(90) == 10.0 and t.percentile(99) == 10.0
+    assert Timing(tuple(float(v) for v in range(1, 101))).percentile(99) == 100.0
+    assert Timing((3.0, 1.0, 2.0, 7.0, 5.0, 4.0, 6.0)).percentile(10) == 1.0  # floor(0.7) = 0
     assert t.cv == pytest.approx(np.sqrt(8.25) / 5.5)
 
 
@@ -64,3 +69,34 @@ def test_nccl_and_cuda_choices_are_refused_with_a_reason_on_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device is visible"):
             resolve_device("cuda", "auto")
+
+
+TORCHRUN_SCRIPT = r"""
+import sys
+from moebench.launch import launch
+
+def fail_on_rank_1(ctx):
+    if ctx.rank == 1:
+        raise ValueError("planted failure")
+    return ctx.rank
+
+for attempt in range(2):  # the job survives a failed launch: both ranks go on to the next one
+    try:
+        sys.stdout.write(f"ok {launch(lambda ctx: ctx.rank * 10, 2, device='cpu')}\n")  # one write per line
+        launch(fail_on_rank_1, 2, device="cpu")
+    except RuntimeError as err:
+        sys.stdout.write(f"raised: {err}\n")
+    sys.stdout.flush()
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_under_torchrun_a_failure_on_one_rank_raises_on_every_rank_and_the_job_goes_on(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("ok [0, 10]") == 4  # 2 ranks x 2 attempts
+    assert proc.stdout.count("raised: rank 1: ValueError: planted failure") == 4

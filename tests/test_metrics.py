@@ -16,7 +16,9 @@ from runtime.router import Router
 
 def test_metric_record_summarises_samples_with_nearest_rank_percentiles():
     m = M.metric([4, 1, 3, 2, 5, 10, 6, 7, 9, 8], "s", "lower")
-    assert (m["median"], m["p90"], m["p99"], m["min"], m["max"], m["n"]) == (5.5, 9.0, 10.0, 1.0, 10.0, 10)
+    assert (m["median"], m["p90"], m["p99"], m["min"], m["max"], m["n"]) == (5.5, 10.0, 10.0, 1.0, 10.0, 10)
+    m100 = M.metric(range(100, 0, -1), "s", "lower")
+    assert (m100["p90"], m100["p99"]) == (91.0, 100.0)  # sorted[90], sorted[99]
     assert m["cv"] == pytest.approx(math.sqrt(8.25) / 5.5)
     assert m["samples"] == [4.0, 1.0, 3.0, 2.0, 5.0, 10.0, 6.0, 7.0, 9.0, 8.0]  # raw, in order
     single = M.metric([7], "copies", "lower")
