@@ -8,7 +8,9 @@ moebench report PATH...  re-render the tables of saved result files
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 from pathlib import Path
 
 from moebench import __version__
@@ -61,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     from moebench.runner import default_out_dir, load_all, run_scenarios
 
-    if args.telemetry_interval <= 0:
-        raise ValueError(f"--telemetry-interval = {args.telemetry_interval}: accepted a number of seconds > 0")
+    if not (math.isfinite(args.telemetry_interval) and args.telemetry_interval > 0):
+        raise ValueError(f"--telemetry-interval = {args.telemetry_interval}: accepted a finite number of seconds > 0")
     overrides = {}
     if args.device:
         overrides["parallel", "device"] = args.device
@@ -73,8 +75,24 @@ def _run(args) -> int:
     if args.world_size:
         overrides["parallel", "world_size"] = args.world_size
     scenarios = load_all(args.paths, overrides)
+    out = args.out or default_out_dir()
+    _check_writable(out)
     interval = None if args.no_telemetry else args.telemetry_interval
-    return run_scenarios(scenarios, args.out or default_out_dir(), interval, args.format)
+    return run_scenarios(scenarios, out, interval, args.format)
+
+
+def _check_writable(out: Path) -> None:
+    """Create the result folder now, so a bad --out fails before any run rather than after the first."""
+    from moebench.launch import is_rank_zero
+
+    if not is_rank_zero():
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write result files there: {err.strerror}") from None
 
 
 def _list(args) -> int:
@@ -95,7 +113,12 @@ def _report(args) -> int:
     from moebench.results import find, read, render
 
     for path in find(args.paths):
-        print(render(read(path), args.format) + "\n")
+        doc = read(path)
+        try:
+            table = render(doc, args.format)
+        except (KeyError, TypeError, AttributeError, IndexError) as err:
+            raise ValueError(f"{path}: malformed result file: {type(err).__name__}: {err}") from None
+        print(table + "\n")
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 from tabulate import tabulate
 
 SCHEMA = "moebench.result/1"
+STATS = ("median", "p90", "p99", "min", "max", "n")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -116,15 +117,39 @@ def write_atomic(path: Path, doc: dict) -> None:
 
 
 def read(path: Path) -> dict:
-    """Load one result file, refusing anything that is not ``moebench.result/1``."""
+    """Load one result file, refusing anything that is not a well-formed ``moebench.result/1``."""
     try:
         doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable result file: {err}") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise ValueError(f"{path}: schema = {found!r} is invalid: accepted {SCHEMA!r}")
+    problem = _malformed(doc)
+    if problem:
+        raise ValueError(f"{path}: malformed {SCHEMA} file: {problem}")
     return doc
+
+
+def _malformed(doc: dict) -> str | None:
+    """What is missing or mistyped in a result file's required structure; None when it is sound."""
+    scenario = doc.get("scenario", {}).get("scenario") if isinstance(doc.get("scenario"), dict) else None
+    if not isinstance(scenario, dict) or scenario.get("kind") not in COLUMNS or "name" not in scenario:
+        return "scenario.scenario needs a name and a kind among " + ", ".join(COLUMNS)
+    if not isinstance(doc.get("source"), str) or not isinstance(doc.get("environment"), dict):
+        return "needs a source string and an environment table"
+    runs = doc.get("runs")
+    if not isinstance(runs, list):
+        return "runs must be a list"
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict) or not all(isinstance(run.get(k), str) for k in ("status", "device", "backend")):
+            return f"runs[{i}] needs status, device and backend strings"
+        if not all(isinstance(run.get(k), t) for k, t in (("params", dict), ("metrics", dict), ("checks", list))):
+            return f"runs[{i}] needs params and metrics tables and a checks list"
+        for name, m in run["metrics"].items():
+            if not isinstance(m, dict) or not all(isinstance(m.get(k), (int, float, type(None))) for k in STATS):
+                return f"runs[{i}].metrics.{name} needs numeric {', '.join(STATS)}"
+    return None
 
 
 def find(paths: list[str | Path]) -> list[Path]:
@@ -208,11 +233,13 @@ def verdict(run: dict) -> str:
 
 
 def _slo_cell(run: dict) -> str:
-    judged = [s for s in run.get("slo", []) if s["pass"] is not None]
+    gates = run.get("slo", [])
+    judged = [s for s in gates if s["pass"] is not None]
+    unjudged = f" ({len(gates) - len(judged)} not measured)" if len(judged) < len(gates) else ""
     if not judged:
-        return "-"
-    failed = [f"{s['op']}_{s['metric']}" for s in judged if not s["pass"]]
-    return "met" if not failed else "missed: " + ", ".join(failed)
+        return "-" + unjudged if gates else "-"
+    failed = [s.get("gate", f"{s['op']}_{s['metric']}") for s in judged if not s["pass"]]
+    return ("met" if not failed else "missed: " + ", ".join(failed)) + unjudged
 
 
 def render(doc: dict, fmt: str = "plain") -> str:

@@ -65,12 +65,13 @@ def _check_host(spec: RunSpec) -> None:
 def _judge_slos(spec: RunSpec, metrics: dict) -> list[dict]:
     verdicts = []
     for slo in spec.slos:
-        entry = {"metric": slo.metric, "op": slo.op, "limit": slo.limit, "source": slo.source}
+        entry = {"gate": slo.key, "metric": slo.metric, "stat": slo.stat, "op": slo.op, "limit": slo.limit}
+        entry["source"] = slo.source
         m = metrics.get(slo.metric)
         if m is None:
             verdicts.append({**entry, "value": None, "pass": None, "detail": "not measured in this run"})
             continue
-        value = m["median"]
+        value = m[slo.stat]
         ok = value <= slo.limit if slo.op == "max" else value >= slo.limit  # NaN fails both
         verdicts.append({**entry, "value": value, "pass": bool(ok)})
     return verdicts
@@ -122,7 +123,7 @@ def run_scenarios(scenarios: list[Scenario], out_dir: Path, interval: float | No
             "source": sc.path,
             "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "scenario": sc.sections,
-            "environment": env,
+            "environment": dict(env),
             "runs": [],
         }
         for spec in sc.runs:
@@ -131,6 +132,9 @@ def run_scenarios(scenarios: list[Scenario], out_dir: Path, interval: float | No
             run = run_one(spec, interval)
             doc["runs"].append(run)
             all_ok &= verdict(run) in ("ok", "skipped")
+            ran = [r for r in doc["runs"] if r["status"] != "skipped"]
+            doc["environment"]["world_sizes"] = sorted({r["world_size"] for r in ran})
+            doc["environment"]["backends"] = sorted({r["backend"] for r in ran})
             _log(f"[{done}/{total}] {sc.name} {spec.params or ''}: {verdict(run)} in {run.get('wall_time_s', 0):.1f} s")
             if is_rank_zero():
                 write_atomic(out_dir / f"{sc.name}.json", doc)

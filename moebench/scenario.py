@@ -69,8 +69,11 @@ class Key:
     accepted: str
 
 
-def _int(minimum: int) -> tuple:
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum), f"an integer >= {minimum}"
+def _int(minimum: int, maximum: int) -> tuple:
+    def valid(v):
+        return isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum
+
+    return valid, f"an integer from {minimum} to {maximum}"
 
 
 def _number(minimum: float) -> tuple:
@@ -96,17 +99,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "name": Key(REQUIRED, *_text(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '-', '_', '.'")),
         "kind": Key(REQUIRED, *_choice(*KINDS)),
         "description": Key("", *_text()),
-        "warmup": Key(3, *_int(0)),
-        "repeats": Key(10, *_int(1)),
+        "warmup": Key(3, *_int(0, 10**6)),
+        "repeats": Key(10, *_int(1, 10**6)),
     },
     "model": {
-        "hidden": Key(REQUIRED, *_int(1)),
-        "ffn_hidden": Key(REQUIRED, *_int(1)),
-        "num_experts": Key(REQUIRED, *_int(1)),
-        "top_k": Key(1, *_int(1)),
+        "hidden": Key(REQUIRED, *_int(1, 2**20)),
+        "ffn_hidden": Key(REQUIRED, *_int(1, 2**20)),
+        "num_experts": Key(REQUIRED, *_int(1, 2**16)),
+        "top_k": Key(1, *_int(1, 2**16)),
         "activation": Key("gelu", *_choice(*ACTIVATIONS)),
         "dtype": Key("float32", *_choice(*DTYPES)),
-        "layers": Key(1, *_int(1)),
+        "layers": Key(1, *_int(1, 4096)),
         "expert_backend": Key("auto", *_choice(*EXPERT_BACKENDS)),
     },
     "routing": {
@@ -116,16 +119,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "normalize_topk": Key(False, *_BOOL),
     },
     "parallel": {
-        "world_size": Key(1, *_int(1)),
+        "world_size": Key(1, *_int(1, 2**16)),
         "placement": Key("round_robin", *_choice("round_robin", "contiguous")),
         "device": Key("auto", *_choice("auto", "cpu", "cuda")),
         "backend": Key("auto", *_choice("auto", "gloo", "nccl")),
     },
     "workload": {
-        "tokens_per_rank": Key(REQUIRED, *_int(1)),
+        "tokens_per_rank": Key(REQUIRED, *_int(1, 2**31)),
         "skew": Key("uniform", *_choice(*SKEWS)),
         "skew_param": Key(None, *_OPTIONAL_NUMBER),
-        "seed": Key(0, *_int(0)),
+        "seed": Key(0, *_int(0, 2**32 - 1)),
         "train": Key(False, *_BOOL),
     },
 }
@@ -156,12 +159,26 @@ def _show(value: object) -> str:
     return repr(value)
 
 
+SLO_STATS = ("median", "p90", "p99", "min", "max")
+
+
+def _key(name: str) -> str:
+    """A key as TOML would spell it: bare when it can be, quoted (newlines escaped) otherwise."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name, ensure_ascii=False)
+
+
 @dataclass(frozen=True)
 class Slo:
     metric: str
     op: str  # "max": value must be <= limit; "min": value must be >= limit
     limit: float
     source: str  # "scenario" or "default (...)"
+    stat: str = "median"  # which summary of the metric is judged
+
+    @property
+    def key(self) -> str:
+        """The [slo] key that states this gate, e.g. max_step_time_s_p99."""
+        return f"{self.op}_{self.metric}" + ("" if self.stat == "median" else f"_{self.stat}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +227,7 @@ class RunSpec:
 
     def resolved(self) -> dict:
         """The run's full configuration, as the result file records it."""
-        slo = {f"{s.op}_{s.metric}": s.limit for s in self.slos}
+        slo = {s.key: s.limit for s in self.slos}
         return {
             "scenario": self.scenario,
             "model": self.model,
@@ -225,19 +242,19 @@ class RunSpec:
 # Loading
 
 
-def _check_value(path: str, section: str, key: str, value: object, spec: Key) -> None:
+def _check_value(path: str, section: str, key: str, value: object, spec: Key, origin: str) -> None:
     if not spec.valid(value):
-        raise ScenarioError(f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted {spec.accepted}")
+        raise ScenarioError(f"{path}: [{section}] {key} = {_show(value)}{origin} is invalid: accepted {spec.accepted}")
 
 
-def _read_section(path: str, section: str, table: object) -> dict:
+def _read_section(path: str, section: str, table: object, overridden: set) -> dict:
     """Validate one section's keys and values; fill defaults. Lists become sweeps where allowed."""
     if not isinstance(table, dict):
         raise ScenarioError(f"{path}: [{section}] = {_show(table)} is invalid: accepted a table of keys")
     schema = SCHEMA[section]
     for key in table:
         if key not in schema:
-            raise ScenarioError(f"{path}: [{section}] {key} is not a known key: accepted {', '.join(schema)}")
+            raise ScenarioError(f"{path}: [{section}] {_key(key)} is not a known key: accepted {', '.join(schema)}")
     out = {}
     for key, spec in schema.items():
         if key not in table:
@@ -246,6 +263,7 @@ def _read_section(path: str, section: str, table: object) -> dict:
             out[key] = spec.default
             continue
         value = table[key]
+        origin = " (from the command line)" if (section, key) in overridden else ""
         if isinstance(value, list):
             if section not in SWEEPABLE:
                 raise ScenarioError(
@@ -258,9 +276,9 @@ def _read_section(path: str, section: str, table: object) -> dict:
                     f"distinct values, each {spec.accepted}"
                 )
             for item in value:
-                _check_value(path, section, key, item, spec)
+                _check_value(path, section, key, item, spec, origin)
         else:
-            _check_value(path, section, key, value, spec)
+            _check_value(path, section, key, value, spec, origin)
         out[key] = value
     return out
 
@@ -269,30 +287,50 @@ def _read_slos(path: str, kind: str, table: object) -> tuple[Slo, ...]:
     if not isinstance(table, dict):
         raise ScenarioError(f"{path}: [slo] = {_show(table)} is invalid: accepted a table of max_<metric> = number")
     names = METRICS[kind]
-    accepted = f"max_<metric> or min_<metric> with <metric> one of {', '.join(names)}"
+    accepted = (
+        f"max_<metric> or min_<metric>, optionally ending _p90, _p99, _min or _max, with <metric> one of "
+        f"{', '.join(names)}"
+    )
     slos = []
     for key, limit in table.items():
-        op, _, metric = key.partition("_")
-        metric = SLO_ALIASES.get(metric, metric)
-        if op not in ("max", "min") or metric not in names:
-            raise ScenarioError(f'{path}: [slo] {key} is not a known gate for kind = "{kind}": accepted {accepted}')
+        parsed = _parse_slo_key(key, names)
+        if parsed is None:
+            gate = f"[slo] {_key(key)} is not a known gate for kind = {_show(kind)}"
+            raise ScenarioError(f"{path}: {gate}: accepted {accepted}")
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
-            raise ScenarioError(f"{path}: [slo] {key} = {_show(limit)} is invalid: accepted a finite number")
-        slos.append(Slo(metric, op, float(limit), "scenario"))
+            raise ScenarioError(f"{path}: [slo] {_key(key)} = {_show(limit)} is invalid: accepted a finite number")
+        op, metric, stat = parsed
+        slos.append(Slo(metric, op, float(limit), "scenario", stat))
     for key, limit in DEFAULT_SLOS.get(kind, {}).items():
         op, _, metric = key.partition("_")
-        if not any(s.metric == metric and s.op == op for s in slos):
+        if not any(s.metric == metric and s.op == op and s.stat == "median" for s in slos):
             slos.append(Slo(metric, op, limit, "default: the seed plan's gate"))
     return tuple(slos)
 
 
-def _runtime_error(path: str, params: dict, err: ValueError) -> ScenarioError:
+def _parse_slo_key(key: str, names: tuple[str, ...]) -> tuple[str, str, str] | None:
+    """ "max_step_time_s_p99" -> ("max", "step_time_s", "p99"); None when it names no gate."""
+    op, _, rest = key.partition("_")
+    if op not in ("max", "min"):
+        return None
+    if SLO_ALIASES.get(rest, rest) in names:
+        return op, SLO_ALIASES.get(rest, rest), "median"
+    base, _, stat = rest.rpartition("_")
+    if stat in SLO_STATS and SLO_ALIASES.get(base, base) in names:
+        return op, SLO_ALIASES.get(base, base), stat
+    return None
+
+
+def _runtime_error(path: str, params: dict, err: ValueError, overridden: set) -> ScenarioError:
     """Reword a runtime config error ("MoEConfig.top_k = 3 is invalid: ...") in the file's terms."""
     message = str(err)
-    match = re.match(r"(MoEConfig|ParallelConfig)\.(\w+)", message)
+    match = re.match(r"(MoEConfig|ParallelConfig)\.(\w+)( = [^ ]+)?", message)
     if match and match.group(2) in _RUNTIME_FIELDS:
         section, key = _RUNTIME_FIELDS[match.group(2)]
-        message = f"[{section}] {key}" + message[match.end() :]
+        origin = " (from the command line)" if (section, key) in overridden else ""
+        message = f"[{section}] {key}{match.group(3) or ''}{origin}" + message[match.end() :]
+        for field, (_, name) in _RUNTIME_FIELDS.items():  # the runtime's field names in the file's terms
+            message = re.sub(rf"\b{field}\b", name, message)
     where = f" (run {_show(params)})" if params else ""
     return ScenarioError(f"{path}{where}: {message}")
 
@@ -336,14 +374,15 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     known = (*SCHEMA, "slo")
     for section in doc:
         if section not in known:
-            raise ScenarioError(f"{path}: [{section}] is not a known section: accepted {', '.join(known)}")
+            raise ScenarioError(f"{path}: [{_key(section)}] is not a known section: accepted {', '.join(known)}")
     for section in ("scenario", "model", "workload"):
         if section not in doc:
-            raise ScenarioError(f"{path}: [{section}] is missing: every scenario needs [scenario], [model], [workload]")
+            raise ScenarioError(f"{path}: [{section}] is missing: accepted a file with [scenario], [model], [workload]")
     for (section, key), value in (overrides or {}).items():
         if isinstance(doc.setdefault(section, {}), dict):  # a non-table section is reported below
             doc[section][key] = value
-    sections = {s: _read_section(path, s, doc.get(s, {})) for s in SCHEMA}
+    overridden = set(overrides or {})
+    sections = {s: _read_section(path, s, doc.get(s, {}), overridden) for s in SCHEMA}
     slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
     specs = []
     for resolved, params in _expand(sections):
@@ -352,9 +391,9 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
             place_experts(spec.moe_config(), spec.parallel_config())
             _check_device(spec.parallel)
         except ValueError as err:
-            raise _runtime_error(path, params, err) from None
+            raise _runtime_error(path, params, err, overridden) from None
         specs.append(spec)
-    sections["slo"] = {f"{s.op}_{s.metric}": s.limit for s in slos}
+    sections["slo"] = {s.key: s.limit for s in slos}
     return Scenario(path, sections, specs)
 
 

@@ -265,6 +265,28 @@ def host_rss_bytes() -> int | None:
         return None
 
 
+def reset_host_peak() -> bool:
+    """Reset this process's peak RSS (Linux: write 5 to /proc/self/clear_refs); True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_bytes() -> int | None:
+    """Peak RSS since the last ``reset_host_peak`` (VmHWM in /proc/self/status); None where unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rusage_bytes() -> int:
     """The process's lifetime peak RSS (``ru_maxrss`` is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -404,6 +426,11 @@ class Sampler:
     def __enter__(self) -> Sampler:
         self._gpu, self._reason = open_nvml_device(self.device)
         self._samples, self._stop, self._error, self._summary = [], threading.Event(), None, None
+        # Peaks cover this window only, also when one process runs many windows (under torchrun).
+        self._host_peak_reset = reset_host_peak()
+        if self.device.type == "cuda":
+            with contextlib.suppress(RuntimeError, AttributeError):  # not resettable: the peak spans more
+                torch.cuda.reset_peak_memory_stats(self.device)
         if self._gpu is not None:
             torch.cuda.synchronize(self.device)  # sync: the window opens when earlier queued work is done
             self._energy_start_mj = self._gpu.energy_mj()
@@ -431,13 +458,14 @@ class Sampler:
     def _build(self, window_s: float, energy_end_mj: int | None) -> dict[str, Any]:
         samples = sorted(self._samples, key=lambda s: s.t_s)  # the exit sample may race the thread's last one
         head = {"available": self._gpu is not None, "reason": self._reason, "device": str(self.device)}
-        host = host_summary(samples, window_s, peak_rusage_bytes())
+        window_peak = host_peak_bytes() if self._host_peak_reset else None
+        host = host_summary(samples, window_s, window_peak if window_peak is not None else peak_rusage_bytes())
+        host["host_peak_scope"] = "window" if window_peak is not None else "process lifetime"
         tail = {"interval_s": self.interval_s, "sampler_error": self._error}
         if self._gpu is None:
             return head | dict.fromkeys(GPU_KEYS) | host | tail
         gpu = self._gpu
         info = {"device_name": gpu.name, "pci_bus_id": gpu.bus_id, "driver_version": gpu.driver_version}
-        # Since process start or the caller's last torch.cuda.reset_peak_memory_stats.
         info["peak_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return head | info | gpu_summary(samples, self._energy_start_mj, energy_end_mj, window_s) | host | tail
 

@@ -147,6 +147,10 @@ def test_bad_scenario_is_one_line_exit_2_and_nothing_runs(tmp_path, capsys):
         (["run", "nothere.toml"], "nothere.toml: no such file or folder"),
         (["report", "nothere"], "nothere: no such file or folder"),
         (["run", "scenarios", "--telemetry-interval", "0"], "--telemetry-interval = 0.0"),
+        (["run", "scenarios", "--telemetry-interval", "nan"], "--telemetry-interval = nan"),
+        (["run", "scenarios", "--out", "README.md/x"], "--out README.md/x: cannot write result files there"),
+        (["report", "README.md"], "README.md: not a readable result file"),
+        (["run", "scenarios", "--world-size", "64"], "world_size = 64 (from the command line) is invalid"),
     ],
 )
 def test_cli_usage_errors_are_one_line_with_exit_2(argv, message, capsys):
@@ -198,3 +202,31 @@ def test_argument_errors_are_one_line_with_exit_2(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"schema": "moebench.result/1"}, "scenario.scenario needs a name and a kind"),
+        ({"schema": "moebench.result/2"}, "schema = 'moebench.result/2' is invalid"),
+        ([1, 2], "schema = 'list' is invalid"),
+    ],
+)
+def test_report_of_a_malformed_result_file_is_one_line_with_exit_2(tmp_path, capsys, doc, message):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(path) in err and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.multiproc
+def test_report_refuses_a_saved_file_whose_metric_was_corrupted(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(tiny(tmp_path, world="1", repeats=2)), "--out", str(out), "--no-telemetry"]) == 0
+    doc = json.loads((out / "tiny.json").read_text())
+    doc["runs"][0]["metrics"]["step_time_s"]["median"] = "fast"
+    (out / "tiny.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert "runs[0].metrics.step_time_s needs numeric" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from moebench import kinds
 from moebench.results import SCHEMA, read, render, verdict, write_atomic
@@ -165,3 +166,39 @@ def test_read_refuses_other_schemas_and_bad_json(tmp_path):
     broken.write_text("{")
     with pytest.raises(ValueError, match=r"b\.json: not a readable result file"):
         read(broken)
+
+
+def test_bandwidth_sums_each_layers_busiest_rank_and_energy_counts_only_timed_tokens():
+    layer_2 = [[0, 40, 0, 0], [0, 0, 0, 10]]  # rank 0 sends 40 rows to rank 1; rank 1 keeps 10
+    raw = RAW | {"counts_WE": RAW["counts_WE"] + [layer_2], "kept_WE": RAW["kept_WE"] + [layer_2]}
+    two_layers = spec("throughput")
+    two_layers.model["layers"] = 2
+    metrics, _, _ = kinds.evaluate(two_layers, [raw, raw])
+    # Layer 1: S = 110 rows (as above). Layer 2: rank 1 receives 50 rows, the most of any direction.
+    assert metrics["a2a_algbw_gbps"]["median"] == pytest.approx((110 + 50) * 32 / 0.002 / 1e9)
+    assert metrics["bytes_per_token"]["median"] == 2 * (190 + 50) * 32 / 200
+    assert kinds.window_tokens(spec("throughput")) == 200 * 3  # N tokens x 3 timed repeats, no warm-up
+    assert kinds.window_tokens(spec("equivalence")) == 200  # one forward + backward
+
+
+def test_gates_can_judge_a_percentile_and_unmeasured_gates_are_shown():
+    s = spec("latency", world=1)
+    s = RunSpec(**{**s.__dict__, "slos": (Slo("step_time_s", "max", 0.3, "scenario", "p99"),)})
+    metrics, _, _ = kinds.evaluate(s, [RAW])
+    (gate,) = _judge_slos(s, metrics)
+    assert (gate["gate"], gate["value"], gate["pass"]) == ("max_step_time_s_p99", 0.4, False)  # median passes
+    run = run_with(0.01) | {"slo": [gate | {"pass": None}]}
+    assert "1 not measured" in render(doc_with([run])).splitlines()[4]
+
+
+def test_equivalence_check_fails_when_the_error_exceeds_the_tolerance(monkeypatch):
+    from moebench.equivalence import run_rank
+    from moebench.launch import RankContext
+
+    s = spec("equivalence", world=1, tokens_per_rank=24)
+    per_rank = [run_rank(RankContext(0, 1, None, torch.device("cpu"), "gloo"), kinds._case(s))]
+    metrics, checks, _ = kinds.evaluate(s, per_rank)
+    assert metrics["rel_error_forward"]["median"] < 1e-5 and [c["pass"] for c in checks] == [True, True]
+    monkeypatch.setitem(kinds.TOLERANCE, "float32", 1e-12)  # fp32 rounding alone now exceeds it
+    _, checks, _ = kinds.evaluate(s, per_rank)
+    assert checks[0]["pass"] is False and "tolerance 1e-12" in checks[0]["detail"]

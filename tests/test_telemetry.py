@@ -365,3 +365,16 @@ def test_combine_of_real_cpu_summaries_is_json_serialisable():
     assert run["available"] is False and run["gpus"] == 0 and run["energy_j"] is None
     assert run["peak_memory_bytes"] == max(s["peak_host_memory_bytes"] for s in summaries)
     assert json.loads(json.dumps(run))["per_rank"][1]["samples"] == summaries[1]["samples"]
+
+
+def test_host_peak_covers_only_its_own_window_when_one_process_runs_many():
+    from moebench.telemetry import Sampler
+
+    with Sampler(torch.device("cpu"), interval_s=1.0) as big:
+        block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+        del block
+    with Sampler(torch.device("cpu"), interval_s=1.0) as small:
+        pass
+    first, second = big.summary(), small.summary()
+    assert first["host_peak_scope"] == second["host_peak_scope"] == "window"
+    assert first["peak_host_memory_bytes"] - second["peak_host_memory_bytes"] > 250 * 2**20
