@@ -279,17 +279,19 @@ def _load_metrics(spec: RunSpec, raw: dict) -> tuple[dict, dict]:
     out["tokens_dropped"] = M.metric(samples["tokens_dropped"], "copies", "lower")
     out["tokens_dropped_fraction"] = M.metric([d / copies for d in samples["tokens_dropped"]], "fraction", "lower")
     owner = raw["batches"][0]["expert_to_rank"]
-    per_layer = [
-        {
-            "layer": layer,
-            "expert_tokens": totals,
-            "rank_tokens": M.rank_loads(totals, owner, world),
-            "imbalance_max_mean": M.imbalance(totals),
-            "rank_imbalance_max_mean": M.imbalance(M.rank_loads(totals, owner, world)),
-            "load_cv": M.load_cv(totals),
-        }
-        for layer, totals in enumerate(expert_totals)
-    ]
+    per_layer = []
+    for layer, totals in enumerate(expert_totals):
+        ranks = M.rank_loads(totals, owner, world)
+        per_layer.append(
+            {
+                "layer": layer,
+                "expert_tokens": totals,
+                "rank_tokens": ranks,
+                "imbalance_max_mean": M.imbalance(totals),
+                "rank_imbalance_max_mean": M.imbalance(ranks),
+                "load_cv": M.load_cv(totals),
+            }
+        )
     details = {
         "batches": len(raw["batches"]),
         "expert_to_rank": owner,

@@ -248,14 +248,15 @@ def render(doc: dict, fmt: str = "plain") -> str:
     kind = scenario["kind"]
     param_keys = list(dict.fromkeys(k for run in doc["runs"] for k in run["params"]))
     columns = COLUMNS[kind]
-    energy = any(_telemetry_cell(run) != "-" for run in doc["runs"])  # a J/token column only with NVML
+    energy_cells = [_telemetry_cell(run) for run in doc["runs"]]
+    energy = any(cell != "-" for cell in energy_cells)  # a J/token column only with NVML
     headers = [*param_keys, "device", *(h for _, h, _, _ in columns), *(["J/token"] * energy)]
     headers += ["peak mem (MiB)", "SLO", "check"]
     rows = []
-    for run in doc["runs"]:
+    for run, energy_cell in zip(doc["runs"], energy_cells, strict=True):
         row = [run["params"].get(k, "") for k in param_keys] + [f"{run['device']}/{run['backend']}"]
         row += [_cell(run, c, scale, f) for c, _, scale, f in columns]
-        row += [_telemetry_cell(run)] * energy + [_memory_cell(run), _slo_cell(run), verdict(run)]
+        row += [energy_cell] * energy + [_memory_cell(run), _slo_cell(run), verdict(run)]
         rows.append(row)
     align = ["left"] * (len(param_keys) + 1) + ["right"] * (len(headers) - len(param_keys) - 3) + ["left"] * 2
     env = doc["environment"]

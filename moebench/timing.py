@@ -30,10 +30,6 @@ class Timing:
         return nearest_rank(self.samples_s, p)
 
     @property
-    def min(self) -> float:
-        return float(np.min(self.samples_s))
-
-    @property
     def cv(self) -> float:
         """Coefficient of variation, population std / mean."""
         return float(np.std(self.samples_s) / np.mean(self.samples_s))
