@@ -53,6 +53,24 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "moebench", "run", "scenarios", *session.posargs)
 
 
+@nox.session(**VENV)
+def regress(session: nox.Session) -> None:
+    """The regression gate: run scenarios/regress on CPU, compare with the committed baseline.
+
+    Exit 1 on a regression. The markdown summary goes to $MOEBENCH_REGRESS_MD when set (CI logs);
+    the results stay in results/runs/regress-<time>/ for `moebench baseline update`.
+    """
+    _install(session)
+    out = session.run("python", "-c", "from moebench.runner import default_out_dir as d; print(d())", silent=True)
+    out = out.strip().replace("/runs/", "/runs/regress-")
+    session.run("python", "-m", "moebench", "run", "scenarios/regress", "--out", out, "--no-telemetry")
+    baseline = session.run("python", "-m", "moebench", "baseline", "path", out, silent=True).strip()
+    if not os.path.isdir(baseline):
+        session.error(f"no committed baseline {baseline} for this machine class: see README, 'Baselines'")
+    markdown = ["--markdown", os.environ["MOEBENCH_REGRESS_MD"]] if os.environ.get("MOEBENCH_REGRESS_MD") else []
+    session.run("python", "-m", "moebench", "compare", baseline, out, *markdown, *session.posargs)
+
+
 @nox.session(name="bench-multigpu", default=False, **VENV)
 def bench_multigpu(session: nox.Session) -> None:
     """The multi-GPU set (scenarios/multigpu) with one rank per visible GPU over NCCL, under torchrun.

@@ -3,6 +3,9 @@
 moebench run PATH...     run scenario files (or every *.toml in a folder) and write results
 moebench list [DIR]      show the shipped scenarios
 moebench report PATH...  re-render the tables of saved result files
+moebench compare BASELINE NEW   judge NEW against BASELINE (exit 1 on a regression)
+moebench baseline update RESULT...   copy passing results into results/baselines/<class>/
+moebench baseline path RESULT...     print the baseline folder those results compare against
 """
 
 from __future__ import annotations
@@ -38,6 +41,58 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 100):
+        raise argparse.ArgumentTypeError(f"{text}: accepted a fraction from 0 to 100 (0.05 = 5 %)")
+    return value
+
+
+def _alpha(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: accepted a number in (0, 1)")
+    return value
+
+
+def _min_effect(text: str) -> tuple[str | None, float]:
+    """``0.1`` (every metric) or ``step_time_s=0.5`` (one metric)."""
+    name, _, value = text.rpartition("=")
+    if name and not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text}: accepted FRACTION or METRIC=FRACTION")
+    try:
+        return name or None, _fraction(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: accepted FRACTION or METRIC=FRACTION") from None
+
+
+def _add_compare(sub) -> None:
+    compare = sub.add_parser("compare", help="judge NEW results against BASELINE results")
+    compare.add_argument(
+        "baseline", metavar="BASELINE", help="result file or folder (moebench or pytest-benchmark JSON)"
+    )
+    compare.add_argument("new", metavar="NEW", help="result file or folder to judge")
+    compare.add_argument("--alpha", type=_alpha, help="significance level of the Mann-Whitney U test (default 0.01)")
+    compare.add_argument(
+        "--min-effect",
+        type=_min_effect,
+        action="append",
+        default=[],
+        metavar="[METRIC=]FRACTION",
+        help="smallest relative change that counts (default 0.05); repeat for per-metric values",
+    )
+    compare.add_argument("--allow-env-mismatch", action="store_true", help="compare runs whose environments differ")
+    compare.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
+    compare.add_argument("--markdown", type=Path, metavar="FILE", help="also write a markdown summary (CI logs)")
+    compare.add_argument(
+        "--json", nargs="?", const="-", metavar="FILE", help="write JSON to FILE, or to stdout instead of the table"
+    )
+    baseline = sub.add_parser("baseline", help="write or locate committed baselines")
+    baseline.add_argument("action", choices=["update", "path"])
+    baseline.add_argument("paths", nargs="+", metavar="RESULT", help="result files or folders")
+    baseline.add_argument("--root", type=Path, help="baselines folder (default results/baselines)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moebench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moebench {__version__}")
@@ -57,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render tables from saved result files or folders")
     report.add_argument("paths", nargs="+", metavar="PATH")
     report.add_argument("--format", choices=["plain", "markdown"], default="plain")
+    _add_compare(sub)
     return parser
 
 
@@ -122,9 +178,52 @@ def _report(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    import json
+
+    from moebench import compare as C
+    from moebench.results import json_safe
+
+    per_metric = {name: value for name, value in args.min_effect if name}
+    default = [value for name, value in args.min_effect if name is None]
+    settings = C.Settings(args.alpha, default[-1] if default else None, per_metric, args.allow_env_mismatch)
+    rows = C.compare(C.load([args.baseline]), C.load([args.new]), settings)
+    if args.json:
+        text = json.dumps(json_safe(C.to_json(rows, args.baseline, args.new)), indent=1, allow_nan=False)
+        if args.json == "-":
+            print(text)
+        else:
+            _write_text(Path(args.json), text + "\n")
+    if args.json != "-":
+        notes = C.software_notes([args.baseline], [args.new])
+        print("\n".join([*notes, "", C.render(rows, args.format)]).lstrip("\n"))
+    if args.markdown:
+        _write_text(args.markdown, C.markdown_report(rows, args.baseline, args.new))
+    return 1 if any(row.regression for row in rows) else 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write: {err.strerror}") from None
+
+
+def _baseline(args) -> int:
+    from moebench import baseline
+
+    root = args.root or baseline.ROOT
+    if args.action == "path":
+        print(baseline.folder_for(args.paths, root))
+        return 0
+    for path in baseline.update(args.paths, root):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "list": _list, "report": _report}
+    commands = {"run": _run, "list": _list, "report": _report, "compare": _compare, "baseline": _baseline}
     try:
         return commands[args.command](args)
     except ValueError as err:  # ScenarioError is a ValueError: one line, exit 2

@@ -20,8 +20,8 @@ from moebench.equivalence import TOLERANCE, Case, assemble, compare, run_referen
 from moebench.equivalence import run_rank as equivalence_rank
 from moebench.scenario import RunSpec
 from moebench.telemetry import Sampler
-from moebench.timing import time_fn
-from moebench.workload import MoEStack, layer_weights, tokens
+from moebench.timing import time_fn, time_interleaved
+from moebench.workload import DenseStack, MoEStack, layer_weights, tokens
 
 # -------------------------------------------------------------------------------------------
 # Rank side
@@ -81,16 +81,52 @@ def _step_fn(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor):
     return train_step
 
 
+def _dense_fn(ctx, spec: RunSpec, x_TD: torch.Tensor):
+    """The dense stack's step of the same active FLOPs, forward or forward + backward like the MoE's."""
+    moe = spec.moe_config()
+    dense = DenseStack(moe, spec.model["layers"], spec.workload["seed"], ctx.device)
+    x_TD = x_TD.detach().clone()
+    if not spec.workload["train"]:
+
+        def forward():
+            with torch.no_grad():
+                return dense(x_TD)
+
+        return forward
+    x_TD.requires_grad_()
+    params = list(dense.parameters())
+
+    def train_step():
+        for p in (*params, x_TD):
+            p.grad = None
+        dense(x_TD).float().sum().backward()
+
+    return train_step
+
+
+def _ratio_timings(ctx, spec: RunSpec, step, x_TD: torch.Tensor, group) -> dict:
+    """The MoE step and the dense stack of the same active FLOPs, timed in alternating rounds."""
+    dense = _dense_fn(ctx, spec, x_TD)
+    timing = time_interleaved(
+        {"step": step, "dense": dense},
+        warmup=spec.scenario["warmup"],
+        repeats=spec.scenario["repeats"],
+        device=ctx.device,
+        group=group,
+    )
+    return {"paired_step": list(timing["step"].samples_s), "dense": list(timing["dense"].samples_s)}
+
+
 def _collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, group) -> dict:
-    """Time every layer's dispatch, combine, and a raw all-to-all of the dispatch's bytes.
+    """Time every layer's dispatch, combine, and a raw all-to-all of the dispatch's bytes, in rounds.
 
     1. Route each layer on the input it sees in a forward pass; keep its plan, input and dispatch.
-    2. Time all layers' dispatches back to back, as one step runs them.
-    3. Time all layers' combines (of the dispatched rows: the values do not change the cost).
-    4. W > 1: time ``all_to_all_single`` of random rows with each layer's exact dispatch splits.
+    2. Build the three timed functions: all layers' dispatches back to back, as one step runs
+       them; all layers' combines (of the dispatched rows: the values do not change the cost);
+       and, when W > 1, ``all_to_all_single`` of random rows with each layer's exact dispatch splits.
+    3. Time them in alternating rounds (``time_interleaved``), so round i of each is comparable.
     """
     dtype = spec.moe_config().torch_dtype
-    warmup, repeats = spec.scenario["warmup"], spec.scenario["repeats"]
     jobs = []  # (layer, plan, input, dispatched rows, meta)
     with torch.no_grad():
         h_TD = x_TD.detach()
@@ -109,11 +145,7 @@ def _collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor,
             for layer, plan, _, x_RD, meta in jobs:
                 layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta)
 
-        timing = {
-            "dispatch": time_fn(dispatch_all, warmup=warmup, repeats=repeats, device=ctx.device, group=group),
-            "combine": time_fn(combine_all, warmup=warmup, repeats=repeats, device=ctx.device, group=group),
-            "a2a": None,
-        }
+        fns = {"dispatch": dispatch_all, "combine": combine_all}
         if group is not None:
             buffers = []
             for _, _, h_in, _, meta in jobs:
@@ -125,8 +157,12 @@ def _collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor,
                 for recv, send, out_splits, in_splits in buffers:
                     dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
 
-            timing["a2a"] = time_fn(a2a_all, warmup=warmup, repeats=repeats, device=ctx.device, group=group)
-    return {k: None if t is None else list(t.samples_s) for k, t in timing.items()}
+            fns["a2a"] = a2a_all
+        warmup, repeats = spec.scenario["warmup"], spec.scenario["repeats"]
+        timing = time_interleaved(fns, warmup=warmup, repeats=repeats, device=ctx.device, group=group)
+    out = {name: list(t.samples_s) for name, t in timing.items()}
+    out.setdefault("a2a", None)
+    return out
 
 
 def _routing_stats(stack: MoEStack, x_TD: torch.Tensor) -> dict:
@@ -161,8 +197,35 @@ def _measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool
         **_routing_stats(stack, x_TD.detach()),
     }
     if collectives:
+        _progress(ctx, "timing the collectives and the dense reference", per_step * spec.scenario["repeats"] * 2.5)
         out.update(_collective_timings(ctx, spec, stack, x_TD, group))
+        out.update(_ratio_timings(ctx, spec, step, x_TD, group))
     return out
+
+
+def _measure_dispatch(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """dispatch: only the collectives (dispatch, combine, raw all-to-all), no step."""
+    moe = spec.moe_config()
+    stack = _stack(ctx, spec)
+    group = ctx.group if ctx.world_size > 1 else None
+    x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], ctx.rank)
+    x_TD = x_TD.to(ctx.device, moe.torch_dtype)
+    with _sampler(ctx, interval) as sampler:
+        out = _collective_timings(ctx, spec, stack, x_TD, group)
+    out["round_trip_error"] = _round_trip_error(stack, x_TD)
+    return {**out, "telemetry": sampler.summary(), **_routing_stats(stack, x_TD)}
+
+
+def _round_trip_error(stack: MoEStack, x_TD: torch.Tensor) -> float:
+    """Relative error of combine(dispatch(x)) against x · Σ kept weights (identity experts), layer 0."""
+    layer = stack.layers[0]
+    with torch.no_grad():
+        plan = layer.plan(x_TD)
+        x_RD, meta = layer.dispatcher.dispatch(x_TD, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+        out_TD = layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta).double()
+        kept_weight_T = (plan.routing.weights_TK * plan.keep_TK).sum(1, keepdim=True).double()
+        want_TD = x_TD.double() * kept_weight_T
+    return float((out_TD - want_TD).norm() / want_TD.norm().clamp_min(1e-30))
 
 
 def _measure_load(ctx, spec: RunSpec, interval: float | None) -> dict:
@@ -204,10 +267,14 @@ def _measure_equivalence(ctx, spec: RunSpec, interval: float | None) -> dict:
 
 def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     """Run ``spec`` on this rank; ``interval`` is the telemetry period in s (None: no sampler)."""
+    if ctx.device.type == "cpu" and spec.parallel["threads_per_rank"]:
+        torch.set_num_threads(spec.parallel["threads_per_rank"])
     if spec.kind == "throughput":
         return _measure_timed(ctx, spec, interval, collectives=True)
     if spec.kind == "latency":
         return _measure_timed(ctx, spec, interval, collectives=False)
+    if spec.kind == "dispatch":
+        return _measure_dispatch(ctx, spec, interval)
     if spec.kind == "load_balance":
         return _measure_load(ctx, spec, interval)
     return _measure_equivalence(ctx, spec, interval)
@@ -227,31 +294,44 @@ def _total(nested: list) -> int:
 
 
 def _timed_metrics(spec: RunSpec, raw: dict) -> dict:
+    """throughput and latency: the step's metrics, and for throughput the collectives' too."""
     world, total = spec.world_size, spec.workload["tokens_per_rank"] * spec.world_size
     step = raw["step"]
     out = {"step_time_s": M.metric(step, "s", "lower")}
     if spec.kind == "latency":
         return out
+    out["tokens_per_s"] = M.metric([total / t for t in step], "tokens/s", "higher")
+    out["tokens_per_s_per_gpu"] = M.metric([total / t / world for t in step], "tokens/s", "higher")
+    out["moe_over_dense"] = M.metric(_ratios(raw["paired_step"], raw["dense"]), "ratio", "lower")
+    return out | _collective_metrics(spec, raw)
+
+
+def _collective_metrics(spec: RunSpec, raw: dict) -> dict:
+    """throughput and dispatch: dispatch, combine and the raw all-to-all, their ratios, bytes, drops."""
+    world, total = spec.world_size, spec.workload["tokens_per_rank"] * spec.world_size
     per_layer = [_layer_bytes(spec, kept, raw["expert_to_rank"]) for kept in raw["kept_WE"]]
     sent = sum(sum(send) for send, _ in per_layer)
     dropped = sum(_total(c) - _total(k) for c, k in zip(raw["counts_WE"], raw["kept_WE"], strict=True))
-    out.update(
-        {
-            "tokens_per_s": M.metric([total / t for t in step], "tokens/s", "higher"),
-            "tokens_per_s_per_gpu": M.metric([total / t / world for t in step], "tokens/s", "higher"),
-            "dispatch_time_s": M.metric(raw["dispatch"], "s", "lower"),
-            "combine_time_s": M.metric(raw["combine"], "s", "lower"),
-            "bytes_per_token": M.metric([2 * sent / total], "B", "lower"),
-            "tokens_dropped": M.metric([dropped], "copies", "lower"),
-        }
-    )
+    out = {
+        "dispatch_time_s": M.metric(raw["dispatch"], "s", "lower"),
+        "combine_time_s": M.metric(raw["combine"], "s", "lower"),
+        "bytes_per_token": M.metric([2 * sent / total], "B", "lower", exact=True),
+        "tokens_dropped": M.metric([dropped], "copies", "lower", exact=True),
+    }
     if raw["a2a"] is not None:
         size = sum(M.a2a_size_bytes(send, recv) for send, recv in per_layer)
         algbw = [M.algbw_gbps(size, t) for t in raw["a2a"]]
         out["a2a_time_s"] = M.metric(raw["a2a"], "s", "lower")
         out["a2a_algbw_gbps"] = M.metric(algbw, "GB/s", "higher")
         out["a2a_busbw_gbps"] = M.metric([M.busbw_gbps(b, world) for b in algbw], "GB/s", "higher")
+        out["dispatch_over_a2a"] = M.metric(_ratios(raw["dispatch"], raw["a2a"]), "ratio", "lower")
+        out["combine_over_a2a"] = M.metric(_ratios(raw["combine"], raw["a2a"]), "ratio", "lower")
     return out
+
+
+def _ratios(numerator: list[float], denominator: list[float]) -> list[float]:
+    """Round-by-round ratios of two functions timed in the same rounds (``time_interleaved``)."""
+    return [a / b for a, b in zip(numerator, denominator, strict=True)]
 
 
 def _layer_loads(batch: dict, layer: int, world: int) -> tuple[list[int], list[int], int]:
@@ -275,9 +355,10 @@ def _load_metrics(spec: RunSpec, raw: dict) -> tuple[dict, dict]:
         samples["tokens_dropped"].append(sum(d for _, _, d in stats))
         for layer, (expert_E, _, _) in enumerate(stats):
             expert_totals[layer] = [a + b for a, b in zip(expert_totals[layer], expert_E, strict=True)]
-    out = {name: M.metric(v, "ratio", "lower") for name, v in samples.items() if name != "tokens_dropped"}
-    out["tokens_dropped"] = M.metric(samples["tokens_dropped"], "copies", "lower")
-    out["tokens_dropped_fraction"] = M.metric([d / copies for d in samples["tokens_dropped"]], "fraction", "lower")
+    out = {name: M.metric(v, "ratio", "lower", exact=True) for name, v in samples.items() if name != "tokens_dropped"}
+    out["tokens_dropped"] = M.metric(samples["tokens_dropped"], "copies", "lower", exact=True)
+    fractions = [d / copies for d in samples["tokens_dropped"]]
+    out["tokens_dropped_fraction"] = M.metric(fractions, "fraction", "lower", exact=True)
     owner = raw["batches"][0]["expert_to_rank"]
     per_layer = []
     for layer, totals in enumerate(expert_totals):
@@ -313,9 +394,9 @@ def _equivalence(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict]]
     worst_name = max(errors, key=errors.get)
     tol = TOLERANCE[spec.model["dtype"]]
     metrics = {
-        "rel_error_forward": M.metric([forward], "ratio", "lower"),
-        "rel_error_grad": M.metric([grad], "ratio", "lower"),
-        "tokens_dropped": M.metric([ep.tokens_dropped], "copies", "lower"),
+        "rel_error_forward": M.metric([forward], "ratio", "lower", exact=True),
+        "rel_error_grad": M.metric([grad], "ratio", "lower", exact=True),
+        "tokens_dropped": M.metric([ep.tokens_dropped], "copies", "lower", exact=True),
     }
     checks = [
         {
@@ -347,6 +428,15 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
     if spec.kind == "load_balance":
         metrics, details = _load_metrics(spec, per_rank[0])
         return metrics, [], details
+    if spec.kind == "dispatch":
+        worst = max(r["round_trip_error"] for r in per_rank)
+        tol = TOLERANCE[spec.model["dtype"]]
+        check = {
+            "name": "combine_inverts_dispatch",
+            "pass": worst <= tol,  # NaN never passes
+            "detail": f"combine(dispatch(x)) vs x · kept weights: worst rank {worst:.2e}, tolerance {tol:g}",
+        }
+        return _collective_metrics(spec, per_rank[0]), [check], {"layers": spec.model["layers"]}
     raw = per_rank[0]
     finite = all(r["finite"] for r in per_rank)
     checks = [{"name": "finite_output", "pass": finite, "detail": "every rank's output is finite"}]

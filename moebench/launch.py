@@ -15,6 +15,8 @@ Backends: "nccl" needs one GPU per rank (NCCL refuses two ranks on one GPU); "gl
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import os
 import socket
 import tempfile
@@ -63,6 +65,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# glibc mallopt parameters: with the defaults, glibc moves its mmap threshold as buffers are freed,
+# so whether a 1 MiB tensor costs page faults depends on the process's allocation history, and two
+# runs of the same code differ by up to 2x in small CPU ops. Fixed thresholds remove that.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+STEADY_MALLOC = {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRESHOLD": 2**30}
+
+
+def steady_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds in this process (CPU ranks); False where that is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, STEADY_MALLOC["M_MMAP_THRESHOLD"])
+    return bool(ok and mallopt(_M_TRIM_THRESHOLD, STEADY_MALLOC["M_TRIM_THRESHOLD"]))
+
+
 def _init(rank: int, world_size: int, device: str, backend: str, init_method: str) -> RankContext:
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -73,6 +94,7 @@ def _init(rank: int, world_size: int, device: str, backend: str, init_method: st
         # Ranks on one host share its cores: without this, W ranks × all-core thread pools thrash.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, torch.get_num_threads() // local_ranks))
+        steady_allocator()
     kwargs = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
     return RankContext(rank, world_size, dist.group.WORLD, dev, backend)

@@ -24,11 +24,14 @@ def nearest_rank(samples, p: float) -> float:
     return float(values[index])
 
 
-def metric(samples, unit: str, better: str) -> dict:
+def metric(samples, unit: str, better: str, exact: bool = False) -> dict:
     """A metric with its raw samples and their summary. ``better`` is "higher" or "lower".
 
+    ``exact``: the value is a deterministic function of the seeds (token counts, numerical errors,
+    load statistics), so a regression comparison judges it against a tolerance; otherwise it is a
+    measurement (times, rates) and is judged from its samples with a significance test.
     Percentiles are LoadGen's nearest rank (``nearest_rank``); CV is population std / mean.
-    A single sample (a deterministic metric) is its own median, percentiles and min.
+    A single sample is its own median, percentiles and min.
     """
     if better not in ("higher", "lower"):
         raise ValueError(f"better = {better!r}: accepted 'higher' or 'lower'")
@@ -39,6 +42,7 @@ def metric(samples, unit: str, better: str) -> dict:
     return {
         "unit": unit,
         "better": better,
+        "exact": bool(exact),
         "samples": values.tolist(),
         "n": int(values.size),
         "median": float(np.median(values)),

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from runtime.dispatch import SLOWDOWN_ENV
+
 SCHEMA = "moebench.result/1"
 STATS = ("median", "p90", "p99", "min", "max", "n")
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +80,7 @@ def environment() -> dict:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "host": platform.node(),
+        "test_knobs": {SLOWDOWN_ENV: os.environ[SLOWDOWN_ENV]} if SLOWDOWN_ENV in os.environ else {},
     }
 
 
@@ -89,14 +92,14 @@ def short_sha() -> str:
 # Writing and reading
 
 
-def _clean(value):
+def json_safe(value):
     """JSON has no NaN or inf: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -106,7 +109,7 @@ def write_atomic(path: Path, doc: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_clean(doc), f, indent=1, allow_nan=False)
+            json.dump(json_safe(doc), f, indent=1, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -180,6 +183,8 @@ COLUMNS = {
         ("dispatch_time_s", "dispatch (ms)", 1e3, ".2f"),
         ("combine_time_s", "combine (ms)", 1e3, ".2f"),
         ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
+        ("dispatch_over_a2a", "dispatch/a2a", 1, ".2f"),
+        ("moe_over_dense", "moe/dense", 1, ".2f"),
         ("bytes_per_token", "bytes/token", 1, ".0f"),
         ("tokens_dropped", "dropped", 1, ".0f"),
     ],
@@ -195,6 +200,16 @@ COLUMNS = {
         ("load_cv", "load CV", 1, ".3f"),
         ("tokens_dropped", "dropped (copies)", 1, ".0f"),
         ("tokens_dropped_fraction", "dropped (fraction)", 1, ".4f"),
+    ],
+    "dispatch": [
+        ("dispatch_time_s", "dispatch (ms)", 1e3, ".3f"),
+        ("combine_time_s", "combine (ms)", 1e3, ".3f"),
+        ("a2a_time_s", "raw a2a (ms)", 1e3, ".3f"),
+        ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
+        ("dispatch_over_a2a", "dispatch/a2a", 1, ".3f"),
+        ("combine_over_a2a", "combine/a2a", 1, ".3f"),
+        ("bytes_per_token", "bytes/token", 1, ".0f"),
+        ("tokens_dropped", "dropped", 1, ".0f"),
     ],
     "equivalence": [
         ("rel_error_forward", "fwd rel err", 1, ".1e"),

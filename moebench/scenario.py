@@ -1,7 +1,8 @@
 """Scenario files: the TOML schema, its validation, and the expansion of sweeps into runs.
 
 A scenario file (``scenarios/*.toml``, schema in ``scenarios/README.md``) has the sections
-[scenario], [model], [routing], [parallel], [workload] and optionally [slo]. A list value in
+[scenario], [model], [routing], [parallel], [workload] and optionally [slo] and [compare]
+(the thresholds ``moebench compare`` uses for this scenario's metrics). A list value in
 [model], [parallel] or [workload] is a sweep: the file expands into one ``RunSpec`` per
 combination, in the order the keys are listed in ``SCHEMA``.
 
@@ -26,7 +27,7 @@ from runtime import MoEConfig, ParallelConfig
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
 from runtime.placement import place_experts
 
-KINDS = ("throughput", "latency", "load_balance", "equivalence")
+KINDS = ("throughput", "latency", "load_balance", "equivalence", "dispatch")
 
 # The metrics each kind reports: the names an [slo] key may gate (``max_<name>`` / ``min_<name>``).
 METRICS = {
@@ -39,6 +40,9 @@ METRICS = {
         "a2a_time_s",
         "a2a_algbw_gbps",
         "a2a_busbw_gbps",
+        "dispatch_over_a2a",
+        "combine_over_a2a",
+        "moe_over_dense",
         "bytes_per_token",
         "tokens_dropped",
     ),
@@ -51,6 +55,17 @@ METRICS = {
         "tokens_dropped_fraction",
     ),
     "equivalence": ("rel_error_forward", "rel_error_grad", "tokens_dropped"),
+    "dispatch": (
+        "dispatch_time_s",
+        "combine_time_s",
+        "a2a_time_s",
+        "a2a_algbw_gbps",
+        "a2a_busbw_gbps",
+        "dispatch_over_a2a",
+        "combine_over_a2a",
+        "bytes_per_token",
+        "tokens_dropped",
+    ),
 }
 SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 # The seed deployment plan's load-balancing gate, "expert load variance < 20%", read as CV < 0.2.
@@ -123,6 +138,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "placement": Key("round_robin", *_choice("round_robin", "contiguous")),
         "device": Key("auto", *_choice("auto", "cpu", "cuda")),
         "backend": Key("auto", *_choice("auto", "gloo", "nccl")),
+        "threads_per_rank": Key(0, *_int(0, 4096)),
     },
     "workload": {
         "tokens_per_rank": Key(REQUIRED, *_int(1, 2**31)),
@@ -308,6 +324,25 @@ def _read_slos(path: str, kind: str, table: object) -> tuple[Slo, ...]:
     return tuple(slos)
 
 
+def _read_compare(path: str, kind: str, table: object) -> dict:
+    """[compare]: ``alpha``, a default ``min_effect``, and ``<metric> = min effect`` per metric."""
+    names = METRICS[kind]
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{path}: [compare] = {_show(table)} is invalid: accepted a table of <metric> = fraction")
+    for key, value in table.items():
+        if key not in ("alpha", "min_effect", *names):
+            accepted = f"alpha, min_effect or a metric of kind = {_show(kind)}: {', '.join(names)}"
+            raise ScenarioError(f"{path}: [compare] {_key(key)} is not a known key: accepted {accepted}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if key == "alpha" and not (number and 0 < value < 1):
+            raise ScenarioError(f"{path}: [compare] alpha = {_show(value)} is invalid: accepted a number in (0, 1)")
+        if key != "alpha" and not (number and 0 <= value <= 100):
+            raise ScenarioError(
+                f"{path}: [compare] {key} = {_show(value)} is invalid: accepted a fraction from 0 to 100 (0.05 = 5 %)"
+            )
+    return dict(table)
+
+
 def _parse_slo_key(key: str, names: tuple[str, ...]) -> tuple[str, str, str] | None:
     """ "max_step_time_s_p99" -> ("max", "step_time_s", "p99"); None when it names no gate."""
     op, _, rest = key.partition("_")
@@ -371,7 +406,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         raise ScenarioError(f"{path}: cannot be read: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(f"{path}: not valid TOML: {err}") from None
-    known = (*SCHEMA, "slo")
+    known = (*SCHEMA, "slo", "compare")
     for section in doc:
         if section not in known:
             raise ScenarioError(f"{path}: [{_key(section)}] is not a known section: accepted {', '.join(known)}")
@@ -384,6 +419,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     overridden = set(overrides or {})
     sections = {s: _read_section(path, s, doc.get(s, {}), overridden) for s in SCHEMA}
     slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
+    thresholds = _read_compare(path, sections["scenario"]["kind"], doc.get("compare", {}))
     specs = []
     for resolved, params in _expand(sections):
         spec = RunSpec(path, slos=slos, params=params, **resolved)
@@ -394,6 +430,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
             raise _runtime_error(path, params, err, overridden) from None
         specs.append(spec)
     sections["slo"] = {s.key: s.limit for s in slos}
+    sections["compare"] = thresholds
     return Scenario(path, sections, specs)
 
 

@@ -35,24 +35,42 @@ class Timing:
         return float(np.std(self.samples_s) / np.mean(self.samples_s))
 
 
-def time_fn(fn, *, warmup: int, repeats: int, device: torch.device, group=None) -> Timing:
-    """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; return the samples."""
-    for _ in range(warmup):
+def _time_once(fn, device: torch.device) -> float:
+    """Seconds one call of ``fn()`` takes: CUDA events on the current stream, else perf_counter."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
+        end.record()
+        end.synchronize()  # sync: the sample is only known once the stream has reached ``end``
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _max_over_ranks(samples: list[list[float]], device: torch.device, group) -> list[list[float]]:
     samples_t = torch.tensor(samples, dtype=torch.float64, device=device)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(samples_t, op=dist.ReduceOp.MAX, group=group)
-    return Timing(tuple(samples_t.cpu().tolist()))
+    return samples_t.cpu().tolist()
+
+
+def time_fn(fn, *, warmup: int, repeats: int, device: torch.device, group=None) -> Timing:
+    """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; return the samples."""
+    return time_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, device=device, group=group)["fn"]
+
+
+def time_interleaved(fns: dict, *, warmup: int, repeats: int, device: torch.device, group=None) -> dict[str, Timing]:
+    """Time several functions in rounds: each round calls every function once, in order.
+
+    Sample i of every function comes from the same round, so a ratio of two functions' samples
+    taken round by round cancels most of the drift a shared machine adds between rounds; that is
+    what the within-run ratios (``dispatch_over_a2a``, ``moe_over_dense``) are built from.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    rounds = [[_time_once(fn, device) for fn in fns.values()] for _ in range(repeats)]
+    rounds = _max_over_ranks(rounds, device, group) if rounds else []
+    return {name: Timing(tuple(r[i] for r in rounds)) for i, name in enumerate(fns)}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights
+from runtime.experts import expert_ffn
 
 SKEWS = ("uniform", "zipf", "hot", "single")
 DEFAULT_SKEW_PARAM = {"uniform": 0.0, "zipf": 1.0, "hot": 3.0, "single": 0.0}
@@ -93,3 +94,34 @@ class MoEStack(nn.Module):
     def reduce_replicated_grads(self) -> None:
         for layer in self.layers:
             layer.reduce_replicated_grads()
+
+
+class DenseStack(nn.Module):
+    """The dense counterpart of an ``MoEStack``: per layer one FFN of width top_k · ffn_hidden.
+
+    Over T tokens it does the GEMM FLOPs of the MoE layer's experts when no copy is dropped
+    (T · top_k rows through an FFN of width ffn_hidden), with the same activation and dtype, and
+    none of the routing, permutation or all-to-all. ``step time / dense time`` is the within-run
+    ratio ``moe_over_dense``.
+    """
+
+    def __init__(self, moe: MoEConfig, layers: int, seed: int, device):
+        super().__init__()
+        self.activation = moe.activation
+        width = moe.top_k * moe.ffn_hidden_size
+        width_in = 2 * width if moe.activation == "swiglu" else width
+        gen = _generator(seed, 20_000)
+        d = moe.hidden_size
+        self.w_in = nn.ParameterList(
+            torch.randn(1, d, width_in, generator=gen).div_(math.sqrt(d)).to(device, moe.torch_dtype)
+            for _ in range(layers)
+        )
+        self.w_down = nn.ParameterList(
+            torch.randn(1, width, d, generator=gen).div_(math.sqrt(width)).to(device, moe.torch_dtype)
+            for _ in range(layers)
+        )
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        for w_in, w_down in zip(self.w_in, self.w_down, strict=True):
+            x_TD = x_TD + expert_ffn(x_TD, w_in, w_down, [x_TD.shape[0]], self.activation, "loop")
+        return x_TD

@@ -17,10 +17,17 @@ Backward of both is the reverse all-to-all (``_AllToAll`` swaps the splits).
 
 ``DispatchMeta`` carries everything combine needs; dispatchers keep no per-call state.
 EP = 1 uses ``LocalDispatcher``: the same permutation, no collectives.
+
+Test-only slowdown: ``MOEBENCH_TEST_ONLY_SLOW_DISPATCH=0.15`` makes every dispatch take 15 %
+longer (a busy wait of that fraction of its own time), so moebench's tests can prove that a
+regression comparison catches a slower dispatch. It is honoured only inside a pytest run; set
+anywhere else, building a dispatcher raises, so no benchmark can carry it by accident.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +76,37 @@ def unpermute(y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) 
     w_P = weights_TK.reshape(-1)[meta.order_P].to(y_PD.dtype)
     out_TD = y_PD.new_zeros(meta.num_tokens, y_PD.shape[-1])
     return out_TD.index_add(0, meta.order_P // meta.top_k, y_PD * w_P[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# The test-only slowdown
+
+SLOWDOWN_ENV = "MOEBENCH_TEST_ONLY_SLOW_DISPATCH"
+
+
+def injected_slowdown() -> float:
+    """The test-only dispatch slowdown as a fraction (0.0 when unset); see the module docstring."""
+    text = os.environ.get(SLOWDOWN_ENV)
+    if text is None:
+        return 0.0
+    if "PYTEST_CURRENT_TEST" not in os.environ:
+        raise RuntimeError(f"{SLOWDOWN_ENV} = {text!r} is set outside a pytest run: it exists for tests only, unset it")
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 <= fraction <= 10:
+        raise ValueError(f"{SLOWDOWN_ENV} = {text!r} is invalid: accepted a fraction from 0 to 10")
+    return fraction
+
+
+def _stall(fraction: float, start: float, device: torch.device) -> None:
+    """Busy-wait ``fraction`` of the time since ``start`` (the test-only slowdown)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync: test-only, to know how long the dispatch really took
+    until = time.perf_counter() + fraction * (time.perf_counter() - start)
+    while time.perf_counter() < until:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,11 +161,13 @@ class LocalDispatcher:
         self.rank, self.ep_size = 0, 1
         self.local_experts = tuple(range(num_experts))
         self.slot_E = torch.arange(num_experts)
+        self.slowdown = injected_slowdown()
 
     def exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         return counts_E[None]
 
     def dispatch(self, x_TD, ids_TK, keep_TK, kept_WE) -> tuple[torch.Tensor, DispatchMeta]:
+        start = time.perf_counter()
         order_P = permute_order(ids_TK, keep_TK, self.slot_E)
         meta = DispatchMeta(
             num_tokens=x_TD.shape[0],
@@ -139,7 +179,10 @@ class LocalDispatcher:
             to_source_major_R=None,
             tokens_per_expert=kept_WE[0].tolist(),  # kept_WE is already on the host
         )
-        return x_TD[order_P // meta.top_k], meta
+        x_RD = x_TD[order_P // meta.top_k]
+        if self.slowdown:
+            _stall(self.slowdown, start, x_TD.device)
+        return x_RD, meta
 
     def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         return unpermute(y_RD, meta, weights_TK)
@@ -155,6 +198,7 @@ class AllToAllDispatcher:
         self.local_experts = local_experts(expert_to_rank, self.rank)
         self.slot_E = slot_of_expert(expert_to_rank)
         self._rank_of_expert_E = torch.tensor(expert_to_rank, dtype=torch.long)
+        self.slowdown = injected_slowdown()
 
     def exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         counts_WE = counts_E.new_empty(self.ep_size * counts_E.numel())
@@ -164,6 +208,7 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD, ids_TK, keep_TK, kept_WE) -> tuple[torch.Tensor, DispatchMeta]:
         # kept_WE is on the host (the layer synced once after exchange_counts): splits are host ints.
+        start = time.perf_counter()
         send_W = torch.zeros(self.ep_size, dtype=torch.long).index_add_(0, self._rank_of_expert_E, kept_WE[self.rank])
         recv_WL = kept_WE[:, list(self.local_experts)]
         to_expert = source_to_expert_major(recv_WL).to(x_TD.device)
@@ -179,8 +224,10 @@ class AllToAllDispatcher:
             tokens_per_expert=recv_WL.sum(dim=0).tolist(),
         )
         x_PD = x_TD[order_P // meta.top_k]
-        x_RD = all_to_all(x_PD, meta.output_splits, meta.input_splits, self.group)
-        return x_RD[to_expert], meta
+        x_RD = all_to_all(x_PD, meta.output_splits, meta.input_splits, self.group)[to_expert]
+        if self.slowdown:
+            _stall(self.slowdown, start, x_TD.device)
+        return x_RD, meta
 
     def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         y_source_major = y_RD[meta.to_source_major_R]

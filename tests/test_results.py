@@ -41,6 +41,8 @@ RAW = {
     "dispatch": [0.01, 0.02, 0.03],
     "combine": [0.02, 0.02, 0.02],
     "a2a": [0.001, 0.002, 0.004],
+    "paired_step": [0.1, 0.3, 0.2],
+    "dense": [0.05, 0.1, 0.2],
     "counts_WE": [[[60, 20, 10, 10], [30, 30, 20, 20]]],
     "kept_WE": [[[50, 20, 10, 10], [30, 30, 20, 20]]],
     "expert_to_rank": [0, 1, 0, 1],
@@ -60,9 +62,30 @@ def test_throughput_metrics_from_raw_samples_match_hand_computation():
     assert metrics["a2a_algbw_gbps"]["median"] == pytest.approx(3520 / 0.002 / 1e9)
     assert metrics["a2a_busbw_gbps"]["median"] == pytest.approx(3520 / 0.002 / 1e9 / 2)
     assert metrics["a2a_time_s"]["unit"] == "s" and metrics["a2a_busbw_gbps"]["better"] == "higher"
+    # within-run ratios are taken round by round, then summarised
+    assert metrics["dispatch_over_a2a"]["samples"] == pytest.approx([10.0, 10.0, 7.5])
+    assert metrics["combine_over_a2a"]["samples"] == pytest.approx([20.0, 10.0, 5.0])
+    assert metrics["moe_over_dense"]["samples"] == pytest.approx([2.0, 3.0, 1.0])
+    assert metrics["moe_over_dense"]["median"] == pytest.approx(2.0)
+    # timings are sampled, counts and bytes are exact (compare judges them differently)
+    assert not metrics["step_time_s"]["exact"] and not metrics["dispatch_over_a2a"]["exact"]
+    assert metrics["tokens_dropped"]["exact"] and metrics["bytes_per_token"]["exact"]
     assert checks == [{"name": "finite_output", "pass": True, "detail": "every rank's output is finite"}]
     _, checks, _ = kinds.evaluate(spec("throughput"), [RAW, RAW | {"finite": False}])
     assert checks[0]["pass"] is False
+
+
+def test_dispatch_kind_reports_the_collectives_and_the_round_trip_check():
+    raw = {k: v for k, v in RAW.items() if k not in ("step", "paired_step", "dense", "finite")}
+    metrics, checks, _ = kinds.evaluate(
+        spec("dispatch"), [raw | {"round_trip_error": 1e-7}, raw | {"round_trip_error": 0}]
+    )
+    assert "step_time_s" not in metrics and "moe_over_dense" not in metrics
+    assert metrics["dispatch_over_a2a"]["median"] == pytest.approx(10.0)
+    assert metrics["bytes_per_token"]["median"] == 2 * 190 * 32 / 200
+    assert checks[0]["name"] == "combine_inverts_dispatch" and checks[0]["pass"] is True
+    _, checks, _ = kinds.evaluate(spec("dispatch"), [raw | {"round_trip_error": 1e-3}, raw | {"round_trip_error": 0}])
+    assert checks[0]["pass"] is False and "worst rank 1.00e-03" in checks[0]["detail"]
 
 
 def test_single_rank_throughput_has_no_all_to_all_metrics():

@@ -67,7 +67,13 @@ def test_minimal_file_fills_every_default(tmp_path):
     (run,) = load(write(tmp_path, MINIMAL)).runs
     assert run.scenario == {"name": "t", "kind": "throughput", "description": "", "warmup": 3, "repeats": 10}
     assert run.routing == {"capacity_factor": 0.0, "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "normalize_topk": False}
-    assert run.parallel == {"world_size": 1, "placement": "round_robin", "device": "auto", "backend": "auto"}
+    assert run.parallel == {
+        "world_size": 1,
+        "placement": "round_robin",
+        "device": "auto",
+        "backend": "auto",
+        "threads_per_rank": 0,
+    }
     assert run.workload["skew"] == "uniform" and run.workload["train"] is False and run.params == {}
     moe = run.moe_config()
     assert (moe.hidden_size, moe.ffn_hidden_size, moe.num_experts, moe.top_k) == (8, 16, 4, 1)

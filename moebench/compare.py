@@ -1,0 +1,424 @@
+"""Regression comparison: match the runs of two sets of results and judge every metric.
+
+``compare(baseline, new, settings)`` takes result files (``moebench.result/1``) or pytest-benchmark
+JSON files (``--benchmark-json``), or folders of them, and returns one ``Row`` per judged item.
+The rules (documented in ``results/README.md``, "Comparing results"):
+
+1. Runs are matched by scenario name and params. Each run's environment class (hardware, world
+   size, backend, dtype) must agree; when it does not, the run is reported and not compared
+   (``--allow-env-mismatch`` compares it anyway, marked).
+2. Sampled metrics (times, rates, within-run ratios) are judged from their raw samples: a
+   two-sided Mann–Whitney U test (scipy) must give p < alpha AND the medians must differ by at
+   least the metric's minimum effect t (new/base ≥ 1 + t, or ≤ 1 / (1 + t)). Both: slower or
+   faster. A large change that is not significant: noisy. Otherwise: same.
+3. Exact metrics (token counts, numerical errors, load statistics: deterministic for a seed) have
+   no test: worse or better when the median moves by at least their tolerance t, else same.
+4. A metric, run or scenario of BASELINE missing from NEW is a regression, as is a run that now
+   fails or a check that now fails. Metrics and runs only in NEW are reported as new.
+
+Minimum effect, most specific first: ``--min-effect METRIC=T``, the scenario's ``[compare]
+METRIC``, ``BUILTIN_MIN_EFFECT``, ``--min-effect T``, the scenario's ``[compare] min_effect``,
+then 5 %. Alpha: ``--alpha``, the scenario's ``[compare] alpha``, then 0.01.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import mannwhitneyu
+
+from moebench import results
+
+DEFAULT_ALPHA = 0.01
+DEFAULT_MIN_EFFECT = 0.05
+# Errors against fp64 move with reduction order (thread count, kernel choice): allow them to double.
+BUILTIN_MIN_EFFECT = {"rel_error_forward": 1.0, "rel_error_grad": 1.0}
+REGRESSIONS = ("slower", "worse", "missing", "failed", "fails now", "env differs")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the command line sets; None defers to the scenario's [compare] section, then defaults."""
+
+    alpha: float | None = None
+    min_effect: float | None = None
+    per_metric: dict = field(default_factory=dict)  # metric name -> minimum effect
+    allow_env_mismatch: bool = False
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of one side, in the form both result formats reduce to."""
+
+    scenario: str
+    params: dict
+    env: dict  # the environment class: hardware, world_size, backend, dtype
+    status: str
+    error: str | None
+    metrics: dict  # name -> metric record (unit, better, exact, samples, median, ...)
+    checks: dict  # name -> passed
+    thresholds: dict  # the scenario's [compare] section
+    source: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.scenario, json.dumps(self.params, sort_keys=True)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.params.items()) or "-"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One judged item: a metric, a check, a run's status or environment."""
+
+    scenario: str
+    run: str
+    metric: str
+    unit: str = ""
+    base: float | str | None = None
+    new: float | str | None = None
+    ratio: float | None = None  # new median / baseline median
+    p: float | None = None  # Mann–Whitney U two-sided p-value; None for exact metrics
+    min_effect: float | None = None
+    verdict: str = "same"
+    note: str = ""
+
+    @property
+    def regression(self) -> bool:
+        return self.verdict in REGRESSIONS
+
+
+# -------------------------------------------------------------------------------------------
+# Reading both formats
+
+
+def env_class(env: dict, run: dict) -> dict:
+    """The environment class of one run of a moebench result file."""
+    if run.get("device") == "cuda" and env.get("gpus"):
+        hardware = env["gpus"][0]
+    else:
+        hardware = f"cpu ({env.get('cpu_count')} cores)"
+    dtype = (run.get("config") or {}).get("model", {}).get("dtype", "-")
+    return {"hardware": hardware, "world_size": run.get("world_size"), "backend": run["backend"], "dtype": dtype}
+
+
+def _moebench_runs(path: Path, doc: dict) -> list[Run]:
+    scenario = doc["scenario"]
+    thresholds = scenario.get("compare") or {}
+    return [
+        Run(
+            scenario=scenario["scenario"]["name"],
+            params=run["params"],
+            env=env_class(doc["environment"], run),
+            status=run["status"],
+            error=run.get("error"),
+            metrics=run["metrics"],
+            checks={c["name"]: bool(c["pass"]) for c in run["checks"]},
+            thresholds=thresholds,
+            source=str(path),
+        )
+        for run in doc["runs"]
+    ]
+
+
+def _pytest_benchmark_runs(path: Path, doc: dict) -> list[Run]:
+    """pytest-benchmark JSON: one run per benchmark, one sampled metric ``time_s`` (per round)."""
+    cpu = (doc.get("machine_info") or {}).get("cpu") or {}
+    env = {"hardware": f"cpu ({cpu.get('count')} cores)", "world_size": 1, "backend": "-", "dtype": "-"}
+    runs = []
+    for i, bench in enumerate(doc["benchmarks"]):
+        stats = bench.get("stats") if isinstance(bench, dict) else None
+        if not isinstance(stats, dict) or not isinstance(bench.get("fullname"), str):
+            raise ValueError(f"{path}: benchmarks[{i}] needs a fullname and stats (pytest-benchmark JSON)")
+        data = stats.get("data") or []
+        if not data and not isinstance(stats.get("median"), (int, float)):
+            raise ValueError(f"{path}: benchmarks[{i}].stats needs data or a median (pytest-benchmark JSON)")
+        summary = {k: stats.get(k) for k in ("median", "min", "max")}
+        time_s = {"unit": "s", "better": "lower", "exact": False, "samples": data, "n": stats.get("rounds"), **summary}
+        module, _, test = bench["fullname"].partition("::")
+        runs.append(
+            Run(module, {"test": test or bench["name"]}, env, "ok", None, {"time_s": time_s}, {}, {}, str(path))
+        )
+    return runs
+
+
+def load(paths: list[str | Path]) -> list[Run]:
+    """Every run in the files and folders named, in either format."""
+    runs = []
+    for path in results.find(paths):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable result file: {err}") from None
+        if isinstance(doc, dict) and isinstance(doc.get("benchmarks"), list) and "machine_info" in doc:
+            runs.extend(_pytest_benchmark_runs(path, doc))
+        else:
+            runs.extend(_moebench_runs(path, results.read(path)))
+    seen = {}
+    for run in runs:
+        if run.key in seen:
+            raise ValueError(f"{run.source}: run {run.scenario} [{run.label}] is also in {seen[run.key]}")
+        seen[run.key] = run.source
+    return runs
+
+
+# -------------------------------------------------------------------------------------------
+# Judging
+
+
+def mann_whitney_p(base, new) -> float:
+    """Two-sided Mann–Whitney U p-value; 1.0 when every sample on both sides is the same value."""
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(new, dtype=np.float64)
+    if np.all(a == a[0]) and np.all(b == a[0]):
+        return 1.0
+    return float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
+def smallest_p(n1: int, n2: int) -> float:
+    """The smallest two-sided p a Mann–Whitney U test of n1 and n2 samples can give: 2 / C(n1+n2, n1)."""
+    return min(1.0, 2 / math.comb(n1 + n2, n1))
+
+
+def effect(ratio: float) -> float:
+    """Relative size of a change, the same for ×(1+t) and ÷(1+t): max(r, 1/r) − 1."""
+    if ratio == 0 or math.isinf(ratio):
+        return math.inf
+    return max(ratio, 1 / ratio) - 1
+
+
+def _ratio(base: float, new: float) -> float:
+    if base == 0:
+        return 1.0 if new == 0 else math.inf
+    return new / base
+
+
+def min_effect_for(metric: str, scenario: dict, settings: Settings) -> float:
+    """The metric's minimum effect, most specific setting first (see the module docstring)."""
+    for value in (
+        settings.per_metric.get(metric),
+        scenario.get(metric),
+        BUILTIN_MIN_EFFECT.get(metric),
+        settings.min_effect,
+        scenario.get("min_effect"),
+    ):
+        if value is not None:
+            return float(value)
+    return DEFAULT_MIN_EFFECT
+
+
+def judge_metric(
+    name: str, base: dict, new: dict, min_effect: float, alpha: float
+) -> tuple[str, float, float | None, str]:
+    """(verdict, ratio, p, note) for one metric present on both sides with a median each."""
+    ratio = _ratio(base["median"], new["median"])
+    worse = ratio > 1 if base["better"] == "lower" else ratio < 1
+    big = effect(ratio) >= min_effect
+    if base.get("exact"):
+        return ("worse" if worse else "better") if big else "same", ratio, None, ""
+    words = ("slower", "faster")
+    a, b = base.get("samples") or [], new.get("samples") or []
+    if len(a) < 2 or len(b) < 2:  # e.g. pytest-benchmark summaries without data: threshold only
+        verdict = (words[0] if worse else words[1]) if big else "same"
+        return verdict, ratio, None, "no raw samples: judged on the medians alone"
+    p = mann_whitney_p(a, b)
+    note = ""
+    if smallest_p(len(a), len(b)) >= alpha:
+        note = f"{len(a)} vs {len(b)} samples cannot reach p < {alpha:g}"
+    if big and p < alpha:
+        return (words[0] if worse else words[1]), ratio, p, note
+    return ("noisy" if big else "same"), ratio, p, note
+
+
+def _metric_rows(base: Run, new: Run, settings: Settings) -> list[Row]:
+    rows = []
+    scenario = new.thresholds or base.thresholds
+    alpha = settings.alpha if settings.alpha is not None else scenario.get("alpha", DEFAULT_ALPHA)
+    for name, b in base.metrics.items():
+        row = {"scenario": base.scenario, "run": base.label, "metric": name, "unit": b["unit"], "base": b["median"]}
+        n = new.metrics.get(name)
+        if n is None:
+            rows.append(Row(**row, verdict="missing", note="metric not in NEW"))
+            continue
+        row["new"] = n["median"]
+        if b["median"] is None or n["median"] is None:
+            verdict = "same" if n["median"] is None and b["median"] is None else "missing"
+            rows.append(Row(**row, verdict=verdict if b["median"] is not None else "new", note="no value (NaN)"))
+            continue
+        t = min_effect_for(name, scenario, settings)
+        verdict, ratio, p, note = judge_metric(name, b, n, t, float(alpha))
+        rows.append(Row(**row, ratio=ratio, p=p, min_effect=t, verdict=verdict, note=note))
+    for name in new.metrics.keys() - base.metrics.keys():
+        m = new.metrics[name]
+        rows.append(Row(new.scenario, new.label, name, m["unit"], None, m["median"], verdict="new"))
+    return rows
+
+
+def _check_rows(base: Run, new: Run) -> list[Row]:
+    rows = []
+    show = {True: "pass", False: "fail", None: None}
+    for name in {**base.checks, **new.checks}:
+        b, n = base.checks.get(name), new.checks.get(name)
+        if n is None:
+            verdict = "missing"
+        elif b is None:
+            verdict = "new"
+        else:
+            verdict = {(True, False): "fails now", (False, True): "passes now"}.get((b, n), "same")
+        rows.append(Row(base.scenario, base.label, f"check {name}", "", show[b], show[n], verdict=verdict))
+    return rows
+
+
+def _env_note(base: dict, new: dict) -> str:
+    return "; ".join(f"{k} {base.get(k)} -> {new.get(k)}" for k in base if base.get(k) != new.get(k))
+
+
+def compare_run(base: Run, new: Run, settings: Settings) -> list[Row]:
+    """Every row of one matched run: its status, environment, metrics and checks."""
+    head = {"scenario": base.scenario, "run": base.label}
+    if new.status != "ok" or base.status != "ok":
+        if base.status == "ok" and new.status == "error":
+            return [Row(**head, metric="run", base="ok", new="error", verdict="failed", note=new.error or "")]
+        if base.status == "ok" or new.status == "ok":
+            note = "the baseline run did not finish" if new.status == "ok" else f"NEW run {new.status}"
+            return [Row(**head, metric="run", base=base.status, new=new.status, verdict="not compared", note=note)]
+        return [Row(**head, metric="run", base=base.status, new=new.status, verdict="same", note="neither finished")]
+    rows = []
+    if base.env != new.env:
+        note = _env_note(base.env, new.env)
+        if not settings.allow_env_mismatch:
+            return [Row(**head, metric="environment", verdict="env differs", note=note + " (not compared)")]
+        rows.append(Row(**head, metric="environment", verdict="compared anyway", note=note))
+    return rows + _metric_rows(base, new, settings) + _check_rows(base, new)
+
+
+def compare(baseline: list[Run], new: list[Run], settings: Settings) -> list[Row]:
+    """Rows for every run of ``baseline`` (matched or missing) and every run only in ``new``."""
+    by_key = {run.key: run for run in new}
+    rows = []
+    for base in baseline:
+        match = by_key.pop(base.key, None)
+        if match is None:
+            rows.append(Row(base.scenario, base.label, "run", verdict="missing", note="run not in NEW"))
+        else:
+            rows.extend(compare_run(base, match, settings))
+    rows.extend(
+        Row(run.scenario, run.label, "run", verdict="new", note="run not in BASELINE") for run in by_key.values()
+    )
+    return rows
+
+
+# -------------------------------------------------------------------------------------------
+# Output
+
+
+def summary(rows: list[Row]) -> str:
+    counts = {}
+    for row in rows:
+        counts[row.verdict] = counts.get(row.verdict, 0) + 1
+    regressions = sum(row.regression for row in rows)
+    detail = ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    head = f"{regressions} regression{'s' * (regressions != 1)}" if regressions else "no regression"
+    return f"{head} ({detail})"
+
+
+def _number(value, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.4g}" + (f" {unit}" if unit else "")
+
+
+def _cells(row: Row) -> list[str]:
+    ratio = "-" if row.ratio is None else ("inf" if math.isinf(row.ratio) else f"{row.ratio:.3f}")
+    p = "-" if row.p is None else f"{row.p:.1e}"
+    t = "-" if row.min_effect is None else f"{row.min_effect:.0%}"
+    verdict = row.verdict.upper() if row.regression else row.verdict
+    return [
+        row.run,
+        row.metric,
+        _number(row.base, row.unit),
+        _number(row.new, row.unit),
+        ratio,
+        p,
+        t,
+        verdict,
+        row.note,
+    ]
+
+
+HEADERS = ["run", "metric", "baseline", "new", "ratio", "p (MWU)", "min effect", "verdict", "note"]
+
+
+def render(rows: list[Row], fmt: str = "plain") -> str:
+    """One table per scenario (``fmt`` "plain" or "markdown"), then the summary line."""
+    from tabulate import tabulate
+
+    tablefmt = "github" if fmt == "markdown" else "simple"
+    parts = []
+    for scenario in dict.fromkeys(row.scenario for row in rows):
+        mine = [row for row in rows if row.scenario == scenario]
+        table = tabulate([_cells(r) for r in mine], headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
+        title = f"### {scenario}" if fmt == "markdown" else scenario
+        parts.append(f"{title}\n\n{table}" if fmt == "markdown" else f"{title}\n{table}")
+    parts.append(("**" + summary(rows) + "**") if fmt == "markdown" else summary(rows))
+    return "\n\n".join(parts)
+
+
+def markdown_report(rows: list[Row], baseline: str, new: str) -> str:
+    """The CI log summary: the verdict, the regressions first, then every table."""
+    regressions = [row for row in rows if row.regression]
+    head = "REGRESSION" if regressions else "no regression"
+    lines = [f"## moebench compare: {head}", "", f"`{baseline}` → `{new}`", ""]
+    if regressions:
+        lines += ["#### Regressions", "", render(regressions, "markdown").rsplit("\n\n", 1)[0], ""]
+    return "\n".join(lines) + render(rows, "markdown") + "\n"
+
+
+def to_json(rows: list[Row], baseline: str, new: str) -> dict:
+    cleaned = [{**asdict(row), "regression": row.regression} for row in rows]
+    return {
+        "schema": "moebench.compare/1",
+        "baseline": baseline,
+        "new": new,
+        "regressions": sum(row.regression for row in rows),
+        "summary": summary(rows),
+        "rows": cleaned,
+    }
+
+
+def software_notes(paths_base: list, paths_new: list) -> list[str]:
+    """Lines saying where each side came from (git, torch, test knobs): read from the files."""
+    notes = []
+    for side, paths in (("BASELINE", paths_base), ("NEW", paths_new)):
+        envs = []
+        for path in results.find(paths):
+            try:
+                doc = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                continue
+            env = doc.get("environment") if isinstance(doc, dict) else None
+            if isinstance(env, dict):
+                envs.append(env)
+        for env in {json.dumps(_software(e), sort_keys=True): e for e in envs}.values():
+            soft = _software(env)
+            line = f"{side}: git {str(soft['git'])[:10]}{' (dirty)' * bool(soft['dirty'])}, torch {soft['torch']}"
+            if soft["knobs"]:
+                line += f", TEST KNOBS {soft['knobs']}"
+            notes.append(line)
+    return notes
+
+
+def _software(env: dict) -> dict:
+    return {
+        "git": env.get("git_sha"),
+        "dirty": env.get("git_dirty"),
+        "torch": env.get("torch"),
+        "knobs": env.get("test_knobs") or {},
+    }

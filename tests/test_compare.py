@@ -1,0 +1,404 @@
+"""``moebench compare`` and ``moebench baseline`` on hand-built result files with known differences."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import mannwhitneyu
+
+from moebench import compare as C
+from moebench.baseline import class_dir, folder_for, update
+from moebench.cli import main
+from moebench.metrics import metric
+from moebench.results import SCHEMA, write_atomic
+from moebench.scenario import ScenarioError, load
+
+
+def _times(median: float, n: int = 30, seed: int = 0, spread: float = 0.02) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return (median * (1 + spread * rng.standard_normal(n))).tolist()
+
+
+def _run(metrics: dict, params=None, *, checks=None, status="ok", world=2, backend="gloo", dtype="float32") -> dict:
+    return {
+        "params": params if params is not None else {"world_size": world},
+        "config": {"model": {"dtype": dtype}},
+        "world_size": world,
+        "device": "cpu",
+        "backend": backend,
+        "status": status,
+        "error": None if status == "ok" else "RuntimeError: boom",
+        "metrics": metrics,
+        "checks": checks if checks is not None else [{"name": "finite_output", "pass": True, "detail": ""}],
+        "slo": [],
+        "telemetry": None,
+    }
+
+
+def _doc(runs: list[dict], name="demo", kind="throughput", thresholds=None, cpus=2, knobs=None) -> dict:
+    env = {"git_sha": "abc", "git_dirty": False, "torch": "2.13.0", "gpus": [], "cpu_count": cpus}
+    env["test_knobs"] = knobs or {}
+    return {
+        "schema": SCHEMA,
+        "source": f"scenarios/{name}.toml",
+        "scenario": {"scenario": {"name": name, "kind": kind}, "compare": thresholds or {}},
+        "environment": env,
+        "runs": runs,
+    }
+
+
+def _runs(doc: dict, tmp_path: Path, side: str) -> list[C.Run]:
+    path = tmp_path / side / f"{doc['scenario']['scenario']['name']}.json"
+    write_atomic(path, doc)
+    return C.load([path])
+
+
+def _verdicts(rows: list[C.Row]) -> dict[str, str]:
+    return {row.metric: row.verdict for row in rows}
+
+
+def _pair(tmp_path, base_metrics: dict, new_metrics: dict, **doc_kwargs) -> dict[str, str]:
+    base = _runs(_doc([_run(base_metrics)], **doc_kwargs), tmp_path, "base")
+    new = _runs(_doc([_run(new_metrics)], **doc_kwargs), tmp_path, "new")
+    return _verdicts(C.compare(base, new, C.Settings()))
+
+
+# -------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_mann_whitney_p_is_scipys_two_sided_test_and_one_for_identical_constants():
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [3.5, 4.5, 5.5, 6.5, 7.5]
+    assert C.mann_whitney_p(a, b) == pytest.approx(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    assert C.mann_whitney_p([2.0] * 5, [2.0] * 5) == 1.0
+
+
+def test_smallest_p_is_two_over_the_number_of_orderings():
+    assert C.smallest_p(5, 5) == pytest.approx(2 / 252)
+    assert C.smallest_p(3, 3) == pytest.approx(0.1)
+    # the smallest p is what an exact test gives for complete separation
+    exact = mannwhitneyu([1, 2, 3, 4, 5], [6, 7, 8, 9, 10], alternative="two-sided", method="exact").pvalue
+    assert C.smallest_p(5, 5) == pytest.approx(exact)
+
+
+def test_effect_is_symmetric_in_speedup_and_slowdown():
+    assert C.effect(1.25) == pytest.approx(0.25)
+    assert C.effect(1 / 1.25) == pytest.approx(0.25)
+    assert C.effect(1.0) == 0.0
+    assert C.effect(0.0) == math.inf
+
+
+# -------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def test_a_15_percent_slower_step_is_a_significant_regression(tmp_path):
+    base = {"step_time_s": metric(_times(0.010), "s", "lower")}
+    new = {"step_time_s": metric(_times(0.0115, seed=1), "s", "lower")}
+    rows = C.compare(_runs(_doc([_run(base)]), tmp_path, "b"), _runs(_doc([_run(new)]), tmp_path, "n"), C.Settings())
+    row = next(r for r in rows if r.metric == "step_time_s")
+    assert row.verdict == "slower" and row.regression
+    assert row.ratio == pytest.approx(1.15, rel=0.02)
+    assert row.p < 1e-6
+
+
+def test_a_faster_run_is_reported_faster_and_passes(tmp_path):
+    base = {"step_time_s": metric(_times(0.010), "s", "lower"), "tokens_per_s": metric(_times(1e5), "t/s", "higher")}
+    new = {
+        "step_time_s": metric(_times(0.008, seed=1), "s", "lower"),
+        "tokens_per_s": metric(_times(1.25e5, seed=1), "t/s", "higher"),
+    }
+    verdicts = _pair(tmp_path, base, new)
+    assert verdicts["step_time_s"] == "faster" and verdicts["tokens_per_s"] == "faster"
+
+
+def test_higher_is_better_metrics_regress_when_they_fall(tmp_path):
+    verdicts = _pair(
+        tmp_path,
+        {"tokens_per_s": metric(_times(1e5), "t/s", "higher")},
+        {"tokens_per_s": metric(_times(0.8e5, seed=1), "t/s", "higher")},
+    )
+    assert verdicts["tokens_per_s"] == "slower"
+
+
+def test_a_significant_change_below_the_minimum_effect_is_same(tmp_path):
+    base = {"step_time_s": metric(_times(0.010, spread=0.001), "s", "lower")}
+    new = {"step_time_s": metric(_times(0.0102, seed=1, spread=0.001), "s", "lower")}
+    rows = C.compare(_runs(_doc([_run(base)]), tmp_path, "b"), _runs(_doc([_run(new)]), tmp_path, "n"), C.Settings())
+    row = next(r for r in rows if r.metric == "step_time_s")
+    assert row.p < 1e-6 and row.verdict == "same"
+
+
+def test_a_large_change_that_is_not_significant_is_noisy(tmp_path):
+    base = {"step_time_s": metric([0.010, 0.030, 0.011, 0.029], "s", "lower")}
+    new = {"step_time_s": metric([0.012, 0.031, 0.013, 0.033, 0.014], "s", "lower")}
+    rows = C.compare(_runs(_doc([_run(base)]), tmp_path, "b"), _runs(_doc([_run(new)]), tmp_path, "n"), C.Settings())
+    row = next(r for r in rows if r.metric == "step_time_s")
+    assert C.effect(row.ratio) > 0.05 and row.p > 0.01
+    assert row.verdict == "noisy" and not row.regression
+
+
+def test_too_few_samples_to_reach_alpha_are_named(tmp_path):
+    base = {"step_time_s": metric([1.0, 1.01, 0.99], "s", "lower")}
+    new = {"step_time_s": metric([2.0, 2.01, 1.99], "s", "lower")}
+    rows = C.compare(_runs(_doc([_run(base)]), tmp_path, "b"), _runs(_doc([_run(new)]), tmp_path, "n"), C.Settings())
+    row = next(r for r in rows if r.metric == "step_time_s")
+    assert row.verdict == "noisy" and "cannot reach p < 0.01" in row.note
+
+
+def test_exact_metrics_are_judged_against_their_tolerance(tmp_path):
+    def exact(value, unit="copies"):
+        return metric([value], unit, "lower", exact=True)
+
+    base = {"tokens_dropped": exact(100), "rel_error_forward": exact(5e-7, "ratio"), "load_cv": exact(0.10, "ratio")}
+    within = {"tokens_dropped": exact(104), "rel_error_forward": exact(9e-7, "ratio"), "load_cv": exact(0.099, "ratio")}
+    past = {"tokens_dropped": exact(106), "rel_error_forward": exact(1.1e-6, "ratio"), "load_cv": exact(0.09, "ratio")}
+    assert set(_pair(tmp_path / "a", base, within).values()) == {"same"}
+    verdicts = _pair(tmp_path / "b", base, past)
+    assert verdicts["tokens_dropped"] == "worse"  # 6 % > 5 %
+    assert verdicts["rel_error_forward"] == "worse"  # errors may double, not more
+    assert verdicts["load_cv"] == "better"  # 0.10 -> 0.09 is 11 % better
+    rows = C.compare(
+        _runs(_doc([_run(base)]), tmp_path / "c", "b"), _runs(_doc([_run(past)]), tmp_path / "c", "n"), C.Settings()
+    )
+    assert all(r.p is None for r in rows if r.metric in base)  # no test for exact metrics
+
+
+def test_an_error_from_zero_to_nonzero_or_a_nan_is_a_regression(tmp_path):
+    base = {"tokens_dropped": metric([0], "copies", "lower", exact=True)}
+    new = {"tokens_dropped": metric([3], "copies", "lower", exact=True)}
+    assert _pair(tmp_path / "a", base, new)["tokens_dropped"] == "worse"
+    nan = {"tokens_dropped": {**base["tokens_dropped"], "median": None}}
+    assert _pair(tmp_path / "b", base, nan)["tokens_dropped"] == "missing"
+
+
+def test_a_missing_metric_is_a_regression_and_a_new_metric_is_reported(tmp_path):
+    base = {"step_time_s": metric(_times(1.0), "s", "lower"), "a2a_time_s": metric(_times(0.5), "s", "lower")}
+    new = {
+        "step_time_s": metric(_times(1.0, seed=1), "s", "lower"),
+        "moe_over_dense": metric(_times(1.2), "ratio", "lower"),
+    }
+    base_runs = _runs(_doc([_run(base)]), tmp_path, "b")
+    rows = C.compare(base_runs, _runs(_doc([_run(new)]), tmp_path, "n"), C.Settings())
+    by_metric = {r.metric: r for r in rows}
+    assert by_metric["a2a_time_s"].verdict == "missing" and by_metric["a2a_time_s"].regression
+    assert by_metric["moe_over_dense"].verdict == "new" and not by_metric["moe_over_dense"].regression
+    assert by_metric["step_time_s"].verdict == "same"
+
+
+def test_runs_are_matched_by_params_and_a_missing_run_is_a_regression(tmp_path):
+    m = {"step_time_s": metric(_times(1.0), "s", "lower")}
+    base = _doc([_run(m, {"world_size": 1}, world=1), _run(m, {"world_size": 2})])
+    new = _doc([_run(m, {"world_size": 2}), _run(m, {"world_size": 4}, world=4)])
+    rows = C.compare(_runs(base, tmp_path, "b"), _runs(new, tmp_path, "n"), C.Settings())
+    status = {(r.run, r.metric): r.verdict for r in rows}
+    assert status["world_size=1", "run"] == "missing"
+    assert status["world_size=4", "run"] == "new"
+    assert status["world_size=2", "step_time_s"] == "same"
+    assert sum(r.regression for r in rows) == 1
+
+
+def test_an_environment_class_mismatch_is_reported_and_not_compared(tmp_path):
+    base = {"step_time_s": metric(_times(1.0), "s", "lower")}
+    slow = {"step_time_s": metric(_times(2.0), "s", "lower")}
+    base_runs = _runs(_doc([_run(base)]), tmp_path, "b")
+    new_runs = _runs(_doc([_run(slow, dtype="bfloat16")]), tmp_path, "n")
+    rows = C.compare(base_runs, new_runs, C.Settings())
+    assert [(r.metric, r.verdict) for r in rows] == [("environment", "env differs")]
+    assert "dtype float32 -> bfloat16" in rows[0].note and rows[0].regression
+    allowed = C.compare(base_runs, new_runs, C.Settings(allow_env_mismatch=True))
+    assert _verdicts(allowed) == {
+        "environment": "compared anyway",
+        "step_time_s": "slower",
+        "check finite_output": "same",
+    }
+    other_host = _runs(_doc([_run(base)], cpus=16), tmp_path, "h")
+    assert C.compare(base_runs, other_host, C.Settings())[0].note.startswith("hardware cpu (2 cores) -> cpu (16 cores)")
+
+
+def test_a_check_that_now_fails_and_a_run_that_now_errors_are_regressions(tmp_path):
+    m = {"step_time_s": metric(_times(1.0), "s", "lower")}
+    failing = [{"name": "finite_output", "pass": False, "detail": ""}]
+    base = _doc([_run(m, {"world_size": 1}, world=1), _run(m, {"world_size": 2})])
+    new = _doc([_run(m, {"world_size": 1}, world=1, checks=failing), _run({}, {"world_size": 2}, status="error")])
+    rows = C.compare(_runs(base, tmp_path, "b"), _runs(new, tmp_path, "n"), C.Settings())
+    status = {(r.run, r.metric): r.verdict for r in rows}
+    assert status["world_size=1", "check finite_output"] == "fails now"
+    assert status["world_size=2", "run"] == "failed"
+    assert sum(r.regression for r in rows) == 2
+
+
+def test_minimum_effect_most_specific_setting_wins(tmp_path):
+    scenario = {"step_time_s": 0.5, "min_effect": 0.2}
+    assert C.min_effect_for("step_time_s", scenario, C.Settings()) == 0.5
+    assert C.min_effect_for("combine_time_s", scenario, C.Settings()) == 0.2
+    assert C.min_effect_for("combine_time_s", {}, C.Settings()) == C.DEFAULT_MIN_EFFECT
+    assert C.min_effect_for("step_time_s", scenario, C.Settings(min_effect=0.1)) == 0.5  # scenario's metric value
+    assert C.min_effect_for("combine_time_s", scenario, C.Settings(min_effect=0.1)) == 0.1  # CLI over scenario default
+    assert C.min_effect_for("step_time_s", scenario, C.Settings(per_metric={"step_time_s": 0.01})) == 0.01
+    assert C.min_effect_for("rel_error_grad", {}, C.Settings(min_effect=0.1)) == 1.0  # built-in per metric
+    # a scenario's [compare] threshold turns a 15 % slowdown from a regression into "same"
+    base = {"step_time_s": metric(_times(0.010), "s", "lower")}
+    new = {"step_time_s": metric(_times(0.0115, seed=1), "s", "lower")}
+    assert _pair(tmp_path, base, new, thresholds={"step_time_s": 0.5})["step_time_s"] == "same"
+
+
+def test_scenario_compare_section_is_validated(tmp_path):
+    text = """
+[scenario]
+name = "c"
+kind = "throughput"
+[model]
+hidden = 8
+ffn_hidden = 8
+num_experts = 2
+[workload]
+tokens_per_rank = 4
+[compare]
+"""
+    path = tmp_path / "c.toml"
+    path.write_text(text + "alpha = 0.05\nstep_time_s = 0.5\n")
+    assert load(path).sections["compare"] == {"alpha": 0.05, "step_time_s": 0.5}
+    for bad, message in [
+        ("imbalance_max_mean = 0.1", "[compare] imbalance_max_mean is not a known key: accepted alpha, min_effect"),
+        ("alpha = 1.5", "[compare] alpha = 1.5 is invalid: accepted a number in (0, 1)"),
+        ("step_time_s = -0.1", "[compare] step_time_s = -0.1 is invalid: accepted a fraction from 0 to 100"),
+        ('min_effect = "5%"', '[compare] min_effect = "5%" is invalid'),
+    ]:
+        path.write_text(text + bad + "\n")
+        with pytest.raises(ScenarioError, match=r"^" + str(path).replace(".", r"\.") + ": " + _escape(message)):
+            load(path)
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+# -------------------------------------------------------------------------------------------
+# Command line
+
+
+def _write_pair(tmp_path, base_metrics, new_metrics) -> tuple[Path, Path]:
+    base, new = tmp_path / "base", tmp_path / "new"
+    write_atomic(base / "demo.json", _doc([_run(base_metrics)]))
+    write_atomic(new / "demo.json", _doc([_run(new_metrics)]))
+    return base, new
+
+
+def test_cli_exit_codes_markdown_and_json(tmp_path, capsys):
+    base_m = {"step_time_s": metric(_times(0.010), "s", "lower")}
+    slow_m = {"step_time_s": metric(_times(0.0115, seed=1), "s", "lower")}
+    base, new = _write_pair(tmp_path, base_m, slow_m)
+    md = tmp_path / "summary.md"
+    assert main(["compare", str(base), str(new), "--markdown", str(md)]) == 1
+    out = capsys.readouterr().out
+    assert "SLOWER" in out and "1 regression (" in out
+    text = md.read_text()
+    assert text.startswith("## moebench compare: REGRESSION") and "#### Regressions" in text and "| SLOWER" in text
+    assert main(["compare", str(base), str(new), "--min-effect", "step_time_s=0.2"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(base), str(base), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema"] == "moebench.compare/1" and doc["regressions"] == 0
+    assert {r["metric"]: r["verdict"] for r in doc["rows"]}["step_time_s"] == "same"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "nowhere", "nowhere2"], "nowhere: no such file or folder"),
+        (["compare", "{base}", "{new}", "--min-effect", "fast"], "argument --min-effect: fast: accepted FRACTION"),
+        (["compare", "{base}", "{new}", "--alpha", "2"], "argument --alpha: 2: accepted a number in (0, 1)"),
+        (["compare", "{base}", "{bad}"], "not a readable result file"),
+        (["compare", "{base}"], "the following arguments are required: NEW"),
+    ],
+)
+def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    base, new = _write_pair(tmp_path, {}, {})
+    (tmp_path / "bad.json").write_text("{not json")
+    paths = {"base": base, "new": new, "bad": tmp_path / "bad.json"}
+    code = None
+    try:
+        code = main([a.format(**paths) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+# -------------------------------------------------------------------------------------------
+# pytest-benchmark files
+
+BENCH = """
+import os, time
+
+def test_sleep(benchmark):
+    benchmark.pedantic(time.sleep, args=(float(os.environ["NAP"]),), rounds=12, iterations=1)
+"""
+
+
+def _pytest_benchmark(tmp_path: Path, nap: float, name: str) -> Path:
+    (tmp_path / "test_nap.py").write_text(BENCH)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_nap.py")]
+    cmd += [f"--benchmark-json={out}", "-c", str(tmp_path / "pytest.ini")]
+    subprocess.run(cmd, check=True, capture_output=True, env={**_env(), "NAP": str(nap)}, cwd=tmp_path)
+    return out
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+
+
+@pytest.mark.slow
+def test_pytest_benchmark_json_is_compared_by_the_same_rules(tmp_path):
+    fast = _pytest_benchmark(tmp_path, 0.002, "fast")
+    slow = _pytest_benchmark(tmp_path, 0.004, "slow")
+    rows = C.compare(C.load([fast]), C.load([slow]), C.Settings())
+    (row,) = rows
+    assert row.metric == "time_s" and row.run == "test=test_sleep"
+    assert row.verdict == "slower" and row.ratio == pytest.approx(2.0, rel=0.25) and row.p < 0.01
+    assert C.compare(C.load([slow]), C.load([fast]), C.Settings())[0].verdict == "faster"
+    assert class_dir(json.loads(fast.read_text())).startswith("cpu-")
+
+
+# -------------------------------------------------------------------------------------------
+# Baselines
+
+
+def test_baseline_update_writes_passing_results_into_their_class_folder(tmp_path):
+    results = tmp_path / "results"
+    write_atomic(results / "demo.json", _doc([_run({"step_time_s": metric([1.0, 1.1], "s", "lower")})]))
+    written = update([results], tmp_path / "baselines")
+    assert written == [tmp_path / "baselines" / "cpu-2core" / "demo.json"]
+    assert json.loads(written[0].read_text())["runs"][0]["metrics"]["step_time_s"]["median"] == pytest.approx(1.05)
+    assert folder_for([results], tmp_path / "baselines") == tmp_path / "baselines" / "cpu-2core"
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        (_doc([_run({})], knobs={"MOEBENCH_TEST_ONLY_SLOW_DISPATCH": "0.15"}), "test-only knobs set"),
+        (_doc([_run({}, status="error")]), "is error: a baseline holds passing runs only"),
+        (_doc([_run({}, checks=[{"name": "finite_output", "pass": False}])]), "is failed finite_output"),
+    ],
+)
+def test_baseline_update_refuses_results_that_must_not_be_baselines(tmp_path, doc, reason):
+    good = tmp_path / "results" / "a.json"
+    write_atomic(good, _doc([_run({})]))
+    write_atomic(tmp_path / "results" / "b.json", doc)
+    with pytest.raises(ValueError, match=_escape(reason)):
+        update([tmp_path / "results"], tmp_path / "baselines")
+    assert not (tmp_path / "baselines").exists()  # nothing is written when any file is refused
