@@ -402,3 +402,16 @@ def test_baseline_update_refuses_results_that_must_not_be_baselines(tmp_path, do
     with pytest.raises(ValueError, match=_escape(reason)):
         update([tmp_path / "results"], tmp_path / "baselines")
     assert not (tmp_path / "baselines").exists()  # nothing is written when any file is refused
+
+
+def test_cli_baseline_update_and_path(tmp_path, capsys):
+    results = tmp_path / "results"
+    write_atomic(results / "demo.json", _doc([_run({"step_time_s": metric([1.0, 1.1], "s", "lower")})]))
+    root = tmp_path / "baselines"
+    assert main(["baseline", "update", str(results), "--root", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {root / 'cpu-2core' / 'demo.json'}"
+    assert main(["baseline", "path", str(results), "--root", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == str(root / "cpu-2core")
+    write_atomic(results / "demo.json", _doc([_run({}, status="error")]))
+    assert main(["baseline", "update", str(results), "--root", str(root)]) == 2
+    assert "not written as a baseline" in capsys.readouterr().err
