@@ -62,9 +62,9 @@ def regress(session: nox.Session) -> None:
     """
     _install(session)
     out = session.run("python", "-c", "from moebench.runner import default_out_dir as d; print(d())", silent=True)
-    out = out.strip().replace("/runs/", "/runs/regress-")
+    out = out.strip().splitlines()[-1].replace("/runs/", "/runs/regress-")
     session.run("python", "-m", "moebench", "run", "scenarios/regress", "--out", out, "--no-telemetry")
-    baseline = session.run("python", "-m", "moebench", "baseline", "path", out, silent=True).strip()
+    baseline = session.run("python", "-m", "moebench", "baseline", "path", out, silent=True).strip().splitlines()[-1]
     if not os.path.isdir(baseline):
         session.error(f"no committed baseline {baseline} for this machine class: see README, 'Baselines'")
     markdown = ["--markdown", os.environ["MOEBENCH_REGRESS_MD"]] if os.environ.get("MOEBENCH_REGRESS_MD") else []

@@ -84,9 +84,7 @@ def _add_compare(sub) -> None:
     compare.add_argument("--allow-env-mismatch", action="store_true", help="compare runs whose environments differ")
     compare.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
     compare.add_argument("--markdown", type=Path, metavar="FILE", help="also write a markdown summary (CI logs)")
-    compare.add_argument(
-        "--json", nargs="?", const="-", metavar="FILE", help="write JSON to FILE, or to stdout instead of the table"
-    )
+    compare.add_argument("--json", metavar="FILE", help="write JSON to FILE ('-': to stdout, instead of the table)")
     baseline = sub.add_parser("baseline", help="write or locate committed baselines")
     baseline.add_argument("action", choices=["update", "path"])
     baseline.add_argument("paths", nargs="+", metavar="RESULT", help="result files or folders")
@@ -187,7 +185,11 @@ def _compare(args) -> int:
     per_metric = {name: value for name, value in args.min_effect if name}
     default = [value for name, value in args.min_effect if name is None]
     settings = C.Settings(args.alpha, default[-1] if default else None, per_metric, args.allow_env_mismatch)
-    rows = C.compare(C.load([args.baseline]), C.load([args.new]), settings)
+    baseline, new = C.load([args.baseline]), C.load([args.new])
+    known = {name for run in baseline + new for name in run.metrics}
+    for name in per_metric.keys() - known:
+        raise ValueError(f"--min-effect {name}={per_metric[name]:g}: no metric of that name in BASELINE or NEW")
+    rows = C.compare(baseline, new, settings)
     if args.json:
         text = json.dumps(json_safe(C.to_json(rows, args.baseline, args.new)), indent=1, allow_nan=False)
         if args.json == "-":

@@ -18,7 +18,9 @@ The rules (documented in ``results/README.md``, "Comparing results"):
 
 Minimum effect, most specific first: ``--min-effect METRIC=T``, the scenario's ``[compare]
 METRIC``, ``BUILTIN_MIN_EFFECT``, ``--min-effect T``, the scenario's ``[compare] min_effect``,
-then 5 %. Alpha: ``--alpha``, the scenario's ``[compare] alpha``, then 0.01.
+then 5 %. Alpha: ``--alpha``, the scenario's ``[compare] alpha``, then 0.01. The scenario's
+section is BASELINE's (committed with the baseline, so a change cannot loosen its own gate), or
+NEW's when BASELINE's file has no [compare] section at all.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Run:
     error: str | None
     metrics: dict  # name -> metric record (unit, better, exact, samples, median, ...)
     checks: dict  # name -> passed
-    thresholds: dict  # the scenario's [compare] section
+    thresholds: dict | None  # the scenario's [compare] section; None when the file has none
     source: str
 
     @property
@@ -108,9 +110,23 @@ def env_class(env: dict, run: dict) -> dict:
     return {"hardware": hardware, "world_size": run.get("world_size"), "backend": run["backend"], "dtype": dtype}
 
 
+def _check_records(path: Path, doc: dict) -> None:
+    """What ``results.read`` does not check but comparing needs: directions, samples, checks."""
+    for i, run in enumerate(doc["runs"]):
+        for name, m in run["metrics"].items():
+            if m.get("better") not in ("higher", "lower") or not isinstance(m.get("unit"), str):
+                raise ValueError(f"{path}: runs[{i}].metrics.{name} needs a unit and better = 'higher' or 'lower'")
+            if not isinstance(m.get("samples", []), list):
+                raise ValueError(f"{path}: runs[{i}].metrics.{name}.samples must be a list")
+        for check in run["checks"]:
+            if not (isinstance(check, dict) and isinstance(check.get("name"), str) and "pass" in check):
+                raise ValueError(f"{path}: runs[{i}].checks entries need a name and pass")
+
+
 def _moebench_runs(path: Path, doc: dict) -> list[Run]:
+    _check_records(path, doc)
     scenario = doc["scenario"]
-    thresholds = scenario.get("compare") or {}
+    thresholds = scenario.get("compare")
     return [
         Run(
             scenario=scenario["scenario"]["name"],
@@ -143,7 +159,7 @@ def _pytest_benchmark_runs(path: Path, doc: dict) -> list[Run]:
         time_s = {"unit": "s", "better": "lower", "exact": False, "samples": data, "n": stats.get("rounds"), **summary}
         module, _, test = bench["fullname"].partition("::")
         runs.append(
-            Run(module, {"test": test or bench["name"]}, env, "ok", None, {"time_s": time_s}, {}, {}, str(path))
+            Run(module, {"test": test or bench["name"]}, env, "ok", None, {"time_s": time_s}, {}, None, str(path))
         )
     return runs
 
@@ -218,7 +234,7 @@ def judge_metric(
     """(verdict, ratio, p, note) for one metric present on both sides with a median each."""
     ratio = _ratio(base["median"], new["median"])
     worse = ratio > 1 if base["better"] == "lower" else ratio < 1
-    big = effect(ratio) >= min_effect
+    big = ratio != 1 and effect(ratio) >= min_effect
     if base.get("exact"):
         return ("worse" if worse else "better") if big else "same", ratio, None, ""
     words = ("slower", "faster")
@@ -237,7 +253,7 @@ def judge_metric(
 
 def _metric_rows(base: Run, new: Run, settings: Settings) -> list[Row]:
     rows = []
-    scenario = new.thresholds or base.thresholds
+    scenario = base.thresholds if base.thresholds is not None else (new.thresholds or {})
     alpha = settings.alpha if settings.alpha is not None else scenario.get("alpha", DEFAULT_ALPHA)
     for name, b in base.metrics.items():
         row = {"scenario": base.scenario, "run": base.label, "metric": name, "unit": b["unit"], "base": b["median"]}
@@ -247,8 +263,11 @@ def _metric_rows(base: Run, new: Run, settings: Settings) -> list[Row]:
             continue
         row["new"] = n["median"]
         if b["median"] is None or n["median"] is None:
-            verdict = "same" if n["median"] is None and b["median"] is None else "missing"
-            rows.append(Row(**row, verdict=verdict if b["median"] is not None else "new", note="no value (NaN)"))
+            if b["median"] is None and n["median"] is None:
+                verdict = "same"
+            else:
+                verdict = "missing" if n["median"] is None else "new"
+            rows.append(Row(**row, verdict=verdict, note="no value (NaN)"))
             continue
         t = min_effect_for(name, scenario, settings)
         verdict, ratio, p, note = judge_metric(name, b, n, t, float(alpha))
@@ -284,6 +303,8 @@ def compare_run(base: Run, new: Run, settings: Settings) -> list[Row]:
     if new.status != "ok" or base.status != "ok":
         if base.status == "ok" and new.status == "error":
             return [Row(**head, metric="run", base="ok", new="error", verdict="failed", note=new.error or "")]
+        if base.status == "ok" and new.status == "skipped":
+            return [Row(**head, metric="run", base="ok", new="skipped", verdict="missing", note=new.error or "")]
         if base.status == "ok" or new.status == "ok":
             note = "the baseline run did not finish" if new.status == "ok" else f"NEW run {new.status}"
             return [Row(**head, metric="run", base=base.status, new=new.status, verdict="not compared", note=note)]
@@ -338,7 +359,7 @@ def _number(value, unit: str = "") -> str:
 def _cells(row: Row) -> list[str]:
     ratio = "-" if row.ratio is None else ("inf" if math.isinf(row.ratio) else f"{row.ratio:.3f}")
     p = "-" if row.p is None else f"{row.p:.1e}"
-    t = "-" if row.min_effect is None else f"{row.min_effect:.0%}"
+    t = "-" if row.min_effect is None else f"{row.min_effect * 100:g}%"
     verdict = row.verdict.upper() if row.regression else row.verdict
     return [
         row.run,

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=7, help="separate runs; pairs = runs·(runs−1)/2 (default 7: 21)")
     parser.add_argument("--out", type=Path, help="keep the result folders here (default a temporary folder)")
     args = parser.parse_args(argv)
+    if args.runs < 2:
+        parser.error(f"--runs {args.runs}: accepted an integer >= 2 (one pair needs two runs)")
     with tempfile.TemporaryDirectory(prefix="moebench-aa-") as tmp:
         folders = run_set(args.scenarios, args.out or Path(tmp), args.runs)
         comparisons = pairwise(folders)

@@ -114,8 +114,10 @@ def test_a_faster_run_is_reported_faster_and_passes(tmp_path):
         "step_time_s": metric(_times(0.008, seed=1), "s", "lower"),
         "tokens_per_s": metric(_times(1.25e5, seed=1), "t/s", "higher"),
     }
-    verdicts = _pair(tmp_path, base, new)
-    assert verdicts["step_time_s"] == "faster" and verdicts["tokens_per_s"] == "faster"
+    base_runs = _runs(_doc([_run(base)]), tmp_path, "b")
+    rows = C.compare(base_runs, _runs(_doc([_run(new)]), tmp_path, "n"), C.Settings())
+    assert _verdicts(rows)["step_time_s"] == "faster" and _verdicts(rows)["tokens_per_s"] == "faster"
+    assert not any(row.regression for row in rows)
 
 
 def test_higher_is_better_metrics_regress_when_they_fall(tmp_path):
@@ -305,10 +307,14 @@ def test_cli_exit_codes_markdown_and_json(tmp_path, capsys):
     assert text.startswith("## moebench compare: REGRESSION") and "#### Regressions" in text and "| SLOWER" in text
     assert main(["compare", str(base), str(new), "--min-effect", "step_time_s=0.2"]) == 0
     capsys.readouterr()
-    assert main(["compare", str(base), str(base), "--json"]) == 0
+    assert main(["compare", str(base), str(base), "--json", "-"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["schema"] == "moebench.compare/1" and doc["regressions"] == 0
     assert {r["metric"]: r["verdict"] for r in doc["rows"]}["step_time_s"] == "same"
+    assert main(["compare", str(base), str(new), "--json", str(tmp_path / "out.json")]) == 1
+    assert "SLOWER" in capsys.readouterr().out  # the table still prints when JSON goes to a file
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["regressions"] == 1 and saved["rows"][0]["verdict"] == "slower"
 
 
 @pytest.mark.parametrize(
@@ -319,12 +325,20 @@ def test_cli_exit_codes_markdown_and_json(tmp_path, capsys):
         (["compare", "{base}", "{new}", "--alpha", "2"], "argument --alpha: 2: accepted a number in (0, 1)"),
         (["compare", "{base}", "{bad}"], "not a readable result file"),
         (["compare", "{base}"], "the following arguments are required: NEW"),
+        (["compare", "{base}", "{new}", "--min-effect", "step_tme_s=0.2"], "step_tme_s=0.2: no metric of that name"),
+        (["compare", "{base}", "{nounit}"], "metrics.step_time_s needs a unit and better = 'higher' or 'lower'"),
+        (["compare", "{base}", "{twice}"], "run demo [world_size=2] is also in"),
     ],
 )
 def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
-    base, new = _write_pair(tmp_path, {}, {})
+    base, new = _write_pair(tmp_path, {"step_time_s": metric([1.0], "s", "lower")}, {})
     (tmp_path / "bad.json").write_text("{not json")
-    paths = {"base": base, "new": new, "bad": tmp_path / "bad.json"}
+    nounit = _doc([_run({"step_time_s": {**metric([1.0], "s", "lower"), "better": "up"}})])
+    write_atomic(tmp_path / "nounit" / "demo.json", nounit)
+    write_atomic(tmp_path / "twice" / "a.json", _doc([_run({})]))
+    write_atomic(tmp_path / "twice" / "b.json", _doc([_run({})]))
+    paths = {"base": base, "new": new, "bad": tmp_path / "bad.json", "nounit": tmp_path / "nounit"}
+    paths["twice"] = tmp_path / "twice"
     code = None
     try:
         code = main([a.format(**paths) for a in args])
@@ -415,3 +429,37 @@ def test_cli_baseline_update_and_path(tmp_path, capsys):
     write_atomic(results / "demo.json", _doc([_run({}, status="error")]))
     assert main(["baseline", "update", str(results), "--root", str(root)]) == 2
     assert "not written as a baseline" in capsys.readouterr().err
+
+
+def test_edge_cases_zero_min_effect_null_medians_skipped_runs(tmp_path):
+    same = {"tokens_dropped": metric([7], "copies", "lower", exact=True)}
+    assert _pair(tmp_path / "a", same, same, thresholds={"tokens_dropped": 0})["tokens_dropped"] == "same"
+    moved = {"tokens_dropped": metric([8], "copies", "lower", exact=True)}
+    assert _pair(tmp_path / "b", same, moved, thresholds={"tokens_dropped": 0})["tokens_dropped"] == "worse"
+    null = {"load_cv": {**metric([1.0], "ratio", "lower", exact=True), "median": None}}
+    assert _pair(tmp_path / "c", null, null)["load_cv"] == "same"
+    assert _pair(tmp_path / "d", null, {"load_cv": metric([1.0], "ratio", "lower", exact=True)})["load_cv"] == "new"
+    skipped = _runs(_doc([_run({}, status="skipped")]), tmp_path / "e", "n")
+    rows = C.compare(_runs(_doc([_run(same)]), tmp_path / "e", "b"), skipped, C.Settings())
+    assert [(r.metric, r.verdict, r.regression) for r in rows] == [("run", "missing", True)]
+
+
+def test_the_baselines_thresholds_govern_not_the_new_files(tmp_path):
+    base = _runs(_doc([_run({"step_time_s": metric(_times(0.010), "s", "lower")})]), tmp_path, "b")
+    slow = {"step_time_s": metric(_times(0.0115, seed=1), "s", "lower")}
+    loosened = _runs(_doc([_run(slow)], thresholds={"step_time_s": 0.5}), tmp_path, "n")
+    assert _verdicts(C.compare(base, loosened, C.Settings()))["step_time_s"] == "slower"
+
+
+def test_pytest_benchmark_summaries_without_data_are_judged_on_medians(tmp_path):
+    def bench(median):
+        stats = {"median": median, "min": median, "max": median, "rounds": 5}
+        return {
+            "machine_info": {"cpu": {"count": 2}},
+            "benchmarks": [{"name": "t", "fullname": "m.py::t", "stats": stats}],
+        }
+
+    (tmp_path / "a.json").write_text(json.dumps(bench(1.0)))
+    (tmp_path / "b.json").write_text(json.dumps(bench(1.2)))
+    (row,) = C.compare(C.load([tmp_path / "a.json"]), C.load([tmp_path / "b.json"]), C.Settings())
+    assert (row.verdict, row.p) == ("slower", None) and "no raw samples" in row.note
