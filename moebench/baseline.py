@@ -7,7 +7,6 @@ each run's environment class too, and ``moebench compare`` checks them run by ru
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def _slug(text: str) -> str:
 
 def class_dir(doc: dict) -> str:
     """The baseline folder name for a result document (either format)."""
-    if "benchmarks" in doc:  # pytest-benchmark JSON
+    if results.is_pytest_benchmark(doc):
         return f"cpu-{((doc.get('machine_info') or {}).get('cpu') or {}).get('count')}core"
     env = doc["environment"]
     if any(run["device"] == "cuda" for run in doc["runs"]) and env.get("gpus"):
@@ -30,20 +29,9 @@ def class_dir(doc: dict) -> str:
     return f"cpu-{env.get('cpu_count')}core"
 
 
-def _read_any(path: Path) -> dict:
-    """A moebench result file, or a pytest-benchmark JSON file, validated."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable result file: {err}") from None
-    if isinstance(doc, dict) and isinstance(doc.get("benchmarks"), list) and "machine_info" in doc:
-        return doc
-    return results.read(path)
-
-
 def _refusal(path: Path, doc: dict) -> str | None:
     """Why ``doc`` must not become a baseline, or None."""
-    if "benchmarks" in doc:
+    if results.is_pytest_benchmark(doc):
         return None
     knobs = doc["environment"].get("test_knobs")
     if knobs:
@@ -59,7 +47,7 @@ def _refusal(path: Path, doc: dict) -> str | None:
 def update(paths: list[str | Path], root: Path = ROOT) -> list[Path]:
     """Copy the result files under ``paths`` into ``root/<class>/``, refusing any that must not be
     baselines (checked for every file before anything is written). Returns the files written."""
-    docs = [(path, _read_any(path)) for path in results.find(paths)]
+    docs = [(path, results.read_any(path)) for path in results.find(paths)]
     for path, doc in docs:
         reason = _refusal(path, doc)
         if reason:
@@ -74,7 +62,7 @@ def update(paths: list[str | Path], root: Path = ROOT) -> list[Path]:
 
 def folder_for(paths: list[str | Path], root: Path = ROOT) -> Path:
     """The one baseline folder the result files under ``paths`` compare against."""
-    classes = {class_dir(_read_any(path)) for path in results.find(paths)}
+    classes = {class_dir(results.read_any(path)) for path in results.find(paths)}
     if len(classes) != 1:
         raise ValueError(f"{', '.join(map(str, paths))}: results span environment classes {sorted(classes)}")
     return Path(root) / classes.pop()

@@ -197,7 +197,7 @@ def _compare(args) -> int:
         else:
             _write_text(Path(args.json), text + "\n")
     if args.json != "-":
-        notes = C.software_notes([args.baseline], [args.new])
+        notes = C.software_notes(baseline, new)
         print("\n".join([*notes, "", C.render(rows, args.format)]).lstrip("\n"))
     if args.markdown:
         _write_text(args.markdown, C.markdown_report(rows, args.baseline, args.new))

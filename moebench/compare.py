@@ -65,6 +65,7 @@ class Run:
     checks: dict  # name -> passed
     thresholds: dict | None  # the scenario's [compare] section; None when the file has none
     source: str
+    software: dict = field(default_factory=dict)  # git sha, dirty flag, torch, test knobs of the file
 
     @property
     def key(self) -> tuple[str, str]:
@@ -138,6 +139,7 @@ def _moebench_runs(path: Path, doc: dict) -> list[Run]:
             checks={c["name"]: bool(c["pass"]) for c in run["checks"]},
             thresholds=thresholds,
             source=str(path),
+            software=_software(doc["environment"]),
         )
         for run in doc["runs"]
     ]
@@ -168,14 +170,11 @@ def load(paths: list[str | Path]) -> list[Run]:
     """Every run in the files and folders named, in either format."""
     runs = []
     for path in results.find(paths):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a readable result file: {err}") from None
-        if isinstance(doc, dict) and isinstance(doc.get("benchmarks"), list) and "machine_info" in doc:
+        doc = results.read_any(path)
+        if results.is_pytest_benchmark(doc):
             runs.extend(_pytest_benchmark_runs(path, doc))
         else:
-            runs.extend(_moebench_runs(path, results.read(path)))
+            runs.extend(_moebench_runs(path, doc))
     seen = {}
     for run in runs:
         if run.key in seen:
@@ -414,21 +413,11 @@ def to_json(rows: list[Row], baseline: str, new: str) -> dict:
     }
 
 
-def software_notes(paths_base: list, paths_new: list) -> list[str]:
-    """Lines saying where each side came from (git, torch, test knobs): read from the files."""
+def software_notes(baseline: list[Run], new: list[Run]) -> list[str]:
+    """Lines saying where each side came from (git, torch, test knobs), one per distinct origin."""
     notes = []
-    for side, paths in (("BASELINE", paths_base), ("NEW", paths_new)):
-        envs = []
-        for path in results.find(paths):
-            try:
-                doc = json.loads(Path(path).read_text())
-            except (OSError, ValueError):
-                continue
-            env = doc.get("environment") if isinstance(doc, dict) else None
-            if isinstance(env, dict):
-                envs.append(env)
-        for env in {json.dumps(_software(e), sort_keys=True): e for e in envs}.values():
-            soft = _software(env)
+    for side, runs in (("BASELINE", baseline), ("NEW", new)):
+        for soft in {json.dumps(r.software, sort_keys=True): r.software for r in runs if r.software}.values():
             line = f"{side}: git {str(soft['git'])[:10]}{' (dirty)' * bool(soft['dirty'])}, torch {soft['torch']}"
             if soft["knobs"]:
                 line += f", TEST KNOBS {soft['knobs']}"

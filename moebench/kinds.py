@@ -56,6 +56,14 @@ def _stack(ctx, spec: RunSpec) -> MoEStack:
     return MoEStack(spec.moe_config(), spec.parallel_config(), weights, ctx.group, ctx.device)
 
 
+def _setup(ctx, spec: RunSpec) -> tuple[MoEStack, object, torch.Tensor]:
+    """This rank's stack, its group (None at W = 1), and its seeded input tokens."""
+    moe = spec.moe_config()
+    x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], ctx.rank)
+    group = ctx.group if ctx.world_size > 1 else None
+    return _stack(ctx, spec), group, x_TD.to(ctx.device, moe.torch_dtype)
+
+
 def _step_fn(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor):
     """One timed step: the stack's forward, or forward + backward when ``train``."""
     if not spec.workload["train"]:
@@ -178,11 +186,7 @@ def _routing_stats(stack: MoEStack, x_TD: torch.Tensor) -> dict:
 
 def _measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool) -> dict:
     """throughput and latency: time the step (and, for throughput, the collectives)."""
-    moe = spec.moe_config()
-    stack = _stack(ctx, spec)
-    group = ctx.group if ctx.world_size > 1 else None
-    x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], ctx.rank)
-    x_TD = x_TD.to(ctx.device, moe.torch_dtype)
+    stack, group, x_TD = _setup(ctx, spec)
     step = _step_fn(ctx, spec, stack, x_TD)
     start = time.perf_counter()
     time_fn(step, warmup=spec.scenario["warmup"], repeats=0, device=ctx.device, group=group)
@@ -205,11 +209,7 @@ def _measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool
 
 def _measure_dispatch(ctx, spec: RunSpec, interval: float | None) -> dict:
     """dispatch: only the collectives (dispatch, combine, raw all-to-all), no step."""
-    moe = spec.moe_config()
-    stack = _stack(ctx, spec)
-    group = ctx.group if ctx.world_size > 1 else None
-    x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], ctx.rank)
-    x_TD = x_TD.to(ctx.device, moe.torch_dtype)
+    stack, group, x_TD = _setup(ctx, spec)
     with _sampler(ctx, interval) as sampler:
         out = _collective_timings(ctx, spec, stack, x_TD, group)
     out["round_trip_error"] = _round_trip_error(stack, x_TD)

@@ -134,6 +134,20 @@ def read(path: Path) -> dict:
     return doc
 
 
+def is_pytest_benchmark(doc: object) -> bool:
+    """A pytest-benchmark ``--benchmark-json`` file (compared and kept as a baseline as it is)."""
+    return isinstance(doc, dict) and isinstance(doc.get("benchmarks"), list) and "machine_info" in doc
+
+
+def read_any(path: Path) -> dict:
+    """A moebench result file (validated by ``read``) or a pytest-benchmark JSON file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable result file: {err}") from None
+    return doc if is_pytest_benchmark(doc) else read(path)
+
+
 def _malformed(doc: dict) -> str | None:
     """What is missing or mistyped in a result file's required structure; None when it is sound."""
     scenario = doc.get("scenario", {}).get("scenario") if isinstance(doc.get("scenario"), dict) else None

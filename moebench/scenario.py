@@ -29,23 +29,21 @@ from runtime.placement import place_experts
 
 KINDS = ("throughput", "latency", "load_balance", "equivalence", "dispatch")
 
+# The collectives' metrics, reported by throughput and dispatch runs.
+COLLECTIVE_METRICS = (
+    "dispatch_time_s",
+    "combine_time_s",
+    "a2a_time_s",
+    "a2a_algbw_gbps",
+    "a2a_busbw_gbps",
+    "dispatch_over_a2a",
+    "combine_over_a2a",
+    "bytes_per_token",
+    "tokens_dropped",
+)
 # The metrics each kind reports: the names an [slo] key may gate (``max_<name>`` / ``min_<name>``).
 METRICS = {
-    "throughput": (
-        "tokens_per_s",
-        "tokens_per_s_per_gpu",
-        "step_time_s",
-        "dispatch_time_s",
-        "combine_time_s",
-        "a2a_time_s",
-        "a2a_algbw_gbps",
-        "a2a_busbw_gbps",
-        "dispatch_over_a2a",
-        "combine_over_a2a",
-        "moe_over_dense",
-        "bytes_per_token",
-        "tokens_dropped",
-    ),
+    "throughput": ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "moe_over_dense", *COLLECTIVE_METRICS),
     "latency": ("step_time_s",),
     "load_balance": (
         "imbalance_max_mean",
@@ -55,17 +53,7 @@ METRICS = {
         "tokens_dropped_fraction",
     ),
     "equivalence": ("rel_error_forward", "rel_error_grad", "tokens_dropped"),
-    "dispatch": (
-        "dispatch_time_s",
-        "combine_time_s",
-        "a2a_time_s",
-        "a2a_algbw_gbps",
-        "a2a_busbw_gbps",
-        "dispatch_over_a2a",
-        "combine_over_a2a",
-        "bytes_per_token",
-        "tokens_dropped",
-    ),
+    "dispatch": COLLECTIVE_METRICS,
 }
 SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 # The seed deployment plan's load-balancing gate, "expert load variance < 20%", read as CV < 0.2.
