@@ -121,6 +121,8 @@ def last_line(err: BaseException) -> str:
 def _leave_torchrun() -> None:
     """At exit: wait for every rank, then destroy the group (a rank tearing down while another
     still talks to it can abort the process)."""
+    global _torchrun_ctx
+    _torchrun_ctx = None  # drop our reference to the group first: one freed at interpreter teardown aborts
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
