@@ -1,0 +1,414 @@
+"""The performance model of a deployment plan: every derived figure as a pure function of the plan.
+
+Symbols (the report and ``scenarios/plans/README.md`` use the same ones):
+L layers, d hidden, h heads, dh head dim, kv KV heads, F expert FFN hidden, E experts, k top_k,
+V vocab, m matrices per expert (2 gelu, 3 swiglu), b bytes per parameter; EP, TP, PP, DP degrees,
+G = EP·TP·PP·DP GPUs; B sequences in flight, S longest prompt, O output tokens, M micro-batches,
+cf capacity factor (0: none), s routing skew (busiest expert's tokens / mean).
+
+Layout assumed (documented in the README): attention is data-parallel over the EP·DP data ranks
+and sharded over TP; experts are split over EP and sharded over TP; layers are split over PP.
+Within a layer nothing overlaps: a layer's time is its roofline (max of compute and memory time)
+plus its all-to-alls and TP all-reduces. The busiest rank sets every collective's time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moebench.plan.spec import Plan
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One derived number, with the formula that produced it (symbols, then numbers)."""
+
+    key: str
+    value: float
+    unit: str
+    formula: str
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
+
+
+# -------------------------------------------------------------------------------------------
+# Architecture
+
+
+def attention_params(p: Plan) -> int:
+    """Q and O: d·h·dh each; K and V: d·kv·dh each."""
+    m = p.model
+    return 2 * m.hidden * m.heads * m.head_dim + 2 * m.hidden * m.kv_heads * m.head_dim
+
+
+def expert_params(p: Plan) -> int:
+    return p.model.expert_matrices * p.model.hidden * p.model.ffn_hidden
+
+
+def layer_params(p: Plan) -> int:
+    """Attention, E experts, router d·E and two norms 2·d."""
+    m = p.model
+    return attention_params(p) + m.experts * expert_params(p) + m.hidden * m.experts + 2 * m.hidden
+
+
+def embedding_params(p: Plan) -> int:
+    return p.model.vocab * p.model.hidden * (1 if p.model.tie_embeddings else 2)
+
+
+def total_params(p: Plan) -> int:
+    return p.model.layers * layer_params(p) + embedding_params(p) + p.model.hidden
+
+
+def active_params(p: Plan) -> int:
+    """Parameters one token touches: the dense part plus k experts per layer."""
+    m = p.model
+    return total_params(p) - m.layers * (m.experts - m.top_k) * expert_params(p)
+
+
+def matmul_flops_per_token(p: Plan) -> float:
+    """Forward projections and experts of one token, no embedding lookup: 2·L·(attn + d·E + k·m·d·F)."""
+    m = p.model
+    return 2.0 * m.layers * (attention_params(p) + m.hidden * m.experts + m.top_k * expert_params(p))
+
+
+def score_flops(p: Plan, context: float) -> float:
+    """Attention scores and weighted values of one query over ``context`` keys, all layers: 4·L·h·dh·c."""
+    m = p.model
+    return 4.0 * m.layers * m.heads * m.head_dim * context
+
+
+# -------------------------------------------------------------------------------------------
+# Placement and per-GPU shares
+
+
+def data_ranks(p: Plan) -> int:
+    return p.parallel.ep * p.parallel.dp
+
+
+def seqs_per_rank(p: Plan) -> int:
+    return math.ceil(p.workload.batch / data_ranks(p))
+
+
+def stage_layers(p: Plan) -> int:
+    return math.ceil(p.model.layers / p.parallel.pp)
+
+
+def local_experts(p: Plan) -> int:
+    return math.ceil(p.model.experts / p.parallel.ep)
+
+
+def load_factor(p: Plan) -> float:
+    """The busiest expert's tokens over the mean: the skew, cut at the capacity when there is one."""
+    cf = p.parallel.capacity_factor
+    return min(p.workload.routing_skew, cf) if cf > 0 else p.workload.routing_skew
+
+
+def gemm_efficiency(p: Plan, rows: float) -> float:
+    """Fraction of peak a GEMM of ``rows`` rows reaches: mfu · rows / (rows + r½) (r½ = gemm_half_rows)."""
+    half = p.hardware.gemm_half_rows
+    return p.hardware.mfu * rows / (rows + half) if half > 0 else p.hardware.mfu
+
+
+# -------------------------------------------------------------------------------------------
+# Memory per GPU
+
+
+@dataclass(frozen=True)
+class Memory:
+    weights_dense: float
+    weights_experts: float
+    weights_embedding: float
+    kv_cache: float
+    activations: float
+    comm_buffers: float
+
+    @property
+    def weights(self) -> float:
+        return self.weights_dense + self.weights_experts + self.weights_embedding
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.activations + self.comm_buffers
+
+
+def prefill_tokens_per_microbatch(p: Plan) -> int:
+    return math.ceil(seqs_per_rank(p) / p.workload.microbatches) * p.workload.seq_len_max
+
+
+def memory_per_gpu(p: Plan) -> Memory:
+    """Bytes on the most loaded GPU (a stage holding the embedding or LM head) at the longest sequence.
+
+    1. Weights: attention and norms sharded by TP, router replicated; E/EP experts sharded by TP;
+       embedding and LM head sharded by TP, both on one GPU only when PP = 1.
+    2. KV cache of this rank's sequences at S + O tokens, kv heads sharded by TP.
+    3. Activations of one prefill micro-batch in one layer: residual and normed input (2·d),
+       q, k, v, and the expert rows received (at the busiest rank) with their hidden (m·F/TP).
+    4. Dispatch send and receive buffers for one layer.
+    """
+    m, par, b = p.model, p.parallel, p.model.bytes_per_param
+    Ls, tp = stage_layers(p), par.tp
+    dense = Ls * (attention_params(p) / tp + m.hidden * m.experts + 2 * m.hidden) * b
+    experts = Ls * local_experts(p) * expert_params(p) / tp * b
+    copies = 2 if (par.pp == 1 and not m.tie_embeddings) else 1
+    embedding = copies * m.vocab * m.hidden / tp * b
+    context = p.workload.seq_len_max + p.workload.output_tokens
+    kv_per_gpu = math.ceil(m.kv_heads / tp)
+    kv = seqs_per_rank(p) * context * Ls * 2 * kv_per_gpu * m.head_dim * b
+    T = prefill_tokens_per_microbatch(p)
+    rows = T * m.top_k * load_factor(p)
+    qkv = (m.heads + 2 * m.kv_heads) * m.head_dim / tp
+    acts = b * (T * (2 * m.hidden + qkv) + rows * (m.hidden + m.expert_matrices * m.ffn_hidden / tp))
+    comm = b * m.hidden * (T * m.top_k + rows) / tp
+    return Memory(dense, experts, embedding, kv, acts, comm)
+
+
+# -------------------------------------------------------------------------------------------
+# Communication: alpha-beta
+
+
+def _link(p: Plan, span: int) -> tuple[float, float, str]:
+    """(latency, bandwidth, name) of the link a group of ``span`` consecutive GPUs talks over."""
+    hw = p.hardware
+    if span <= hw.gpus_per_node:
+        return hw.intra_node_latency, hw.intra_node_bandwidth, "intra-node"
+    return hw.inter_node_latency, hw.inter_node_bandwidth, "inter-node"
+
+
+@dataclass(frozen=True)
+class CommTime:
+    latency: float
+    transfer: float
+    bytes: float
+    link: str
+
+    @property
+    def total(self) -> float:
+        return self.latency + self.transfer
+
+
+def all_to_all(p: Plan, tokens: float) -> CommTime:
+    """One all-to-all (dispatch or combine) of one layer, at the busiest GPU of the EP group.
+
+    The busiest GPU receives tokens·k·load·d·b/TP bytes, (EP−1)/EP of them from other ranks
+    (each TP rank carries 1/TP of its data rank's rows). The EP group spans EP·TP consecutive
+    GPUs; traffic to ranks on other nodes goes over the inter-node link, the rest intra-node, and
+    the slower of the two parts sets the time: α + max(bytes_intra/β_intra, bytes_inter/β_inter).
+    """
+    m, par, hw = p.model, p.parallel, p.hardware
+    if par.ep == 1:
+        return CommTime(0.0, 0.0, 0.0, "none")
+    received = tokens * m.top_k * load_factor(p) * m.hidden * m.bytes_per_param / par.tp
+    remote = received * (par.ep - 1) / par.ep
+    span = par.ep * par.tp
+    if span <= hw.gpus_per_node:
+        return CommTime(hw.intra_node_latency, remote / hw.intra_node_bandwidth, remote, "intra-node")
+    local_peers = max(hw.gpus_per_node // par.tp, 1) - 1  # other EP ranks on this node
+    inter = remote * (par.ep - 1 - local_peers) / (par.ep - 1)
+    intra = remote - inter
+    transfer = max(intra / hw.intra_node_bandwidth, inter / hw.inter_node_bandwidth)
+    return CommTime(hw.inter_node_latency, transfer, remote, "inter-node")
+
+
+def tp_all_reduce(p: Plan, tokens: float) -> CommTime:
+    """One ring all-reduce of tokens·d·b over TP: 2(TP−1)·α + 2(TP−1)/TP · bytes/β."""
+    tp = p.parallel.tp
+    if tp == 1:
+        return CommTime(0.0, 0.0, 0.0, "none")
+    nbytes = tokens * p.model.hidden * p.model.bytes_per_param
+    alpha, beta, link = _link(p, tp)
+    return CommTime(2 * (tp - 1) * alpha, 2 * (tp - 1) / tp * nbytes / beta, nbytes, link)
+
+
+def stage_send(p: Plan, tokens: float) -> CommTime:
+    """Point-to-point of a micro-batch's activations to the next stage: α + tokens·d·b/TP / β."""
+    if p.parallel.pp == 1:
+        return CommTime(0.0, 0.0, 0.0, "none")
+    nbytes = tokens * p.model.hidden * p.model.bytes_per_param / p.parallel.tp
+    alpha, beta, link = _link(p, p.parallel.gpus)
+    return CommTime(alpha, nbytes / beta, nbytes, link)
+
+
+# -------------------------------------------------------------------------------------------
+# One layer: roofline plus communication
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer of one micro-batch on the busiest GPU, by component (seconds)."""
+
+    compute: float
+    memory: float
+    a2a: CommTime  # one direction; a layer runs two (dispatch and combine)
+    allreduce: CommTime  # one; a layer runs two (after attention, after the experts)
+    flops: float
+    bytes: float
+
+    @property
+    def roofline(self) -> float:
+        return max(self.compute, self.memory)
+
+    @property
+    def total(self) -> float:
+        return self.roofline + 2 * self.a2a.total + 2 * self.allreduce.total
+
+    def parts(self) -> dict[str, float]:
+        """Where the time goes, for 'what binds': compute or memory (whichever the roofline picks),
+        and the collectives split into bandwidth (transfer) and latency."""
+        bound = "compute" if self.compute >= self.memory else "memory"
+        return {
+            bound: self.roofline,
+            "bandwidth": 2 * (self.a2a.transfer + self.allreduce.transfer),
+            "latency": 2 * (self.a2a.latency + self.allreduce.latency),
+        }
+
+
+def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
+    """Time of one layer for ``tokens`` tokens of one data rank, each attending over ``context``.
+
+    prefill: context is the causal average S/2 and the KV cache is written;
+    decode: one token per sequence, context S + O/2 (the mean over the generation) is read.
+    """
+    m, hw, par, b = p.model, p.hardware, p.parallel, p.model.bytes_per_param
+    tp = par.tp
+    rows = tokens * m.top_k * load_factor(p)  # expert rows at the busiest EP rank
+    rows_per_expert = rows / local_experts(p)
+    dense_flops = tokens * 2 * (attention_params(p) / tp + m.hidden * m.experts)
+    attn_flops = tokens * 4 * m.heads * m.head_dim * context / tp
+    expert_flops = rows * 2 * expert_params(p) / tp
+    peak = hw.peak_flops
+    compute = (dense_flops + attn_flops) / (peak * gemm_efficiency(p, tokens)) + expert_flops / (
+        peak * gemm_efficiency(p, rows_per_expert)
+    )
+    experts_read = min(local_experts(p), max(rows, 1.0))  # decode may touch fewer experts than it holds
+    weight_bytes = (attention_params(p) / tp + experts_read * expert_params(p) / tp) * m.bytes_per_param
+    kv_row = 2 * math.ceil(m.kv_heads / tp) * m.head_dim * b
+    sequences = tokens if phase == "decode" else tokens / p.workload.seq_len_max
+    kv_bytes = tokens * kv_row if phase == "prefill" else sequences * context * kv_row
+    act_bytes = 2 * b * (tokens * m.hidden + rows * (m.hidden + m.expert_matrices * m.ffn_hidden / tp))
+    nbytes = weight_bytes + kv_bytes + act_bytes
+    memory = nbytes / (hw.memory_bandwidth * hw.memory_bandwidth_efficiency)
+    return LayerTime(
+        compute, memory, all_to_all(p, tokens), tp_all_reduce(p, tokens), dense_flops + attn_flops + expert_flops, nbytes
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# End to end
+
+
+@dataclass(frozen=True)
+class Phase:
+    layer: LayerTime
+    stage: float  # one micro-batch through one stage, with the send to the next
+    send: CommTime
+    total: float  # the phase's time: TTFT for prefill, TPOT for decode
+
+
+def lm_head_time(p: Plan, tokens: float) -> float:
+    m = p.model
+    flops = tokens * 2 * m.vocab * m.hidden / p.parallel.tp
+    return flops / (p.hardware.peak_flops * gemm_efficiency(p, tokens)) if flops else 0.0
+
+
+def prefill(p: Plan, seq_len: int | None = None) -> Phase:
+    """TTFT: M micro-batches of the rank's prompts through PP stages, (M + PP − 1) stage times,
+    then the LM head for each sequence's last token."""
+    S = seq_len or p.workload.seq_len_max
+    M = p.workload.microbatches
+    tokens = math.ceil(seqs_per_rank(p) / M) * S
+    layer = layer_time(p, tokens, S / 2, "prefill")
+    send = stage_send(p, tokens)
+    stage = stage_layers(p) * layer.total + send.total
+    total = (M + p.parallel.pp - 1) * stage + lm_head_time(p, seqs_per_rank(p))
+    return Phase(layer, stage, send, total)
+
+
+def decode(p: Plan) -> Phase:
+    """TPOT: every sequence gets one token per round; a round runs M micro-batches through the
+    pipeline, max(M, PP) stage times (fewer micro-batches than stages leave stages idle)."""
+    M, wl = p.workload.microbatches, p.workload
+    tokens = math.ceil(seqs_per_rank(p) / M)
+    layer = layer_time(p, tokens, wl.seq_len_max + wl.output_tokens / 2, "decode")
+    send = stage_send(p, tokens)
+    stage = stage_layers(p) * layer.total + send.total + lm_head_time(p, tokens) / p.parallel.pp
+    return Phase(layer, stage, send, max(M, p.parallel.pp) * stage)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Every derived figure of a plan, and the pieces the findings and the search read."""
+
+    plan: Plan
+    figures: dict[str, Figure]
+    memory: Memory
+    prefill: Phase
+    decode: Phase
+    extras: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> float:
+        return self.figures[key].value
+
+
+def throughput_per_gpu(p: Plan, ttft: float, tpot: float, counts: str) -> float:
+    wl, G = p.workload, p.parallel.gpus
+    if counts == "prefill":
+        return wl.batch * wl.seq_len_max / ttft / G
+    if counts == "decode":
+        return wl.batch / tpot / G
+    return wl.batch * (wl.seq_len_max + wl.output_tokens) / (ttft + wl.output_tokens * tpot) / G
+
+
+def estimate(p: Plan) -> Estimate:
+    """Derive every figure of the plan (see the module docstring for the symbols)."""
+    m, par, wl, hw = p.model, p.parallel, p.workload, p.hardware
+    mem, pre, dec = memory_per_gpu(p), prefill(p), decode(p)
+    counts = p.slo.throughput_counts
+    tput = throughput_per_gpu(p, pre.total, dec.total, counts)
+    L, d, h, dh, kv, F, E, k = m.layers, m.hidden, m.heads, m.head_dim, m.kv_heads, m.ffn_hidden, m.experts, m.top_k
+    S, O, mm = wl.seq_len_max, wl.output_tokens, m.expert_matrices
+    fig = [
+        Figure("params", total_params(p), "params",
+               f"L·(2·d·h·dh + 2·d·kv·dh + E·m·d·F + d·E + 2·d) + V·d·(2 − tied) + d = {L}·({2*d*h*dh} + "
+               f"{2*d*kv*dh} + {E}·{mm}·{d}·{F} + {d*E} + {2*d}) + {embedding_params(p)} + {d}"),
+        Figure("active_params", active_params(p), "params", f"params − L·(E − k)·m·d·F, k = {k}"),
+        Figure("gpus", par.gpus, "GPUs", f"EP·TP·PP·DP = {par.ep}·{par.tp}·{par.pp}·{par.dp}"),
+        Figure("weights_total", total_params(p) * m.bytes_per_param, "B", f"params · b = {_g(total_params(p))} · {m.bytes_per_param}"),
+        Figure("weights_per_gpu", mem.weights, "B",
+               f"dense {_g(mem.weights_dense)} + experts ⌈E/EP⌉·m·d·F/TP·⌈L/PP⌉·b {_g(mem.weights_experts)} "
+               f"+ embedding {_g(mem.weights_embedding)}"),
+        Figure("kv_cache_per_gpu", mem.kv_cache, "B",
+               f"⌈B/(EP·DP)⌉·(S+O)·⌈L/PP⌉·2·⌈kv/TP⌉·dh·b = {seqs_per_rank(p)}·{S + O}·{stage_layers(p)}·2·"
+               f"{math.ceil(kv / par.tp)}·{dh}·{m.bytes_per_param}"),
+        Figure("activations_per_gpu", mem.activations, "B", "b·(T·(2·d + (h+2·kv)·dh/TP) + R·(d + m·F/TP)), "
+               f"T = {prefill_tokens_per_microbatch(p)} tokens per micro-batch, R = T·k·load"),
+        Figure("comm_buffers_per_gpu", mem.comm_buffers, "B", "b·d·(T·k + R)/TP"),
+        Figure("memory_per_gpu", mem.total, "B", "weights + KV cache + activations + buffers"),
+        Figure("flops_per_token", matmul_flops_per_token(p) + score_flops(p, S / 2), "FLOP",
+               f"2·L·(attn + d·E + k·m·d·F) + 4·L·h·dh·S/2, S = {S} (prefill, causal average)"),
+        Figure("expert_flops_per_token", 2.0 * L * k * expert_params(p), "FLOP", f"2·L·k·m·d·F = 2·{L}·{k}·{mm}·{d}·{F}"),
+        Figure("compute_bound_throughput_per_gpu", hw.peak_flops * hw.mfu / (matmul_flops_per_token(p) + score_flops(p, S / 2)),
+               "tokens/s", "peak · mfu / flops_per_token"),
+        Figure("load_factor", load_factor(p), "×", f"min(s, cf) = min({wl.routing_skew:g}, {par.capacity_factor:g})"
+               if par.capacity_factor else f"s = {wl.routing_skew:g} (no capacity limit)"),
+        Figure("prefill_layer_compute", pre.layer.compute, "s", "flops / (peak · efficiency(rows))"),
+        Figure("prefill_layer_memory", pre.layer.memory, "s", "bytes / (memory bandwidth · efficiency)"),
+        Figure("prefill_a2a", pre.layer.a2a.total, "s",
+               f"α + bytes/β over {pre.layer.a2a.link}, {_g(pre.layer.a2a.bytes)} B at the busiest rank"),
+        Figure("prefill_allreduce", pre.layer.allreduce.total, "s", "2(TP−1)·α + 2(TP−1)/TP · bytes/β"),
+        Figure("pipeline_bubble", (par.pp - 1) / (wl.microbatches + par.pp - 1), "fraction",
+               f"(PP − 1)/(M + PP − 1) = {par.pp - 1}/{wl.microbatches + par.pp - 1}"),
+        Figure("ttft", pre.total, "s",
+               f"(M + PP − 1)·(⌈L/PP⌉·(roofline + 2·a2a + 2·allreduce) + send) + LM head, M = {wl.microbatches}"),
+        Figure("decode_layer_compute", dec.layer.compute, "s", "flops / (peak · efficiency(rows))"),
+        Figure("decode_layer_memory", dec.layer.memory, "s", "(weights read + KV read) / (bandwidth · efficiency)"),
+        Figure("decode_a2a", dec.layer.a2a.total, "s", f"α + bytes/β over {dec.layer.a2a.link}"),
+        Figure("tpot", dec.total, "s", "max(M, PP)·(⌈L/PP⌉·(roofline + 2·a2a + 2·allreduce) + send + LM head/PP)"),
+        Figure("throughput_per_gpu", tput, "tokens/s", {
+            "total": "B·(S + O) / (TTFT + O·TPOT) / G", "prefill": "B·S / TTFT / G", "decode": "B / TPOT / G"}[counts]),
+    ]  # fmt: skip
+    short = prefill(p, wl.seq_len_min).total if wl.seq_len_min != S else pre.total
+    fig.append(Figure("ttft_at_seq_len_min", short, "s", f"TTFT at S = {wl.seq_len_min}"))
+    return Estimate(p, {f.key: f for f in fig}, mem, pre, dec)

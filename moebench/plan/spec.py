@@ -1,0 +1,409 @@
+"""The deployment-plan file: its schema, units, and a loader that turns TOML into a frozen ``Plan``.
+
+Every quantity with a unit may be written as a bare number in the key's canonical unit
+(``ttft = 10`` is 10 s) or as a string with its unit, the way the source document wrote it
+(``ttft = "10 s"``, ``throughput_per_gpu = "100 tokens/ms"``). The loader converts to canonical
+units (s, B, B/s, FLOP/s, FLOP, tokens/s) and keeps the text as written, so the report can quote
+a claim in its own units. The schema is documented in ``scenarios/plans/README.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+
+from moebench.scenario import _key, _show
+
+
+class PlanError(ValueError):
+    """A plan file that cannot be read; the message is one line for the user."""
+
+
+# Units: dimension -> {spelling: factor to the canonical unit}. Matching ignores case only where
+# no two spellings differ by case alone (bytes: MB is not Mb).
+UNITS: dict[str, dict[str, float]] = {
+    "time": {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "min": 60.0},
+    "bytes": {
+        "B": 1.0, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+        "KiB": 2.0**10, "MiB": 2.0**20, "GiB": 2.0**30, "TiB": 2.0**40,
+    },  # fmt: skip
+    "bandwidth": {
+        "B/s": 1.0, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12, "GBps": 1e9, "TBps": 1e12,
+        "Gbit/s": 1.25e8, "Gb/s": 1.25e8, "Gbps": 1.25e8, "Tbit/s": 1.25e11,
+    },  # fmt: skip
+    "flop_rate": {"flop/s": 1.0, "gflop/s": 1e9, "tflop/s": 1e12, "pflop/s": 1e15, "tflops": 1e12, "pflops": 1e15},
+    "flops": {"flop": 1.0, "mflop": 1e6, "gflop": 1e9, "tflop": 1e12, "mflops": 1e6, "gflops": 1e9},
+    "token_rate": {"tokens/s": 1.0, "tokens/ms": 1e3},
+}
+CANONICAL = {"time": "s", "bytes": "B", "bandwidth": "B/s", "flop_rate": "FLOP/s", "flops": "FLOP", "token_rate": "tokens/s"}
+_CASELESS = {"flop_rate", "flops", "token_rate", "time"}
+_QUANTITY = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(\S+)\s*")
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One key: default (``REQUIRED`` or None for optional), type, bounds, unit dimension."""
+
+    default: object
+    kind: str  # "int", "number", "fraction", "bool", "text", "choice", "quantity", "list"
+    low: float = 0
+    high: float = math.inf
+    dim: str = ""  # for quantities: a key of UNITS
+    choices: tuple = ()
+
+    def accepted(self) -> str:
+        if self.kind == "int":
+            return f"an integer >= {self.low:g}"
+        if self.kind == "number":
+            return f"a finite number >= {self.low:g}"
+        if self.kind == "fraction":
+            return "a number in (0, 1]"
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return "one of " + ", ".join(f'"{c}"' for c in self.choices)
+        if self.kind == "list":
+            return 'a list of "section.key" strings naming keys of this file'
+        if self.kind == "quantity":
+            units = ", ".join(UNITS[self.dim])
+            return f'a positive number in {CANONICAL[self.dim]}, or a string "<number> <unit>" with unit one of {units}'
+        return "a string"
+
+
+def _i(default=REQUIRED, low=1):
+    return Spec(default, "int", low)
+
+
+def _q(dim, default=REQUIRED):
+    return Spec(default, "quantity", dim=dim)
+
+
+SCHEMA: dict[str, dict[str, Spec]] = {
+    "plan": {"name": Spec(REQUIRED, "text"), "description": Spec("", "text"), "source": Spec("", "text"),
+             "assumed": Spec((), "list")},
+    "model": {
+        "layers": _i(), "hidden": _i(), "heads": _i(), "head_dim": _i(), "kv_heads": _i(None),
+        "ffn_hidden": _i(), "experts": _i(), "top_k": _i(1), "vocab": _i(0, low=0),
+        "tie_embeddings": Spec(False, "bool"), "activation": Spec("gelu", "choice", choices=("gelu", "swiglu")),
+        "precision": Spec(REQUIRED, "choice", choices=("fp32", "bf16", "fp16", "fp8")),
+        "params": Spec(None, "number", low=1),
+    },
+    "hardware": {
+        "name": Spec("", "text"), "peak_flops": _q("flop_rate"), "mfu": Spec(REQUIRED, "fraction"),
+        "memory_bandwidth": _q("bandwidth"), "memory_bandwidth_efficiency": Spec(REQUIRED, "fraction"),
+        "memory": _q("bytes"), "gpus_per_node": _i(8),
+        "intra_node_bandwidth": _q("bandwidth"), "intra_node_latency": _q("time"),
+        "inter_node_bandwidth": _q("bandwidth"), "inter_node_latency": _q("time"),
+        "host_to_device_bandwidth": _q("bandwidth", None), "gemm_half_rows": Spec(0.0, "number"),
+    },
+    "workload": {
+        "batch": _i(), "seq_len_min": _i(None), "seq_len_max": _i(), "output_tokens": _i(),
+        "routing_skew": Spec(1.0, "number", low=1), "microbatches": _i(0, low=0),
+    },
+    "parallel": {"ep": _i(1), "tp": _i(1), "pp": _i(1), "dp": _i(1), "capacity_factor": Spec(0.0, "number")},
+    "slo": {
+        "ttft": _q("time", None), "tpot": _q("time", None), "throughput_per_gpu": _q("token_rate", None),
+        "throughput_counts": Spec("total", "choice", choices=("total", "prefill", "decode")),
+        "max_load_cv": Spec(None, "number"),
+    },
+    "claims": {
+        "gpus": _i(None), "memory_per_gpu": _q("bytes", None), "weights_per_gpu": _q("bytes", None),
+        "weights_total": _q("bytes", None), "flops_per_token": _q("flops", None),
+        "expert_flops_per_token": _q("flops", None), "compute_bound_throughput_per_gpu": _q("token_rate", None),
+        "throughput_per_gpu": _q("token_rate", None), "ttft": _q("time", None), "tpot": _q("time", None),
+    },
+}  # fmt: skip
+REQUIRED_SECTIONS = ("plan", "model", "hardware", "workload", "parallel")
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Model:
+    layers: int
+    hidden: int  # d, the residual stream width
+    heads: int
+    head_dim: int
+    kv_heads: int
+    ffn_hidden: int  # F, each expert's hidden width
+    experts: int  # E, routed experts per layer
+    top_k: int
+    vocab: int  # 0: not stated; embedding and LM head left out
+    tie_embeddings: bool
+    activation: str  # "gelu": 2 matrices per expert; "swiglu": 3
+    precision: str
+    params: float | None  # the plan's declared parameter count
+
+    @property
+    def bytes_per_param(self) -> int:
+        return BYTES_PER_PARAM[self.precision]
+
+    @property
+    def expert_matrices(self) -> int:
+        return 3 if self.activation == "swiglu" else 2
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops: float  # FLOP/s per GPU at this precision
+    mfu: float  # expected fraction of peak reached by large GEMMs
+    memory_bandwidth: float  # B/s
+    memory_bandwidth_efficiency: float
+    memory: float  # B per GPU
+    gpus_per_node: int
+    intra_node_bandwidth: float  # B/s per GPU, one direction
+    intra_node_latency: float  # s per collective
+    inter_node_bandwidth: float  # B/s per GPU, one direction
+    inter_node_latency: float
+    host_to_device_bandwidth: float | None
+    gemm_half_rows: float  # rows per GEMM at which it reaches half of mfu (0: no shape dependence)
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int  # sequences in flight over the whole deployment
+    seq_len_min: int
+    seq_len_max: int
+    output_tokens: int
+    routing_skew: float  # tokens of the busiest expert / mean tokens per expert
+    microbatches: int  # per pipeline; resolved to pp when the file gives 0
+
+
+@dataclass(frozen=True)
+class Parallel:
+    ep: int
+    tp: int
+    pp: int
+    dp: int
+    capacity_factor: float  # 0: no capacity limit (dropless)
+
+    @property
+    def gpus(self) -> int:
+        return self.ep * self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft: float | None
+    tpot: float | None
+    throughput_per_gpu: float | None
+    throughput_counts: str
+    max_load_cv: float | None
+
+
+@dataclass(frozen=True)
+class Claims:
+    gpus: int | None = None
+    memory_per_gpu: float | None = None
+    weights_per_gpu: float | None = None
+    weights_total: float | None = None
+    flops_per_token: float | None = None
+    expert_flops_per_token: float | None = None
+    compute_bound_throughput_per_gpu: float | None = None
+    throughput_per_gpu: float | None = None
+    ttft: float | None = None
+    tpot: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: str
+    name: str
+    description: str
+    source: str
+    assumed: tuple[str, ...]
+    model: Model
+    hardware: Hardware
+    workload: Workload
+    parallel: Parallel
+    slo: Slo
+    claims: Claims
+    written: dict = field(default_factory=dict, compare=False)  # "section.key" -> value as written
+
+    def with_parallel(self, **degrees) -> Plan:
+        """The same plan with other degrees; microbatches follow pp unless the file fixed them."""
+        par = replace(self.parallel, **degrees)
+        wl = self.workload
+        if "microbatches" not in self.written.get("workload", {}):
+            wl = replace(wl, microbatches=par.pp)
+        return replace(self, parallel=par, workload=wl)
+
+    def with_hardware(self, **values) -> Plan:
+        return replace(self, hardware=replace(self.hardware, **values))
+
+
+# -------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_quantity(value: object, dim: str) -> float | None:
+    """``value`` in the canonical unit of ``dim``, or None when it is not a valid quantity."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str) and (m := _QUANTITY.fullmatch(value)):
+        units = UNITS[dim]
+        unit = m.group(2)
+        if dim in _CASELESS:
+            unit = unit.lower()
+            units = {k.lower(): v for k, v in units.items()}
+        if unit not in units:
+            return None
+        number = float(m.group(1)) * units[unit]
+    else:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _value(path: str, section: str, key: str, value: object, spec: Spec) -> object:
+    def bad():
+        return PlanError(f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted {spec.accepted()}")
+
+    if spec.kind == "quantity":
+        number = parse_quantity(value, spec.dim)
+        if number is None:
+            raise bad()
+        return number
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool) and value >= spec.low):
+        raise bad()
+    if spec.kind == "number" and not (is_number and math.isfinite(value) and value >= spec.low):
+        raise bad()
+    if spec.kind == "fraction" and not (is_number and 0 < value <= 1):
+        raise bad()
+    if spec.kind == "bool" and not isinstance(value, bool):
+        raise bad()
+    if spec.kind == "text" and not isinstance(value, str):
+        raise bad()
+    if spec.kind == "choice" and value not in spec.choices:
+        raise bad()
+    if spec.kind == "list":
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise bad()
+        return tuple(value)
+    return float(value) if spec.kind in ("number", "fraction") else value
+
+
+def _section(path: str, section: str, table: object) -> dict:
+    if not isinstance(table, dict):
+        raise PlanError(f"{path}: [{section}] = {_show(table)} is invalid: accepted a table of keys")
+    schema = SCHEMA[section]
+    for key in table:
+        if key not in schema:
+            raise PlanError(f"{path}: [{section}] {_key(key)} is not a known key: accepted {', '.join(schema)}")
+    out = {}
+    for key, spec in schema.items():
+        if key in table:
+            out[key] = _value(path, section, key, table[key], spec)
+        elif spec.default is REQUIRED:
+            raise PlanError(f"{path}: [{section}] {key} is missing: accepted {spec.accepted()}")
+        else:
+            out[key] = spec.default
+    return out
+
+
+def _consistency(path: str, s: dict) -> None:
+    """Values that cannot describe any deployment (as opposed to a poor plan, which is a finding)."""
+    m, w, p = s["model"], s["workload"], s["parallel"]
+    checks = [
+        ("model", "top_k", m["top_k"], m["top_k"] <= m["experts"], f"at most experts = {m['experts']}"),
+        ("model", "kv_heads", m["kv_heads"], m["heads"] % m["kv_heads"] == 0, f"a divisor of heads = {m['heads']}"),
+        ("workload", "seq_len_min", w["seq_len_min"], w["seq_len_min"] <= w["seq_len_max"],
+         f"at most seq_len_max = {w['seq_len_max']}"),
+        ("parallel", "capacity_factor", p["capacity_factor"], p["capacity_factor"] <= m["experts"] / m["top_k"],
+         f"0 (dropless) or at most experts / top_k = {m['experts'] / m['top_k']:g}"),
+    ]  # fmt: skip
+    for section, key, value, ok, accepted in checks:
+        if not ok:
+            raise PlanError(f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted {accepted}")
+    for name in s["plan"]["assumed"]:
+        section, _, key = name.partition(".")
+        if key not in s.get(section, {}):
+            raise PlanError(
+                f"{path}: [plan] assumed names {_show(name)}, which is not a key of this file: "
+                'accepted "section.key" of a key in [model], [hardware], [workload], [parallel], [slo] or [claims]'
+            )
+
+
+def _build(cls, values: dict):
+    return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+def load_plan(path: str) -> Plan:
+    """Read and validate a plan file; every problem is a one-line ``PlanError``."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as err:
+        raise PlanError(f"{path}: cannot be read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise PlanError(f"{path}: not valid TOML: {err}") from None
+    for section in doc:
+        if section not in SCHEMA:
+            raise PlanError(f"{path}: [{_key(section)}] is not a known section: accepted {', '.join(SCHEMA)}")
+    for section in REQUIRED_SECTIONS:
+        if section not in doc:
+            raise PlanError(f"{path}: [{section}] is missing: accepted a file with [{'], ['.join(REQUIRED_SECTIONS)}]")
+    s = {section: _section(path, section, doc.get(section, {})) for section in SCHEMA}
+    s["model"]["kv_heads"] = s["model"]["kv_heads"] or s["model"]["heads"]
+    s["workload"]["seq_len_min"] = s["workload"]["seq_len_min"] or s["workload"]["seq_len_max"]
+    s["workload"]["microbatches"] = s["workload"]["microbatches"] or s["parallel"]["pp"]
+    _consistency(path, s)
+    return Plan(
+        path=str(path),
+        name=s["plan"]["name"],
+        description=s["plan"]["description"],
+        source=s["plan"]["source"],
+        assumed=s["plan"]["assumed"],
+        model=_build(Model, s["model"]),
+        hardware=_build(Hardware, s["hardware"]),
+        workload=_build(Workload, s["workload"]),
+        parallel=_build(Parallel, s["parallel"]),
+        slo=_build(Slo, s["slo"]),
+        claims=_build(Claims, s["claims"]),
+        written={section: dict(table) for section, table in doc.items() if isinstance(table, dict)},
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# Display
+
+
+_PREFIXES = {
+    "B": [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1, "B")],
+    "s": [(1, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")],
+    "FLOP": [(1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1, "FLOP")],
+    "params": [(1e9, "B params"), (1e6, "M params"), (1, "params")],
+    "tokens/s": [(1e3, "tokens/ms"), (1, "tokens/s")],
+}
+
+
+def human(value: float | None, unit: str) -> str:
+    """A value with a readable prefix: 4.23 MB, 21.2 ms, 12.3 tokens/ms."""
+    if value is None:
+        return "-"
+    for scale, name in _PREFIXES.get(unit, []):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {name}"
+    if unit in _PREFIXES:
+        scale, name = _PREFIXES[unit][-1]
+        return f"{value / scale:.3g} {name}"
+    if unit == "fraction":
+        return f"{value:.1%}"
+    return f"{value:.4g} {unit}".strip()
+
+
+def in_unit_of(value: float, written: object, dim: str) -> str:
+    """``value`` in the unit ``written`` used (so a claim and its check read alike)."""
+    if isinstance(written, str) and parse_quantity(written, dim) is not None:
+        unit = written.split()[-1] if " " in written.strip() else None
+        if unit:
+            factor = {k.lower(): v for k, v in UNITS[dim].items()}.get(unit.lower())
+            if factor:
+                return f"{value / factor:.4g} {unit}"
+    return ""
