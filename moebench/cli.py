@@ -6,6 +6,7 @@ moebench report PATH...  re-render the tables of saved result files
 moebench compare BASELINE NEW   judge NEW against BASELINE (exit 1 on a regression)
 moebench baseline update RESULT...   copy passing results into results/baselines/<class>/
 moebench baseline path RESULT...     print the baseline folder those results compare against
+moebench plan FILE.toml [--search] [--calibrate RESULTS...]   validate a deployment plan (exit 1 on an error finding)
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("paths", nargs="+", metavar="PATH")
     report.add_argument("--format", choices=["plain", "markdown"], default="plain")
     _add_compare(sub)
+    plan = sub.add_parser("plan", help="validate a deployment plan; exit 1 when a finding is an error")
+    plan.add_argument("file", type=Path, metavar="FILE.toml", help="a plan file (scenarios/plans/README.md)")
+    plan.add_argument("--search", action="store_true", help="find the fewest-GPU degrees that meet every SLO")
+    plan.add_argument("--top", type=_positive_int, default=5, help="answers --search lists (default 5)")
+    plan.add_argument("--max-gpus", type=_positive_int, default=4096, help="largest GPU count --search tries")
+    plan.add_argument("--calibrate", nargs="+", metavar="RESULTS", help="fit the model's factors to result files")
+    plan.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': stdout, no text report)")
+    plan.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
     return parser
 
 
@@ -204,6 +213,43 @@ def _compare(args) -> int:
     return 1 if any(row.regression for row in rows) else 0
 
 
+def _plan(args) -> int:
+    import json
+
+    from moebench.plan import calibrate as C
+    from moebench.plan import search as S
+    from moebench.plan.findings import findings
+    from moebench.plan.model import estimate
+    from moebench.plan.report import render, to_json
+    from moebench.plan.spec import load_plan
+    from moebench.results import json_safe
+
+    fmt = "github" if args.format == "markdown" else "simple"
+    plan = load_plan(str(args.file))
+    texts, doc = [], {}
+    if args.calibrate:
+        cal = C.calibrate(plan, args.calibrate)
+        doc["calibration"] = C.to_json(cal)
+        texts.append(C.render(doc["calibration"], fmt))
+        if cal.applies:
+            plan = C.applied(plan, cal)
+    e = estimate(plan)
+    doc |= to_json(e, findings(e))
+    texts.insert(0, render(doc, fmt))
+    if args.search:
+        doc["search"] = S.to_json(S.search(plan, args.top, args.max_gpus))
+        texts.append(S.render(doc["search"], fmt))
+    if args.json:
+        text = json.dumps(json_safe(doc), indent=1, allow_nan=False)
+        if args.json == "-":
+            print(text)
+        else:
+            _write_text(Path(args.json), text + "\n")
+    if args.json != "-":
+        print("\n\n".join(texts))
+    return 1 if doc["errors"] else 0
+
+
 def _write_text(path: Path, text: str) -> None:
     try:
         Path(path).write_text(text)
@@ -225,7 +271,14 @@ def _baseline(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "list": _list, "report": _report, "compare": _compare, "baseline": _baseline}
+    commands = {
+        "run": _run,
+        "list": _list,
+        "report": _report,
+        "compare": _compare,
+        "baseline": _baseline,
+        "plan": _plan,
+    }
     try:
         return commands[args.command](args)
     except ValueError as err:  # ScenarioError is a ValueError: one line, exit 2

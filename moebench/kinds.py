@@ -22,6 +22,7 @@ from moebench.scenario import RunSpec
 from moebench.telemetry import Sampler
 from moebench.timing import time_fn, time_interleaved
 from moebench.workload import DenseStack, MoEStack, layer_weights, tokens
+from runtime.experts import expert_ffn, resolve_backend
 
 # -------------------------------------------------------------------------------------------
 # Rank side
@@ -216,6 +217,26 @@ def _measure_dispatch(ctx, spec: RunSpec, interval: float | None) -> dict:
     return {**out, "telemetry": sampler.summary(), **_routing_stats(stack, x_TD)}
 
 
+def _measure_experts(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """experts: the grouped expert FFN alone, tokens·top_k rows spread evenly over the experts."""
+    moe = spec.moe_config()
+    weights = layer_weights(moe, 1, spec.workload["seed"], "uniform", None)[0]
+    w_in, w_down = (w.to(ctx.device, moe.torch_dtype) for w in (weights.w_in_EDH, weights.w_down_EFD))
+    rows = spec.workload["tokens_per_rank"] * moe.top_k
+    counts = [rows // moe.num_experts + (e < rows % moe.num_experts) for e in range(moe.num_experts)]
+    x_RD = tokens(rows, moe.hidden_size, spec.workload["seed"], ctx.rank).to(ctx.device, moe.torch_dtype)
+    backend = resolve_backend(moe.expert_backend, ctx.device, moe.torch_dtype)
+
+    def forward():
+        with torch.no_grad():
+            return expert_ffn(x_RD, w_in, w_down, counts, moe.activation, backend)
+
+    with _sampler(ctx, interval) as sampler:
+        t = time_fn(forward, warmup=spec.scenario["warmup"], repeats=spec.scenario["repeats"], device=ctx.device)
+    return {"experts": list(t.samples_s), "finite": bool(torch.isfinite(forward()).all()),
+            "telemetry": sampler.summary()}  # fmt: skip
+
+
 def _round_trip_error(stack: MoEStack, x_TD: torch.Tensor) -> float:
     """Relative error of combine(dispatch(x)) against x · Σ kept weights (identity experts), layer 0."""
     layer = stack.layers[0]
@@ -275,6 +296,8 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
         return _measure_timed(ctx, spec, interval, collectives=False)
     if spec.kind == "dispatch":
         return _measure_dispatch(ctx, spec, interval)
+    if spec.kind == "experts":
+        return _measure_experts(ctx, spec, interval)
     if spec.kind == "load_balance":
         return _measure_load(ctx, spec, interval)
     return _measure_equivalence(ctx, spec, interval)
@@ -327,6 +350,31 @@ def _collective_metrics(spec: RunSpec, raw: dict) -> dict:
         out["dispatch_over_a2a"] = M.metric(_ratios(raw["dispatch"], raw["a2a"]), "ratio", "lower")
         out["combine_over_a2a"] = M.metric(_ratios(raw["combine"], raw["a2a"]), "ratio", "lower")
     return out
+
+
+def expert_flops(spec: RunSpec) -> float:
+    """Forward FLOPs of the experts kind's FFN: 2 · rows · m · D · F (m = 3 for swiglu, else 2)."""
+    m = 3 if spec.model["activation"] == "swiglu" else 2
+    rows = spec.workload["tokens_per_rank"] * spec.model["top_k"]
+    return 2.0 * rows * m * spec.model["hidden"] * spec.model["ffn_hidden"]
+
+
+def _expert_metrics(spec: RunSpec, raw: dict) -> dict:
+    flops = expert_flops(spec)
+    rows = spec.workload["tokens_per_rank"] * spec.model["top_k"]
+    return {
+        "expert_time_s": M.metric(raw["experts"], "s", "lower"),
+        "expert_tflops": M.metric([flops / t / 1e12 for t in raw["experts"]], "TFLOP/s", "higher"),
+        "rows_per_expert": M.metric([rows / spec.model["num_experts"]], "rows", "higher", exact=True),
+    }
+
+
+def _finite(per_rank: list[dict]) -> dict:
+    return {
+        "name": "finite_output",
+        "pass": all(r["finite"] for r in per_rank),
+        "detail": "every rank's output is finite",
+    }
 
 
 def _ratios(numerator: list[float], denominator: list[float]) -> list[float]:
@@ -437,6 +485,8 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
             "detail": f"combine(dispatch(x)) vs x · kept weights: worst rank {worst:.2e}, tolerance {tol:g}",
         }
         return _collective_metrics(spec, per_rank[0]), [check], {"layers": spec.model["layers"]}
+    if spec.kind == "experts":
+        return _expert_metrics(spec, per_rank[0]), [_finite(per_rank)], {"backend": spec.model["expert_backend"]}
     raw = per_rank[0]
     finite = all(r["finite"] for r in per_rank)
     checks = [{"name": "finite_output", "pass": finite, "detail": "every rank's output is finite"}]

@@ -225,6 +225,12 @@ COLUMNS = {
         ("bytes_per_token", "bytes/token", 1, ".0f"),
         ("tokens_dropped", "dropped", 1, ".0f"),
     ],
+    "experts": [
+        ("expert_time_s", "experts p50 (ms)", 1e3, ".3f"),
+        ("expert_time_s:p90", "p90 (ms)", 1e3, ".3f"),
+        ("expert_tflops", "TFLOP/s", 1, ".4f"),
+        ("rows_per_expert", "rows/expert", 1, ".0f"),
+    ],
     "equivalence": [
         ("rel_error_forward", "fwd rel err", 1, ".1e"),
         ("rel_error_grad", "grad rel err", 1, ".1e"),

@@ -27,7 +27,7 @@ from runtime import MoEConfig, ParallelConfig
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
 from runtime.placement import place_experts
 
-KINDS = ("throughput", "latency", "load_balance", "equivalence", "dispatch")
+KINDS = ("throughput", "latency", "load_balance", "equivalence", "dispatch", "experts")
 
 # The collectives' metrics, reported by throughput and dispatch runs.
 COLLECTIVE_METRICS = (
@@ -54,6 +54,7 @@ METRICS = {
     ),
     "equivalence": ("rel_error_forward", "rel_error_grad", "tokens_dropped"),
     "dispatch": COLLECTIVE_METRICS,
+    "experts": ("expert_time_s", "expert_tflops", "rows_per_expert"),
 }
 SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 # The seed deployment plan's load-balancing gate, "expert load variance < 20%", read as CV < 0.2.

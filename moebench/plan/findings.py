@@ -151,7 +151,11 @@ def _memory(e: Estimate) -> list[Finding]:
                             ("activations", e.memory.activations), ("buffers", e.memory.comm_buffers)]
     )  # fmt: skip
     if used > have:
-        return [Finding("memory.overflow", "error", f"{used / 1e9:.3g} GB per GPU ({parts}) exceed {have / 1e9:.3g} GB", numbers)]
+        return [
+            Finding(
+                "memory.overflow", "error", f"{used / 1e9:.3g} GB per GPU ({parts}) exceed {have / 1e9:.3g} GB", numbers
+            )
+        ]
     if used > MEMORY_TIGHT * have:
         return [Finding("memory.tight", "warning", f"{used / have:.0%} of GPU memory in use ({parts})", numbers)]
     return []
@@ -200,7 +204,8 @@ def _slos(e: Estimate) -> list[Finding]:
         if not met:
             word = "above" if op == "max" else "below"
             out.append(Finding(
-                f"slo.{key}", "error", f"{key} = {_fmt(value, unit, written)} is {word} the SLO {_fmt(limit, unit, written)}",
+                f"slo.{key}", "error",
+                f"{key} = {_fmt(value, unit, written)} is {word} the SLO {_fmt(limit, unit, written)}",
                 {"derived": value, "limit": limit, "ratio": value / limit},
             ))  # fmt: skip
     return out
@@ -244,7 +249,7 @@ def _claims(e: Estimate) -> list[Finding]:
             continue
         optimistic = (kind == "higher" and ratio > 1) or (kind == "lower" and ratio < 1)
         far = max(ratio, 1 / ratio) > CLAIM_FAR
-        severity = "error" if far and (kind == "arith" or optimistic) or slip.startswith("exactly") else "warning"
+        severity = "error" if (far and (kind == "arith" or optimistic)) or slip.startswith("exactly") else "warning"
         as_written = written.get(key, claimed)
         message = f"claims {key} = {as_written}; derived {_fmt(derived, unit, as_written)} ({ratio:.3g}×"
         message += ", optimistic)" if optimistic else ")"

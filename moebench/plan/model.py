@@ -291,7 +291,12 @@ def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
     nbytes = weight_bytes + kv_bytes + act_bytes
     memory = nbytes / (hw.memory_bandwidth * hw.memory_bandwidth_efficiency)
     return LayerTime(
-        compute, memory, all_to_all(p, tokens), tp_all_reduce(p, tokens), dense_flops + attn_flops + expert_flops, nbytes
+        compute,
+        memory,
+        all_to_all(p, tokens),
+        tp_all_reduce(p, tokens),
+        dense_flops + attn_flops + expert_flops,
+        nbytes,
     )
 
 
@@ -369,13 +374,15 @@ def estimate(p: Plan) -> Estimate:
     tput = throughput_per_gpu(p, pre.total, dec.total, counts)
     L, d, h, dh, kv, F, E, k = m.layers, m.hidden, m.heads, m.head_dim, m.kv_heads, m.ffn_hidden, m.experts, m.top_k
     S, O, mm = wl.seq_len_max, wl.output_tokens, m.expert_matrices
+    flops_token = matmul_flops_per_token(p) + score_flops(p, S / 2)
     fig = [
         Figure("params", total_params(p), "params",
                f"L·(2·d·h·dh + 2·d·kv·dh + E·m·d·F + d·E + 2·d) + V·d·(2 − tied) + d = {L}·({2*d*h*dh} + "
                f"{2*d*kv*dh} + {E}·{mm}·{d}·{F} + {d*E} + {2*d}) + {embedding_params(p)} + {d}"),
         Figure("active_params", active_params(p), "params", f"params − L·(E − k)·m·d·F, k = {k}"),
         Figure("gpus", par.gpus, "GPUs", f"EP·TP·PP·DP = {par.ep}·{par.tp}·{par.pp}·{par.dp}"),
-        Figure("weights_total", total_params(p) * m.bytes_per_param, "B", f"params · b = {_g(total_params(p))} · {m.bytes_per_param}"),
+        Figure("weights_total", total_params(p) * m.bytes_per_param, "B",
+               f"params · b = {_g(total_params(p))} · {m.bytes_per_param}"),
         Figure("weights_per_gpu", mem.weights, "B",
                f"dense {_g(mem.weights_dense)} + experts ⌈E/EP⌉·m·d·F/TP·⌈L/PP⌉·b {_g(mem.weights_experts)} "
                f"+ embedding {_g(mem.weights_embedding)}"),
@@ -386,11 +393,12 @@ def estimate(p: Plan) -> Estimate:
                f"T = {prefill_tokens_per_microbatch(p)} tokens per micro-batch, R = T·k·load"),
         Figure("comm_buffers_per_gpu", mem.comm_buffers, "B", "b·d·(T·k + R)/TP"),
         Figure("memory_per_gpu", mem.total, "B", "weights + KV cache + activations + buffers"),
-        Figure("flops_per_token", matmul_flops_per_token(p) + score_flops(p, S / 2), "FLOP",
+        Figure("flops_per_token", flops_token, "FLOP",
                f"2·L·(attn + d·E + k·m·d·F) + 4·L·h·dh·S/2, S = {S} (prefill, causal average)"),
-        Figure("expert_flops_per_token", 2.0 * L * k * expert_params(p), "FLOP", f"2·L·k·m·d·F = 2·{L}·{k}·{mm}·{d}·{F}"),
-        Figure("compute_bound_throughput_per_gpu", hw.peak_flops * hw.mfu / (matmul_flops_per_token(p) + score_flops(p, S / 2)),
-               "tokens/s", "peak · mfu / flops_per_token"),
+        Figure("expert_flops_per_token", 2.0 * L * k * expert_params(p), "FLOP",
+               f"2·L·k·m·d·F = 2·{L}·{k}·{mm}·{d}·{F}"),
+        Figure("compute_bound_throughput_per_gpu", hw.peak_flops * hw.mfu / flops_token, "tokens/s",
+               "peak · mfu / flops_per_token"),
         Figure("load_factor", load_factor(p), "×", f"min(s, cf) = min({wl.routing_skew:g}, {par.capacity_factor:g})"
                if par.capacity_factor else f"s = {wl.routing_skew:g} (no capacity limit)"),
         Figure("prefill_layer_compute", pre.layer.compute, "s", "flops / (peak · efficiency(rows))"),

@@ -10,6 +10,7 @@ from moebench.plan.spec import human
 
 SCHEMA = "moebench.plan/1"
 
+
 def to_json(e: Estimate, found: list[Finding]) -> dict:
     p = e.plan
     slo_rows = []
@@ -33,7 +34,9 @@ def to_json(e: Estimate, found: list[Finding]) -> dict:
         "degrees": {"ep": p.parallel.ep, "tp": p.parallel.tp, "pp": p.parallel.pp, "dp": p.parallel.dp},
         "figures": {f.key: {"value": f.value, "unit": f.unit, "formula": f.formula} for f in e.figures.values()},
         "slo": slo_rows,
-        "findings": [{"code": f.code, "severity": f.severity, "message": f.message, "numbers": f.numbers} for f in found],
+        "findings": [
+            {"code": f.code, "severity": f.severity, "message": f.message, "numbers": f.numbers} for f in found
+        ],
         "errors": sum(f.severity == "error" for f in found),
     }
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
+
+import tomllib
 
 from moebench.scenario import _key, _show
 
@@ -26,18 +27,40 @@ class PlanError(ValueError):
 UNITS: dict[str, dict[str, float]] = {
     "time": {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "min": 60.0},
     "bytes": {
-        "B": 1.0, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
-        "KiB": 2.0**10, "MiB": 2.0**20, "GiB": 2.0**30, "TiB": 2.0**40,
-    },  # fmt: skip
+        "B": 1.0,
+        "KB": 1e3,
+        "MB": 1e6,
+        "GB": 1e9,
+        "TB": 1e12,
+        "KiB": 2.0**10,
+        "MiB": 2.0**20,
+        "GiB": 2.0**30,
+        "TiB": 2.0**40,
+    },
     "bandwidth": {
-        "B/s": 1.0, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12, "GBps": 1e9, "TBps": 1e12,
-        "Gbit/s": 1.25e8, "Gb/s": 1.25e8, "Gbps": 1.25e8, "Tbit/s": 1.25e11,
-    },  # fmt: skip
+        "B/s": 1.0,
+        "MB/s": 1e6,
+        "GB/s": 1e9,
+        "TB/s": 1e12,
+        "GBps": 1e9,
+        "TBps": 1e12,
+        "Gbit/s": 1.25e8,
+        "Gb/s": 1.25e8,
+        "Gbps": 1.25e8,
+        "Tbit/s": 1.25e11,
+    },
     "flop_rate": {"flop/s": 1.0, "gflop/s": 1e9, "tflop/s": 1e12, "pflop/s": 1e15, "tflops": 1e12, "pflops": 1e15},
     "flops": {"flop": 1.0, "mflop": 1e6, "gflop": 1e9, "tflop": 1e12, "mflops": 1e6, "gflops": 1e9},
     "token_rate": {"tokens/s": 1.0, "tokens/ms": 1e3},
 }
-CANONICAL = {"time": "s", "bytes": "B", "bandwidth": "B/s", "flop_rate": "FLOP/s", "flops": "FLOP", "token_rate": "tokens/s"}
+CANONICAL = {
+    "time": "s",
+    "bytes": "B",
+    "bandwidth": "B/s",
+    "flop_rate": "FLOP/s",
+    "flops": "FLOP",
+    "token_rate": "tokens/s",
+}
 _CASELESS = {"flop_rate", "flops", "token_rate", "time"}
 _QUANTITY = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(\S+)\s*")
 

@@ -1,0 +1,230 @@
+"""``moebench plan --calibrate RESULTS...``: fit the model's efficiency factors to measured runs.
+
+Three fits, each a least-squares fit of relative error (every run counts alike whatever its size),
+non-negative, with scipy's ``nnls``:
+
+- GEMM (``experts`` runs): t = flops / (R · r/(r + r½)) = flops/R + (flops/r)·r½/R, with r the rows
+  per expert. Linear in 1/R and r½/R. R is the large-GEMM rate; mfu = R / the plan's peak.
+- All-to-all (``dispatch`` and ``throughput`` runs at 2+ ranks): per layer t = α + bytes/β, with
+  bytes the nccl-tests size S of one layer times (W−1)/W (the off-rank part, as busbw counts it).
+- Host-to-device: no result kind measures it yet; reported as not fitted.
+
+Each fit is judged on runs held out of it: leave one run out, fit the rest, predict the one left
+out. The report gives every held-out error, whatever it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import nnls
+
+from moebench.plan.spec import Plan
+from moebench.results import find, read_any
+
+MIN_RUNS = 3  # a two-parameter fit left one run out still has two
+
+
+@dataclass(frozen=True)
+class Observation:
+    source: str
+    label: str
+    features: tuple[float, float]  # the fit's two regressors
+    measured: float  # median time, s
+    rows: float = 0.0  # GEMM: rows per expert
+
+
+@dataclass(frozen=True)
+class Fit:
+    name: str
+    coefs: tuple[float, ...] = ()
+    observations: list = field(default_factory=list)
+    held_out: list = field(default_factory=list)  # predicted time of each run, fitted without it
+    reason: str = ""  # why there is no fit
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.coefs)
+
+    def errors(self) -> list[float]:
+        return [p / o.measured - 1 for p, o in zip(self.held_out, self.observations, strict=True)]
+
+
+def _solve(obs: list[Observation]) -> tuple[float, float]:
+    A = np.array([o.features for o in obs]) / np.array([[o.measured] for o in obs])
+    coefs, _ = nnls(A, np.ones(len(obs)))
+    return float(coefs[0]), float(coefs[1])
+
+
+def fit(name: str, obs: list[Observation], what: str) -> Fit:
+    if len(obs) < MIN_RUNS:
+        return Fit(name, observations=obs, reason=f"{len(obs)} {what} runs found; the fit needs at least {MIN_RUNS}")
+    if len({o.features for o in obs}) < 2:
+        return Fit(name, observations=obs, reason=f"every {what} run has the same size: nothing to fit a slope to")
+    held_out = []
+    for i, o in enumerate(obs):
+        a, b = _solve(obs[:i] + obs[i + 1 :])
+        held_out.append(a * o.features[0] + b * o.features[1])
+    return Fit(name, _solve(obs), obs, held_out)
+
+
+# -------------------------------------------------------------------------------------------
+# Observations from result files
+
+
+def _median(run: dict, metric: str) -> float | None:
+    m = run.get("metrics", {}).get(metric)
+    value = None if m is None else m.get("median")
+    return value if isinstance(value, (int, float)) and value > 0 else None
+
+
+def observations(paths: list[str]) -> tuple[list[Observation], list[Observation], list[dict]]:
+    """(GEMM observations, all-to-all observations, environments) from result files or folders."""
+    gemm, a2a, envs = [], [], []
+    for path in find(paths):
+        doc = read_any(path)
+        if doc.get("schema") != "moebench.result/1":
+            continue
+        envs.append(doc["environment"])
+        for run in doc["runs"]:
+            if run.get("status") != "ok":
+                continue
+            params = " ".join(f"{k}={v}" for k, v in run["params"].items())
+            cfg, label = run["config"], f"{doc['scenario']['scenario']['name']} {params}".strip()
+            model, wl = cfg["model"], cfg["workload"]
+            if (t := _median(run, "expert_time_s")) is not None:
+                m = 3 if model["activation"] == "swiglu" else 2
+                rows = wl["tokens_per_rank"] * model["top_k"]
+                flops = 2.0 * rows * m * model["hidden"] * model["ffn_hidden"]
+                per_expert = rows / model["num_experts"]
+                gemm.append(Observation(str(path), label, (flops, flops / per_expert), t, per_expert))
+            t, bw = _median(run, "a2a_time_s"), _median(run, "a2a_algbw_gbps")
+            if t is not None and bw is not None and run["world_size"] > 1:
+                layers, world = model["layers"], run["world_size"]
+                size = bw * 1e9 * t / layers  # nccl-tests S of one layer
+                a2a.append(Observation(str(path), label, (1.0, size * (world - 1) / world), t / layers))
+    return gemm, a2a, envs
+
+
+# -------------------------------------------------------------------------------------------
+# From fits to the plan's factors
+
+
+def _device(env: dict) -> str:
+    gpus = env.get("gpus") or []
+    if gpus:
+        first = gpus[0]
+        return first.get("name", "") if isinstance(first, dict) else str(first)
+    return env.get("cpu") or "cpu"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    gemm: Fit
+    a2a: Fit
+    h2d: Fit
+    devices: tuple[str, ...]  # what the results ran on
+    factors: dict  # hardware key -> fitted value (only the fitted ones)
+    applies: bool  # the results ran on the plan's hardware
+    why_not: str = ""
+
+
+def calibrate(p: Plan, paths: list[str]) -> Calibration:
+    gemm_obs, a2a_obs, envs = observations(paths)
+    gemm = fit("gemm", gemm_obs, "experts")
+    a2a = fit("all-to-all", a2a_obs, "all-to-all (2+ ranks)")
+    h2d = Fit(
+        "host-to-device", reason="no result kind measures host-to-device copies yet (expert offload is not built)"
+    )
+    factors = {}
+    if gemm.fitted and gemm.coefs[0] > 0:
+        rate = 1 / gemm.coefs[0]
+        factors |= {"gemm_rate": rate, "mfu": rate / p.hardware.peak_flops, "gemm_half_rows": gemm.coefs[1] * rate}
+    if a2a.fitted and a2a.coefs[1] > 0:
+        factors |= {"intra_node_latency": a2a.coefs[0], "intra_node_bandwidth": 1 / a2a.coefs[1]}
+    devices = tuple(sorted({_device(env) for env in envs}))
+    name = p.hardware.name.strip().lower()
+    applies = bool(name) and bool(devices) and all(name in d.lower() for d in devices)
+    why_not = "" if applies else (
+        f"the results ran on {', '.join(devices) or 'nothing readable'}, not on the plan's hardware "
+        f"({p.hardware.name or 'unnamed'}): their factors describe that machine and are not applied"
+    )  # fmt: skip
+    if applies and factors.get("mfu", 0) > 1:
+        applies, why_not = False, f"the fitted GEMM rate is {factors['mfu']:.2f}× the plan's peak_flops: check the peak"
+    return Calibration(gemm, a2a, h2d, devices, factors, applies, why_not)
+
+
+def applied(p: Plan, c: Calibration) -> Plan:
+    """The plan with the calibrated factors in place of its own."""
+    keys = ("mfu", "gemm_half_rows", "intra_node_latency", "intra_node_bandwidth")
+    return p.with_hardware(**{k: c.factors[k] for k in keys if k in c.factors})
+
+
+def to_json(c: Calibration) -> dict:
+    def one(f: Fit) -> dict:
+        errors = f.errors() if f.fitted else []
+        return {
+            "fitted": f.fitted,
+            "reason": f.reason,
+            "coefficients": list(f.coefs),
+            "runs": [
+                {
+                    "label": o.label,
+                    "source": o.source,
+                    "measured_s": o.measured,
+                    "held_out_prediction_s": p if f.fitted else None,
+                    "held_out_error": e if f.fitted else None,
+                }
+                for o, p, e in zip(
+                    f.observations,
+                    f.held_out or [None] * len(f.observations),
+                    errors or [None] * len(f.observations),
+                    strict=True,
+                )
+            ],
+            "held_out_abs_error_median": float(np.median(np.abs(errors))) if errors else None,
+            "held_out_abs_error_max": float(np.max(np.abs(errors))) if errors else None,
+        }
+
+    return {
+        "devices": list(c.devices),
+        "factors": c.factors,
+        "applied": c.applies,
+        "why_not_applied": c.why_not,
+        "fits": {"gemm": one(c.gemm), "all_to_all": one(c.a2a), "host_to_device": one(c.h2d)},
+    }
+
+
+def render(doc: dict, fmt: str = "simple") -> str:
+    from tabulate import tabulate
+
+    from moebench.plan.spec import human
+
+    f = doc["factors"]
+    lines = [f"calibration from results on {', '.join(doc['devices'])}", ""]
+    summary = []
+    names = {"gemm": "GEMM (rate R, r½)", "all_to_all": "all-to-all (α, β)", "host_to_device": "host-to-device"}
+    for key, fit_doc in doc["fits"].items():
+        if not fit_doc["fitted"]:
+            summary.append([names[key], "not fitted: " + fit_doc["reason"], "-", "-", "-"])
+            continue
+        if key == "gemm":
+            value = f"R = {f.get('gemm_rate', 0) / 1e12:.4g} TFLOP/s, r½ = {f.get('gemm_half_rows', 0):.3g} rows"
+        else:
+            value = f"α = {human(f.get('intra_node_latency'), 's')}, β = {human(f.get('intra_node_bandwidth'), 'B')}/s"
+        median, worst = fit_doc["held_out_abs_error_median"], fit_doc["held_out_abs_error_max"]
+        summary.append([names[key], value, len(fit_doc["runs"]), f"{median:.1%}", f"{worst:.1%}"])
+    headers = ["fit", "fitted", "runs", "held-out |err| median", "max"]
+    lines.append(tabulate(summary, headers=headers, tablefmt=fmt))
+    rows = [
+        [key, r["label"], human(r["measured_s"], "s"), human(r["held_out_prediction_s"], "s"),
+         f"{r['held_out_error']:+.1%}"]
+        for key, fit_doc in doc["fits"].items() if fit_doc["fitted"] for r in fit_doc["runs"]
+    ]  # fmt: skip
+    if rows:
+        lines += ["", "each run predicted by a fit that left it out:", ""]
+        lines.append(tabulate(rows, headers=["fit", "run", "measured", "predicted", "error"], tablefmt=fmt))
+    lines.append("")
+    lines.append("factors applied to the plan" if doc["applied"] else f"not applied: {doc['why_not_applied']}")
+    return "\n".join(lines)
