@@ -15,7 +15,7 @@ plus its all-to-alls and TP all-reduces. The busiest rank sets every collective'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moebench.plan.spec import Plan
 
@@ -351,7 +351,6 @@ class Estimate:
     memory: Memory
     prefill: Phase
     decode: Phase
-    extras: dict = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> float:
         return self.figures[key].value
