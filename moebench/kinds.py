@@ -127,24 +127,19 @@ def _ratio_timings(ctx, spec: RunSpec, step, x_TD: torch.Tensor, group) -> dict:
 
 
 def _collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, group) -> dict:
-    """Time every layer's dispatch, combine, and a raw all-to-all of the dispatch's bytes, in rounds.
+    """Time every layer's dispatch and combine against references of the same bytes, in rounds.
 
     1. Route each layer on the input it sees in a forward pass; keep its plan, input and dispatch.
-    2. Build the three timed functions: all layers' dispatches back to back, as one step runs
-       them; all layers' combines (of the dispatched rows: the values do not change the cost);
-       and, when W > 1, ``all_to_all_single`` of random rows with each layer's exact dispatch splits.
+    2. Build the timed functions: all layers' dispatches back to back, as one step runs them;
+       all layers' combines (of the dispatched rows: the values do not change the cost); and
+       the references: at W = 1 the local floors (``floor_fns``), at W > 1 the raw all-to-all
+       (``_a2a_fn``).
     3. Time them in alternating rounds (``time_interleaved``), so round i of each is comparable.
+       A ratio to a reference of the same mix of work cancels what the machine does to both (a
+       slower clock, another job's memory traffic), which absolute times between runs cannot.
     """
-    dtype = spec.moe_config().torch_dtype
-    jobs = []  # (layer, plan, input, dispatched rows, meta)
+    jobs = dispatch_jobs(stack, x_TD, spec.moe_config().torch_dtype)
     with torch.no_grad():
-        h_TD = x_TD.detach()
-        for layer in stack.layers:
-            plan = layer.plan(h_TD)
-            h_in = h_TD.to(dtype)
-            x_RD, meta = layer.dispatcher.dispatch(h_in, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
-            jobs.append((layer, plan, h_in, x_RD, meta))
-            h_TD = h_TD + layer(h_TD).out_TD
 
         def dispatch_all():
             for layer, plan, h_in, _, _ in jobs:
@@ -155,23 +150,72 @@ def _collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor,
                 layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta)
 
         fns = {"dispatch": dispatch_all, "combine": combine_all}
-        if group is not None:
-            buffers = []
-            for _, _, h_in, _, meta in jobs:
-                send = h_in.new_empty(sum(meta.input_splits), h_in.shape[1]).normal_()
-                recv = h_in.new_empty(sum(meta.output_splits), h_in.shape[1])
-                buffers.append((recv, send, meta.output_splits, meta.input_splits))
-
-            def a2a_all():
-                for recv, send, out_splits, in_splits in buffers:
-                    dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
-
-            fns["a2a"] = a2a_all
+        fns |= floor_fns(jobs) if group is None else {"a2a": _a2a_fn(jobs, group)}
         warmup, repeats = spec.scenario["warmup"], spec.scenario["repeats"]
         timing = time_interleaved(fns, warmup=warmup, repeats=repeats, device=ctx.device, group=group)
     out = {name: list(t.samples_s) for name, t in timing.items()}
-    out.setdefault("a2a", None)
+    for name in ("a2a", "dispatch_floor", "combine_floor"):
+        out.setdefault(name, None)
     return out
+
+
+def dispatch_jobs(stack: MoEStack, x_TD: torch.Tensor, dtype: torch.dtype) -> list[tuple]:
+    """Per layer, on the input it sees in a forward pass: (layer, plan, input, dispatched rows, meta)."""
+    jobs = []
+    with torch.no_grad():
+        h_TD = x_TD.detach()
+        for layer in stack.layers:
+            plan = layer.plan(h_TD)
+            h_in = h_TD.to(dtype)
+            x_RD, meta = layer.dispatcher.dispatch(h_in, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+            jobs.append((layer, plan, h_in, x_RD, meta))
+            h_TD = h_TD + layer(h_TD).out_TD
+    return jobs
+
+
+def floor_fns(jobs: list, sink: list | None = None) -> dict:
+    """W = 1: the torch primitives any local dispatch and combine are made of, on the same rows.
+
+    Dispatch: a stable sort of the kept copies' expert ids and a gather of their rows. Combine: a
+    weighted ``index_add_`` of the rows back to their tokens. Index arithmetic done once, untimed.
+    Each layer's output is dropped, as ``dispatch_all`` drops its, unless ``sink`` collects it
+    (tests: it equals the dispatcher's).
+    """
+    floors = []  # per layer: input, kept copies' expert ids, their token rows; expert rows, weights, token rows
+    for _, plan, h_in, x_RD, meta in jobs:
+        kept_P = torch.nonzero(plan.keep_TK.reshape(-1)).squeeze(1)
+        expert_P = plan.routing.ids_TK.reshape(-1)[kept_P]
+        weights_R = plan.routing.weights_TK.reshape(-1)[meta.order_P].to(x_RD.dtype)
+        floors.append((h_in, expert_P, kept_P // meta.top_k, x_RD, weights_R, meta.order_P // meta.top_k))
+
+    def dispatch_floor():
+        for h_in, expert_P, token_P, *_ in floors:
+            x_RD = h_in.index_select(0, token_P[torch.sort(expert_P, stable=True).indices])
+            if sink is not None:
+                sink.append(x_RD)
+
+    def combine_floor():
+        for h_in, _, _, y_RD, weights_R, token_R in floors:
+            y_TD = torch.zeros_like(h_in).index_add_(0, token_R, y_RD * weights_R[:, None])
+            if sink is not None:
+                sink.append(y_TD)
+
+    return {"dispatch_floor": dispatch_floor, "combine_floor": combine_floor}
+
+
+def _a2a_fn(jobs: list, group):
+    """W > 1: ``all_to_all_single`` of random rows with each layer's exact dispatch splits."""
+    buffers = []
+    for _, _, h_in, _, meta in jobs:
+        send = h_in.new_empty(sum(meta.input_splits), h_in.shape[1]).normal_()
+        recv = h_in.new_empty(sum(meta.output_splits), h_in.shape[1])
+        buffers.append((recv, send, meta.output_splits, meta.input_splits))
+
+    def a2a():
+        for recv, send, out_splits, in_splits in buffers:
+            dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+
+    return a2a
 
 
 def _routing_stats(stack: MoEStack, x_TD: torch.Tensor) -> dict:
@@ -341,6 +385,9 @@ def _collective_metrics(spec: RunSpec, raw: dict) -> dict:
         "bytes_per_token": M.metric([2 * sent / total], "B", "lower", exact=True),
         "tokens_dropped": M.metric([dropped], "copies", "lower", exact=True),
     }
+    if raw.get("dispatch_floor") is not None:  # W = 1 (and results from before the floors have none)
+        out["dispatch_over_floor"] = M.metric(_ratios(raw["dispatch"], raw["dispatch_floor"]), "ratio", "lower")
+        out["combine_over_floor"] = M.metric(_ratios(raw["combine"], raw["combine_floor"]), "ratio", "lower")
     if raw["a2a"] is not None:
         size = sum(M.a2a_size_bytes(send, recv) for send, recv in per_layer)
         algbw = [M.algbw_gbps(size, t) for t in raw["a2a"]]

@@ -198,6 +198,7 @@ COLUMNS = {
         ("combine_time_s", "combine (ms)", 1e3, ".2f"),
         ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
         ("dispatch_over_a2a", "dispatch/a2a", 1, ".2f"),
+        ("dispatch_over_floor", "dispatch/floor", 1, ".2f"),
         ("moe_over_dense", "moe/dense", 1, ".2f"),
         ("bytes_per_token", "bytes/token", 1, ".0f"),
         ("tokens_dropped", "dropped", 1, ".0f"),
@@ -218,6 +219,8 @@ COLUMNS = {
     "dispatch": [
         ("dispatch_time_s", "dispatch (ms)", 1e3, ".3f"),
         ("combine_time_s", "combine (ms)", 1e3, ".3f"),
+        ("dispatch_over_floor", "dispatch/floor", 1, ".2f"),
+        ("combine_over_floor", "combine/floor", 1, ".2f"),
         ("a2a_time_s", "raw a2a (ms)", 1e3, ".3f"),
         ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
         ("dispatch_over_a2a", "dispatch/a2a", 1, ".3f"),

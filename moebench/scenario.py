@@ -33,6 +33,8 @@ KINDS = ("throughput", "latency", "load_balance", "equivalence", "dispatch", "ex
 COLLECTIVE_METRICS = (
     "dispatch_time_s",
     "combine_time_s",
+    "dispatch_over_floor",
+    "combine_over_floor",
     "a2a_time_s",
     "a2a_algbw_gbps",
     "a2a_busbw_gbps",

@@ -75,7 +75,7 @@ def unpermute(y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) 
     """out[t] = Σ over kept copies c of token t: weights[c] · y[c]; zeros for tokens with none."""
     w_P = weights_TK.reshape(-1)[meta.order_P].to(y_PD.dtype)
     out_TD = y_PD.new_zeros(meta.num_tokens, y_PD.shape[-1])
-    return out_TD.index_add(0, meta.order_P // meta.top_k, y_PD * w_P[:, None])
+    return out_TD.index_add_(0, meta.order_P // meta.top_k, y_PD * w_P[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class LocalDispatcher:
             to_source_major_R=None,
             tokens_per_expert=kept_WE[0].tolist(),  # kept_WE is already on the host
         )
-        x_RD = x_TD[order_P // meta.top_k]
+        x_RD = x_TD.index_select(0, order_P // meta.top_k)  # on CPU 5x faster than x_TD[idx]
         if self.slowdown:
             _stall(self.slowdown, start, x_TD.device)
         return x_RD, meta
@@ -223,13 +223,13 @@ class AllToAllDispatcher:
             to_source_major_R=torch.argsort(to_expert),
             tokens_per_expert=recv_WL.sum(dim=0).tolist(),
         )
-        x_PD = x_TD[order_P // meta.top_k]
-        x_RD = all_to_all(x_PD, meta.output_splits, meta.input_splits, self.group)[to_expert]
+        x_PD = x_TD.index_select(0, order_P // meta.top_k)
+        x_RD = all_to_all(x_PD, meta.output_splits, meta.input_splits, self.group).index_select(0, to_expert)
         if self.slowdown:
             _stall(self.slowdown, start, x_TD.device)
         return x_RD, meta
 
     def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        y_source_major = y_RD[meta.to_source_major_R]
+        y_source_major = y_RD.index_select(0, meta.to_source_major_R)
         y_PD = all_to_all(y_source_major, meta.input_splits, meta.output_splits, self.group)
         return unpermute(y_PD, meta, weights_TK)

@@ -73,7 +73,8 @@ def test_twenty_one_a_a_comparisons_of_identical_code_report_no_regression(tmp_p
     judged = {(r.scenario, r.metric) for r in comparisons[0] if r.verdict != "new"}
     assert {
         ("regress-a2a", "dispatch_over_a2a"),
-        ("regress-dispatch", "dispatch_time_s"),
+        ("regress-dispatch", "dispatch_over_floor"),
+        ("regress-dispatch", "combine_over_floor"),
         ("regress-local", "moe_over_dense"),
         ("regress-numerics", "rel_error_grad"),
         ("regress-load", "load_cv"),
@@ -93,20 +94,19 @@ def test_a_15_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tm
     by_name = {(r.scenario, r.metric): r for r in rows}
     flagged = {key for key, row in by_name.items() if row.regression}
     affected = {
-        ("regress-dispatch", "dispatch_time_s"),
-        ("regress-local", "dispatch_time_s"),
-        ("regress-a2a", "dispatch_time_s"),
+        ("regress-dispatch", "dispatch_over_floor"),
+        ("regress-local", "dispatch_over_floor"),
         ("regress-a2a", "dispatch_over_a2a"),
     }
-    assert ("regress-dispatch", "dispatch_time_s") in flagged
-    assert by_name["regress-dispatch", "dispatch_time_s"].ratio == pytest.approx(1.15, abs=0.05)
+    assert ("regress-dispatch", "dispatch_over_floor") in flagged
+    assert by_name["regress-dispatch", "dispatch_over_floor"].ratio == pytest.approx(1.15, abs=0.05)
     assert flagged <= affected, f"unrelated metrics flagged: {flagged - affected}"
     # The step contains the two dispatches, so step time and moe_over_dense move too, by about
-    # 15 % x (2 x 0.65 ms) / 35 ms = 0.6 %: far below their gates, so they must not be flagged.
+    # 15 % x (2 x 0.13 ms) / 35 ms = 0.1 %: far below their gates, so they must not be flagged.
     for scenario, unrelated in [
-        ("regress-dispatch", "combine_time_s"),
+        ("regress-dispatch", "combine_over_floor"),
+        ("regress-local", "combine_over_floor"),
         ("regress-local", "moe_over_dense"),
-        ("regress-local", "step_time_s"),
         ("regress-local", "tokens_dropped"),
         ("regress-a2a", "combine_over_a2a"),
     ]:

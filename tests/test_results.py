@@ -93,6 +93,30 @@ def test_single_rank_throughput_has_no_all_to_all_metrics():
     metrics, _, _ = kinds.evaluate(spec("throughput", world=1), [raw])
     assert "a2a_busbw_gbps" not in metrics and "a2a_time_s" not in metrics
     assert metrics["tokens_per_s"]["median"] == 100 / 0.2
+    assert "dispatch_over_floor" not in metrics  # timed without floors (results from before them)
+    floors = {"dispatch_floor": [0.005, 0.01, 0.02], "combine_floor": [0.01, 0.04, 0.01]}
+    metrics, _, _ = kinds.evaluate(spec("throughput", world=1), [raw | floors])
+    assert metrics["dispatch_over_floor"]["samples"] == pytest.approx([2.0, 2.0, 1.5])  # round by round
+    assert metrics["combine_over_floor"]["samples"] == pytest.approx([2.0, 0.5, 2.0])
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])  # dropless, and dropping copies
+def test_the_floors_compute_what_dispatch_and_combine_compute(capacity_factor):
+    """The W = 1 references do the same work as the dispatcher: the same rows out, bit for bit."""
+    s = spec("dispatch", world=1)
+    s.model.update(layers=2, top_k=2, num_experts=4)
+    s.routing["capacity_factor"] = capacity_factor
+    ctx = type("Ctx", (), {"group": None, "device": torch.device("cpu")})()
+    x_TD = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    jobs = kinds.dispatch_jobs(kinds._stack(ctx, s), x_TD, torch.float32)
+    dispatched, combined = [], []
+    kinds.floor_fns(jobs, sink=dispatched)["dispatch_floor"]()
+    kinds.floor_fns(jobs, sink=combined)["combine_floor"]()
+    for (layer, plan, _, x_RD, meta), floor_x, floor_y in zip(jobs, dispatched, combined, strict=True):
+        assert torch.equal(floor_x, x_RD)
+        assert torch.equal(floor_y, layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta))
+    dropped = sum(int(plan.keep_TK.numel() - plan.keep_TK.sum()) for _, plan, *_ in jobs)
+    assert (dropped > 0) == (capacity_factor > 0)  # the dropping case does drop
 
 
 def test_slo_verdicts_use_the_median_and_skip_metrics_a_run_lacks():
