@@ -1,11 +1,16 @@
 """The A/A false-alarm rate of ``moebench compare``: run identical code N times, compare every pair.
 
-    python -m moebench.false_alarms [--runs 7] [--out DIR] [SCENARIO ...]   (default scenarios/regress)
+    python -m moebench.false_alarms [--runs 7] [--busy N] [--out DIR] [SCENARIO ...]
+                                    (default scenarios/regress)
 
 Each repetition is a separate ``moebench run`` process, as two CI jobs would be. Every pair
 (i < j) is compared with the scenarios' own [compare] thresholds: since the code is the same, every
 regression is a false alarm. The table shows, per metric, the verdicts over all pairs and the
 largest change seen next to the minimum effect that would have flagged it.
+
+``--busy N`` runs the last N repetitions beside a noisy neighbour, two processes streaming 64 MiB
+copies through memory (what another job on a shared CI host does), and then compares every pair
+in both orders, since a busy run is never the baseline of a quiet one otherwise.
 """
 
 from __future__ import annotations
@@ -25,13 +30,26 @@ from moebench.results import REPO
 DEFAULT_SET = REPO / "scenarios" / "regress"
 
 
-def run_set(scenarios: list[str], out: Path, runs: int) -> list[Path]:
-    """``runs`` separate ``moebench run`` processes of ``scenarios``; their result folders."""
+# The noisy neighbour: a process copying 64 MiB arrays through memory, forever.
+NEIGHBOUR = "import numpy as np\na = np.ones(1 << 23)\nb = np.empty_like(a)\nwhile True:\n    np.copyto(b, a)"
+
+
+def run_set(scenarios: list[str], out: Path, runs: int, busy: int = 0) -> list[Path]:
+    """``runs`` separate ``moebench run`` processes of ``scenarios``; their result folders.
+
+    The last ``busy`` of them run beside two ``NEIGHBOUR`` processes.
+    """
     folders = []
     for i in range(runs):
         folder = out / f"run{i}"
         cmd = [sys.executable, "-m", "moebench", "run", *scenarios, "--out", str(folder), "--no-telemetry"]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        neighbours = [subprocess.Popen([sys.executable, "-c", NEIGHBOUR]) for _ in range(2 if i >= runs - busy else 0)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        finally:
+            for neighbour in neighbours:
+                neighbour.kill()
+                neighbour.wait()
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"run {i} of {', '.join(scenarios)} exited {done.returncode}: {tail}")
@@ -39,11 +57,12 @@ def run_set(scenarios: list[str], out: Path, runs: int) -> list[Path]:
     return folders
 
 
-def pairwise(folders: list[Path], settings: C.Settings | None = None) -> list[list[C.Row]]:
-    """The rows of every comparison (i < j) between the result folders."""
+def pairwise(folders: list[Path], settings: C.Settings | None = None, both_orders: bool = False) -> list[list[C.Row]]:
+    """The rows of every comparison (i < j, and j < i too with ``both_orders``) between the folders."""
     settings = settings or C.Settings()
     loaded = [C.load([folder]) for folder in folders]
-    return [C.compare(loaded[i], loaded[j], settings) for i, j in itertools.combinations(range(len(loaded)), 2)]
+    pairs = itertools.permutations if both_orders else itertools.combinations
+    return [C.compare(loaded[i], loaded[j], settings) for i, j in pairs(range(len(loaded)), 2)]
 
 
 def tally(comparisons: list[list[C.Row]]) -> list[dict]:
@@ -64,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", default=[str(DEFAULT_SET)])
     parser.add_argument("--runs", type=int, default=7, help="separate runs; pairs = runs·(runs−1)/2 (default 7: 21)")
     parser.add_argument("--out", type=Path, help="keep the result folders here (default a temporary folder)")
+    parser.add_argument("--busy", type=int, default=0, help="run the last N beside a noisy neighbour (default 0)")
     args = parser.parse_args(argv)
     if args.runs < 2:
         parser.error(f"--runs {args.runs}: accepted an integer >= 2 (one pair needs two runs)")
+    if not 0 <= args.busy <= args.runs:
+        parser.error(f"--busy {args.busy}: accepted an integer from 0 to --runs ({args.runs})")
     with tempfile.TemporaryDirectory(prefix="moebench-aa-") as tmp:
-        folders = run_set(args.scenarios, args.out or Path(tmp), args.runs)
-        comparisons = pairwise(folders)
+        folders = run_set(args.scenarios, args.out or Path(tmp), args.runs, args.busy)
+        comparisons = pairwise(folders, both_orders=args.busy > 0)
     alarms = sum(any(row.regression for row in rows) for rows in comparisons)
     rows = []
     for entry in tally(comparisons):
@@ -77,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         verdicts = ", ".join(f"{n} {v}" for v, n in sorted(entry["verdicts"].items()))
         rows.append([entry["scenario"], entry["run"], entry["metric"], verdicts, f"{entry['largest']:.1%}", _pct(t)])
     print(tabulate(rows, headers=["scenario", "run", "metric", "verdicts", "largest change", "min effect"]))
-    print(f"\n{alarms} of {len(comparisons)} A/A comparisons reported a regression ({args.runs} runs)")
+    busy = f", the last {args.busy} beside a noisy neighbour; both orders" if args.busy else ""
+    print(f"\n{alarms} of {len(comparisons)} A/A comparisons reported a regression ({args.runs} runs{busy})")
     return 0 if alarms == 0 else 1
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from moebench import compare as C
-from moebench.false_alarms import pairwise, run_set
+from moebench.false_alarms import NEIGHBOUR, pairwise, run_set
 from moebench.results import REPO
 from runtime.dispatch import SLOWDOWN_ENV, LocalDispatcher, _stall
 
@@ -56,6 +59,41 @@ def test_a_slowed_dispatch_returns_the_same_rows(monkeypatch):
     monkeypatch.setenv(SLOWDOWN_ENV, "0.5")
     slowed, _ = LocalDispatcher(4).dispatch(x_TD, ids_TK, keep_TK, kept_WE)
     assert torch.equal(plain, slowed)
+
+
+# -------------------------------------------------------------------------------------------
+# The A/A tool
+
+
+def test_a_a_pairs_in_both_orders_see_a_slower_run_as_the_baseline_and_as_the_new_side(tmp_path):
+    base = REPO / "results" / "baselines" / "cpu-2core"
+    quiet, slow = tmp_path / "quiet", tmp_path / "slow"
+    shutil.copytree(base, quiet)
+    shutil.copytree(base, slow)
+    doc = json.loads((slow / "regress-dispatch.json").read_text())
+    metric = doc["runs"][0]["metrics"]["dispatch_over_floor"]
+    metric["samples"] = [1.5 * v for v in metric["samples"]]
+    metric["median"] *= 1.5
+    (slow / "regress-dispatch.json").write_text(json.dumps(doc))
+
+    def verdicts(comparisons):
+        return [
+            {r.verdict for r in rows if (r.scenario, r.metric) == ("regress-dispatch", "dispatch_over_floor")}
+            for rows in comparisons
+        ]
+
+    assert verdicts(pairwise([slow, quiet])) == [{"faster"}]  # i < j only: the slow run is never new
+    assert verdicts(pairwise([slow, quiet], both_orders=True)) == [{"faster"}, {"slower"}]
+
+
+def test_the_noisy_neighbour_keeps_running_until_killed():
+    neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
+    try:
+        time.sleep(1.0)
+        assert neighbour.poll() is None  # still copying
+    finally:
+        neighbour.kill()
+        neighbour.wait()
 
 
 # -------------------------------------------------------------------------------------------
