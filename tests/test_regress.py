@@ -121,13 +121,14 @@ def test_twenty_one_a_a_comparisons_of_identical_code_report_no_regression(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_a_15_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tmp_path, monkeypatch):
+def test_a_20_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tmp_path, monkeypatch):
     scenarios = [str(REGRESS / f"regress-{name}.toml") for name in ("dispatch", "local", "a2a")]
     (base,) = run_set(scenarios, tmp_path / "base", runs=1)
-    monkeypatch.setenv(SLOWDOWN_ENV, "0.15")
+    # 20 %: twice the 10 % gate, which is 1.5x the largest A/A change of the ratio (6.5 %)
+    monkeypatch.setenv(SLOWDOWN_ENV, "0.20")
     (slow,) = run_set(scenarios, tmp_path / "slow", runs=1)
     env = json.loads((slow / "regress-local.json").read_text())["environment"]
-    assert env["test_knobs"] == {SLOWDOWN_ENV: "0.15"}  # the result says it was produced with the knob
+    assert env["test_knobs"] == {SLOWDOWN_ENV: "0.20"}  # the result says it was produced with the knob
     rows = C.compare(C.load([base]), C.load([slow]), C.Settings())
     by_name = {(r.scenario, r.metric): r for r in rows}
     flagged = {key for key, row in by_name.items() if row.regression}
@@ -137,10 +138,10 @@ def test_a_15_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tm
         ("regress-a2a", "dispatch_over_a2a"),
     }
     assert ("regress-dispatch", "dispatch_over_floor") in flagged
-    assert by_name["regress-dispatch", "dispatch_over_floor"].ratio == pytest.approx(1.15, abs=0.05)
+    assert by_name["regress-dispatch", "dispatch_over_floor"].ratio == pytest.approx(1.20, abs=0.06)
     assert flagged <= affected, f"unrelated metrics flagged: {flagged - affected}"
     # The step contains the two dispatches, so step time and moe_over_dense move too, by about
-    # 15 % x (2 x 0.13 ms) / 35 ms = 0.1 %: far below their gates, so they must not be flagged.
+    # 20 % x (2 x 0.13 ms) / 35 ms = 0.15 %: far below their gates, so they must not be flagged.
     for scenario, unrelated in [
         ("regress-dispatch", "combine_over_floor"),
         ("regress-local", "combine_over_floor"),
