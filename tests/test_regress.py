@@ -121,15 +121,14 @@ def test_twenty_one_a_a_comparisons_of_identical_code_report_no_regression(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_a_35_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tmp_path, monkeypatch):
+def test_a_20_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tmp_path, monkeypatch):
     scenarios = [str(REGRESS / f"regress-{name}.toml") for name in ("dispatch", "local", "a2a")]
     (base,) = run_set(scenarios, tmp_path / "base", runs=1)
-    # The knob busy-waits inside the dispatch, which also slows the floor timed beside it: 35 %
-    # read 1.30-1.33x on the ratio in 3 runs here, 20 % 1.10-1.25x, against the 10 % gate.
-    monkeypatch.setenv(SLOWDOWN_ENV, "0.35")
+    # 20 % read 1.25-1.26x on the ratio in 2 runs here, against the 10 % gate
+    monkeypatch.setenv(SLOWDOWN_ENV, "0.20")
     (slow,) = run_set(scenarios, tmp_path / "slow", runs=1)
     env = json.loads((slow / "regress-local.json").read_text())["environment"]
-    assert env["test_knobs"] == {SLOWDOWN_ENV: "0.35"}  # the result says it was produced with the knob
+    assert env["test_knobs"] == {SLOWDOWN_ENV: "0.20"}  # the result says it was produced with the knob
     rows = C.compare(C.load([base]), C.load([slow]), C.Settings())
     by_name = {(r.scenario, r.metric): r for r in rows}
     flagged = {key for key, row in by_name.items() if row.regression}
@@ -140,10 +139,10 @@ def test_a_35_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tm
     }
     gated = by_name["regress-dispatch", "dispatch_over_floor"]
     assert ("regress-dispatch", "dispatch_over_floor") in flagged, gated
-    assert gated.ratio > 1.15, gated
+    assert 1.15 < gated.ratio < 1.40, gated
     assert flagged <= affected, f"unrelated metrics flagged: {flagged - affected}"
     # The step contains the two dispatches, so step time and moe_over_dense move too, by about
-    # 35 % x (2 x 0.13 ms) / 35 ms = 0.3 %: far below their gates, so they must not be flagged.
+    # 20 % x (2 x 0.13 ms) / 35 ms = 0.15 %: far below their gates, so they must not be flagged.
     for scenario, unrelated in [
         ("regress-dispatch", "combine_over_floor"),
         ("regress-local", "combine_over_floor"),
