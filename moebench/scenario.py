@@ -254,14 +254,19 @@ def _check_value(path: str, section: str, key: str, value: object, spec: Key, or
         raise ScenarioError(f"{path}: [{section}] {key} = {_show(value)}{origin} is invalid: accepted {spec.accepted}")
 
 
+def check_table(path: str, section: str, table: object, known, error: type[ValueError] = ScenarioError) -> None:
+    """A TOML section must be a table whose keys are all ``known``; else ``error``, one line naming the file."""
+    if not isinstance(table, dict):
+        raise error(f"{path}: [{section}] = {_show(table)} is invalid: accepted a table of keys")
+    for key in table:
+        if key not in known:
+            raise error(f"{path}: [{section}] {_key(key)} is not a known key: accepted {', '.join(known)}")
+
+
 def _read_section(path: str, section: str, table: object, overridden: set) -> dict:
     """Validate one section's keys and values; fill defaults. Lists become sweeps where allowed."""
-    if not isinstance(table, dict):
-        raise ScenarioError(f"{path}: [{section}] = {_show(table)} is invalid: accepted a table of keys")
     schema = SCHEMA[section]
-    for key in table:
-        if key not in schema:
-            raise ScenarioError(f"{path}: [{section}] {_key(key)} is not a known key: accepted {', '.join(schema)}")
+    check_table(path, section, table, schema)
     out = {}
     for key, spec in schema.items():
         if key not in table:

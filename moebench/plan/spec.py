@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import tomllib
 
-from moebench.scenario import _key, _show
+from moebench.scenario import _key, _show, check_table
 
 
 class PlanError(ValueError):
@@ -313,12 +313,8 @@ def _value(path: str, section: str, key: str, value: object, spec: Spec) -> obje
 
 
 def _section(path: str, section: str, table: object) -> dict:
-    if not isinstance(table, dict):
-        raise PlanError(f"{path}: [{section}] = {_show(table)} is invalid: accepted a table of keys")
     schema = SCHEMA[section]
-    for key in table:
-        if key not in schema:
-            raise PlanError(f"{path}: [{section}] {_key(key)} is not a known key: accepted {', '.join(schema)}")
+    check_table(path, section, table, schema, PlanError)
     out = {}
     for key, spec in schema.items():
         if key in table:
