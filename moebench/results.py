@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from moebench import kinds
 from runtime.dispatch import SLOWDOWN_ENV
 
 SCHEMA = "moebench.result/1"
@@ -188,58 +189,7 @@ def find(paths: list[str | Path]) -> list[Path]:
 # Tables
 
 # Per kind: (metric[:statistic], header with unit, scale, format). The statistic defaults to median.
-COLUMNS = {
-    "throughput": [
-        ("tokens_per_s", "tokens/s", 1, ".0f"),
-        ("tokens_per_s_per_gpu", "tokens/s/gpu", 1, ".0f"),
-        ("step_time_s", "step p50 (ms)", 1e3, ".2f"),
-        ("step_time_s:p90", "step p90 (ms)", 1e3, ".2f"),
-        ("dispatch_time_s", "dispatch (ms)", 1e3, ".2f"),
-        ("combine_time_s", "combine (ms)", 1e3, ".2f"),
-        ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
-        ("dispatch_over_a2a", "dispatch/a2a", 1, ".2f"),
-        ("dispatch_over_floor", "dispatch/floor", 1, ".2f"),
-        ("moe_over_dense", "moe/dense", 1, ".2f"),
-        ("bytes_per_token", "bytes/token", 1, ".0f"),
-        ("tokens_dropped", "dropped", 1, ".0f"),
-    ],
-    "latency": [
-        ("step_time_s", "p50 (ms)", 1e3, ".3f"),
-        ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),
-        ("step_time_s:p99", "p99 (ms)", 1e3, ".3f"),
-        ("step_time_s:n", "samples", 1, ".0f"),
-    ],
-    "load_balance": [
-        ("imbalance_max_mean", "imbalance (max/mean)", 1, ".3f"),
-        ("rank_imbalance_max_mean", "rank imbalance (max/mean)", 1, ".3f"),
-        ("load_cv", "load CV", 1, ".3f"),
-        ("tokens_dropped", "dropped (copies)", 1, ".0f"),
-        ("tokens_dropped_fraction", "dropped (fraction)", 1, ".4f"),
-    ],
-    "dispatch": [
-        ("dispatch_time_s", "dispatch (ms)", 1e3, ".3f"),
-        ("combine_time_s", "combine (ms)", 1e3, ".3f"),
-        ("dispatch_over_floor", "dispatch/floor", 1, ".2f"),
-        ("combine_over_floor", "combine/floor", 1, ".2f"),
-        ("a2a_time_s", "raw a2a (ms)", 1e3, ".3f"),
-        ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
-        ("dispatch_over_a2a", "dispatch/a2a", 1, ".3f"),
-        ("combine_over_a2a", "combine/a2a", 1, ".3f"),
-        ("bytes_per_token", "bytes/token", 1, ".0f"),
-        ("tokens_dropped", "dropped", 1, ".0f"),
-    ],
-    "experts": [
-        ("expert_time_s", "experts p50 (ms)", 1e3, ".3f"),
-        ("expert_time_s:p90", "p90 (ms)", 1e3, ".3f"),
-        ("expert_tflops", "TFLOP/s", 1, ".4f"),
-        ("rows_per_expert", "rows/expert", 1, ".0f"),
-    ],
-    "equivalence": [
-        ("rel_error_forward", "fwd rel err", 1, ".1e"),
-        ("rel_error_grad", "grad rel err", 1, ".1e"),
-        ("tokens_dropped", "dropped (copies)", 1, ".0f"),
-    ],
-}
+COLUMNS = {name: kind.columns for name, kind in kinds.REGISTRY.items()}
 
 
 def _cell(run: dict, column: str, scale: float, fmt: str) -> str:

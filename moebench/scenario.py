@@ -22,45 +22,18 @@ from pathlib import Path
 
 import tomllib
 
+from moebench import kinds
 from moebench.workload import SKEWS
 from runtime import MoEConfig, ParallelConfig
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
 from runtime.placement import place_experts
 
-KINDS = ("throughput", "latency", "load_balance", "equivalence", "dispatch", "experts")
-
-# The collectives' metrics, reported by throughput and dispatch runs.
-COLLECTIVE_METRICS = (
-    "dispatch_time_s",
-    "combine_time_s",
-    "dispatch_over_floor",
-    "combine_over_floor",
-    "a2a_time_s",
-    "a2a_algbw_gbps",
-    "a2a_busbw_gbps",
-    "dispatch_over_a2a",
-    "combine_over_a2a",
-    "bytes_per_token",
-    "tokens_dropped",
-)
+KINDS = tuple(kinds.REGISTRY)
 # The metrics each kind reports: the names an [slo] key may gate (``max_<name>`` / ``min_<name>``).
-METRICS = {
-    "throughput": ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "moe_over_dense", *COLLECTIVE_METRICS),
-    "latency": ("step_time_s",),
-    "load_balance": (
-        "imbalance_max_mean",
-        "rank_imbalance_max_mean",
-        "load_cv",
-        "tokens_dropped",
-        "tokens_dropped_fraction",
-    ),
-    "equivalence": ("rel_error_forward", "rel_error_grad", "tokens_dropped"),
-    "dispatch": COLLECTIVE_METRICS,
-    "experts": ("expert_time_s", "expert_tflops", "rows_per_expert"),
-}
+METRICS = {name: kind.metrics for name, kind in kinds.REGISTRY.items()}
 SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
-# The seed deployment plan's load-balancing gate, "expert load variance < 20%", read as CV < 0.2.
-DEFAULT_SLOS = {"load_balance": {"max_load_cv": 0.2}}
+# Gates a kind's runs get unless the file states them (e.g. load_balance's seed-plan gate).
+DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items() if kind.default_slos}
 
 REQUIRED = object()
 SWEEPABLE = ("model", "parallel", "workload")

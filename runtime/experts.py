@@ -12,7 +12,7 @@ lengths. Three interchangeable backends compute the two grouped GEMMs:
   bmm         pad every expert's rows to the longest run, one ``torch.bmm``
   loop        one ``torch.mm`` per expert
 "auto" picks grouped_mm on CUDA devices that support it and loop elsewhere; the measurements
-behind that choice are in the README (``python -m moebench.bench_experts``).
+behind that choice are in the README (``python -m moebench.tools.bench_experts``).
 """
 
 from __future__ import annotations

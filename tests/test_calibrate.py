@@ -12,6 +12,7 @@ from test_plan import write_plan
 from test_results import spec
 
 from moebench import kinds
+from moebench.kinds import experts
 from moebench.launch import RankContext
 from moebench.plan import calibrate as C
 from moebench.plan import model as Mo
@@ -134,7 +135,7 @@ def test_experts_kind_times_the_ffn_alone():
     raw = kinds.measure(ctx, s, None)
     metrics, checks, _ = kinds.evaluate(s, [raw])
     flops = 2.0 * 100 * 1 * 2 * 8 * 8  # rows · m · D · F, gelu
-    assert kinds.expert_flops(s) == flops
+    assert experts.expert_flops(s) == flops
     t = metrics["expert_time_s"]["median"]
     assert metrics["expert_tflops"]["median"] == pytest.approx(flops / t / 1e12)  # 3 samples: the middle one
     assert metrics["rows_per_expert"]["median"] == 25 and metrics["rows_per_expert"]["exact"]

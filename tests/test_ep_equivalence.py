@@ -2,7 +2,7 @@
 
 For every case the output, the aux and z losses and the gradients of the input, the router and
 every expert weight must be within ‖x − ref‖/‖ref‖ ≤ 1e-5 in float32 (the bfloat16 and float16
-cases: their documented tolerances, ``moebench.equivalence.TOLERANCE``). Each world size is
+cases: their documented tolerances, ``moebench.kinds.equivalence.TOLERANCE``). Each world size is
 launched once for all its cases (spawning ranks costs seconds); each case is its own test.
 """
 
@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 
-from moebench.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
+from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
 from moebench.launch import launch
 from runtime import MoEConfig
 

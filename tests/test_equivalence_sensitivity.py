@@ -8,7 +8,7 @@ import torch
 
 import runtime.dispatch
 import runtime.layer
-from moebench.equivalence import TOLERANCE, Case, assemble, compare, run_rank, run_reference
+from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_rank, run_reference
 from moebench.launch import RankContext
 from runtime import MoEConfig, MoELayer
 
@@ -68,7 +68,7 @@ def test_capacity_drop_mismatch_is_caught(monkeypatch):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_output_never_passes(bad):
-    from moebench.equivalence import rel_error
+    from moebench.kinds.equivalence import rel_error
 
     x = torch.ones(4)
     x[2] = bad

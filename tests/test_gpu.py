@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moebench.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
+from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
 from moebench.launch import launch
 from runtime import MoEConfig
 from runtime.experts import expert_ffn, resolve_backend

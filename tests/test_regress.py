@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from moebench import compare as C
-from moebench.false_alarms import NEIGHBOUR, pairwise, run_set
 from moebench.results import REPO
+from moebench.tools.false_alarms import NEIGHBOUR, pairwise, run_set
 from runtime.dispatch import SLOWDOWN_ENV, LocalDispatcher, _stall
 
 REGRESS = REPO / "scenarios" / "regress"

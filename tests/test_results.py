@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moebench import kinds
+from moebench.kinds import common, equivalence
 from moebench.results import SCHEMA, read, render, verdict, write_atomic
 from moebench.runner import _judge_slos
 from moebench.scenario import RunSpec, Slo
@@ -108,10 +109,10 @@ def test_the_floors_compute_what_dispatch_and_combine_compute(capacity_factor):
     s.routing["capacity_factor"] = capacity_factor
     ctx = type("Ctx", (), {"group": None, "device": torch.device("cpu")})()
     x_TD = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
-    jobs = kinds.dispatch_jobs(kinds._stack(ctx, s), x_TD, torch.float32)
+    jobs = common.dispatch_jobs(common.build_stack(ctx, s), x_TD, torch.float32)
     dispatched, combined = [], []
-    kinds.floor_fns(jobs, sink=dispatched)["dispatch_floor"]()
-    kinds.floor_fns(jobs, sink=combined)["combine_floor"]()
+    common.floor_fns(jobs, sink=dispatched)["dispatch_floor"]()
+    common.floor_fns(jobs, sink=combined)["combine_floor"]()
     for (layer, plan, _, x_RD, meta), floor_x, floor_y in zip(jobs, dispatched, combined, strict=True):
         assert torch.equal(floor_x, x_RD)
         assert torch.equal(floor_y, layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta))
@@ -239,13 +240,12 @@ def test_gates_can_judge_a_percentile_and_unmeasured_gates_are_shown():
 
 
 def test_equivalence_check_fails_when_the_error_exceeds_the_tolerance(monkeypatch):
-    from moebench.equivalence import run_rank
     from moebench.launch import RankContext
 
     s = spec("equivalence", world=1, tokens_per_rank=24)
-    per_rank = [run_rank(RankContext(0, 1, None, torch.device("cpu"), "gloo"), kinds._case(s))]
+    per_rank = [equivalence.run_rank(RankContext(0, 1, None, torch.device("cpu"), "gloo"), equivalence.case(s))]
     metrics, checks, _ = kinds.evaluate(s, per_rank)
     assert metrics["rel_error_forward"]["median"] < 1e-5 and [c["pass"] for c in checks] == [True, True]
-    monkeypatch.setitem(kinds.TOLERANCE, "float32", 1e-12)  # fp32 rounding alone now exceeds it
+    monkeypatch.setitem(equivalence.TOLERANCE, "float32", 1e-12)  # fp32 rounding alone now exceeds it
     _, checks, _ = kinds.evaluate(s, per_rank)
     assert checks[0]["pass"] is False and "tolerance 1e-12" in checks[0]["detail"]

@@ -1,6 +1,6 @@
 """The A/A false-alarm rate of ``moebench compare``: run identical code N times, compare every pair.
 
-    python -m moebench.false_alarms [--runs 7] [--busy N] [--out DIR] [SCENARIO ...]
+    python -m moebench.tools.false_alarms [--runs 7] [--busy N] [--out DIR] [SCENARIO ...]
                                     (default scenarios/regress)
 
 Each repetition is a separate ``moebench run`` process, as two CI jobs would be. Every pair
@@ -79,7 +79,7 @@ def tally(comparisons: list[list[C.Row]]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moebench.false_alarms", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moebench.tools.false_alarms", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", default=[str(DEFAULT_SET)])
     parser.add_argument("--runs", type=int, default=7, help="separate runs; pairs = runs·(runs−1)/2 (default 7: 21)")
     parser.add_argument("--out", type=Path, help="keep the result folders here (default a temporary folder)")

@@ -1,6 +1,6 @@
 """How much does the telemetry sampler slow the work it watches? Interleaved on/off blocks.
 
-``python -m moebench.bench_telemetry [--interval 0.1] [--blocks 10] [--steps 20]`` times a CPU-bound
+``python -m moebench.tools.bench_telemetry [--interval 0.1] [--blocks 10] [--steps 20]`` times a CPU-bound
 step (a loop of 512×512 @ 512×1024 fp32 matmuls, ~15 ms) per step, in blocks alternately with a
 ``Sampler`` running and without it (ABBA order, so drift cancels), at ``--interval`` and at 0.001 s
 (to amplify the cost), and prints the median step time with and without and the overhead. The

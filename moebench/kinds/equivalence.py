@@ -1,4 +1,4 @@
-"""Numerical equivalence of the EP layer with the fp64 reference, at any EP size.
+"""The equivalence kind: the EP layer against the fp64 reference, at any EP size.
 
 One *case* fixes a layer config, the number of stacked layers, a placement, a routing pattern
 and skew, and a token split. The same global weights and tokens go to a stack of
@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from moebench import metrics as M
+from moebench.kinds.common import sampler
 from moebench.workload import MoEStack, layer_weights
 from runtime import MoEConfig, MoEWeights, ParallelConfig, reference_moe
+
+if TYPE_CHECKING:
+    from moebench.scenario import RunSpec
 
 # Documented tolerances of ‖out − ref‖/‖ref‖ against the fp64 reference, per compute dtype.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -202,3 +208,71 @@ def compare(ep: Result, ref: Result) -> dict[str, float]:
     }
     errors.update({f"grad_{k}": rel_error(ep.grads[k], ref.grads[k]) for k in ref.grads})
     return errors
+
+
+# -------------------------------------------------------------------------------------------
+# The kind: one case from the scenario, run on the ranks, compared in the parent
+
+NAME = "equivalence"
+COLUMNS = (
+    ("rel_error_forward", "fwd rel err", 1, ".1e"),
+    ("rel_error_grad", "grad rel err", 1, ".1e"),
+    ("tokens_dropped", "dropped (copies)", 1, ".0f"),
+)
+METRICS = ("rel_error_forward", "rel_error_grad", "tokens_dropped")
+
+
+def case(spec: RunSpec) -> Case:
+    """The scenario's run as an equivalence case (all ranks' tokens make the global batch)."""
+    return Case(
+        name=spec.name,
+        moe=spec.moe_config(),
+        placement=spec.parallel["placement"],
+        num_tokens=spec.workload["tokens_per_rank"] * spec.world_size,
+        seed=spec.workload["seed"],
+        layers=spec.model["layers"],
+        skew=spec.workload["skew"],
+        skew_param=spec.workload["skew_param"],
+    )
+
+
+def window_tokens(spec: RunSpec) -> int:
+    """Tokens processed, over all ranks, inside the telemetry window: one forward + backward."""
+    return spec.workload["tokens_per_rank"] * spec.world_size
+
+
+def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """This rank's forward and backward of the case (``run_rank``), under the sampler."""
+    with sampler(ctx, interval) as s:
+        out = run_rank(ctx, case(spec))
+    out["telemetry"] = s.summary()
+    return out
+
+
+def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    """The worst relative error against the reference, and dropped copies against the reference's."""
+    ep, ref = assemble(per_rank), run_reference(case(spec))
+    errors = compare(ep, ref)
+    forward = errors["out"]
+    grad = max(v for k, v in errors.items() if k.startswith("grad_"))
+    worst_name = max(errors, key=errors.get)
+    tol = TOLERANCE[spec.model["dtype"]]
+    metrics = {
+        "rel_error_forward": M.metric([forward], "ratio", "lower", exact=True),
+        "rel_error_grad": M.metric([grad], "ratio", "lower", exact=True),
+        "tokens_dropped": M.metric([ep.tokens_dropped], "copies", "lower", exact=True),
+    }
+    checks = [
+        {
+            "name": "rel_error_within_tolerance",
+            "pass": errors[worst_name] <= tol,  # NaN or inf never passes
+            "detail": f"worst of {len(errors)} (output, aux and z losses, gradients): {worst_name} "
+            f"{errors[worst_name]:.2e}, tolerance {tol:g}",
+        },
+        {
+            "name": "tokens_dropped_match_reference",
+            "pass": ep.tokens_dropped == ref.tokens_dropped,
+            "detail": f"{ep.tokens_dropped} dropped, reference {ref.tokens_dropped}",
+        },
+    ]
+    return metrics, checks, {"compared": "output, aux and z losses, every gradient"}  # all in the check

@@ -1,6 +1,6 @@
 """Which grouped-GEMM backend should the experts use here? Time them side by side.
 
-``python -m moebench.bench_experts [--device cpu|cuda] [--rows N]`` times forward + backward of
+``python -m moebench.tools.bench_experts [--device cpu|cuda] [--rows N]`` times forward + backward of
 ``runtime.experts.expert_ffn`` for every backend on the seed layer shape (16 local experts,
 D = 512, F = 1024) with uniform and skewed row counts, and prints the median per backend and its
 ratio to "loop" measured in the same run. The README quotes its output.

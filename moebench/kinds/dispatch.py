@@ -1,0 +1,71 @@
+"""The dispatch kind: dispatch and combine alone against their references (the local floors at
+W = 1, the raw all-to-all at W > 1), and a round-trip check that combine inverts dispatch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from moebench.kinds.common import (
+    COLLECTIVE_METRICS,
+    collective_metrics,
+    collective_timings,
+    routing_stats,
+    sampler,
+    setup,
+    timed_window_tokens,
+)
+from moebench.kinds.equivalence import TOLERANCE
+from moebench.workload import MoEStack
+
+if TYPE_CHECKING:
+    from moebench.scenario import RunSpec
+
+NAME = "dispatch"
+COLUMNS = (
+    ("dispatch_time_s", "dispatch (ms)", 1e3, ".3f"),
+    ("combine_time_s", "combine (ms)", 1e3, ".3f"),
+    ("dispatch_over_floor", "dispatch/floor", 1, ".2f"),
+    ("combine_over_floor", "combine/floor", 1, ".2f"),
+    ("a2a_time_s", "raw a2a (ms)", 1e3, ".3f"),
+    ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
+    ("dispatch_over_a2a", "dispatch/a2a", 1, ".3f"),
+    ("combine_over_a2a", "combine/a2a", 1, ".3f"),
+    ("bytes_per_token", "bytes/token", 1, ".0f"),
+    ("tokens_dropped", "dropped", 1, ".0f"),
+)
+METRICS = COLLECTIVE_METRICS
+window_tokens = timed_window_tokens
+
+
+def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Only the collectives (dispatch, combine, their references), no step; then the round trip."""
+    stack, group, x_TD = setup(ctx, spec)
+    with sampler(ctx, interval) as s:
+        out = collective_timings(ctx, spec, stack, x_TD, group)
+    out["round_trip_error"] = round_trip_error(stack, x_TD)
+    return {**out, "telemetry": s.summary(), **routing_stats(stack, x_TD)}
+
+
+def round_trip_error(stack: MoEStack, x_TD: torch.Tensor) -> float:
+    """Relative error of combine(dispatch(x)) against x · Σ kept weights (identity experts), layer 0."""
+    layer = stack.layers[0]
+    with torch.no_grad():
+        plan = layer.plan(x_TD)
+        x_RD, meta = layer.dispatcher.dispatch(x_TD, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+        out_TD = layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta).double()
+        kept_weight_T = (plan.routing.weights_TK * plan.keep_TK).sum(1, keepdim=True).double()
+        want_TD = x_TD.double() * kept_weight_T
+    return float((out_TD - want_TD).norm() / want_TD.norm().clamp_min(1e-30))
+
+
+def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    worst = max(r["round_trip_error"] for r in per_rank)
+    tol = TOLERANCE[spec.model["dtype"]]
+    check = {
+        "name": "combine_inverts_dispatch",
+        "pass": worst <= tol,  # NaN never passes
+        "detail": f"combine(dispatch(x)) vs x · kept weights: worst rank {worst:.2e}, tolerance {tol:g}",
+    }
+    return collective_metrics(spec, per_rank[0]), [check], {"layers": spec.model["layers"]}

@@ -1,0 +1,63 @@
+"""The experts kind: the grouped expert FFN alone, tokens·top_k rows spread evenly over the experts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from moebench import metrics as M
+from moebench.kinds.common import finite_check, sampler, timed_window_tokens
+from moebench.timing import time_fn
+from moebench.workload import layer_weights, tokens
+from runtime.experts import expert_ffn, resolve_backend
+
+if TYPE_CHECKING:
+    from moebench.scenario import RunSpec
+
+NAME = "experts"
+COLUMNS = (
+    ("expert_time_s", "experts p50 (ms)", 1e3, ".3f"),
+    ("expert_time_s:p90", "p90 (ms)", 1e3, ".3f"),
+    ("expert_tflops", "TFLOP/s", 1, ".4f"),
+    ("rows_per_expert", "rows/expert", 1, ".0f"),
+)
+METRICS = ("expert_time_s", "expert_tflops", "rows_per_expert")
+window_tokens = timed_window_tokens
+
+
+def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Time the expert FFN's forward on evenly spread rows."""
+    moe = spec.moe_config()
+    weights = layer_weights(moe, 1, spec.workload["seed"], "uniform", None)[0]
+    w_in, w_down = (w.to(ctx.device, moe.torch_dtype) for w in (weights.w_in_EDH, weights.w_down_EFD))
+    rows = spec.workload["tokens_per_rank"] * moe.top_k
+    counts = [rows // moe.num_experts + (e < rows % moe.num_experts) for e in range(moe.num_experts)]
+    x_RD = tokens(rows, moe.hidden_size, spec.workload["seed"], ctx.rank).to(ctx.device, moe.torch_dtype)
+    backend = resolve_backend(moe.expert_backend, ctx.device, moe.torch_dtype)
+
+    def forward():
+        with torch.no_grad():
+            return expert_ffn(x_RD, w_in, w_down, counts, moe.activation, backend)
+
+    with sampler(ctx, interval) as s:
+        t = time_fn(forward, warmup=spec.scenario["warmup"], repeats=spec.scenario["repeats"], device=ctx.device)
+    return {"experts": list(t.samples_s), "finite": bool(torch.isfinite(forward()).all()), "telemetry": s.summary()}
+
+
+def expert_flops(spec: RunSpec) -> float:
+    """Forward FLOPs of the experts kind's FFN: 2 · rows · m · D · F (m = 3 for swiglu, else 2)."""
+    m = 3 if spec.model["activation"] == "swiglu" else 2
+    rows = spec.workload["tokens_per_rank"] * spec.model["top_k"]
+    return 2.0 * rows * m * spec.model["hidden"] * spec.model["ffn_hidden"]
+
+
+def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    flops, raw = expert_flops(spec), per_rank[0]
+    rows = spec.workload["tokens_per_rank"] * spec.model["top_k"]
+    metrics = {
+        "expert_time_s": M.metric(raw["experts"], "s", "lower"),
+        "expert_tflops": M.metric([flops / t / 1e12 for t in raw["experts"]], "TFLOP/s", "higher"),
+        "rows_per_expert": M.metric([rows / spec.model["num_experts"]], "rows", "higher", exact=True),
+    }
+    return metrics, [finite_check(per_rank)], {"backend": spec.model["expert_backend"]}

@@ -1,0 +1,31 @@
+"""The latency kind: the step's time distribution (p50, p90, p99) and nothing else."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from moebench import metrics as M
+from moebench.kinds.common import finite_check, measure_timed, timed_window_tokens
+
+if TYPE_CHECKING:
+    from moebench.scenario import RunSpec
+
+NAME = "latency"
+COLUMNS = (
+    ("step_time_s", "p50 (ms)", 1e3, ".3f"),
+    ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),
+    ("step_time_s:p99", "p99 (ms)", 1e3, ".3f"),
+    ("step_time_s:n", "samples", 1, ".0f"),
+)
+METRICS = ("step_time_s",)
+window_tokens = timed_window_tokens
+
+
+def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Time the step alone."""
+    return measure_timed(ctx, spec, interval, collectives=False)
+
+
+def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    metrics = {"step_time_s": M.metric(per_rank[0]["step"], "s", "lower")}
+    return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"]}

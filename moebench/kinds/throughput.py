@@ -1,0 +1,57 @@
+"""The throughput kind: the step's tokens/s, the collectives against their references, and the
+MoE step against a dense stack of the same active FLOPs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from moebench import metrics as M
+from moebench.kinds.common import (
+    COLLECTIVE_METRICS,
+    collective_metrics,
+    finite_check,
+    measure_timed,
+    ratios,
+    timed_window_tokens,
+)
+
+if TYPE_CHECKING:
+    from moebench.scenario import RunSpec
+
+NAME = "throughput"
+# (metric[:statistic], header with unit, scale, format); the statistic defaults to median.
+COLUMNS = (
+    ("tokens_per_s", "tokens/s", 1, ".0f"),
+    ("tokens_per_s_per_gpu", "tokens/s/gpu", 1, ".0f"),
+    ("step_time_s", "step p50 (ms)", 1e3, ".2f"),
+    ("step_time_s:p90", "step p90 (ms)", 1e3, ".2f"),
+    ("dispatch_time_s", "dispatch (ms)", 1e3, ".2f"),
+    ("combine_time_s", "combine (ms)", 1e3, ".2f"),
+    ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
+    ("dispatch_over_a2a", "dispatch/a2a", 1, ".2f"),
+    ("dispatch_over_floor", "dispatch/floor", 1, ".2f"),
+    ("moe_over_dense", "moe/dense", 1, ".2f"),
+    ("bytes_per_token", "bytes/token", 1, ".0f"),
+    ("tokens_dropped", "dropped", 1, ".0f"),
+)
+METRICS = ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "moe_over_dense", *COLLECTIVE_METRICS)
+window_tokens = timed_window_tokens
+
+
+def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Time the step, then the collectives and the dense reference."""
+    return measure_timed(ctx, spec, interval, collectives=True)
+
+
+def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    world, total = spec.world_size, spec.workload["tokens_per_rank"] * spec.world_size
+    raw = per_rank[0]
+    step = raw["step"]
+    metrics = {
+        "step_time_s": M.metric(step, "s", "lower"),
+        "tokens_per_s": M.metric([total / t for t in step], "tokens/s", "higher"),
+        "tokens_per_s_per_gpu": M.metric([total / t / world for t in step], "tokens/s", "higher"),
+        "moe_over_dense": M.metric(ratios(raw["paired_step"], raw["dense"]), "ratio", "lower"),
+    }
+    metrics |= collective_metrics(spec, raw)
+    return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"]}
