@@ -33,9 +33,13 @@ def _install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session(**VENV)
 def tests(session: nox.Session) -> None:
-    """The CPU test suite (multi-rank tests run on gloo; `gpu` tests skip without CUDA)."""
+    """The CPU test suite (multi-rank tests run on gloo; `gpu` tests skip without CUDA).
+
+    It asserts logic, never this host's speed: the `timing` tests skip here (`nox -s regress` runs them).
+    """
     _install(session, "[test]")
-    session.run("python", "-m", "pytest", *session.posargs)  # the venv's python, even if pytest is a system install
+    # The venv's python, even if pytest is a system install; timing tests off even if the caller's shell set them on.
+    session.run("python", "-m", "pytest", *session.posargs, env={"MOEBENCH_TIMING_TESTS": "0"})
 
 
 @nox.session
@@ -55,12 +59,14 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(**VENV)
 def regress(session: nox.Session) -> None:
-    """The regression gate: run scenarios/regress on CPU, compare with the committed baseline.
+    """The regression gate: run scenarios/regress on CPU, compare with the committed baseline, then
+    run the tests that time real code (marked `timing`: the A/A runs and the planted slowdown).
 
     Exit 1 on a regression. The markdown summary goes to $MOEBENCH_REGRESS_MD when set (CI logs);
-    the results stay in results/runs/regress-<time>/ for `moebench baseline update`.
+    the results stay in results/runs/regress-<time>/ for `moebench baseline update`. Arguments
+    after `--` go to `moebench compare`.
     """
-    _install(session)
+    _install(session, "[test]")
     out = session.run("python", "-c", "from moebench.runner import default_out_dir as d; print(d())", silent=True)
     out = out.strip().splitlines()[-1].replace("/runs/", "/runs/regress-")
     session.run("python", "-m", "moebench", "run", "scenarios/regress", "--out", out, "--no-telemetry")
@@ -69,6 +75,7 @@ def regress(session: nox.Session) -> None:
         session.error(f"no committed baseline {baseline} for this machine class: see README, 'Baselines'")
     markdown = ["--markdown", os.environ["MOEBENCH_REGRESS_MD"]] if os.environ.get("MOEBENCH_REGRESS_MD") else []
     session.run("python", "-m", "moebench", "compare", baseline, out, *markdown, *session.posargs)
+    session.run("python", "-m", "pytest", "-m", "timing", env={"MOEBENCH_TIMING_TESTS": "1"})
 
 
 @nox.session(name="bench-multigpu", default=False, **VENV)

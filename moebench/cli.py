@@ -88,8 +88,15 @@ def _add_compare(sub) -> None:
     compare.add_argument("--json", metavar="FILE", help="write JSON to FILE ('-': to stdout, instead of the table)")
     baseline = sub.add_parser("baseline", help="write or locate committed baselines")
     baseline.add_argument("action", choices=["update", "path"])
-    baseline.add_argument("paths", nargs="+", metavar="RESULT", help="result files or folders")
+    baseline.add_argument(
+        "paths",
+        nargs="+",
+        metavar="RESULT",
+        help="result files or folders; several runs of a set (an odd number) merge into one baseline, "
+        "each metric the median of the runs' medians",
+    )
     baseline.add_argument("--root", type=Path, help="baselines folder (default results/baselines)")
+    baseline.add_argument("--allow-busy", action="store_true", help="accept runs flagged host_busy (not advised)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -264,8 +271,8 @@ def _baseline(args) -> int:
     if args.action == "path":
         print(baseline.folder_for(args.paths, root))
         return 0
-    for path in baseline.update(args.paths, root):
-        print(f"wrote {path}")
+    for path, runs in baseline.update(args.paths, root, args.allow_busy):
+        print(f"wrote {path}" + (f" (median of {runs} runs)" if runs > 1 else ""))
     return 0
 
 

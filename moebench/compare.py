@@ -15,6 +15,9 @@ The rules (documented in ``results/README.md``, "Comparing results"):
    no test: worse or better when the median moves by at least their tolerance t, else same.
 4. A metric, run or scenario of BASELINE missing from NEW is a regression, as is a run that now
    fails or a check that now fails. Metrics and runs only in NEW are reported as new.
+5. Two notes, never failures: a run of either side that ran on a busy host (``host_busy``) gets a
+   ``host`` row, and a line per side names them; a scenario with a metric that reads faster (or
+   better) gets "baseline may be stale", with the largest regression that would now read same.
 
 Minimum effect, most specific first: ``--min-effect METRIC=T``, the scenario's ``[compare]
 METRIC``, ``BUILTIN_MIN_EFFECT``, ``--min-effect T``, the scenario's ``[compare] min_effect``,
@@ -40,6 +43,7 @@ DEFAULT_MIN_EFFECT = 0.05
 # Errors against fp64 move with reduction order (thread count, kernel choice): allow them to double.
 BUILTIN_MIN_EFFECT = {"rel_error_forward": 1.0, "rel_error_grad": 1.0}
 REGRESSIONS = ("slower", "worse", "missing", "failed", "fails now", "env differs")
+JUDGED = ("same", "noisy", "slower", "faster", "worse", "better")  # verdicts of a metric with a minimum effect
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Run:
     thresholds: dict | None  # the scenario's [compare] section; None when the file has none
     source: str
     software: dict = field(default_factory=dict)  # git sha, dirty flag, torch, test knobs of the file
+    host_busy: bool | None = None  # the run's host was busier than its cores; None: not recorded
+    host: dict | None = None  # the run's host record (load average before and after, cores, threads)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -122,6 +128,9 @@ def _check_records(path: Path, doc: dict) -> None:
         for check in run["checks"]:
             if not (isinstance(check, dict) and isinstance(check.get("name"), str) and "pass" in check):
                 raise ValueError(f"{path}: runs[{i}].checks entries need a name and pass")
+        busy, host = run.get("host_busy"), run.get("host")
+        if not (busy in (True, False, None) and isinstance(host, (dict, type(None)))):
+            raise ValueError(f"{path}: runs[{i}] needs host_busy true, false or null, and host a table or null")
 
 
 def _moebench_runs(path: Path, doc: dict) -> list[Run]:
@@ -139,7 +148,9 @@ def _moebench_runs(path: Path, doc: dict) -> list[Run]:
             checks={c["name"]: bool(c["pass"]) for c in run["checks"]},
             thresholds=thresholds,
             source=str(path),
-            software=_software(doc["environment"]),
+            software=_software(doc),
+            host_busy=run.get("host_busy"),
+            host=run.get("host"),
         )
         for run in doc["runs"]
     ]
@@ -292,6 +303,35 @@ def _check_rows(base: Run, new: Run) -> list[Row]:
     return rows
 
 
+def _host_rows(base: Run, new: Run) -> list[Row]:
+    """A ``host`` row when either side's run ran on a busy host: its timings are not to be trusted."""
+    if not (base.host_busy or new.host_busy):
+        return []
+    sides = (("BASELINE", base), ("NEW", new))
+    note = "; ".join(f"{side}: {host_summary(run.host)}" for side, run in sides if run.host_busy)
+    state = {True: "busy", False: "quiet", None: "unknown"}
+    head = {"scenario": base.scenario, "run": base.label, "metric": "host", "verdict": "busy host", "note": note}
+    return [Row(**head, base=state[base.host_busy], new=state[new.host_busy])]
+
+
+def host_summary(host: dict | None) -> str:
+    """A run's host record in words: 1-minute load average before and after, cores, ranks × threads."""
+    host = host or {}
+
+    def load(key: str) -> str:
+        value = host.get(key)
+        ok = isinstance(value, list) and value and isinstance(value[0], (int, float))
+        return f"{value[0]:.1f}" if ok else "?"
+
+    text = (
+        f"load {load('load_avg_before')} before, {load('load_avg_after')} after on {host.get('cpu_count', '?')} cores"
+    )
+    ranks, threads = host.get("ranks"), host.get("threads_per_rank")
+    if ranks and threads:
+        text += f", {ranks} rank{'s' * (ranks != 1)} × {threads} thread{'s' * (threads != 1)}"
+    return text
+
+
 def _env_note(base: dict, new: dict) -> str:
     return "; ".join(f"{k} {base.get(k)} -> {new.get(k)}" for k in base if base.get(k) != new.get(k))
 
@@ -314,7 +354,7 @@ def compare_run(base: Run, new: Run, settings: Settings) -> list[Row]:
         if not settings.allow_env_mismatch:
             return [Row(**head, metric="environment", verdict="env differs", note=note + " (not compared)")]
         rows.append(Row(**head, metric="environment", verdict="compared anyway", note=note))
-    return rows + _metric_rows(base, new, settings) + _check_rows(base, new)
+    return rows + _host_rows(base, new) + _metric_rows(base, new, settings) + _check_rows(base, new)
 
 
 def compare(baseline: list[Run], new: list[Run], settings: Settings) -> list[Row]:
@@ -331,6 +371,62 @@ def compare(baseline: list[Run], new: list[Run], settings: Settings) -> list[Row
         Row(run.scenario, run.label, "run", verdict="new", note="run not in BASELINE") for run in by_key.values()
     )
     return rows
+
+
+# -------------------------------------------------------------------------------------------
+# Notes: a stale baseline, a busy host
+
+
+def hidden_regression(ratio: float, min_effect: float) -> float:
+    """The largest regression of NEW that would still read same, when NEW beats BASELINE by ``ratio``.
+
+    NEW is 1 + e better (e = effect(ratio)); a change reads slower only past 1 + t beyond the
+    baseline, so from NEW's level a regression up to (1 + e)(1 + t) − 1 reads same.
+    """
+    return (1 + effect(ratio)) * (1 + min_effect) - 1
+
+
+def stale_notes(rows: list[Row]) -> list[dict]:
+    """Per scenario where a gated metric reads faster (or better): "baseline may be stale"."""
+    notes = []
+    for scenario in dict.fromkeys(row.scenario for row in rows):
+        gated = [r for r in rows if r.scenario == scenario and r.verdict in JUDGED and r.ratio is not None]
+        several = len({r.run for r in gated}) > 1
+        ahead = [r for r in gated if r.verdict in ("faster", "better")]
+        if not ahead:
+            continue
+        metrics, parts = [], []
+        for r in ahead:
+            hidden = hidden_regression(r.ratio, r.min_effect)
+            metrics.append({"run": r.run, "metric": r.metric, "ratio": r.ratio, "hidden_regression": hidden})
+            parts.append(f"{_percent(hidden)} in {r.metric}{f' [{r.run}]' if several else ''} (ratio {r.ratio:.3f})")
+        words = " or ".join(sorted({r.verdict for r in ahead}, reverse=True))  # faster, better
+        text = (
+            f"baseline may be stale: {len(ahead)} of {len(gated)} gated metrics read {words}; "
+            f"a regression would read same up to {', '.join(parts)}"
+        )
+        notes.append(
+            {"scenario": scenario, "faster": len(ahead), "gated": len(gated), "metrics": metrics, "text": text}
+        )
+    return notes
+
+
+def _percent(fraction: float) -> str:
+    return "any size" if math.isinf(fraction) else f"+{fraction * 100:.0f} %"
+
+
+def host_lines(rows: list[Row]) -> list[str]:
+    """One line per side with runs on a busy host, naming their scenarios and runs."""
+    lines = []
+    for side, attr in (("BASELINE", "base"), ("NEW", "new")):
+        where = [
+            row.scenario + (f" [{row.run}]" if row.run != "-" else "")
+            for row in rows
+            if row.metric == "host" and getattr(row, attr) == "busy"
+        ]
+        if where:
+            lines.append(f"{side} ran on a busy host in {', '.join(where)}: its timings there are not trustworthy")
+    return lines
 
 
 # -------------------------------------------------------------------------------------------
@@ -377,16 +473,26 @@ HEADERS = ["run", "metric", "baseline", "new", "ratio", "p (MWU)", "min effect",
 
 
 def render(rows: list[Row], fmt: str = "plain") -> str:
-    """One table per scenario (``fmt`` "plain" or "markdown"), then the summary line."""
+    """The busy-host lines, one table per scenario (``fmt`` "plain" or "markdown") with its stale-baseline
+    note, then the summary line."""
     from tabulate import tabulate
 
-    tablefmt = "github" if fmt == "markdown" else "simple"
-    parts = []
+    markdown = fmt == "markdown"
+    busy = host_lines(rows)
+    parts = ["\n".join(f"- {line}" if markdown else line for line in busy)] if busy else []
+    stale = {note["scenario"]: note["text"] for note in stale_notes(rows)}
     for scenario in dict.fromkeys(row.scenario for row in rows):
         mine = [row for row in rows if row.scenario == scenario]
-        table = tabulate([_cells(r) for r in mine], headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
-        title = f"### {scenario}" if fmt == "markdown" else scenario
-        parts.append(f"{title}\n\n{table}" if fmt == "markdown" else f"{title}\n{table}")
+        table = tabulate(
+            [_cells(r) for r in mine],
+            headers=HEADERS,
+            tablefmt="github" if markdown else "simple",
+            disable_numparse=True,
+        )
+        block = f"### {scenario}\n\n{table}" if markdown else f"{scenario}\n{table}"
+        if scenario in stale:
+            block += f"\n\n> {stale[scenario]}" if markdown else f"\nnote: {stale[scenario]}"
+        parts.append(block)
     parts.append(("**" + summary(rows) + "**") if fmt == "markdown" else summary(rows))
     return "\n\n".join(parts)
 
@@ -410,6 +516,7 @@ def to_json(rows: list[Row], baseline: str, new: str) -> dict:
         "regressions": sum(row.regression for row in rows),
         "summary": summary(rows),
         "rows": cleaned,
+        "notes": {"busy_host": host_lines(rows), "stale_baseline": stale_notes(rows)},
     }
 
 
@@ -421,14 +528,18 @@ def software_notes(baseline: list[Run], new: list[Run]) -> list[str]:
             line = f"{side}: git {str(soft['git'])[:10]}{' (dirty)' * bool(soft['dirty'])}, torch {soft['torch']}"
             if soft["knobs"]:
                 line += f", TEST KNOBS {soft['knobs']}"
+            if soft.get("runs"):
+                line += f", baseline of {soft['runs']} run{'s' * (soft['runs'] != 1)} (median of medians)"
             notes.append(line)
     return notes
 
 
-def _software(env: dict) -> dict:
+def _software(doc: dict) -> dict:
+    env = doc["environment"]
     return {
         "git": env.get("git_sha"),
         "dirty": env.get("git_dirty"),
         "torch": env.get("torch"),
         "knobs": env.get("test_knobs") or {},
+        "runs": (doc.get("baseline_of") or {}).get("runs"),  # a baseline merged from several runs
     }

@@ -10,47 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from result_docs import result_doc as _doc
+from result_docs import run_record as _run
+from result_docs import times as _times
 from scipy.stats import mannwhitneyu
 
 from moebench import compare as C
-from moebench.baseline import class_dir, folder_for, update
+from moebench.baseline import class_dir
 from moebench.cli import main
 from moebench.metrics import metric
-from moebench.results import SCHEMA, write_atomic
+from moebench.results import write_atomic
 from moebench.scenario import ScenarioError, load
-
-
-def _times(median: float, n: int = 30, seed: int = 0, spread: float = 0.02) -> list[float]:
-    rng = np.random.default_rng(seed)
-    return (median * (1 + spread * rng.standard_normal(n))).tolist()
-
-
-def _run(metrics: dict, params=None, *, checks=None, status="ok", world=2, backend="gloo", dtype="float32") -> dict:
-    return {
-        "params": params if params is not None else {"world_size": world},
-        "config": {"model": {"dtype": dtype}},
-        "world_size": world,
-        "device": "cpu",
-        "backend": backend,
-        "status": status,
-        "error": None if status == "ok" else "RuntimeError: boom",
-        "metrics": metrics,
-        "checks": checks if checks is not None else [{"name": "finite_output", "pass": True, "detail": ""}],
-        "slo": [],
-        "telemetry": None,
-    }
-
-
-def _doc(runs: list[dict], name="demo", kind="throughput", thresholds=None, cpus=2, knobs=None) -> dict:
-    env = {"git_sha": "abc", "git_dirty": False, "torch": "2.13.0", "gpus": [], "cpu_count": cpus}
-    env["test_knobs"] = knobs or {}
-    return {
-        "schema": SCHEMA,
-        "source": f"scenarios/{name}.toml",
-        "scenario": {"scenario": {"name": name, "kind": kind}, "compare": thresholds or {}},
-        "environment": env,
-        "runs": runs,
-    }
 
 
 def _runs(doc: dict, tmp_path: Path, side: str) -> list[C.Run]:
@@ -328,6 +298,7 @@ def test_cli_exit_codes_markdown_and_json(tmp_path, capsys):
         (["compare", "{base}", "{new}", "--min-effect", "step_tme_s=0.2"], "step_tme_s=0.2: no metric of that name"),
         (["compare", "{base}", "{nounit}"], "metrics.step_time_s needs a unit and better = 'higher' or 'lower'"),
         (["compare", "{base}", "{twice}"], "run demo [world_size=2] is also in"),
+        (["compare", "{base}", "{busy}"], "runs[0] needs host_busy true, false or null, and host a table or null"),
     ],
 )
 def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
@@ -338,7 +309,8 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
     write_atomic(tmp_path / "twice" / "a.json", _doc([_run({})]))
     write_atomic(tmp_path / "twice" / "b.json", _doc([_run({})]))
     paths = {"base": base, "new": new, "bad": tmp_path / "bad.json", "nounit": tmp_path / "nounit"}
-    paths["twice"] = tmp_path / "twice"
+    write_atomic(tmp_path / "busy" / "demo.json", _doc([_run({}, host_busy="yes")]))
+    paths |= {"twice": tmp_path / "twice", "busy": tmp_path / "busy"}
     code = None
     try:
         code = main([a.format(**paths) for a in args])
@@ -350,24 +322,124 @@ def test_cli_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
 
 
 # -------------------------------------------------------------------------------------------
+# Notes: a stale baseline, a busy host
+
+GATES = {"dispatch_over_floor": 0.1, "combine_over_floor": 0.1, "min_effect": 3.0}
+
+
+def _dispatch_metrics(combine: float, seed: int) -> dict:
+    """regress-dispatch's sampled metrics, tightly spread, with combine_over_floor at ``combine``."""
+    return {
+        name: metric(_times(median, seed=seed, spread=0.001), unit, "lower")
+        for name, median, unit in [
+            ("dispatch_time_s", 1.1e-4, "s"),
+            ("combine_time_s", 9.7e-5, "s"),
+            ("dispatch_over_floor", 2.4, "ratio"),
+            ("combine_over_floor", combine, "ratio"),
+        ]
+    } | {"tokens_dropped": metric([229], "copies", "lower", exact=True)}
+
+
+def _dispatch_pair(tmp_path, base_combine: float, new_combine: float) -> list[C.Row]:
+    base = _runs(_doc([_run(_dispatch_metrics(base_combine, 0))], thresholds=GATES), tmp_path, "b")
+    new = _runs(_doc([_run(_dispatch_metrics(new_combine, 1))], thresholds=GATES), tmp_path, "n")
+    return C.compare(base, new, C.Settings())
+
+
+def test_a_baseline_the_new_side_beats_is_named_stale_with_the_regression_it_would_hide(tmp_path):
+    # the committed regress-dispatch case: combine_over_floor 1.68 in the baseline, 1.49 measured
+    rows = _dispatch_pair(tmp_path, 1.68, 1.49)
+    assert {r.metric: r.verdict for r in rows}["combine_over_floor"] == "faster"
+    assert not any(r.regression for r in rows)
+    (note,) = C.stale_notes(rows)
+    assert (note["scenario"], note["faster"], note["gated"]) == ("demo", 1, 5)  # 4 sampled, 1 exact
+    (hidden,) = note["metrics"]
+    assert hidden["metric"] == "combine_over_floor" and hidden["hidden_regression"] == pytest.approx(
+        1.68 / 1.49 * 1.1 - 1, rel=1e-3
+    )
+    assert note["text"] == (
+        "baseline may be stale: 1 of 5 gated metrics read faster; "
+        "a regression would read same up to +24 % in combine_over_floor (ratio 0.887)"
+    )
+    assert "\nnote: " + note["text"] in C.render(rows)
+    assert "\n> " + note["text"] in C.markdown_report(rows, "b", "n")
+    assert C.to_json(rows, "b", "n")["notes"]["stale_baseline"] == [note]
+
+
+def test_the_hidden_regression_is_exactly_where_a_slowdown_starts_to_read_slower(tmp_path):
+    x = C.hidden_regression(1.49 / 1.68, 0.1)
+    verdicts = {}
+    for name, factor in (("under", 1 + 0.98 * x), ("over", 1 + 1.02 * x)):
+        rows = _dispatch_pair(tmp_path / name, 1.68, 1.49 * factor)
+        verdicts[name] = {r.metric: r.verdict for r in rows}["combine_over_floor"]
+    assert verdicts == {"under": "same", "over": "slower"}
+
+
+def test_no_stale_note_when_nothing_reads_faster(tmp_path):
+    rows = _dispatch_pair(tmp_path, 1.50, 1.49)
+    assert C.stale_notes(rows) == [] and "stale" not in C.render(rows)
+    assert C.to_json(rows, "b", "n")["notes"] == {"busy_host": [], "stale_baseline": []}
+
+
+def test_a_better_exact_metric_also_marks_the_baseline_stale():
+    row = C.Row("demo", "-", "tokens_dropped", "copies", 100, 80, ratio=0.8, min_effect=0.05, verdict="better")
+    (note,) = C.stale_notes([row])
+    assert note["text"].startswith("baseline may be stale: 1 of 1 gated metrics read better; ")
+    assert note["metrics"][0]["hidden_regression"] == pytest.approx(1.25 * 1.05 - 1)
+
+
+HOST = {"load_avg_before": [6.1, 5.0, 4.2], "load_avg_after": [7.9, 5.5, 4.4], "cpu_count": 2}
+HOST |= {"threads_per_rank": 1, "ranks": 2, "cpu_mhz": None}
+
+
+def test_a_run_on_a_busy_host_is_named_per_side_and_is_not_a_regression(tmp_path):
+    m = {"step_time_s": metric(_times(1.0), "s", "lower")}
+    old = _doc([_run(m, {"world_size": 1}, world=1), _run(m)])  # written before host_busy existed
+    new = _doc([_run(m, {"world_size": 1}, world=1, host_busy=True, host=HOST), _run(m, host_busy=False)])
+    rows = C.compare(_runs(old, tmp_path, "b"), _runs(new, tmp_path, "n"), C.Settings())
+    (host,) = [r for r in rows if r.metric == "host"]  # the quiet run gets no row
+    assert (host.run, host.base, host.new, host.verdict) == ("world_size=1", "unknown", "busy", "busy host")
+    assert host.note == "NEW: load 6.1 before, 7.9 after on 2 cores, 2 ranks × 1 thread"
+    assert not any(r.regression for r in rows)
+    line = "NEW ran on a busy host in demo [world_size=1]: its timings there are not trustworthy"
+    assert C.host_lines(rows) == [line]
+    assert C.render(rows).startswith(line + "\n\ndemo\n")
+    assert C.markdown_report(rows, "b", "n").count(f"- {line}") == 1
+    assert C.to_json(rows, "b", "n")["notes"]["busy_host"] == [line]
+    swapped = C.compare(_runs(new, tmp_path, "n"), _runs(old, tmp_path, "b"), C.Settings())
+    assert C.host_lines(swapped) == [line.replace("NEW", "BASELINE")]
+
+
+def test_cli_compare_prints_the_busy_line_and_exits_0(tmp_path, capsys):
+    m = {"step_time_s": metric(_times(1.0), "s", "lower")}
+    write_atomic(tmp_path / "b" / "demo.json", _doc([_run(m, host_busy=True, host={})]))
+    write_atomic(tmp_path / "n" / "demo.json", _doc([_run(m, host_busy=True, host=HOST)]))
+    assert main(["compare", str(tmp_path / "b"), str(tmp_path / "n"), "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    for side in ("BASELINE", "NEW"):
+        assert f"{side} ran on a busy host in demo [world_size=2]: its timings there are not trustworthy" in out
+    assert "BASELINE: load ? before, ? after on ? cores; NEW: load 6.1 before" in out  # an empty host record
+    assert len(json.loads((tmp_path / "c.json").read_text())["notes"]["busy_host"]) == 2
+
+
+# -------------------------------------------------------------------------------------------
 # pytest-benchmark files
 
 BENCH = """
-import os, time
-
-def test_sleep(benchmark):
-    benchmark.pedantic(time.sleep, args=(float(os.environ["NAP"]),), rounds=12, iterations=1)
+def test_noop(benchmark):
+    benchmark.pedantic(lambda: None, rounds=12, iterations=1)
 """
 
 
-def _pytest_benchmark(tmp_path: Path, nap: float, name: str) -> Path:
-    (tmp_path / "test_nap.py").write_text(BENCH)
+def _pytest_benchmark(tmp_path: Path) -> dict:
+    """A real ``--benchmark-json`` document (pytest-benchmark's own format) of a 12-round benchmark."""
+    (tmp_path / "test_noop.py").write_text(BENCH)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_nap.py")]
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_noop.py")]
     cmd += [f"--benchmark-json={out}", "-c", str(tmp_path / "pytest.ini")]
-    subprocess.run(cmd, check=True, capture_output=True, env={**_env(), "NAP": str(nap)}, cwd=tmp_path)
-    return out
+    subprocess.run(cmd, check=True, capture_output=True, env=_env(), cwd=tmp_path)
+    return json.loads(out.read_text())
 
 
 def _env() -> dict:
@@ -378,57 +450,22 @@ def _env() -> dict:
 
 @pytest.mark.slow
 def test_pytest_benchmark_json_is_compared_by_the_same_rules(tmp_path):
-    fast = _pytest_benchmark(tmp_path, 0.002, "fast")
-    slow = _pytest_benchmark(tmp_path, 0.004, "slow")
-    rows = C.compare(C.load([fast]), C.load([slow]), C.Settings())
-    (row,) = rows
-    assert row.metric == "time_s" and row.run == "test=test_sleep"
-    assert row.verdict == "slower" and row.ratio == pytest.approx(2.0, rel=0.25) and row.p < 0.01
-    assert C.compare(C.load([slow]), C.load([fast]), C.Settings())[0].verdict == "faster"
-    assert class_dir(json.loads(fast.read_text())).startswith("cpu-")
-
-
-# -------------------------------------------------------------------------------------------
-# Baselines
-
-
-def test_baseline_update_writes_passing_results_into_their_class_folder(tmp_path):
-    results = tmp_path / "results"
-    write_atomic(results / "demo.json", _doc([_run({"step_time_s": metric([1.0, 1.1], "s", "lower")})]))
-    written = update([results], tmp_path / "baselines")
-    assert written == [tmp_path / "baselines" / "cpu-2core" / "demo.json"]
-    assert json.loads(written[0].read_text())["runs"][0]["metrics"]["step_time_s"]["median"] == pytest.approx(1.05)
-    assert folder_for([results], tmp_path / "baselines") == tmp_path / "baselines" / "cpu-2core"
-
-
-@pytest.mark.parametrize(
-    ("doc", "reason"),
-    [
-        (_doc([_run({})], knobs={"MOEBENCH_TEST_ONLY_SLOW_DISPATCH": "0.15"}), "test-only knobs set"),
-        (_doc([_run({}, status="error")]), "is error: a baseline holds passing runs only"),
-        (_doc([_run({}, checks=[{"name": "finite_output", "pass": False}])]), "is failed finite_output"),
-    ],
-)
-def test_baseline_update_refuses_results_that_must_not_be_baselines(tmp_path, doc, reason):
-    good = tmp_path / "results" / "a.json"
-    write_atomic(good, _doc([_run({})]))
-    write_atomic(tmp_path / "results" / "b.json", doc)
-    with pytest.raises(ValueError, match=_escape(reason)):
-        update([tmp_path / "results"], tmp_path / "baselines")
-    assert not (tmp_path / "baselines").exists()  # nothing is written when any file is refused
-
-
-def test_cli_baseline_update_and_path(tmp_path, capsys):
-    results = tmp_path / "results"
-    write_atomic(results / "demo.json", _doc([_run({"step_time_s": metric([1.0, 1.1], "s", "lower")})]))
-    root = tmp_path / "baselines"
-    assert main(["baseline", "update", str(results), "--root", str(root)]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {root / 'cpu-2core' / 'demo.json'}"
-    assert main(["baseline", "path", str(results), "--root", str(root)]) == 0
-    assert capsys.readouterr().out.strip() == str(root / "cpu-2core")
-    write_atomic(results / "demo.json", _doc([_run({}, status="error")]))
-    assert main(["baseline", "update", str(results), "--root", str(root)]) == 2
-    assert "not written as a baseline" in capsys.readouterr().err
+    # The file is pytest-benchmark's own; its samples are set to recorded ones (2 ms, then 4 ms),
+    # so the verdict does not depend on how busy this host is.
+    doc = _pytest_benchmark(tmp_path)
+    assert len(doc["benchmarks"][0]["stats"]["data"]) == 12
+    paths = {}
+    for name, median, seed in (("fast", 0.002, 0), ("slow", 0.004, 1)):
+        data = _times(median, n=12, seed=seed)
+        doc["benchmarks"][0]["stats"] |= {"data": data, "median": float(np.median(data))}
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(doc))
+    fast, slow = C.load([paths["fast"]]), C.load([paths["slow"]])
+    (row,) = C.compare(fast, slow, C.Settings())
+    assert row.metric == "time_s" and row.run == "test=test_noop"
+    assert row.verdict == "slower" and row.ratio == pytest.approx(2.0, rel=0.03) and row.p < 0.01
+    assert C.compare(slow, fast, C.Settings())[0].verdict == "faster"
+    assert class_dir(doc).startswith("cpu-")
 
 
 def test_edge_cases_zero_min_effect_null_medians_skipped_runs(tmp_path):
