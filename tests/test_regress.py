@@ -18,8 +18,6 @@ from moebench.results import REPO
 from moebench.tools.false_alarms import NEIGHBOUR, pairwise
 from runtime.dispatch import SLOWDOWN_ENV, LocalDispatcher, _stall
 
-
-
 # -------------------------------------------------------------------------------------------
 # The test-only slowdown knob
 
