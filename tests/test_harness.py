@@ -33,7 +33,7 @@ def test_time_fn_discards_warmup_and_times_each_repeat():
 
     t = time_fn(step, warmup=2, repeats=3, device=torch.device("cpu"))
     assert len(calls) == 5 and len(t.samples_s) == 3
-    assert all(0.009 < s < 0.5 for s in t.samples_s)
+    assert all(0.009 < s < 2.0 for s in t.samples_s)  # the lower bound proves the 2 ms warm-ups are not timed
 
 
 def _rank_worker(ctx, slow_rank: int) -> dict:
