@@ -56,21 +56,39 @@ def _max_over_ranks(samples: list[list[float]], device: torch.device, group) -> 
     return samples_t.cpu().tolist()
 
 
-def time_fn(fn, *, warmup: int, repeats: int, device: torch.device, group=None) -> Timing:
+def time_fn(fn, *, warmup: int, repeats: int, device: torch.device, group=None, on_warm=None) -> Timing:
     """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; return the samples."""
-    return time_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, device=device, group=group)["fn"]
+    timing = time_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, device=device, group=group, on_warm=on_warm)
+    return timing["fn"]
 
 
-def time_interleaved(fns: dict, *, warmup: int, repeats: int, device: torch.device, group=None) -> dict[str, Timing]:
+def steady_round_s(rounds_s: list[float]) -> float:
+    """The typical round of a warm-up: the median, leaving out the first round (one-off costs:
+    allocations, lazy initialisation, connections) when there are others."""
+    return float(np.median(rounds_s[1:] or rounds_s))
+
+
+def time_interleaved(
+    fns: dict, *, warmup: int, repeats: int, device: torch.device, group=None, on_warm=None
+) -> dict[str, Timing]:
     """Time several functions in rounds: each round calls every function once, in order.
 
     Sample i of every function comes from the same round, so a ratio of two functions' samples
     taken round by round cancels most of the drift a shared machine adds between rounds; that is
     what the within-run ratios (``dispatch_over_a2a``, ``moe_over_dense``) are built from.
+    ``on_warm(round_s)``, when given, is called after a warm-up of at least one round with its
+    typical round (``steady_round_s``): the timed rounds that follow take ``repeats`` times that.
     """
+    warm_s = []
     for _ in range(warmup):
+        start = time.perf_counter()
         for fn in fns.values():
             fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # sync: the round's work is done (warm-up only, untimed)
+        warm_s.append(time.perf_counter() - start)
+    if on_warm is not None and warm_s:
+        on_warm(steady_round_s(warm_s))
     rounds = [[_time_once(fn, device) for fn in fns.values()] for _ in range(repeats)]
     rounds = _max_over_ranks(rounds, device, group) if rounds else []
     return {name: Timing(tuple(r[i] for r in rounds)) for i, name in enumerate(fns)}

@@ -24,6 +24,12 @@ def test_timing_summary_uses_nearest_rank_percentiles_and_population_cv():
     assert t.cv == pytest.approx(np.sqrt(8.25) / 5.5)
 
 
+def test_timing_median_is_the_middle_sample_of_a_skewed_sample_not_the_mean():
+    t = Timing((0.9, 1.0, 1.1, 1.2, 9.0))  # one slow outlier: mean 2.64
+    assert t.median == 1.1
+    assert Timing((4.0, 1.0, 2.0, 30.0)).median == 3.0  # even count: mean of the middle two
+
+
 def test_time_fn_discards_warmup_and_times_each_repeat():
     calls = []
 

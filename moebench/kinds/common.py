@@ -12,7 +12,6 @@ Shape legend: T = tokens on this rank, D = hidden, W = ranks, E = experts, R = d
 from __future__ import annotations
 
 import sys
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,6 +61,13 @@ def progress(ctx, message: str, expected_s: float) -> None:
     """Rank 0 says what it is doing when that will take a while (long runs show progress)."""
     if ctx.rank == 0 and expected_s > 10:
         print(f"    {message}, about {expected_s:.0f} s", file=sys.stderr, flush=True)
+
+
+def progress_after_warmup(ctx, spec: RunSpec, what: str):
+    """An ``on_warm`` hook for the timing helpers: after the warm-up, say how long the
+    ``repeats`` timed rounds of ``what`` will take (``progress``), from the warm-up's typical round."""
+    repeats = spec.scenario["repeats"]
+    return lambda round_s: progress(ctx, f"timing {what}: {repeats} rounds", round_s * repeats)
 
 
 def sampler(ctx, interval: float | None):
@@ -141,6 +147,7 @@ def ratio_timings(ctx, spec: RunSpec, step, x_TD: torch.Tensor, group) -> dict:
         repeats=spec.scenario["repeats"],
         device=ctx.device,
         group=group,
+        on_warm=progress_after_warmup(ctx, spec, "the step against the dense stack"),
     )
     return {"paired_step": list(timing["step"].samples_s), "dense": list(timing["dense"].samples_s)}
 
@@ -171,7 +178,8 @@ def collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, 
         fns = {"dispatch": dispatch_all, "combine": combine_all}
         fns |= floor_fns(jobs) if group is None else {"a2a": _a2a_fn(jobs, group)}
         warmup, repeats = spec.scenario["warmup"], spec.scenario["repeats"]
-        timing = time_interleaved(fns, warmup=warmup, repeats=repeats, device=ctx.device, group=group)
+        hook = progress_after_warmup(ctx, spec, "dispatch and combine against their references")
+        timing = time_interleaved(fns, warmup=warmup, repeats=repeats, device=ctx.device, group=group, on_warm=hook)
     out = {name: list(t.samples_s) for name, t in timing.items()}
     for name in ("a2a", "dispatch_floor", "combine_floor"):
         out.setdefault(name, None)
@@ -252,10 +260,8 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
     """throughput and latency: time the step (and, for throughput, the collectives)."""
     stack, group, x_TD = setup(ctx, spec)
     step = step_fn(ctx, spec, stack, x_TD)
-    start = time.perf_counter()
-    time_fn(step, warmup=spec.scenario["warmup"], repeats=0, device=ctx.device, group=group)
-    per_step = (time.perf_counter() - start) / max(spec.scenario["warmup"], 1)
-    progress(ctx, f"timing {spec.scenario['repeats']} steps", per_step * spec.scenario["repeats"])
+    hook = progress_after_warmup(ctx, spec, "the step")
+    time_fn(step, warmup=spec.scenario["warmup"], repeats=0, device=ctx.device, group=group, on_warm=hook)
     with sampler(ctx, interval) as s:
         step_t = time_fn(step, warmup=0, repeats=spec.scenario["repeats"], device=ctx.device, group=group)
     out = {
@@ -265,7 +271,6 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
         **routing_stats(stack, x_TD.detach()),
     }
     if collectives:
-        progress(ctx, "timing the collectives and the dense reference", per_step * spec.scenario["repeats"] * 2.5)
         out.update(collective_timings(ctx, spec, stack, x_TD, group))
         out.update(ratio_timings(ctx, spec, step, x_TD, group))
     return out

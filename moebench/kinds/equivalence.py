@@ -111,6 +111,11 @@ def _grad_name(name: str, layer: int) -> str:
     return name if layer == 0 else f"{name}.{layer}"
 
 
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s gradient; zeros when autograd left it None (no copy reached any of its experts)."""
+    return torch.zeros_like(t) if t.grad is None else t.grad
+
+
 def token_splits(case: Case, world_size: int) -> list[int]:
     """Tokens per rank: as even as possible, or none on rank 0 when ``empty_rank``."""
     ranks = world_size - 1 if case.empty_rank and world_size > 1 else world_size
@@ -132,11 +137,11 @@ def run_rank(ctx, case: Case) -> dict:
     loss = (out_TD.float() * g_TD).sum() + sum(r.router_loss for r in results)
     loss.backward()
     stack.reduce_replicated_grads()
-    grads = {"x": x_TD.grad.cpu()}
+    grads = {"x": _grad(x_TD).cpu()}
     for i, layer in enumerate(stack.layers):
-        grads[_grad_name("router", i)] = layer.router.weight_ED.grad.cpu()
-        grads[_grad_name("w_in", i)] = layer.experts.w_in_LDH.grad.cpu()
-        grads[_grad_name("w_down", i)] = layer.experts.w_down_LFD.grad.cpu()
+        grads[_grad_name("router", i)] = _grad(layer.router.weight_ED).cpu()
+        grads[_grad_name("w_in", i)] = _grad(layer.experts.w_in_LDH).cpu()
+        grads[_grad_name("w_down", i)] = _grad(layer.experts.w_down_LFD).cpu()
     return {
         "out": out_TD.detach().cpu(),
         "aux_loss": sum(r.aux_loss.item() for r in results),
@@ -191,11 +196,11 @@ def run_reference(case: Case) -> Result:
         aux, z, dropped = aux + ref.aux_loss.item(), z + ref.z_loss.item(), dropped + len(ref.dropped)
     loss = loss + (h * g_ND.double()).sum()
     loss.backward()
-    grads = {"x": x.grad}
+    grads = {"x": _grad(x)}
     for i, w in enumerate(leaves):
-        grads[_grad_name("router", i)] = w.router_ED.grad
-        grads[_grad_name("w_in", i)] = w.w_in_EDH.grad
-        grads[_grad_name("w_down", i)] = w.w_down_EFD.grad
+        grads[_grad_name("router", i)] = _grad(w.router_ED)
+        grads[_grad_name("w_in", i)] = _grad(w.w_in_EDH)
+        grads[_grad_name("w_down", i)] = _grad(w.w_down_EFD)
     return Result(h.detach(), aux, z, dropped, grads)
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import finite_check, sampler, timed_window_tokens
+from moebench.kinds.common import finite_check, progress_after_warmup, sampler, timed_window_tokens
 from moebench.timing import time_fn
 from moebench.workload import layer_weights, tokens
 from runtime.experts import expert_ffn, resolve_backend
@@ -41,7 +41,10 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
             return expert_ffn(x_RD, w_in, w_down, counts, moe.activation, backend)
 
     with sampler(ctx, interval) as s:
-        t = time_fn(forward, warmup=spec.scenario["warmup"], repeats=spec.scenario["repeats"], device=ctx.device)
+        hook = progress_after_warmup(ctx, spec, "the expert FFN")
+        t = time_fn(
+            forward, warmup=spec.scenario["warmup"], repeats=spec.scenario["repeats"], device=ctx.device, on_warm=hook
+        )
     return {"experts": list(t.samples_s), "finite": bool(torch.isfinite(forward()).all()), "telemetry": s.summary()}
 
 

@@ -10,6 +10,7 @@ import torch
 
 from moebench import metrics as M
 from moebench.kinds.common import build_stack, progress, routing_stats, sampler, timed_window_tokens
+from moebench.timing import steady_round_s
 from moebench.workload import tokens
 
 if TYPE_CHECKING:
@@ -33,16 +34,17 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     """Route ``repeats`` fresh batches through the stack; keep every batch's counts."""
     moe = spec.moe_config()
     stack = build_stack(ctx, spec)
-    batches = []
+    batches, batch_s = [], []
     with sampler(ctx, interval) as s:
-        start = time.perf_counter()
         for batch in range(spec.scenario["repeats"]):
+            start = time.perf_counter()
             stream = 1_000 * (batch + 1) + ctx.rank
             x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], stream)
             batches.append(routing_stats(stack, x_TD.to(ctx.device, moe.torch_dtype)))
-            if batch == 0:
-                left = spec.scenario["repeats"] - 1
-                progress(ctx, f"routing {left} more batches", (time.perf_counter() - start) * left)
+            batch_s.append(time.perf_counter() - start)
+            if batch == 1:  # the first batch's one-off costs left out
+                left = spec.scenario["repeats"] - 2
+                progress(ctx, f"routing {left} more batches", steady_round_s(batch_s) * left)
     return {"batches": batches, "telemetry": s.summary()}
 
 
