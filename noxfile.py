@@ -1,15 +1,20 @@
 """Developer sessions. ``nox -l`` lists them; ``nox -s NAME -- ARGS`` passes ARGS through.
 
-Session virtualenvs see the system's site-packages, so an already-installed torch (your CUDA
-build, or the CPU build) is reused and never downloaded again. Only when no torch is importable
-does a session install one: ``$MOEBENCH_TORCH`` (default ``torch==2.13.0``, which on this
-project's CPU machines resolves to the local CPU wheel).
+Sessions reuse the torch of the environment nox runs from, so a torch you already installed (your
+CUDA build, or the CPU build) is never downloaded again: the session virtualenvs are made from that
+environment's interpreter (the activated virtualenv or conda env, else nox's own) and see the
+system site-packages; when that environment is itself a virtualenv, a ``.pth`` file makes its
+site-packages visible too (a virtualenv's "system" site-packages are its base interpreter's, not
+its own). Only when no torch is found does a session install one: ``$MOEBENCH_TORCH`` (default
+``torch==2.13.0``, which on this project's CPU machines resolves to the local CPU wheel).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 
 import nox
 
@@ -17,17 +22,76 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH_SPEC = os.environ.get("MOEBENCH_TORCH", "torch==2.13.0")
-VENV = {"venv_params": ["--system-site-packages"]}
+OUTER_PTH = "_moebench_outer_env.pth"  # in the session venv's site-packages: the outer env's site-packages
+PROBE = (  # what an interpreter answers about itself, as JSON
+    "import importlib.util, json, sys, sysconfig; p = sysconfig.get_paths(); t = importlib.util.find_spec('torch'); "
+    "print(json.dumps({'venv': sys.prefix != sys.base_prefix, 'base': sys.base_prefix, "
+    "'torch': t and t.origin, 'site': sorted({p['purelib'], p['platlib']})}))"
+)
+
+
+def outer_python(environ=os.environ, executable: str = sys.executable) -> str:
+    """The interpreter of the environment nox runs from: the activated virtualenv or conda env, else nox's own."""
+    for var in ("VIRTUAL_ENV", "CONDA_PREFIX"):
+        if environ.get(var):
+            for folder in ("bin", "Scripts"):
+                python = shutil.which("python", path=os.path.join(environ[var], folder))
+                if python:
+                    return python
+    return executable
+
+
+def torch_source(outer: dict, session: dict) -> tuple[str, list[str]]:
+    """Where a session gets torch, from the ``PROBE`` answers of the outer interpreter and the session's.
+
+    - ("stale", []): the session venv was made from another base interpreter (nox reuses venvs).
+    - ("outer", site dirs): the outer env is a virtualenv with torch: put its site-packages on the
+      session's path, ahead of the base interpreter's, so its torch wins over one in the base.
+    - ("session", []): the session imports torch already (the base's, through system site-packages).
+    - ("install", []): no torch anywhere.
+    """
+    if os.path.realpath(outer["base"]) != os.path.realpath(session["base"]):
+        return "stale", []
+    if outer["venv"] and outer["torch"]:
+        return "outer", outer["site"]
+    return ("session", []) if session["torch"] else ("install", [])
+
+
+def session_torch_is_own(session: dict) -> bool:
+    """The session venv has a torch installed in its own site-packages (not seen through the base's)."""
+    return bool(session["torch"]) and any(session["torch"].startswith(os.path.join(d, "")) for d in session["site"])
+
+
+OUTER_PYTHON = outer_python()
+VENV = {"python": OUTER_PYTHON, "venv_params": ["--system-site-packages"]}
+
+
+def _probe(session: nox.Session, python: str = "python") -> dict:
+    return json.loads(session.run(python, "-c", PROBE, silent=True, external=True).strip().splitlines()[-1])
 
 
 def _install(session: nox.Session, extras: str = "") -> None:
-    """Install moebench (editable), installing torch first only if none is importable."""
-    found = session.run(
-        "python", "-c", "import importlib.util as u; print(u.find_spec('torch') is not None)", silent=True
-    )
-    if found.strip() != "True":
+    """Install moebench (editable) on the torch of the environment nox runs from; install torch only if none."""
+    pth = os.path.join(_probe(session)["site"][0], OUTER_PTH)
+    if os.path.exists(pth):
+        os.remove(pth)  # decide afresh: the outer environment may have changed since the venv was made
+    session_env = _probe(session)
+    source, site = torch_source(_probe(session, OUTER_PYTHON), session_env)
+    if source == "stale":
+        session.error(
+            f"{session.virtualenv.location} was made from another Python than {OUTER_PYTHON}, which nox runs "
+            "from now: rerun with -N (--no-reuse-existing-virtualenvs) to make it afresh"
+        )
+    if source == "outer":
+        if session_torch_is_own(session_env):  # one installed here before, when nox ran from elsewhere
+            session.run("python", "-m", "pip", "uninstall", "--yes", "torch", silent=True)
+        with open(pth, "w") as f:
+            f.write("\n".join(site) + "\n")
+    if source == "install":
         session.log(f"no torch importable: installing {TORCH_SPEC}")
         session.install(TORCH_SPEC)
+    else:
+        session.log(f"reusing torch from {os.path.dirname(_probe(session)['torch'])}")
     session.install("-e", f".{extras}")
 
 
@@ -91,10 +155,11 @@ def bench_multigpu(session: nox.Session) -> None:
         cpu = ["--device", "cpu", "--world-size", "2", "--warmup", "2", "--repeats", "3"]
         session.run("python", "-m", "moebench", "run", "scenarios/multigpu", *cpu, *session.posargs)
         return
-    torchrun = shutil.which("torchrun", path=os.path.join(session.virtualenv.location, "bin")) or "torchrun"
     session.log(f"{gpus} CUDA device(s): one NCCL rank per GPU under torchrun")
     session.run(
-        torchrun,
+        "python",  # torchrun as a module of the session's python: the script may belong to another env
+        "-m",
+        "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={gpus}",
         "-m",
@@ -106,5 +171,4 @@ def bench_multigpu(session: nox.Session) -> None:
         "--device",
         "cuda",
         *session.posargs,
-        external=True,
     )

@@ -1,7 +1,7 @@
 """The ``moebench`` command line. Exit codes: 0 ok, 1 a check or SLO failed, 2 usage or input error.
 
 moebench run PATH...     run scenario files (or every *.toml in a folder) and write results
-moebench list [DIR]      show the shipped scenarios
+moebench list [DIR]      show the shipped scenarios and plans, one table per folder
 moebench report PATH...  re-render the tables of saved result files
 moebench compare BASELINE NEW   judge NEW against BASELINE (exit 1 on a regression)
 moebench baseline update RESULT...   copy passing results into results/baselines/<class>/
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -99,6 +101,35 @@ def _add_compare(sub) -> None:
     baseline.add_argument("--allow-busy", action="store_true", help="accept runs flagged host_busy (not advised)")
 
 
+def _column_list(text: str) -> tuple[str, ...]:
+    from moebench.results import check_columns
+
+    try:
+        return check_columns([name.strip() for name in text.split(",") if name.strip()] or [""])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--columns ")) from None
+
+
+def _add_columns(command) -> None:
+    command.add_argument(
+        "--columns",
+        type=_column_list,
+        metavar="A,B,...",
+        help="the value columns to show, in order: metric names (step_time_s, step_time_s:p99, ...), "
+        "energy, peak_mem, checks, slo; the run's params, ranks, device and verdict always show "
+        "(default: the kind's columns, leaving out the last ones until the table fits the terminal)",
+    )
+
+
+def table_style(args):
+    """The ``TableStyle`` of ``run`` and ``report``: ``--format``, ``--columns``, and the terminal's width
+    when printing to one (or $COLUMNS is set); no width limit into files and pipes."""
+    from moebench.results import TableStyle
+
+    width = shutil.get_terminal_size().columns if "COLUMNS" in os.environ or sys.stdout.isatty() else None
+    return TableStyle(args.format, args.columns, width)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moebench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moebench {__version__}")
@@ -113,11 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
     run.add_argument("--telemetry-interval", type=float, default=0.1, metavar="S", help="sampling period (s)")
     run.add_argument("--no-telemetry", action="store_true", help="run without the telemetry sampler")
-    listing = sub.add_parser("list", help="show the shipped scenarios")
+    _add_columns(run)
+    listing = sub.add_parser("list", help="show the shipped scenarios and plans, grouped by folder")
     listing.add_argument("dir", nargs="?", type=Path, default=SHIPPED)
     report = sub.add_parser("report", help="re-render tables from saved result files or folders")
     report.add_argument("paths", nargs="+", metavar="PATH")
     report.add_argument("--format", choices=["plain", "markdown"], default="plain")
+    _add_columns(report)
     _add_compare(sub)
     plan = sub.add_parser("plan", help="validate a deployment plan; exit 1 when a finding is an error")
     plan.add_argument("file", type=Path, metavar="FILE.toml", help="a plan file (scenarios/plans/README.md)")
@@ -148,7 +181,7 @@ def _run(args) -> int:
     out = args.out or default_out_dir()
     _check_writable(out)
     interval = None if args.no_telemetry else args.telemetry_interval
-    return run_scenarios(scenarios, out, interval, args.format)
+    return run_scenarios(scenarios, out, interval, table_style(args))
 
 
 def _check_writable(out: Path) -> None:
@@ -166,26 +199,69 @@ def _check_writable(out: Path) -> None:
 
 
 def _list(args) -> int:
+    """Every scenario and plan file under DIR, one table per folder, headed by how to run it."""
     from tabulate import tabulate
 
-    from moebench.scenario import discover, load
-
-    rows = []
-    for path in discover([args.dir]):
-        sc = load(path)
-        info = sc.sections["scenario"]
-        rows.append([info["name"], info["kind"], len(sc.runs), path.name, info["description"]])
-    print(tabulate(rows, headers=["name", "kind", "runs", "file", "description"], maxcolwidths=[None] * 4 + [60]))
+    folders = sorted({p.parent for p in Path(args.dir).rglob("*.toml")}, key=lambda d: (d != args.dir, d))
+    if not folders:
+        raise ValueError(f"{args.dir}: no scenario or plan files (*.toml) under this folder")
+    blocks = []
+    for folder in folders:
+        rows, plans = [], 0
+        for path in sorted(folder.glob("*.toml")):
+            row = _plan_row(path) if _is_plan(path) else _scenario_row(path)
+            plans += row[1] == "plan"
+            rows.append(row)
+        shown = _shown_path(folder)
+        how = f"moebench plan {shown}/FILE.toml" if plans == len(rows) else f"moebench run {shown}"
+        table = tabulate(rows, headers=["name", "kind", "runs", "file", "description"], maxcolwidths=[None] * 4 + [60])
+        blocks.append(f"{shown}/  ({how})\n{table}")
+    print("\n\n".join(blocks))
     return 0
+
+
+def _is_plan(path: Path) -> bool:
+    """A deployment plan (a [plan] section) rather than a scenario; unreadable files count as scenarios,
+    whose loader then names the problem."""
+    import tomllib
+
+    try:
+        return "plan" in tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def _scenario_row(path: Path) -> list:
+    from moebench.scenario import load
+
+    sc = load(path)
+    info = sc.sections["scenario"]
+    return [info["name"], info["kind"], len(sc.runs), path.name, info["description"]]
+
+
+def _plan_row(path: Path) -> list:
+    from moebench.plan.spec import load_plan
+
+    plan = load_plan(str(path))
+    return [plan.name, "plan", "-", path.name, plan.description]
+
+
+def _shown_path(folder: Path) -> str:
+    """The folder relative to the working directory when it is below it, else as given."""
+    try:
+        return str(folder.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
 
 
 def _report(args) -> int:
     from moebench.results import find, read, render
 
+    style = table_style(args)
     for path in find(args.paths):
         doc = read(path)
         try:
-            table = render(doc, args.format)
+            table = render(doc, style)
         except (KeyError, TypeError, AttributeError, IndexError) as err:
             raise ValueError(f"{path}: malformed result file: {type(err).__name__}: {err}") from None
         print(table + "\n")

@@ -13,12 +13,15 @@ import os
 import platform
 import subprocess
 import tempfile
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
+import tabulate as tabulate_module
 import torch
 from tabulate import tabulate
 
-from moebench import kinds
+from moebench import host, kinds
 from runtime.dispatch import SLOWDOWN_ENV
 
 SCHEMA = "moebench.result/1"
@@ -192,6 +195,49 @@ def find(paths: list[str | Path]) -> list[Path]:
 COLUMNS = {name: kind.columns for name, kind in kinds.REGISTRY.items()}
 
 
+GENERIC_COLUMNS = {"energy": "J/token", "peak_mem": "peak mem (MiB)", "checks": "checks", "slo": "SLO"}
+
+
+@dataclass(frozen=True)
+class TableStyle:
+    """How ``render`` lays out a table."""
+
+    fmt: str = "plain"  # plain | markdown
+    columns: tuple[str, ...] | None = None  # the value columns to show, in this order (None: the kind's own)
+    width: int | None = None  # plain tables leave out columns until they fit (None: no limit)
+
+
+@dataclass(frozen=True)
+class _Column:
+    key: str  # the name --columns uses
+    header: str
+    cells: list[str]
+    align: str  # "left" | "right"
+
+
+def column_names() -> list[str]:
+    """Every value column ``--columns`` can name: metrics (``name`` or ``name:stat``) and the generic ones."""
+    from moebench.scenario import METRICS
+
+    names = dict.fromkeys(c for columns in COLUMNS.values() for c, _, _, _ in columns)
+    names |= dict.fromkeys(m for metrics in METRICS.values() for m in metrics)
+    return [*names, *GENERIC_COLUMNS]
+
+
+def check_columns(names: list[str]) -> tuple[str, ...]:
+    """``names`` if every one is a column some table can show; else a ValueError naming the first that is not."""
+    known = set(column_names())
+    for name in names:
+        metric, _, stat = name.partition(":")
+        if name not in known and not (metric in known and metric not in GENERIC_COLUMNS and stat in STATS):
+            shown = name if len(name) <= 60 else name[:57] + "..."
+            raise ValueError(
+                f"--columns {shown!r} is not a column: accepted {', '.join(GENERIC_COLUMNS)} or a metric name "
+                f"(results/README.md), optionally with :{'|:'.join(STATS)}, e.g. step_time_s:p99"
+            )
+    return tuple(dict.fromkeys(names))
+
+
 def _cell(run: dict, column: str, scale: float, fmt: str) -> str:
     name, _, stat = column.partition(":")
     m = run.get("metrics", {}).get(name)
@@ -220,42 +266,146 @@ def verdict(run: dict) -> str:
     return "FAIL" if failed else "ok"
 
 
+def _checks_cell(run: dict) -> str:
+    """ok | FAIL: the failed checks' names | - (none, or the run did not finish)."""
+    if run["status"] != "ok" or not run["checks"]:
+        return "-"
+    failed = [c["name"] for c in run["checks"] if not c["pass"]]
+    return "FAIL: " + ", ".join(failed) if failed else "ok"
+
+
 def _slo_cell(run: dict) -> str:
     gates = run.get("slo", [])
     judged = [s for s in gates if s["pass"] is not None]
     unjudged = f" ({len(gates) - len(judged)} not measured)" if len(judged) < len(gates) else ""
     if not judged:
         return "-" + unjudged if gates else "-"
-    failed = [s.get("gate", f"{s['op']}_{s['metric']}") for s in judged if not s["pass"]]
+    failed = [s.get("gate") or f"{s['op']}_{s['metric']}" for s in judged if not s["pass"]]
     return ("met" if not failed else "missed: " + ", ".join(failed)) + unjudged
 
 
-def render(doc: dict, fmt: str = "plain") -> str:
-    """The table of one result file: a title line, then one row per run."""
-    scenario = doc["scenario"]["scenario"]
-    kind = scenario["kind"]
-    param_keys = list(dict.fromkeys(k for run in doc["runs"] for k in run["params"]))
-    columns = COLUMNS[kind]
-    energy_cells = [_telemetry_cell(run) for run in doc["runs"]]
-    energy = any(cell != "-" for cell in energy_cells)  # a J/token column only with NVML
-    headers = [*param_keys, "device", *(h for _, h, _, _ in columns), *(["J/token"] * energy)]
-    headers += ["peak mem (MiB)", "SLO", "check"]
-    rows = []
-    for run, energy_cell in zip(doc["runs"], energy_cells, strict=True):
-        row = [run["params"].get(k, "") for k in param_keys] + [f"{run['device']}/{run['backend']}"]
-        row += [_cell(run, c, scale, f) for c, _, scale, f in columns]
-        row += [energy_cell] * energy + [_memory_cell(run), _slo_cell(run), verdict(run)]
-        rows.append(row)
-    align = ["left"] * (len(param_keys) + 1) + ["right"] * (len(headers) - len(param_keys) - 3) + ["left"] * 2
-    env = doc["environment"]
+def _metric_column(runs: list[dict], key: str, kind_columns: dict) -> _Column:
+    """A metric's column: as the kind lays it out, else (``--columns``) its name, statistic and unit as recorded."""
+    if key not in kind_columns:
+        name, _, stat = key.partition(":")
+        units = [run["metrics"][name].get("unit") for run in runs if name in run["metrics"]]
+        header = " ".join([name, *([stat] if stat else []), *([f"({units[0]})"] if units and units[0] else [])])
+        kind_columns = {key: (header, 1, ".4g")}
+    header, scale, fmt = kind_columns[key]
+    return _Column(key, header, [_cell(run, key, scale, fmt) for run in runs], "right")
+
+
+def _identity_columns(runs: list[dict]) -> list[_Column]:
+    """What tells the runs apart: the swept params, the world size (always: ``--world-size`` may have
+    replaced a sweep) and the device."""
+    keys = [k for k in dict.fromkeys(k for run in runs for k in run["params"]) if k != "world_size"]
+    columns = [_Column(k, k, [str(run["params"].get(k, "")) for run in runs], "left") for k in keys]
+    ranks = [str(run.get("world_size", run["params"].get("world_size", ""))) for run in runs]
+    columns.append(_Column("ranks", "ranks", ranks, "right"))
+    columns.append(_Column("device", "device", [f"{run['device']}/{run['backend']}" for run in runs], "left"))
+    return columns
+
+
+def _value_columns(doc: dict, chosen: tuple[str, ...] | None) -> tuple[list[_Column], list[str]]:
+    """The value columns to show, and the order in which to leave them out when the table is too wide."""
+    runs = doc["runs"]
+    kind_columns = {c: (h, scale, f) for c, h, scale, f in COLUMNS[doc["scenario"]["scenario"]["kind"]]}
+    generic = {
+        "energy": [_telemetry_cell(run) for run in runs],
+        "peak_mem": [_memory_cell(run) for run in runs],
+        "checks": [_checks_cell(run) for run in runs],
+        "slo": [_slo_cell(run) for run in runs],
+    }
+    if chosen is None:  # a J/token column only with NVML, an SLO column only with gates
+        shown = {"energy": any(c != "-" for c in generic["energy"]), "slo": any(run.get("slo") for run in runs)}
+        keys = [*kind_columns, *(k for k in generic if shown.get(k, True))]
+    else:
+        measured = {name for run in runs for name in run["metrics"]}
+        keys = [k for k in chosen if k in generic or k in kind_columns or k.partition(":")[0] in measured]
+    columns = [
+        _Column(k, GENERIC_COLUMNS[k], generic[k], "left" if k in ("checks", "slo") else "right")
+        if k in generic
+        else _metric_column(runs, k, kind_columns)
+        for k in keys
+    ]
+    metrics = [k for k in keys if k not in generic]
+    return columns, ["peak_mem", "energy", *reversed(metrics[1:])]
+
+
+def _tabulate(columns: list[_Column], fmt: str, wrap: bool = False) -> str:
+    """The table; ``wrap`` puts each header's unit on a second line ("step p50 (ms)" -> "step p50" / "(ms)")."""
+    rows = list(zip(*(c.cells for c in columns), strict=True))
+    padding, tabulate_module.MIN_PADDING = tabulate_module.MIN_PADDING, 0  # no 2 blanks beside every header
+    try:
+        return tabulate(
+            rows,
+            headers=[c.header.replace(" (", "\n(") if wrap else c.header for c in columns],
+            tablefmt="github" if fmt == "markdown" else "simple",
+            disable_numparse=True,
+            colalign=[c.align for c in columns],
+        )
+    finally:
+        tabulate_module.MIN_PADDING = padding
+
+
+def _fit(columns: list[_Column], drop_order: list[str], width: int | None, fmt: str) -> tuple[str, list[str]]:
+    """The table at most ``width`` wide: first with the units under the headers, then leaving out the
+    columns in ``drop_order`` one at a time; and the keys of the columns left out."""
+    table = _tabulate(columns, fmt)
+    if width is None or fmt == "markdown" or _width(table) <= width:
+        return table, []
+    dropped, drop_order = [], [k for k in drop_order if any(c.key == k for c in columns)]
+    while True:
+        table = _tabulate(columns, fmt, wrap=True)
+        if not drop_order or _width(table) <= width:
+            return table, dropped
+        dropped.append(drop_order.pop(0))
+        columns = [c for c in columns if c.key != dropped[-1]]
+
+
+def _width(text: str) -> int:
+    return max(map(len, text.splitlines()))
+
+
+def _host_note(runs: list[dict]) -> list[str]:
+    """One line when any run's host was busy (``host_busy``), with the first busy run's reason."""
+    flagged = [run for run in runs if run.get("host_busy")]
+    if not flagged:
+        return []
+    _, why = host.judge(flagged[0]["host"])
+    where = "" if len(flagged) == len(runs) else f" in {len(flagged)} of {len(runs)} runs"
+    return [f"host busy{where}: {why or 'flagged in the result file'}; timings are not comparable"]
+
+
+def render(doc: dict, style: TableStyle | str = "plain") -> str:
+    """The table of one result file: a title line, one row per run, then notes.
+
+    Columns: the swept params, ranks and device (which run), the kind's metrics, J/token (with
+    NVML), peak memory, the checks (ok | FAIL: names), the SLO gates (met | missed: gates), and
+    the run's verdict. ``style`` (or just a format name) chooses the columns and the width.
+    """
+    style = TableStyle(style) if isinstance(style, str) else style
+    runs = doc["runs"]
+    values, drop_order = _value_columns(doc, style.columns)
+    verdicts = _Column("verdict", "verdict", [verdict(run) for run in runs], "left")
+    columns = [*_identity_columns(runs), *values, verdicts]
+    table, dropped = _fit(columns, [] if style.columns else drop_order, style.width, style.fmt)
+    scenario, env = doc["scenario"]["scenario"], doc["environment"]
     title = (
-        f"{scenario['name']} ({kind}) — {scenario.get('description', '')}".rstrip(" —")
+        f"{scenario['name']} ({scenario['kind']}) — {scenario.get('description', '')}".rstrip(" —")
         + f"\n  {doc['source']} · git {(env.get('git_sha') or 'unknown')[:10]}"
         + (" (dirty)" if env.get("git_dirty") else "")
     )
-    tablefmt = "github" if fmt == "markdown" else "simple"
-    table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
-    notes = [f"  {run['params']}: {run['status']}: {run['error']}" for run in doc["runs"] if run.get("error")]
-    if fmt == "markdown":
+    notes = _host_note(runs)
+    if dropped:
+        notes.append(
+            f"left out to fit {style.width} characters: {', '.join(dropped)} (--columns chooses; JSON has all)"
+        )
+    notes += [f"{run['params']}: {run['status']}: {run['error']}" for run in runs if run.get("error")]
+    if style.width and style.fmt != "markdown":
+        wrap = max(20, style.width - 2)
+        notes = [line for note in notes for line in textwrap.wrap(note, wrap, subsequent_indent="  ")]
+    notes = ["  " + note for note in notes]
+    if style.fmt == "markdown":
         return "\n".join([f"### {title.splitlines()[0]}", "", title.splitlines()[1].strip(), "", table, *notes])
     return "\n".join([title, table, *notes])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moebench import kinds
+from moebench import host, kinds
 from moebench.launch import is_rank_zero, last_line, launch, resolve_device, under_torchrun
 from moebench.results import SCHEMA, environment, read, render, short_sha, verdict, write_atomic
 from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
@@ -83,12 +83,13 @@ def run_one(spec: RunSpec, interval: float | None) -> dict:
     run = {"params": spec.params, "config": spec.resolved(), "world_size": spec.world_size}
     run.update({"device": device, "backend": backend, "status": "ok", "error": None})
     run.update({"metrics": {}, "checks": [], "slo": [], "telemetry": None, "details": {}})
+    load_before = host.load_avg()
     if under_torchrun() and spec.world_size != int(os.environ["WORLD_SIZE"]):
         run.update(
             status="skipped",
             error=f"torchrun started {os.environ['WORLD_SIZE']} ranks, this run needs {spec.world_size}",
         )
-        return run
+        return _record_host(run, spec, load_before)
     start = time.perf_counter()
     try:
         per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend)
@@ -99,6 +100,18 @@ def run_one(spec: RunSpec, interval: float | None) -> dict:
     except Exception as err:
         run.update(status="error", error=f"{type(err).__name__}: {last_line(err)}")
     run["wall_time_s"] = time.perf_counter() - start
+    return _record_host(run, spec, load_before)
+
+
+def _record_host(run: dict, spec: RunSpec, load_before: list[float] | None) -> dict:
+    """Add the host's state (``host``) and whether it was too busy to time (``host_busy``) to ``run``."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", spec.world_size))  # the ranks sharing this host
+    if run["device"] == "cpu":
+        threads = host.threads_per_rank(ranks, spec.parallel.get("threads_per_rank", 0))
+    else:
+        threads = torch.get_num_threads()
+    run["host"] = host.record(load_before, threads, ranks)
+    run["host_busy"] = host.judge(run["host"])[0]
     return run
 
 

@@ -178,10 +178,11 @@ def test_table_has_units_a_device_column_and_the_verdicts():
     lines = text.splitlines()
     assert lines[0] == "x (latency) — d" and "git abcdef1234" in lines[1]
     header = lines[2].split()
-    assert header[:3] == ["world_size", "device", "p50"] and "(ms)" in lines[2]
+    assert header[:3] == ["ranks", "device", "p50"] and "(ms)" in lines[2]
+    assert header[-2:] == ["checks", "verdict"] and "SLO" not in header  # no gates: no SLO column
     rows = [line.split() for line in lines[4:7]]
-    assert rows[0][:3] == ["2", "cpu/gloo", "12.500"] and rows[0][-1] == "ok" and rows[0][-3] == "3"
-    assert rows[1][-1] == "FAIL" and rows[2][-1] == "error"
+    assert rows[0][:3] == ["2", "cpu/gloo", "12.500"] and rows[0][-3:] == ["3", "ok", "ok"]
+    assert rows[1][-3:] == ["FAIL:", "c", "FAIL"] and rows[2][-2:] == ["-", "error"]
     assert lines[-1].strip() == "{'world_size': 2}: error: RuntimeError: x"
     assert [verdict(r) for r in doc["runs"]] == ["ok", "FAIL", "error"]
     assert "J/token" not in text  # no energy without NVML: no column
@@ -189,7 +190,7 @@ def test_table_has_units_a_device_column_and_the_verdicts():
     energy_row = render(doc).splitlines()[4].split()
     assert "J/token" in render(doc).splitlines()[2] and energy_row[-4:-2] == ["0.0025", "1024"]
     markdown = render(doc, "markdown")
-    assert markdown.startswith("### x (latency)") and "| world_size" in markdown
+    assert markdown.startswith("### x (latency)") and "| ranks" in markdown
 
 
 def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_path):
