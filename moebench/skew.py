@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 SKEWS = ("uniform", "zipf", "hot", "single")
+VERSION = 1  # of the calibration: part of the cache key, so a changed method never reads old offsets
 DEFAULT_SKEW_PARAM = {"uniform": 0.0, "zipf": 1.0, "hot": 3.0, "single": 0.0}
 MAX_SKEW_PARAM = {"zipf": 4.0, "hot": 1e4}  # beyond these the tail shares are below what M resolves
 FIXED_OFFSET_SIGMAS = 30.0
@@ -58,7 +59,7 @@ SAMPLE_ELEMENTS = 2**22  # M·E logits per calibration (16 MiB of fp32)
 MAX_SAMPLES = 2**18
 FORWARD_FLOPS = 2e10  # the calibration forward's budget (about a second on one CPU core)
 FORWARD_TOKENS = (8192, 65536)  # the fewest and most calibration tokens a deeper layer's moments come from
-TOLERANCE = 0.002
+TOLERANCE = 0.004  # about half the sample's own error at E = 16
 MAX_STEPS = 100
 
 
@@ -74,12 +75,12 @@ def target_shares(skew: str, param: float | None, num_experts: int, top_k: int, 
     not a valid routing (an expert above 1/K, a parameter out of range).
     """
     if skew not in SKEWS:
-        raise ValueError(f"skew = {skew!r} is invalid: accepted one of {', '.join(SKEWS)}")
+        raise ValueError(f'skew = "{skew}" is invalid: accepted one of {", ".join(SKEWS)}')
     s = skew_param(skew, param)
     limit = MAX_SKEW_PARAM.get(skew, math.inf)
     if not (math.isfinite(s) and 0 <= s <= limit):
         accepted = f"a number from 0 to {limit:g}" if math.isfinite(limit) else "a finite number >= 0"
-        raise ValueError(f"skew_param = {s!r} is invalid for skew = {skew!r}: accepted {accepted}")
+        raise ValueError(f'skew_param = {s!r} is invalid for skew = "{skew}": accepted {accepted}')
     e, k = num_experts, top_k
     by_rank = np.full(e, 1.0 / e)
     if skew == "zipf":
@@ -92,7 +93,7 @@ def target_shares(skew: str, param: float | None, num_experts: int, top_k: int, 
     if by_rank[0] > 1.0 / k + 1e-12:
         bound = _largest_param(skew, e, k)
         raise ValueError(
-            f"skew = {skew!r} with skew_param = {s:g} asks one expert for {by_rank[0]:.3f} of the copies, but with "
+            f'skew = "{skew}" with skew_param = {s:g} asks one expert for {by_rank[0]:.3f} of the copies, but with '
             f"top_k = {k} an expert takes at most 1/{k}: accepted skew_param <= {bound:.3g} for {e} experts"
         )
     shares = np.empty(e)
@@ -115,10 +116,7 @@ def _largest_param(skew: str, e: int, k: int) -> float:
 def routed_shares(logits_ME: torch.Tensor, top_k: int) -> torch.Tensor:
     """Share of the M·K copies each expert gets when every row picks its top-K logits."""
     num_experts = logits_ME.shape[1]
-    if top_k == 1:
-        ids = logits_ME.argmax(dim=1)
-    else:
-        ids = logits_ME.topk(top_k, dim=1).indices.reshape(-1)
+    ids = logits_ME.argmax(dim=1) if top_k == 1 else logits_ME.topk(top_k, dim=1).indices.reshape(-1)
     return torch.bincount(ids, minlength=num_experts).double() / ids.numel()
 
 

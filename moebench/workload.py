@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,15 +58,57 @@ def layer_targets(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param:
 
 @functools.lru_cache(maxsize=16)
 def _calibrated(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> tuple:
-    """The calibration of ``moebench.skew``, layer by layer (see its module docstring)."""
+    """The calibration of ``moebench.skew``, layer by layer (see its module docstring), read from the
+    on-disk cache when an earlier process computed it (every rank of a run needs the same offsets)."""
     plain = [init_weights(moe, seed=seed * 1_000_003 + layer) for layer in range(layers)]
     if skew == "trace":
         return tuple(plain)
+    key = (S.VERSION, moe.hidden_size, moe.ffn_hidden_size, moe.num_experts, moe.top_k, moe.activation,
+           moe.capacity_factor, moe.normalize_topk, layers, seed, skew, S.skew_param(skew, skew_param))  # fmt: skip
+    path = cache_dir() / f"skew-{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.pt"
+    offsets = _read_cached(path, layers, moe.num_experts)
+    if offsets is None:
+        offsets = _calibrate(moe, plain, seed, skew, skew_param)
+        _write_cached(path, offsets)
+    return tuple(MoEWeights(w.router_ED, w.w_in_EDH, w.w_down_EFD, b) for w, b in zip(plain, offsets, strict=True))
+
+
+def cache_dir() -> Path:
+    """Where calibrated offsets are kept: $MOEBENCH_CACHE, else $XDG_CACHE_HOME/moebench, else ~/.cache/moebench."""
+    if os.environ.get("MOEBENCH_CACHE"):
+        return Path(os.environ["MOEBENCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moebench"
+
+
+def _read_cached(path: Path, layers: int, num_experts: int) -> list[torch.Tensor] | None:
+    try:
+        offsets = torch.load(path, weights_only=True)
+    except Exception:  # absent, unreadable or from another torch: compute it again
+        return None
+    ok = isinstance(offsets, list) and len(offsets) == layers
+    return offsets if ok and all(o.shape == (num_experts,) for o in offsets) else None
+
+
+def _write_cached(path: Path, offsets: list[torch.Tensor]) -> None:
+    """Write atomically (ranks may race); a cache that cannot be written is only a slower next run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(offsets, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _calibrate(moe: MoEConfig, plain: list[MoEWeights], seed: int, skew: str, skew_param: float | None) -> list:
+    """Each layer's fitted offsets, bottom up (see ``moebench.skew``)."""
+    layers = len(plain)
     targets = layer_targets(moe, layers, seed, skew, skew_param)
     gen = _generator(seed, 30_000)
     samples = S.calibration_samples(moe.num_experts)
     h_ND = None  # the calibration tokens at the current layer's input (layer 0: moments are exact)
-    out = []
+    offsets = []
     for layer, (w, target_E) in enumerate(zip(plain, targets, strict=True)):
         router_ED = w.router_ED.double()
         if h_ND is None:
@@ -71,15 +117,15 @@ def _calibrated(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: f
             logits_NE = h_ND.double() @ router_ED.T
             mean_E, cov_EE = logits_NE.mean(0), torch.cov(logits_NE.T).reshape(moe.num_experts, moe.num_experts)
         bias_E, _ = S.fit_offsets(S.gaussian_logits(mean_E, cov_EE, samples, gen), target_E, moe.top_k)
-        out.append(MoEWeights(w.router_ED, w.w_in_EDH, w.w_down_EFD, bias_E))
+        offsets.append(bias_E)
         if layer + 1 < layers:
             if h_ND is None:
                 count = S.forward_tokens(
                     moe.hidden_size, moe.ffn_hidden_size, moe.num_experts, moe.top_k, moe.activation == "swiglu", layers
                 )
                 h_ND = tokens(count, moe.hidden_size, seed, 30_001)
-            h_ND = h_ND + _forward_fp32(moe, out[-1], h_ND)
-    return tuple(out)
+            h_ND = h_ND + _forward_fp32(moe, dataclasses.replace(w, router_bias_E=bias_E), h_ND)
+    return offsets
 
 
 def _forward_fp32(moe: MoEConfig, weights: MoEWeights, x_ND: torch.Tensor) -> torch.Tensor:

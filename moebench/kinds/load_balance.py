@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import build_stack, progress, routing_stats, sampler, timed_window_tokens
+from moebench.kinds.common import build_stack, progress, routing_stats, sampler, timed_window_tokens, use_batch
 from moebench.workload import tokens
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
         for batch in range(spec.scenario["repeats"]):
             stream = 1_000 * (batch + 1) + ctx.rank
             x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], stream)
-            batches.append(routing_stats(stack, x_TD.to(ctx.device, moe.torch_dtype)))
+            use_batch(ctx, spec, stack, batch)
+            batches.append(routing_stats(stack, x_TD.to(ctx.device, moe.torch_dtype), spec.record_routing))
             if batch == 0:
                 left = spec.scenario["repeats"] - 1
                 progress(ctx, f"routing {left} more batches", (time.perf_counter() - start) * left)
