@@ -414,7 +414,10 @@ def _check_workload(spec: RunSpec) -> None:
     wl, moe = spec.workload, spec.moe_config()
     if wl["skew"] != "trace":
         if wl["trace"]:
-            raise ValueError(f'[workload] trace = {_show(wl["trace"])} needs skew = "trace", got {_show(wl["skew"])}')
+            raise ValueError(
+                f"[workload] trace = {_show(wl['trace'])} is invalid with skew = {_show(wl['skew'])}: "
+                'accepted a trace only with skew = "trace"'
+            )
         try:
             order = torch.arange(moe.num_experts)
             target_shares(wl["skew"], wl["skew_param"], moe.num_experts, moe.top_k, order)
@@ -424,7 +427,7 @@ def _check_workload(spec: RunSpec) -> None:
     if spec.kind == "equivalence":
         raise ValueError('[workload] skew = "trace" is invalid for kind = "equivalence": accepted a skew of routing')
     if not wl["trace"]:
-        raise ValueError('[workload] trace is missing: skew = "trace" needs trace = "path/to/routes.npz"')
+        raise ValueError('[workload] trace is missing: accepted trace = "path/to/routes.npz" with skew = "trace"')
     found = routing_trace.load(routing_trace.trace_file(spec.path, wl["trace"]))
     needed = wl["tokens_per_rank"] * spec.world_size
     routing_trace.check(found, num_experts=moe.num_experts, top_k=moe.top_k, layers=spec.model["layers"],

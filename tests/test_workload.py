@@ -290,8 +290,8 @@ def test_a_trace_path_is_relative_to_the_scenario_file(tmp_path):
 @pytest.mark.parametrize(
     ("workload", "kind", "message"),
     [
-        ('skew = "trace"', "load_balance", r'\[workload\] trace is missing: skew = "trace" needs trace'),
-        ('trace = "t.npz"', "load_balance", r'\[workload\] trace = "t.npz" needs skew = "trace", got "uniform"'),
+        ('skew = "trace"', "load_balance", r'\[workload\] trace is missing: accepted trace = "path/to/routes.npz"'),
+        ('trace = "t.npz"', "load_balance", r'trace = "t.npz" is invalid with skew = "uniform": accepted a trace'),
         ('skew = "trace"\ntrace = "t.npz"', "equivalence", r'skew = "trace" is invalid for kind = "equivalence"'),
         ('skew = "trace"\ntrace = "none.npz"', "load_balance", r"none.npz: not a readable routing trace"),
         ('skew = "trace"\ntrace = "t.npz"', "throughput", r"t.npz: 4 tokens is too few: accepted at least 8"),
