@@ -144,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
     run.add_argument("--telemetry-interval", type=float, default=0.1, metavar="S", help="sampling period (s)")
     run.add_argument("--no-telemetry", action="store_true", help="run without the telemetry sampler")
+    run.add_argument(
+        "--record-routing",
+        type=Path,
+        metavar="DIR",
+        help="also write each run's expert choices as a routing trace (DIR/<scenario>.npz; replay with skew = trace)",
+    )
     _add_columns(run)
     listing = sub.add_parser("list", help="show the shipped scenarios and plans, grouped by folder")
     listing.add_argument("dir", nargs="?", type=Path, default=SHIPPED)
@@ -181,7 +187,7 @@ def _run(args) -> int:
     out = args.out or default_out_dir()
     _check_writable(out)
     interval = None if args.no_telemetry else args.telemetry_interval
-    return run_scenarios(scenarios, out, interval, table_style(args))
+    return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing)
 
 
 def _check_writable(out: Path) -> None:

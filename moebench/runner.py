@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from moebench import host, kinds
+from moebench import trace as routing_trace
 from moebench.launch import is_rank_zero, last_line, launch, resolve_device, under_torchrun
 from moebench.results import SCHEMA, environment, read, render, short_sha, verdict, write_atomic
 from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
@@ -77,7 +80,7 @@ def _judge_slos(spec: RunSpec, metrics: dict) -> list[dict]:
     return verdicts
 
 
-def run_one(spec: RunSpec, interval: float | None) -> dict:
+def run_one(spec: RunSpec, interval: float | None, record_dir: Path | None = None) -> dict:
     """Launch, measure and judge one run; never raises for a failure of the run itself."""
     device, backend = run_device(spec)
     run = {"params": spec.params, "config": spec.resolved(), "world_size": spec.world_size}
@@ -92,7 +95,11 @@ def run_one(spec: RunSpec, interval: float | None) -> dict:
         return _record_host(run, spec, load_before)
     start = time.perf_counter()
     try:
+        if record_dir is not None:
+            spec = dataclasses.replace(spec, record_routing=True)
         per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend)
+        if record_dir is not None:
+            run["routing_trace"] = record_routes(spec, per_rank, record_dir)
         metrics, checks, details = kinds.evaluate(spec, per_rank)
         telemetry = combine_summaries([r["telemetry"] for r in per_rank], kinds.window_tokens(spec))
         run.update(metrics=metrics, checks=checks, details=details, telemetry=telemetry)
@@ -125,7 +132,27 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_scenarios(scenarios: list[Scenario], out_dir: Path, interval: float | None, fmt: str = "plain") -> int:
+def record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> str | None:
+    """Write the run's expert choices as a routing trace (``moebench.trace``); its path, or None for a
+    kind that routes nothing it could record (experts, equivalence)."""
+    if "routes" in per_rank[0]:
+        routes = [[r["routes"]] for r in per_rank]
+    elif per_rank[0].get("batches") and "routes" in per_rank[0]["batches"][0]:
+        routes = [[b["routes"] for b in r["batches"]] for r in per_rank]
+    else:
+        return None
+    label = "".join(f"-{k}={v}" for k, v in spec.params.items())
+    path = Path(record_dir) / (re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{spec.name}{label}")[:200] + ".npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = {"scenario": spec.name, **spec.params, "ranks": spec.world_size}
+    params["tokens_per_rank"] = spec.workload["tokens_per_rank"]
+    routing_trace.save(path, routing_trace.assemble(routes), spec.model["num_experts"], params)
+    return str(path)
+
+
+def run_scenarios(
+    scenarios: list[Scenario], out_dir: Path, interval: float | None, fmt: str = "plain", record_dir: Path | None = None
+) -> int:
     """Run everything; write one JSON per scenario under ``out_dir``. Returns the exit code."""
     env = environment()
     total, done, all_ok = sum(len(sc.runs) for sc in scenarios), 0, True
@@ -142,7 +169,7 @@ def run_scenarios(scenarios: list[Scenario], out_dir: Path, interval: float | No
         for spec in sc.runs:
             done += 1
             _log(f"[{done}/{total}] {sc.name} {spec.params or ''} ...")
-            run = run_one(spec, interval)
+            run = run_one(spec, interval, record_dir)
             doc["runs"].append(run)
             all_ok &= verdict(run) in ("ok", "skipped")
             ran = [r for r in doc["runs"] if r["status"] != "skipped"]

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
+import torch
 
 from moebench import kinds
+from moebench import trace as routing_trace
+from moebench.skew import target_shares
 from moebench.workload import SKEWS
 from runtime import MoEConfig, ParallelConfig
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
@@ -108,6 +111,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tokens_per_rank": Key(REQUIRED, *_int(1, 2**31)),
         "skew": Key("uniform", *_choice(*SKEWS)),
         "skew_param": Key(None, *_OPTIONAL_NUMBER),
+        "trace": Key("", *_text(r"(?s).{0,4096}", 'a path to a routing trace (.npz or .json), with skew = "trace"')),
         "seed": Key(0, *_int(0, 2**32 - 1)),
         "train": Key(False, *_BOOL),
     },
@@ -173,6 +177,7 @@ class RunSpec:
     workload: dict
     slos: tuple[Slo, ...]
     params: dict = field(default_factory=dict)  # the swept keys and their values in this run
+    record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
 
     @property
     def name(self) -> str:
@@ -395,12 +400,38 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         try:
             place_experts(spec.moe_config(), spec.parallel_config())
             _check_device(spec.parallel)
+            _check_workload(spec)
         except ValueError as err:
             raise _runtime_error(path, params, err, overridden) from None
         specs.append(spec)
     sections["slo"] = {s.key: s.limit for s in slos}
     sections["compare"] = thresholds
     return Scenario(path, sections, specs)
+
+
+def _check_workload(spec: RunSpec) -> None:
+    """The skew must be a routing the run can produce: its target shares, or a trace it can replay."""
+    wl, moe = spec.workload, spec.moe_config()
+    if wl["skew"] != "trace":
+        if wl["trace"]:
+            raise ValueError(
+                f"[workload] trace = {_show(wl['trace'])} is invalid with skew = {_show(wl['skew'])}: "
+                'accepted a trace only with skew = "trace"'
+            )
+        try:
+            order = torch.arange(moe.num_experts)
+            target_shares(wl["skew"], wl["skew_param"], moe.num_experts, moe.top_k, order)
+        except ValueError as err:
+            raise ValueError(f"[workload] {err}") from None
+        return
+    if spec.kind == "equivalence":
+        raise ValueError('[workload] skew = "trace" is invalid for kind = "equivalence": accepted a skew of routing')
+    if not wl["trace"]:
+        raise ValueError('[workload] trace is missing: accepted trace = "path/to/routes.npz" with skew = "trace"')
+    found = routing_trace.load(routing_trace.trace_file(spec.path, wl["trace"]))
+    needed = wl["tokens_per_rank"] * spec.world_size
+    routing_trace.check(found, num_experts=moe.num_experts, top_k=moe.top_k, layers=spec.model["layers"],
+                        tokens_needed=needed)  # fmt: skip
 
 
 def _check_device(parallel: dict) -> None:

@@ -1,33 +1,33 @@
-"""What a scenario feeds the runtime: seeded weights, router skew, tokens, and a stack of layers.
+"""What a scenario feeds the runtime: seeded weights with calibrated router skew, tokens, and
+stacks of layers.
 
-Shape legend: T = tokens on this rank, D = hidden, E = experts.
+Shape legend: T = tokens on this rank, N = calibration tokens, D = hidden, E = experts.
 
-Skew is a fixed offset ``b_E`` added to the router logits (``Router.bias_E``), so the whole router
-still runs and every token still gets its own routing. The router's logits have unit variance
-(``init_weights``), so offsets are in units of the logits' standard deviation:
-
-- ``uniform``: b = 0.
-- ``zipf`` (param s, default 1.0): b_e = −s · ln(rank_e), with rank_e = 1..E over a seeded
-  permutation: expert popularity is tilted like a Zipf law of exponent s (before the softmax's
-  own spread; the measured counts are what the load-balance metrics report).
-- ``hot`` (param h, default 3.0): one seeded expert gets +h, the others 0.
-- ``single``: one seeded expert gets +30, which no unit-variance logit gap overcomes: every
-  token's first choice is that expert. Its param is ignored.
+Skew is a fixed offset ``b_E`` added to each layer's router logits (``Router.bias_E``), fitted so
+that the measured share of copies per expert follows the distribution the skew names
+(``moebench/skew.py`` defines the targets and the calibration). The whole router still runs and
+every token still gets its own routing. ``skew = "trace"`` leaves the offsets at zero: the
+recorded choices replace the router's (``moebench/trace.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from moebench import skew as S
 from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights
 from runtime.experts import expert_ffn
 
-SKEWS = ("uniform", "zipf", "hot", "single")
-DEFAULT_SKEW_PARAM = {"uniform": 0.0, "zipf": 1.0, "hot": 3.0, "single": 0.0}
-SINGLE_EXPERT_OFFSET = 30.0
+SKEWS = (*S.SKEWS, "trace")
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -35,32 +35,105 @@ def _generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stream)
 
 
-def skew_bias(skew: str, param: float | None, num_experts: int, gen: torch.Generator) -> torch.Tensor:
-    """The router logit offset ``b_E`` (fp32) that produces ``skew``; see the module docstring."""
-    if skew not in SKEWS:
-        raise ValueError(f"skew = {skew!r} is invalid: accepted one of {', '.join(SKEWS)}")
-    param = DEFAULT_SKEW_PARAM[skew] if param is None else float(param)
-    if not math.isfinite(param) or param < 0:
-        raise ValueError(f"skew_param = {param!r} is invalid: accepted a finite number >= 0")
-    order_E = torch.randperm(num_experts, generator=gen)
-    bias_E = torch.zeros(num_experts)
-    if skew == "zipf":
-        bias_E[order_E] = -param * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float32))
-    elif skew == "hot":
-        bias_E[order_E[0]] = param
-    elif skew == "single":
-        bias_E[order_E[0]] = SINGLE_EXPERT_OFFSET
-    return bias_E
-
-
 def layer_weights(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> list[MoEWeights]:
-    """Seeded global weights for each layer of a stack, each with its own skew offset."""
-    out = []
-    for layer in range(layers):
-        w = init_weights(moe, seed=seed * 1_000_003 + layer)
-        bias_E = skew_bias(skew, skew_param, moe.num_experts, _generator(seed, 10_000 + layer))
-        out.append(MoEWeights(w.router_ED, w.w_in_EDH, w.w_down_EFD, bias_E))
-    return out
+    """Seeded global weights for each layer of a stack, each router offset calibrated to ``skew``.
+
+    Deterministic for its arguments (every rank computes the same); cached per process.
+    """
+    return list(_calibrated(moe, layers, seed, skew, skew_param))
+
+
+def expert_order(num_experts: int, seed: int, layer: int) -> torch.Tensor:
+    """The seeded popularity order of one layer's experts: ``order[r]`` is the expert of rank r."""
+    return torch.randperm(num_experts, generator=_generator(seed, 10_000 + layer))
+
+
+def layer_targets(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> list:
+    """Each layer's target share of copies per expert (``moebench.skew.target_shares``)."""
+    return [
+        S.target_shares(skew, skew_param, moe.num_experts, moe.top_k, expert_order(moe.num_experts, seed, layer))
+        for layer in range(layers)
+    ]
+
+
+@functools.lru_cache(maxsize=16)
+def _calibrated(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> tuple:
+    """The calibration of ``moebench.skew``, layer by layer (see its module docstring), read from the
+    on-disk cache when an earlier process computed it (every rank of a run needs the same offsets)."""
+    plain = [init_weights(moe, seed=seed * 1_000_003 + layer) for layer in range(layers)]
+    if skew == "trace":
+        return tuple(plain)
+    key = (S.VERSION, moe.hidden_size, moe.ffn_hidden_size, moe.num_experts, moe.top_k, moe.activation,
+           moe.capacity_factor, moe.normalize_topk, layers, seed, skew, S.skew_param(skew, skew_param))  # fmt: skip
+    path = cache_dir() / f"skew-{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.pt"
+    offsets = _read_cached(path, layers, moe.num_experts)
+    if offsets is None:
+        offsets = _calibrate(moe, plain, seed, skew, skew_param)
+        _write_cached(path, offsets)
+    return tuple(MoEWeights(w.router_ED, w.w_in_EDH, w.w_down_EFD, b) for w, b in zip(plain, offsets, strict=True))
+
+
+def cache_dir() -> Path:
+    """Where calibrated offsets are kept: $MOEBENCH_CACHE, else $XDG_CACHE_HOME/moebench, else ~/.cache/moebench."""
+    if os.environ.get("MOEBENCH_CACHE"):
+        return Path(os.environ["MOEBENCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moebench"
+
+
+def _read_cached(path: Path, layers: int, num_experts: int) -> list[torch.Tensor] | None:
+    try:
+        offsets = torch.load(path, weights_only=True)
+    except Exception:  # absent, unreadable or from another torch: compute it again
+        return None
+    ok = isinstance(offsets, list) and len(offsets) == layers
+    return offsets if ok and all(o.shape == (num_experts,) for o in offsets) else None
+
+
+def _write_cached(path: Path, offsets: list[torch.Tensor]) -> None:
+    """Write atomically (ranks may race); a cache that cannot be written is only a slower next run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(offsets, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _calibrate(moe: MoEConfig, plain: list[MoEWeights], seed: int, skew: str, skew_param: float | None) -> list:
+    """Each layer's fitted offsets, bottom up (see ``moebench.skew``)."""
+    layers = len(plain)
+    targets = layer_targets(moe, layers, seed, skew, skew_param)
+    gen = _generator(seed, 30_000)
+    samples = S.calibration_samples(moe.num_experts)
+    h_ND = None  # the calibration tokens at the current layer's input (layer 0: moments are exact)
+    offsets = []
+    for layer, (w, target_E) in enumerate(zip(plain, targets, strict=True)):
+        router_ED = w.router_ED.double()
+        if h_ND is None:
+            mean_E, cov_EE = torch.zeros(moe.num_experts, dtype=torch.float64), router_ED @ router_ED.T
+        else:
+            logits_NE = h_ND.double() @ router_ED.T
+            mean_E, cov_EE = logits_NE.mean(0), torch.cov(logits_NE.T).reshape(moe.num_experts, moe.num_experts)
+        bias_E, _ = S.fit_offsets(S.gaussian_logits(mean_E, cov_EE, samples, gen), target_E, moe.top_k)
+        offsets.append(bias_E)
+        if layer + 1 < layers:
+            if h_ND is None:
+                count = S.forward_tokens(
+                    moe.hidden_size, moe.ffn_hidden_size, moe.num_experts, moe.top_k, moe.activation == "swiglu", layers
+                )
+                h_ND = tokens(count, moe.hidden_size, seed, 30_001)
+            h_ND = h_ND + _forward_fp32(moe, dataclasses.replace(w, router_bias_E=bias_E), h_ND)
+    return offsets
+
+
+def _forward_fp32(moe: MoEConfig, weights: MoEWeights, x_ND: torch.Tensor) -> torch.Tensor:
+    """One layer's output on the CPU in fp32 at EP = 1 (the calibration's view of the stack)."""
+    layer = MoELayer(dataclasses.replace(moe, dtype="float32", expert_backend="auto"), ParallelConfig())
+    layer.load_global_weights(weights)
+    with torch.no_grad():
+        return layer(x_ND).out_TD
 
 
 def tokens(num_tokens: int, hidden: int, seed: int, stream: int) -> torch.Tensor:

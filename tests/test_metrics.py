@@ -1,17 +1,12 @@
-"""Metric formulas on hand-computed inputs, and the router skew they are measured under."""
+"""Metric formulas on hand-computed inputs."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
-import torch
 
 from moebench import metrics as M
-from moebench.workload import SINGLE_EXPERT_OFFSET, layer_weights, skew_bias, tokens
-from runtime import MoEConfig
-from runtime.router import Router
 
 
 def test_metric_record_summarises_samples_with_nearest_rank_percentiles():
@@ -55,37 +50,3 @@ def test_load_statistics_on_hand_values():
         "mean": pytest.approx(3.8 / 3),
         "worst_layer": 1,
     }
-
-
-def test_skew_offsets_have_the_documented_shape():
-    gen = torch.Generator().manual_seed(0)
-    assert torch.equal(skew_bias("uniform", None, 8, gen), torch.zeros(8))
-    zipf = skew_bias("zipf", 2.0, 8, torch.Generator().manual_seed(0))
-    expected = -2.0 * np.log(np.arange(1, 9))
-    assert np.allclose(np.sort(zipf.numpy())[::-1], expected, atol=1e-6)
-    hot = skew_bias("hot", 3.0, 8, torch.Generator().manual_seed(0))
-    assert sorted(hot.tolist()) == [0.0] * 7 + [3.0]
-    single = skew_bias("single", None, 8, torch.Generator().manual_seed(0))
-    assert single.max().item() == SINGLE_EXPERT_OFFSET and (single != 0).sum() == 1
-    with pytest.raises(ValueError, match="skew = 'pareto'"):
-        skew_bias("pareto", None, 8, gen)
-
-
-def _routed_counts(skew: str, param: float | None, num_experts: int = 16) -> np.ndarray:
-    moe = MoEConfig(hidden_size=64, ffn_hidden_size=64, num_experts=num_experts, top_k=1)
-    (w,) = layer_weights(moe, 1, seed=3, skew=skew, skew_param=param)
-    router = Router(64, num_experts, 1, False)
-    with torch.no_grad():
-        router.weight_ED.copy_(w.router_ED)
-        router.bias_E.copy_(w.router_bias_E)
-        ids = router(tokens(4096, 64, seed=3, stream=0)).ids_TK
-    return np.bincount(ids.reshape(-1).numpy(), minlength=num_experts)
-
-
-def test_skew_through_the_real_router_orders_the_measured_imbalance():
-    uniform, mild, steep = (_routed_counts("zipf", s) for s in (0.0, 1.0, 2.0))
-    assert M.imbalance(uniform) < M.imbalance(mild) < M.imbalance(steep)
-    assert M.load_cv(uniform) < 0.5 < M.load_cv(mild)
-    single = _routed_counts("single", None)
-    assert single.max() == 4096  # every token's first choice is the one expert
-    assert M.imbalance(single) == 16.0 and M.load_cv(single) == pytest.approx(math.sqrt(15))

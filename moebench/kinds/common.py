@@ -11,6 +11,7 @@ Shape legend: T = tokens on this rank, D = hidden, W = ranks, E = experts, R = d
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moebench import metrics as M
+from moebench import trace as routing_trace
 from moebench.telemetry import Sampler
 from moebench.timing import time_fn, time_interleaved
 from moebench.workload import DenseStack, MoEStack, layer_weights, tokens
@@ -76,10 +78,27 @@ def sampler(ctx, interval: float | None):
 
 
 def build_stack(ctx, spec: RunSpec) -> MoEStack:
-    """This rank's part of the scenario's MoE stack (seeded global weights, skewed routers)."""
+    """This rank's part of the scenario's MoE stack (seeded global weights, calibrated router skew;
+    with ``skew = "trace"``, routers that replay batch 0 of the trace)."""
     wl = spec.workload
     weights = layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
-    return MoEStack(spec.moe_config(), spec.parallel_config(), weights, ctx.group, ctx.device)
+    stack = MoEStack(spec.moe_config(), spec.parallel_config(), weights, ctx.group, ctx.device)
+    use_batch(ctx, spec, stack, 0)
+    return stack
+
+
+@functools.lru_cache(maxsize=4)
+def _trace(path: str) -> routing_trace.RoutingTrace:
+    return routing_trace.load(path)
+
+
+def use_batch(ctx, spec: RunSpec, stack: MoEStack, batch: int) -> None:
+    """With ``skew = "trace"``: make the stack replay this rank's rows of ``batch``; else nothing."""
+    if spec.workload["skew"] != "trace":
+        return
+    found = _trace(str(routing_trace.trace_file(spec.path, spec.workload["trace"])))
+    tokens_per_rank = spec.workload["tokens_per_rank"]
+    routing_trace.replay(stack, routing_trace.batch_rows(found, batch, ctx.rank, ctx.world_size, tokens_per_rank))
 
 
 def setup(ctx, spec: RunSpec) -> tuple[MoEStack, object, torch.Tensor]:
@@ -245,15 +264,19 @@ def _a2a_fn(jobs: list, group):
     return a2a
 
 
-def routing_stats(stack: MoEStack, x_TD: torch.Tensor) -> dict:
-    """Per-layer W×E routed and kept counts of one forward (global: the same on every rank)."""
+def routing_stats(stack: MoEStack, x_TD: torch.Tensor, record: bool = False) -> dict:
+    """Per-layer W×E routed and kept counts of one forward (global: the same on every rank); with
+    ``record``, also this rank's expert choices [L, T, K] (``moebench run --record-routing``)."""
     with torch.no_grad():
         _, results = stack(x_TD)
-    return {
+    out = {
         "counts_WE": [r.counts_WE.tolist() for r in results],
         "kept_WE": [r.kept_WE.tolist() for r in results],
         "expert_to_rank": list(stack.layers[0].expert_to_rank),
     }
+    if record:
+        out["routes"] = routing_trace.stack_routes(stack, x_TD)
+    return out
 
 
 def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool) -> dict:
@@ -268,7 +291,7 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
         "step": list(step_t.samples_s),
         "finite": bool(torch.isfinite(step()).all()),
         "telemetry": s.summary(),
-        **routing_stats(stack, x_TD.detach()),
+        **routing_stats(stack, x_TD.detach(), spec.record_routing),
     }
     if collectives:
         out.update(collective_timings(ctx, spec, stack, x_TD, group))

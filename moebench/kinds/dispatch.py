@@ -45,7 +45,7 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     with sampler(ctx, interval) as s:
         out = collective_timings(ctx, spec, stack, x_TD, group)
     out["round_trip_error"] = round_trip_error(stack, x_TD)
-    return {**out, "telemetry": s.summary(), **routing_stats(stack, x_TD)}
+    return {**out, "telemetry": s.summary(), **routing_stats(stack, x_TD, spec.record_routing)}
 
 
 def round_trip_error(stack: MoEStack, x_TD: torch.Tensor) -> float:

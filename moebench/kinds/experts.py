@@ -9,7 +9,8 @@ import torch
 from moebench import metrics as M
 from moebench.kinds.common import finite_check, progress_after_warmup, sampler, timed_window_tokens
 from moebench.timing import time_fn
-from moebench.workload import layer_weights, tokens
+from moebench.workload import tokens
+from runtime import init_weights
 from runtime.experts import expert_ffn, resolve_backend
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ window_tokens = timed_window_tokens
 def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     """Time the expert FFN's forward on evenly spread rows."""
     moe = spec.moe_config()
-    weights = layer_weights(moe, 1, spec.workload["seed"], "uniform", None)[0]
+    weights = init_weights(moe, seed=spec.workload["seed"] * 1_000_003)  # layer 0's experts; no router is run
     w_in, w_down = (w.to(ctx.device, moe.torch_dtype) for w in (weights.w_in_EDH, weights.w_down_EFD))
     rows = spec.workload["tokens_per_rank"] * moe.top_k
     counts = [rows // moe.num_experts + (e < rows % moe.num_experts) for e in range(moe.num_experts)]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import build_stack, progress, routing_stats, sampler, timed_window_tokens
+from moebench.kinds.common import build_stack, progress, routing_stats, sampler, timed_window_tokens, use_batch
 from moebench.timing import steady_round_s
 from moebench.workload import tokens
 
@@ -40,7 +40,8 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
             start = time.perf_counter()
             stream = 1_000 * (batch + 1) + ctx.rank
             x_TD = tokens(spec.workload["tokens_per_rank"], moe.hidden_size, spec.workload["seed"], stream)
-            batches.append(routing_stats(stack, x_TD.to(ctx.device, moe.torch_dtype)))
+            use_batch(ctx, spec, stack, batch)
+            batches.append(routing_stats(stack, x_TD.to(ctx.device, moe.torch_dtype), spec.record_routing))
             batch_s.append(time.perf_counter() - start)
             if batch == 1:  # the first batch's one-off costs left out
                 left = spec.scenario["repeats"] - 2

@@ -1,0 +1,184 @@
+"""Routing traces: recorded expert choices, replayed in place of the router's, so a benchmark can
+run the routing a user's own model produces.
+
+Shape legend: L = layers, N = trace tokens, T = tokens on this rank, K = top_k, E = experts.
+
+The format, ``moebench.routing/1``, is a ``.npz`` file (``numpy.savez``) or a JSON file with:
+
+- ``format``: the string "moebench.routing/1";
+- ``num_experts``: E, the experts the ids index;
+- ``ids``: integers [L, N, K]: for each layer, each token, its K expert choices (distinct, in
+  [0, E)); the order within a token does not matter;
+- ``params`` (optional): a JSON string (npz) or table (JSON) saying where the trace came from.
+
+Tokens are in the order they were routed: batch by batch, and within a batch rank by rank
+(``moebench run --record-routing`` writes them so). Replay gives batch b of rank r (of W ranks,
+T tokens each) the rows ``(b·W + r)·T + i`` for i < T, modulo N: a trace recorded by a run of
+the same shape is replayed exactly, and a longer or shorter one is cycled through. A trace needs
+at least W·T tokens (one batch of every rank).
+
+Replay keeps the rest of the router: its logits, softmax, losses and the combine weights (the
+softmax probabilities of the replayed experts, renormalised when ``normalize_topk``) are computed
+as usual; only the choice of experts comes from the trace.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.router import Router, RouterOutput
+
+FORMAT = "moebench.routing/1"
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    ids_LNK: np.ndarray  # int64 expert ids
+    num_experts: int
+    source: str  # the file it was read from
+
+    @property
+    def layers(self) -> int:
+        return self.ids_LNK.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return self.ids_LNK.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.ids_LNK.shape[2]
+
+
+def trace_file(scenario_path: str | Path, trace: str) -> Path:
+    """A scenario's ``trace`` file: a relative path is relative to the scenario file's folder."""
+    return Path(scenario_path).parent / trace
+
+
+def save(path: str | Path, ids_LNK: np.ndarray, num_experts: int, params: dict | None = None) -> None:
+    """Write a trace as ``.npz`` (the format above)."""
+    ids = np.asarray(ids_LNK)
+    dtype = np.int16 if num_experts <= np.iinfo(np.int16).max else np.int32
+    with open(path, "wb") as f:
+        np.savez(f, format=FORMAT, num_experts=num_experts, ids=ids.astype(dtype), params=json.dumps(params or {}))
+
+
+def load(path: str | Path) -> RoutingTrace:
+    """Read a ``.npz`` or ``.json`` trace; ``ValueError`` naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict):
+                raise ValueError("a JSON trace is a table with format, num_experts and ids")
+            fmt, experts, ids = doc.get("format"), doc.get("num_experts"), doc.get("ids")
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                fmt, experts, ids = (npz[k][()] if k in npz else None for k in ("format", "num_experts", "ids"))
+                ids = None if ids is None else npz["ids"]
+    except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as err:
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
+        raise ValueError(f"{path}: not a readable routing trace ({FORMAT}, .npz or .json): {reason}") from None
+    if str(fmt) != FORMAT:
+        raise ValueError(f"{path}: format = {str(fmt)[:60]!r} is invalid: accepted {FORMAT!r}")
+    if isinstance(experts, (bool, np.bool_)) or not isinstance(experts, (int, np.integer)) or experts < 1:
+        raise ValueError(f"{path}: num_experts = {str(experts)[:60]} is invalid: accepted an integer >= 1")
+    try:
+        array = np.asarray(ids)
+    except ValueError:
+        array = np.asarray([])  # ragged lists
+    if array.ndim != 3 or array.dtype.kind not in "iu" or 0 in array.shape:
+        shape = "x".join(map(str, array.shape)) or "none"
+        raise ValueError(f"{path}: ids of shape {shape} is invalid: accepted integers [layers, tokens, top_k]")
+    return RoutingTrace(array.astype(np.int64), int(experts), str(path))
+
+
+def check(trace: RoutingTrace, *, num_experts: int, top_k: int, layers: int, tokens_needed: int) -> None:
+    """Refuse a trace the run cannot replay (``ValueError`` naming the file, the value, what is accepted)."""
+    where = trace.source
+    if trace.num_experts != num_experts:
+        raise ValueError(f"{where}: num_experts = {trace.num_experts} is invalid: accepted {num_experts} (the model's)")
+    if trace.top_k != top_k:
+        raise ValueError(f"{where}: {trace.top_k} choices per token is invalid: accepted {top_k} (the model's top_k)")
+    if trace.layers != layers:
+        raise ValueError(f"{where}: {trace.layers} layers is invalid: accepted {layers} (the model's layers)")
+    low, high = int(trace.ids_LNK.min()), int(trace.ids_LNK.max())
+    if low < 0 or high >= num_experts:
+        bad = low if low < 0 else high
+        raise ValueError(f"{where}: expert id {bad} is out of range: accepted ids from 0 to {num_experts - 1}")
+    if top_k > 1:
+        ordered = np.sort(trace.ids_LNK, axis=2)
+        repeats = np.argwhere((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2))
+        if len(repeats):
+            layer, token = repeats[0]
+            raise ValueError(
+                f"{where}: layer {layer}, token {token} chooses one expert twice: accepted {top_k} distinct ids"
+            )
+    if trace.tokens < tokens_needed:
+        raise ValueError(
+            f"{where}: {trace.tokens} tokens is too few: accepted at least {tokens_needed} "
+            "(tokens_per_rank x world_size, one batch of every rank)"
+        )
+
+
+def batch_rows(trace: RoutingTrace, batch: int, rank: int, world_size: int, tokens_per_rank: int) -> np.ndarray:
+    """The ids [L, T, K] of one rank's batch: rows (b·W + r)·T + i, modulo the trace's tokens."""
+    start = (batch * world_size + rank) * tokens_per_rank
+    rows = (start + np.arange(tokens_per_rank)) % trace.tokens
+    return trace.ids_LNK[:, rows, :]
+
+
+class ReplayRouter(Router):
+    """A ``Router`` whose expert choices come from a trace (``use``); everything else runs as usual."""
+
+    def __init__(self, router: Router):
+        super().__init__(router.weight_ED.shape[1], router.weight_ED.shape[0], router.top_k, router.normalize)
+        self.load_state_dict(router.state_dict())
+        self.to(router.weight_ED.device)
+        self.ids_TK: torch.Tensor | None = None
+
+    def use(self, ids_TK: torch.Tensor) -> None:
+        """The choices the next calls replay, one row per token of the input."""
+        self.ids_TK = ids_TK.to(self.weight_ED.device, torch.long)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        routed = super().forward(x_TD)
+        if self.ids_TK is None or self.ids_TK.shape[0] != x_TD.shape[0]:
+            rows = None if self.ids_TK is None else self.ids_TK.shape[0]
+            raise ValueError(f"ReplayRouter: {x_TD.shape[0]} tokens but {rows} replayed rows: call use() first")
+        weights_TK = routed.probs_TE.gather(1, self.ids_TK)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return RouterOutput(routed.logits_TE, routed.probs_TE, weights_TK, self.ids_TK)
+
+
+def replay(stack, ids_LTK: np.ndarray) -> None:
+    """Make every layer of ``stack`` replay its rows of ``ids_LTK`` (installing replay routers once)."""
+    for layer, ids_TK in zip(stack.layers, ids_LTK, strict=True):
+        if not isinstance(layer.router, ReplayRouter):
+            layer.router = ReplayRouter(layer.router)
+        layer.router.use(torch.from_numpy(np.ascontiguousarray(ids_TK)))
+
+
+def stack_routes(stack, x_TD: torch.Tensor) -> np.ndarray:
+    """The expert choices [L, T, K] each layer of ``stack`` makes on ``x_TD`` (one forward)."""
+    routes = []
+    with torch.no_grad():
+        h_TD = x_TD
+        for layer in stack.layers:
+            routes.append(layer.router(h_TD).ids_TK.cpu().numpy())
+            h_TD = h_TD + layer(h_TD).out_TD
+    return np.stack(routes)
+
+
+def assemble(per_rank_batches: list[list[np.ndarray]]) -> np.ndarray:
+    """Every rank's recorded batches ([rank][batch] of [L, T, K]) in trace order: [L, N, K]."""
+    batches = len(per_rank_batches[0])
+    ordered = [per_rank_batches[rank][b] for b in range(batches) for rank in range(len(per_rank_batches))]
+    return np.concatenate(ordered, axis=1)
