@@ -26,6 +26,7 @@ from moebench.launch import is_rank_zero, last_line, launch, resolve_device, und
 from moebench.results import SCHEMA, environment, read, render, short_sha, verdict, write_atomic
 from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
 from moebench.telemetry import combine_summaries
+from moebench.workload import layer_weights
 
 
 def load_all(paths: list[str], overrides: dict) -> list[Scenario]:
@@ -97,6 +98,7 @@ def run_one(spec: RunSpec, interval: float | None, record_dir: Path | None = Non
     try:
         if record_dir is not None:
             spec = dataclasses.replace(spec, record_routing=True)
+        _calibrate_routers(spec)
         per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend)
         if record_dir is not None:
             run["routing_trace"] = record_routes(spec, per_rank, record_dir)
@@ -130,6 +132,14 @@ def default_out_dir() -> Path:
 def _log(message: str) -> None:
     if is_rank_zero():
         print(message, file=sys.stderr, flush=True)
+
+
+def _calibrate_routers(spec: RunSpec) -> None:
+    """Fit the skew's router offsets here, once: the ranks then read them from the calibration cache
+    (``moebench.workload``) rather than each fitting the same offsets at the same time."""
+    wl = spec.workload
+    if spec.kind != "experts" and wl["skew"] != "trace":
+        layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
 
 
 def record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> str | None:
