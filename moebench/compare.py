@@ -326,6 +326,8 @@ def host_summary(host: dict | None) -> str:
     text = (
         f"load {load('load_avg_before')} before, {load('load_avg_after')} after on {host.get('cpu_count', '?')} cores"
     )
+    if isinstance(host.get("other_cpu_cores"), (int, float)):
+        text += f", others used {host['other_cpu_cores']:.1f} cores"
     ranks, threads = host.get("ranks"), host.get("threads_per_rank")
     if ranks and threads:
         text += f", {ranks} rank{'s' * (ranks != 1)} × {threads} thread{'s' * (threads != 1)}"

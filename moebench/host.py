@@ -2,21 +2,26 @@
 
 Every run record carries ``"host"`` (``record``) and ``"host_busy"`` (``busy``), documented in
 ``results/README.md``. The decisions are pure functions of numbers (``busy``, ``threads_per_rank``,
-``parse_cpu_mhz``); the readers of ``/proc`` and ``os`` around them are thin.
+``parse_cpu_mhz``, ``other_cores``); the readers of ``/proc`` and ``os`` around them are thin.
 
-A host is busy when the 1-minute load average, read just before or just after the run, exceeds the
-cores this process may use, or when the run's own threads (threads per rank × ranks on this host)
-exceed them. Nothing is subtracted from the load: the reading after the run includes the run's own
-ranks for the last minute, so a run that fills every core on an idle host reads about the core count,
-and a reading above it means someone else wanted the cores too.
+A host is busy when the run's own threads (threads per rank × ranks on this host) exceed the cores
+this process may use, or when other processes used more of the cores during the run than the run
+left free, by over ``SLACK_CORES``. Other processes' use is measured, not guessed from the load
+average: the host's busy CPU time over the run (``/proc/stat``) minus the CPU time of this
+process and of the ranks it waited for (``os.times``), over the run's wall time. The load
+averages before and after are recorded too, but not judged: the reading before a run includes the
+run before it, so on a quiet host a series of runs that fill every core reads about the core count.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
+PROC_STAT = Path("/proc/stat")
 SCALING_CUR_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")  # in kHz
 
 
@@ -76,23 +81,63 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def busy(
-    load_before: list[float] | None, load_after: list[float] | None, cpus: int, threads: int, ranks: int
-) -> tuple[bool, str]:
+SLACK_CORES = 0.5  # other processes may use this much beyond the cores a run leaves free (daemons, the shell)
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU time at one moment: wall clock, the host's busy CPU seconds (None off Linux), this process tree's."""
+
+    wall_s: float
+    host_busy_s: float | None
+    own_s: float
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    """Now: the host's busy CPU time (``/proc/stat``: all but idle and iowait) and this process's own,
+    including the children it has waited for (the ranks it spawned, once they have exited)."""
+    t = os.times()
+    return CpuSnapshot(
+        time.monotonic(), _host_busy_s(_read(PROC_STAT)), t.user + t.system + t.children_user + t.children_system
+    )
+
+
+def _host_busy_s(stat: str | None) -> float | None:
+    """Busy CPU seconds of every CPU since boot, from ``/proc/stat``'s first line."""
+    if not stat:
+        return None
+    fields = stat.splitlines()[0].split()
+    if fields[0] != "cpu" or len(fields) < 8:
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def other_cores(before: CpuSnapshot, after: CpuSnapshot, own_scale: float = 1.0) -> float | None:
+    """Cores other processes used on average between two snapshots; None when unmeasurable.
+
+    ``own_scale`` multiplies this process tree's CPU time: under torchrun the other local ranks are
+    siblings, not children, so each rank counts its own time × the local ranks.
+    """
+    wall = after.wall_s - before.wall_s
+    if before.host_busy_s is None or after.host_busy_s is None or wall <= 0:
+        return None
+    others = (after.host_busy_s - before.host_busy_s) - (after.own_s - before.own_s) * own_scale
+    return round(max(0.0, others / wall), 2)
+
+
+def busy(others: float | None, cpus: int, threads: int, ranks: int) -> tuple[bool, str]:
     """Whether a run's timings are not comparable, and why in words ("" when not busy).
 
-    Busy: the 1-minute load average before or after the run exceeds ``cpus``, or ``threads``
-    per rank × ``ranks`` on this host exceed ``cpus``.
+    Busy: ``threads`` per rank × ``ranks`` on this host exceed ``cpus``, or other processes used
+    more than the cores the run left free plus ``SLACK_CORES`` (``others``, None: unmeasured).
     """
     reasons = []
-    high = {when: load[0] for when, load in (("before", load_before), ("after", load_after)) if load and load[0] > cpus}
-    if len(high) == 2:
-        reasons.append(f"load {high['before']:.1f} before and {high['after']:.1f} after the run, on {_cores(cpus)}")
-    elif high:
-        (when, load), *_ = high.items()
-        reasons.append(f"load {load:.1f} on {_cores(cpus)} {when} the run")
     if threads * ranks > cpus:
         reasons.append(f"{ranks} ranks × {threads} threads on {_cores(cpus)}")
+    free = max(0, cpus - threads * ranks)
+    if others is not None and others > free + SLACK_CORES:
+        reasons.append(f"other processes used {others:.1f} of {_cores(cpus)} during the run")
     return bool(reasons), ", ".join(reasons)
 
 
@@ -100,8 +145,10 @@ def _cores(n: int) -> str:
     return f"{n} core" + ("s" if n != 1 else "")
 
 
-def record(load_before: list[float] | None, threads: int, ranks: int) -> dict:
-    """The run record's ``"host"`` dict; call it right after the run (it reads the load after)."""
+def record(
+    load_before: list[float] | None, before: CpuSnapshot, threads: int, ranks: int, own_scale: float = 1.0
+) -> dict:
+    """The run record's ``"host"`` dict; call it right after the run (it reads the load and CPU time after)."""
     return {
         "load_avg_before": load_before,
         "load_avg_after": load_avg(),
@@ -109,15 +156,12 @@ def record(load_before: list[float] | None, threads: int, ranks: int) -> dict:
         "threads_per_rank": threads,
         "ranks": ranks,
         "cpu_mhz": cpu_mhz(),
+        "other_cpu_cores": other_cores(before, cpu_snapshot(), own_scale),
     }
 
 
-def judge(host: dict) -> tuple[bool, str]:
-    """``busy`` applied to a run record's ``"host"`` dict."""
-    return busy(
-        host.get("load_avg_before"),
-        host.get("load_avg_after"),
-        host["cpu_count"],
-        host["threads_per_rank"],
-        host["ranks"],
-    )
+def judge(host: dict | None) -> tuple[bool, str]:
+    """``busy`` applied to a run record's ``"host"`` dict (None: nothing recorded, not busy)."""
+    if not host:
+        return False, ""
+    return busy(host.get("other_cpu_cores"), host["cpu_count"], host["threads_per_rank"], host["ranks"])

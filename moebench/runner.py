@@ -87,41 +87,49 @@ def run_one(spec: RunSpec, interval: float | None, record_dir: Path | None = Non
     run = {"params": spec.params, "config": spec.resolved(), "world_size": spec.world_size}
     run.update({"device": device, "backend": backend, "status": "ok", "error": None})
     run.update({"metrics": {}, "checks": [], "slo": [], "telemetry": None, "details": {}})
-    load_before = host.load_avg()
+    load_before, cpu_before = host.load_avg(), host.cpu_snapshot()
     if under_torchrun() and spec.world_size != int(os.environ["WORLD_SIZE"]):
         run.update(
             status="skipped",
             error=f"torchrun started {os.environ['WORLD_SIZE']} ranks, this run needs {spec.world_size}",
         )
-        return _record_host(run, spec, load_before)
-    start = time.perf_counter()
+        return _record_host(run, spec, load_before, cpu_before)
+    start, threads = time.perf_counter(), None
     try:
         if record_dir is not None:
             spec = dataclasses.replace(spec, record_routing=True)
         _calibrate_routers(spec)
         per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend)
-        if record_dir is not None:
-            run["routing_trace"] = record_routes(spec, per_rank, record_dir)
+        threads = per_rank[0].get("threads")
         metrics, checks, details = kinds.evaluate(spec, per_rank)
         telemetry = combine_summaries([r["telemetry"] for r in per_rank], kinds.window_tokens(spec))
         run.update(metrics=metrics, checks=checks, details=details, telemetry=telemetry)
         run["slo"] = _judge_slos(spec, metrics)
+        if record_dir is not None and is_rank_zero():
+            run["routing_trace"] = _record_routes(spec, per_rank, record_dir)
     except Exception as err:
         run.update(status="error", error=f"{type(err).__name__}: {last_line(err)}")
     run["wall_time_s"] = time.perf_counter() - start
-    return _record_host(run, spec, load_before)
+    return _record_host(run, spec, load_before, cpu_before, threads)
 
 
-def _record_host(run: dict, spec: RunSpec, load_before: list[float] | None) -> dict:
-    """Add the host's state (``host``) and whether it was too busy to time (``host_busy``) to ``run``."""
+def _record_host(
+    run: dict, spec: RunSpec, load_before: list[float] | None, cpu_before: host.CpuSnapshot, threads: int | None = None
+) -> dict:
+    """Add the host's state (``host``) and whether it was too busy to time (``host_busy``) to ``run``;
+    ``threads``: the torch threads rank 0 ran with (None: the run never started; the default is recorded)."""
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", spec.world_size))  # the ranks sharing this host
-    if run["device"] == "cpu":
-        threads = host.threads_per_rank(ranks, spec.parallel.get("threads_per_rank", 0))
-    else:
-        threads = torch.get_num_threads()
-    run["host"] = host.record(load_before, threads, ranks)
-    run["host_busy"] = host.judge(run["host"])[0]
+    threads = threads or host.threads_per_rank(ranks, spec.parallel.get("threads_per_rank", 0))
+    own_scale = ranks if under_torchrun() else 1  # torchrun's other local ranks are siblings, not our children
+    run["host"] = host.record(load_before, cpu_before, threads, ranks, own_scale)
+    run["host_busy"] = host.judge(run["host"])[0] if run["device"] == "cpu" else _busy_gpu_host(run["host"])
     return run
+
+
+def _busy_gpu_host(record: dict) -> bool:
+    """On GPUs the ranks' CPU threads mostly wait on the device: judge only what others took."""
+    others = record.get("other_cpu_cores")
+    return others is not None and others > record["cpu_count"] / 2
 
 
 def default_out_dir() -> Path:
@@ -142,22 +150,26 @@ def _calibrate_routers(spec: RunSpec) -> None:
         layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
 
 
-def record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> str | None:
-    """Write the run's expert choices as a routing trace (``moebench.trace``); its path, or None for a
-    kind that routes nothing it could record (experts, equivalence)."""
+def _record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> dict:
+    """Write the run's expert choices as a routing trace (``moebench.trace``), atomically. Returns
+    ``{"path": ...}``, or ``{"path": None, "note": why}``: a trace that cannot be written costs the
+    trace, never the run's results."""
     if "routes" in per_rank[0]:
         routes = [[r["routes"]] for r in per_rank]
     elif per_rank[0].get("batches") and "routes" in per_rank[0]["batches"][0]:
         routes = [[b["routes"] for b in r["batches"]] for r in per_rank]
     else:
-        return None
+        return {"path": None, "note": f"kind = {spec.kind} records no routing (it routes no workload batch)"}
     label = "".join(f"-{k}={v}" for k, v in spec.params.items())
     path = Path(record_dir) / (re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{spec.name}{label}")[:200] + ".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
     params = {"scenario": spec.name, **spec.params, "ranks": spec.world_size}
     params["tokens_per_rank"] = spec.workload["tokens_per_rank"]
-    routing_trace.save(path, routing_trace.assemble(routes), spec.model["num_experts"], params)
-    return str(path)
+    try:
+        routing_trace.save(path, routing_trace.assemble(routes), spec.model["num_experts"], params)
+    except OSError as err:
+        _log(f"moebench: routing trace {path} not written: {err.strerror or err}")
+        return {"path": None, "note": f"not written: {err.strerror or err}"}
+    return {"path": str(path)}
 
 
 def run_scenarios(

@@ -413,7 +413,7 @@ def _check_workload(spec: RunSpec) -> None:
     """The skew must be a routing the run can produce: its target shares, or a trace it can replay."""
     wl, moe = spec.workload, spec.moe_config()
     if wl["skew"] != "trace":
-        if wl["trace"]:
+        if wl["trace"] and "skew" not in spec.params:  # a swept skew may set a trace for its "trace" runs
             raise ValueError(
                 f"[workload] trace = {_show(wl['trace'])} is invalid with skew = {_show(wl['skew'])}: "
                 'accepted a trace only with skew = "trace"'

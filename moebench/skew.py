@@ -51,9 +51,10 @@ import numpy as np
 import torch
 
 SKEWS = ("uniform", "zipf", "hot", "single")
-VERSION = 1  # of the calibration: part of the cache key, so a changed method never reads old offsets
+VERSION = 2  # of the calibration method: part of the cache key (with the constants below), bump on a change
 DEFAULT_SKEW_PARAM = {"uniform": 0.0, "zipf": 1.0, "hot": 3.0, "single": 0.0}
-MAX_SKEW_PARAM = {"zipf": 4.0, "hot": 1e4}  # beyond these the tail shares are below what M resolves
+MAX_SKEW_PARAM = {"zipf": 4.0, "hot": 1e4}
+MIN_COPIES = 50  # the rarest expert must get this many of a calibration sample's M·K copies
 FIXED_OFFSET_SIGMAS = 30.0
 SAMPLE_ELEMENTS = 2**22  # M·E logits per calibration (16 MiB of fp32)
 MAX_SAMPLES = 2**18
@@ -82,6 +83,20 @@ def target_shares(skew: str, param: float | None, num_experts: int, top_k: int, 
         accepted = f"a number from 0 to {limit:g}" if math.isfinite(limit) else "a finite number >= 0"
         raise ValueError(f'skew_param = {s!r} is invalid for skew = "{skew}": accepted {accepted}')
     e, k = num_experts, top_k
+    problem = _feasible(skew, s, e, k)
+    if problem:
+        raise ValueError(
+            f'skew = "{skew}" with skew_param = {s:g} {problem}: accepted skew_param <= '
+            f"{_largest_param(skew, e, k):.3g} for {e} experts and top_k = {k}"
+        )
+    by_rank = _by_rank(skew, s, e, k)
+    shares = np.empty(e)
+    shares[order_E.numpy()] = by_rank
+    return shares
+
+
+def _by_rank(skew: str, s: float, e: int, k: int) -> np.ndarray:
+    """Target shares in popularity order (sums to 1), before the feasibility checks."""
     by_rank = np.full(e, 1.0 / e)
     if skew == "zipf":
         by_rank = np.arange(1, e + 1, dtype=np.float64) ** -s
@@ -89,27 +104,30 @@ def target_shares(skew: str, param: float | None, num_experts: int, top_k: int, 
         by_rank = np.array([s] + [1.0] * (e - 1))
     elif skew == "single":
         by_rank = np.array([1.0 / k] + [(1.0 - 1.0 / k) / (e - 1)] * (e - 1)) if e > 1 else np.ones(1)
-    by_rank = by_rank / by_rank.sum()
+    return by_rank / by_rank.sum()
+
+
+def _feasible(skew: str, s: float, e: int, k: int) -> str | None:
+    """Why no calibrated router can produce the target, or None: an expert above 1/K, or an expert so
+    rare that a calibration sample gives it fewer than ``MIN_COPIES`` copies."""
+    by_rank = _by_rank(skew, s, e, k)
     if by_rank[0] > 1.0 / k + 1e-12:
-        bound = _largest_param(skew, e, k)
-        raise ValueError(
-            f'skew = "{skew}" with skew_param = {s:g} asks one expert for {by_rank[0]:.3f} of the copies, but with '
-            f"top_k = {k} an expert takes at most 1/{k}: accepted skew_param <= {bound:.3g} for {e} experts"
+        return f"asks one expert for {by_rank[0]:.3f} of the copies, but with top_k = {k} an expert takes at most 1/{k}"
+    copies = calibration_samples(e) * k
+    if skew in ("zipf", "hot") and by_rank.min() * copies < MIN_COPIES:
+        return (
+            f"asks the rarest expert for {by_rank.min():.2g} of the copies, below the {MIN_COPIES / copies:.2g} "
+            f"the calibration resolves ({MIN_COPIES} of its {copies} copies)"
         )
-    shares = np.empty(e)
-    shares[order_E.numpy()] = by_rank
-    return shares
+    return None
 
 
 def _largest_param(skew: str, e: int, k: int) -> float:
-    """The largest zipf s or hot h whose top share is still ≤ 1/K."""
-    if skew == "hot":
-        return (e - 1) / (k - 1)  # h / (h + E − 1) = 1/K
-    lo, hi = 0.0, MAX_SKEW_PARAM["zipf"]
+    """The largest zipf s or hot h whose target is still feasible (``_feasible``), by bisection."""
+    lo, hi = 0.0, MAX_SKEW_PARAM[skew]
     for _ in range(60):
         mid = (lo + hi) / 2
-        top = 1.0 / np.sum(np.arange(1, e + 1, dtype=np.float64) ** -mid)
-        lo, hi = (mid, hi) if top <= 1.0 / k else (lo, mid)
+        lo, hi = (mid, hi) if _feasible(skew, mid, e, k) is None else (lo, mid)
     return lo
 
 
@@ -144,21 +162,26 @@ def fit_offsets(logits_ME: torch.Tensor, target_E: np.ndarray, top_k: int) -> tu
     # A share moves by more than e^Δb when b moves by Δb (about e^(2Δb/σ) at top-1), so the step is
     # damped by the logits' spread, and halved whenever it made the fit worse.
     step = 0.5 * float(logits_ME.std(dim=0).mean())
-    best, best_err = b.clone(), math.inf
+    best, best_err, best_ratio = b.clone(), math.inf, None
     for _ in range(MAX_STEPS):
         shares = routed_shares(logits_ME + b.float(), top_k).clamp(min=floor)
         log_ratio = torch.log(target[free] / shares[free])
         err = float(log_ratio.abs().max())
         if err < best_err:
-            best, best_err = b.clone(), err
+            best, best_err, best_ratio = b.clone(), err, log_ratio
+            if err < TOLERANCE:
+                break
         else:
-            step, b = step / 2, best.clone()
-            continue
-        if err < TOLERANCE:
-            break
-        b[free] += step * log_ratio
+            step /= 2  # overshot: a shorter step from the best point so far
+        b = best.clone()
+        b[free] += step * best_ratio
         b[free] -= b[free].mean()  # only differences matter; keep the offsets centred
     return best.float(), best_err
+
+
+def constants() -> tuple:
+    """Every constant the calibration's result depends on (part of its cache key)."""
+    return (FIXED_OFFSET_SIGMAS, SAMPLE_ELEMENTS, MAX_SAMPLES, FORWARD_FLOPS, FORWARD_TOKENS, TOLERANCE, MAX_STEPS)
 
 
 def calibration_samples(num_experts: int) -> int:

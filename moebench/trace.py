@@ -25,6 +25,8 @@ as usual; only the choice of experts comes from the trace.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +64,19 @@ def trace_file(scenario_path: str | Path, trace: str) -> Path:
 
 
 def save(path: str | Path, ids_LNK: np.ndarray, num_experts: int, params: dict | None = None) -> None:
-    """Write a trace as ``.npz`` (the format above)."""
+    """Write a trace as ``.npz`` (the format above), atomically: a temporary file renamed over ``path``."""
+    path = Path(path)
     ids = np.asarray(ids_LNK)
     dtype = np.int16 if num_experts <= np.iinfo(np.int16).max else np.int32
-    with open(path, "wb") as f:
-        np.savez(f, format=FORMAT, num_experts=num_experts, ids=ids.astype(dtype), params=json.dumps(params or {}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, format=FORMAT, num_experts=num_experts, ids=ids.astype(dtype), params=json.dumps(params or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load(path: str | Path) -> RoutingTrace:
@@ -91,11 +101,16 @@ def load(path: str | Path) -> RoutingTrace:
         raise ValueError(f"{path}: num_experts = {str(experts)[:60]} is invalid: accepted an integer >= 1")
     try:
         array = np.asarray(ids)
-    except ValueError:
-        array = np.asarray([])  # ragged lists
-    if array.ndim != 3 or array.dtype.kind not in "iu" or 0 in array.shape:
-        shape = "x".join(map(str, array.shape)) or "none"
+    except (ValueError, OverflowError):  # ragged lists
+        array = np.asarray([])
+    if array.ndim != 3 or 0 in array.shape:
+        shape = "x".join(map(str, array.shape)) if array.size else "empty or ragged"
         raise ValueError(f"{path}: ids of shape {shape} is invalid: accepted integers [layers, tokens, top_k]")
+    if isinstance(ids, list) and any(isinstance(v, bool) for v in np.asarray(ids, dtype=object).ravel()):
+        array = array.astype(bool)  # JSON true/false among the ids, which numpy would read as 1 and 0
+    if array.dtype.kind not in "iu":
+        kind = {"b": "booleans", "f": "floats"}.get(array.dtype.kind, str(array.dtype))
+        raise ValueError(f"{path}: ids of {kind} is invalid: accepted integer expert ids [layers, tokens, top_k]")
     return RoutingTrace(array.astype(np.int64), int(experts), str(path))
 
 

@@ -28,6 +28,7 @@ from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weight
 from runtime.experts import expert_ffn
 
 SKEWS = (*S.SKEWS, "trace")
+CALIBRATION_STREAM = 10**12  # random streams of the calibration, apart from every workload's (tokens use < 10**10)
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -36,11 +37,13 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 
 def layer_weights(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> list[MoEWeights]:
-    """Seeded global weights for each layer of a stack, each router offset calibrated to ``skew``.
-
-    Deterministic for its arguments (every rank computes the same); cached per process.
-    """
-    return list(_calibrated(moe, layers, seed, skew, skew_param))
+    """Seeded global weights for each layer of a stack, each router offset calibrated to ``skew``
+    (``router_offsets``; none with ``skew = "trace"``). Deterministic: every rank computes the same."""
+    plain = [init_weights(moe, seed=seed * 1_000_003 + layer) for layer in range(layers)]
+    if skew == "trace":
+        return plain
+    offsets = router_offsets(moe, layers, seed, skew, skew_param)
+    return [MoEWeights(w.router_ED, w.w_in_EDH, w.w_down_EFD, b) for w, b in zip(plain, offsets, strict=True)]
 
 
 def expert_order(num_experts: int, seed: int, layer: int) -> torch.Tensor:
@@ -56,21 +59,23 @@ def layer_targets(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param:
     ]
 
 
-@functools.lru_cache(maxsize=16)
-def _calibrated(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> tuple:
-    """The calibration of ``moebench.skew``, layer by layer (see its module docstring), read from the
-    on-disk cache when an earlier process computed it (every rank of a run needs the same offsets)."""
+@functools.lru_cache(maxsize=64)
+def router_offsets(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> tuple:
+    """Each layer's calibrated router offset b_E (``moebench.skew``), cached in this process and on
+    disk (``cache_dir``), so the ranks of a run read what the parent fitted. The cache key holds what
+    the fit depends on: the shape and routing fields of ``moe``, the stack, seed and skew, the
+    calibration's version and constants, torch's version and a digest of the router weights."""
     plain = [init_weights(moe, seed=seed * 1_000_003 + layer) for layer in range(layers)]
-    if skew == "trace":
-        return tuple(plain)
-    key = (S.VERSION, moe.hidden_size, moe.ffn_hidden_size, moe.num_experts, moe.top_k, moe.activation,
-           moe.capacity_factor, moe.normalize_topk, layers, seed, skew, S.skew_param(skew, skew_param))  # fmt: skip
+    routers = hashlib.sha256(b"".join(w.router_ED.numpy().tobytes() for w in plain)).hexdigest()
+    key = (S.VERSION, S.constants(), torch.__version__, routers, moe.hidden_size, moe.ffn_hidden_size,
+           moe.num_experts, moe.top_k, moe.activation, moe.capacity_factor, moe.normalize_topk, layers, seed,
+           skew, S.skew_param(skew, skew_param))  # fmt: skip
     path = cache_dir() / f"skew-{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.pt"
     offsets = _read_cached(path, layers, moe.num_experts)
     if offsets is None:
         offsets = _calibrate(moe, plain, seed, skew, skew_param)
         _write_cached(path, offsets)
-    return tuple(MoEWeights(w.router_ED, w.w_in_EDH, w.w_down_EFD, b) for w, b in zip(plain, offsets, strict=True))
+    return tuple(offsets)
 
 
 def cache_dir() -> Path:
@@ -105,7 +110,7 @@ def _calibrate(moe: MoEConfig, plain: list[MoEWeights], seed: int, skew: str, sk
     """Each layer's fitted offsets, bottom up (see ``moebench.skew``)."""
     layers = len(plain)
     targets = layer_targets(moe, layers, seed, skew, skew_param)
-    gen = _generator(seed, 30_000)
+    gen = _generator(seed, CALIBRATION_STREAM)
     samples = S.calibration_samples(moe.num_experts)
     h_ND = None  # the calibration tokens at the current layer's input (layer 0: moments are exact)
     offsets = []
@@ -123,7 +128,7 @@ def _calibrate(moe: MoEConfig, plain: list[MoEWeights], seed: int, skew: str, sk
                 count = S.forward_tokens(
                     moe.hidden_size, moe.ffn_hidden_size, moe.num_experts, moe.top_k, moe.activation == "swiglu", layers
                 )
-                h_ND = tokens(count, moe.hidden_size, seed, 30_001)
+                h_ND = tokens(count, moe.hidden_size, seed, CALIBRATION_STREAM + 1)
             h_ND = h_ND + _forward_fp32(moe, dataclasses.replace(w, router_bias_E=bias_E), h_ND)
     return offsets
 

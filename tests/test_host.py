@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 
 from moebench import host, runner
@@ -10,23 +14,51 @@ from moebench.scenario import RunSpec
 
 
 @pytest.mark.parametrize(
-    ("before", "after", "cpus", "threads", "ranks", "reason"),
+    ("others", "cpus", "threads", "ranks", "reason"),
     [
-        ([6.2, 5.0, 4.0], [1.0, 1.0, 1.0], 2, 1, 2, "load 6.2 on 2 cores before the run"),
-        ([0.5, 0.5, 0.5], [2.5, 1.0, 1.0], 2, 1, 2, "load 2.5 on 2 cores after the run"),
-        ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], 2, 2, 2, "2 ranks × 2 threads on 2 cores"),
-        ([3.0, 0, 0], [4.5, 0, 0], 1, 1, 1, "load 3.0 before and 4.5 after the run, on 1 core"),
-        ([3.0, 0, 0], [0.5, 0, 0], 1, 2, 1, "load 3.0 on 1 core before the run, 1 ranks × 2 threads on 1 core"),
+        (1.0, 2, 1, 2, "other processes used 1.0 of 2 cores during the run"),  # a CPU-bound neighbour
+        (6.2, 2, 1, 1, "other processes used 6.2 of 2 cores during the run"),
+        (0.0, 2, 2, 2, "2 ranks × 2 threads on 2 cores"),
+        (2.0, 1, 2, 1, "1 ranks × 2 threads on 1 core, other processes used 2.0 of 1 core during the run"),
+        (2.6, 4, 1, 2, "other processes used 2.6 of 4 cores during the run"),  # 2 cores free + 0.5 slack
     ],
 )
-def test_busy_when_load_or_own_threads_exceed_the_cores(before, after, cpus, threads, ranks, reason):
-    assert host.busy(before, after, cpus, threads, ranks) == (True, reason)
+def test_busy_when_others_take_cores_the_run_needs_or_own_threads_exceed_them(others, cpus, threads, ranks, reason):
+    assert host.busy(others, cpus, threads, ranks) == (True, reason)
 
 
-def test_not_busy_at_exactly_the_core_count_or_without_load_figures():
-    assert host.busy([2.0, 2.0, 2.0], [2.0, 2.0, 2.0], 2, 1, 2) == (False, "")  # a full host, not an overfull one
-    assert host.busy(None, None, 4, 2, 2) == (False, "")  # no load average on this OS: judge the threads only
-    assert host.busy([9.0, 9.0, 9.0], None, 16, 1, 1) == (False, "")
+def test_not_busy_when_others_stay_within_the_free_cores_and_slack_or_are_unmeasured():
+    assert host.busy(0.4, 2, 1, 2) == (False, "")  # background under half a core
+    assert host.busy(2.4, 4, 1, 2) == (False, "")  # the run left 2 cores free
+    assert host.busy(None, 4, 2, 2) == (False, "")  # no /proc/stat: judge the threads only
+
+
+def test_other_cores_subtract_this_process_trees_cpu_time_from_the_hosts():
+    before = host.CpuSnapshot(wall_s=10.0, host_busy_s=100.0, own_s=5.0)
+    after = host.CpuSnapshot(wall_s=14.0, host_busy_s=112.0, own_s=13.0)  # 12 s busy, 8 of them ours, over 4 s
+    assert host.other_cores(before, after) == 1.0
+    assert host.other_cores(before, after, own_scale=1.5) == 0.0  # never negative
+    assert host.other_cores(before, host.CpuSnapshot(14.0, None, 13.0)) is None
+
+
+def test_host_busy_time_reads_proc_stat_without_idle_and_iowait(monkeypatch):
+    monkeypatch.setattr(host.os, "sysconf", lambda name: 100)
+    stat = "cpu  100 20 30 5000 400 6 7 8 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n"
+    assert host._host_busy_s(stat) == pytest.approx((100 + 20 + 30 + 6 + 7 + 8) / 100)
+    assert host._host_busy_s(None) is None
+
+
+def test_a_cpu_bound_neighbour_is_measured_as_about_one_other_core():
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        before = host.cpu_snapshot()
+        time.sleep(1.5)
+        others = host.other_cores(before, host.cpu_snapshot())
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert 0.5 <= others <= 2.5  # the neighbour's core, give or take whatever else runs here
 
 
 @pytest.mark.parametrize(
@@ -36,7 +68,7 @@ def test_not_busy_at_exactly_the_core_count_or_without_load_figures():
 def test_threads_per_rank_share_the_cores_unless_requested(world_size, requested, cpus, threads):
     assert host.threads_per_rank(world_size, requested, cpus) == threads
     if not requested and world_size <= cpus:  # the default never oversubscribes the host by itself
-        assert not host.busy(None, None, cpus, threads, world_size)[0]
+        assert not host.busy(None, cpus, threads, world_size)[0]
 
 
 def test_threads_per_rank_defaults_to_the_cpus_this_process_may_use(monkeypatch):
@@ -74,6 +106,8 @@ def test_every_run_records_the_host_and_is_flagged_busy_under_load(monkeypatch):
     monkeypatch.setattr(host, "cpu_mhz", lambda: 2596.1)
     loads = iter([[6.2, 6.0, 5.5], [7.1, 6.2, 5.6]])
     monkeypatch.setattr(host, "load_avg", lambda: next(loads))
+    snapshots = iter([host.CpuSnapshot(0.0, 0.0, 0.0), host.CpuSnapshot(2.0, 5.0, 1.0)])  # others: 2 cores
+    monkeypatch.setattr(host, "cpu_snapshot", lambda: next(snapshots))
     run = runner.run_one(_spec(world=2), None)
     assert run["status"] == "error"  # recorded whether or not the run finished
     assert run["host"] == {
@@ -83,6 +117,7 @@ def test_every_run_records_the_host_and_is_flagged_busy_under_load(monkeypatch):
         "threads_per_rank": 1,  # 2 cores // 2 ranks
         "ranks": 2,
         "cpu_mhz": 2596.1,
+        "other_cpu_cores": 2.0,
     }
     assert run["host_busy"] is True
 
@@ -90,7 +125,7 @@ def test_every_run_records_the_host_and_is_flagged_busy_under_load(monkeypatch):
 def test_a_quiet_host_is_not_flagged_but_requested_threads_that_oversubscribe_it_are(monkeypatch):
     monkeypatch.setattr(runner, "launch", _failing_launch)
     monkeypatch.setattr(host, "cpu_count", lambda: 4)
-    monkeypatch.setattr(host, "load_avg", lambda: [0.3, 0.2, 0.1])
+    monkeypatch.setattr(host, "other_cores", lambda *args: 0.1)
     quiet = runner.run_one(_spec(world=2), None)
     assert quiet["host"]["threads_per_rank"] == 2 and quiet["host_busy"] is False
     crowded = runner.run_one(_spec(world=2, threads=3), None)  # [parallel] threads_per_rank = 3: 6 threads
@@ -106,9 +141,9 @@ def _doc(runs: list[dict]) -> dict:
     }
 
 
-def _run(load: float | None) -> dict:
-    record = {"load_avg_before": [load, 1, 1], "load_avg_after": [0.5, 1, 1], "cpu_count": 2}
-    record |= {"threads_per_rank": 1, "ranks": 1, "cpu_mhz": None}
+def _run(others: float | None) -> dict:
+    record = {"load_avg_before": [2.0, 1, 1], "load_avg_after": [0.5, 1, 1], "cpu_count": 2}
+    record |= {"threads_per_rank": 1, "ranks": 1, "cpu_mhz": None, "other_cpu_cores": others}
     return {
         "params": {},
         "world_size": 1,
@@ -124,9 +159,9 @@ def _run(load: float | None) -> dict:
 
 
 def test_the_table_says_in_one_line_when_and_why_the_host_was_busy():
-    note = "  host busy in 1 of 2 runs: load 6.2 on 2 cores before the run; timings are not comparable"
+    note = "  host busy in 1 of 2 runs: other processes used 6.2 of 2 cores during the run; timings are not comparable"
     assert render(_doc([_run(0.4), _run(6.2)])).splitlines()[-1] == note
-    assert "host busy: load 6.2" in render(_doc([_run(6.2)]))  # every run: no count
+    assert "host busy: other processes used 6.2" in render(_doc([_run(6.2)]))  # every run: no count
     assert "host busy" not in render(_doc([_run(0.4)]))
     old = _run(0.4)
     del old["host"], old["host_busy"]  # result files from before the host was recorded

@@ -3,6 +3,7 @@ stack, and recorded routing traces replay exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from moebench import skew as S
 from moebench import trace as T
 from moebench.scenario import ScenarioError, load
-from moebench.workload import MoEStack, _calibrated, layer_targets, layer_weights, tokens
+from moebench.workload import MoEStack, layer_targets, layer_weights, router_offsets, tokens
 from runtime import MoEConfig, ParallelConfig
 
 MEASURED_COPIES = 65_536  # ≥ 64k copies per layer, as the issue's bounds assume
@@ -68,6 +69,16 @@ def test_zipf_shares_fall_with_popularity_rank_at_the_named_exponent_on_every_la
     assert all(abs(slope + s) <= 0.1 for slope in slopes), slopes
 
 
+@pytest.mark.parametrize(
+    ("experts", "top_k", "s"),
+    [(64, 1, 1.5), (16, 2, 1.5), (32, 4, 0.8)],  # many experts, and top-k near the 1/K bound
+)
+def test_zipf_holds_for_many_experts_and_top_k_near_its_bound(experts, top_k, s):
+    moe = MoEConfig(hidden_size=64, ffn_hidden_size=32, num_experts=experts, top_k=top_k)
+    slopes = [zipf_slope(layer) for layer in measured_shares(moe, 2, "zipf", s)]
+    assert all(abs(slope + s) <= 0.1 for slope in slopes), slopes
+
+
 def test_hot_expert_takes_h_times_each_other_experts_share_on_every_layer():
     moe, h = SHAPES[1].values[0], 4.0
     shares = measured_shares(moe, 2, "hot", h)
@@ -92,7 +103,7 @@ def test_calibration_is_deterministic_for_a_seed_and_differs_between_seeds(tmp_p
     moe = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=1)
     first = [w.router_bias_E.clone() for w in layer_weights(moe, 2, 5, "zipf", 1.0)]
     monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path))  # nothing cached there: computed again
-    _calibrated.cache_clear()
+    router_offsets.cache_clear()
     again = [w.router_bias_E for w in layer_weights(moe, 2, 5, "zipf", 1.0)]
     other = [w.router_bias_E for w in layer_weights(moe, 2, 6, "zipf", 1.0)]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
@@ -103,15 +114,37 @@ def test_calibration_is_deterministic_for_a_seed_and_differs_between_seeds(tmp_p
 def test_a_cached_calibration_is_read_back_and_a_corrupt_one_recomputed(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path))
     moe = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=1)
-    _calibrated.cache_clear()
+    router_offsets.cache_clear()
     computed = layer_weights(moe, 1, 9, "hot", 2.0)[0].router_bias_E
     (cached,) = tmp_path.glob("skew-*.pt")
     torch.save([torch.full((4,), 7.0)], cached)  # what the cache holds is what is used
-    _calibrated.cache_clear()
+    router_offsets.cache_clear()
     assert layer_weights(moe, 1, 9, "hot", 2.0)[0].router_bias_E.tolist() == [7.0] * 4
     cached.write_bytes(b"garbage")
-    _calibrated.cache_clear()
+    router_offsets.cache_clear()
     assert torch.equal(layer_weights(moe, 1, 9, "hot", 2.0)[0].router_bias_E, computed)
+
+
+def test_every_field_the_fit_depends_on_keys_its_own_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path))
+    router_offsets.cache_clear()
+    base = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=1)
+    variants = [
+        (base, 1, 0, "zipf", 1.0),
+        (dataclasses.replace(base, top_k=2), 1, 0, "zipf", 1.0),
+        (dataclasses.replace(base, hidden_size=8), 1, 0, "zipf", 1.0),
+        (dataclasses.replace(base, capacity_factor=1.0), 2, 0, "zipf", 1.0),
+        (dataclasses.replace(base, normalize_topk=True), 2, 0, "zipf", 1.0),
+        (base, 2, 0, "zipf", 1.0),
+        (base, 1, 1, "zipf", 1.0),
+        (base, 1, 0, "zipf", 0.5),
+        (base, 1, 0, "hot", 1.0),
+    ]
+    for args in variants:
+        router_offsets(*args)
+    assert len(list(tmp_path.glob("skew-*.pt"))) == len(variants)
+    layer_weights(dataclasses.replace(base, dtype="bfloat16", aux_loss_coef=0.5), 1, 0, "zipf", 1.0)
+    assert len(list(tmp_path.glob("skew-*.pt"))) == len(variants)  # neither changes the routing
 
 
 def test_target_shares_follow_their_formulas():
@@ -130,8 +163,19 @@ def test_target_shares_follow_their_formulas():
         ("pareto", None, 1, 'skew = "pareto" is invalid: accepted one of uniform, zipf, hot, single'),
         ("zipf", 1e300, 1, r'skew_param = 1e\+300 is invalid for skew = "zipf": accepted a number from 0 to 4'),
         ("hot", -1.0, 1, 'skew_param = -1.0 is invalid for skew = "hot": accepted a number from 0 to 10000'),
-        ("hot", 20.0, 2, r"asks one expert for 0.571 of the copies.*accepted skew_param <= 15 for 16 experts"),
+        (
+            "hot",
+            20.0,
+            2,
+            r"asks one expert for 0.571 of the copies.*accepted skew_param <= 15 for 16 experts and top_k = 2",
+        ),
         ("zipf", 2.0, 2, r"asks one expert for 0.6.*accepted skew_param <= 1.5\d for 16 experts"),
+        (
+            "zipf",
+            3.5,
+            1,
+            r"rarest expert for 5.4e-05 of the copies, below the 0.00019 .*accepted skew_param <= 3.02 for 16",
+        ),
     ],
 )
 def test_a_skew_that_no_routing_can_produce_is_refused(skew, param, top_k, message):
@@ -322,8 +366,14 @@ def test_a_recorded_load_balance_run_replays_to_the_same_expert_loads(tmp_path):
         .replace('name = "rec"', 'name = "replay"')
         .replace('skew = "zipf"', f'skew = "trace"\ntrace = "{routes / "rec.npz"}"')
     )
-    assert main(["run", str(replay), "--out", str(out), "--no-telemetry"]) in (0, 1)
+    rerecorded = tmp_path / "rerecorded"
+    assert main(["run", str(replay), "--out", str(out), "--record-routing", str(rerecorded), "--no-telemetry"]) in (
+        0,
+        1,
+    )
     first, second = (json.loads((out / f"{n}.json").read_text())["runs"][0] for n in ("rec", "replay"))
     assert first["status"] == second["status"] == "ok"
     assert first["details"]["layers"] == second["details"]["layers"]  # every expert and rank load, per layer
-    assert first["routing_trace"] == str(routes / "rec.npz")
+    assert first["routing_trace"] == {"path": str(routes / "rec.npz")}
+    # every token of every batch on every rank chose what was recorded
+    assert np.array_equal(T.load(rerecorded / "replay.npz").ids_LNK, recorded.ids_LNK)

@@ -10,20 +10,21 @@ Each kind module holds what is particular to it:
 - ``window_tokens(spec)``: tokens processed, over all ranks, inside the telemetry window;
 - optionally ``DEFAULT_SLOS``: gates every run of the kind gets unless its file states them.
 
-Shared measurement helpers live in ``common``. Adding a kind = one module plus one line in
-``_MODULES``. Metric names, units and formulas are documented in ``results/README.md``.
+Shared measurement helpers live in ``common``. Adding a kind = adding one module that defines
+``NAME`` (``ORDER``, optional, places it in listings; lower first). Metric names, units and
+formulas are documented in ``results/README.md``.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
-
-from moebench.kinds import dispatch, equivalence, experts, latency, load_balance, throughput
 
 if TYPE_CHECKING:
     from moebench.scenario import RunSpec
@@ -54,8 +55,14 @@ class Kind:
         )
 
 
-_MODULES = (throughput, latency, load_balance, equivalence, dispatch, experts)
-REGISTRY: dict[str, Kind] = {kind.name: kind for kind in map(Kind.of, _MODULES)}
+def _discover() -> list[ModuleType]:
+    """Every module of this package that defines a kind (``NAME``): adding a kind is adding a file."""
+    found = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
+    kinds = [module for module in found if hasattr(module, "NAME")]
+    return sorted(kinds, key=lambda module: (getattr(module, "ORDER", 100), module.NAME))
+
+
+REGISTRY: dict[str, Kind] = {kind.name: kind for kind in map(Kind.of, _discover())}
 
 
 def get(name: str) -> Kind:
@@ -70,7 +77,7 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     """Run ``spec`` on this rank; ``interval`` is the telemetry period in s (None: no sampler)."""
     if ctx.device.type == "cpu" and spec.parallel["threads_per_rank"]:
         torch.set_num_threads(spec.parallel["threads_per_rank"])
-    return get(spec.kind).measure(ctx, spec, interval)
+    return get(spec.kind).measure(ctx, spec, interval) | {"threads": torch.get_num_threads()}
 
 
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from moebench.scenario import RunSpec
 
 NAME = "dispatch"
+ORDER = 5  # place in listings and "accepted" lists
 COLUMNS = (
     ("dispatch_time_s", "dispatch (ms)", 1e3, ".3f"),
     ("combine_time_s", "combine (ms)", 1e3, ".3f"),

@@ -219,6 +219,7 @@ def compare(ep: Result, ref: Result) -> dict[str, float]:
 # The kind: one case from the scenario, run on the ranks, compared in the parent
 
 NAME = "equivalence"
+ORDER = 4  # place in listings and "accepted" lists
 COLUMNS = (
     ("rel_error_forward", "fwd rel err", 1, ".1e"),
     ("rel_error_grad", "grad rel err", 1, ".1e"),

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from moebench.scenario import RunSpec
 
 NAME = "experts"
+ORDER = 6  # place in listings and "accepted" lists
 COLUMNS = (
     ("expert_time_s", "experts p50 (ms)", 1e3, ".3f"),
     ("expert_time_s:p90", "p90 (ms)", 1e3, ".3f"),

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from moebench.scenario import RunSpec
 
 NAME = "latency"
+ORDER = 2  # place in listings and "accepted" lists
 COLUMNS = (
     ("step_time_s", "p50 (ms)", 1e3, ".3f"),
     ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from moebench.scenario import RunSpec
 
 NAME = "load_balance"
+ORDER = 3  # place in listings and "accepted" lists
 COLUMNS = (
     ("imbalance_max_mean", "imbalance (max/mean)", 1, ".3f"),
     ("rank_imbalance_max_mean", "rank imbalance (max/mean)", 1, ".3f"),

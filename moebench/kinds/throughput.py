@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from moebench.scenario import RunSpec
 
 NAME = "throughput"
+ORDER = 1  # place in listings and "accepted" lists
 # (metric[:statistic], header with unit, scale, format); the statistic defaults to median.
 COLUMNS = (
     ("tokens_per_s", "tokens/s", 1, ".0f"),
