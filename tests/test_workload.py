@@ -331,6 +331,12 @@ def test_a_trace_path_is_relative_to_the_scenario_file(tmp_path):
     assert run.workload["trace"] == "t.npz"
 
 
+def test_a_swept_skew_may_name_the_trace_its_trace_runs_replay(tmp_path):
+    _trace_file(tmp_path, np.zeros((1, 8, 1), dtype=np.int64))
+    runs = load(_scenario(tmp_path, 'skew = ["zipf", "trace"]\ntrace = "t.npz"')).runs
+    assert [r.workload["skew"] for r in runs] == ["zipf", "trace"]
+
+
 @pytest.mark.parametrize(
     ("workload", "kind", "message"),
     [
