@@ -1,4 +1,4 @@
-"""The ``moebench`` command line. Exit codes: 0 ok, 1 a check or SLO failed, 2 usage or input error.
+"""The ``moebench`` command line.
 
 moebench run PATH...     run scenario files (or every *.toml in a folder) and write results
 moebench list [DIR]      show the shipped scenarios and plans, one table per folder
@@ -7,6 +7,10 @@ moebench compare BASELINE NEW   judge NEW against BASELINE (exit 1 on a regressi
 moebench baseline update RESULT...   copy passing results into results/baselines/<class>/
 moebench baseline path RESULT...     print the baseline folder those results compare against
 moebench plan FILE.toml [--search] [--calibrate RESULTS...]   validate a deployment plan (exit 1 on an error finding)
+
+exit codes: 0 ok; 1 a check or SLO failed, a run errored, or a regression; 2 a usage or input error
+(one line naming the file, key and value); 3 an unexpected crash, a bug in moebench (one line naming
+the file that holds the traceback; MOEBENCH_DEBUG=1 prints it instead); 130 interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from moebench import __version__
 
 SHIPPED = Path(__file__).resolve().parent.parent / "scenarios"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEBUG_ENV = "MOEBENCH_DEBUG"  # set (to anything but "" or "0"): a crash prints its traceback
 
 
 class _Parser(argparse.ArgumentParser):
@@ -185,23 +192,39 @@ def _run(args) -> int:
         overrides["parallel", "world_size"] = args.world_size
     scenarios = load_all(args.paths, overrides)
     out = args.out or default_out_dir()
-    _check_writable(out)
+    created = _check_writable(out)
     interval = None if args.no_telemetry else args.telemetry_interval
-    return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing)
+    try:
+        return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing)
+    finally:
+        _remove_if_empty(created)  # interrupted before any result, or none could be written
 
 
-def _check_writable(out: Path) -> None:
-    """Create the result folder now, so a bad --out fails before any run rather than after the first."""
+def _check_writable(out: Path) -> list[Path]:
+    """Create the result folder now, so a bad --out fails before any run rather than after the first.
+    Returns the folders this created, deepest first."""
     from moebench.launch import is_rank_zero
 
     if not is_rank_zero():
-        return
+        return []
+    created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
+        _remove_if_empty(created)
         raise ValueError(f"--out {out}: cannot write result files there: {err.strerror}") from None
+    return created
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _list(args) -> int:
@@ -358,6 +381,27 @@ def _baseline(args) -> int:
     return 0
 
 
+def _crashed(err: Exception) -> int:
+    """An error moebench did not expect: one line, and where the traceback is (exit 3)."""
+    from moebench.text import clip, last_line
+
+    text = traceback.format_exc()
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        sys.stderr.write(text)
+        where = "traceback above"
+    else:
+        try:
+            fd, path = tempfile.mkstemp(prefix="moebench-crash-", suffix=".txt")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            where = f"traceback in {path}; {DEBUG_ENV}=1 prints it"
+        except OSError:
+            where = f"{DEBUG_ENV}=1 prints the traceback"
+    message = clip(last_line(err), 200)
+    print(f"moebench: internal error (a bug in moebench): {type(err).__name__}: {message} ({where})", file=sys.stderr)
+    return EXIT_CRASH
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
@@ -372,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except ValueError as err:  # ScenarioError is a ValueError: one line, exit 2
         print(f"moebench: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt as err:  # runner.Interrupted says what was kept
+        print(f"moebench: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        return _crashed(err)
 
 
 if __name__ == "__main__":

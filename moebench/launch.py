@@ -6,8 +6,11 @@
 - Under ``torchrun`` (RANK, WORLD_SIZE, MASTER_ADDR in the environment) it joins the process
   group torchrun's rendezvous describes (``init_method="env://"``): single- or multi-node. The
   group is joined once per process and kept for later launches; it is destroyed at exit.
-- Otherwise it spawns ``world_size`` processes on this host with a loopback rendezvous on a free
-  port. A rank that raises makes ``launch`` raise in the caller.
+- Otherwise it spawns ``world_size`` processes on this host (``rank_entry.py``: each dies with
+  this process, from its first instruction) that meet at a rendezvous store this process holds,
+  listening on 127.0.0.1 only; gloo's own sockets stay on loopback too. A rank that raises stops
+  the others and makes ``launch`` raise in the caller; so does an interrupt (Ctrl-C), after the
+  ranks are gone. Nothing is left on disk.
 
 Backends: "nccl" needs one GPU per rank (NCCL refuses two ranks on one GPU); "gloo" runs on CPU.
 """
@@ -15,17 +18,26 @@ Backends: "nccl" needs one GPU per rank (NCCL refuses two ranks on one GPU); "gl
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import ctypes.util
+import datetime
+import multiprocessing.spawn
 import os
+import pickle
+import selectors
 import socket
-import tempfile
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from moebench import host
+from moebench.text import last_line
 
 
 @dataclass(frozen=True)
@@ -59,12 +71,6 @@ def resolve_device(device: str, backend: str) -> tuple[str, str]:
     return device, backend
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # glibc mallopt parameters: with the defaults, glibc moves its mmap threshold as buffers are freed,
 # so whether a 1 MiB tensor costs page faults depends on the process's allocation history, and two
 # runs of the same code differ by up to 2x in small CPU ops. Fixed thresholds remove that.
@@ -84,7 +90,7 @@ def steady_allocator() -> bool:
     return bool(ok and mallopt(_M_TRIM_THRESHOLD, STEADY_MALLOC["M_TRIM_THRESHOLD"]))
 
 
-def _init(rank: int, world_size: int, device: str, backend: str, init_method: str) -> RankContext:
+def _init(rank: int, world_size: int, device: str, backend: str, **rendezvous) -> RankContext:
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local_rank)
@@ -93,29 +99,16 @@ def _init(rank: int, world_size: int, device: str, backend: str, init_method: st
         dev = torch.device("cpu")
         # Ranks on one host share its cores: without this, W ranks × all-core thread pools thrash.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, torch.get_num_threads() // local_ranks))
+        torch.set_num_threads(
+            host.threads_per_rank(local_ranks)
+        )  # cores // ranks; [parallel] threads_per_rank wins later
         steady_allocator()
     kwargs = {"device_id": dev} if backend == "nccl" else {}
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, **rendezvous, **kwargs)
     return RankContext(rank, world_size, dist.group.WORLD, dev, backend)
 
 
-def _spawned_rank(rank, world_size, device, backend, port, out_dir, fn, args):
-    ctx = _init(rank, world_size, device, backend, f"tcp://127.0.0.1:{port}")
-    try:
-        result = fn(ctx, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 _torchrun_ctx: RankContext | None = None
-
-
-def last_line(err: BaseException) -> str:
-    """The last non-empty line of an error's message (a spawned rank's traceback is one long message)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def _leave_torchrun() -> None:
@@ -132,7 +125,9 @@ def _join_torchrun(device: str, backend: str) -> RankContext:
     """Join torchrun's process group once per process; later launches reuse it."""
     global _torchrun_ctx
     if _torchrun_ctx is None:
-        _torchrun_ctx = _init(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device, backend, "env://")
+        _torchrun_ctx = _init(
+            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device, backend, init_method="env://"
+        )
         atexit.register(_leave_torchrun)
     elif (_torchrun_ctx.device.type, _torchrun_ctx.backend) != (device, backend):
         raise ValueError(
@@ -168,11 +163,149 @@ def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "aut
             f"world_size = {world_size} with NCCL needs {world_size} GPUs, {torch.cuda.device_count()} visible: "
             "accepted world_size <= GPU count, or device = 'cpu' (gloo)"
         )
-    with tempfile.TemporaryDirectory(prefix="moebench-ranks-") as out_dir:
-        mp.spawn(
-            _spawned_rank,
-            args=(world_size, device, backend, free_port(), out_dir, fn, args),
-            nprocs=world_size,
-            join=True,
-        )
-        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return _spawn(fn, args, world_size, device, backend)
+
+
+# -------------------------------------------------------------------------------------------
+# Spawned ranks
+
+ENTRY = Path(__file__).with_name("rank_entry.py")
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for a process group
+STOP_GRACE_S = 5.0  # how long a killed rank may take to be reaped
+# Where a spawned rank's gloo pairs listen (GLOO_SOCKET_IFNAME, unless the user set it).
+LOOPBACK_INTERFACE = "lo0" if sys.platform == "darwin" else "lo"
+
+
+class _LoopbackStore:
+    """A rendezvous store held by this process, listening on 127.0.0.1 only (the ranks are clients).
+
+    ``TCPStore(host_name=...)`` names where clients connect, but its server listens on every
+    interface; a socket bound here first and handed over (``master_listen_fd``, which the store
+    then owns and closes) is what it serves on instead. Binding port 0 also leaves no window for
+    another process to take the port."""
+
+    def __init__(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            self.port = listener.getsockname()[1]
+            fd = listener.detach()
+        self.store = dist.TCPStore(
+            "127.0.0.1", self.port, is_master=True, timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False,
+            master_listen_fd=fd,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.store = None  # its server stops and closes the socket
+
+
+def _spawned_rank(rank: int, world_size: int, device: str, backend: str, port: int, fn, args):
+    """A spawned rank's body (called by ``rank_entry`` once the payload is unpickled)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)  # gloo's pairs listen on loopback too
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
+    ctx = _init(rank, world_size, device, backend, store=store)
+    try:
+        return fn(ctx, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class _Rank:
+    rank: int
+    proc: subprocess.Popen
+    result_fd: int  # read end of the rank's result pipe
+    data: bytearray
+
+
+def _preparation(rank: int) -> dict:
+    """What a ``multiprocessing`` child is told first (sys.path, working folder, main module), less
+    the authentication key, which the ranks do not use."""
+    data = multiprocessing.spawn.get_preparation_data(f"rank{rank}")
+    data.pop("authkey", None)
+    return data
+
+
+def _start_rank(rank: int, body_args: tuple) -> _Rank:
+    read_fd, write_fd = os.pipe()
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # moebench/ itself is no import path
+    cmd = [sys.executable, *safe_path, str(ENTRY), str(os.getpid()), str(write_fd)]
+    try:
+        # A session of its own: a terminal's Ctrl-C reaches moebench only, which stops the ranks.
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(write_fd,), start_new_session=True)
+    finally:
+        os.close(write_fd)
+    payload = pickle.dumps((_spawned_rank, (rank, *body_args)))
+    try:
+        with proc.stdin:
+            proc.stdin.write(pickle.dumps((_preparation(rank), payload)))
+    except BrokenPipeError:
+        pass  # the rank died at once: its exit code tells
+    return _Rank(rank, proc, read_fd, bytearray())
+
+
+def _spawn(fn, args: tuple, world_size: int, device: str, backend: str) -> list:
+    """Start the ranks, collect every rank's answer; stop all of them on the first failure or an interrupt."""
+    store = _LoopbackStore()
+    ranks = []
+    try:
+        for rank in range(world_size):
+            ranks.append(_start_rank(rank, (world_size, device, backend, store.port, fn, args)))
+        results = _collect(ranks)
+        _stop(ranks, grace_s=STOP_GRACE_S)  # every rank answered: let them finish exiting
+        return results
+    finally:
+        _stop(ranks, grace_s=0)  # a failure or an interrupt: kill what is left now
+        store.close()
+
+
+def _collect(ranks: list[_Rank]) -> list:
+    """Read every rank's answer as it comes; raise on the first rank that fails."""
+    results = {}
+    with selectors.DefaultSelector() as sel:
+        for r in ranks:
+            sel.register(r.result_fd, selectors.EVENT_READ, r)
+        while len(results) < len(ranks):
+            for key, _ in sel.select():
+                r = key.data
+                chunk = os.read(r.result_fd, 1 << 20)
+                if chunk:
+                    r.data += chunk
+                    continue
+                sel.unregister(r.result_fd)
+                results[r.rank] = _answer(r)
+    return [results[r.rank] for r in ranks]
+
+
+def _answer(r: _Rank):
+    """The value a rank returned, once its pipe is closed; RuntimeError when it failed."""
+    try:
+        status, value = pickle.loads(r.data)
+    except Exception:  # nothing (or half an answer) came: the rank died
+        status, value = "error", None
+    if status == "ok":
+        return value
+    if value is None:
+        try:
+            code = r.proc.wait(timeout=STOP_GRACE_S)
+            value = f"exited with code {code}" if code >= 0 else f"killed by signal {-code}"
+        except subprocess.TimeoutExpired:
+            value = "closed its result pipe"
+        raise RuntimeError(f"rank {r.rank}: {value} before it answered")
+    raise RuntimeError(f"{value.rstrip()}\nrank {r.rank}: {last_line(value)}")
+
+
+def _stop(ranks: list[_Rank], grace_s: float) -> None:
+    """Give the ranks ``grace_s`` to exit, kill the rest, reap them all; bounded, so an interrupt never hangs."""
+    deadline = time.monotonic() + grace_s
+    for r in ranks:
+        try:
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.proc.kill()
+    for r in ranks:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            r.proc.wait(timeout=STOP_GRACE_S)
+        if r.result_fd >= 0:
+            os.close(r.result_fd)
+            r.result_fd = -1

@@ -11,8 +11,8 @@ import json
 import math
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ import torch
 from tabulate import tabulate
 
 from moebench import host, kinds
+from moebench.text import clip
 from runtime.dispatch import SLOWDOWN_ENV
 
 SCHEMA = "moebench.result/1"
@@ -108,9 +109,12 @@ def json_safe(value):
 
 
 def write_atomic(path: Path, doc: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``.
+
+    The temporary file is created with mode 0666 less the umask, as ``open`` would create ``path``
+    (``mkstemp``'s 0600 would survive the rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(json_safe(doc), f, indent=1, allow_nan=False)
@@ -123,15 +127,21 @@ def write_atomic(path: Path, doc: dict) -> None:
         raise
 
 
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty hidden file next to ``path`` (a random name): its descriptor and name."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
 def read(path: Path) -> dict:
     """Load one result file, refusing anything that is not a well-formed ``moebench.result/1``."""
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path}: not a readable result file: {err}") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{path}: schema = {found!r} is invalid: accepted {SCHEMA!r}")
+        raise ValueError(f"{path}: schema = {clip(repr(found))} is invalid: accepted {SCHEMA!r}")
     problem = _malformed(doc)
     if problem:
         raise ValueError(f"{path}: malformed {SCHEMA} file: {problem}")

@@ -4,8 +4,10 @@
 2. For each scenario, for each run: launch the ranks (spawned here, or torchrun's), measure,
    evaluate metrics, checks and SLOs, and rewrite the scenario's result file atomically, so a
    crash or Ctrl-C later keeps every run already finished.
-3. A run that raises is recorded with its error and the others go on.
+3. A run that raises is recorded with its error and the others go on; so is a result file that
+   cannot be written (one line naming it; exit 1).
 4. Print each scenario's table, rendered from the JSON just written.
+5. Ctrl-C stops the ranks and raises ``Interrupted``, whose message says how many runs are kept.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from moebench import host, kinds
 from moebench import trace as routing_trace
 from moebench.launch import is_rank_zero, last_line, launch, resolve_device, under_torchrun
-from moebench.results import SCHEMA, environment, read, render, short_sha, verdict, write_atomic
+from moebench.results import SCHEMA, environment, json_safe, read, render, short_sha, verdict, write_atomic
 from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
 from moebench.telemetry import combine_summaries
 from moebench.workload import layer_weights
@@ -172,10 +174,37 @@ def _record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> dic
     return {"path": str(path)}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``run_scenarios``; the message says which finished runs were kept."""
+
+
 def run_scenarios(
-    scenarios: list[Scenario], out_dir: Path, interval: float | None, fmt: str = "plain", record_dir: Path | None = None
+    scenarios: list[Scenario], out_dir: Path, interval: float | None, fmt="plain", record_dir: Path | None = None
 ) -> int:
     """Run everything; write one JSON per scenario under ``out_dir``. Returns the exit code."""
+    kept = {}  # scenario name -> runs in its result file
+    try:
+        return _run_all(scenarios, out_dir, interval, fmt, kept, record_dir)
+    except KeyboardInterrupt:
+        runs = sum(kept.values())
+        raise Interrupted(
+            f"{runs} finished run{'s' * (runs != 1)} kept in {out_dir}/" if runs else "no run finished"
+        ) from None
+
+
+def _write(path: Path, doc: dict) -> bool:
+    """Write a result file; on failure say so in one line (the run is still judged and shown)."""
+    try:
+        write_atomic(path, doc)
+        return True
+    except OSError as err:
+        _log(f"moebench: error: {path}: cannot write the result file: {err.strerror or err}")
+        return False
+
+
+def _run_all(
+    scenarios: list[Scenario], out_dir: Path, interval: float | None, fmt, kept: dict, record_dir: Path | None
+) -> int:
     env = environment()
     total, done, all_ok = sum(len(sc.runs) for sc in scenarios), 0, True
     _log(f"moebench: {total} runs from {len(scenarios)} scenarios; results in {out_dir}/")
@@ -188,6 +217,7 @@ def run_scenarios(
             "environment": dict(env),
             "runs": [],
         }
+        written = False
         for spec in sc.runs:
             done += 1
             _log(f"[{done}/{total}] {sc.name} {spec.params or ''} ...")
@@ -199,7 +229,11 @@ def run_scenarios(
             doc["environment"]["backends"] = sorted({r["backend"] for r in ran})
             _log(f"[{done}/{total}] {sc.name} {spec.params or ''}: {verdict(run)} in {run.get('wall_time_s', 0):.1f} s")
             if is_rank_zero():
-                write_atomic(out_dir / f"{sc.name}.json", doc)
+                written = _write(out_dir / f"{sc.name}.json", doc)
+                all_ok &= written
+                if written:
+                    kept[sc.name] = len(doc["runs"])
         if is_rank_zero():
-            print(render(read(out_dir / f"{sc.name}.json"), fmt) + "\n", flush=True)
+            saved = read(out_dir / f"{sc.name}.json") if written else json_safe(doc)
+            print(render(saved, fmt) + "\n", flush=True)
     return 0 if all_ok else 1

@@ -7,8 +7,9 @@ A scenario file (``scenarios/*.toml``, schema in ``scenarios/README.md``) has th
 combination, in the order the keys are listed in ``SCHEMA``.
 
 Every problem raises ``ScenarioError`` with one line naming the file, the section and key, the
-value and what is accepted. The runtime's own validation (``MoEConfig``, ``ParallelConfig``,
-placement) runs here too, for every combination, so an impossible run fails before anything runs.
+value (cut short when long) and what is accepted. The runtime's own validation (``MoEConfig``,
+``ParallelConfig``, placement) runs here too, for every combination, so an impossible run fails
+before anything runs; so do the limits of ``torch._grouped_mm`` and of a sweep's size.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from moebench import kinds
 from moebench import trace as routing_trace
 from moebench.skew import target_shares
+from moebench.text import clip
 from moebench.workload import SKEWS
 from runtime import MoEConfig, ParallelConfig
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
@@ -40,6 +42,9 @@ DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items()
 
 REQUIRED = object()
 SWEEPABLE = ("model", "parallel", "workload")
+MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
+NAME_LENGTH = 100  # characters of a scenario name: it names the result file
+GROUPED_MM_ALIGN = 16  # bytes: torch._grouped_mm (CPU and CUDA) needs every matrix row to be a multiple
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,19 @@ def _int(minimum: int, maximum: int) -> tuple:
     return valid, f"an integer from {minimum} to {maximum}"
 
 
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite as a float; never raises, even for a 400-digit int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(minimum: float) -> tuple:
     def valid(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= minimum
+        return is_finite_number(v) and v >= minimum
 
     return valid, f"a finite number >= {minimum:g}"
 
@@ -78,7 +93,13 @@ _OPTIONAL_NUMBER = ((lambda v: v is None or _number(0)[0](v)), "a finite number 
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "scenario": {
-        "name": Key(REQUIRED, *_text(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '-', '_', '.'")),
+        "name": Key(
+            REQUIRED,
+            *_text(
+                rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_LENGTH - 1}}}",
+                f"at most {NAME_LENGTH} letters, digits, '-', '_', '.' (it names the result file)",
+            ),
+        ),
         "kind": Key(REQUIRED, *_choice(*KINDS)),
         "description": Key("", *_text()),
         "warmup": Key(3, *_int(0, 10**6)),
@@ -131,15 +152,20 @@ class ScenarioError(ValueError):
 
 
 def _show(value: object) -> str:
-    """A value as TOML would spell it."""
+    """A value as TOML would spell it, for a message: cut short when long (``text.clip``)."""
+    return clip(_spell(value))
+
+
+def _spell(value: object) -> str:
+    """A value as TOML would spell it, whole."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)  # escapes quotes and newlines as TOML does
     if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ", ".join(_spell(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k} = {_spell(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -147,8 +173,8 @@ SLO_STATS = ("median", "p90", "p99", "min", "max")
 
 
 def _key(name: str) -> str:
-    """A key as TOML would spell it: bare when it can be, quoted (newlines escaped) otherwise."""
-    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name, ensure_ascii=False)
+    """A key as TOML would spell it: bare when it can be, quoted (newlines escaped) otherwise; cut short."""
+    return clip(name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name, ensure_ascii=False))
 
 
 @dataclass(frozen=True)
@@ -260,7 +286,7 @@ def _read_section(path: str, section: str, table: object, overridden: set) -> di
                     f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted {spec.accepted} "
                     f"(lists sweep only in {', '.join(f'[{s}]' for s in SWEEPABLE)})"
                 )
-            if not value or len(set(map(_show, value))) != len(value):
+            if not value or len(set(map(_spell, value))) != len(value):
                 raise ScenarioError(
                     f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted a non-empty list of "
                     f"distinct values, each {spec.accepted}"
@@ -287,7 +313,7 @@ def _read_slos(path: str, kind: str, table: object) -> tuple[Slo, ...]:
         if parsed is None:
             gate = f"[slo] {_key(key)} is not a known gate for kind = {_show(kind)}"
             raise ScenarioError(f"{path}: {gate}: accepted {accepted}")
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+        if not is_finite_number(limit):
             raise ScenarioError(f"{path}: [slo] {_key(key)} = {_show(limit)} is invalid: accepted a finite number")
         op, metric, stat = parsed
         slos.append(Slo(metric, op, float(limit), "scenario", stat))
@@ -307,7 +333,7 @@ def _read_compare(path: str, kind: str, table: object) -> dict:
         if key not in ("alpha", "min_effect", *names):
             accepted = f"alpha, min_effect or a metric of kind = {_show(kind)}: {', '.join(names)}"
             raise ScenarioError(f"{path}: [compare] {_key(key)} is not a known key: accepted {accepted}")
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        number = is_finite_number(value)
         if key == "alpha" and not (number and 0 < value < 1):
             raise ScenarioError(f"{path}: [compare] alpha = {_show(value)} is invalid: accepted a number in (0, 1)")
         if key != "alpha" and not (number and 0 <= value <= 100):
@@ -344,6 +370,38 @@ def _runtime_error(path: str, params: dict, err: ValueError, overridden: set) ->
     return ScenarioError(f"{path}{where}: {message}")
 
 
+def _check_sweep_size(path: str, doc: dict) -> None:
+    """Refuse a file whose sweeps expand to more than MAX_RUNS runs, counted before expanding them."""
+    swept = [
+        (section, key, len(value))
+        for section in SWEEPABLE
+        if isinstance(doc.get(section), dict)
+        for key, value in doc[section].items()
+        if isinstance(value, list)
+    ]
+    count = math.prod(n for _, _, n in swept)
+    if count > MAX_RUNS:
+        factors = " × ".join(f"[{section}] {_key(key)} ({n:,})" for section, key, n in swept)
+        raise ScenarioError(
+            f"{path}: the sweeps expand to {clip(f'{count:,}')} runs ({clip(factors, 200)}): "
+            f"accepted at most {MAX_RUNS:,} runs per file"
+        )
+
+
+def _check_grouped_mm(model: dict) -> None:
+    """``torch._grouped_mm`` needs rows of whole 16-byte units: hidden and ffn_hidden × the element size."""
+    if model["expert_backend"] != "grouped_mm":
+        return
+    multiple = GROUPED_MM_ALIGN // DTYPES[model["dtype"]].itemsize
+    for key in ("hidden", "ffn_hidden"):
+        if model[key] % multiple:
+            raise ValueError(
+                f'[model] {key} = {model[key]} is invalid with expert_backend = "grouped_mm" and dtype = '
+                f'"{model["dtype"]}": accepted a multiple of {multiple} (torch._grouped_mm needs rows of '
+                f'{GROUPED_MM_ALIGN} bytes), or expert_backend "loop" or "bmm"'
+            )
+
+
 def _expand(sections: dict) -> list[tuple[dict, dict]]:
     """All combinations of the swept keys: [(per-section values, params), ...]."""
     swept = [(s, k) for s in SWEEPABLE for k, v in sections[s].items() if isinstance(v, list)]
@@ -369,17 +427,33 @@ class Scenario:
         return self.sections["scenario"]["name"]
 
 
+def read_toml(path: str, error: type[ValueError] = ScenarioError) -> dict:
+    """A TOML file's top table; any way it cannot be read is a one-line ``error`` naming the file."""
+    data = b""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return tomllib.loads(data.decode("utf-8"))
+    except OSError as err:
+        raise error(f"{path}: cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        byte = f"byte 0x{data[err.start]:02x} at offset {err.start}"
+        raise error(f"{path}: not UTF-8 text ({byte}): accepted a UTF-8 TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{path}: not valid TOML: {err}") from None
+    except RecursionError:
+        raise error(f"{path}: not valid TOML here: arrays or tables nested too deeply to read") from None
+
+
 def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     """Parse, validate and expand one scenario file. ``overrides``: {(section, key): value}
     applied before validation (the CLI's --device, --repeats, --world-size)."""
     path = str(path)
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as err:
-        raise ScenarioError(f"{path}: cannot be read: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ScenarioError(f"{path}: not valid TOML: {err}") from None
+    doc = read_toml(path)
+    if "plan" in doc and "scenario" not in doc:
+        raise ScenarioError(
+            f"{path}: this is a deployment-plan file ([plan]), not a scenario: validate it with moebench plan"
+        )
     known = (*SCHEMA, "slo", "compare")
     for section in doc:
         if section not in known:
@@ -391,6 +465,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         if isinstance(doc.setdefault(section, {}), dict):  # a non-table section is reported below
             doc[section][key] = value
     overridden = set(overrides or {})
+    _check_sweep_size(path, doc)
     sections = {s: _read_section(path, s, doc.get(s, {}), overridden) for s in SCHEMA}
     slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
     thresholds = _read_compare(path, sections["scenario"]["kind"], doc.get("compare", {}))
@@ -400,6 +475,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         try:
             place_experts(spec.moe_config(), spec.parallel_config())
             _check_device(spec.parallel)
+            _check_grouped_mm(spec.model)
             _check_workload(spec)
         except ValueError as err:
             raise _runtime_error(path, params, err, overridden) from None

@@ -337,10 +337,10 @@ def test_the_seed_plan_is_caught_on_its_known_errors():
     ("overrides", "expected"),
     [
         ({"hardware__peak_flops": "400 parsecs"}, '[hardware] peak_flops = "400 parsecs" is invalid: accepted'),
-        ({"model__layers": 0}, "[model] layers = 0 is invalid: accepted an integer >= 1"),
+        ({"model__layers": 0}, "[model] layers = 0 is invalid: accepted an integer from 1 to 1e9"),
         ({"model__layers": None}, "[model] layers is missing"),
         ({"model__colour": "red"}, "[model] colour is not a known key: accepted layers"),
-        ({"hardware__mfu": 1.5}, "[hardware] mfu = 1.5 is invalid: accepted a number in (0, 1]"),
+        ({"hardware__mfu": 1.5}, "[hardware] mfu = 1.5 is invalid: accepted a number from 1e-30 to 1"),
         ({"model__top_k": 5}, "[model] top_k = 5 is invalid: accepted at most experts = 4"),
         ({"workload__seq_len_min": 9}, "[workload] seq_len_min = 9 is invalid: accepted at most seq_len_max = 8"),
         ({"plan__assumed": ["model.vocabulary"]}, '[plan] assumed names "model.vocabulary"'),

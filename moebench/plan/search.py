@@ -9,6 +9,7 @@ constraint closest to its limit, and what dominates that constraint's time.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -21,17 +22,21 @@ DEGREE_CODES = ("memory.", "slo.", "degrees.", "capacity.drops")
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Every divisor of ``n``, ascending, in O(√n) (a plan may state up to 1e9 layers or experts)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def candidates(p: Plan, max_gpus: int) -> list[Plan]:
     m, node = p.model, p.hardware.gpus_per_node
     tps = [t for t in _divisors(m.heads) if t <= node and m.ffn_hidden % t == 0
            and (m.kv_heads % t == 0 or t % m.kv_heads == 0)]  # fmt: skip
-    out = []
+    out, pps = [], _divisors(m.layers)
     for ep in _divisors(m.experts):
         for tp in tps:
-            for pp in _divisors(m.layers):
+            for pp in pps:
+                if ep * tp * pp > max_gpus:
+                    break
                 for dp in range(1, p.workload.batch // ep + 1):
                     if ep * tp * pp * dp > max_gpus:
                         break

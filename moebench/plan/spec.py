@@ -9,13 +9,10 @@ a claim in its own units. The schema is documented in ``scenarios/plans/README.m
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields, replace
 
-import tomllib
-
-from moebench.scenario import _key, _show, check_table
+from moebench.scenario import _key, _show, check_table, is_finite_number, read_toml
 
 
 class PlanError(ValueError):
@@ -63,6 +60,11 @@ CANONICAL = {
 }
 _CASELESS = {"flop_rate", "flops", "token_rate", "time"}
 _QUANTITY = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(\S+)\s*")
+# Every number a plan states (in canonical units) lies in this range, or is 0 where 0 means "none":
+# nothing real is outside it, and inside it no product or ratio the model forms overflows or
+# underflows a float (a 310-digit integer or a 1e-320 s claim is a typo, not a plan).
+SMALLEST, LARGEST = 1e-30, 1e30
+INT_MAX = 10**9
 
 REQUIRED = object()
 
@@ -73,18 +75,17 @@ class Spec:
 
     default: object
     kind: str  # "int", "number", "fraction", "bool", "text", "choice", "quantity", "list"
-    low: float = 0
-    high: float = math.inf
+    low: float = 0  # int: the smallest; number: 0 (0 or SMALLEST..LARGEST) or the smallest above 0
     dim: str = ""  # for quantities: a key of UNITS
     choices: tuple = ()
 
     def accepted(self) -> str:
         if self.kind == "int":
-            return f"an integer >= {self.low:g}"
+            return f"an integer from {self.low:g} to {_g(INT_MAX)}"
         if self.kind == "number":
-            return f"a finite number >= {self.low:g}"
+            return f"{'0 or ' if self.low == 0 else ''}a number from {_g(max(self.low, SMALLEST))} to {_g(LARGEST)}"
         if self.kind == "fraction":
-            return "a number in (0, 1]"
+            return f"a number from {_g(SMALLEST)} to 1"
         if self.kind == "bool":
             return "true or false"
         if self.kind == "choice":
@@ -93,8 +94,16 @@ class Spec:
             return 'a list of "section.key" strings naming keys of this file'
         if self.kind == "quantity":
             units = ", ".join(UNITS[self.dim])
-            return f'a positive number in {CANONICAL[self.dim]}, or a string "<number> <unit>" with unit one of {units}'
+            return (
+                f"a number from {_g(SMALLEST)} to {_g(LARGEST)} in {CANONICAL[self.dim]}, or a string "
+                f'"<number> <unit>" with unit one of {units}'
+            )
         return "a string"
+
+
+def _g(x: float) -> str:
+    mantissa, _, exponent = f"{x:g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa  # 1e30, 1e9, 1e-30: not 1e+30, 1e+09
 
 
 def _i(default=REQUIRED, low=1):
@@ -263,12 +272,19 @@ class Plan:
 # Loading
 
 
+def in_range(value: object, zero: bool = False) -> bool:
+    """A number (not a bool) from SMALLEST to LARGEST, or 0 when ``zero``; never raises (huge ints)."""
+    if not is_finite_number(value):
+        return False
+    return (zero and value == 0) or SMALLEST <= value <= LARGEST
+
+
 def parse_quantity(value: object, dim: str) -> float | None:
     """``value`` in the canonical unit of ``dim``, or None when it is not a valid quantity."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        number = float(value)
+        number = value
     elif isinstance(value, str) and (m := _QUANTITY.fullmatch(value)):
         units = UNITS[dim]
         unit = m.group(2)
@@ -280,7 +296,7 @@ def parse_quantity(value: object, dim: str) -> float | None:
         number = float(m.group(1)) * units[unit]
     else:
         return None
-    return number if math.isfinite(number) and number > 0 else None
+    return float(number) if in_range(number) else None
 
 
 def _value(path: str, section: str, key: str, value: object, spec: Spec) -> object:
@@ -292,12 +308,12 @@ def _value(path: str, section: str, key: str, value: object, spec: Spec) -> obje
         if number is None:
             raise bad()
         return number
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if spec.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool) and value >= spec.low):
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if spec.kind == "int" and not (is_int and spec.low <= value <= INT_MAX):
         raise bad()
-    if spec.kind == "number" and not (is_number and math.isfinite(value) and value >= spec.low):
+    if spec.kind == "number" and not (in_range(value, zero=spec.low == 0) and value >= spec.low):
         raise bad()
-    if spec.kind == "fraction" and not (is_number and 0 < value <= 1):
+    if spec.kind == "fraction" and not (in_range(value) and value <= 1):
         raise bad()
     if spec.kind == "bool" and not isinstance(value, bool):
         raise bad()
@@ -355,13 +371,9 @@ def _build(cls, values: dict):
 
 def load_plan(path: str) -> Plan:
     """Read and validate a plan file; every problem is a one-line ``PlanError``."""
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as err:
-        raise PlanError(f"{path}: cannot be read: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise PlanError(f"{path}: not valid TOML: {err}") from None
+    doc = read_toml(path, PlanError)
+    if "scenario" in doc and "plan" not in doc:
+        raise PlanError(f"{path}: this is a scenario file ([scenario]), not a plan: run it with moebench run")
     for section in doc:
         if section not in SCHEMA:
             raise PlanError(f"{path}: [{_key(section)}] is not a known section: accepted {', '.join(SCHEMA)}")
