@@ -97,11 +97,10 @@ def _init(rank: int, world_size: int, device: str, backend: str, **rendezvous) -
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-        # Ranks on one host share its cores: without this, W ranks × all-core thread pools thrash.
+        # Ranks on one host share its cores (cores // ranks each; [parallel] threads_per_rank, applied by
+        # the kind, wins): without this, W ranks × all-core thread pools thrash.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(
-            host.threads_per_rank(local_ranks)
-        )  # cores // ranks; [parallel] threads_per_rank wins later
+        torch.set_num_threads(host.threads_per_rank(local_ranks))
         steady_allocator()
     kwargs = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(backend, rank=rank, world_size=world_size, **rendezvous, **kwargs)
