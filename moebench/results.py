@@ -156,9 +156,10 @@ def is_pytest_benchmark(doc: object) -> bool:
 def read_any(path: Path) -> dict:
     """A moebench result file (validated by ``read``) or a pytest-benchmark JSON file."""
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable result file: {err}") from None
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise ValueError(f"{path}: not a readable result file: {reason}") from None
     return doc if is_pytest_benchmark(doc) else read(path)
 
 

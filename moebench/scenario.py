@@ -31,6 +31,7 @@ from moebench.text import clip
 from moebench.workload import SKEWS
 from runtime import MoEConfig, ParallelConfig
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
+from runtime.experts import GROUPED_MM_ALIGN
 from runtime.placement import place_experts
 
 KINDS = tuple(kinds.REGISTRY)
@@ -44,7 +45,6 @@ REQUIRED = object()
 SWEEPABLE = ("model", "parallel", "workload")
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
-GROUPED_MM_ALIGN = 16  # bytes: torch._grouped_mm (CPU and CUDA) needs every matrix row to be a multiple
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+GROUPED_MM_ALIGN = 16  # bytes: torch._grouped_mm (CPU and CUDA) needs every matrix row a multiple of this
 
-def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+
+def _grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
     if not hasattr(torch, "_grouped_mm") or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if any(d * dtype.itemsize % GROUPED_MM_ALIGN for d in dims):
         return False
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = ()) -> str:
+    """ "auto": ``grouped_mm`` on CUDA devices of compute capability ≥ 9.0 when every row length in
+    ``dims`` (hidden, FFN widths) is a whole number of 16-byte units, else ``loop``."""
     if backend == "auto":
-        return "grouped_mm" if _grouped_mm_supported(device, dtype) else "loop"
+        return "grouped_mm" if _grouped_mm_supported(device, dtype, dims) else "loop"
     return backend
 
 
@@ -81,5 +87,6 @@ class GroupedExperts(nn.Module):
         self.w_down_LFD = nn.Parameter(torch.empty(num_local, ffn_hidden, hidden, dtype=dtype))
 
     def forward(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        backend = resolve_backend(self.backend, x_RD.device, x_RD.dtype)
+        dims = (self.w_in_LDH.shape[1], self.w_in_LDH.shape[2], self.w_down_LFD.shape[1])
+        backend = resolve_backend(self.backend, x_RD.device, x_RD.dtype, dims)
         return expert_ffn(x_RD, self.w_in_LDH, self.w_down_LFD, tokens_per_expert, self.activation, backend)

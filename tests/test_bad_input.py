@@ -337,3 +337,12 @@ def test_a_result_that_cannot_be_written_is_one_line_and_the_other_scenarios_sti
     assert "Traceback" not in captured.err
     assert "a-first" in captured.out  # its table is still shown
     assert json.loads((out / "b-second.json").read_text())["runs"][0]["status"] == "ok"
+
+
+def test_a_deeply_nested_json_file_given_to_compare_is_one_line(tmp_path):
+    from moebench.results import read_any
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=f"{deep}: not a readable result file: nested too deeply"):
+        read_any(deep)

@@ -75,3 +75,14 @@ def test_expert_loop_and_bmm_backends_have_the_same_gradients_as_the_fp64_refere
     for name, a, b, ref in zip(("x", "w_in", "w_down"), loop, bmm, leaves, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(a.double(), ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_picks_grouped_mm_on_hopper_only_for_rows_of_whole_16_byte_units(monkeypatch):
+    from runtime.experts import resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    hopper = torch.device("cuda")
+    assert resolve_backend("auto", hopper, torch.float32, (16, 64, 32)) == "grouped_mm"
+    assert resolve_backend("auto", hopper, torch.float32, (2, 64, 32)) == "loop"  # 8-byte rows
+    assert resolve_backend("auto", hopper, torch.bfloat16, (8, 24, 16)) == "grouped_mm"
+    assert resolve_backend("auto", hopper, torch.bfloat16, (12, 24, 16)) == "loop"  # 24-byte rows

@@ -36,7 +36,8 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     rows = spec.workload["tokens_per_rank"] * moe.top_k
     counts = [rows // moe.num_experts + (e < rows % moe.num_experts) for e in range(moe.num_experts)]
     x_RD = tokens(rows, moe.hidden_size, spec.workload["seed"], ctx.rank).to(ctx.device, moe.torch_dtype)
-    backend = resolve_backend(moe.expert_backend, ctx.device, moe.torch_dtype)
+    dims = (moe.hidden_size, w_in.shape[2], moe.ffn_hidden_size)  # every row length the GEMMs see
+    backend = resolve_backend(moe.expert_backend, ctx.device, moe.torch_dtype, dims)
 
     def forward():
         with torch.no_grad():
