@@ -221,11 +221,11 @@ def test_ctrl_c_while_the_first_ranks_start_never_hangs_and_leaves_no_empty_out_
 def _interrupt_on_call(monkeypatch, n: int) -> None:
     real, calls = runner.run_one, []
 
-    def run_one(spec, interval):
+    def run_one(spec, *args):
         calls.append(spec)
         if len(calls) == n:
             raise KeyboardInterrupt
-        return real(spec, interval)
+        return real(spec, *args)
 
     monkeypatch.setattr(runner, "run_one", run_one)
 
