@@ -53,7 +53,8 @@ def _refusal(doc: dict, allow_busy: bool) -> str | None:
         if run["status"] != "ok" or failed:
             what = run["status"] if run["status"] != "ok" else "failed " + ", ".join(failed)
             return f"run {run['params'] or '-'} is {what}: a baseline holds passing runs only"
-        if run.get("host_busy") and not allow_busy:
+        timed = any(not m.get("exact") for m in run["metrics"].values())  # a busy host moves timings only
+        if run.get("host_busy") and timed and not allow_busy:
             return (
                 f"run {run['params'] or '-'} ran on a busy host (host_busy): its timings would hide "
                 "regressions; take baselines on a quiet host (or pass --allow-busy)"

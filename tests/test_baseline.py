@@ -34,7 +34,10 @@ def test_baseline_update_writes_passing_results_into_their_class_folder(tmp_path
         (_doc([_run({})], knobs={"MOEBENCH_TEST_ONLY_SLOW_DISPATCH": "0.15"}), "test-only knobs set"),
         (_doc([_run({}, status="error")]), "is error: a baseline holds passing runs only"),
         (_doc([_run({}, checks=[{"name": "finite_output", "pass": False}])]), "is failed finite_output"),
-        (_doc([_run({}, host_busy=True)]), "ran on a busy host (host_busy): its timings would hide regressions"),
+        (
+            _doc([_run({"step_time_s": metric([1.0, 1.1], "s", "lower")}, host_busy=True)]),
+            "ran on a busy host (host_busy): its timings would hide regressions",
+        ),
     ],
 )
 def test_baseline_update_refuses_results_that_must_not_be_baselines(tmp_path, doc, reason):
@@ -47,13 +50,23 @@ def test_baseline_update_refuses_results_that_must_not_be_baselines(tmp_path, do
 
 
 def test_a_busy_run_becomes_a_baseline_only_when_allowed_and_stays_marked_busy(tmp_path):
+    timed = {"step_time_s": metric([1.0, 1.1], "s", "lower")}
     for name, busy in (("a", False), ("b", True), ("c", False)):
-        write_atomic(tmp_path / name / "demo.json", _doc([_run({}, host_busy=busy)]))
+        write_atomic(tmp_path / name / "demo.json", _doc([_run(timed, host_busy=busy)]))
     folders = [tmp_path / name for name in "abc"]
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'b' / 'demo.json'}: not written")):
         update(folders, tmp_path / "baselines")
     ((path, runs),) = update(folders, tmp_path / "baselines", allow_busy=True)
     assert runs == 3 and json.loads(path.read_text())["runs"][0]["host_busy"] is True
+
+
+def test_a_busy_run_of_exact_metrics_only_becomes_a_baseline(tmp_path):
+    """A busy host moves timings, not seeded load counts: a load_balance run over more ranks than
+    cores (busy by its own threads) is a fine baseline."""
+    loads = {"load_cv": metric([0.5], "ratio", "lower", exact=True)}
+    write_atomic(tmp_path / "a" / "demo.json", _doc([_run(loads, host_busy=True)]))
+    ((path, _),) = update([tmp_path / "a"], tmp_path / "baselines")
+    assert json.loads(path.read_text())["runs"][0]["metrics"]["load_cv"]["median"] == 0.5
 
 
 # -------------------------------------------------------------------------------------------
