@@ -192,17 +192,23 @@ def _run(args) -> int:
         overrides["parallel", "world_size"] = args.world_size
     scenarios = load_all(args.paths, overrides)
     out = args.out or default_out_dir()
-    created = _check_writable(out)
+    traces = [] if args.record_routing is None else _check_writable(args.record_routing, "--record-routing", "traces")
+    try:
+        created = _check_writable(out)
+    except ValueError:
+        _remove_if_empty(traces)
+        raise
     interval = None if args.no_telemetry else args.telemetry_interval
     try:
         return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing)
     finally:
         _remove_if_empty(created)  # interrupted before any result, or none could be written
+        _remove_if_empty(traces)
 
 
-def _check_writable(out: Path) -> list[Path]:
-    """Create the result folder now, so a bad --out fails before any run rather than after the first.
-    Returns the folders this created, deepest first."""
+def _check_writable(out: Path, flag: str = "--out", what: str = "result files") -> list[Path]:
+    """Create an output folder now, so a bad --out (or --record-routing) fails before any run rather
+    than after the first. Returns the folders this created, deepest first."""
     from moebench.launch import is_rank_zero
 
     if not is_rank_zero():
@@ -214,7 +220,7 @@ def _check_writable(out: Path) -> list[Path]:
             pass
     except OSError as err:
         _remove_if_empty(created)
-        raise ValueError(f"--out {out}: cannot write result files there: {err.strerror}") from None
+        raise ValueError(f"{flag} {out}: cannot write {what} there: {err.strerror}") from None
     return created
 
 
@@ -420,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # runner.Interrupted says what was kept
         print(f"moebench: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of our output left (`moebench report ... | head`): not a crash
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
     except Exception as err:
         return _crashed(err)
 

@@ -126,12 +126,16 @@ def other_cores(before: CpuSnapshot, after: CpuSnapshot, own_scale: float = 1.0)
     return round(max(0.0, others / wall), 2)
 
 
-def busy(others: float | None, cpus: int, threads: int, ranks: int) -> tuple[bool, str]:
+def busy(others: float | None, cpus: int, threads: int, ranks: int, device: str = "cpu") -> tuple[bool, str]:
     """Whether a run's timings are not comparable, and why in words ("" when not busy).
 
-    Busy: ``threads`` per rank × ``ranks`` on this host exceed ``cpus``, or other processes used
+    CPU runs: ``threads`` per rank × ``ranks`` on this host exceed ``cpus``, or other processes used
     more than the cores the run left free plus ``SLACK_CORES`` (``others``, None: unmeasured).
+    GPU runs, whose ranks' CPU threads mostly wait on the device: others used over half the cores.
     """
+    if device != "cpu":
+        taken = others is not None and others > cpus / 2
+        return taken, f"other processes used {others:.1f} of {_cores(cpus)} during the run" if taken else ""
     reasons = []
     if threads * ranks > cpus:
         reasons.append(f"{ranks} ranks × {threads} threads on {_cores(cpus)}")
@@ -146,7 +150,12 @@ def _cores(n: int) -> str:
 
 
 def record(
-    load_before: list[float] | None, before: CpuSnapshot, threads: int, ranks: int, own_scale: float = 1.0
+    load_before: list[float] | None,
+    before: CpuSnapshot,
+    threads: int,
+    ranks: int,
+    own_scale: float = 1.0,
+    device: str = "cpu",
 ) -> dict:
     """The run record's ``"host"`` dict; call it right after the run (it reads the load and CPU time after)."""
     return {
@@ -157,6 +166,7 @@ def record(
         "ranks": ranks,
         "cpu_mhz": cpu_mhz(),
         "other_cpu_cores": other_cores(before, cpu_snapshot(), own_scale),
+        "device": device,
     }
 
 
@@ -164,4 +174,10 @@ def judge(host: dict | None) -> tuple[bool, str]:
     """``busy`` applied to a run record's ``"host"`` dict (None: nothing recorded, not busy)."""
     if not host:
         return False, ""
-    return busy(host.get("other_cpu_cores"), host["cpu_count"], host["threads_per_rank"], host["ranks"])
+    return busy(
+        host.get("other_cpu_cores"),
+        host["cpu_count"],
+        host["threads_per_rank"],
+        host["ranks"],
+        host.get("device", "cpu"),
+    )

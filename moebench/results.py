@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import secrets
 import subprocess
 import textwrap
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import tabulate as tabulate_module
 import torch
 from tabulate import tabulate
 
-from moebench import host, kinds
+from moebench import atomic, host, kinds
 from moebench.text import clip
 from runtime.dispatch import SLOWDOWN_ENV
 
@@ -109,28 +108,13 @@ def json_safe(value):
 
 
 def write_atomic(path: Path, doc: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``.
+    """Write JSON atomically (``moebench.atomic``: the umask applies, a crash leaves the old file)."""
 
-    The temporary file is created with mode 0666 less the umask, as ``open`` would create ``path``
-    (``mkstemp``'s 0600 would survive the rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(doc), f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def fill(f) -> None:
+        json.dump(json_safe(doc), f, indent=1, allow_nan=False)
+        f.write("\n")
 
-
-def _create_beside(path: Path) -> tuple[int, Path]:
-    """A new, empty hidden file next to ``path`` (a random name): its descriptor and name."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    atomic.write(path, fill)
 
 
 def read(path: Path) -> dict:

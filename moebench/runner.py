@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import os
 import re
 import sys
@@ -123,15 +124,9 @@ def _record_host(
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", spec.world_size))  # the ranks sharing this host
     threads = threads or host.threads_per_rank(ranks, spec.parallel.get("threads_per_rank", 0))
     own_scale = ranks if under_torchrun() else 1  # torchrun's other local ranks are siblings, not our children
-    run["host"] = host.record(load_before, cpu_before, threads, ranks, own_scale)
-    run["host_busy"] = host.judge(run["host"])[0] if run["device"] == "cpu" else _busy_gpu_host(run["host"])
+    run["host"] = host.record(load_before, cpu_before, threads, ranks, own_scale, device=run["device"])
+    run["host_busy"] = host.judge(run["host"])[0]
     return run
-
-
-def _busy_gpu_host(record: dict) -> bool:
-    """On GPUs the ranks' CPU threads mostly wait on the device: judge only what others took."""
-    others = record.get("other_cpu_cores")
-    return others is not None and others > record["cpu_count"] / 2
 
 
 def default_out_dir() -> Path:
@@ -162,8 +157,10 @@ def _record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> dic
         routes = [[b["routes"] for b in r["batches"]] for r in per_rank]
     else:
         return {"path": None, "note": f"kind = {spec.kind} records no routing (it routes no workload batch)"}
-    label = "".join(f"-{k}={v}" for k, v in spec.params.items())
-    path = Path(record_dir) / (re.sub(r"[^A-Za-z0-9_.=-]", "_", f"{spec.name}{label}")[:200] + ".npz")
+    label = re.sub(r"[^A-Za-z0-9_.=-]", "_", spec.name + "".join(f"-{k}={v}" for k, v in spec.params.items()))
+    if len(label) > 200:  # cut, and keep runs apart by a digest of their params
+        label = label[:180] + "-" + hashlib.sha256(repr(spec.params).encode()).hexdigest()[:12]
+    path = Path(record_dir) / f"{label}.npz"
     params = {"scenario": spec.name, **spec.params, "ranks": spec.world_size}
     params["tokens_per_rank"] = spec.workload["tokens_per_rank"]
     try:

@@ -25,8 +25,6 @@ as usual; only the choice of experts comes from the trace.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moebench import atomic
 from runtime.router import Router, RouterOutput
 
 FORMAT = "moebench.routing/1"
@@ -64,19 +63,14 @@ def trace_file(scenario_path: str | Path, trace: str) -> Path:
 
 
 def save(path: str | Path, ids_LNK: np.ndarray, num_experts: int, params: dict | None = None) -> None:
-    """Write a trace as ``.npz`` (the format above), atomically: a temporary file renamed over ``path``."""
-    path = Path(path)
+    """Write a trace as ``.npz`` (the format above), atomically (``moebench.atomic``)."""
     ids = np.asarray(ids_LNK)
     dtype = np.int16 if num_experts <= np.iinfo(np.int16).max else np.int32
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, format=FORMAT, num_experts=num_experts, ids=ids.astype(dtype), params=json.dumps(params or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def fill(f) -> None:
+        np.savez(f, format=FORMAT, num_experts=num_experts, ids=ids.astype(dtype), params=json.dumps(params or {}))
+
+    atomic.write(path, fill, binary=True)
 
 
 def load(path: str | Path) -> RoutingTrace:

@@ -12,17 +12,18 @@ recorded choices replace the router's (``moebench/trace.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from moebench import atomic
 from moebench import skew as S
 from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights
 from runtime.experts import expert_ffn
@@ -96,14 +97,8 @@ def _read_cached(path: Path, layers: int, num_experts: int) -> list[torch.Tensor
 
 def _write_cached(path: Path, offsets: list[torch.Tensor]) -> None:
     """Write atomically (ranks may race); a cache that cannot be written is only a slower next run."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(offsets, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        atomic.write(path, lambda f: torch.save(offsets, f), binary=True)
 
 
 def _calibrate(moe: MoEConfig, plain: list[MoEWeights], seed: int, skew: str, skew_param: float | None) -> list:

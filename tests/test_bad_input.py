@@ -9,6 +9,8 @@ import math
 import os
 import re
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -324,6 +326,40 @@ def test_result_files_follow_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == mode
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_routing_traces_follow_the_umask_too(tmp_path):
+    from moebench import trace
+
+    old = os.umask(0o022)
+    try:
+        trace.save(tmp_path / "t.npz", [[[0], [1]]], 2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t.npz").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]
+
+
+def test_a_reader_that_leaves_the_pipe_is_not_a_crash(tmp_path):
+    doc = tmp_path / "r.json"
+    results.write_atomic(doc, json.loads((results.REPO / "results/baselines/cpu-2core/regress-local.json").read_text()))
+    env = {**os.environ, "PYTHONPATH": str(results.REPO)}
+    command = f"{sys.executable} -m moebench report {doc} {doc} {doc} | head -c 1"
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (done.returncode, done.stderr) == (0, "")  # moebench's own exit code: not 3, no crash message
+
+
+def test_an_unwritable_record_routing_folder_fails_before_any_run(tmp_path, capsys):
+    from moebench.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = ["run", str(scenario(tmp_path)), "--out", str(tmp_path / "out"), "--record-routing", str(blocker / "r")]
+    assert main(args) == 2
+    assert "--record-routing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing ran, and the --out folder it made is gone
 
 
 @pytest.mark.multiproc

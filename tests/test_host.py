@@ -27,6 +27,13 @@ def test_busy_when_others_take_cores_the_run_needs_or_own_threads_exceed_them(ot
     assert host.busy(others, cpus, threads, ranks) == (True, reason)
 
 
+def test_gpu_runs_are_busy_only_when_others_take_over_half_the_cores():
+    assert host.busy(0.4, 16, 16, 2, device="cuda") == (False, "")  # full thread pools: not counted on GPUs
+    assert host.busy(9.0, 16, 16, 2, device="cuda") == (True, "other processes used 9.0 of 16 cores during the run")
+    record = {"other_cpu_cores": 9.0, "cpu_count": 16, "threads_per_rank": 16, "ranks": 2, "device": "cuda"}
+    assert host.judge(record) == (True, "other processes used 9.0 of 16 cores during the run")  # the table's reason
+
+
 def test_not_busy_when_others_stay_within_the_free_cores_and_slack_or_are_unmeasured():
     assert host.busy(0.4, 2, 1, 2) == (False, "")  # background under half a core
     assert host.busy(2.4, 4, 1, 2) == (False, "")  # the run left 2 cores free
@@ -118,6 +125,7 @@ def test_every_run_records_the_host_and_is_flagged_busy_under_load(monkeypatch):
         "ranks": 2,
         "cpu_mhz": 2596.1,
         "other_cpu_cores": 2.0,
+        "device": "cpu",
     }
     assert run["host_busy"] is True
 
