@@ -40,10 +40,10 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 def layer_weights(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> list[MoEWeights]:
     """Seeded global weights for each layer of a stack, each router offset calibrated to ``skew``
     (``router_offsets``; none with ``skew = "trace"``). Deterministic: every rank computes the same."""
-    plain = [init_weights(moe, seed=seed * 1_000_003 + layer) for layer in range(layers)]
+    plain = _init_stack(moe, layers, seed)
     if skew == "trace":
         return plain
-    offsets = router_offsets(moe, layers, seed, skew, skew_param)
+    offsets = router_offsets(moe, layers, seed, skew, skew_param, _digest(plain))
     return [MoEWeights(w.router_ED, w.w_in_EDH, w.w_down_EFD, b) for w, b in zip(plain, offsets, strict=True)]
 
 
@@ -60,21 +60,35 @@ def layer_targets(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param:
     ]
 
 
+def _init_stack(moe: MoEConfig, layers: int, seed: int) -> list[MoEWeights]:
+    return [init_weights(moe, seed=seed * 1_000_003 + layer) for layer in range(layers)]
+
+
+def _digest(weights: list[MoEWeights]) -> str:
+    """A digest of the stack's router weights (part of the calibration cache key)."""
+    return hashlib.sha256(b"".join(w.router_ED.numpy().tobytes() for w in weights)).hexdigest()
+
+
 @functools.lru_cache(maxsize=64)
-def router_offsets(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> tuple:
+def router_offsets(
+    moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None, routers: str | None = None
+) -> tuple:
     """Each layer's calibrated router offset b_E (``moebench.skew``), cached in this process and on
     disk (``cache_dir``), so the ranks of a run read what the parent fitted. The cache key holds what
     the fit depends on: the shape and routing fields of ``moe``, the stack, seed and skew, the
-    calibration's version and constants, torch's version and a digest of the router weights."""
-    plain = [init_weights(moe, seed=seed * 1_000_003 + layer) for layer in range(layers)]
-    routers = hashlib.sha256(b"".join(w.router_ED.numpy().tobytes() for w in plain)).hexdigest()
+    calibration's version and constants, torch's version and ``routers``, the digest of the router
+    weights (computed here when the caller has not already built the weights)."""
+    plain = None
+    if routers is None:
+        plain = _init_stack(moe, layers, seed)
+        routers = _digest(plain)
     key = (S.VERSION, S.constants(), torch.__version__, routers, moe.hidden_size, moe.ffn_hidden_size,
            moe.num_experts, moe.top_k, moe.activation, moe.capacity_factor, moe.normalize_topk, layers, seed,
            skew, S.skew_param(skew, skew_param))  # fmt: skip
     path = cache_dir() / f"skew-{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.pt"
     offsets = _read_cached(path, layers, moe.num_experts)
-    if offsets is None:
-        offsets = _calibrate(moe, plain, seed, skew, skew_param)
+    if offsets is None:  # only a miss needs the weights themselves
+        offsets = _calibrate(moe, plain or _init_stack(moe, layers, seed), seed, skew, skew_param)
         _write_cached(path, offsets)
     return tuple(offsets)
 
