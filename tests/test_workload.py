@@ -13,6 +13,7 @@ import torch
 from moebench import skew as S
 from moebench import trace as T
 from moebench.scenario import ScenarioError, load
+from moebench.tools.skew_check import shares
 from moebench.workload import MoEStack, layer_targets, layer_weights, router_offsets, tokens
 from runtime import MoEConfig, ParallelConfig
 
@@ -21,12 +22,7 @@ MEASURED_COPIES = 65_536  # ≥ 64k copies per layer, as the issue's bounds assu
 
 def measured_shares(moe: MoEConfig, layers: int, skew: str, param: float | None, seed: int = 0) -> np.ndarray:
     """Per layer, the share of copies each expert gets on fresh tokens (not the calibration's)."""
-    stack = MoEStack(moe, ParallelConfig(), layer_weights(moe, layers, seed, skew, param), None, "cpu")
-    x_TD = tokens(MEASURED_COPIES // moe.top_k, moe.hidden_size, seed, stream=777)
-    with torch.no_grad():
-        _, results = stack(x_TD)
-    counts = np.array([r.counts_WE.sum(0).numpy() for r in results], dtype=np.float64)
-    return counts / counts.sum(axis=1, keepdims=True)
+    return shares(moe, layers, skew, param, MEASURED_COPIES, seed)
 
 
 def zipf_slope(shares: np.ndarray) -> float:
