@@ -85,11 +85,13 @@ class ParallelConfig:
     max_experts_per_rank: int | None = None  # slot limit per rank; None = ceil(E / W)
     expert_loads: tuple[float, ...] | None = None  # per-expert load, required by "load_balanced"
     expert_to_rank: tuple[int, ...] | None = None  # explicit map, required by "custom"
+    overlap_chunks: int = 1  # C: chunks the layer pipelines its all-to-alls over; 1 = serial
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         _positive_int(name, "ep_size", self.ep_size)
         _one_of(name, "placement", self.placement, PLACEMENTS)
+        _positive_int(name, "overlap_chunks", self.overlap_chunks)
         if self.max_experts_per_rank is not None:
             _positive_int(name, "max_experts_per_rank", self.max_experts_per_rank)
         if self.placement == "load_balanced" and self.expert_loads is None:

@@ -13,7 +13,12 @@ Dispatch, in four steps:
  4. a fixed index reorders them expert-major (all copies of local expert 0, then 1, ...),
     the layout grouped expert compute needs.
 Combine runs the same steps backwards and sums each token's copies with their combine weights.
-Backward of both is the reverse all-to-all (``_AllToAll`` swaps the splits).
+Backward of both is the reverse all-to-all (``runtime/collective.py`` swaps the splits).
+
+Chunks (``ParallelConfig.overlap_chunks`` = C > 1): each (rank, expert) count of kept copies is
+split into C parts by ``chunk_sizes``, so chunk i is a complete, smaller dispatch whose splits
+every rank derives from the same W×E counts. Sends are ordered chunk-major; the layer pipelines
+the chunks (runtime/layer.py). C = 1 is the serial path.
 
 ``DispatchMeta`` carries everything combine needs; dispatchers keep no per-call state.
 EP = 1 uses ``LocalDispatcher``: the same permutation, no collectives.
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from runtime import collective
 from runtime.placement import local_experts
 
 # ---------------------------------------------------------------------------------------------
@@ -47,28 +53,53 @@ def slot_of_expert(expert_to_rank: tuple[int, ...]) -> torch.Tensor:
     return slot_E
 
 
-def permute_order(ids_TK: torch.Tensor, keep_TK: torch.Tensor, slot_E: torch.Tensor) -> torch.Tensor:
-    """Flat (token-major) indices of the kept copies, stably sorted by destination slot: [P]."""
+def chunk_sizes(counts: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Split every count n into ``chunks`` parts: part i = ⌊(i+1)·n/C⌋ − ⌊i·n/C⌋. Shape [C, *counts].
+
+    Every rank can compute every other rank's chunk sizes from the exchanged counts alone, so
+    chunking needs no communication beyond the one count exchange."""
+    i = torch.arange(chunks + 1, dtype=counts.dtype).view(-1, *(1,) * counts.dim())
+    bounds = i * counts // chunks
+    return bounds[1:] - bounds[:-1]
+
+
+def permute_order(
+    ids_TK: torch.Tensor, keep_TK: torch.Tensor, slot_E: torch.Tensor, per_slot_S: torch.Tensor | None = None, chunks=1
+) -> torch.Tensor:
+    """Flat (token-major) indices of the kept copies in send order: [P].
+
+    One chunk: stably sorted by destination slot. C chunks: by chunk, then slot, then token, where
+    copy j (in token order) of the n kept for a slot goes to chunk ⌈(j+1)·C/n⌉ − 1, the inverse of
+    ``chunk_sizes``. ``per_slot_S`` (kept copies per slot) is needed when ``chunks > 1``.
+    """
     kept_P = torch.nonzero(keep_TK.reshape(-1)).squeeze(1)
     slots_P = slot_E.to(ids_TK.device)[ids_TK.reshape(-1)[kept_P]]
-    return kept_P[torch.sort(slots_P, stable=True).indices]
+    by_slot = torch.sort(slots_P, stable=True).indices
+    order_P = kept_P[by_slot]
+    if chunks == 1:
+        return order_P
+    per_slot_S = per_slot_S.to(ids_TK.device)
+    slot_P = slots_P[by_slot]
+    start_S = torch.cumsum(per_slot_S, 0) - per_slot_S
+    j_P = torch.arange(order_P.numel(), device=order_P.device) - start_S[slot_P]
+    chunk_P = torch.div((j_P + 1) * chunks - 1, per_slot_S[slot_P], rounding_mode="floor")
+    return order_P[torch.sort(chunk_P, stable=True).indices]
 
 
 def source_to_expert_major(counts_WL: torch.Tensor) -> torch.Tensor:
     """Index that reorders rows grouped [source rank][local expert] into [local expert][source].
 
     ``counts_WL[s, l]`` rows arrive from source s for local expert l. With ``idx`` returned,
-    ``x_expert_major = x_source_major[idx]``.
+    ``x_expert_major = x_source_major[idx]``. Vectorised: block (s, l) starts at ``src_start`` in
+    the source-major layout and at ``dst_start`` in the expert-major one; row r of the output
+    lies in one block b and reads ``r + src_start[b] − dst_start[b]``.
     """
-    num_src, num_local = counts_WL.shape
     flat = counts_WL.reshape(-1)
-    starts = (torch.cumsum(flat, 0) - flat).reshape(num_src, num_local)
-    chunks = [
-        torch.arange(int(starts[s, l]), int(starts[s, l] + counts_WL[s, l]), dtype=torch.long)
-        for l in range(num_local)
-        for s in range(num_src)
-    ]
-    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long)
+    src_start = (torch.cumsum(flat, 0) - flat).reshape(counts_WL.shape).t().reshape(-1)
+    blocks = counts_WL.t().reshape(-1)  # the blocks in expert-major order
+    dst_start = torch.cumsum(blocks, 0) - blocks
+    total = int(blocks.sum())
+    return torch.arange(total) + torch.repeat_interleave(src_start - dst_start, blocks, output_size=total)
 
 
 def unpermute(y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -76,6 +107,13 @@ def unpermute(y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) 
     w_P = weights_TK.reshape(-1)[meta.order_P].to(y_PD.dtype)
     out_TD = y_PD.new_zeros(meta.num_tokens, y_PD.shape[-1])
     return out_TD.index_add_(0, meta.order_P // meta.top_k, y_PD * w_P[:, None])
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host index tensor on ``device``, without a host sync on CUDA (pinned, non-blocking copy)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)  # no sync: queued on the current stream
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,126 +148,173 @@ def _stall(fraction: float, start: float, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Differentiable all-to-all
+# Dispatch metadata
 
 
-def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-    return out
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a dispatch: a complete, smaller all-to-all. Split lists are host ints."""
+
+    rows: slice  # its rows of the send buffer (sends are chunk-major, so they are contiguous)
+    input_splits: list[int]  # copies sent to each rank
+    output_splits: list[int]  # copies received from each rank
+    tokens_per_expert: list[int]  # rows per local expert in the expert-major layout
+    to_expert_major_R: torch.Tensor | None  # received (source-major) -> expert-major; None if W = 1
+    to_source_major_R: torch.Tensor | None  # its inverse
 
 
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` whose backward is the reverse all-to-all (splits swapped)."""
+@dataclass(frozen=True)
+class DispatchMeta:
+    """What combine needs to undo a dispatch; dispatchers keep no per-call state."""
 
-    @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
-        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
-        return _all_to_all(x, output_splits, input_splits, group)
+    num_tokens: int  # T
+    top_k: int  # K
+    order_P: torch.Tensor  # flat copy index (t·K + k) of each sent copy, in send order
+    chunks: tuple[Chunk, ...]  # one on the serial path
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _all_to_all(grad_out, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
+    @property
+    def input_splits(self) -> list[int]:
+        """Copies sent to each rank, over all chunks."""
+        return [sum(s) for s in zip(*(c.input_splits for c in self.chunks), strict=True)]
 
+    @property
+    def output_splits(self) -> list[int]:
+        """Copies received from each rank, over all chunks."""
+        return [sum(s) for s in zip(*(c.output_splits for c in self.chunks), strict=True)]
 
-def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+    @property
+    def tokens_per_expert(self) -> list[int]:
+        """Rows per local expert, over all chunks."""
+        return [sum(s) for s in zip(*(c.tokens_per_expert for c in self.chunks), strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Dispatchers
 
 
-@dataclass(frozen=True)
-class DispatchMeta:
-    """What combine needs to undo a dispatch. Split lists are host ints (already synced)."""
+class Dispatcher:
+    """Plans, sends and brings back the token copies of one layer. ``group`` None: EP = 1, every
+    expert local, no collectives (``LocalDispatcher``); else the EP group (NCCL on GPUs, gloo on
+    CPU), passed in, never global (``AllToAllDispatcher``).
 
-    num_tokens: int  # T
-    top_k: int  # K
-    order_P: torch.Tensor  # flat copy index (t·K + k) of each sent copy, in send order
-    input_splits: list[int]  # copies sent to each rank
-    output_splits: list[int]  # copies received from each rank
-    to_expert_major_R: torch.Tensor | None  # received (source-major) -> expert-major; None if W = 1
-    to_source_major_R: torch.Tensor | None  # its inverse
-    tokens_per_expert: list[int]  # rows per local expert in the expert-major layout
+    The pieces (``plan``, ``send``, ``to_expert_major``, ``to_source_major``, ``exchange``,
+    ``unpermute``) are what the layer pipelines chunk by chunk; ``dispatch`` and ``combine`` are
+    the serial path's two halves, what the harness times against its references.
+    """
 
+    transport = "collective"  # or "local_copy": the compute-only step (runtime/collective.py)
 
-class LocalDispatcher:
-    """EP = 1: every expert is local; dispatch is a sort by expert, combine its inverse."""
-
-    def __init__(self, num_experts: int):
-        self.rank, self.ep_size = 0, 1
-        self.local_experts = tuple(range(num_experts))
-        self.slot_E = torch.arange(num_experts)
-        self.slowdown = injected_slowdown()
-
-    def exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
-        return counts_E[None]
-
-    def dispatch(self, x_TD, ids_TK, keep_TK, kept_WE) -> tuple[torch.Tensor, DispatchMeta]:
-        start = time.perf_counter()
-        order_P = permute_order(ids_TK, keep_TK, self.slot_E)
-        meta = DispatchMeta(
-            num_tokens=x_TD.shape[0],
-            top_k=ids_TK.shape[1],
-            order_P=order_P,
-            input_splits=[order_P.numel()],
-            output_splits=[order_P.numel()],
-            to_expert_major_R=None,
-            to_source_major_R=None,
-            tokens_per_expert=kept_WE[0].tolist(),  # kept_WE is already on the host
-        )
-        x_RD = x_TD.index_select(0, order_P // meta.top_k)  # on CPU 5x faster than x_TD[idx]
-        if self.slowdown:
-            _stall(self.slowdown, start, x_TD.device)
-        return x_RD, meta
-
-    def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        return unpermute(y_RD, meta, weights_TK)
-
-
-class AllToAllDispatcher:
-    """EP > 1 over a process group (NCCL on GPUs, gloo on CPU), passed in, never global."""
-
-    def __init__(self, expert_to_rank: tuple[int, ...], group):
+    def __init__(self, expert_to_rank: tuple[int, ...], group=None):
         self.group = group
-        self.rank, self.ep_size = dist.get_rank(group), dist.get_world_size(group)
-        self.expert_to_rank = expert_to_rank
-        self.local_experts = local_experts(expert_to_rank, self.rank)
-        self.slot_E = slot_of_expert(expert_to_rank)
-        self._rank_of_expert_E = torch.tensor(expert_to_rank, dtype=torch.long)
+        self.rank, self.ep_size = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+        self.expert_to_rank = tuple(expert_to_rank)
+        self.local_experts = local_experts(self.expert_to_rank, self.rank)
+        self.slot_E = slot_of_expert(self.expert_to_rank)
+        self._rank_of_expert_E = torch.tensor(self.expert_to_rank, dtype=torch.long)
         self.slowdown = injected_slowdown()
 
     def exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """Every rank's copies per expert, [W, E] (an all-gather; no collective at EP = 1)."""
+        if self.group is None:
+            return counts_E[None]
         counts_WE = counts_E.new_empty(self.ep_size * counts_E.numel())
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.12
         gather(counts_WE, counts_E.contiguous(), group=self.group)
         return counts_WE.view(self.ep_size, -1)
 
-    def dispatch(self, x_TD, ids_TK, keep_TK, kept_WE) -> tuple[torch.Tensor, DispatchMeta]:
-        # kept_WE is on the host (the layer synced once after exchange_counts): splits are host ints.
-        start = time.perf_counter()
-        send_W = torch.zeros(self.ep_size, dtype=torch.long).index_add_(0, self._rank_of_expert_E, kept_WE[self.rank])
-        recv_WL = kept_WE[:, list(self.local_experts)]
-        to_expert = source_to_expert_major(recv_WL).to(x_TD.device)
-        order_P = permute_order(ids_TK, keep_TK, self.slot_E)
-        meta = DispatchMeta(
-            num_tokens=x_TD.shape[0],
-            top_k=ids_TK.shape[1],
-            order_P=order_P,
-            input_splits=send_W.tolist(),
-            output_splits=recv_WL.sum(dim=1).tolist(),
-            to_expert_major_R=to_expert,
-            to_source_major_R=torch.argsort(to_expert),
-            tokens_per_expert=recv_WL.sum(dim=0).tolist(),
-        )
-        x_PD = x_TD.index_select(0, order_P // meta.top_k)
-        x_RD = all_to_all(x_PD, meta.output_splits, meta.input_splits, self.group).index_select(0, to_expert)
+    def plan(self, ids_TK, keep_TK, kept_WE: torch.Tensor, chunks: int = 1) -> DispatchMeta:
+        """Send order and per-chunk splits and reorder indices. ``kept_WE`` is on the host (the layer
+        synced once after ``exchange_counts``), so every split is a host int with no further sync."""
+        device = ids_TK.device
+        sent_CE = chunk_sizes(kept_WE[self.rank], chunks)  # copies this rank sends per chunk and expert
+        per_slot_S = torch.zeros_like(kept_WE[self.rank]).index_copy_(0, self.slot_E, kept_WE[self.rank])
+        order_P = permute_order(ids_TK, keep_TK, self.slot_E, _to_device(per_slot_S, device), chunks)
+        send_CW = torch.zeros(chunks, self.ep_size, dtype=torch.long).index_add_(1, self._rank_of_expert_E, sent_CE)
+        recv_CWL = chunk_sizes(kept_WE[:, list(self.local_experts)], chunks)
+        first = 0
+        out = []
+        for send_W, recv_WL in zip(send_CW, recv_CWL, strict=True):
+            n = int(send_W.sum())
+            to_expert = to_source = None
+            if self.group is not None:
+                to_expert = source_to_expert_major(recv_WL)
+                to_expert, to_source = _to_device(to_expert, device), _to_device(torch.argsort(to_expert), device)
+            out.append(
+                Chunk(
+                    rows=slice(first, first + n),
+                    input_splits=send_W.tolist(),
+                    output_splits=recv_WL.sum(dim=1).tolist(),
+                    tokens_per_expert=recv_WL.sum(dim=0).tolist(),
+                    to_expert_major_R=to_expert,
+                    to_source_major_R=to_source,
+                )
+            )
+            first += n
+        return DispatchMeta(num_tokens=ids_TK.shape[0], top_k=ids_TK.shape[1], order_P=order_P, chunks=tuple(out))
+
+    def send(self, x_TD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """The send buffer: every kept copy's row, in send order."""
+        return x_TD.index_select(0, meta.order_P // meta.top_k)  # on CPU 5x faster than x_TD[idx]
+
+    def exchange(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]):
+        """Launch an all-to-all (``.wait()`` for its rows); at EP = 1 the rows are already there."""
+        if self.group is None:
+            return _Ready(x)
+        return collective.start(x, output_splits, input_splits, self.group, self.transport)
+
+    def unpermute(self, y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Each token's copies, back from the experts in send order, summed with their weights."""
+        return unpermute(y_PD, meta, weights_TK)
+
+    def stall(self, start: float, device: torch.device) -> None:
+        """The test-only slowdown, when set (see the module docstring)."""
         if self.slowdown:
-            _stall(self.slowdown, start, x_TD.device)
+            _stall(self.slowdown, start, device)
+
+    @staticmethod
+    def to_expert_major(x_RD: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        return x_RD if chunk.to_expert_major_R is None else x_RD.index_select(0, chunk.to_expert_major_R)
+
+    @staticmethod
+    def to_source_major(y_RD: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        return y_RD if chunk.to_source_major_R is None else y_RD.index_select(0, chunk.to_source_major_R)
+
+    def dispatch(self, x_TD, ids_TK, keep_TK, kept_WE) -> tuple[torch.Tensor, DispatchMeta]:
+        """The serial dispatch: plan, send, exchange, reorder expert-major."""
+        start = time.perf_counter()
+        meta = self.plan(ids_TK, keep_TK, kept_WE)
+        (chunk,) = meta.chunks
+        x_RD = self.exchange(self.send(x_TD, meta), chunk.output_splits, chunk.input_splits).wait()
+        x_RD = self.to_expert_major(x_RD, chunk)
+        self.stall(start, x_TD.device)
         return x_RD, meta
 
     def combine(self, y_RD: torch.Tensor, weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        y_source_major = y_RD.index_select(0, meta.to_source_major_R)
-        y_PD = all_to_all(y_source_major, meta.input_splits, meta.output_splits, self.group)
-        return unpermute(y_PD, meta, weights_TK)
+        """The serial combine: reorder source-major, exchange back, weighted sum per token."""
+        (chunk,) = meta.chunks
+        y_PD = self.exchange(self.to_source_major(y_RD, chunk), chunk.input_splits, chunk.output_splits).wait()
+        return self.unpermute(y_PD, meta, weights_TK)
+
+
+class _Ready:
+    """An exchange with nothing to exchange (EP = 1)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def wait(self) -> torch.Tensor:
+        return self.x
+
+
+class LocalDispatcher(Dispatcher):
+    """EP = 1: every expert is local; dispatch is a sort by expert, combine its inverse."""
+
+    def __init__(self, num_experts: int):
+        super().__init__((0,) * num_experts)
+
+
+class AllToAllDispatcher(Dispatcher):
+    """EP > 1 (or a one-rank group, to run the collective path at EP = 1)."""
+
+    def __init__(self, expert_to_rank: tuple[int, ...], group):
+        super().__init__(expert_to_rank, group)

@@ -10,10 +10,16 @@ Gradients. The group's objective is the *sum* of the ranks' losses. Under that c
     summed over the EP group: call ``reduce_replicated_grads()`` after backward.
 If the group also forms data-parallel replicas of the experts, those replicas' expert gradients
 are reduced over the expert-data-parallel group, which is outside this layer.
+
+Overlap. With ``overlap_chunks`` = C > 1 the dispatched copies go in C chunks (runtime/dispatch.py)
+and the layer pipelines them: chunk i+1's dispatch all-to-all is in flight while the experts
+compute chunk i, and chunk i's combine all-to-all while chunk i+1 computes. C = 1 is the serial
+path: dispatch, experts, combine, one after the other.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +30,7 @@ from runtime.config import MoEConfig, ParallelConfig
 from runtime.dispatch import AllToAllDispatcher, LocalDispatcher
 from runtime.experts import GroupedExperts
 from runtime.placement import place_experts
+from runtime.ranges import span
 from runtime.router import (
     Router,
     RouterOutput,
@@ -88,6 +95,7 @@ class MoELayer(nn.Module):
                 )
             self.group, self.dispatcher = group, AllToAllDispatcher(self.expert_to_rank, group)
         self.rank = self.dispatcher.rank
+        self.overlap_chunks = par.overlap_chunks  # the harness may change it between calls (serial vs overlapped)
         self.local_experts = self.dispatcher.local_experts
         self.router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
         self.experts = GroupedExperts(
@@ -142,17 +150,16 @@ class MoELayer(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         moe = self.moe
-        # 1. Route; exchange group-wide copies per expert; capacity and the copies kept follow.
-        plan = self.plan(x_TD)
-        routing = plan.routing
-        # 2. Auxiliary losses over the group's batch (this rank's share).
-        denom = max(plan.num_tokens, 1)
-        aux = load_balancing_loss(routing.probs_TE, plan.counts_WE.sum(0).to(x_TD.device), denom, moe.top_k)
-        z = router_z_loss(routing.logits_TE, denom)
-        # 3. Dispatch, grouped expert compute, combine.
-        x_RD, meta = self.dispatcher.dispatch(x_TD.to(moe.torch_dtype), routing.ids_TK, plan.keep_TK, plan.kept_WE)
-        y_RD = self.experts(x_RD, meta.tokens_per_expert)
-        out_TD = self.dispatcher.combine(y_RD, routing.weights_TK, meta)
+        with span("route", x_TD.device):
+            # 1. Route; exchange group-wide copies per expert; capacity and the copies kept follow.
+            plan = self.plan(x_TD)
+            routing = plan.routing
+            # 2. Auxiliary losses over the group's batch (this rank's share).
+            denom = max(plan.num_tokens, 1)
+            aux = load_balancing_loss(routing.probs_TE, plan.counts_WE.sum(0).to(x_TD.device), denom, moe.top_k)
+            z = router_z_loss(routing.logits_TE, denom)
+        # 3. Dispatch, grouped expert compute, combine: pipelined over chunks.
+        out_TD = self.pipeline(x_TD.to(moe.torch_dtype), plan)
         return MoEOutput(
             out_TD=out_TD,
             aux_loss=aux,
@@ -162,3 +169,32 @@ class MoELayer(nn.Module):
             kept_WE=plan.kept_WE,
             capacity=plan.capacity,
         )
+
+    def pipeline(self, x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """Dispatch, experts and combine of ``overlap_chunks`` chunks, each chunk's all-to-alls in
+        flight while another chunk computes. Every rank issues the collectives in the same order:
+        dispatch 0, dispatch 1, combine 0, dispatch 2, combine 1, ..., combine C−1."""
+        d, device, chunks = self.dispatcher, x_TD.device, self.overlap_chunks
+        start = time.perf_counter()
+        meta = d.plan(plan.routing.ids_TK, plan.keep_TK, plan.kept_WE, chunks)
+        x_PD = d.send(x_TD, meta)
+        d.stall(start, device)
+
+        def launch_dispatch(i: int):
+            c = meta.chunks[i]
+            with span(f"dispatch[{i}]", device):
+                return d.exchange(x_PD[c.rows], c.output_splits, c.input_splits)
+
+        in_flight, combines = launch_dispatch(0), []
+        for i, chunk in enumerate(meta.chunks):
+            ahead = launch_dispatch(i + 1) if i + 1 < chunks else None  # flows while chunk i computes
+            with span(f"dispatch[{i}].wait", device):
+                x_RD = d.to_expert_major(in_flight.wait(), chunk)
+            with span(f"experts[{i}]", device):
+                y_RD = self.experts(x_RD, chunk.tokens_per_expert)
+            with span(f"combine[{i}]", device):  # flows while chunk i+1 computes
+                combines.append(d.exchange(d.to_source_major(y_RD, chunk), chunk.input_splits, chunk.output_splits))
+            in_flight = ahead
+        with span("combine.wait", device):
+            y_PD = torch.cat([c.wait() for c in combines]) if chunks > 1 else combines[0].wait()
+        return d.unpermute(y_PD, meta, plan.routing.weights_TK)

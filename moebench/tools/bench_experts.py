@@ -15,7 +15,7 @@ import torch
 from tabulate import tabulate
 
 from moebench.timing import time_fn
-from runtime.experts import GEMMS, _grouped_mm_supported, expert_ffn
+from runtime.experts import BACKENDS, _grouped_mm_supported, expert_ffn
 
 
 def _counts(rows: int, experts: int, skew: str, gen: np.random.Generator) -> list[int]:
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     w_down = (torch.randn(args.experts, f, d, generator=gen) / f**0.5).to(device, dtype).requires_grad_()
     x = torch.randn(args.rows, d, generator=gen).to(device, dtype).requires_grad_()
     g = torch.randn(args.rows, d, generator=gen).to(device, dtype)
-    backends = [b for b in GEMMS if b != "grouped_mm" or device.type == "cpu" or _grouped_mm_supported(device, dtype)]
+    backends = [
+        b for b in BACKENDS if b != "grouped_mm" or device.type == "cpu" or _grouped_mm_supported(device, dtype)
+    ]
     rows = []
     for skew in ("uniform", "zipf"):
         counts = _counts(args.rows, args.experts, skew, np.random.default_rng(0))
