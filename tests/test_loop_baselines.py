@@ -1,5 +1,6 @@
 """The plain loop-over-experts baselines compute the runtime's functions (the experts kind's loop floor,
-the Mixtral-pattern block). Nothing here judges speed."""
+the Mixtral-pattern block), and ``moebench.tools.serial_path`` reports what it timed and refuses to
+compare different functions. Nothing here judges speed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 
 from moebench.kinds.equivalence import rel_error
 from moebench.loop_baselines import loop_floor, mixtral_block
+from moebench.timing import Timing
+from moebench.tools import serial_path
 from moebench.workload import tokens
 from runtime import MoEConfig, MoELayer, init_weights
 from runtime.experts import expert_ffn
@@ -68,3 +71,59 @@ def test_mixtral_block_is_the_dropless_layers_function(activation, top_k, normal
         other = mixtral_block(gate, w_in, w_down, activation, top_k, not normalize)(x_TD)
     assert rel_error(got, want) <= FP32_RTOL
     assert rel_error(other, want) > 1e-2  # the routing weights' normalisation is seen
+
+
+TINY = {"hidden": 32, "ffn": 64, "experts": 4, "num_tokens": 64, "repeats": 2, "warmup": 0}
+
+
+def test_serial_path_reports_every_function_on_the_layers_own_dispatch():
+    result = serial_path.measure(**TINY)
+    functions = result["functions"]
+    assert list(functions) == ["layer", "gemms", "experts", "block", "loop"]
+    assert result["samples"] == 2 and result["tokens"] == 64 and result["threads"] == torch.get_num_threads()
+    assert result["same_function_error"] <= serial_path.SAME_FUNCTION_RTOL
+    assert functions["gemms"]["over_gemms"] == 1.0
+    assert [name for name, f in functions.items() if "over_block" in f] == ["layer"]
+    assert all(f["median_s"] > 0 for f in functions.values())
+    # The counts are the layer's dispatch of these tokens: every token's two copies, one per expert.
+    moe = MoEConfig(32, 64, 4, top_k=2, activation="swiglu")
+    layer = MoELayer(moe)
+    layer.load_global_weights(init_weights(moe, seed=0))
+    ids_TK = layer.plan(tokens(64, 32, 0, stream=1)).routing.ids_TK
+    assert result["counts"] == torch.bincount(ids_TK.reshape(-1), minlength=4).tolist()
+    text = serial_path.render(result)
+    assert "relative error" in text and "2 rounds" in text and result["cpu"] in text
+    assert all(f["description"] in text for f in functions.values())
+
+
+def test_serial_path_ratios_are_medians_of_round_ratios(monkeypatch):
+    rounds = {
+        "layer": (3.0, 1.0, 4.0),
+        "gemms": (1.0, 2.0, 2.0),  # layer/gemms per round 3, 0.5, 2 -> 2 (the ratio of medians: 1.5)
+        "experts": (2.0, 2.0, 2.0),  # per round 2, 1, 1 -> 1 (the ratio of medians: 1)
+        "block": (2.0, 1.0, 1.0),  # layer/block per round 1.5, 1, 4 -> 1.5 (the ratio of medians: 3)
+        "loop": (1.0, 1.0, 1.0),
+    }
+    monkeypatch.setattr(serial_path, "time_interleaved", lambda fns, **kw: {n: Timing(rounds[n]) for n in fns})
+    functions = serial_path.measure(**TINY)["functions"]
+    assert functions["layer"]["over_gemms"] == 2.0
+    assert functions["layer"]["over_block"] == 1.5
+    assert functions["experts"]["over_gemms"] == 1.0
+    assert functions["block"]["over_gemms"] == 0.5  # per round 2, 0.5, 0.5 (the ratio of medians: 1)
+    assert functions["layer"]["median_s"] == 3.0
+
+
+def test_serial_path_refuses_to_compare_a_different_function(monkeypatch, capsys):
+    def off_by_normalisation(gate, w_in, w_down, activation, top_k, normalize):
+        return mixtral_block(gate, w_in, w_down, activation, top_k, not normalize)
+
+    monkeypatch.setattr(serial_path, "mixtral_block", off_by_normalisation)
+    with pytest.raises(RuntimeError, match="not the layer's function: relative error"):
+        serial_path.measure(**TINY)
+    # The command says so in one line and exits 1, before timing anything.
+    threads = str(torch.get_num_threads())  # unchanged for the rest of the session
+    assert serial_path.main(["--tokens", "16", "--repeats", "1", "--threads", threads]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("serial_path: the loop-over-experts block is not the layer's function") and err.count("\n") == 1
+    )
