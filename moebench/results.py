@@ -37,7 +37,8 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -81,7 +82,7 @@ def environment() -> dict:
         "nccl": nccl,
         "gpus": gpus,
         "gpu_driver": driver,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "host": platform.node(),
         "test_knobs": {SLOWDOWN_ENV: os.environ[SLOWDOWN_ENV]} if SLOWDOWN_ENV in os.environ else {},

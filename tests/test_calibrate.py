@@ -140,3 +140,8 @@ def test_experts_kind_times_the_ffn_alone():
     assert metrics["expert_tflops"]["median"] == pytest.approx(flops / t / 1e12)  # 3 samples: the middle one
     assert metrics["rows_per_expert"]["median"] == 25 and metrics["rows_per_expert"]["exact"]
     assert checks[0]["name"] == "finite_output" and checks[0]["pass"]
+    # The loop floor is timed in the same rounds: one sample of each per round.
+    assert len(raw["experts"]) == len(raw["loop_floor"]) == s.scenario["repeats"]
+    assert metrics["loop_floor_time_s"]["samples"] == raw["loop_floor"]
+    rounds = zip(raw["experts"], raw["loop_floor"], strict=True)
+    assert metrics["experts_over_loop"]["samples"] == [a / b for a, b in rounds]

@@ -124,3 +124,18 @@ def test_progress_lines_say_how_long_the_timed_rounds_take(capsys):
     s.scenario.update(warmup=3, repeats=40)
     common.progress_after_warmup(CTX, s, "the step")(0.5)
     assert capsys.readouterr().err == "    timing the step: 40 rounds, about 20 s\n"  # 40 × 0.5 s
+
+
+def test_experts_over_loop_is_the_median_of_round_ratios_and_is_shown():
+    s = spec("experts", world=1)
+    raw = {"experts": [3.0, 1.0, 4.0], "loop_floor": [1.0, 2.0, 2.0], "finite": True}  # rounds 3, 0.5, 2
+    metrics, _, _ = kinds.evaluate(s, [raw])
+    assert metrics["experts_over_loop"]["median"] == 2.0  # the ratio of medians would be 1.5, loop/experts 0.5
+    assert metrics["experts_over_loop"]["unit"] == "ratio" and metrics["experts_over_loop"]["better"] == "lower"
+    assert metrics["loop_floor_time_s"]["median"] == 2.0 and metrics["loop_floor_time_s"]["unit"] == "s"
+    assert metrics["expert_time_s"]["samples"] == raw["experts"]
+    assert set(metrics) == set(kinds.get("experts").metrics)
+    shown = {column.partition(":")[0] for column, *_ in kinds.get("experts").columns}
+    assert {"loop_floor_time_s", "experts_over_loop"} <= shown
+    # The telemetry window runs the rows through the FFN and through its floor in every round.
+    assert kinds.window_tokens(s) == 2 * s.workload["tokens_per_rank"] * s.scenario["repeats"]

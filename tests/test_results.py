@@ -250,3 +250,12 @@ def test_equivalence_check_fails_when_the_error_exceeds_the_tolerance(monkeypatc
     monkeypatch.setitem(equivalence.TOLERANCE, "float32", 1e-12)  # fp32 rounding alone now exceeds it
     _, checks, _ = kinds.evaluate(s, per_rank)
     assert checks[0]["pass"] is False and "tolerance 1e-12" in checks[0]["detail"]
+
+
+def test_every_metric_a_kind_names_has_a_row_in_results_readme():
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "results" / "README.md"
+    rows = {line.split("|")[1].strip() for line in readme.read_text().splitlines() if line.startswith("| `")}
+    missing = [(k.name, n) for k in kinds.REGISTRY.values() for n in k.metrics if f"`{n}`" not in rows]
+    assert missing == []
