@@ -157,6 +157,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write each run's expert choices as a routing trace (DIR/<scenario>.npz; replay with skew = trace)",
     )
+    run.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="after each throughput or latency run's timed steps, profile 3 more and write a torch.profiler "
+        "timeline per rank (DIR/<scenario>[-<param>=<value>...]/rank<r>.json; open it at https://ui.perfetto.dev "
+        "or chrome://tracing)",
+    )
     _add_columns(run)
     listing = sub.add_parser("list", help="show the shipped scenarios and plans, grouped by folder")
     listing.add_argument("dir", nargs="?", type=Path, default=SHIPPED)
@@ -192,22 +200,21 @@ def _run(args) -> int:
         overrides["parallel", "world_size"] = args.world_size
     scenarios = load_all(args.paths, overrides)
     out = args.out or default_out_dir()
-    traces = [] if args.record_routing is None else _check_writable(args.record_routing, "--record-routing", "traces")
+    folders = [(args.record_routing, "--record-routing", "traces"), (args.trace, "--trace", "profiler traces")]
+    created = []  # per folder, the folders made for it, removed again if nothing lands in them
     try:
-        created = _check_writable(out)
-    except ValueError:
-        _remove_if_empty(traces)
-        raise
-    interval = None if args.no_telemetry else args.telemetry_interval
-    try:
-        return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing)
+        for folder, flag, what in [*folders, (out, "--out", "result files")]:
+            if folder is not None:
+                created.append(_check_writable(folder, flag, what))
+        interval = None if args.no_telemetry else args.telemetry_interval
+        return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing, args.trace)
     finally:
-        _remove_if_empty(created)  # interrupted before any result, or none could be written
-        _remove_if_empty(traces)
+        for made in reversed(created):  # a bad folder, an interrupt before any result, or none could be written
+            _remove_if_empty(made)
 
 
 def _check_writable(out: Path, flag: str = "--out", what: str = "result files") -> list[Path]:
-    """Create an output folder now, so a bad --out (or --record-routing) fails before any run rather
+    """Create an output folder now, so a bad --out (or --record-routing, --trace) fails before any run rather
     than after the first. Returns the folders this created, deepest first."""
     from moebench.launch import is_rank_zero
 

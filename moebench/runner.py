@@ -84,8 +84,11 @@ def _judge_slos(spec: RunSpec, metrics: dict) -> list[dict]:
     return verdicts
 
 
-def run_one(spec: RunSpec, interval: float | None, record_dir: Path | None = None) -> dict:
-    """Launch, measure and judge one run; never raises for a failure of the run itself."""
+def run_one(
+    spec: RunSpec, interval: float | None, record_dir: Path | None = None, trace_dir: Path | None = None
+) -> dict:
+    """Launch, measure and judge one run; never raises for a failure of the run itself. ``record_dir``:
+    write its routing trace there (--record-routing); ``trace_dir``: its profiler traces (--trace)."""
     device, backend = run_device(spec)
     run = {"params": spec.params, "config": spec.resolved(), "world_size": spec.world_size}
     run.update({"device": device, "backend": backend, "status": "ok", "error": None})
@@ -101,6 +104,8 @@ def run_one(spec: RunSpec, interval: float | None, record_dir: Path | None = Non
     try:
         if record_dir is not None:
             spec = dataclasses.replace(spec, record_routing=True)
+        if trace_dir is not None:
+            spec = dataclasses.replace(spec, trace_dir=str(Path(trace_dir) / run_label(spec)))
         _calibrate_routers(spec)
         per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend)
         threads = per_rank[0].get("threads")
@@ -110,6 +115,8 @@ def run_one(spec: RunSpec, interval: float | None, record_dir: Path | None = Non
         run["slo"] = _judge_slos(spec, metrics)
         if record_dir is not None and is_rank_zero():
             run["routing_trace"] = _record_routes(spec, per_rank, record_dir)
+        if trace_dir is not None and is_rank_zero():
+            run["profile_trace"] = _profile_traces(spec, per_rank)
     except Exception as err:
         run.update(status="error", error=f"{type(err).__name__}: {last_line(err)}")
     run["wall_time_s"] = time.perf_counter() - start
@@ -147,6 +154,14 @@ def _calibrate_routers(spec: RunSpec) -> None:
         layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
 
 
+def run_label(spec: RunSpec) -> str:
+    """A file name for one run: its scenario's name and swept params, file-system safe."""
+    label = re.sub(r"[^A-Za-z0-9_.=-]", "_", spec.name + "".join(f"-{k}={v}" for k, v in spec.params.items()))
+    if len(label) > 200:  # cut, and keep runs apart by a digest of their params
+        label = label[:180] + "-" + hashlib.sha256(repr(spec.params).encode()).hexdigest()[:12]
+    return label
+
+
 def _record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> dict:
     """Write the run's expert choices as a routing trace (``moebench.trace``), atomically. Returns
     ``{"path": ...}``, or ``{"path": None, "note": why}``: a trace that cannot be written costs the
@@ -157,10 +172,7 @@ def _record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> dic
         routes = [[b["routes"] for b in r["batches"]] for r in per_rank]
     else:
         return {"path": None, "note": f"kind = {spec.kind} records no routing (it routes no workload batch)"}
-    label = re.sub(r"[^A-Za-z0-9_.=-]", "_", spec.name + "".join(f"-{k}={v}" for k, v in spec.params.items()))
-    if len(label) > 200:  # cut, and keep runs apart by a digest of their params
-        label = label[:180] + "-" + hashlib.sha256(repr(spec.params).encode()).hexdigest()[:12]
-    path = Path(record_dir) / f"{label}.npz"
+    path = Path(record_dir) / f"{run_label(spec)}.npz"
     params = {"scenario": spec.name, **spec.params, "ranks": spec.world_size}
     params["tokens_per_rank"] = spec.workload["tokens_per_rank"]
     try:
@@ -171,17 +183,37 @@ def _record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> dic
     return {"path": str(path)}
 
 
+def _profile_traces(spec: RunSpec, per_rank: list[dict]) -> dict:
+    """The run's profiler traces (``moebench.profile_trace``), one per rank: ``{"paths": [...]}`` in
+    rank order, with a ``note`` for the ranks that wrote none (null paths), or for a kind without a step."""
+    if "profile_trace" not in per_rank[0]:
+        note = f"kind = {spec.kind} has no step to trace (--trace covers throughput and latency runs)"
+        _log(f"moebench: {spec.name}: {note}")
+        return {"paths": [], "note": note}
+    out = {"paths": [r["profile_trace"]["path"] for r in per_rank]}
+    notes = [r["profile_trace"]["note"] for r in per_rank if r["profile_trace"]["path"] is None]
+    if notes:
+        out["note"] = "; ".join(notes)
+        _log(f"moebench: profiler trace {out['note']}")
+    return out
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``run_scenarios``; the message says which finished runs were kept."""
 
 
 def run_scenarios(
-    scenarios: list[Scenario], out_dir: Path, interval: float | None, fmt="plain", record_dir: Path | None = None
+    scenarios: list[Scenario],
+    out_dir: Path,
+    interval: float | None,
+    fmt="plain",
+    record_dir: Path | None = None,
+    trace_dir: Path | None = None,
 ) -> int:
     """Run everything; write one JSON per scenario under ``out_dir``. Returns the exit code."""
     kept = {}  # scenario name -> runs in its result file
     try:
-        return _run_all(scenarios, out_dir, interval, fmt, kept, record_dir)
+        return _run_all(scenarios, out_dir, interval, fmt, kept, record_dir, trace_dir)
     except KeyboardInterrupt:
         runs = sum(kept.values())
         raise Interrupted(
@@ -200,7 +232,13 @@ def _write(path: Path, doc: dict) -> bool:
 
 
 def _run_all(
-    scenarios: list[Scenario], out_dir: Path, interval: float | None, fmt, kept: dict, record_dir: Path | None
+    scenarios: list[Scenario],
+    out_dir: Path,
+    interval: float | None,
+    fmt,
+    kept: dict,
+    record_dir: Path | None,
+    trace_dir: Path | None,
 ) -> int:
     env = environment()
     total, done, all_ok = sum(len(sc.runs) for sc in scenarios), 0, True
@@ -218,7 +256,7 @@ def _run_all(
         for spec in sc.runs:
             done += 1
             _log(f"[{done}/{total}] {sc.name} {spec.params or ''} ...")
-            run = run_one(spec, interval, record_dir)
+            run = run_one(spec, interval, record_dir, trace_dir)
             doc["runs"].append(run)
             all_ok &= verdict(run) in ("ok", "skipped")
             ran = [r for r in doc["runs"] if r["status"] != "skipped"]

@@ -204,6 +204,7 @@ class RunSpec:
     slos: tuple[Slo, ...]
     params: dict = field(default_factory=dict)  # the swept keys and their values in this run
     record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
+    trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
 
     @property
     def name(self) -> str:

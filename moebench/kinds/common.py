@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moebench import metrics as M
+from moebench import profile_trace
 from moebench import trace as routing_trace
 from moebench.telemetry import Sampler
 from moebench.timing import time_fn, time_interleaved
@@ -280,7 +281,8 @@ def routing_stats(stack: MoEStack, x_TD: torch.Tensor, record: bool = False) -> 
 
 
 def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool) -> dict:
-    """throughput and latency: time the step (and, for throughput, the collectives)."""
+    """throughput and latency: time the step (and, for throughput, the collectives); with
+    ``moebench run --trace``, then profile a few more steps (``profile_trace``), after every timed window."""
     stack, group, x_TD = setup(ctx, spec)
     step = step_fn(ctx, spec, stack, x_TD)
     hook = progress_after_warmup(ctx, spec, "the step")
@@ -296,6 +298,8 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
     if collectives:
         out.update(collective_timings(ctx, spec, stack, x_TD, group))
         out.update(ratio_timings(ctx, spec, step, x_TD, group))
+    if spec.trace_dir is not None:
+        out["profile_trace"] = profile_trace.record(ctx, spec, step)
     return out
 
 
