@@ -35,6 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -53,13 +54,14 @@ def slot_of_expert(expert_to_rank: tuple[int, ...]) -> torch.Tensor:
     return slot_E
 
 
-def chunk_sizes(counts: torch.Tensor, chunks: int) -> torch.Tensor:
+def chunk_sizes(counts, chunks: int) -> np.ndarray:
     """Split every count n into ``chunks`` parts: part i = ⌊(i+1)·n/C⌋ − ⌊i·n/C⌋. Shape [C, *counts].
 
     Every rank can compute every other rank's chunk sizes from the exchanged counts alone, so
-    chunking needs no communication beyond the one count exchange."""
-    i = torch.arange(chunks + 1, dtype=counts.dtype).view(-1, *(1,) * counts.dim())
-    bounds = i * counts // chunks
+    chunking needs no communication beyond the one count exchange. Host arithmetic, in numpy
+    (a tiny torch op costs ~10 µs of dispatch; these run per layer per step)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    bounds = np.arange(chunks + 1).reshape(-1, *(1,) * counts.ndim) * counts // chunks
     return bounds[1:] - bounds[:-1]
 
 
@@ -86,27 +88,50 @@ def permute_order(
     return order_P[torch.sort(chunk_P, stable=True).indices]
 
 
-def source_to_expert_major(counts_WL: torch.Tensor) -> torch.Tensor:
+def _block_moves(counts_WL) -> tuple[np.ndarray, np.ndarray]:
+    """Rows grouped in blocks (s, l) of ``counts_WL[s, l]`` rows: per block, its start in the
+    source-major layout and in the expert-major one, both listed in source-major block order."""
+    counts = np.asarray(counts_WL, dtype=np.int64)
+    flat = counts.reshape(-1)
+    src_start = np.cumsum(flat) - flat
+    by_expert = counts.T.reshape(-1)
+    dst_start = (np.cumsum(by_expert) - by_expert).reshape(counts.T.shape).T.reshape(-1)
+    return src_start, dst_start
+
+
+def source_to_expert_major(counts_WL) -> torch.Tensor:
     """Index that reorders rows grouped [source rank][local expert] into [local expert][source].
 
     ``counts_WL[s, l]`` rows arrive from source s for local expert l. With ``idx`` returned,
-    ``x_expert_major = x_source_major[idx]``. Vectorised: block (s, l) starts at ``src_start`` in
-    the source-major layout and at ``dst_start`` in the expert-major one; row r of the output
-    lies in one block b and reads ``r + src_start[b] − dst_start[b]``.
+    ``x_expert_major = x_source_major[idx]``. Row r of block b in the expert-major layout reads
+    ``r + src_start[b] − dst_start[b]`` (vectorised, host numpy).
     """
-    flat = counts_WL.reshape(-1)
-    src_start = (torch.cumsum(flat, 0) - flat).reshape(counts_WL.shape).t().reshape(-1)
-    blocks = counts_WL.t().reshape(-1)  # the blocks in expert-major order
-    dst_start = torch.cumsum(blocks, 0) - blocks
-    total = int(blocks.sum())
-    return torch.arange(total) + torch.repeat_interleave(src_start - dst_start, blocks, output_size=total)
+    counts = np.asarray(counts_WL, dtype=np.int64)
+    src_start, dst_start = _block_moves(counts)
+    shift = (src_start - dst_start).reshape(counts.shape).T.reshape(-1)  # in expert-major block order
+    blocks = counts.T.reshape(-1)
+    return torch.from_numpy(np.arange(blocks.sum()) + np.repeat(shift, blocks))
 
 
-def unpermute(y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) -> torch.Tensor:
-    """out[t] = Σ over kept copies c of token t: weights[c] · y[c]; zeros for tokens with none."""
+def expert_to_source_major(counts_WL) -> torch.Tensor:
+    """The inverse of ``source_to_expert_major``: ``y_source_major = y_expert_major[idx]``."""
+    counts = np.asarray(counts_WL, dtype=np.int64)
+    src_start, dst_start = _block_moves(counts)
+    flat = counts.reshape(-1)
+    return torch.from_numpy(np.arange(flat.sum()) + np.repeat(dst_start - src_start, flat))
+
+
+def unpermute(y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor, owned=False) -> torch.Tensor:
+    """out[t] = Σ over kept copies c of token t: weights[c] · y[c]; zeros for tokens with none.
+
+    ``owned``: the caller owns ``y_PD`` and needs it no more, so the weights scale it in place when
+    no gradient flows through it (saves a [P, D] allocation: on CPU its page faults alone cost
+    about as much as the multiply)."""
     w_P = weights_TK.reshape(-1)[meta.order_P].to(y_PD.dtype)
     out_TD = y_PD.new_zeros(meta.num_tokens, y_PD.shape[-1])
-    return out_TD.index_add_(0, meta.order_P // meta.top_k, y_PD * w_P[:, None])
+    in_place = owned and not (torch.is_grad_enabled() and (y_PD.requires_grad or w_P.requires_grad))
+    weighted_PD = y_PD.mul_(w_P[:, None]) if in_place else y_PD * w_P[:, None]
+    return out_TD.index_add_(0, meta.order_P // meta.top_k, weighted_PD)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -210,7 +235,8 @@ class Dispatcher:
         self.expert_to_rank = tuple(expert_to_rank)
         self.local_experts = local_experts(self.expert_to_rank, self.rank)
         self.slot_E = slot_of_expert(self.expert_to_rank)
-        self._rank_of_expert_E = torch.tensor(self.expert_to_rank, dtype=torch.long)
+        self._expert_of_slot_S = torch.argsort(self.slot_E).numpy()
+        self._owner_EW = np.eye(self.ep_size, dtype=np.int64)[list(self.expert_to_rank)]  # one-hot owner rank
         self.slowdown = injected_slowdown()
 
     def exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
@@ -226,25 +252,26 @@ class Dispatcher:
         """Send order and per-chunk splits and reorder indices. ``kept_WE`` is on the host (the layer
         synced once after ``exchange_counts``), so every split is a host int with no further sync."""
         device = ids_TK.device
-        sent_CE = chunk_sizes(kept_WE[self.rank], chunks)  # copies this rank sends per chunk and expert
-        per_slot_S = torch.zeros_like(kept_WE[self.rank]).index_copy_(0, self.slot_E, kept_WE[self.rank])
-        order_P = permute_order(ids_TK, keep_TK, self.slot_E, _to_device(per_slot_S, device), chunks)
-        send_CW = torch.zeros(chunks, self.ep_size, dtype=torch.long).index_add_(1, self._rank_of_expert_E, sent_CE)
-        recv_CWL = chunk_sizes(kept_WE[:, list(self.local_experts)], chunks)
-        first = 0
-        out = []
-        for send_W, recv_WL in zip(send_CW, recv_CWL, strict=True):
-            n = int(send_W.sum())
+        kept = kept_WE.numpy()
+        per_slot_S = None
+        if chunks > 1:  # kept copies per destination slot, for the chunk of each copy
+            per_slot_S = _to_device(torch.from_numpy(kept[self.rank][self._expert_of_slot_S]), device)
+        order_P = permute_order(ids_TK, keep_TK, self.slot_E, per_slot_S, chunks)
+        send_CW = chunk_sizes(kept[self.rank], chunks) @ self._owner_EW  # copies sent per chunk and rank
+        recv_CWL = chunk_sizes(kept[:, list(self.local_experts)], chunks)
+        first, out = 0, []
+        for send_W, recv_WL in zip(send_CW.tolist(), recv_CWL, strict=True):
             to_expert = to_source = None
             if self.group is not None:
-                to_expert = source_to_expert_major(recv_WL)
-                to_expert, to_source = _to_device(to_expert, device), _to_device(torch.argsort(to_expert), device)
+                to_expert = _to_device(source_to_expert_major(recv_WL), device)
+                to_source = _to_device(expert_to_source_major(recv_WL), device)
+            n = sum(send_W)
             out.append(
                 Chunk(
                     rows=slice(first, first + n),
-                    input_splits=send_W.tolist(),
-                    output_splits=recv_WL.sum(dim=1).tolist(),
-                    tokens_per_expert=recv_WL.sum(dim=0).tolist(),
+                    input_splits=send_W,
+                    output_splits=recv_WL.sum(axis=1).tolist(),
+                    tokens_per_expert=recv_WL.sum(axis=0).tolist(),
                     to_expert_major_R=to_expert,
                     to_source_major_R=to_source,
                 )
@@ -262,9 +289,9 @@ class Dispatcher:
             return _Ready(x)
         return collective.start(x, output_splits, input_splits, self.group, self.transport)
 
-    def unpermute(self, y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor) -> torch.Tensor:
+    def unpermute(self, y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor, owned=False) -> torch.Tensor:
         """Each token's copies, back from the experts in send order, summed with their weights."""
-        return unpermute(y_PD, meta, weights_TK)
+        return unpermute(y_PD, meta, weights_TK, owned)
 
     def stall(self, start: float, device: torch.device) -> None:
         """The test-only slowdown, when set (see the module docstring)."""

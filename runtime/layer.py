@@ -197,4 +197,4 @@ class MoELayer(nn.Module):
             in_flight = ahead
         with span("combine.wait", device):
             y_PD = torch.cat([c.wait() for c in combines]) if chunks > 1 else combines[0].wait()
-        return d.unpermute(y_PD, meta, plan.routing.weights_TK)
+        return d.unpermute(y_PD, meta, plan.routing.weights_TK, owned=True)  # y_PD: made here, used once

@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import FAST, bincount_E, choices_TK, logits_TE
 
-from runtime.dispatch import LocalDispatcher, permute_order, slot_of_expert, source_to_expert_major
+from runtime.dispatch import (
+    LocalDispatcher,
+    expert_to_source_major,
+    permute_order,
+    slot_of_expert,
+    source_to_expert_major,
+)
 from runtime.router import (
     expert_capacity,
     keep_mask,
@@ -68,6 +74,8 @@ def test_source_to_expert_major_regroups_rows_by_local_expert_then_source(data, 
     assert [source_major[i] for i in idx] == [
         (s, l, j) for l in range(num_local) for s in range(ep_size) for j in range(c[s][l])
     ]
+    back = expert_to_source_major(counts_WL).tolist()  # its inverse
+    assert [idx[i] for i in back] == list(range(len(source_major)))
 
 
 # ---------------------------------------------------------------------------------------------

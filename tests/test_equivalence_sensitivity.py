@@ -41,7 +41,7 @@ def test_swapped_experts_are_caught(monkeypatch):
 
 def test_missing_combine_weight_is_caught(monkeypatch):
     original = runtime.dispatch.unpermute
-    monkeypatch.setattr(runtime.dispatch, "unpermute", lambda y, meta, w: original(y, meta, torch.ones_like(w)))
+    monkeypatch.setattr(runtime.dispatch, "unpermute", lambda y, meta, w, *a: original(y, meta, torch.ones_like(w), *a))
     errors = _errors()
     assert errors["out"] > 1e-2 and errors["grad_router"] > 1e-2
 
@@ -49,10 +49,10 @@ def test_missing_combine_weight_is_caught(monkeypatch):
 def test_token_lost_in_combine_is_caught(monkeypatch):
     original = runtime.dispatch.unpermute
 
-    def lose_token_zero(y, meta, weights_TK):
+    def lose_token_zero(y, meta, weights_TK, *args):
         weights_TK = weights_TK.clone()
         weights_TK[0] = 0.0
-        return original(y, meta, weights_TK)
+        return original(y, meta, weights_TK, *args)
 
     monkeypatch.setattr(runtime.dispatch, "unpermute", lose_token_zero)
     errors = _errors()
