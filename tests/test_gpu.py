@@ -1,5 +1,7 @@
 """On a CUDA device: NCCL at world size 1 (the all-to-all path over a one-rank group) and the
-grouped-GEMM expert path, each against the fp64 reference. Skipped without CUDA."""
+grouped-GEMM expert path, each against the fp64 reference; the overlapped layer (C = 4) against
+the serial one, its all-to-alls on NCCL's stream apart from the compute stream. Skipped without
+CUDA."""
 
 from __future__ import annotations
 
@@ -32,6 +34,55 @@ def test_nccl_world_size_one_matches_fp64_reference():
         torch.backends.cuda.matmul.allow_tf32 = False
         errors = compare(assemble([r[i] for r in per_rank]), run_reference(case))
         assert max(errors.values()) <= TOLERANCE["float32"], (case.name, errors)
+
+
+OVERLAP_CASES = [
+    Case(
+        f"nccl-overlap-C{c}",
+        _moe(top_k=2, capacity_factor=1.25),
+        par_extra={"overlap_chunks": c},
+        dispatcher="all_to_all",
+    )
+    for c in (1, 4)
+]
+
+
+def test_overlap_chunks_on_cuda_match_the_serial_layer_and_the_reference():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    serial, chunked = (assemble([r]) for r in launch(run_cases, 1, OVERLAP_CASES, device="cuda", backend="nccl")[0])
+    assert max(compare(chunked, serial).values()) <= 1e-6
+    assert max(compare(chunked, run_reference(OVERLAP_CASES[1])).values()) <= TOLERANCE["float32"]
+
+
+def _streams_of_a_pipelined_forward(ctx) -> dict:
+    """Kernel names by CUDA stream, profiled over one C = 4 forward on a one-rank NCCL group."""
+    from runtime import MoELayer, ParallelConfig, init_weights
+
+    moe = _moe(top_k=2, activation="swiglu")
+    layer = MoELayer(moe, ParallelConfig(overlap_chunks=4), ctx.group, ctx.device, dispatcher="all_to_all")
+    layer.load_global_weights(init_weights(moe, seed=0))
+    x = torch.randn(4096, moe.hidden_size, device=ctx.device)
+    with torch.no_grad():
+        layer(x)  # warm-up: NCCL's communicator and the kernels
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            layer(x)
+            torch.cuda.synchronize()
+    streams: dict = {}
+    for event in prof.profiler.kineto_results.events():
+        if event.device_type() == torch.autograd.DeviceType.CUDA:
+            streams.setdefault(event.device_resource_id(), []).append(event.name())
+    return streams
+
+
+def test_pipelined_all_to_alls_run_on_nccl_stream_beside_the_expert_kernels():
+    (streams,) = launch(_streams_of_a_pipelined_forward, 1, device="cuda", backend="nccl")
+    nccl = {s for s, names in streams.items() if any("nccl" in n.lower() for n in names)}
+    compute = {s for s, names in streams.items() if any("gemm" in n.lower() or "sgemm" in n.lower() for n in names)}
+    assert nccl and compute, streams.keys()
+    assert not nccl & compute  # the all-to-alls never run on the compute stream
+    nccl_kernels = sum("nccl" in n.lower() for names in streams.values() for n in names)
+    assert nccl_kernels >= 2 * 4  # every chunk's dispatch and combine
 
 
 def test_auto_backend_is_grouped_mm_on_hopper():
