@@ -312,11 +312,13 @@ def _value_columns(doc: dict, chosen: tuple[str, ...] | None) -> tuple[list[_Col
         "checks": [_checks_cell(run) for run in runs],
         "slo": [_slo_cell(run) for run in runs],
     }
+    measured = {name for run in runs for name in run["metrics"]}
     if chosen is None:  # a J/token column only with NVML, an SLO column only with gates
         shown = {"energy": any(c != "-" for c in generic["energy"]), "slo": any(run.get("slo") for run in runs)}
-        keys = [*kind_columns, *(k for k in generic if shown.get(k, True))]
+        # a metric no run measured (e.g. the overlap metrics without overlap_chunks) has no column
+        kept = [k for k in kind_columns if not measured or k.partition(":")[0] in measured]
+        keys = [*kept, *(k for k in generic if shown.get(k, True))]
     else:
-        measured = {name for run in runs for name in run["metrics"]}
         keys = [k for k in chosen if k in generic or k in kind_columns or k.partition(":")[0] in measured]
     columns = [
         _Column(k, GENERIC_COLUMNS[k], generic[k], "left" if k in ("checks", "slo") else "right")

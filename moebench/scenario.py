@@ -26,6 +26,7 @@ import torch
 
 from moebench import kinds
 from moebench import trace as routing_trace
+from moebench.kinds.overlap_timing import check_overlap
 from moebench.skew import target_shares
 from moebench.text import clip
 from moebench.workload import SKEWS
@@ -127,6 +128,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "device": Key("auto", *_choice("auto", "cpu", "cuda")),
         "backend": Key("auto", *_choice("auto", "gloo", "nccl")),
         "threads_per_rank": Key(0, *_int(0, 4096)),
+        "overlap_chunks": Key(None, *_int(1, 4096)),  # absent: serial, and no overlap timing
     },
     "workload": {
         "tokens_per_rank": Key(REQUIRED, *_int(1, 2**31)),
@@ -235,7 +237,9 @@ class RunSpec:
         )
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(ep_size=self.parallel["world_size"], placement=self.parallel["placement"])
+        par = self.parallel
+        chunks = par.get("overlap_chunks") or 1
+        return ParallelConfig(ep_size=par["world_size"], placement=par["placement"], overlap_chunks=chunks)
 
     def resolved(self) -> dict:
         """The run's full configuration, as the result file records it."""
@@ -476,6 +480,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         try:
             place_experts(spec.moe_config(), spec.parallel_config())
             _check_device(spec.parallel)
+            check_overlap(spec.kind, spec.parallel["overlap_chunks"])
             _check_grouped_mm(spec.model)
             _check_workload(spec)
         except ValueError as err:

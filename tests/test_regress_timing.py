@@ -43,6 +43,7 @@ def test_twenty_one_a_a_comparisons_of_identical_code_report_no_regression(tmp_p
         ("regress-dispatch", "dispatch_over_floor"),
         ("regress-dispatch", "combine_over_floor"),
         ("regress-local", "moe_over_dense"),
+        ("regress-overlap", "overlap_speedup"),
         ("regress-numerics", "rel_error_grad"),
         ("regress-load", "load_cv"),
     } <= judged

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from moebench import metrics as M
 from moebench.kinds.common import finite_check, measure_timed, timed_window_tokens
+from moebench.kinds.overlap_timing import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
 
 if TYPE_CHECKING:
     from moebench.scenario import RunSpec
@@ -17,8 +18,9 @@ COLUMNS = (
     ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),
     ("step_time_s:p99", "p99 (ms)", 1e3, ".3f"),
     ("step_time_s:n", "samples", 1, ".0f"),
+    *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
 )
-METRICS = ("step_time_s",)
+METRICS = ("step_time_s", *OVERLAP_METRICS)
 window_tokens = timed_window_tokens
 
 
@@ -28,5 +30,5 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
 
 
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
-    metrics = {"step_time_s": M.metric(per_rank[0]["step"], "s", "lower")}
+    metrics = {"step_time_s": M.metric(per_rank[0]["step"], "s", "lower")} | overlap_metrics(per_rank[0])
     return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"]}

@@ -14,6 +14,7 @@ from moebench.kinds.common import (
     ratios,
     timed_window_tokens,
 )
+from moebench.kinds.overlap_timing import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
 
 if TYPE_CHECKING:
     from moebench.scenario import RunSpec
@@ -26,6 +27,7 @@ COLUMNS = (
     ("tokens_per_s_per_gpu", "tokens/s/gpu", 1, ".0f"),
     ("step_time_s", "step p50 (ms)", 1e3, ".2f"),
     ("step_time_s:p90", "step p90 (ms)", 1e3, ".2f"),
+    *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     ("dispatch_time_s", "dispatch (ms)", 1e3, ".2f"),
     ("combine_time_s", "combine (ms)", 1e3, ".2f"),
     ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
@@ -35,7 +37,14 @@ COLUMNS = (
     ("bytes_per_token", "bytes/token", 1, ".0f"),
     ("tokens_dropped", "dropped", 1, ".0f"),
 )
-METRICS = ("tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "moe_over_dense", *COLLECTIVE_METRICS)
+METRICS = (
+    "tokens_per_s",
+    "tokens_per_s_per_gpu",
+    "step_time_s",
+    "moe_over_dense",
+    *COLLECTIVE_METRICS,
+    *OVERLAP_METRICS,
+)
 window_tokens = timed_window_tokens
 
 
@@ -54,5 +63,5 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "tokens_per_s_per_gpu": M.metric([total / t / world for t in step], "tokens/s", "higher"),
         "moe_over_dense": M.metric(ratios(raw["paired_step"], raw["dense"]), "ratio", "lower"),
     }
-    metrics |= collective_metrics(spec, raw)
+    metrics |= collective_metrics(spec, raw) | overlap_metrics(raw)
     return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"]}
