@@ -121,17 +121,23 @@ def expert_to_source_major(counts_WL) -> torch.Tensor:
     return torch.from_numpy(np.arange(flat.sum()) + np.repeat(dst_start - src_start, flat))
 
 
-def unpermute(y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor, owned=False) -> torch.Tensor:
+def unpermute(
+    y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor, owned=False, rows=slice(None), out=None
+) -> torch.Tensor:
     """out[t] = Σ over kept copies c of token t: weights[c] · y[c]; zeros for tokens with none.
 
-    ``owned``: the caller owns ``y_PD`` and needs it no more, so the weights scale it in place when
-    no gradient flows through it (saves a [P, D] allocation: on CPU its page faults alone cost
-    about as much as the multiply)."""
-    w_P = weights_TK.reshape(-1)[meta.order_P].to(y_PD.dtype)
-    out_TD = y_PD.new_zeros(meta.num_tokens, y_PD.shape[-1])
+    ``rows``: ``y_PD`` holds only those rows of the send order (one chunk), added into ``out`` (a
+    fresh zero tensor when None). ``owned``: the caller owns ``y_PD`` and needs it no more, so the
+    weights scale it in place when no gradient flows through it (saves a [P, D] allocation: on CPU
+    its page faults alone cost about as much as the multiply)."""
+    order_P = meta.order_P[rows]
+    w_P = weights_TK.reshape(-1)[order_P].to(y_PD.dtype)
+    out_TD = y_PD.new_zeros(meta.num_tokens, y_PD.shape[-1]) if out is None else out
     in_place = owned and not (torch.is_grad_enabled() and (y_PD.requires_grad or w_P.requires_grad))
     weighted_PD = y_PD.mul_(w_P[:, None]) if in_place else y_PD * w_P[:, None]
-    return out_TD.index_add_(0, meta.order_P // meta.top_k, weighted_PD)
+    return out_TD.index_add_(
+        0, order_P // meta.top_k, weighted_PD
+    )  # in place under autograd too: its backward needs no out
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -289,9 +295,10 @@ class Dispatcher:
             return _Ready(x)
         return collective.start(x, output_splits, input_splits, self.group, self.transport)
 
-    def unpermute(self, y_PD: torch.Tensor, meta: DispatchMeta, weights_TK: torch.Tensor, owned=False) -> torch.Tensor:
-        """Each token's copies, back from the experts in send order, summed with their weights."""
-        return unpermute(y_PD, meta, weights_TK, owned)
+    def unpermute(self, y_PD, meta: DispatchMeta, weights_TK, owned=False, rows=slice(None), out=None):
+        """Each token's copies, back from the experts in send order, summed with their weights
+        (``rows``, ``out``: one chunk's rows, added into ``out``)."""
+        return unpermute(y_PD, meta, weights_TK, owned, rows, out)
 
     def stall(self, start: float, device: torch.device) -> None:
         """The test-only slowdown, when set (see the module docstring)."""

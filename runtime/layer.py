@@ -196,5 +196,13 @@ class MoELayer(nn.Module):
                 combines.append(d.exchange(d.to_source_major(y_RD, chunk), chunk.input_splits, chunk.output_splits))
             in_flight = ahead
         with span("combine.wait", device):
-            y_PD = torch.cat([c.wait() for c in combines]) if chunks > 1 else combines[0].wait()
-        return d.unpermute(y_PD, meta, plan.routing.weights_TK, owned=True)  # y_PD: made here, used once
+            if chunks == 1:
+                return d.unpermute(
+                    combines[0].wait(), meta, plan.routing.weights_TK, owned=True
+                )  # made here, used once
+            out_TD = None
+            for chunk, pending in zip(meta.chunks, combines, strict=True):  # each chunk's tokens, as it arrives
+                out_TD = d.unpermute(
+                    pending.wait(), meta, plan.routing.weights_TK, owned=True, rows=chunk.rows, out=out_TD
+                )
+            return out_TD
