@@ -7,13 +7,20 @@ and both with every all-to-all replaced by a local copy, reports per rank the st
 and the process's CPU time over it (user + system, every thread: the compute thread and gloo's)
 as busy cores. Overlap hides communication only in time a rank would otherwise sit idle: a serial
 step that already keeps ranks × busy ≈ the host's cores leaves nothing to fill, whatever C is.
+
+``--trace DIR/rank0.json`` instead reads a trace of ``moebench run --trace`` and sums, over its
+profiled steps: the steps, the ``gloo:all_to_all`` ranges (on gloo's threads), how much of them
+ran under an ``experts[i]`` range of the main thread, the ``*.wait`` ranges (exposed waiting) and
+the ``experts[i]`` ranges.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,13 +56,40 @@ def _rank(ctx, chunks: int, steps: int, tokens: int) -> dict:
     return out
 
 
+def trace_summary(path: str) -> dict[str, float]:
+    """Milliseconds summed over a trace's profiled steps (see the module docstring)."""
+    events = [e for e in json.loads(Path(path).read_text())["traceEvents"] if e.get("ph") == "X"]
+
+    def named(test) -> list[dict]:
+        return [e for e in events if test(e["name"])]
+
+    a2a, experts = named(lambda n: n.startswith("gloo:all_to_all")), named(lambda n: n.startswith("experts["))
+
+    def overlap(a: dict, b: dict) -> float:
+        return max(0.0, min(a["ts"] + a["dur"], b["ts"] + b["dur"]) - max(a["ts"], b["ts"]))
+
+    ms = {
+        "steps": sum(e["dur"] for e in named(lambda n: n.startswith("step["))),
+        "all-to-all": sum(e["dur"] for e in a2a),
+        "all-to-all under experts": sum(overlap(a, x) for a in a2a for x in experts),
+        "waits": sum(e["dur"] for e in named(lambda n: n.endswith(".wait"))),
+        "experts": sum(e["dur"] for e in experts),
+    }
+    return {k: v / 1e3 for k, v in ms.items()}  # trace times are in µs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", nargs="+", metavar="FILE", help="summarise these traces instead of timing")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args(argv)
+    if args.trace:
+        rows = [[path, *trace_summary(path).values()] for path in args.trace]
+        print(tabulate(rows, headers=["trace", *(f"{k} (ms)" for k in trace_summary(args.trace[0]))], floatfmt=".1f"))
+        return 0
     per_rank = launch(_rank, args.ranks, args.chunks, args.steps, args.tokens, device="cpu", backend="gloo")
     rows = []
     for key in per_rank[0]:
