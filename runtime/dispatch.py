@@ -61,6 +61,8 @@ def chunk_sizes(counts, chunks: int) -> np.ndarray:
     chunking needs no communication beyond the one count exchange. Host arithmetic, in numpy
     (a tiny torch op costs ~10 µs of dispatch; these run per layer per step)."""
     counts = np.asarray(counts, dtype=np.int64)
+    if chunks == 1:
+        return counts[None]
     bounds = np.arange(chunks + 1).reshape(-1, *(1,) * counts.ndim) * counts // chunks
     return bounds[1:] - bounds[:-1]
 
@@ -242,6 +244,7 @@ class Dispatcher:
         self.local_experts = local_experts(self.expert_to_rank, self.rank)
         self.slot_E = slot_of_expert(self.expert_to_rank)
         self._expert_of_slot_S = torch.argsort(self.slot_E).numpy()
+        self._local_L = np.array(self.local_experts, dtype=np.int64)
         self._owner_EW = np.eye(self.ep_size, dtype=np.int64)[list(self.expert_to_rank)]  # one-hot owner rank
         self.slowdown = injected_slowdown()
 
@@ -264,7 +267,7 @@ class Dispatcher:
             per_slot_S = _to_device(torch.from_numpy(kept[self.rank][self._expert_of_slot_S]), device)
         order_P = permute_order(ids_TK, keep_TK, self.slot_E, per_slot_S, chunks)
         send_CW = chunk_sizes(kept[self.rank], chunks) @ self._owner_EW  # copies sent per chunk and rank
-        recv_CWL = chunk_sizes(kept[:, list(self.local_experts)], chunks)
+        recv_CWL = chunk_sizes(kept[:, self._local_L], chunks)
         first, out = 0, []
         for send_W, recv_WL in zip(send_CW.tolist(), recv_CWL, strict=True):
             to_expert = to_source = None
