@@ -261,6 +261,11 @@ class Dispatcher:
         """Send order and per-chunk splits and reorder indices. ``kept_WE`` is on the host (the layer
         synced once after ``exchange_counts``), so every split is a host int with no further sync."""
         device = ids_TK.device
+        if self.group is None and chunks == 1:  # EP 1, serial: one chunk of every kept copy, nothing to reorder
+            rows = kept_WE[0].tolist()
+            chunk = Chunk(slice(0, sum(rows)), [sum(rows)], [sum(rows)], rows, None, None)
+            order_P = permute_order(ids_TK, keep_TK, self.slot_E)
+            return DispatchMeta(ids_TK.shape[0], ids_TK.shape[1], order_P, (chunk,))
         kept = kept_WE.numpy()
         per_slot_S = None
         if chunks > 1:  # kept copies per destination slot, for the chunk of each copy
