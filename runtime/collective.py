@@ -16,8 +16,10 @@ caching allocator could hand their memory to the compute stream while NCCL still
 Autograd: a start/wait pair is two ``Function``s sharing one ``_Handle``. In backward the order
 flips: ``_Wait.backward`` launches the reverse all-to-all (splits swapped) and ``_Start.backward``
 waits for it. The autograd engine runs other ready nodes in between (the expert backward of
-another chunk), so the backward exchanges overlap compute too. Every rank builds the same graph,
-so every rank issues the collectives in the same order.
+another chunk), so the backward exchanges overlap compute too. On one engine thread the engine
+runs the ready node created last first, so every rank launches and waits in the reverse of its
+forward order: the same order on every rank (this needs every gradient that reaches an exchange
+node on one device, as it is in the layer).
 
 ``transport = "local_copy"`` replaces the exchange by a copy of the same rows on this rank (the
 first min(sent, received) rows, the rest zero-filled): the compute-only step that exposed
@@ -87,6 +89,7 @@ class _Wait(torch.autograd.Function):
     def forward(ctx, out, handle):
         ctx.handle = handle
         handle.pending.wait()
+        handle.pending = None  # breaks output -> node -> handle -> Pending.out, should backward never run
         return out.view_as(out)
 
     @staticmethod

@@ -192,7 +192,7 @@ class Chunk:
     input_splits: list[int]  # copies sent to each rank
     output_splits: list[int]  # copies received from each rank
     tokens_per_expert: list[int]  # rows per local expert in the expert-major layout
-    to_expert_major_R: torch.Tensor | None  # received (source-major) -> expert-major; None if W = 1
+    to_expert_major_R: torch.Tensor | None  # received (source-major) -> expert-major; None without a group
     to_source_major_R: torch.Tensor | None  # its inverse
 
 
@@ -298,7 +298,7 @@ class Dispatcher:
         return x_TD.index_select(0, meta.order_P // meta.top_k)  # on CPU 5x faster than x_TD[idx]
 
     def exchange(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]):
-        """Launch an all-to-all (``.wait()`` for its rows); at EP = 1 the rows are already there."""
+        """Launch an all-to-all (``.wait()`` for its rows); without a group the rows are already there."""
         if self.group is None:
             return _Ready(x)
         return collective.start(x, output_splits, input_splits, self.group, self.transport)

@@ -12,7 +12,8 @@ lengths. Three interchangeable backends compute the two grouped GEMMs:
   bmm         pad every expert's rows to the longest run, one ``torch.bmm``
   loop        one expert at a time, its whole FFN: GEMM, activation, GEMM written in place into
               the output. An expert's hidden rows stay in cache between its two GEMMs and no
-              [R, H] intermediate is built or concatenated; at the seed shape on one CPU thread
+              [R, H] intermediate is built or concatenated (under autograd the experts'
+              outputs are concatenated once); at the seed shape on one CPU thread
               this is 4 % over the bare GEMMs where GEMM-all-then-activate-all cost 28 %.
 "auto" picks grouped_mm on CUDA devices that support it and loop elsewhere; the measurements
 behind that choice are in the README (``python -m moebench.tools.bench_experts``).

@@ -179,15 +179,18 @@ class MoELayer(nn.Module):
         meta = d.plan(plan.routing.ids_TK, plan.keep_TK, plan.kept_WE, chunks)
         x_PD = d.send(x_TD, meta)
         d.stall(start, device)
+        # one split, not a slice per chunk: under autograd each slice's backward would build a
+        # zero tensor of the whole send buffer
+        sends = x_PD.split([c.rows.stop - c.rows.start for c in meta.chunks])
 
         def launch_dispatch(i: int):
             c = meta.chunks[i]
             with span(f"dispatch[{i}]", device):
-                return d.exchange(x_PD[c.rows], c.output_splits, c.input_splits)
+                return d.exchange(sends[i], c.output_splits, c.input_splits)
 
         in_flight, combines = launch_dispatch(0), []
         for i, chunk in enumerate(meta.chunks):
-            ahead = launch_dispatch(i + 1) if i + 1 < chunks else None  # flows while chunk i computes
+            ahead = launch_dispatch(i + 1) if i + 1 < len(meta.chunks) else None  # flows while chunk i computes
             with span(f"dispatch[{i}].wait", device):
                 x_RD = d.to_expert_major(in_flight.wait(), chunk)
             with span(f"experts[{i}]", device):
@@ -196,7 +199,7 @@ class MoELayer(nn.Module):
                 combines.append(d.exchange(d.to_source_major(y_RD, chunk), chunk.input_splits, chunk.output_splits))
             in_flight = ahead
         with span("combine.wait", device):
-            if chunks == 1:
+            if len(meta.chunks) == 1:
                 return d.unpermute(
                     combines[0].wait(), meta, plan.routing.weights_TK, owned=True
                 )  # made here, used once
