@@ -253,15 +253,23 @@ def floor_fns(jobs: list, sink: list | None = None) -> dict:
 
 def _a2a_fn(jobs: list, group):
     """W > 1: ``all_to_all_single`` of random rows with each layer's exact dispatch splits."""
+    h_in = jobs[0][2]
+    exchanges = [(meta.output_splits, meta.input_splits) for *_, meta in jobs]
+    return raw_a2a_fn(exchanges, h_in.shape[1], h_in.dtype, h_in.device, group)
+
+
+def raw_a2a_fn(exchanges: list, hidden: int, dtype: torch.dtype, device: torch.device, group):
+    """``(output_splits, input_splits)`` pairs as raw synchronous ``all_to_all_single`` calls on
+    random rows, back to back (the reference a dispatch or an overlapped step is measured against)."""
     buffers = []
-    for _, _, h_in, _, meta in jobs:
-        send = h_in.new_empty(sum(meta.input_splits), h_in.shape[1]).normal_()
-        recv = h_in.new_empty(sum(meta.output_splits), h_in.shape[1])
-        buffers.append((recv, send, meta.output_splits, meta.input_splits))
+    for output_splits, input_splits in exchanges:
+        send = torch.empty(sum(input_splits), hidden, dtype=dtype, device=device).normal_()
+        recv = torch.empty(sum(output_splits), hidden, dtype=dtype, device=device)
+        buffers.append((recv, send, list(output_splits), list(input_splits)))
 
     def a2a():
-        for recv, send, out_splits, in_splits in buffers:
-            dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+        for recv, send, output_splits, input_splits in buffers:
+            dist.all_to_all_single(recv, send, output_splits, input_splits, group=group)
 
     return a2a
 

@@ -27,10 +27,9 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from moebench import metrics as M
-from moebench.kinds.common import dispatch_jobs, progress_after_warmup, ratios, step_fn
+from moebench.kinds.common import dispatch_jobs, progress_after_warmup, ratios, raw_a2a_fn, step_fn
 from moebench.timing import time_interleaved
 from runtime.dispatch import DispatchMeta
 
@@ -114,21 +113,6 @@ def a2a_exchanges(metas: list[DispatchMeta], train: bool) -> list[tuple[list[int
     return forward + backward
 
 
-def a2a_alone_fn(exchanges: list, hidden: int, dtype: torch.dtype, device: torch.device, group):
-    """The exchanges as raw synchronous ``all_to_all_single`` calls on random rows, back to back."""
-    buffers = []
-    for output_splits, input_splits in exchanges:
-        send = torch.empty(sum(input_splits), hidden, dtype=dtype, device=device).normal_()
-        recv = torch.empty(sum(output_splits), hidden, dtype=dtype, device=device)
-        buffers.append((recv, send, list(output_splits), list(input_splits)))
-
-    def a2a_alone():
-        for recv, send, output_splits, input_splits in buffers:
-            dist.all_to_all_single(recv, send, output_splits, input_splits, group=group)
-
-    return a2a_alone
-
-
 def overlap_plans(stack: MoEStack, x_TD: torch.Tensor, dtype: torch.dtype) -> list[DispatchMeta]:
     """Each layer's dispatch plan at its ``overlap_chunks``, on the input it sees in a forward pass."""
     return [
@@ -147,7 +131,7 @@ def overlap_functions(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor) -
         "overlapped": step,
         "serial": in_mode(step, stack, chunks=1),
         "compute_only": in_mode(step, stack, transport="local_copy"),
-        "a2a_alone": a2a_alone_fn(exchanges, moe.hidden_size, moe.torch_dtype, ctx.device, group),
+        "a2a_alone": raw_a2a_fn(exchanges, moe.hidden_size, moe.torch_dtype, ctx.device, group),
     }
 
 
