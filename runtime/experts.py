@@ -6,11 +6,13 @@ F = FFN hidden, H = F (gelu) or 2F (swiglu: gate then up, fused into one matrix)
 Each expert is a bias-free FFN:
   gelu:   y = gelu(x · W_in) · W_down                  W_in: [D, F]
   swiglu: y = (silu(x · W_in[:, :F]) ⊙ x · W_in[:, F:]) · W_down     W_in: [D, 2F]
-with W_down: [F, D]. Rows arrive sorted by local expert; ``tokens_per_expert`` gives the run
-lengths. Three interchangeable backends compute the two grouped GEMMs:
+with W_down: [F, D]. Rows arrive in runs of one local expert each: expert-major (run l is
+expert l, ``tokens_per_expert`` long), or, for the loop backend, as the all-to-all delivered them
+(one run per source rank and local expert, ``run_experts`` naming each run's expert: no reorder
+of the rows before or after). Three interchangeable backends compute the two grouped GEMMs:
   grouped_mm  ``torch._grouped_mm`` (one kernel per GEMM; CUDA sm90+ and recent CPU builds)
   bmm         pad every expert's rows to the longest run, one ``torch.bmm``
-  loop        one expert at a time, its whole FFN: GEMM, activation, GEMM written in place into
+  loop        one run at a time, its whole FFN: GEMM, activation, GEMM written in place into
               the output. An expert's hidden rows stay in cache between its two GEMMs and no
               [R, H] intermediate is built or concatenated (under autograd the experts'
               outputs are concatenated once); at the seed shape on one CPU thread
@@ -58,11 +60,14 @@ def _activate(h_RH: torch.Tensor, activation: str, inplace: bool) -> torch.Tenso
     return F.silu(gate_RF, inplace=True).mul_(up_RF) if inplace else F.silu(gate_RF) * up_RF
 
 
-def _ffn_loop(x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str) -> torch.Tensor:
-    """The loop backend: each expert's whole FFN in turn (see the module docstring)."""
+def _ffn_loop(x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str, run_experts=None) -> torch.Tensor:
+    """The loop backend: each run's whole FFN in turn (see the module docstring)."""
     chunks = torch.split(x_RD, counts)
     # unbind, not w[i]: under autograd its backward stacks the L grads once, not L full-size scatters
-    experts = zip(chunks, w_in_LDH.unbind(0), w_down_LFD.unbind(0), strict=True)
+    w_ins, w_downs = w_in_LDH.unbind(0), w_down_LFD.unbind(0)
+    if run_experts is not None:  # runs in any order, several per expert (rows as received at EP > 1)
+        w_ins, w_downs = [w_ins[l] for l in run_experts], [w_downs[l] for l in run_experts]
+    experts = zip(chunks, w_ins, w_downs, strict=True)
     if torch.is_grad_enabled() and (x_RD.requires_grad or w_in_LDH.requires_grad or w_down_LFD.requires_grad):
         return torch.cat([_activate(x @ w_in, activation, False) @ w_down for x, w_in, w_down in experts], dim=0)
     out_RD = x_RD.new_empty(x_RD.shape[0], w_down_LFD.shape[-1])
@@ -85,10 +90,16 @@ GEMMS = {"grouped_mm": _gmm_grouped, "bmm": _gmm_bmm}  # the grouped backends; "
 BACKENDS = (*GEMMS, "loop")
 
 
-def expert_ffn(x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str, backend: str) -> torch.Tensor:
-    """Apply local expert l to its ``counts[l]`` consecutive rows of ``x_RD``."""
+def expert_ffn(
+    x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str, backend: str, run_experts=None
+) -> torch.Tensor:
+    """Apply local expert l to its ``counts[l]`` consecutive rows of ``x_RD`` (expert-major). With
+    ``run_experts`` (loop backend only), ``counts`` are runs of rows in any order and run i belongs
+    to local expert ``run_experts[i]``."""
     if backend == "loop":
-        return _ffn_loop(x_RD, w_in_LDH, w_down_LFD, counts, activation)
+        return _ffn_loop(x_RD, w_in_LDH, w_down_LFD, counts, activation, run_experts)
+    if run_experts is not None:
+        raise ValueError(f"expert backend {backend!r} needs its rows expert-major: run_experts is for 'loop'")
     gmm = GEMMS[backend]
     return gmm(_activate(gmm(x_RD, w_in_LDH, counts), activation, False), w_down_LFD, counts)
 
@@ -103,7 +114,18 @@ class GroupedExperts(nn.Module):
         self.w_in_LDH = nn.Parameter(torch.empty(num_local, hidden, width, dtype=dtype))
         self.w_down_LFD = nn.Parameter(torch.empty(num_local, ffn_hidden, hidden, dtype=dtype))
 
-    def forward(self, x_RD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def resolved_backend(self) -> str:
+        """The backend "auto" stands for on these weights' device and dtype (``resolve_backend``)."""
         dims = (self.w_in_LDH.shape[1], self.w_in_LDH.shape[2], self.w_down_LFD.shape[1])
-        backend = resolve_backend(self.backend, x_RD.device, x_RD.dtype, dims)
-        return expert_ffn(x_RD, self.w_in_LDH, self.w_down_LFD, tokens_per_expert, self.activation, backend)
+        return resolve_backend(self.backend, self.w_in_LDH.device, self.w_in_LDH.dtype, dims)
+
+    @property
+    def expert_major(self) -> bool:
+        """Whether the backend needs its rows expert-major; the loop backend takes any runs."""
+        return self.resolved_backend() != "loop"
+
+    def forward(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:
+        """``runs``: rows per local expert (expert-major), or, with ``run_experts``, runs of rows of
+        local expert ``run_experts[i]`` each (``expert_ffn``)."""
+        backend = self.resolved_backend()
+        return expert_ffn(x_RD, self.w_in_LDH, self.w_down_LFD, runs, self.activation, backend, run_experts)

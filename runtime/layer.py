@@ -176,7 +176,7 @@ class MoELayer(nn.Module):
         dispatch 0, dispatch 1, combine 0, dispatch 2, combine 1, ..., combine C−1."""
         d, device, chunks = self.dispatcher, x_TD.device, self.overlap_chunks
         start = time.perf_counter()
-        meta = d.plan(plan.routing.ids_TK, plan.keep_TK, plan.kept_WE, chunks)
+        meta = d.plan(plan.routing.ids_TK, plan.keep_TK, plan.kept_WE, chunks, self.experts.expert_major)
         x_PD = d.send(x_TD, meta)
         d.stall(start, device)
         # one split, not a slice per chunk: under autograd each slice's backward would build a
@@ -194,7 +194,7 @@ class MoELayer(nn.Module):
             with span(f"dispatch[{i}].wait", device):
                 x_RD = d.to_expert_major(in_flight.wait(), chunk)
             with span(f"experts[{i}]", device):
-                y_RD = self.experts(x_RD, chunk.tokens_per_expert)
+                y_RD = self.experts(x_RD, chunk.runs, chunk.run_experts)
             with span(f"combine[{i}]", device):  # flows while chunk i+1 computes
                 combines.append(d.exchange(d.to_source_major(y_RD, chunk), chunk.input_splits, chunk.output_splits))
             in_flight = ahead

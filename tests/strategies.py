@@ -54,9 +54,11 @@ def bincount_E(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
 
 
-def ffn_rows_fp64(x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str) -> torch.Tensor:
-    """One row at a time in fp64: row i goes through the expert whose run contains it."""
-    expert_of_row = [l for l, c in enumerate(counts) for _ in range(c)]
+def ffn_rows_fp64(x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str, run_experts=None) -> torch.Tensor:
+    """One row at a time in fp64: row i goes through the expert whose run contains it (run j is
+    expert j, or ``run_experts[j]`` when given)."""
+    expert_of_run = run_experts if run_experts is not None else range(len(counts))
+    expert_of_row = [l for l, c in zip(expert_of_run, counts, strict=True) for _ in range(c)]
     ffn = w_down_LFD.shape[1]
     rows = []
     for i, l in enumerate(expert_of_row):

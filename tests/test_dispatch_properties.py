@@ -7,11 +7,13 @@ arithmetic or fp64 tensor arithmetic written out in the tests.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import FAST, bincount_E, choices_TK, logits_TE
 
 from runtime.dispatch import (
+    AllToAllDispatcher,
     LocalDispatcher,
     expert_to_source_major,
     permute_order,
@@ -147,3 +149,23 @@ def test_local_dispatch_sends_token_rows_expert_major_with_kept_counts_as_run_le
     assert x_PD[:, 0].long().tolist() == [t for _, t in expected]
     runs = [sum(1 for e, _ in expected if e == l) for l in range(len(meta.tokens_per_expert))]
     assert meta.tokens_per_expert == runs
+
+
+def test_plan_gives_the_loop_backend_rows_as_received_and_grouped_backends_expert_major(monkeypatch):
+    # rank 0 of 2 (planning runs no collective): experts 0 and 1 on rank 0, 2 and 3 on rank 1
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    dispatcher = AllToAllDispatcher((0, 0, 1, 1), group=object())
+    ids_TK = torch.tensor([[0, 3], [0, 3], [1, 3]])  # rank 0's copies: e0 twice, e1 once, e3 three times
+    keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+    kept_WE = torch.tensor([[2, 1, 0, 3], [1, 4, 2, 0]])
+    # rank 0 receives, source-major: from itself e0 ×2, e1 ×1; from rank 1 e0 ×1, e1 ×4
+    (received,) = dispatcher.plan(ids_TK, keep_TK, kept_WE, expert_major=False).chunks
+    assert (received.runs, received.run_experts) == ([2, 1, 1, 4], [0, 1, 0, 1])
+    assert received.to_expert_major_R is None and received.to_source_major_R is None
+    (grouped,) = dispatcher.plan(ids_TK, keep_TK, kept_WE, expert_major=True).chunks
+    assert (grouped.runs, grouped.run_experts) == ([3, 5], None)
+    assert grouped.to_expert_major_R.tolist() == [0, 1, 3, 2, 4, 5, 6, 7]  # e0: rows 0, 1, 3; e1: 2, 4-7
+    assert grouped.to_source_major_R.tolist() == [0, 1, 3, 2, 4, 5, 6, 7]  # its inverse (here its own)
+    for chunk in (received, grouped):
+        assert (chunk.input_splits, chunk.output_splits, chunk.tokens_per_expert) == ([3, 3], [3, 5], [3, 5])

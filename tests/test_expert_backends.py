@@ -50,6 +50,34 @@ def test_expert_backend_handles_empty_experts_and_all_rows_on_one_expert(backend
     torch.testing.assert_close(y_RD.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), num_local=st.integers(1, 4), activation=st.sampled_from(["gelu", "swiglu"]))
+def test_loop_backend_takes_runs_in_any_order_with_their_experts(data, num_local, activation):
+    # rows as received at EP > 1: runs (source rank, local expert), several runs per expert
+    run_experts = data.draw(st.lists(st.integers(0, num_local - 1), min_size=1, max_size=8))
+    counts = data.draw(st.lists(st.integers(0, 4), min_size=len(run_experts), max_size=len(run_experts)))
+    assume(sum(counts) > 0)
+    w_in_LDH, w_down_LFD = expert_weights(num_local, activation, seed=5)
+    x_RD = torch.randn(sum(counts), 8, generator=torch.Generator().manual_seed(6))
+    expected = ffn_rows_fp64(x_RD, w_in_LDH, w_down_LFD, counts, activation, run_experts)
+    got = expert_ffn(x_RD, w_in_LDH, w_down_LFD, counts, activation, "loop", run_experts)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    # under autograd too: each weight's gradient collects every run of its expert
+    leaves = [t.clone().requires_grad_(True) for t in (x_RD, w_in_LDH, w_down_LFD)]
+    expert_ffn(*leaves, counts, activation, "loop", run_experts).sum().backward()
+    leaves64 = [t.double().requires_grad_(True) for t in (x_RD, w_in_LDH, w_down_LFD)]
+    ffn_rows_fp64(*leaves64, counts, activation, run_experts).sum().backward()
+    for t, t64 in zip(leaves, leaves64, strict=True):
+        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["bmm", "grouped_mm"])
+def test_grouped_backends_refuse_runs_out_of_expert_order(backend):
+    w_in_LDH, w_down_LFD = expert_weights(2, "gelu", seed=1)
+    with pytest.raises(ValueError, match="expert-major"):
+        expert_ffn(torch.randn(3, 8), w_in_LDH, w_down_LFD, [1, 2], "gelu", backend, [1, 0])
+
+
 def _grads(backend, x_RD, w_in_LDH, w_down_LFD, counts, activation, g_RD):
     leaves = [t.clone().requires_grad_(True) for t in (x_RD, w_in_LDH, w_down_LFD)]
     (expert_ffn(*leaves, counts, activation, backend) * g_RD).sum().backward()

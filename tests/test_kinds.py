@@ -52,7 +52,9 @@ def test_combine_inverts_dispatch_when_capacity_drops_copies(monkeypatch):
     # A dispatcher that hands combine its rows one place off breaks the round trip.
     dispatcher = stack.layers[0].dispatcher
     original = dispatcher.dispatch
-    monkeypatch.setattr(dispatcher, "dispatch", lambda *a: (lambda x_RD, meta: (x_RD.roll(1, 0), meta))(*original(*a)))
+    monkeypatch.setattr(
+        dispatcher, "dispatch", lambda *a, **kw: (lambda x_RD, meta: (x_RD.roll(1, 0), meta))(*original(*a, **kw))
+    )
     assert dispatch.round_trip_error(stack, x_TD) > 0.1
 
 

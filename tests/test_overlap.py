@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
 from moebench.launch import launch
 from runtime import MoEConfig, MoELayer, ParallelConfig, collective, init_weights
-from runtime.dispatch import chunk_sizes, permute_order, slot_of_expert
+from runtime.dispatch import _permute_order_torch, chunk_sizes, permute_order, slot_of_expert
 
 # ---------------------------------------------------------------------------------------------
 # Chunking, pure
@@ -51,6 +51,9 @@ def test_chunked_send_order_is_chunk_then_slot_then_token(data, num_experts, ep_
     per_slot_S = torch.zeros_like(kept_E).index_copy_(0, slot_E, kept_E)
     order_P = permute_order(ids_TK, keep_TK, slot_E, per_slot_S, chunks).tolist()
     serial_P = permute_order(ids_TK, keep_TK, slot_E).tolist()
+    # on CPU that is numpy's; the torch ops CUDA runs give the same orders
+    assert _permute_order_torch(ids_TK, keep_TK, slot_E, per_slot_S, chunks).tolist() == order_P
+    assert _permute_order_torch(ids_TK, keep_TK, slot_E, None, 1).tolist() == serial_P
     assert sorted(order_P) == sorted(serial_P)  # the same copies, each once
     # Rebuild the expected order: copy j of the n for a slot goes to chunk ceil((j+1)C/n) - 1
     flat_ids = ids_TK.reshape(-1)
@@ -100,6 +103,9 @@ def _cases() -> list[Case]:
         cases.append(Case(f"empty-rank-C{chunks}", _moe(top_k=2), par_extra=extra, empty_rank=True))
         a2a = {"dispatcher": "all_to_all"}  # the collective path at W = 1 too
         cases.append(Case(f"a2a-path-C{chunks}", _moe(top_k=2, capacity_factor=1.25), par_extra=extra, **a2a))
+        # a grouped backend takes its rows expert-major: the chunks' reorders run (loop takes them as received)
+        bmm = _moe(top_k=2, capacity_factor=1.25, activation="swiglu", expert_backend="bmm")
+        cases.append(Case(f"bmm-backend-C{chunks}", bmm, par_extra=extra))
     return cases
 
 

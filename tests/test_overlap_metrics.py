@@ -127,8 +127,8 @@ def test_the_mode_switch_restores_chunks_and_transport_even_when_the_step_raises
 
 def _meta(*chunks: tuple[list[int], list[int]]) -> DispatchMeta:
     """A plan whose chunks have these (input_splits, output_splits)."""
-    made = [Chunk(slice(0, 0), i, o, [], None, None) for i, o in chunks]
-    return DispatchMeta(num_tokens=0, top_k=1, order_P=torch.empty(0), chunks=tuple(made))
+    made = [Chunk(slice(0, 0), i, o, [], [], None, None, None) for i, o in chunks]
+    return DispatchMeta(num_tokens=0, top_k=1, order_P=torch.empty(0), token_P=torch.empty(0), chunks=tuple(made))
 
 
 def test_the_raw_all_to_alls_are_each_chunks_dispatch_and_combine_and_in_training_their_reverses():

@@ -190,7 +190,8 @@ def collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, 
 
         def dispatch_all():
             for layer, plan, h_in, _, _ in jobs:
-                layer.dispatcher.dispatch(h_in, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+                routing = (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+                layer.dispatcher.dispatch(h_in, *routing, expert_major=layer.experts.expert_major)
 
         def combine_all():
             for layer, plan, _, x_RD, meta in jobs:
@@ -215,7 +216,8 @@ def dispatch_jobs(stack: MoEStack, x_TD: torch.Tensor, dtype: torch.dtype) -> li
         for layer in stack.layers:
             plan = layer.plan(h_TD)
             h_in = h_TD.to(dtype)
-            x_RD, meta = layer.dispatcher.dispatch(h_in, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+            routing = (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+            x_RD, meta = layer.dispatcher.dispatch(h_in, *routing, expert_major=layer.experts.expert_major)
             jobs.append((layer, plan, h_in, x_RD, meta))
             h_TD = h_TD + layer(h_TD).out_TD
     return jobs

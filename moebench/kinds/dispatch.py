@@ -54,7 +54,8 @@ def round_trip_error(stack: MoEStack, x_TD: torch.Tensor) -> float:
     layer = stack.layers[0]
     with torch.no_grad():
         plan = layer.plan(x_TD)
-        x_RD, meta = layer.dispatcher.dispatch(x_TD, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+        routing = (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+        x_RD, meta = layer.dispatcher.dispatch(x_TD, *routing, expert_major=layer.experts.expert_major)
         out_TD = layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta).double()
         kept_weight_T = (plan.routing.weights_TK * plan.keep_TK).sum(1, keepdim=True).double()
         want_TD = x_TD.double() * kept_weight_T
