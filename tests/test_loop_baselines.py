@@ -127,3 +127,15 @@ def test_serial_path_refuses_to_compare_a_different_function(monkeypatch, capsys
     assert (
         err.startswith("serial_path: the loop-over-experts block is not the layer's function") and err.count("\n") == 1
     )
+
+
+def test_serial_path_profile_prints_operators_per_forward(capsys):
+    text = serial_path.profile_layer(2, num_tokens=32, rows=40, hidden=16, ffn=32, experts=4)
+    lines = text.splitlines()
+    assert lines[0] == "EP 1 forward under torch.profiler, 32 tokens, 2 forwards; per forward:"
+    calls = {line.split()[0]: int(line.split()[-1]) for line in lines[3:-1]}
+    assert calls["aten::mm"] == 8  # two GEMMs per expert, 4 experts, per forward (not summed over forwards)
+    assert calls["route"] == 1 and calls["experts[0]"] == 1
+    threads = str(torch.get_num_threads())
+    assert serial_path.main(["--profile", "1", "--tokens", "8", "--threads", threads]) == 0
+    assert "aten::mm" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Where does the EP = 1 layer's forward spend its time beyond its expert GEMMs? Time the pieces side by side.
 
-    python -m moebench.tools.serial_path [--tokens 4096] [--repeats 15] [--threads 1]
+    python -m moebench.tools.serial_path [--tokens 4096] [--repeats 15] [--threads 1] [--profile 3]
 
 At the seed layer shape (D 512, F 1024, E 16, top-2 swiglu, EP 1, fp32, CPU) it times, forward and
 under ``no_grad``, in alternating rounds (``time_interleaved``, so round i of each is comparable):
@@ -17,7 +17,8 @@ under ``no_grad``, in alternating rounds (``time_interleaved``, so round i of ea
 and prints each one's median and the median over rounds of its round-by-round ratio to ``gemms``
 (and, for the layer, to ``block``). Before timing it checks, once, that the block's output equals
 the layer's within 1e-5 relative, so the comparison is of the same function. The README quotes its
-output.
+output. ``--profile N`` instead runs N layer forwards under ``torch.profiler`` and prints the
+operators by self CPU time per forward: where the time beyond the GEMMs (``aten::mm``) goes.
 """
 
 from __future__ import annotations
@@ -133,6 +134,31 @@ def measure(
     }
 
 
+def profile_layer(
+    forwards: int, num_tokens: int = 4096, rows: int = 15, hidden: int = 512, ffn: int = 1024, experts: int = 16
+) -> str:
+    """The layer's forward (the seed shape, as ``measure`` builds it) under ``torch.profiler``:
+    the top operators by self CPU time, in ms per forward."""
+    moe = MoEConfig(hidden, ffn, experts, top_k=2, activation="swiglu", dtype="float32")
+    layer = MoELayer(moe)
+    layer.load_global_weights(init_weights(moe, seed=0))
+    x_TD = tokens(num_tokens, moe.hidden_size, 0, stream=1)
+    with torch.no_grad():
+        layer(x_TD)  # warm-up, unprofiled
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(forwards):
+                layer(x_TD)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    table = [
+        [e.key, e.self_cpu_time_total / 1e3 / forwards, e.self_cpu_time_total / total_us, e.count // forwards]
+        for e in events[:rows]
+    ]
+    head = f"EP 1 forward under torch.profiler, {num_tokens} tokens, {forwards} forwards; per forward:"
+    body = tabulate(table, headers=["operator or range", "self ms", "share", "calls"], floatfmt=("", ".2f", ".3f"))
+    return "\n".join([head, body, f"{cpu_model()}, {torch.get_num_threads()} thread(s)"])
+
+
 def render(result: dict) -> str:
     """The table a person reads: per function, median and ratios, then the sample count and machine."""
     rows = [
@@ -162,11 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N forwards instead of timing")
     args = parser.parse_args(argv)
-    for name, least in (("tokens", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
+    for name, least in (("tokens", 1), ("repeats", 1), ("warmup", 0), ("threads", 1), ("profile", 0)):
         if getattr(args, name) < least:
             parser.error(f"--{name} = {getattr(args, name)} is invalid: accepted an integer >= {least}")
     torch.set_num_threads(args.threads)
+    if args.profile:
+        print(profile_layer(args.profile, args.tokens))
+        return 0
     try:
         result = measure(num_tokens=args.tokens, repeats=args.repeats, warmup=args.warmup)
     except RuntimeError as err:
