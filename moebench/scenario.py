@@ -26,13 +26,15 @@ import torch
 
 from moebench import kinds
 from moebench import trace as routing_trace
+from moebench.kinds.offload_timing import check_offload
 from moebench.kinds.overlap_timing import check_overlap
 from moebench.skew import target_shares
 from moebench.text import clip
 from moebench.workload import SKEWS
-from runtime import MoEConfig, ParallelConfig
+from runtime import MoEConfig, ParallelConfig, cache_policy
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
 from runtime.experts import GROUPED_MM_ALIGN
+from runtime.offload import PREFETCH
 from runtime.placement import place_experts
 
 KINDS = tuple(kinds.REGISTRY)
@@ -43,7 +45,7 @@ SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items() if kind.default_slos}
 
 REQUIRED = object()
-SWEEPABLE = ("model", "parallel", "workload")
+SWEEPABLE = ("model", "parallel", "workload", "offload")
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
 
@@ -138,6 +140,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, *_int(0, 2**32 - 1)),
         "train": Key(False, *_BOOL),
     },
+    "offload": {  # absent cache_slots: every expert resident, no offload timing
+        "cache_slots": Key(None, *_int(1, 2**16)),
+        "policy": Key("lru", *_choice(*cache_policy.POLICIES)),
+        "prefetch": Key("none", *_choice(*PREFETCH)),
+    },
 }
 _RUNTIME_FIELDS = {
     "hidden_size": ("model", "hidden"),
@@ -205,6 +212,7 @@ class RunSpec:
     workload: dict
     slos: tuple[Slo, ...]
     params: dict = field(default_factory=dict)  # the swept keys and their values in this run
+    offload: dict = field(default_factory=dict)  # [offload]; empty or cache_slots None: no offload
     record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
     trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
 
@@ -250,6 +258,7 @@ class RunSpec:
             "routing": self.routing,
             "parallel": self.parallel,
             "workload": self.workload,
+            **({"offload": self.offload} if self.offload.get("cache_slots") is not None else {}),
             "slo": slo,
         }
 
@@ -481,6 +490,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
             place_experts(spec.moe_config(), spec.parallel_config())
             _check_device(spec.parallel)
             check_overlap(spec.kind, spec.parallel["overlap_chunks"])
+            check_offload(spec)
             _check_grouped_mm(spec.model)
             _check_workload(spec)
         except ValueError as err:

@@ -27,6 +27,7 @@ from moebench import atomic
 from moebench import skew as S
 from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights
 from runtime.experts import expert_ffn
+from runtime.offload import OffloadConfig
 
 SKEWS = (*S.SKEWS, "trace")
 CALIBRATION_STREAM = 10**12  # random streams of the calibration, apart from every workload's (tokens use < 10**10)
@@ -168,15 +169,55 @@ class MoEStack(nn.Module):
         )
         for layer, w in zip(self.layers, weights, strict=True):
             layer.load_global_weights(w)
+        self._prefetch, self._recorded, self._calls = "none", None, 0
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Returns the stack's output and each layer's ``MoEOutput``."""
+        """Returns the stack's output and each layer's ``MoEOutput``. With offload and a prefetch,
+        layer l+1's guessed experts are loaded before layer l computes (``offload``)."""
         outputs = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if self._prefetch != "none" and i + 1 < len(self.layers):
+                self._prefetch_next(i + 1, x_TD)
             result = layer(x_TD)
             x_TD = x_TD + result.out_TD
             outputs.append(result)
+        self._calls += 1
         return x_TD, outputs
+
+    def needed_experts(self, outputs: list) -> list[list[int]]:
+        """Per layer, the local experts (indices into the rank's L) that had rows in a forward with
+        these ``MoEOutput``s: what an offloaded layer accesses, in the order it does (by index)."""
+        return [
+            [i for i, e in enumerate(layer.local_experts) if int(r.kept_WE[:, e].sum()) > 0]
+            for layer, r in zip(self.layers, outputs, strict=True)
+        ]
+
+    def offload(self, config: OffloadConfig, recorded: list[list[list[int]]] | None = None) -> None:
+        """Every layer's experts in host memory behind a device cache (``runtime/offload.py``).
+
+        ``recorded[s][l]``: the experts layer l needs at step s of the stream the stack will run,
+        ``needed_experts`` of an all-resident pass over it, forward call k being step k mod len.
+        Belady replays it, and prefetch "oracle" loads exactly it. Prefetch "next_layer" guesses
+        layer l+1's experts from its router applied to layer l's input: this rank's tokens only
+        (the tokens other ranks send are not seen), the most chosen first."""
+        if (config.policy == "belady" or config.prefetch == "oracle") and not recorded:
+            modes = f"policy {config.policy!r}, prefetch {config.prefetch!r}"
+            raise ValueError(f"offload with {modes} needs the recorded stream (recorded)")
+        for l, layer in enumerate(self.layers):
+            sequence = [e for step in recorded for e in step[l]] if recorded else None
+            layer.offload(config, sequence)
+        self._prefetch, self._recorded, self._calls = config.prefetch, recorded, 0
+
+    def _prefetch_next(self, l: int, h_TD: torch.Tensor) -> None:
+        layer = self.layers[l]
+        if self._prefetch == "oracle":
+            experts = self._recorded[self._calls % len(self._recorded)][l]
+        else:
+            ids = layer.router(h_TD).ids_TK.reshape(-1)
+            local = torch.tensor(layer.local_experts, device=ids.device)
+            counts_L = torch.bincount(ids, minlength=layer.moe.num_experts)[local].tolist()  # sync: a host list
+            experts = sorted((i for i, n in enumerate(counts_L) if n), key=lambda i: -counts_L[i])
+        layer.experts.cache.prefetch(experts)
 
     def reduce_replicated_grads(self) -> None:
         for layer in self.layers:

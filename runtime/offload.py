@@ -1,0 +1,217 @@
+"""CPU offload of experts: every local expert's weights in host memory, a few on the compute device.
+
+``OffloadedExperts`` replaces a layer's ``GroupedExperts`` (``MoELayer.offload``). It keeps all
+L local experts' weights in host memory (pinned when the device is CUDA) and an ``ExpertCache`` of
+``cache_slots`` experts on the device: two slot tensors, [S, D, H] and [S, F, D], allocated once,
+so the device never holds more than S experts' weights whatever the routing (prefetches load into
+the same slots). A forward needs expert e (it has rows this step): a hit uses its slot; a miss
+copies e in, first evicting the expert the policy names (runtime/cache_policy.py) when the slots
+are full. Experts are computed one at a time, each with the loop backend's FFN on its runs, so
+S = 1 works; the outputs are bitwise those of the all-resident layer (the same bytes, the same
+ops). Inference only: a forward that needs gradients is refused.
+
+Prefetch (``prefetch(experts)``): load experts a later forward is expected to need, evicting by
+policy, and score the guess when that forward comes: ``prefetch_accuracy`` = predicted experts that
+were used / predicted. What to predict is the stack's business (moebench/workload.py: the next
+layer's router on this layer's input, or the recorded truth).
+
+Copies. On CUDA every copy runs on the cache's own copy stream, so a prefetch issued before a
+layer computes flows while it computes. Two hand-offs per slot, both CUDA events: before the copy
+stream overwrites a slot it waits for the compute stream's last use of it (``_freed``); before
+the compute stream reads a slot it waits for the copy that filled it (``_filled``). Host weights
+are pinned, so the copies are truly asynchronous. On CPU the same calls are plain host copies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from runtime import cache_policy
+from runtime.experts import GroupedExperts, _activate
+
+PREFETCH = ("none", "next_layer", "oracle")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """``cache_slots`` experts of a rank's layer resident on the device; ``policy`` evicts;
+    ``prefetch`` says what the stack loads ahead (see ``moebench.workload.MoEStack``)."""
+
+    cache_slots: int
+    policy: str = "lru"
+    prefetch: str = "none"
+
+    def __post_init__(self):
+        if isinstance(self.cache_slots, bool) or not isinstance(self.cache_slots, int) or self.cache_slots < 1:
+            raise ValueError(f"OffloadConfig.cache_slots = {self.cache_slots!r} is invalid: accepted an integer >= 1")
+        if self.policy not in cache_policy.POLICIES:
+            accepted = ", ".join(map(repr, cache_policy.POLICIES))
+            raise ValueError(f"OffloadConfig.policy = {self.policy!r} is invalid: accepted one of {accepted}")
+        if self.prefetch not in PREFETCH:
+            accepted = ", ".join(map(repr, PREFETCH))
+            raise ValueError(f"OffloadConfig.prefetch = {self.prefetch!r} is invalid: accepted one of {accepted}")
+
+
+@dataclass
+class CacheStats:
+    """Counts since the cache was built (or ``reset``)."""
+
+    accesses: int = 0  # (forward, expert) pairs with rows
+    hits: int = 0
+    misses_E: list[int] = field(default_factory=list)  # per local expert
+    copied_experts: int = 0  # copies into a slot, misses and prefetches
+    h2d_bytes: int = 0
+    copy_s: float = 0.0  # time the copies took (CUDA: on the copy stream; call ``ExpertCache.copy_seconds``)
+    predicted: int = 0  # experts a prefetch named
+    predicted_used: int = 0  # of those, used by the next forward
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else float("nan")
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        return self.predicted_used / self.predicted if self.predicted else float("nan")
+
+
+class ExpertCache:
+    """``slots`` device slots over the L experts held in host memory (see the module docstring)."""
+
+    def __init__(self, w_in_LDH: torch.Tensor, w_down_LFD: torch.Tensor, slots: int, policy, device):
+        num_local = w_in_LDH.shape[0]
+        if slots > num_local:
+            raise ValueError(
+                f"OffloadConfig.cache_slots = {slots} is invalid: accepted 1 to {num_local} (the experts on this rank)"
+            )
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.host_in_LDH = w_in_LDH.detach().cpu().contiguous()
+        self.host_down_LFD = w_down_LFD.detach().cpu().contiguous()
+        if cuda:  # pinned: an asynchronous copy needs page-locked host memory
+            self.host_in_LDH, self.host_down_LFD = self.host_in_LDH.pin_memory(), self.host_down_LFD.pin_memory()
+        self.slot_in_SDH = torch.empty((slots, *w_in_LDH.shape[1:]), dtype=w_in_LDH.dtype, device=self.device)
+        self.slot_down_SFD = torch.empty((slots, *w_down_LFD.shape[1:]), dtype=w_down_LFD.dtype, device=self.device)
+        self.policy = policy
+        self.slot_of: dict[int, int] = {}  # resident expert -> its slot
+        self._free = list(range(slots - 1, -1, -1))
+        self.stats = CacheStats(misses_E=[0] * num_local)
+        self._predicted: set[int] = set()
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._filled = [torch.cuda.Event() for _ in range(slots)] if cuda else None
+        self._freed = [torch.cuda.Event() for _ in range(slots)] if cuda else None
+        self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA: start, end of each copy
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (what a miss copies)."""
+        return (self.host_in_LDH[0].numel() + self.host_down_LFD[0].numel()) * self.host_in_LDH.element_size()
+
+    def reset_stats(self) -> None:
+        self.copy_seconds()  # CUDA: settle the copies in flight, so they count before the reset
+        self.stats = CacheStats(misses_E=[0] * len(self.stats.misses_E))
+
+    def copy_seconds(self) -> float:
+        """``stats.copy_s`` with every copy issued so far counted (CUDA: waits for them)."""
+        for start, end in self._copy_events:
+            end.synchronize()  # sync: a copy's time is known once the copy stream has passed it
+            self.stats.copy_s += start.elapsed_time(end) / 1e3
+        self._copy_events.clear()
+        return self.stats.copy_s
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (w_in, w_down) on the device, for the forward now computing it: an access."""
+        self.policy.access(e)
+        self.stats.accesses += 1
+        if e in self.slot_of:
+            self.stats.hits += 1
+        else:
+            self.stats.misses_E[e] += 1
+            self._load(e)
+        s = self.slot_of[e]
+        if self._filled is not None:
+            # hand-off: the compute stream reads slot s only after the copy stream has filled it
+            torch.cuda.current_stream(self.device).wait_event(self._filled[s])
+        return self.slot_in_SDH[s], self.slot_down_SFD[s]
+
+    def done_with(self, e: int) -> None:
+        """The forward has issued its last use of e's slot (CUDA: record when the compute stream is past it)."""
+        if self._freed is not None:
+            self._freed[self.slot_of[e]].record(torch.cuda.current_stream(self.device))
+
+    def prefetch(self, experts: list[int]) -> None:
+        """Load ``experts`` (most wanted first; at most the slots' number) ahead of the next forward."""
+        experts = list(experts)[: len(self.slot_in_SDH)]
+        self._predicted = set(experts)
+        pinned = set(experts)
+        for e in experts:
+            if e not in self.slot_of:
+                self._load(e, keep=pinned)
+
+    def end_forward(self, used: set[int]) -> None:
+        """Score the last prefetch against the experts this forward used."""
+        if self._predicted:
+            self.stats.predicted += len(self._predicted)
+            self.stats.predicted_used += len(self._predicted & used)
+            self._predicted = set()
+
+    def _load(self, e: int, keep: set[int] = frozenset()) -> None:
+        if self._free:
+            s = self._free.pop()
+        else:  # evict: never an expert this prefetch is loading
+            candidates = set(self.slot_of) - keep
+            s = self.slot_of.pop(self.policy.victim(candidates or set(self.slot_of)))
+        self.slot_of[e] = s
+        self.policy.admit(e)
+        self.stats.copied_experts += 1
+        self.stats.h2d_bytes += self.expert_bytes
+        if self._copy_stream is None:
+            start = time.perf_counter()
+            self.slot_in_SDH[s].copy_(self.host_in_LDH[e])
+            self.slot_down_SFD[s].copy_(self.host_down_LFD[e])
+            self.stats.copy_s += time.perf_counter() - start
+            return
+        # hand-off: the copy stream overwrites slot s only after the compute stream's last read of it
+        self._copy_stream.wait_event(self._freed[s])
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self._copy_stream):
+            start.record(self._copy_stream)
+            self.slot_in_SDH[s].copy_(self.host_in_LDH[e], non_blocking=True)
+            self.slot_down_SFD[s].copy_(self.host_down_LFD[e], non_blocking=True)
+            end.record(self._copy_stream)
+            self._filled[s].record(self._copy_stream)
+        self._copy_events.append((start, end))
+
+
+class OffloadedExperts(nn.Module):
+    """A layer's experts behind an ``ExpertCache``: the ``GroupedExperts`` interface, forward only."""
+
+    expert_major = False  # takes runs in any order, as the loop backend does
+
+    def __init__(self, experts: GroupedExperts, config: OffloadConfig, sequence: list[int] | None = None):
+        """``sequence``: the recorded accesses (local expert ids, forward after forward), for Belady."""
+        super().__init__()
+        self.activation, self.config = experts.activation, config
+        device = experts.w_in_LDH.device
+        policy = cache_policy.make(config.policy, sequence)
+        self.cache = ExpertCache(experts.w_in_LDH, experts.w_down_LFD, config.cache_slots, policy, device)
+
+    def forward(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and x_RD.requires_grad:
+            raise RuntimeError("offloaded experts are inference-only: run the forward under torch.no_grad()")
+        run_experts = run_experts if run_experts is not None else list(range(len(runs)))
+        out_RD = x_RD.new_empty(x_RD.shape[0], self.cache.slot_down_SFD.shape[-1])
+        by_expert: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for x, out, e, n in zip(torch.split(x_RD, runs), torch.split(out_RD, runs), run_experts, runs, strict=True):
+            if n:
+                by_expert.setdefault(e, []).append((x, out))
+        for e in sorted(by_expert):  # one access per expert per forward, in id order
+            w_in, w_down = self.cache.weights(e)
+            for x, out in by_expert[e]:
+                torch.mm(_activate(x @ w_in, self.activation, True), w_down, out=out)
+            self.cache.done_with(e)
+        self.cache.end_forward(set(by_expert))
+        return out_RD
