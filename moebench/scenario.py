@@ -30,7 +30,7 @@ from moebench.kinds.offload_timing import check_offload
 from moebench.kinds.overlap_timing import check_overlap
 from moebench.skew import target_shares
 from moebench.text import clip
-from moebench.workload import SKEWS
+from moebench.workload import MAX_STEPS, SKEWS
 from runtime import MoEConfig, ParallelConfig, cache_policy
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
 from runtime.experts import GROUPED_MM_ALIGN
@@ -76,11 +76,11 @@ def is_finite_number(value: object) -> bool:
         return False
 
 
-def _number(minimum: float) -> tuple:
+def _number(minimum: float, below: float | None = None) -> tuple:
     def valid(v):
-        return is_finite_number(v) and v >= minimum
+        return is_finite_number(v) and v >= minimum and (below is None or v < below)
 
-    return valid, f"a finite number >= {minimum:g}"
+    return valid, f"a finite number >= {minimum:g}" + ("" if below is None else f" and < {below:g}")
 
 
 def _choice(*choices: str) -> tuple:
@@ -134,6 +134,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "workload": {
         "tokens_per_rank": Key(REQUIRED, *_int(1, 2**31)),
+        "steps": Key(1, *_int(1, MAX_STEPS)),  # a decode-like stream of steps of tokens_per_rank tokens
+        "correlation": Key(0.0, *_number(0, below=1)),  # ρ between a token at consecutive steps
         "skew": Key("uniform", *_choice(*SKEWS)),
         "skew_param": Key(None, *_OPTIONAL_NUMBER),
         "trace": Key("", *_text(r"(?s).{0,4096}", 'a path to a routing trace (.npz or .json), with skew = "trace"')),

@@ -1,5 +1,5 @@
-"""What a scenario feeds the runtime: seeded weights with calibrated router skew, tokens, and
-stacks of layers.
+"""What a scenario feeds the runtime: seeded weights with calibrated router skew, tokens (also as a
+decode-like stream of correlated steps), and stacks of layers.
 
 Shape legend: T = tokens on this rank, N = calibration tokens, D = hidden, E = experts.
 
@@ -30,7 +30,13 @@ from runtime.experts import expert_ffn
 from runtime.offload import OffloadConfig
 
 SKEWS = (*S.SKEWS, "trace")
+# The random streams of one seed (``_generator``): tokens of rank r: r; the seeded expert order of a layer:
+# 10_000 + layer; the dense stack: 20_000; gradients: 500_000 + r; load_balance batch b: 1_000·(b + 1) + r;
+# the calibration: CALIBRATION_STREAM and + 1; step s ≥ 1 of a token stream: STEP_STREAM + s·2**16 + r.
 CALIBRATION_STREAM = 10**12  # random streams of the calibration, apart from every workload's (tokens use < 10**10)
+STEP_STREAM = 2 * 10**12  # the fresh noise of a token stream's steps: above the calibration's, below 3·10**12
+MAX_STEPS = 2**16  # steps of a token stream ([workload] steps)
+_RANKS = 2**16  # ranks a step's streams leave room for (world_size <= 2**16), so no two (step, rank) collide
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -154,6 +160,38 @@ def _forward_fp32(moe: MoEConfig, weights: MoEWeights, x_ND: torch.Tensor) -> to
 def tokens(num_tokens: int, hidden: int, seed: int, stream: int) -> torch.Tensor:
     """Random unit-variance tokens [num_tokens, hidden] (never zeros) for one rank and batch."""
     return torch.randn(num_tokens, hidden, generator=_generator(seed, stream))
+
+
+def step_stream(step: int, rank: int) -> int:
+    """The random stream of the fresh noise z_s of step ``step`` ≥ 1 of rank ``rank``'s token stream."""
+    return STEP_STREAM + step * _RANKS + rank
+
+
+def token_stream(
+    num_steps: int, num_tokens: int, hidden: int, seed: int, rank: int, correlation: float = 0.0
+) -> list[torch.Tensor]:
+    """A decode-like stream of ``num_steps`` token batches [num_tokens, hidden] for one rank, each
+    correlated with the one before, so that a real router routes consecutive steps alike.
+
+    Step 0 is ``tokens(num_tokens, hidden, seed, rank)``, the input every kind uses (so a stream of
+    one step is today's workload). Step s ≥ 1 is x_s = ρ·x_{s−1} + √(1−ρ²)·z_s, with ρ =
+    ``correlation`` in [0, 1) and z_s fresh unit-variance noise from its own seeded stream
+    (``step_stream``). Every element of every step is standard normal (so the router offsets
+    calibrated on unit-variance tokens hold at every step), and element i of x_s correlates with
+    element i of x_{s−k} by ρ^k. The steps are separate tensors, kept whole so that a caller can
+    index them (a harness cycles step = call mod num_steps): num_steps × num_tokens × hidden fp32
+    values in all.
+    """
+    if not 0 <= correlation < 1:
+        raise ValueError(f"correlation = {correlation!r} is invalid: accepted a number >= 0 and < 1")
+    if not (1 <= num_steps <= MAX_STEPS and 0 <= rank < _RANKS):
+        raise ValueError(f"num_steps = {num_steps}, rank = {rank}: accepted 1 to {MAX_STEPS} steps, rank < {_RANKS}")
+    keep, fresh = correlation, math.sqrt(1 - correlation**2)  # ρ² + (1 − ρ²) = 1: unit variance kept
+    steps = [tokens(num_tokens, hidden, seed, rank)]
+    for step in range(1, num_steps):
+        z_TD = tokens(num_tokens, hidden, seed, step_stream(step, rank))
+        steps.append(keep * steps[-1] + fresh * z_TD)  # a new tensor: the steps before stay as they were
+    return steps
 
 
 class MoEStack(nn.Module):
