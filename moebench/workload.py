@@ -242,8 +242,7 @@ class MoEStack(nn.Module):
             modes = f"policy {config.policy!r}, prefetch {config.prefetch!r}"
             raise ValueError(f"offload with {modes} needs the recorded stream (recorded)")
         for l, layer in enumerate(self.layers):
-            sequence = [e for step in recorded for e in step[l]] if recorded else None
-            layer.offload(config, sequence)
+            layer.offload(config, [step[l] for step in recorded] if recorded else None)
         self._prefetch, self._recorded, self._calls = config.prefetch, recorded, 0
 
     def _prefetch_next(self, l: int, h_TD: torch.Tensor) -> None:

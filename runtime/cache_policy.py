@@ -1,19 +1,23 @@
 """Eviction policies of the expert cache (runtime/offload.py): which resident expert to drop.
 
-A policy sees every access of the cache (``access(e)``: expert e is needed now, resident or not),
-every admission (``admit(e)``: e was copied in, on a miss or by a prefetch) and, when the cache is
-full and must load an expert, chooses the ``victim`` among the resident ones:
+A forward of a layer needs a set of experts (those with rows). The cache serves a step's set hits
+first, then the misses, each in id order (``step_order``): an expert the step still needs is
+then never resident when a miss evicts, so no policy evicts what it is about to use. A policy
+sees each step begin (``begin_step(needed)``) and end, every access (``access(e)``), every
+admission (``admit(e)``: e was copied in, on a miss or by a prefetch) and, when the cache is full
+and must load an expert, chooses the ``victim`` among the resident ones:
 
   lru     the expert used longest ago (an admission counts as a use);
   lfu     the expert accessed least often since the cache was built, ties to the least recently
           used (admissions by prefetch are not accesses);
-  belady  the expert whose next access lies furthest in the future, never-again first (Belady's
-          MIN: the fewest misses any policy can have on a known sequence, without prefetch). It
-          needs the sequence in advance: ``Belady(sequence)`` replays a recorded one, repeated
-          periodically, and refuses an access that departs from it.
+  belady  the expert whose next use lies furthest in the future, never-again first, ties to the
+          lower id (Belady's MIN: no policy has fewer misses on a known sequence of steps, without
+          prefetch). It needs the steps in advance: ``Belady(steps)`` replays a recorded sequence
+          of needed sets, repeated periodically, and refuses a step that departs from it.
 
-``simulate`` runs a policy over a sequence with no prefetch and counts hits: the pure function
-the invariants (Belady's hits ≥ LRU's and LFU's on every sequence) are tested on.
+``simulate`` runs a policy over a sequence of steps with no prefetch and counts hits: the pure
+function the invariants (Belady's hits ≥ LRU's and LFU's, and the exhaustive optimum, on every
+sequence) are tested on.
 """
 
 from __future__ import annotations
@@ -25,7 +29,17 @@ from collections import OrderedDict
 POLICIES = ("lru", "lfu", "belady")
 
 
-class LRU:
+class _Stepless:
+    """Policies that need no step boundaries."""
+
+    def begin_step(self, needed: list[int]) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+
+class LRU(_Stepless):
     def __init__(self):
         self._last_use: OrderedDict[int, None] = OrderedDict()  # least recent first
 
@@ -40,7 +54,7 @@ class LRU:
         return next(e for e in self._last_use if e in resident)
 
 
-class LFU:
+class LFU(_Stepless):
     def __init__(self):
         self._count: dict[int, int] = {}
         self._tick = itertools.count()
@@ -58,64 +72,83 @@ class LFU:
 
 
 class Belady:
-    """MIN over a known access sequence, repeated: access i is ``sequence[i mod len(sequence)]``."""
+    """MIN over a known sequence of steps, repeated: step i needs ``steps[i mod len(steps)]``."""
 
-    def __init__(self, sequence: list[int]):
-        if not sequence:
-            raise ValueError("Belady needs the recorded access sequence; it is empty")
-        self.sequence, self.position = list(sequence), 0
-        self._uses: dict[int, list[int]] = {}  # expert -> its positions within one period
-        for i, e in enumerate(self.sequence):
-            self._uses.setdefault(e, []).append(i)
+    def __init__(self, steps: list[list[int]]):
+        if not steps:
+            raise ValueError("Belady needs the recorded sequence of steps; it is empty")
+        self.steps = [sorted(set(step)) for step in steps]
+        self.step, self.inside, self.pending = 0, False, set()  # step: the current one, or the next
+        self._uses: dict[int, list[int]] = {}  # expert -> the steps of one period that need it
+        for i, step in enumerate(self.steps):
+            for e in step:
+                self._uses.setdefault(e, []).append(i)
+
+    def begin_step(self, needed: list[int]) -> None:
+        want = self.steps[self.step % len(self.steps)]
+        if sorted(set(needed)) != want:
+            raise RuntimeError(
+                f"Belady replay diverged at step {self.step}: experts {sorted(set(needed))} needed, the recorded "
+                f"sequence has {want} (the run must repeat the recorded steps in order)"
+            )
+        self.inside, self.pending = True, set(want)
 
     def access(self, e: int) -> None:
-        want = self.sequence[self.position % len(self.sequence)]
-        if e != want:
-            raise RuntimeError(
-                f"Belady replay diverged at access {self.position}: expert {e} accessed, the recorded sequence "
-                f"has {want} (the run must repeat the recorded steps in order)"
-            )
-        self.position += 1
+        self.pending.discard(e)
 
     def admit(self, e: int) -> None:
         pass
 
+    def end_step(self) -> None:
+        self.step, self.inside, self.pending = self.step + 1, False, set()
+
     def next_use(self, e: int) -> float:
-        """Position of the next access of ``e`` at or after ``self.position``; inf if never."""
+        """The step that next needs ``e``: the current one while it still does; inf if never."""
+        if e in self.pending:
+            return self.step
         uses = self._uses.get(e)
         if not uses:
             return float("inf")
-        period = len(self.sequence)
-        base, offset = divmod(self.position, period)
+        first = self.step + 1 if self.inside else self.step
+        period = len(self.steps)
+        base, offset = divmod(first, period)
         i = bisect.bisect_left(uses, offset)
         return base * period + (uses[i] if i < len(uses) else period + uses[0])
 
     def victim(self, resident: set[int]) -> int:
-        # at a miss the access being served has already been counted, so ``position`` is the next one
         return max(sorted(resident), key=self.next_use)
 
 
-def make(policy: str, sequence: list[int] | None = None):
-    """A fresh policy by name (``sequence``: Belady's recorded accesses)."""
+def make(policy: str, steps: list[list[int]] | None = None):
+    """A fresh policy by name (``steps``: the recorded needed sets Belady replays)."""
     if policy == "lru":
         return LRU()
     if policy == "lfu":
         return LFU()
     if policy == "belady":
-        return Belady(sequence or [])
+        return Belady(steps or [])
     raise ValueError(f"cache policy = {policy!r} is invalid: accepted one of {', '.join(map(repr, POLICIES))}")
 
 
-def simulate(policy: str, sequence: list[int], slots: int) -> int:
-    """Hits of a ``slots``-entry cache serving ``sequence`` once (no prefetch), starting empty."""
-    p, resident, hits = make(policy, sequence), set(), 0
-    for e in sequence:
-        p.access(e)
-        if e in resident:
-            hits += 1
-            continue
-        if len(resident) == slots:
-            resident.remove(p.victim(resident))
-        resident.add(e)
-        p.admit(e)
+def step_order(needed, resident) -> list[int]:
+    """The order a step's accesses are served in: its resident experts, then the others, by id."""
+    needed = sorted(set(needed))
+    return [e for e in needed if e in resident] + [e for e in needed if e not in resident]
+
+
+def simulate(policy: str, steps: list[list[int]], slots: int) -> int:
+    """Hits of a ``slots``-entry cache serving ``steps`` once (no prefetch), starting empty."""
+    p, resident, hits = make(policy, steps), set(), 0
+    for needed in steps:
+        p.begin_step(needed)
+        for e in step_order(needed, resident):
+            p.access(e)
+            if e in resident:
+                hits += 1
+                continue
+            if len(resident) == slots:
+                resident.remove(p.victim(resident))
+            resident.add(e)
+            p.admit(e)
+        p.end_step()
     return hits

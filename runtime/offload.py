@@ -6,9 +6,10 @@ L local experts' weights in host memory (pinned when the device is CUDA) and an 
 so the device never holds more than S experts' weights whatever the routing (prefetches load into
 the same slots). A forward needs expert e (it has rows this step): a hit uses its slot; a miss
 copies e in, first evicting the expert the policy names (runtime/cache_policy.py) when the slots
-are full. Experts are computed one at a time, each with the loop backend's FFN on its runs, so
-S = 1 works; the outputs are bitwise those of the all-resident layer (the same bytes, the same
-ops). Inference only: a forward that needs gradients is refused.
+are full. Experts are computed one at a time, the resident ones first (so a miss never evicts an
+expert this forward still needs), each with the loop backend's FFN on its runs, so S = 1 works;
+the outputs are bitwise those of the all-resident layer (the same bytes, the same ops). Inference
+only: a forward that needs gradients is refused.
 
 Prefetch (``prefetch(experts)``): load experts a later forward is expected to need, evicting by
 policy, and score the guess when that forward comes: ``prefetch_accuracy`` = predicted experts that
@@ -151,8 +152,15 @@ class ExpertCache:
             if e not in self.slot_of:
                 self._load(e, keep=pinned)
 
+    def begin_forward(self, needed: list[int]) -> list[int]:
+        """A forward needs these experts: the order to access them in (``cache_policy.step_order``:
+        the resident ones first, so a miss never evicts an expert this forward still needs)."""
+        self.policy.begin_step(needed)
+        return cache_policy.step_order(needed, self.slot_of)
+
     def end_forward(self, used: set[int]) -> None:
         """Score the last prefetch against the experts this forward used."""
+        self.policy.end_step()
         if self._predicted:
             self.stats.predicted += len(self._predicted)
             self.stats.predicted_used += len(self._predicted & used)
@@ -191,12 +199,12 @@ class OffloadedExperts(nn.Module):
 
     expert_major = False  # takes runs in any order, as the loop backend does
 
-    def __init__(self, experts: GroupedExperts, config: OffloadConfig, sequence: list[int] | None = None):
-        """``sequence``: the recorded accesses (local expert ids, forward after forward), for Belady."""
+    def __init__(self, experts: GroupedExperts, config: OffloadConfig, steps: list[list[int]] | None = None):
+        """``steps``: the recorded needed experts (local ids) of each forward in turn, for Belady."""
         super().__init__()
         self.activation, self.config = experts.activation, config
         device = experts.w_in_LDH.device
-        policy = cache_policy.make(config.policy, sequence)
+        policy = cache_policy.make(config.policy, steps)
         self.cache = ExpertCache(experts.w_in_LDH, experts.w_down_LFD, config.cache_slots, policy, device)
 
     def forward(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:
@@ -208,7 +216,7 @@ class OffloadedExperts(nn.Module):
         for x, out, e, n in zip(torch.split(x_RD, runs), torch.split(out_RD, runs), run_experts, runs, strict=True):
             if n:
                 by_expert.setdefault(e, []).append((x, out))
-        for e in sorted(by_expert):  # one access per expert per forward, in id order
+        for e in self.cache.begin_forward(sorted(by_expert)):  # one access per expert per forward
             w_in, w_down = self.cache.weights(e)
             for x, out in by_expert[e]:
                 torch.mm(_activate(x @ w_in, self.activation, True), w_down, out=out)

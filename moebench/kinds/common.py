@@ -12,6 +12,7 @@ Shape legend: T = tokens on this rank, D = hidden, W = ranks, E = experts, R = d
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ from moebench import profile_trace
 from moebench import trace as routing_trace
 from moebench.telemetry import Sampler
 from moebench.timing import time_fn, time_interleaved
-from moebench.workload import DenseStack, MoEStack, layer_weights, tokens
+from moebench.workload import DenseStack, MoEStack, layer_weights, token_stream, tokens
 
 if TYPE_CHECKING:
     from moebench.scenario import RunSpec
@@ -111,9 +112,28 @@ def setup(ctx, spec: RunSpec) -> tuple[MoEStack, object, torch.Tensor]:
     return build_stack(ctx, spec), group, x_TD.to(ctx.device, moe.torch_dtype)
 
 
-def step_fn(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor):
-    """One timed step: the stack's forward, or forward + backward when ``train``."""
+def stream_inputs(ctx, spec: RunSpec, x_TD: torch.Tensor) -> list[torch.Tensor]:
+    """This rank's token stream (``[workload] steps``, ``correlation``; ``token_stream``) on the
+    device, built before any timing; step 0 is ``x_TD``."""
+    wl = spec.workload
+    if wl.get("steps", 1) == 1:
+        return [x_TD]
+    steps = token_stream(wl["steps"], wl["tokens_per_rank"], x_TD.shape[1], wl["seed"], ctx.rank, wl["correlation"])
+    return [x_TD, *(x.to(x_TD) for x in steps[1:])]
+
+
+def step_fn(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, stream: list[torch.Tensor] | None = None):
+    """One timed step: the stack's forward, or forward + backward when ``train``. With a
+    ``stream`` of several steps, forward call k runs step k mod steps (a decode-like stream)."""
     if not spec.workload["train"]:
+        if stream is not None and len(stream) > 1:
+            calls = itertools.count()
+
+            def stream_forward():
+                with torch.no_grad():
+                    return stack(stream[next(calls) % len(stream)])[0]
+
+            return stream_forward
 
         def forward():
             with torch.no_grad():
@@ -295,7 +315,8 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
     """throughput and latency: time the step (and, for throughput, the collectives); with
     ``moebench run --trace``, then profile a few more steps (``profile_trace``), after every timed window."""
     stack, group, x_TD = setup(ctx, spec)
-    step = step_fn(ctx, spec, stack, x_TD)
+    stream = stream_inputs(ctx, spec, x_TD)
+    step = step_fn(ctx, spec, stack, x_TD, stream)
     hook = progress_after_warmup(ctx, spec, "the step")
     time_fn(step, warmup=spec.scenario["warmup"], repeats=0, device=ctx.device, group=group, on_warm=hook)
     with sampler(ctx, interval) as s:
@@ -313,6 +334,10 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
         from moebench.kinds.overlap_timing import overlap_timings  # here: that module imports this one
 
         out.update(overlap_timings(ctx, spec, stack, x_TD, group))
+    if spec.offload.get("cache_slots") is not None:
+        from moebench.kinds.offload_timing import offload_timings  # here: that module imports this one
+
+        out.update(offload_timings(ctx, spec, stack, stream, group))
     if spec.trace_dir is not None:  # last: the profiler never runs inside a timed window
         out["profile_trace"] = profile_trace.record(ctx, spec, step)
     return out

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from moebench import metrics as M
 from moebench.kinds.common import finite_check, measure_timed, timed_window_tokens
+from moebench.kinds.offload_timing import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.kinds.overlap_timing import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
 
 if TYPE_CHECKING:
@@ -19,8 +20,9 @@ COLUMNS = (
     ("step_time_s:p99", "p99 (ms)", 1e3, ".3f"),
     ("step_time_s:n", "samples", 1, ".0f"),
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
+    *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
 )
-METRICS = ("step_time_s", *OVERLAP_METRICS)
+METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS)
 window_tokens = timed_window_tokens
 
 
@@ -31,4 +33,5 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
 
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
     metrics = {"step_time_s": M.metric(per_rank[0]["step"], "s", "lower")} | overlap_metrics(per_rank[0])
-    return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"]}
+    metrics |= offload_metrics(spec, per_rank)
+    return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"], **offload_details(per_rank)}

@@ -195,17 +195,20 @@ def offload_metrics(spec: RunSpec, per_rank: list[dict]) -> dict:
     per_round_bytes = h2d_bytes / spec.world_size / repeats  # a rank's copies per step, on average
     peak_bps = sorted(peak_gbps)[len(peak_gbps) // 2] * 1e9
     bound = [max(per_round_bytes / peak_bps if peak_bps > 0 else math.nan, r) for r in resident]
-    return {
+    out = {
         "cache_hit_rate": M.metric([hits / accesses if accesses else math.nan], "ratio", "higher"),
-        "prefetch_accuracy": M.metric([used / predicted] if predicted else [math.nan], "ratio", "higher"),
         "h2d_bytes_per_token": M.metric([h2d_bytes / tokens], "B", "lower"),
-        "h2d_gbps": M.metric([h2d_bytes / copy_s / 1e9 if copy_s > 0 else math.nan], "GB/s", "higher"),
         "h2d_peak_gbps": M.metric(peak_gbps, "GB/s", "higher"),
         "offload_over_resident": M.metric(ratios(offload, resident), "ratio", "lower"),
         "offload_over_bound": M.metric(ratios(offload, bound), "ratio", "lower"),
         "offload_step_time_s": M.metric(offload, "s", "lower"),
         "resident_step_time_s": M.metric(resident, "s", "lower"),
     }
+    if predicted:  # a prefetch named experts
+        out["prefetch_accuracy"] = M.metric([used / predicted], "ratio", "higher")
+    if h2d_bytes and copy_s > 0:  # something was copied
+        out["h2d_gbps"] = M.metric([h2d_bytes / copy_s / 1e9], "GB/s", "higher")
+    return out
 
 
 def offload_details(per_rank: list[dict]) -> dict:

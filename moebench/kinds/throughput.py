@@ -14,6 +14,7 @@ from moebench.kinds.common import (
     ratios,
     timed_window_tokens,
 )
+from moebench.kinds.offload_timing import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.kinds.overlap_timing import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ COLUMNS = (
     ("step_time_s", "step p50 (ms)", 1e3, ".2f"),
     ("step_time_s:p90", "step p90 (ms)", 1e3, ".2f"),
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
+    *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
     ("dispatch_time_s", "dispatch (ms)", 1e3, ".2f"),
     ("combine_time_s", "combine (ms)", 1e3, ".2f"),
     ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
@@ -44,6 +46,7 @@ METRICS = (
     "moe_over_dense",
     *COLLECTIVE_METRICS,
     *OVERLAP_METRICS,
+    *OFFLOAD_METRICS,
 )
 window_tokens = timed_window_tokens
 
@@ -63,5 +66,5 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "tokens_per_s_per_gpu": M.metric([total / t / world for t in step], "tokens/s", "higher"),
         "moe_over_dense": M.metric(ratios(raw["paired_step"], raw["dense"]), "ratio", "lower"),
     }
-    metrics |= collective_metrics(spec, raw) | overlap_metrics(raw)
-    return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"]}
+    metrics |= collective_metrics(spec, raw) | overlap_metrics(raw) | offload_metrics(spec, per_rank)
+    return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"], **offload_details(per_rank)}

@@ -1,0 +1,105 @@
+"""The expert cache's eviction policies (runtime/cache_policy.py): hand examples and Belady's optimality.
+
+A cache serves a sequence of steps, each a set of needed experts, hits first (``step_order``).
+Expected hit counts are computed here independently: an exhaustive search over every eviction
+choice gives the optimum that Belady must reach.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime import cache_policy
+from runtime.cache_policy import Belady, simulate, step_order
+
+STEPS = st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=4), min_size=1, max_size=15)
+
+
+def _optimal_hits(steps: list[list[int]], slots: int) -> int:
+    """The most hits any eviction choices give, serving each step hits first (exhaustive search)."""
+    steps = [sorted(set(s)) for s in steps]
+
+    @functools.cache
+    def best(i: int, done: frozenset, resident: frozenset) -> int:
+        if i == len(steps):
+            return 0
+        todo = [e for e in steps[i] if e not in done]
+        if not todo:
+            return best(i + 1, frozenset(), resident)
+        hit = next((e for e in todo if e in resident), None)
+        if hit is not None:
+            return 1 + best(i, done | {hit}, resident)
+        e = todo[0]
+        if len(resident) < slots:
+            return best(i, done | {e}, resident | {e})
+        return max(best(i, done | {e}, (resident - {v}) | {e}) for v in resident)
+
+    return best(0, frozenset(), frozenset())
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=STEPS, slots=st.integers(1, 4))
+def test_belady_hits_at_least_as_often_as_lru_and_lfu(steps, slots):
+    belady = simulate("belady", steps, slots)
+    assert belady >= simulate("lru", steps, slots)
+    assert belady >= simulate("lfu", steps, slots)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=3), min_size=1, max_size=8),
+       slots=st.integers(1, 3))  # fmt: skip
+def test_belady_reaches_the_exhaustive_optimum(steps, slots):
+    assert simulate("belady", steps, slots) == _optimal_hits(steps, slots)
+
+
+@pytest.mark.parametrize("policy", cache_policy.POLICIES)
+@given(steps=STEPS)
+def test_with_a_slot_per_expert_only_first_uses_miss(policy, steps):
+    accesses = sum(len(set(s)) for s in steps)
+    assert simulate(policy, steps, slots=6) == accesses - len({e for s in steps for e in s})
+
+
+def test_a_step_serves_its_resident_experts_first():
+    assert step_order([5, 1, 3, 1], resident={3, 7}) == [3, 1, 5]
+
+
+def test_hand_examples_of_each_policys_victim():
+    # one expert a step, 2 slots: at the miss on 2, LRU evicts 1 (0 was used after it), so 1 misses again
+    assert simulate("lru", [[0], [1], [0], [2], [1]], 2) == 1
+    # LFU at the miss on 2: 0 used twice, 1 three times -> evicts 0, which then misses
+    assert simulate("lfu", [[0], [1], [1], [1], [0], [2], [0]], 2) == 3
+    # Belady at the miss on 2 evicts the expert used furthest ahead
+    assert simulate("belady", [[0], [1], [0], [2], [1], [0]], 2) == 2  # evicts 0 (next at 5; 1 at 4)
+    assert simulate("lru", [[0], [1], [0], [2], [1], [0]], 2) == 1  # evicts 1, then 1 and 0 both miss
+    # a cycle one longer than the cache: LRU never hits; Belady keeps slots - 1 of it
+    cycle = [[0], [1], [2]] * 4
+    assert simulate("lru", cycle, 2) == 0
+    assert simulate("belady", cycle, 2) == 5
+    # within a step, hits first: {0, 1} then {1, 2} with 2 slots: 1 hits, whatever evicts 0
+    for policy in cache_policy.POLICIES:
+        assert simulate(policy, [[0, 1], [1, 2]], 2) == 1
+
+
+def test_belady_repeats_its_steps_and_refuses_to_diverge():
+    policy = Belady([[0, 1], [2], [1]])
+    policy.begin_step([1, 0])
+    policy.access(0)
+    assert policy.next_use(1) == 0  # still needed in this step
+    assert policy.next_use(0) == 3 and policy.next_use(2) == 1  # next period's step 0; step 1
+    policy.access(1)
+    policy.end_step()
+    assert policy.next_use(1) == 2 and policy.next_use(9) == float("inf")
+    for step in ([2], [1], [0, 1]):  # the second period begins
+        policy.begin_step(step)
+        policy.end_step()
+    with pytest.raises(RuntimeError, match=r"Belady replay diverged at step 4: experts \[1\] needed, .* has \[2\]"):
+        policy.begin_step([1])
+
+
+def test_unknown_policy_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"cache policy = 'fifo' is invalid: accepted one of 'lru', 'lfu', 'belady'"):
+        cache_policy.make("fifo")

@@ -1,0 +1,156 @@
+"""CPU offload of experts (runtime/offload.py, MoEStack.offload): the invariants the issue names.
+
+- outputs with offload are bitwise the all-resident stack's, for every policy and prefetch, at
+  every cache size, on 1 and 2 ranks;
+- the device never holds more than ``cache_slots`` experts' weights per layer;
+- with a slot per expert, every access after the first step hits;
+- oracle prefetch is always right; a next-layer guess is scored against what was used.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from moebench.launch import launch
+from moebench.workload import MoEStack, layer_weights, token_stream
+from runtime import MoEConfig, ParallelConfig
+from runtime.offload import PREFETCH, OffloadConfig
+
+MOE = MoEConfig(16, 32, 8, top_k=2, activation="swiglu", capacity_factor=1.25)
+LAYERS, STEPS, TOKENS = 3, 6, 4
+
+
+def _stacks(config: OffloadConfig, ep: int = 1, group=None, rank: int = 0):
+    """(resident stack, offloaded stack with the stream recorded, the stream) on CPU."""
+    weights = layer_weights(MOE, LAYERS, 0, "uniform", None)
+    par = ParallelConfig(ep_size=ep)
+    resident = MoEStack(MOE, par, weights, group, "cpu")
+    stream = token_stream(STEPS, TOKENS, MOE.hidden_size, 0, rank, 0.8)
+    with torch.no_grad():
+        recorded = [resident.needed_experts(resident(x)[1]) for x in stream]
+    offloaded = MoEStack(MOE, par, weights, group, "cpu")
+    offloaded.offload(config, recorded)
+    return resident, offloaded, stream
+
+
+def _caches(stack: MoEStack) -> list:
+    return [layer.experts.cache for layer in stack.layers]
+
+
+CONFIGS = [
+    OffloadConfig(slots, policy, prefetch)
+    for slots, policy, prefetch in itertools.product((1, 3, 8), ("lru", "lfu", "belady"), PREFETCH)
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.cache_slots}-{c.policy}-{c.prefetch}")
+def test_offloaded_stack_is_bitwise_the_resident_one_and_never_holds_more_than_its_slots(config):
+    resident, offloaded, stream = _stacks(config)
+    caches = _caches(offloaded)
+    most = [0] * LAYERS
+    for i, cache in enumerate(caches):  # watch residency at every load
+        load = cache._load
+
+        def watched(e, keep=frozenset(), cache=cache, load=load, i=i):
+            load(e, keep)
+            most[i] = max(most[i], len(cache.slot_of))
+
+        cache._load = watched
+    with torch.no_grad():
+        for k in range(2 * STEPS):  # twice round the stream: Belady's replay wraps
+            x_TD = stream[k % STEPS]
+            assert torch.equal(offloaded(x_TD)[0], resident(x_TD)[0]), k
+    assert max(most) <= config.cache_slots
+    for cache in caches:  # the slots are the only device storage of the experts
+        assert cache.slot_in_SDH.shape[0] == cache.slot_down_SFD.shape[0] == config.cache_slots
+    assert all(list(layer.experts.parameters()) == [] for layer in offloaded.layers)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "belady"])
+def test_with_a_slot_per_expert_each_expert_misses_once_then_every_access_hits(policy):
+    _, offloaded, stream = _stacks(OffloadConfig(8, policy))
+    with torch.no_grad():
+        for x_TD in stream:  # the first pass: only first uses miss
+            offloaded(x_TD)
+        first_pass = [list(cache.stats.misses_E) for cache in _caches(offloaded)]
+        for cache in _caches(offloaded):
+            cache.reset_stats()
+        for x_TD in stream:  # the second: every expert is resident
+            offloaded(x_TD)
+    assert all(m <= 1 for misses in first_pass for m in misses) and sum(map(sum, first_pass)) > 0
+    for cache in _caches(offloaded):
+        assert cache.stats.accesses > 0 and cache.stats.hits == cache.stats.accesses
+        assert cache.stats.copied_experts == 0 and cache.stats.h2d_bytes == 0
+
+
+def test_misses_and_bytes_count_what_was_copied():
+    _, offloaded, stream = _stacks(OffloadConfig(1, "lru"))
+    with torch.no_grad():
+        for x_TD in stream:
+            offloaded(x_TD)
+    for cache in _caches(offloaded):
+        st = cache.stats
+        assert st.accesses == st.hits + sum(st.misses_E)
+        assert st.copied_experts == sum(st.misses_E)  # no prefetch: every copy is a miss
+        assert st.h2d_bytes == st.copied_experts * cache.expert_bytes
+        assert cache.expert_bytes == (16 * 64 + 32 * 16) * 4  # w_in [D, 2F] and w_down [F, D], fp32
+
+
+def test_oracle_prefetch_is_always_right_and_next_layer_is_scored_against_use():
+    _, oracle, stream = _stacks(OffloadConfig(2, "lru", "oracle"))
+    _, guess, _ = _stacks(OffloadConfig(2, "lru", "next_layer"))
+    with torch.no_grad():
+        for x_TD in stream:
+            oracle(x_TD)
+            guess(x_TD)
+    first, *later = _caches(oracle)
+    assert first.stats.predicted == 0  # layer 0 is never prefetched
+    for cache in later:
+        assert cache.stats.predicted > 0 and cache.stats.prefetch_accuracy == 1.0
+    for cache in _caches(guess)[1:]:
+        assert 0 < cache.stats.predicted <= 2 * STEPS  # at most the slots, per step
+        assert cache.stats.predicted_used <= cache.stats.predicted
+
+
+def test_the_next_layer_guess_is_that_layers_router_on_this_layers_input():
+    _, guess, stream = _stacks(OffloadConfig(8, "lru", "next_layer"))
+    layer1 = guess.layers[1]
+    with torch.no_grad():
+        ids = layer1.router(stream[0]).ids_TK.reshape(-1)
+        guess(stream[0])
+    assert guess.layers[1].experts.cache.stats.predicted == len(set(ids.tolist()))
+
+
+def test_offload_refuses_gradients_chunks_and_more_slots_than_experts():
+    _, offloaded, stream = _stacks(OffloadConfig(2))
+    x_TD = stream[0].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="offloaded experts are inference-only"):
+        offloaded(x_TD)
+    weights = layer_weights(MOE, 1, 0, "uniform", None)
+    chunked = MoEStack(MOE, ParallelConfig(overlap_chunks=2), weights, None, "cpu", dispatcher="local")
+    with pytest.raises(ValueError, match=r"offload with ParallelConfig\.overlap_chunks = 2 is refused: accepted 1"):
+        chunked.offload(OffloadConfig(2))
+    plain = MoEStack(MOE, ParallelConfig(), weights, None, "cpu")
+    with pytest.raises(ValueError, match=r"cache_slots = 9 is invalid: accepted 1 to 8 \(the experts on this rank\)"):
+        plain.offload(OffloadConfig(9))
+    with pytest.raises(ValueError, match="needs the recorded stream"):
+        plain.offload(OffloadConfig(2, "belady"))
+    with pytest.raises(ValueError, match=r"OffloadConfig.prefetch = 'always' is invalid: accepted one of 'none'"):
+        OffloadConfig(2, "lru", "always")
+
+
+def _ep2_rank(ctx, config: OffloadConfig) -> bool:
+    torch.set_num_threads(1)
+    resident, offloaded, stream = _stacks(config, ep=2, group=ctx.group, rank=ctx.rank)
+    with torch.no_grad():
+        same = [torch.equal(offloaded(x)[0], resident(x)[0]) for x in stream + stream]
+    return all(same) and all(c.stats.accesses > 0 for c in _caches(offloaded))
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("config", [OffloadConfig(1, "belady", "oracle"), OffloadConfig(2, "lfu", "next_layer")])
+def test_each_rank_caches_its_own_experts_and_outputs_stay_bitwise_at_ep_2(config):
+    assert launch(_ep2_rank, 2, config, device="cpu", backend="gloo") == [True, True]

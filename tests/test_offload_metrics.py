@@ -1,0 +1,125 @@
+"""The offload measurement (moebench/kinds/offload_timing.py): its metrics from hand-made rounds,
+the ``[offload]`` scenario section, and a whole run that reports every metric."""
+
+from __future__ import annotations
+
+import pytest
+from test_results import spec
+from test_scenario import MINIMAL, with_key, write
+
+from moebench import runner
+from moebench.kinds import offload_timing as O
+from moebench.results import read
+from moebench.scenario import ScenarioError, load
+
+
+def _layer(accesses, hits, h2d_bytes, copy_s, predicted=0, used=0) -> dict:
+    return {
+        "accesses": accesses,
+        "hits": hits,
+        "misses_E": [accesses - hits, 0],
+        "copied_experts": h2d_bytes // 100,
+        "h2d_bytes": h2d_bytes,
+        "copy_s": copy_s,
+        "predicted": predicted,
+        "predicted_used": used,
+    }
+
+
+def test_offload_metrics_from_hand_made_rounds_and_counters():
+    s = spec("throughput", world=2)  # 100 tokens per rank
+    rounds = {"offload": [0.3, 0.2, 0.6], "resident": [0.1, 0.2, 0.2], "h2d_copy": [1e-6, 2e-6, 4e-6]}
+    rank0 = {"offload": rounds, "offload_layers": [_layer(10, 6, 400, 2e-7, 4, 3)], "expert_bytes": 100}
+    rank1 = {"offload": rounds, "offload_layers": [_layer(10, 4, 800, 6e-7, 4, 1)], "expert_bytes": 100}
+    m = O.offload_metrics(s, [rank0, rank1])
+    assert m["cache_hit_rate"]["median"] == 10 / 20
+    assert m["prefetch_accuracy"]["median"] == 4 / 8
+    assert m["h2d_bytes_per_token"]["median"] == 1200 / (2 * 100 * 3)  # bytes / tokens of 3 rounds
+    assert m["h2d_gbps"]["median"] == pytest.approx(1200 / 8e-7 / 1e9)
+    assert m["h2d_peak_gbps"]["samples"] == pytest.approx([0.1, 0.05, 0.025])  # 100 B per copy
+    assert m["offload_over_resident"]["samples"] == pytest.approx([3.0, 1.0, 3.0])
+    # bound: a rank copies 1200 / 2 / 3 = 200 B per step; at the median peak, 0.05 GB/s, 4e-6 s:
+    # below every resident step, so the bound is the resident step
+    assert m["offload_over_bound"]["samples"] == pytest.approx([3.0, 1.0, 3.0])
+    assert m["offload_step_time_s"]["median"] == 0.3 and m["resident_step_time_s"]["median"] == 0.2
+    assert O.offload_details([rank0, rank1])["offload"][1][0]["misses_E"] == [6, 0]
+
+
+def test_the_bound_is_the_copy_time_when_copies_dominate_and_unmeasured_metrics_are_left_out():
+    s = spec("throughput", world=1)
+    rounds = {"offload": [0.5, 0.5, 0.5], "resident": [0.1, 0.1, 0.1], "h2d_copy": [1.0, 1.0, 1.0]}
+    raw = {"offload": rounds, "offload_layers": [_layer(3, 0, 3 * 10**8, 3.0)], "expert_bytes": 10**8}
+    m = O.offload_metrics(s, [raw])
+    # per step 1e8 B at the peak of 0.1 GB/s: 1 s > the 0.1 s resident step
+    assert m["offload_over_bound"]["samples"] == pytest.approx([0.5] * 3)
+    assert "prefetch_accuracy" not in m  # no prefetch named anything
+    full = {"offload": rounds, "offload_layers": [_layer(3, 3, 0, 0.0)], "expert_bytes": 10**8}
+    assert "h2d_gbps" not in O.offload_metrics(s, [full])  # nothing copied: no rate to report
+    assert O.offload_metrics(s, [{"step": [1.0]}]) == {}  # a run without [offload]
+
+
+def test_offload_is_unset_by_default_and_each_key_sweeps(tmp_path):
+    (run,) = load(write(tmp_path, MINIMAL)).runs
+    assert run.offload == {"cache_slots": None, "policy": "lru", "prefetch": "none"}
+    assert "offload" not in run.resolved() and O.offload_config(run) is None
+    doc = with_key("offload", "cache_slots", [1, 2])
+    doc["offload"] |= {"policy": ["lru", "belady"], "prefetch": "oracle"}
+    runs = load(write(tmp_path, doc)).runs
+    assert [r.params for r in runs] == [{"cache_slots": c, "policy": p} for c in (1, 2) for p in ("lru", "belady")]
+    assert runs[-1].resolved()["offload"] == {"cache_slots": 2, "policy": "belady", "prefetch": "oracle"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"offload": {"cache_slots": 0}}, "[offload] cache_slots = 0 is invalid: accepted an integer"),
+        ({"offload": {"cache_slots": 2, "policy": "fifo"}}, '[offload] policy = "fifo" is invalid: accepted one of'),
+        ({"offload": {"cache_slots": 5}}, "[offload] cache_slots = 5 is invalid: accepted 1 to 4 (experts per rank)"),
+        (
+            {"offload": {"cache_slots": 2}, "scenario": {"kind": "dispatch"}},
+            '[offload] cache_slots = 2 is invalid for kind = "dispatch": accepted only with kind "throughput" or',
+        ),
+        (
+            {"offload": {"cache_slots": 2}, "workload": {"train": True}},
+            "[offload] cache_slots = 2 is invalid with [workload] train = true: offload is inference-only",
+        ),
+        (
+            {"offload": {"cache_slots": 2}, "parallel": {"overlap_chunks": 2}},
+            "[offload] cache_slots = 2 is invalid with [parallel] overlap_chunks = 2: accepted overlap_chunks 1",
+        ),
+        (
+            {"workload": {"steps": 4, "train": True}},
+            "[workload] steps = 4 is invalid with train = true: accepted steps = 1",
+        ),
+    ],
+)
+def test_bad_offload_settings_are_refused_in_one_line(tmp_path, changes, expected):
+    doc = {s: dict(t) for s, t in MINIMAL.items()}  # 4 experts, 1 rank
+    for section, values in changes.items():
+        doc.setdefault(section, {}).update(values)
+    path = write(tmp_path, doc)
+    with pytest.raises(ScenarioError) as err:
+        load(path)
+    message = str(err.value)
+    assert expected in message and "\n" not in message and str(path) in message
+
+
+@pytest.mark.multiproc
+def test_a_run_with_offload_reports_every_metric_and_a_full_cache_always_hits(tmp_path):
+    doc = with_key("offload", "cache_slots", [1, 4])
+    doc["offload"] |= {"policy": "belady", "prefetch": "oracle"}
+    doc["model"] |= {"top_k": 2, "layers": 2}
+    doc["workload"] |= {"tokens_per_rank": 2, "steps": 5, "correlation": 0.5}
+    doc["parallel"] = {"device": "cpu", "threads_per_rank": 1}
+    doc["scenario"] |= {"warmup": 5, "repeats": 4}
+    assert runner.run_scenarios([load(write(tmp_path, doc))], tmp_path / "out", None) == 0
+    one, full = read(tmp_path / "out" / "t.json")["runs"]
+    for run in (one, full):
+        measured = {name for name in O.OFFLOAD_METRICS if name in run["metrics"]}
+        assert measured >= set(O.OFFLOAD_METRICS) - {"h2d_gbps"}
+        assert run["metrics"]["prefetch_accuracy"]["median"] == 1.0  # the oracle
+        assert len(run["details"]["offload"][0]) == 2  # rank 0's two layers
+    assert full["metrics"]["cache_hit_rate"]["median"] == 1.0  # warmed over the whole 5-step stream
+    assert full["metrics"]["h2d_bytes_per_token"]["median"] == 0
+    assert one["metrics"]["h2d_bytes_per_token"]["median"] > 0
+    assert one["config"]["offload"] == {"cache_slots": 1, "policy": "belady", "prefetch": "oracle"}
