@@ -85,7 +85,8 @@ def test_fits_recover_a_machine_that_follows_the_model_exactly(tmp_path, plan):
     assert f["intra_node_latency"] == pytest.approx(ALPHA, rel=1e-6)
     assert f["intra_node_bandwidth"] == pytest.approx(BETA, rel=1e-6)
     assert max(abs(e) for e in cal.gemm.errors() + cal.a2a.errors()) < 1e-6
-    assert not cal.h2d.fitted and "host-to-device" in cal.h2d.reason
+    assert not cal.h2d.fitted and cal.h2d.reason == "0 offload (with copies) runs found; the fit needs at least 3"
+    assert not cal.offload.fitted and "no host-to-device fit" in cal.offload.reason
 
 
 def test_held_out_error_shows_a_run_that_breaks_the_model(tmp_path, plan):
@@ -145,3 +146,42 @@ def test_experts_kind_times_the_ffn_alone():
     assert metrics["loop_floor_time_s"]["samples"] == raw["loop_floor"]
     rounds = zip(raw["experts"], raw["loop_floor"], strict=True)
     assert metrics["experts_over_loop"]["samples"] == [a / b for a, b in rounds]
+
+
+# A machine whose expert copies run at H2D = 10 GB/s and whose offloaded step is the resident step
+# plus its copies, one after the other.
+H2D = 10e9
+
+
+def offload_runs(noise=lambda i: 1.0) -> list:
+    runs = []
+    for i, (slots, misses) in enumerate(((1, 40), (2, 25), (4, 10), (6, 4))):
+        expert_bytes, repeats, world = 3 * 10**6, 8, 2
+        copied = misses * expert_bytes  # over both ranks and all rounds
+        per_step = copied / world / repeats
+        resident = 2e-3
+        offloaded = (resident + per_step / H2D) * noise(i)
+        caches = [[{"h2d_bytes": copied // 4, "copy_s": copied / 4 / H2D}] * 2] * 2  # 2 ranks x 2 layers
+        metrics = {"resident_step_time_s": _metric(resident), "offload_step_time_s": _metric(offloaded)}
+        metrics["offload_step_time_s"]["n"] = repeats
+        run = _run({"cache_slots": slots}, {"model": {}, "workload": {}}, metrics, world=world)
+        runs.append(run | {"details": {"offload": caches}})
+    return runs
+
+
+def test_host_to_device_fit_recovers_the_copy_rate_and_predicts_the_offloaded_step(tmp_path, plan):
+    folder = write_results(tmp_path / "r", gemm_runs(), a2a_runs())
+    (folder / "off.json").write_text(json.dumps(_doc("o", "throughput", offload_runs())))
+    cal = C.calibrate(plan, [str(folder)])
+    assert cal.factors["host_to_device_bandwidth"] == pytest.approx(H2D, rel=1e-6)
+    assert len(cal.h2d.observations) == len(cal.offload.observations) == 4
+    assert max(abs(e) for e in cal.h2d.errors() + cal.offload.errors()) < 1e-6
+    # a run 1.4x slower than resident + copies: its own held-out error is the largest, and shows it
+    (folder / "off.json").write_text(json.dumps(_doc("o", "throughput", offload_runs(lambda i: 1.4 if i == 1 else 1))))
+    errors = C.calibrate(plan, [str(folder)]).offload.errors()
+    assert max(range(4), key=lambda i: abs(errors[i])) == 1 and errors[1] == pytest.approx(1 / 1.4 - 1, rel=1e-6)
+    doc = C.to_json(cal)
+    assert doc["fits"]["offloaded_step"]["fitted"] and "offloaded step" in C.render(doc)
+    assert C.applied(
+        replace(plan, hardware=replace(plan.hardware, name="test cpu")), cal
+    ).hardware.host_to_device_bandwidth == pytest.approx(H2D)

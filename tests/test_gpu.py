@@ -148,3 +148,41 @@ def test_scenario_on_cuda_times_with_events_and_reads_nvml_for_the_right_gpu(tmp
     assert rank["device_name"] and rank["samples"] >= 2
     assert int(rank["pci_bus_id"].split(":")[1], 16) == props.pci_bus_id  # NVML matched by PCI bus id
     assert rank["max_power_w"] > 0 and rank["peak_memory_used_bytes"] > 0
+
+
+def _offload_on_cuda(prefetch: str) -> tuple:
+    """(bitwise equal to resident, copies issued, kernel names by stream) for an offloaded stack on CUDA."""
+    from moebench.workload import MoEStack, layer_weights, token_stream
+    from runtime import ParallelConfig
+    from runtime.offload import OffloadConfig
+
+    moe = _moe(top_k=2, activation="swiglu")
+    weights = layer_weights(moe, 3, 0, "uniform", None)
+    device = torch.device("cuda")
+    resident = MoEStack(moe, ParallelConfig(), weights, None, device)
+    stream = [x.to(device) for x in token_stream(6, 4, moe.hidden_size, 0, 0, 0.8)]
+    with torch.no_grad():
+        recorded = [resident.needed_experts(resident(x)[1]) for x in stream]
+        offloaded = MoEStack(moe, ParallelConfig(), weights, None, device)
+        offloaded.offload(OffloadConfig(2, "belady", prefetch), recorded)
+        caches = [layer.experts.cache for layer in offloaded.layers]
+        assert all(c.host_in_LDH.is_pinned() and c.slot_in_SDH.is_cuda for c in caches)
+        same = all(torch.equal(offloaded(x)[0], resident(x)[0]) for x in stream)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            offloaded(stream[0])
+            torch.cuda.synchronize()
+    streams: dict = {}
+    for event in prof.profiler.kineto_results.events():
+        if event.device_type() == torch.autograd.DeviceType.CUDA:
+            streams.setdefault(event.device_resource_id(), []).append(event.name())
+    copies = sum(c.stats.copied_experts for c in caches)
+    return same, copies, sum(c.copy_seconds() for c in caches), streams
+
+
+@pytest.mark.parametrize("prefetch", ["none", "next_layer"])
+def test_offload_on_cuda_is_bitwise_and_copies_on_its_own_stream(prefetch):
+    same, copies, copy_s, streams = _offload_on_cuda(prefetch)
+    assert same and copies > 0 and copy_s > 0  # the copy events were recorded and timed
+    h2d = {s for s, names in streams.items() if any("Memcpy HtoD" in n for n in names)}
+    compute = {s for s, names in streams.items() if any("gemm" in n.lower() for n in names)}
+    assert h2d and compute and not h2d & compute  # the expert copies never run on the compute stream

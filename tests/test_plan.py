@@ -426,3 +426,41 @@ def test_cli_malformed_plan_is_exit_2_with_one_line(tmp_path, capsys):
     assert main(["plan", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f'moebench: error: {path}: [hardware] memory = "lots"') and "\n" not in err
+
+
+# -------------------------------------------------------------------------------------------
+# Offload in the plan
+
+
+def test_offload_keeps_only_the_cache_slots_on_the_gpu_and_adds_the_missed_copies(toy):
+    plain = toy()
+    off = toy(parallel__offload_cache_slots=1, workload__offload_hit_rate=0.75, hardware__host_to_device_bandwidth=64)
+    # weights: 2 layers x 1 resident expert x 64 params x 2 B, against 4 experts resident
+    assert Mo.memory_per_gpu(off).weights_experts == 2 * 1 * 64 * 2
+    assert Mo.memory_per_gpu(plain).weights_experts == 2 * 4 * 64 * 2
+    # decode: 4 tokens x top-2 = 8 rows read all 4 experts; a quarter missed: 1 expert of 128 B at 64 B/s
+    d_off, d_plain = Mo.decode(off).layer, Mo.decode(plain).layer
+    assert d_off.offload == pytest.approx(0.25 * 4 * 64 * 2 / 64)
+    assert d_off.total == pytest.approx(d_plain.total + d_off.offload)
+    assert d_off.parts()["host-to-device"] == d_off.offload and "host-to-device" not in d_plain.parts()
+    assert Mo.offloaded_time(1.0, 128, 64) == 3.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"parallel__offload_cache_slots": 1, "hardware__host_to_device_bandwidth": 64},
+         "[workload] offload_hit_rate is missing with offload_cache_slots = 1: accepted a fraction in (0, 1]"),
+        ({"parallel__offload_cache_slots": 1, "workload__offload_hit_rate": 0.5},
+         "[hardware] host_to_device_bandwidth is missing with offload_cache_slots = 1: accepted a bandwidth"),
+        ({"parallel__offload_cache_slots": 5, "workload__offload_hit_rate": 0.5,
+          "hardware__host_to_device_bandwidth": 64},
+         "[parallel] offload_cache_slots = 5 is invalid: accepted 0 (no offload) or 1 to experts / ep = 4"),
+        ({"workload__offload_hit_rate": 1.5}, "[workload] offload_hit_rate = 1.5 is invalid: accepted"),
+    ],
+)  # fmt: skip
+def test_bad_offload_plans_are_refused_in_one_line(tmp_path, overrides, message):
+    path = write_plan(tmp_path, **overrides)
+    with pytest.raises(PlanError) as err:
+        load_plan(str(path))
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)

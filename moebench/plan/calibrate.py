@@ -7,7 +7,10 @@ non-negative, with scipy's ``nnls``:
   per expert. Linear in 1/R and r½/R. R is the large-GEMM rate; mfu = R / the plan's peak.
 - All-to-all (``dispatch`` and ``throughput`` runs at 2+ ranks): per layer t = α + bytes/β, with
   bytes the nccl-tests size S of one layer times (W−1)/W (the off-rank part, as busbw counts it).
-- Host-to-device: no result kind measures it yet; reported as not fitted.
+- Host-to-device (throughput or latency runs with ``[offload]``): the expert copies' total time
+  t = bytes/β, with bytes and time summed over the run's caches (``details.offload``).
+- The offloaded step, the plan model's ``offloaded_time``: t = resident step + copied bytes per
+  step / β, with β fitted on the other runs; its held-out error is the model's error on offload.
 
 Each fit is judged on runs held out of it: leave one run out, fit the rest, predict the one left
 out. The report gives every held-out error, whatever it is.
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import nnls
 
+from moebench.plan.model import offloaded_time
 from moebench.plan.spec import Plan
 from moebench.results import find, read_any
 
@@ -79,9 +83,10 @@ def _median(run: dict, metric: str) -> float | None:
     return value if isinstance(value, (int, float)) and value > 0 else None
 
 
-def observations(paths: list[str]) -> tuple[list[Observation], list[Observation], list[dict]]:
-    """(GEMM observations, all-to-all observations, environments) from result files or folders."""
-    gemm, a2a, envs = [], [], []
+def observations(paths: list[str]) -> tuple[list[Observation], ...]:
+    """(GEMM, all-to-all, host-to-device and offloaded-step observations, environments) from result
+    files or folders. The i-th host-to-device and offloaded-step observations are the same run's."""
+    gemm, a2a, h2d, offload, envs = [], [], [], [], []
     for path in find(paths):
         doc = read_any(path)
         if doc.get("schema") != "moebench.result/1":
@@ -104,7 +109,27 @@ def observations(paths: list[str]) -> tuple[list[Observation], list[Observation]
                 layers, world = model["layers"], run["world_size"]
                 size = bw * 1e9 * t / layers  # nccl-tests S of one layer
                 a2a.append(Observation(str(path), label, (1.0, size * (world - 1) / world), t / layers))
-    return gemm, a2a, envs
+            caches = [layer for rank in (run.get("details") or {}).get("offload", []) for layer in rank]
+            copied, copy_s = sum(c["h2d_bytes"] for c in caches), sum(c["copy_s"] for c in caches)
+            resident, offloaded = _median(run, "resident_step_time_s"), _median(run, "offload_step_time_s")
+            if copied > 0 and copy_s > 0 and resident is not None and offloaded is not None:
+                h2d.append(Observation(str(path), label, (float(copied), 0.0), copy_s))
+                per_step = copied / run["world_size"] / run["metrics"]["offload_step_time_s"]["n"]
+                offload.append(Observation(str(path), label, (resident, per_step), offloaded))
+    return gemm, a2a, h2d, offload, envs
+
+
+def fit_offloaded(h2d: Fit, obs: list[Observation]) -> Fit:
+    """The offloaded step predicted by ``model.offloaded_time`` with β fitted on the other runs'
+    copies (``h2d``'s observations, in the same order)."""
+    if not h2d.fitted:
+        return Fit("offloaded step", observations=obs, reason=f"no host-to-device fit: {h2d.reason}")
+    held_out = []
+    for i, o in enumerate(obs):
+        per_byte, _ = _solve(h2d.observations[:i] + h2d.observations[i + 1 :])
+        resident, per_step = o.features
+        held_out.append(offloaded_time(resident, per_step, 1 / per_byte) if per_byte > 0 else float("inf"))
+    return Fit("offloaded step", h2d.coefs, obs, held_out)
 
 
 # -------------------------------------------------------------------------------------------
@@ -124,6 +149,7 @@ class Calibration:
     gemm: Fit
     a2a: Fit
     h2d: Fit
+    offload: Fit  # the offloaded step, predicted with the h2d fit
     devices: tuple[str, ...]  # what the results ran on
     factors: dict  # hardware key -> fitted value (only the fitted ones)
     applies: bool  # the results ran on the plan's hardware
@@ -131,18 +157,19 @@ class Calibration:
 
 
 def calibrate(p: Plan, paths: list[str]) -> Calibration:
-    gemm_obs, a2a_obs, envs = observations(paths)
+    gemm_obs, a2a_obs, h2d_obs, offload_obs, envs = observations(paths)
     gemm = fit("gemm", gemm_obs, "experts")
     a2a = fit("all-to-all", a2a_obs, "all-to-all (2+ ranks)")
-    h2d = Fit(
-        "host-to-device", reason="no result kind measures host-to-device copies yet (expert offload is not built)"
-    )
+    h2d = fit("host-to-device", h2d_obs, "offload (with copies)")
+    offload = fit_offloaded(h2d, offload_obs)
     factors = {}
     if gemm.fitted and gemm.coefs[0] > 0:
         rate = 1 / gemm.coefs[0]
         factors |= {"gemm_rate": rate, "mfu": rate / p.hardware.peak_flops, "gemm_half_rows": gemm.coefs[1] * rate}
     if a2a.fitted and a2a.coefs[1] > 0:
         factors |= {"intra_node_latency": a2a.coefs[0], "intra_node_bandwidth": 1 / a2a.coefs[1]}
+    if h2d.fitted and h2d.coefs[0] > 0:
+        factors["host_to_device_bandwidth"] = 1 / h2d.coefs[0]
     devices = tuple(sorted({_device(env) for env in envs}))
     name = p.hardware.name.strip().lower()
     applies = bool(name) and bool(devices) and all(name in d.lower() for d in devices)
@@ -152,12 +179,12 @@ def calibrate(p: Plan, paths: list[str]) -> Calibration:
     )  # fmt: skip
     if applies and factors.get("mfu", 0) > 1:
         applies, why_not = False, f"the fitted GEMM rate is {factors['mfu']:.2f}× the plan's peak_flops: check the peak"
-    return Calibration(gemm, a2a, h2d, devices, factors, applies, why_not)
+    return Calibration(gemm, a2a, h2d, offload, devices, factors, applies, why_not)
 
 
 def applied(p: Plan, c: Calibration) -> Plan:
     """The plan with the calibrated factors in place of its own."""
-    keys = ("mfu", "gemm_half_rows", "intra_node_latency", "intra_node_bandwidth")
+    keys = ("mfu", "gemm_half_rows", "intra_node_latency", "intra_node_bandwidth", "host_to_device_bandwidth")
     return p.with_hardware(**{k: c.factors[k] for k in keys if k in c.factors})
 
 
@@ -192,7 +219,12 @@ def to_json(c: Calibration) -> dict:
         "factors": c.factors,
         "applied": c.applies,
         "why_not_applied": c.why_not,
-        "fits": {"gemm": one(c.gemm), "all_to_all": one(c.a2a), "host_to_device": one(c.h2d)},
+        "fits": {
+            "gemm": one(c.gemm),
+            "all_to_all": one(c.a2a),
+            "host_to_device": one(c.h2d),
+            "offloaded_step": one(c.offload),
+        },
     }
 
 
@@ -204,13 +236,20 @@ def render(doc: dict, fmt: str = "simple") -> str:
     f = doc["factors"]
     lines = [f"calibration from results on {', '.join(doc['devices'])}", ""]
     summary = []
-    names = {"gemm": "GEMM (rate R, r½)", "all_to_all": "all-to-all (α, β)", "host_to_device": "host-to-device"}
+    names = {
+        "gemm": "GEMM (rate R, r½)",
+        "all_to_all": "all-to-all (α, β)",
+        "host_to_device": "host-to-device (β)",
+        "offloaded_step": "offloaded step (resident + copies / β)",
+    }
     for key, fit_doc in doc["fits"].items():
         if not fit_doc["fitted"]:
             summary.append([names[key], "not fitted: " + fit_doc["reason"], "-", "-", "-"])
             continue
         if key == "gemm":
             value = f"R = {f.get('gemm_rate', 0) / 1e12:.4g} TFLOP/s, r½ = {f.get('gemm_half_rows', 0):.3g} rows"
+        elif key in ("host_to_device", "offloaded_step"):
+            value = f"β = {human(f.get('host_to_device_bandwidth'), 'B')}/s"
         else:
             value = f"α = {human(f.get('intra_node_latency'), 's')}, β = {human(f.get('intra_node_bandwidth'), 'B')}/s"
         median, worst = fit_doc["held_out_abs_error_median"], fit_doc["held_out_abs_error_max"]

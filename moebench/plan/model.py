@@ -100,6 +100,18 @@ def local_experts(p: Plan) -> int:
     return math.ceil(p.model.experts / p.parallel.ep)
 
 
+def resident_experts(p: Plan) -> int:
+    """Experts per layer on a GPU: all its E/EP, or ``offload_cache_slots`` with offload."""
+    return p.parallel.offload_cache_slots or local_experts(p)
+
+
+def offloaded_time(resident_s: float, copied_bytes: float, host_to_device_bandwidth: float) -> float:
+    """An offloaded step's time: the resident step's plus its expert copies at the host-to-device
+    bandwidth, one after the other (no overlap: the bound prefetch can only improve on). The same
+    formula ``moebench plan --calibrate`` checks against measured offload runs."""
+    return resident_s + copied_bytes / host_to_device_bandwidth
+
+
 def load_factor(p: Plan) -> float:
     """The busiest expert's tokens over the mean: the skew, cut at the capacity when there is one."""
     cf = p.parallel.capacity_factor
@@ -141,7 +153,8 @@ def prefill_tokens_per_microbatch(p: Plan) -> int:
 def memory_per_gpu(p: Plan) -> Memory:
     """Bytes on the most loaded GPU (a stage holding the embedding or LM head) at the longest sequence.
 
-    1. Weights: attention and norms sharded by TP, router replicated; E/EP experts sharded by TP;
+    1. Weights: attention and norms sharded by TP, router replicated; E/EP experts sharded by TP
+       (with offload, ``offload_cache_slots`` of them per layer: the rest stay in host memory);
        embedding and LM head sharded by TP, both on one GPU only when PP = 1.
     2. KV cache of this rank's sequences at S + O tokens, kv heads sharded by TP.
     3. Activations of one prefill micro-batch in one layer: residual and normed input (2·d),
@@ -151,7 +164,7 @@ def memory_per_gpu(p: Plan) -> Memory:
     m, par, b = p.model, p.parallel, p.model.bytes_per_param
     Ls, tp = stage_layers(p), par.tp
     dense = Ls * (attention_params(p) / tp + m.hidden * m.experts + 2 * m.hidden) * b
-    experts = Ls * local_experts(p) * expert_params(p) / tp * b
+    experts = Ls * resident_experts(p) * expert_params(p) / tp * b
     copies = 2 if (par.pp == 1 and not m.tie_embeddings) else 1
     embedding = copies * m.vocab * m.hidden / tp * b
     context = p.workload.seq_len_max + p.workload.output_tokens
@@ -245,6 +258,7 @@ class LayerTime:
     allreduce: CommTime  # one; a layer runs two (after attention, after the experts)
     flops: float
     bytes: float
+    offload: float = 0.0  # expert copies from host memory (offload_cache_slots), after the roofline
 
     @property
     def roofline(self) -> float:
@@ -252,17 +266,18 @@ class LayerTime:
 
     @property
     def total(self) -> float:
-        return self.roofline + 2 * self.a2a.total + 2 * self.allreduce.total
+        return self.roofline + self.offload + 2 * self.a2a.total + 2 * self.allreduce.total
 
     def parts(self) -> dict[str, float]:
         """Where the time goes, for 'what binds': compute or memory (whichever the roofline picks),
         and the collectives split into bandwidth (transfer) and latency."""
         bound = "compute" if self.compute >= self.memory else "memory"
-        return {
+        out = {
             bound: self.roofline,
             "bandwidth": 2 * (self.a2a.transfer + self.allreduce.transfer),
             "latency": 2 * (self.a2a.latency + self.allreduce.latency),
         }
+        return out | ({"host-to-device": self.offload} if self.offload else {})
 
 
 def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
@@ -290,6 +305,10 @@ def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
     act_bytes = 2 * b * (tokens * m.hidden + rows * (m.hidden + m.expert_matrices * m.ffn_hidden / tp))
     nbytes = weight_bytes + kv_bytes + act_bytes
     memory = nbytes / (hw.memory_bandwidth * hw.memory_bandwidth_efficiency)
+    offload = 0.0
+    if par.offload_cache_slots:  # the experts read that were not on the GPU are copied in first
+        missed = (1 - p.workload.offload_hit_rate) * experts_read * expert_params(p) / tp * m.bytes_per_param
+        offload = offloaded_time(0.0, missed, hw.host_to_device_bandwidth)
     return LayerTime(
         compute,
         memory,
@@ -297,6 +316,7 @@ def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
         tp_all_reduce(p, tokens),
         dense_flops + attn_flops + expert_flops,
         nbytes,
+        offload,
     )
 
 

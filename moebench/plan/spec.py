@@ -135,8 +135,10 @@ SCHEMA: dict[str, dict[str, Spec]] = {
     "workload": {
         "batch": _i(), "seq_len_min": _i(None), "seq_len_max": _i(), "output_tokens": _i(),
         "routing_skew": Spec(1.0, "number", low=1), "microbatches": _i(0, low=0),
+        "offload_hit_rate": Spec(None, "fraction"),
     },
-    "parallel": {"ep": _i(1), "tp": _i(1), "pp": _i(1), "dp": _i(1), "capacity_factor": Spec(0.0, "number")},
+    "parallel": {"ep": _i(1), "tp": _i(1), "pp": _i(1), "dp": _i(1), "capacity_factor": Spec(0.0, "number"),
+                 "offload_cache_slots": _i(0, low=0)},
     "slo": {
         "ttft": _q("time", None), "tpot": _q("time", None), "throughput_per_gpu": _q("token_rate", None),
         "throughput_counts": Spec("total", "choice", choices=("total", "prefill", "decode")),
@@ -203,6 +205,7 @@ class Workload:
     output_tokens: int
     routing_skew: float  # tokens of the busiest expert / mean tokens per expert
     microbatches: int  # per pipeline; resolved to pp when the file gives 0
+    offload_hit_rate: float | None = None  # with offload: share of the experts a step reads already on the GPU
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ class Parallel:
     pp: int
     dp: int
     capacity_factor: float  # 0: no capacity limit (dropless)
+    offload_cache_slots: int = 0  # experts per layer kept on each GPU, the rest in host memory; 0: no offload
 
     @property
     def gpus(self) -> int:
@@ -353,6 +357,21 @@ def _consistency(path: str, s: dict) -> None:
         ("parallel", "capacity_factor", p["capacity_factor"], p["capacity_factor"] <= m["experts"] / m["top_k"],
          f"0 (dropless) or at most experts / top_k = {m['experts'] / m['top_k']:g}"),
     ]  # fmt: skip
+    slots = p["offload_cache_slots"]
+    if slots:
+        local = m["experts"] // p["ep"]
+        checks.append(
+            ("parallel", "offload_cache_slots", slots, slots <= local, f"0 (no offload) or 1 to experts / ep = {local}")
+        )
+        needed = [
+            ("workload", "offload_hit_rate", "a fraction in (0, 1]: the share of the experts a decode step reads that "
+             "are already on the GPU (moebench's offload runs measure it: cache_hit_rate)"),
+            ("hardware", "host_to_device_bandwidth", "a bandwidth (plan --calibrate fits it from offload runs)"),
+        ]  # fmt: skip
+        for section, key, accepted in needed:
+            if s[section][key] is None:
+                where = f"{path}: [{section}] {key} is missing with offload_cache_slots = {slots}"
+                raise PlanError(f"{where}: accepted {accepted}")
     for section, key, value, ok, accepted in checks:
         if not ok:
             raise PlanError(f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted {accepted}")
