@@ -507,14 +507,8 @@ def _check_workload(spec: RunSpec) -> None:
     """The skew must be a routing the run can produce: its target shares, or a trace it can replay;
     a stream of steps is a forward-only workload of the timed kinds."""
     wl, moe = spec.workload, spec.moe_config()
-    if wl["steps"] > 1:
-        if wl["train"]:
-            raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")
-        if wl["skew"] == "trace":
-            raise ValueError(
-                f'[workload] steps = {wl["steps"]} is invalid with skew = "trace": accepted steps = 1 '
-                "(a trace's batches are not replayed as a stream yet)"
-            )
+    if wl["steps"] > 1 and wl["train"]:
+        raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")
     if wl["skew"] != "trace":
         if wl["trace"] and "skew" not in spec.params:  # a swept skew may set a trace for its "trace" runs
             raise ValueError(

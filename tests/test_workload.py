@@ -379,3 +379,24 @@ def test_a_recorded_load_balance_run_replays_to_the_same_expert_loads(tmp_path):
     assert first["routing_trace"] == {"path": str(routes / "rec.npz")}
     # every token of every batch on every rank chose what was recorded
     assert np.array_equal(T.load(rerecorded / "replay.npz").ids_LNK, recorded.ids_LNK)
+
+
+def test_a_stream_with_a_trace_replays_batch_s_at_step_s_and_wraps(tmp_path):
+    from moebench.kinds import common
+    from moebench.launch import RankContext
+
+    # 1 layer, top-1, 4 tokens per step: batch b routes every token to expert b (mod 4), 3 batches
+    ids = np.repeat(np.arange(3), 4).reshape(1, 12, 1)
+    _trace_file(tmp_path, ids)
+    text = SCENARIO.format(kind="throughput", workload='skew = "trace"\ntrace = "t.npz"\nsteps = 3\ncorrelation = 0.5')
+    path = tmp_path / "s.toml"
+    path.write_text(text.replace("world_size = 2", "world_size = 1"))
+    (spec,) = load(path).runs
+    ctx = RankContext(0, 1, None, torch.device("cpu"), "gloo")
+    stack, _, x_TD = common.setup(ctx, spec)
+    stream = common.stream_inputs(ctx, spec, x_TD)
+    routes = common.stream_routes(ctx, spec)
+    assert len(stream) == len(routes) == 3 and torch.equal(stream[0], x_TD)
+    for k in range(5):  # steps 0, 1, 2, then 0, 1 again
+        _, (result,) = common.stream_step(stack, stream, routes, k)
+        assert result.counts_WE.tolist() == [[4 if e == k % 3 else 0 for e in range(4)]], k

@@ -16,6 +16,7 @@ import itertools
 import sys
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -122,16 +123,42 @@ def stream_inputs(ctx, spec: RunSpec, x_TD: torch.Tensor) -> list[torch.Tensor]:
     return [x_TD, *(x.to(x_TD) for x in steps[1:])]
 
 
+def stream_routes(ctx, spec: RunSpec) -> list[list[torch.Tensor]] | None:
+    """With ``skew = "trace"`` and a stream: per step s, per layer, this rank's rows of the trace's
+    batch s (``trace.batch_rows``; the rows wrap around the trace), on the device; else None."""
+    if spec.workload["skew"] != "trace" or spec.workload.get("steps", 1) == 1:
+        return None
+    found = _trace(str(routing_trace.trace_file(spec.path, spec.workload["trace"])))
+    tokens_per_rank = spec.workload["tokens_per_rank"]
+    return [
+        [torch.from_numpy(np.ascontiguousarray(ids_TK)).to(ctx.device) for ids_TK in rows]
+        for rows in (
+            routing_trace.batch_rows(found, s, ctx.rank, ctx.world_size, tokens_per_rank)
+            for s in range(spec.workload["steps"])
+        )
+    ]
+
+
+def stream_step(stack: MoEStack, stream: list[torch.Tensor], routes, k: int):
+    """Forward call k on a stream: step k mod steps (with ``routes``, replaying that step's batch)."""
+    s = k % len(stream)
+    if routes is not None:
+        for layer, ids_TK in zip(stack.layers, routes[s], strict=True):
+            layer.router.use(ids_TK)
+    with torch.no_grad():
+        return stack(stream[s])
+
+
 def step_fn(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, stream: list[torch.Tensor] | None = None):
     """One timed step: the stack's forward, or forward + backward when ``train``. With a
-    ``stream`` of several steps, forward call k runs step k mod steps (a decode-like stream)."""
+    ``stream`` of several steps, forward call k runs step k mod steps (a decode-like stream;
+    with a trace, replaying its batch k mod steps)."""
     if not spec.workload["train"]:
         if stream is not None and len(stream) > 1:
-            calls = itertools.count()
+            calls, routes = itertools.count(), stream_routes(ctx, spec)
 
             def stream_forward():
-                with torch.no_grad():
-                    return stack(stream[next(calls) % len(stream)])[0]
+                return stream_step(stack, stream, routes, next(calls))[0]
 
             return stream_forward
 

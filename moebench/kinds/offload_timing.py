@@ -20,13 +20,14 @@ metrics' formulas are in ``results/README.md``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import build_stack, progress_after_warmup, ratios
+from moebench.kinds.common import build_stack, progress_after_warmup, ratios, stream_routes, stream_step
 from moebench.timing import time_interleaved
 from runtime.offload import OffloadConfig
 
@@ -90,21 +91,15 @@ def check_offload(spec: RunSpec) -> None:
         raise ValueError(f"{where} is invalid: accepted 1 to {fewest} (experts per rank)")
 
 
-def cycling(stack: MoEStack, stream: list[torch.Tensor]):
+def cycling(stack: MoEStack, stream: list[torch.Tensor], routes):
     """A function that runs the stack's forward on the next step of ``stream`` at each call."""
-    calls = iter(range(10**18))
-
-    def step():
-        with torch.no_grad():
-            return stack(stream[next(calls) % len(stream)])[0]
-
-    return step
+    calls = itertools.count()
+    return lambda: stream_step(stack, stream, routes, next(calls))[0]
 
 
-def record(stack: MoEStack, stream: list[torch.Tensor]) -> list[list[list[int]]]:
+def record(stack: MoEStack, stream: list[torch.Tensor], routes) -> list[list[list[int]]]:
     """Per stream step, per layer, the experts (local indices) an all-resident forward uses."""
-    with torch.no_grad():
-        return [stack.needed_experts(stack(x_TD)[1]) for x_TD in stream]
+    return [stack.needed_experts(stream_step(stack, stream, routes, s)[1]) for s in range(len(stream))]
 
 
 def copy_fn(stack: MoEStack, device: torch.device):
@@ -122,14 +117,14 @@ def copy_fn(stack: MoEStack, device: torch.device):
 
 def offload_timings(ctx, spec: RunSpec, stack: MoEStack, stream: list[torch.Tensor], group) -> dict:
     """The three functions in alternating rounds, and the offloaded stack's cache counters."""
-    config = offload_config(spec)
-    recorded = record(stack, stream)
+    config, routes = offload_config(spec), stream_routes(ctx, spec)
+    recorded = record(stack, stream, routes)
     offloaded = build_stack(ctx, spec)
     offloaded.offload(config, recorded)
     caches = [layer.experts.cache for layer in offloaded.layers]
     fns = {
-        "offload": cycling(offloaded, stream),
-        "resident": cycling(stack, stream),
+        "offload": cycling(offloaded, stream, routes),
+        "resident": cycling(stack, stream, routes),
         "h2d_copy": copy_fn(offloaded, ctx.device),
     }
     progress = progress_after_warmup(ctx, spec, "the offloaded step against the resident one and the copy peak")
