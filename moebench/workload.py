@@ -235,9 +235,10 @@ class MoEStack(nn.Module):
 
         ``recorded[s][l]``: the experts layer l needs at step s of the stream the stack will run,
         ``needed_experts`` of an all-resident pass over it, forward call k being step k mod len.
-        Belady replays it, and prefetch "oracle" loads exactly it. Prefetch "next_layer" guesses
+        Belady replays it, and prefetch "oracle" names exactly it. Prefetch "next_layer" names
         layer l+1's experts from its router applied to layer l's input: this rank's tokens only
-        (the tokens other ranks send are not seen), the most chosen first."""
+        (the tokens other ranks send are not seen), the most chosen first. The cache loads what it
+        can of the named experts without evicting any of them (``ExpertCache.prefetch``)."""
         if (config.policy == "belady" or config.prefetch == "oracle") and not recorded:
             modes = f"policy {config.policy!r}, prefetch {config.prefetch!r}"
             raise ValueError(f"offload with {modes} needs the recorded stream (recorded)")

@@ -144,13 +144,16 @@ class ExpertCache:
             self._freed[self.slot_of[e]].record(torch.cuda.current_stream(self.device))
 
     def prefetch(self, experts: list[int]) -> None:
-        """Load ``experts`` (most wanted first; at most the slots' number) ahead of the next forward."""
-        experts = list(experts)[: len(self.slot_in_SDH)]
+        """Load ``experts`` (most wanted first) ahead of the next forward, evicting only experts not
+        named, and stop when every slot holds a named one: a prefetch never evicts its own guess."""
+        experts = list(dict.fromkeys(experts))
         self._predicted = set(experts)
-        pinned = set(experts)
         for e in experts:
-            if e not in self.slot_of:
-                self._load(e, keep=pinned)
+            if e in self.slot_of:
+                continue
+            if not self._free and not set(self.slot_of) - self._predicted:
+                break
+            self._load(e, keep=self._predicted)
 
     def begin_forward(self, needed: list[int]) -> list[int]:
         """A forward needs these experts: the order to access them in (``cache_policy.step_order``:

@@ -111,8 +111,23 @@ def test_oracle_prefetch_is_always_right_and_next_layer_is_scored_against_use():
     for cache in later:
         assert cache.stats.predicted > 0 and cache.stats.prefetch_accuracy == 1.0
     for cache in _caches(guess)[1:]:
-        assert 0 < cache.stats.predicted <= 2 * STEPS  # at most the slots, per step
+        assert 0 < cache.stats.predicted <= TOKENS * MOE.top_k * STEPS  # at most every copy's expert
         assert cache.stats.predicted_used <= cache.stats.predicted
+
+
+def test_a_prefetch_never_evicts_its_own_guess():
+    from runtime import cache_policy
+    from runtime.offload import ExpertCache
+
+    w_in, w_down = torch.randn(4, 2, 6), torch.randn(4, 3, 2)
+    cache = ExpertCache(w_in, w_down, 2, cache_policy.LRU(), "cpu")
+    for e in (0, 1):
+        cache.weights(e)
+    cache.prefetch([1, 2, 3])  # 1 stays; 2 replaces 0 (not named); then both slots hold named experts
+    assert set(cache.slot_of) == {1, 2} and cache.stats.copied_experts == 3
+    assert torch.equal(cache.slot_in_SDH[cache.slot_of[2]], w_in[2])
+    cache.end_forward({2, 3})
+    assert (cache.stats.predicted, cache.stats.predicted_used) == (3, 2)
 
 
 def test_the_next_layer_guess_is_that_layers_router_on_this_layers_input():
