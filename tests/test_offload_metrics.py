@@ -8,7 +8,9 @@ from test_results import spec
 from test_scenario import MINIMAL, with_key, write
 
 from moebench import runner
+from moebench.kinds import equivalence
 from moebench.kinds import offload_timing as O
+from moebench.launch import RankContext
 from moebench.results import read
 from moebench.scenario import ScenarioError, load
 
@@ -91,6 +93,10 @@ def test_offload_is_unset_by_default_and_each_key_sweeps(tmp_path):
             {"workload": {"steps": 4, "train": True}},
             "[workload] steps = 4 is invalid with train = true: accepted steps = 1",
         ),
+        (
+            {"offload": {"cache_slots": 2}, "scenario": {"kind": "equivalence"}, "workload": {"steps": 3}},
+            '[workload] steps = 3 for kind = "equivalence": accepted steps = 1',
+        ),
     ],
 )
 def test_bad_offload_settings_are_refused_in_one_line(tmp_path, changes, expected):
@@ -123,3 +129,27 @@ def test_a_run_with_offload_reports_every_metric_and_a_full_cache_always_hits(tm
     assert full["metrics"]["h2d_bytes_per_token"]["median"] == 0
     assert one["metrics"]["h2d_bytes_per_token"]["median"] > 0
     assert one["config"]["offload"] == {"cache_slots": 1, "policy": "belady", "prefetch": "oracle"}
+
+
+@pytest.mark.parametrize("policy", ["lru", "belady"])
+def test_equivalence_with_offload_compares_the_forward_and_checks_it_bitwise_against_resident(tmp_path, policy):
+    import torch
+
+    doc = with_key("offload", "cache_slots", 1)
+    doc["offload"]["policy"] = policy
+    doc["scenario"]["kind"] = "equivalence"
+    doc["model"] |= {"top_k": 2, "layers": 2}
+    (s,) = load(write(tmp_path, doc)).runs
+    ctx = RankContext(rank=0, world_size=1, group=None, device=torch.device("cpu"), backend="gloo")
+    raw = equivalence.run_rank(ctx, equivalence.case(s))
+    assert raw["grads"] == {} and raw["bitwise_resident"] is True
+    metrics, checks, details = equivalence.evaluate(s, [raw])
+    assert metrics["rel_error_forward"]["median"] <= equivalence.TOLERANCE["float32"]
+    assert "rel_error_grad" not in metrics and "forward only" in details["compared"]
+    assert {c["name"]: c["pass"] for c in checks} == {
+        "rel_error_within_tolerance": True,
+        "tokens_dropped_match_reference": True,
+        "offload_bitwise_resident": True,
+    }
+    _, checks, _ = equivalence.evaluate(s, [raw | {"bitwise_resident": False}])
+    assert [c["pass"] for c in checks if c["name"] == "offload_bitwise_resident"] == [False]

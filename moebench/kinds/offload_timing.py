@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from moebench.workload import MoEStack
 
 FUNCTIONS = ("offload", "resident", "h2d_copy")
-OFFLOAD_KINDS = ("throughput", "latency")
+OFFLOAD_KINDS = ("throughput", "latency", "equivalence")  # equivalence: forward only, no timing
 OFFLOAD_METRICS = (
     "cache_hit_rate",
     "prefetch_accuracy",
@@ -83,6 +83,9 @@ def check_offload(spec: RunSpec) -> None:
         raise ValueError(f'{where} is invalid for kind = "{spec.kind}": accepted only with kind {kinds}')
     if spec.workload["train"]:
         raise ValueError(f"{where} is invalid with [workload] train = true: offload is inference-only")
+    if spec.kind == "equivalence" and spec.workload.get("steps", 1) > 1:
+        raise ValueError(f"{where} is invalid with [workload] steps = {spec.workload['steps']} for kind = "
+                         '"equivalence": accepted steps = 1 (it compares one batch)')  # fmt: skip
     if spec.parallel.get("overlap_chunks") and spec.parallel["overlap_chunks"] > 1:
         chunks = spec.parallel["overlap_chunks"]
         raise ValueError(f"{where} is invalid with [parallel] overlap_chunks = {chunks}: accepted overlap_chunks 1")
