@@ -13,6 +13,7 @@ import torch
 
 from moebench import runner
 from moebench.cli import main
+from moebench.kinds.offload_timing import OFFLOAD_METRICS
 from moebench.kinds.overlap_timing import OVERLAP_METRICS
 from moebench.scenario import METRICS
 
@@ -64,12 +65,13 @@ def test_run_writes_the_documented_json_and_report_prints_the_same_table(tmp_pat
     one, two = doc["runs"]
     assert (one["params"], two["params"]) == ({"world_size": 1}, {"world_size": 2})
     # every documented metric, but each run has one reference for its dispatch: the all-to-all at
-    # W > 1, the local floors at W = 1; and the overlap metrics only with overlap_chunks
-    documented = set(METRICS["throughput"]) - set(OVERLAP_METRICS)
+    # W > 1, the local floors at W = 1; the overlap metrics only with overlap_chunks, the offload
+    # ones only with [offload]
+    documented = set(METRICS["throughput"]) - set(OVERLAP_METRICS) - set(OFFLOAD_METRICS)
     with_a2a = {n for n in documented if "a2a" in n}
     assert documented - set(two["metrics"]) == {"dispatch_over_floor", "combine_over_floor"}
     assert documented - set(one["metrics"]) == with_a2a
-    assert not set(OVERLAP_METRICS) & (set(one["metrics"]) | set(two["metrics"]))
+    assert not (set(OVERLAP_METRICS) | set(OFFLOAD_METRICS)) & (set(one["metrics"]) | set(two["metrics"]))
     for run in (one, two):
         m = run["metrics"]
         assert run["status"] == "ok" and run["backend"] == "gloo" and run["checks"][0]["pass"]

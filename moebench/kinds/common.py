@@ -234,17 +234,7 @@ def collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, 
     """
     jobs = dispatch_jobs(stack, x_TD, spec.moe_config().torch_dtype)
     with torch.no_grad():
-
-        def dispatch_all():
-            for layer, plan, h_in, _, _ in jobs:
-                routing = (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
-                layer.dispatcher.dispatch(h_in, *routing, expert_major=layer.experts.expert_major)
-
-        def combine_all():
-            for layer, plan, _, x_RD, meta in jobs:
-                layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta)
-
-        fns = {"dispatch": dispatch_all, "combine": combine_all}
+        fns = dispatch_combine_fns(jobs)
         fns |= floor_fns(jobs) if group is None else {"a2a": _a2a_fn(jobs, group)}
         warmup, repeats = spec.scenario["warmup"], spec.scenario["repeats"]
         hook = progress_after_warmup(ctx, spec, "dispatch and combine against their references")
@@ -253,6 +243,22 @@ def collective_timings(ctx, spec: RunSpec, stack: MoEStack, x_TD: torch.Tensor, 
     for name in ("a2a", "dispatch_floor", "combine_floor"):
         out.setdefault(name, None)
     return out
+
+
+def dispatch_combine_fns(jobs: list) -> dict:
+    """``dispatch`` and ``combine``: all layers' serial dispatches, then combines (of the dispatched
+    rows: the values do not change the cost), back to back, as one step runs them."""
+
+    def dispatch_all():
+        for layer, plan, h_in, _, _ in jobs:
+            routing = (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+            layer.dispatcher.dispatch(h_in, *routing, expert_major=layer.experts.expert_major)
+
+    def combine_all():
+        for layer, plan, _, x_RD, meta in jobs:
+            layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta)
+
+    return {"dispatch": dispatch_all, "combine": combine_all}
 
 
 def dispatch_jobs(stack: MoEStack, x_TD: torch.Tensor, dtype: torch.dtype) -> list[tuple]:

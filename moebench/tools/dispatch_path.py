@@ -31,7 +31,7 @@ import torch
 from tabulate import tabulate
 
 from moebench import scenario as scenario_mod
-from moebench.kinds.common import dispatch_jobs, raw_a2a_fn, setup
+from moebench.kinds.common import dispatch_combine_fns, dispatch_jobs, raw_a2a_fn, setup
 from moebench.launch import launch
 from moebench.results import cpu_model
 from moebench.timing import time_interleaved
@@ -59,25 +59,17 @@ def _functions(jobs: list, group) -> dict:
             d = layer.dispatcher
             d.exchange(d.send(h_in, meta), meta.output_splits, meta.input_splits).wait()
 
-    def dispatch():
-        for layer, plan, h_in, _, _ in jobs:
-            routing = (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
-            layer.dispatcher.dispatch(h_in, *routing, expert_major=layer.experts.expert_major)
-
     def combine_exchange():
         for layer, _, _, x_RD, meta in jobs:
             (chunk,) = meta.chunks
             y_RD = layer.dispatcher.to_source_major(x_RD, chunk)
             layer.dispatcher.exchange(y_RD, meta.input_splits, meta.output_splits).wait()
 
-    def combine():
-        for layer, plan, _, x_RD, meta in jobs:
-            layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta)
-
+    serial = dispatch_combine_fns(jobs)  # the dispatch kind's own
     h_in = jobs[0][2]
     exchanges = [(meta.output_splits, meta.input_splits) for *_, meta in jobs]
     fns = [raw_a2a_fn(exchanges, h_in.shape[1], h_in.dtype, h_in.device, group), exchange, send_exchange]
-    fns += [dispatch, combine_exchange, combine]
+    fns += [serial["dispatch"], combine_exchange, serial["combine"]]
     return dict(zip(FUNCTIONS, fns, strict=True))
 
 
