@@ -243,8 +243,15 @@ class RunSpec:
             z_loss_coef=float(r["z_loss_coef"]),
             normalize_topk=r["normalize_topk"],
             dtype=m["dtype"],
-            expert_backend=m["expert_backend"],
+            expert_backend=self._expert_backend(),
         )
+
+    def _expert_backend(self) -> str:
+        """The model's; with ``[offload]``, "auto" is "loop": the backend the offloaded layer computes
+        with, so its resident counterpart does the same arithmetic (bitwise equal outputs)."""
+        if self.offload.get("cache_slots") is not None and self.model["expert_backend"] == "auto":
+            return "loop"
+        return self.model["expert_backend"]
 
     def parallel_config(self) -> ParallelConfig:
         par = self.parallel
@@ -505,10 +512,15 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
 
 def _check_workload(spec: RunSpec) -> None:
     """The skew must be a routing the run can produce: its target shares, or a trace it can replay;
-    a stream of steps is a forward-only workload of the timed kinds."""
+    a stream of steps is a forward-only workload of the timed kinds (throughput, latency)."""
     wl, moe = spec.workload, spec.moe_config()
     if wl["steps"] > 1 and wl["train"]:
         raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")
+    if wl["steps"] > 1 and spec.kind not in ("throughput", "latency"):
+        raise ValueError(
+            f'[workload] steps = {wl["steps"]} is invalid for kind = "{spec.kind}": accepted steps = 1 '
+            '(a stream is timed by kind "throughput" or "latency")'
+        )
     if wl["skew"] != "trace":
         if wl["trace"] and "skew" not in spec.params:  # a swept skew may set a trace for its "trace" runs
             raise ValueError(

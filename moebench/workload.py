@@ -28,6 +28,7 @@ from moebench import skew as S
 from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights
 from runtime.experts import expert_ffn
 from runtime.offload import OffloadConfig
+from runtime.router import Router
 
 SKEWS = (*S.SKEWS, "trace")
 # The random streams of one seed (``_generator``): tokens of rank r: r; the seeded expert order of a layer:
@@ -223,8 +224,8 @@ class MoEStack(nn.Module):
         return x_TD, outputs
 
     def needed_experts(self, outputs: list) -> list[list[int]]:
-        """Per layer, the local experts (indices into the rank's L) that had rows in a forward with
-        these ``MoEOutput``s: what an offloaded layer accesses, in the order it does (by index)."""
+        """Per layer, the local experts (indices into the rank's L, ascending) that had rows in a
+        forward with these ``MoEOutput``s: the set an offloaded layer accesses."""
         return [
             [i for i, e in enumerate(layer.local_experts) if int(r.kept_WE[:, e].sum()) > 0]
             for layer, r in zip(self.layers, outputs, strict=True)
@@ -240,8 +241,8 @@ class MoEStack(nn.Module):
         (the tokens other ranks send are not seen), the most chosen first. The cache loads what it
         can of the named experts without evicting any of them (``ExpertCache.prefetch``)."""
         if (config.policy == "belady" or config.prefetch == "oracle") and not recorded:
-            modes = f"policy {config.policy!r}, prefetch {config.prefetch!r}"
-            raise ValueError(f"offload with {modes} needs the recorded stream (recorded)")
+            modes = f"OffloadConfig.policy = {config.policy!r}, prefetch = {config.prefetch!r}"
+            raise ValueError(f"{modes} needs recorded: accepted the needed experts of each step of the stream")
         for l, layer in enumerate(self.layers):
             layer.offload(config, [step[l] for step in recorded] if recorded else None)
         self._prefetch, self._recorded, self._calls = config.prefetch, recorded, 0
@@ -250,10 +251,10 @@ class MoEStack(nn.Module):
         layer = self.layers[l]
         if self._prefetch == "oracle":
             experts = self._recorded[self._calls % len(self._recorded)][l]
-        else:
-            ids = layer.router(h_TD).ids_TK.reshape(-1)
-            local = torch.tensor(layer.local_experts, device=ids.device)
-            counts_L = torch.bincount(ids, minlength=layer.moe.num_experts)[local].tolist()  # sync: a host list
+        else:  # the router's own choice, even where a trace replaces it (Router.forward, not ReplayRouter's)
+            ids = Router.forward(layer.router, h_TD).ids_TK.reshape(-1)
+            counts_E = torch.bincount(ids, minlength=layer.moe.num_experts).tolist()  # sync: a host list
+            counts_L = [counts_E[e] for e in layer.local_experts]
             experts = sorted((i for i, n in enumerate(counts_L) if n), key=lambda i: -counts_L[i])
         layer.experts.cache.prefetch(experts)
 

@@ -76,7 +76,7 @@ class Belady:
 
     def __init__(self, steps: list[list[int]]):
         if not steps:
-            raise ValueError("Belady needs the recorded sequence of steps; it is empty")
+            raise ValueError("cache policy 'belady' needs steps: accepted the recorded needed experts of each step")
         self.steps = [sorted(set(step)) for step in steps]
         self.step, self.inside, self.pending = 0, False, set()  # step: the current one, or the next
         self._uses: dict[int, list[int]] = {}  # expert -> the steps of one period that need it

@@ -8,8 +8,9 @@ the same slots). A forward needs expert e (it has rows this step): a hit uses it
 copies e in, first evicting the expert the policy names (runtime/cache_policy.py) when the slots
 are full. Experts are computed one at a time, the resident ones first (so a miss never evicts an
 expert this forward still needs), each with the loop backend's FFN on its runs, so S = 1 works;
-the outputs are bitwise those of the all-resident layer (the same bytes, the same ops). Inference
-only: a forward that needs gradients is refused.
+the outputs are bitwise those of the all-resident layer with the loop backend (the same bytes, the
+same ops; a grouped backend sums in another order). Inference only: a forward that needs
+gradients is refused.
 
 Prefetch (``prefetch(experts)``): load experts a later forward is expected to need, evicting by
 policy, and score the guess when that forward comes: ``prefetch_accuracy`` = predicted experts that
@@ -65,6 +66,7 @@ class CacheStats:
     hits: int = 0
     misses_E: list[int] = field(default_factory=list)  # per local expert
     copied_experts: int = 0  # copies into a slot, misses and prefetches
+    needed_copies: int = 0  # of those, the ones a forward needed: its misses and its prefetched experts it used
     h2d_bytes: int = 0
     copy_s: float = 0.0  # time the copies took (CUDA: on the copy stream; call ``ExpertCache.copy_seconds``)
     predicted: int = 0  # experts a prefetch named
@@ -105,6 +107,13 @@ class ExpertCache:
         self._filled = [torch.cuda.Event() for _ in range(slots)] if cuda else None
         self._freed = [torch.cuda.Event() for _ in range(slots)] if cuda else None
         self._copy_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA: start, end of each copy
+        self._prefetched: set[int] = set()  # experts the last prefetch copied in
+        self._missed = 0  # misses of the forward in progress
+        if cuda:
+            # the copy stream writes the slots, which the compute stream allocated: should the cache be
+            # dropped with a copy in flight, the allocator must not reuse their memory before it ends
+            self.slot_in_SDH.record_stream(self._copy_stream)
+            self.slot_down_SFD.record_stream(self._copy_stream)
 
     @property
     def expert_bytes(self) -> int:
@@ -117,11 +126,19 @@ class ExpertCache:
 
     def copy_seconds(self) -> float:
         """``stats.copy_s`` with every copy issued so far counted (CUDA: waits for them)."""
-        for start, end in self._copy_events:
-            end.synchronize()  # sync: a copy's time is known once the copy stream has passed it
-            self.stats.copy_s += start.elapsed_time(end) / 1e3
-        self._copy_events.clear()
+        self._settle(wait=True)
         return self.stats.copy_s
+
+    def _settle(self, wait: bool) -> None:
+        """Add the finished copies' times to ``stats.copy_s`` (``wait``: all of them, waiting)."""
+        while self._copy_events:
+            start, end = self._copy_events[0]
+            if wait:
+                end.synchronize()  # sync: a copy's time is known once the copy stream has passed it
+            elif not end.query():  # no sync: only copies already done
+                return
+            self.stats.copy_s += start.elapsed_time(end) / 1e3
+            self._copy_events.pop(0)
 
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (w_in, w_down) on the device, for the forward now computing it: an access."""
@@ -131,6 +148,7 @@ class ExpertCache:
             self.stats.hits += 1
         else:
             self.stats.misses_E[e] += 1
+            self._missed += 1
             self._load(e)
         s = self.slot_of[e]
         if self._filled is not None:
@@ -147,13 +165,14 @@ class ExpertCache:
         """Load ``experts`` (most wanted first) ahead of the next forward, evicting only experts not
         named, and stop when every slot holds a named one: a prefetch never evicts its own guess."""
         experts = list(dict.fromkeys(experts))
-        self._predicted = set(experts)
+        self._predicted, self._prefetched = set(experts), set()
         for e in experts:
             if e in self.slot_of:
                 continue
             if not self._free and not set(self.slot_of) - self._predicted:
                 break
             self._load(e, keep=self._predicted)
+            self._prefetched.add(e)
 
     def begin_forward(self, needed: list[int]) -> list[int]:
         """A forward needs these experts: the order to access them in (``cache_policy.step_order``:
@@ -162,19 +181,18 @@ class ExpertCache:
         return cache_policy.step_order(needed, self.slot_of)
 
     def end_forward(self, used: set[int]) -> None:
-        """Score the last prefetch against the experts this forward used."""
+        """Score the last prefetch against the experts this forward used; count its needed copies."""
         self.policy.end_step()
+        self.stats.needed_copies += self._missed + len(self._prefetched & used)
+        self._missed, self._prefetched = 0, set()
         if self._predicted:
             self.stats.predicted += len(self._predicted)
             self.stats.predicted_used += len(self._predicted & used)
             self._predicted = set()
 
     def _load(self, e: int, keep: set[int] = frozenset()) -> None:
-        if self._free:
-            s = self._free.pop()
-        else:  # evict: never an expert this prefetch is loading
-            candidates = set(self.slot_of) - keep
-            s = self.slot_of.pop(self.policy.victim(candidates or set(self.slot_of)))
+        # a free slot, else evict: never an expert this prefetch names (the caller left one evictable)
+        s = self._free.pop() if self._free else self.slot_of.pop(self.policy.victim(set(self.slot_of) - keep))
         self.slot_of[e] = s
         self.policy.admit(e)
         self.stats.copied_experts += 1
@@ -195,6 +213,7 @@ class ExpertCache:
             end.record(self._copy_stream)
             self._filled[s].record(self._copy_stream)
         self._copy_events.append((start, end))
+        self._settle(wait=False)  # keep the list to the copies in flight
 
 
 class OffloadedExperts(nn.Module):

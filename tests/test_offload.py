@@ -16,7 +16,7 @@ import torch
 
 from moebench.launch import launch
 from moebench.workload import MoEStack, layer_weights, token_stream
-from runtime import MoEConfig, ParallelConfig
+from runtime import MoEConfig, ParallelConfig, cache_policy
 from runtime.offload import PREFETCH, OffloadConfig
 
 MOE = MoEConfig(16, 32, 8, top_k=2, activation="swiglu", capacity_factor=1.25)
@@ -110,13 +110,14 @@ def test_oracle_prefetch_is_always_right_and_next_layer_is_scored_against_use():
     assert first.stats.predicted == 0  # layer 0 is never prefetched
     for cache in later:
         assert cache.stats.predicted > 0 and cache.stats.prefetch_accuracy == 1.0
+        assert cache.stats.needed_copies == cache.stats.copied_experts  # the oracle wastes no copy
     for cache in _caches(guess)[1:]:
         assert 0 < cache.stats.predicted <= TOKENS * MOE.top_k * STEPS  # at most every copy's expert
-        assert cache.stats.predicted_used <= cache.stats.predicted
+        assert 0 < cache.stats.prefetch_accuracy < 1  # some guesses missed, here
+        assert cache.stats.needed_copies <= cache.stats.copied_experts
 
 
 def test_a_prefetch_never_evicts_its_own_guess():
-    from runtime import cache_policy
     from runtime.offload import ExpertCache
 
     w_in, w_down = torch.randn(4, 2, 6), torch.randn(4, 3, 2)
@@ -130,13 +131,30 @@ def test_a_prefetch_never_evicts_its_own_guess():
     assert (cache.stats.predicted, cache.stats.predicted_used) == (3, 2)
 
 
-def test_the_next_layer_guess_is_that_layers_router_on_this_layers_input():
+def test_the_next_layer_guess_is_that_layers_router_on_this_layers_input_most_chosen_first():
     _, guess, stream = _stacks(OffloadConfig(8, "lru", "next_layer"))
-    layer1 = guess.layers[1]
+    named = {}
+    for i, layer in enumerate(guess.layers):
+        layer.experts.cache.prefetch = lambda experts, i=i: named.setdefault(i, list(experts))
     with torch.no_grad():
-        ids = layer1.router(stream[0]).ids_TK.reshape(-1)
+        h1 = stream[0] + guess.layers[0](stream[0]).out_TD  # layer 1's input: layer 2's guess reads it
         guess(stream[0])
-    assert guess.layers[1].experts.cache.stats.predicted == len(set(ids.tolist()))
+    for layer, h in ((1, stream[0]), (2, h1)):  # layer l's guess: router l on layer l-1's input
+        ids = guess.layers[layer].router(h).ids_TK.reshape(-1).tolist()
+        counts = {e: ids.count(e) for e in set(ids)}
+        assert sorted(named[layer]) == sorted(counts)  # every expert chosen (at EP 1 all are local)
+        assert [counts[e] for e in named[layer]] == sorted(counts.values(), reverse=True)
+    assert 0 not in named  # layer 0 is never prefetched
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "belady"])
+@pytest.mark.parametrize("slots", [1, 3])
+def test_the_cache_hits_exactly_as_often_as_its_policy_says(policy, slots):
+    _, offloaded, stream = _stacks(OffloadConfig(slots, policy))
+    with torch.no_grad():
+        steps = [offloaded.needed_experts(offloaded(x_TD)[1]) for x_TD in stream + stream]
+    for l, cache in enumerate(_caches(offloaded)):
+        assert cache.stats.hits == cache_policy.simulate(policy, [step[l] for step in steps], slots)
 
 
 def test_offload_refuses_gradients_chunks_and_more_slots_than_experts():
@@ -151,7 +169,7 @@ def test_offload_refuses_gradients_chunks_and_more_slots_than_experts():
     plain = MoEStack(MOE, ParallelConfig(), weights, None, "cpu")
     with pytest.raises(ValueError, match=r"cache_slots = 9 is invalid: accepted 1 to 8 \(the experts on this rank\)"):
         plain.offload(OffloadConfig(9))
-    with pytest.raises(ValueError, match="needs the recorded stream"):
+    with pytest.raises(ValueError, match=r"prefetch = 'none' needs recorded: accepted the needed experts"):
         plain.offload(OffloadConfig(2, "belady"))
     with pytest.raises(ValueError, match=r"OffloadConfig.prefetch = 'always' is invalid: accepted one of 'none'"):
         OffloadConfig(2, "lru", "always")

@@ -15,12 +15,13 @@ from moebench.results import read
 from moebench.scenario import ScenarioError, load
 
 
-def _layer(accesses, hits, h2d_bytes, copy_s, predicted=0, used=0) -> dict:
+def _layer(accesses, hits, h2d_bytes, copy_s, predicted=0, used=0, needed=None) -> dict:
     return {
         "accesses": accesses,
         "hits": hits,
         "misses_E": [accesses - hits, 0],
         "copied_experts": h2d_bytes // 100,
+        "needed_copies": accesses - hits if needed is None else needed,
         "h2d_bytes": h2d_bytes,
         "copy_s": copy_s,
         "predicted": predicted,
@@ -40,8 +41,8 @@ def test_offload_metrics_from_hand_made_rounds_and_counters():
     assert m["h2d_gbps"]["median"] == pytest.approx(1200 / 8e-7 / 1e9)
     assert m["h2d_peak_gbps"]["samples"] == pytest.approx([0.1, 0.05, 0.025])  # 100 B per copy
     assert m["offload_over_resident"]["samples"] == pytest.approx([3.0, 1.0, 3.0])
-    # bound: a rank copies 1200 / 2 / 3 = 200 B per step; at the median peak, 0.05 GB/s, 4e-6 s:
-    # below every resident step, so the bound is the resident step
+    # bound: the busiest rank needs 6 copies of 100 B in 3 steps, 200 B per step; at the median
+    # peak, 0.05 GB/s, 4e-6 s: below every resident step, so the bound is the resident step
     assert m["offload_over_bound"]["samples"] == pytest.approx([3.0, 1.0, 3.0])
     assert m["offload_step_time_s"]["median"] == 0.3 and m["resident_step_time_s"]["median"] == 0.2
     assert O.offload_details([rank0, rank1])["offload"][1][0]["misses_E"] == [6, 0]
@@ -58,6 +59,19 @@ def test_the_bound_is_the_copy_time_when_copies_dominate_and_unmeasured_metrics_
     full = {"offload": rounds, "offload_layers": [_layer(3, 3, 0, 0.0)], "expert_bytes": 10**8}
     assert "h2d_gbps" not in O.offload_metrics(s, [full])  # nothing copied: no rate to report
     assert O.offload_metrics(s, [{"step": [1.0]}]) == {}  # a run without [offload]
+
+
+def test_the_bound_takes_the_busiest_ranks_needed_copies_at_the_median_peak_of_an_even_count():
+    s = spec("throughput", world=2)
+    rounds = {"offload": [4.0] * 4, "resident": [1.0] * 4, "h2d_copy": [1.0, 2.0, 4.0, 8.0]}
+    # 100-byte experts: peaks 1e-7, 5e-8, 2.5e-8, 1.25e-8 GB/s; the median of four, 3.75e-8 GB/s
+    # rank 1 needs 12 copies in 4 steps (2 of its 14 copies were wasted guesses), rank 0 needs 4
+    rank0 = {"offload": rounds, "offload_layers": [_layer(8, 4, 400, 1.0)], "expert_bytes": 100}
+    rank1 = {"offload": rounds, "offload_layers": [_layer(20, 8, 1400, 1.0, 6, 4, needed=12)], "expert_bytes": 100}
+    m = O.offload_metrics(s, [rank0, rank1])
+    needed_s = 12 * 100 / 4 / 3.75e-8 / 1e9  # 8 s a step: above the 1 s resident step
+    assert m["offload_over_bound"]["samples"] == pytest.approx([4.0 / needed_s] * 4)
+    assert m["h2d_peak_gbps"]["median"] == pytest.approx(3.75e-8)
 
 
 def test_offload_is_unset_by_default_and_each_key_sweeps(tmp_path):

@@ -354,6 +354,7 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
     time_fn(step, warmup=spec.scenario["warmup"], repeats=0, device=ctx.device, group=group, on_warm=hook)
     with sampler(ctx, interval) as s:
         step_t = time_fn(step, warmup=0, repeats=spec.scenario["repeats"], device=ctx.device, group=group)
+    use_batch(ctx, spec, stack, 0)  # a stream left its trace at another step: the rest is on step 0
     out = {
         "step": list(step_t.samples_s),
         "finite": bool(torch.isfinite(step()).all()),

@@ -273,7 +273,8 @@ def case(spec: RunSpec) -> Case:
 
 
 def window_tokens(spec: RunSpec) -> int:
-    """Tokens processed, over all ranks, inside the telemetry window: one forward + backward."""
+    """Tokens processed, over all ranks, inside the telemetry window: one forward + backward (with
+    offload: the resident forward and the offloaded one, each of the same tokens, counted once)."""
     return spec.workload["tokens_per_rank"] * spec.world_size
 
 

@@ -306,7 +306,7 @@ def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
     nbytes = weight_bytes + kv_bytes + act_bytes
     memory = nbytes / (hw.memory_bandwidth * hw.memory_bandwidth_efficiency)
     offload = 0.0
-    if par.offload_cache_slots:  # the experts read that were not on the GPU are copied in first
+    if par.offload_cache_slots and phase == "decode":  # the experts read that were not on the GPU are copied in first
         missed = (1 - p.workload.offload_hit_rate) * experts_read * expert_params(p) / tp * m.bytes_per_param
         offload = offloaded_time(0.0, missed, hw.host_to_device_bandwidth)
     return LayerTime(

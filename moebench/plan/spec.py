@@ -365,7 +365,7 @@ def _consistency(path: str, s: dict) -> None:
         )
         needed = [
             ("workload", "offload_hit_rate", "a fraction in (0, 1]: the share of the experts a decode step reads that "
-             "are already on the GPU (moebench's offload runs measure it: cache_hit_rate)"),
+             "are already on the GPU (moebench's offload runs without prefetch measure it: cache_hit_rate)"),
             ("hardware", "host_to_device_bandwidth", "a bandwidth (plan --calibrate fits it from offload runs)"),
         ]  # fmt: skip
         for section, key, accepted in needed:
