@@ -78,11 +78,13 @@ def test_offload_is_unset_by_default_and_each_key_sweeps(tmp_path):
     (run,) = load(write(tmp_path, MINIMAL)).runs
     assert run.offload == {"cache_slots": None, "policy": "lru", "prefetch": "none"}
     assert "offload" not in run.resolved() and O.offload_config(run) is None
+    assert run.moe_config().expert_backend == "auto"
     doc = with_key("offload", "cache_slots", [1, 2])
     doc["offload"] |= {"policy": ["lru", "belady"], "prefetch": "oracle"}
     runs = load(write(tmp_path, doc)).runs
     assert [r.params for r in runs] == [{"cache_slots": c, "policy": p} for c in (1, 2) for p in ("lru", "belady")]
     assert runs[-1].resolved()["offload"] == {"cache_slots": 2, "policy": "belady", "prefetch": "oracle"}
+    assert runs[-1].moe_config().expert_backend == "loop"  # "auto" with offload: the offloaded arithmetic
 
 
 @pytest.mark.parametrize(
@@ -106,6 +108,14 @@ def test_offload_is_unset_by_default_and_each_key_sweeps(tmp_path):
         (
             {"workload": {"steps": 4, "train": True}},
             "[workload] steps = 4 is invalid with train = true: accepted steps = 1",
+        ),
+        (
+            {"workload": {"steps": 4}, "scenario": {"kind": "dispatch"}},
+            '[workload] steps = 4 is invalid for kind = "dispatch": accepted steps = 1',
+        ),
+        (
+            {"offload": {"cache_slots": 2}, "model": {"expert_backend": "bmm"}},
+            '[offload] cache_slots = 2 is invalid with [model] expert_backend = "bmm": accepted "auto" or "loop"',
         ),
         (
             {"offload": {"cache_slots": 2}, "scenario": {"kind": "equivalence"}, "workload": {"steps": 3}},
