@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import datetime
 import multiprocessing.spawn
 import os
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moebench import host
+from moebench import host, watchdog
 from moebench.text import last_line
 
 
@@ -47,6 +48,11 @@ class RankContext:
     group: object | None  # the process group (None when world_size == 1 and nothing was started)
     device: torch.device
     backend: str
+    heartbeat_fd: int = -1  # the watchdog's pipe (``launch(..., watchdog_s=...)``); -1: none
+
+    def beat(self, step: int, layer: int = -1) -> None:
+        """Tell the watchdog this rank reached ``step`` (and ``layer``); a no-op without one."""
+        watchdog.beat(self.heartbeat_fd, step, layer)
 
 
 def under_torchrun() -> bool:
@@ -136,8 +142,10 @@ def _join_torchrun(device: str, backend: str) -> RankContext:
     return _torchrun_ctx
 
 
-def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "auto") -> list:
-    """Run ``fn(ctx, *args)`` on ``world_size`` ranks; return the per-rank results in rank order."""
+def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "auto", watchdog_s=None) -> list:
+    """Run ``fn(ctx, *args)`` on ``world_size`` ranks; return the per-rank results in rank order.
+    ``watchdog_s``: spawned ranks get a heartbeat (``ctx.beat``) and a rank silent that long, or
+    one that dies, stops the run with ``watchdog.RankFailure`` naming it (``moebench/watchdog.py``)."""
     device, backend = resolve_device(device, backend)
     if under_torchrun():
         env_world = int(os.environ["WORLD_SIZE"])
@@ -162,7 +170,7 @@ def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "aut
             f"world_size = {world_size} with NCCL needs {world_size} GPUs, {torch.cuda.device_count()} visible: "
             "accepted world_size <= GPU count, or device = 'cpu' (gloo)"
         )
-    return _spawn(fn, args, world_size, device, backend)
+    return _spawn(fn, args, world_size, device, backend, watchdog_s)
 
 
 # -------------------------------------------------------------------------------------------
@@ -198,11 +206,11 @@ class _LoopbackStore:
         self.store = None  # its server stops and closes the socket
 
 
-def _spawned_rank(rank: int, world_size: int, device: str, backend: str, port: int, fn, args):
+def _spawned_rank(rank: int, world_size: int, device: str, backend: str, port: int, fn, args, heartbeat_fd=-1):
     """A spawned rank's body (called by ``rank_entry`` once the payload is unpickled)."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)  # gloo's pairs listen on loopback too
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
-    ctx = _init(rank, world_size, device, backend, store=store)
+    ctx = dataclasses.replace(_init(rank, world_size, device, backend, store=store), heartbeat_fd=heartbeat_fd)
     try:
         return fn(ctx, *args)
     finally:
@@ -215,6 +223,7 @@ class _Rank:
     proc: subprocess.Popen
     result_fd: int  # read end of the rank's result pipe
     data: bytearray
+    heartbeat_fd: int = -1  # read end of its heartbeat pipe (with a watchdog)
 
 
 def _preparation(rank: int) -> dict:
@@ -225,32 +234,37 @@ def _preparation(rank: int) -> dict:
     return data
 
 
-def _start_rank(rank: int, body_args: tuple) -> _Rank:
+def _start_rank(rank: int, body_args: tuple, heartbeat: bool = False) -> _Rank:
     read_fd, write_fd = os.pipe()
+    beat_read, beat_write = os.pipe() if heartbeat else (-1, -1)
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # moebench/ itself is no import path
     cmd = [sys.executable, *safe_path, str(ENTRY), str(os.getpid()), str(write_fd)]
+    passed = (write_fd, beat_write) if heartbeat else (write_fd,)  # the same numbers in the rank
     try:
         # A session of its own: a terminal's Ctrl-C reaches moebench only, which stops the ranks.
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(write_fd,), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=passed, start_new_session=True)
     finally:
-        os.close(write_fd)
-    payload = pickle.dumps((_spawned_rank, (rank, *body_args)))
+        for fd in passed:
+            os.close(fd)
+    payload = pickle.dumps((_spawned_rank, (rank, *body_args, beat_write)))
     try:
         with proc.stdin:
             proc.stdin.write(pickle.dumps((_preparation(rank), payload)))
     except BrokenPipeError:
         pass  # the rank died at once: its exit code tells
-    return _Rank(rank, proc, read_fd, bytearray())
+    return _Rank(rank, proc, read_fd, bytearray(), beat_read)
 
 
-def _spawn(fn, args: tuple, world_size: int, device: str, backend: str) -> list:
+def _spawn(fn, args: tuple, world_size: int, device: str, backend: str, watchdog_s=None) -> list:
     """Start the ranks, collect every rank's answer; stop all of them on the first failure or an interrupt."""
     store = _LoopbackStore()
     ranks = []
+    monitor = watchdog.Monitor(world_size, watchdog_s) if watchdog_s is not None else None
     try:
         for rank in range(world_size):
-            ranks.append(_start_rank(rank, (world_size, device, backend, store.port, fn, args)))
-        results = _collect(ranks)
+            body = (world_size, device, backend, store.port, fn, args)
+            ranks.append(_start_rank(rank, body, heartbeat=monitor is not None))
+        results = _collect(ranks, monitor)
         _stop(ranks, grace_s=STOP_GRACE_S)  # every rank answered: let them finish exiting
         return results
     finally:
@@ -258,22 +272,71 @@ def _spawn(fn, args: tuple, world_size: int, device: str, backend: str) -> list:
         store.close()
 
 
-def _collect(ranks: list[_Rank]) -> list:
-    """Read every rank's answer as it comes; raise on the first rank that fails."""
+def _collect(ranks: list[_Rank], monitor: watchdog.Monitor | None = None) -> list:
+    """Read every rank's answer as it comes (and its heartbeats, with a ``monitor``); raise on the
+    first rank that fails, or, with a monitor, on the first that stays silent too long."""
     results = {}
     with selectors.DefaultSelector() as sel:
         for r in ranks:
-            sel.register(r.result_fd, selectors.EVENT_READ, r)
+            sel.register(r.result_fd, selectors.EVENT_READ, ("answer", r))
+            if r.heartbeat_fd >= 0:
+                sel.register(r.heartbeat_fd, selectors.EVENT_READ, ("beat", r))
         while len(results) < len(ranks):
-            for key, _ in sel.select():
-                r = key.data
-                chunk = os.read(r.result_fd, 1 << 20)
+            live = [r.rank for r in ranks if r.rank not in results]
+            timeout = None if monitor is None else monitor.wait_s(live)
+            events = sel.select(timeout)
+            if not events and monitor is not None:
+                stopped = frozenset(r.rank for r in ranks if watchdog.process_stopped(r.proc.pid))
+                if (failure := monitor.verdict(live, stopped=stopped)) is not None:
+                    raise failure
+            for key, _ in events:
+                what, r = key.data
+                chunk = os.read(key.fd, 1 << 20)
+                if what == "beat":
+                    if chunk:
+                        monitor.feed(r.rank, chunk)
+                    else:
+                        sel.unregister(key.fd)
+                    continue
                 if chunk:
                     r.data += chunk
                     continue
                 sel.unregister(r.result_fd)
-                results[r.rank] = _answer(r)
+                try:
+                    results[r.rank] = _answer(r)
+                except RuntimeError as err:
+                    if monitor is None:
+                        raise
+                    raise _culprit(ranks, monitor, r, err) from None
     return [results[r.rank] for r in ranks]
+
+
+def _culprit(ranks: list[_Rank], monitor: watchdog.Monitor, first: _Rank, err: RuntimeError) -> watchdog.RankFailure:
+    """After a first failure, the rank to name: one that exited without an answer (a crash; its
+    peers then fail in their collectives), within ``SETTLE_S``, else the first that failed."""
+    deadline = time.monotonic() + watchdog.SETTLE_S
+    while time.monotonic() < deadline:
+        dead = [r for r in ranks if r.proc.poll() is not None and not _answered(r)]
+        if dead:
+            r = dead[0]
+            code = r.proc.returncode
+            how = f": exited with code {code}" if code >= 0 else f": killed by signal {-code}"
+            return monitor.failed(r.rank, "crashed", how)
+        time.sleep(0.02)
+    return monitor.failed(first.rank, "failed", f": {last_line(str(err))}")
+
+
+def _answered(r: _Rank) -> bool:
+    """Whether an exited rank's result pipe holds an answer (drained to its end)."""
+    if r.result_fd >= 0:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(r.result_fd, 1 << 20):
+                r.data += chunk
+    try:
+        pickle.loads(r.data)
+    except Exception:
+        return False
+    return True
 
 
 def _answer(r: _Rank):
@@ -305,6 +368,7 @@ def _stop(ranks: list[_Rank], grace_s: float) -> None:
     for r in ranks:
         with contextlib.suppress(subprocess.TimeoutExpired):
             r.proc.wait(timeout=STOP_GRACE_S)
-        if r.result_fd >= 0:
-            os.close(r.result_fd)
-            r.result_fd = -1
+        for name in ("result_fd", "heartbeat_fd"):
+            if getattr(r, name) >= 0:
+                os.close(getattr(r, name))
+                setattr(r, name, -1)

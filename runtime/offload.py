@@ -175,10 +175,10 @@ class ExpertCache:
             self._prefetched.add(e)
 
     def begin_forward(self, needed: list[int]) -> list[int]:
-        """A forward needs these experts: the order to access them in (``cache_policy.step_order``:
-        the resident ones first, so a miss never evicts an expert this forward still needs)."""
+        """A forward needs these experts: the order to access them in (the policy's ``order``: the
+        resident ones first, so a miss never evicts an expert this forward still needs)."""
         self.policy.begin_step(needed)
-        return cache_policy.step_order(needed, self.slot_of)
+        return self.policy.order(needed, self.slot_of)
 
     def end_forward(self, used: set[int]) -> None:
         """Score the last prefetch against the experts this forward used; count its needed copies."""

@@ -20,7 +20,8 @@ STEPS = st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=4), min_size=1
 
 
 def _optimal_hits(steps: list[list[int]], slots: int) -> int:
-    """The most hits any eviction choices give, serving each step hits first (exhaustive search)."""
+    """The most hits any choices give, serving each step's resident experts first and then its
+    misses in any order, each evicting any resident expert (exhaustive search)."""
     steps = [sorted(set(s)) for s in steps]
 
     @functools.cache
@@ -33,27 +34,55 @@ def _optimal_hits(steps: list[list[int]], slots: int) -> int:
         hit = next((e for e in todo if e in resident), None)
         if hit is not None:
             return 1 + best(i, done | {hit}, resident)
-        e = todo[0]
         if len(resident) < slots:
-            return best(i, done | {e}, resident | {e})
-        return max(best(i, done | {e}, (resident - {v}) | {e}) for v in resident)
+            return max(best(i, done | {e}, resident | {e}) for e in todo)
+        return max(best(i, done | {e}, (resident - {v}) | {e}) for e in todo for v in resident)
 
     return best(0, frozenset(), frozenset())
 
 
+ONE_EXPERT_STEPS = st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=1), min_size=1, max_size=12)
+
+
 @settings(max_examples=200, deadline=None)
-@given(steps=STEPS, slots=st.integers(1, 4))
-def test_belady_hits_at_least_as_often_as_lru_and_lfu(steps, slots):
+@given(steps=ONE_EXPERT_STEPS, slots=st.integers(1, 3))
+def test_with_one_expert_a_step_belady_is_the_exhaustive_optimum_so_beats_lru_and_lfu(steps, slots):
     belady = simulate("belady", steps, slots)
-    assert belady >= simulate("lru", steps, slots)
-    assert belady >= simulate("lfu", steps, slots)
+    assert belady == _optimal_hits(steps, slots)
+    assert belady >= simulate("lru", steps, slots) and belady >= simulate("lfu", steps, slots)
 
 
-@settings(max_examples=150, deadline=None)
-@given(steps=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=3), min_size=1, max_size=8),
-       slots=st.integers(1, 3))  # fmt: skip
-def test_belady_reaches_the_exhaustive_optimum(steps, slots):
-    assert simulate("belady", steps, slots) == _optimal_hits(steps, slots)
+def test_with_several_experts_a_step_the_rule_can_miss_the_optimum_and_lose_to_lru():
+    # Next uses tie between experts of one step, and the rule's tie-breaks cannot see far enough:
+    # after step 5, keeping {2, 1} rather than {2, 0} is what lets step 8 hit twice. Found by a
+    # random search (one sequence in about 40,000 small ones); the README states the limitation.
+    steps = [[0, 2], [0, 1, 2], [1], [0, 2], [2], [0, 1, 2], [2], [0, 1, 2], [0, 2]]
+    assert simulate("belady", steps, 2) == 11
+    assert simulate("lru", steps, 2) == 12 == _optimal_hits(steps, 2)
+    # the miss order the rule picks (furthest next use first) reaches the optimum here, where
+    # misses taken in id order cannot: step 0's three misses, 2 slots
+    assert simulate("belady", [[0, 1, 2], [0, 1], [1, 2]], 2) == 3 == _optimal_hits([[0, 1, 2], [0, 1], [1, 2]], 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_on_recorded_decode_streams_belady_hits_at_least_as_often_as_lru_and_lfu(seed):
+    import torch
+
+    from moebench.workload import MoEStack, layer_weights, token_stream
+    from runtime import MoEConfig, ParallelConfig
+
+    moe = MoEConfig(256, 512, 8, top_k=2, activation="swiglu")  # scenarios/offload.toml's model
+    stack = MoEStack(moe, ParallelConfig(), layer_weights(moe, 4, seed, "uniform", None), None, "cpu")
+    for rho, tokens in ((0.0, 4), (0.9, 1), (0.9, 4)):
+        with torch.no_grad():
+            stream = token_stream(32, tokens, 256, seed, 0, rho)
+            recorded = [stack.needed_experts(stack(x)[1]) for x in stream]
+        for layer in range(4):
+            steps = [step[layer] for step in recorded] * 2
+            for slots in range(1, 8):
+                belady = simulate("belady", steps, slots)
+                assert belady >= simulate("lru", steps, slots), (rho, tokens, layer, slots)
+                assert belady >= simulate("lfu", steps, slots), (rho, tokens, layer, slots)
 
 
 @pytest.mark.parametrize("policy", cache_policy.POLICIES)
@@ -82,6 +111,8 @@ def test_hand_examples_of_each_policys_victim():
     # within a step, hits first: {0, 1} then {1, 2} with 2 slots: 1 hits, whatever evicts 0
     for policy in cache_policy.POLICIES:
         assert simulate(policy, [[0, 1], [1, 2]], 2) == 1
+    # Belady among experts next used in the same step evicts the one used again soonest after it
+    assert simulate("belady", [[1], [0, 2], [0, 1, 2], [1], [2]], 2) == 4
 
 
 def test_belady_repeats_its_steps_and_refuses_to_diverge():
