@@ -231,7 +231,7 @@ class MoEStack(nn.Module):
             for layer, r in zip(self.layers, outputs, strict=True)
         ]
 
-    def offload(self, config: OffloadConfig, recorded: list[list[list[int]]] | None = None) -> None:
+    def offload(self, config: OffloadConfig, recorded: list[list[list[int]]] | None = None, horizon: int = 0) -> None:
         """Every layer's experts in host memory behind a device cache (``runtime/offload.py``).
 
         ``recorded[s][l]``: the experts layer l needs at step s of the stream the stack will run,
@@ -239,12 +239,15 @@ class MoEStack(nn.Module):
         Belady replays it, and prefetch "oracle" names exactly it. Prefetch "next_layer" names
         layer l+1's experts from its router applied to layer l's input: this rank's tokens only
         (the tokens other ranks send are not seen), the most chosen first. The cache loads what it
-        can of the named experts without evicting any of them (``ExpertCache.prefetch``)."""
+        can of the named experts without evicting any of them (``ExpertCache.prefetch``).
+        ``horizon``: forwards Belady plans exactly (``cache_policy.optimal_plan``; without prefetch,
+        whose loads the plan does not foresee); later ones, and prefetch runs, follow its rule."""
         if (config.policy == "belady" or config.prefetch == "oracle") and not recorded:
             modes = f"OffloadConfig.policy = {config.policy!r}, prefetch = {config.prefetch!r}"
             raise ValueError(f"{modes} needs recorded: accepted the needed experts of each step of the stream")
         for l, layer in enumerate(self.layers):
-            layer.offload(config, [step[l] for step in recorded] if recorded else None)
+            plan = horizon if config.prefetch == "none" else 0
+            layer.offload(config, [step[l] for step in recorded] if recorded else None, plan)
         self._prefetch, self._recorded, self._calls = config.prefetch, recorded, 0
 
     def _prefetch_next(self, l: int, h_TD: torch.Tensor) -> None:

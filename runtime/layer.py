@@ -121,14 +121,14 @@ class MoELayer(nn.Module):
         self.experts.w_in_LDH.copy_(weights.w_in_EDH[local])
         self.experts.w_down_LFD.copy_(weights.w_down_EFD[local])
 
-    def offload(self, config: OffloadConfig, steps: list[list[int]] | None = None) -> None:
+    def offload(self, config: OffloadConfig, steps: list[list[int]] | None = None, horizon: int = 0) -> None:
         """Keep this rank's experts in host memory behind a device cache of ``config.cache_slots``
         (``runtime/offload.py``; inference only). ``steps``: the recorded needed experts of each
-        forward in turn, which Belady replays."""
+        forward in turn, which Belady replays (planning the first ``horizon`` forwards exactly)."""
         if self.overlap_chunks > 1:  # a chunk's forward would be a cache access of its own
             chunks = self.overlap_chunks
             raise ValueError(f"offload with ParallelConfig.overlap_chunks = {chunks} is refused: accepted 1")
-        self.experts = OffloadedExperts(self.experts, config, steps)
+        self.experts = OffloadedExperts(self.experts, config, steps, horizon)
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank of the EP group holds a copy of: the router."""

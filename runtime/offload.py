@@ -221,12 +221,15 @@ class OffloadedExperts(nn.Module):
 
     expert_major = False  # takes runs in any order, as the loop backend does
 
-    def __init__(self, experts: GroupedExperts, config: OffloadConfig, steps: list[list[int]] | None = None):
-        """``steps``: the recorded needed experts (local ids) of each forward in turn, for Belady."""
+    def __init__(
+        self, experts: GroupedExperts, config: OffloadConfig, steps: list[list[int]] | None = None, horizon: int = 0
+    ):
+        """``steps``: the recorded needed experts (local ids) of each forward in turn, for Belady;
+        ``horizon``: how many forwards it plans exactly (``cache_policy.optimal_plan``)."""
         super().__init__()
         self.activation, self.config = experts.activation, config
         device = experts.w_in_LDH.device
-        policy = cache_policy.make(config.policy, steps)
+        policy = cache_policy.make(config.policy, steps, config.cache_slots, horizon)
         self.cache = ExpertCache(experts.w_in_LDH, experts.w_down_LFD, config.cache_slots, policy, device)
 
     def forward(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:

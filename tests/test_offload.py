@@ -32,7 +32,7 @@ def _stacks(config: OffloadConfig, ep: int = 1, group=None, rank: int = 0):
     with torch.no_grad():
         recorded = [resident.needed_experts(resident(x)[1]) for x in stream]
     offloaded = MoEStack(MOE, par, weights, group, "cpu")
-    offloaded.offload(config, recorded)
+    offloaded.offload(config, recorded, horizon=2 * STEPS)  # the tests run the stream twice
     return resident, offloaded, stream
 
 

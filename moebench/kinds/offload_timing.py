@@ -131,7 +131,7 @@ def offload_timings(ctx, spec: RunSpec, stack: MoEStack, stream: list[torch.Tens
     config, routes = offload_config(spec), stream_routes(ctx, spec)
     recorded = record(stack, stream, routes)
     offloaded = build_stack(ctx, spec)
-    offloaded.offload(config, recorded)
+    offloaded.offload(config, recorded, horizon=spec.scenario["warmup"] + spec.scenario["repeats"])
     caches = [layer.experts.cache for layer in offloaded.layers]
     fns = {
         "offload": cycling(offloaded, stream, routes),
