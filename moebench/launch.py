@@ -313,7 +313,8 @@ def _collect(ranks: list[_Rank], monitor: watchdog.Monitor | None = None) -> lis
 
 def _culprit(ranks: list[_Rank], monitor: watchdog.Monitor, first: _Rank, err: RuntimeError) -> watchdog.RankFailure:
     """After a first failure, the rank to name: one that exited without an answer (a crash; its
-    peers then fail in their collectives), within ``SETTLE_S``, else the first that failed."""
+    peers then fail in their collectives), within ``SETTLE_S``; else, of the ranks that raised,
+    the one that got least far (its peers raise later, from the collective it left)."""
     deadline = time.monotonic() + watchdog.SETTLE_S
     while time.monotonic() < deadline:
         dead = [r for r in ranks if r.proc.poll() is not None and not _answered(r)]
@@ -323,7 +324,19 @@ def _culprit(ranks: list[_Rank], monitor: watchdog.Monitor, first: _Rank, err: R
             how = f": exited with code {code}" if code >= 0 else f": killed by signal {-code}"
             return monitor.failed(r.rank, "crashed", how)
         time.sleep(0.02)
-    return monitor.failed(first.rank, "failed", f": {last_line(str(err))}")
+    raised = [r for r in ranks if r is first or (r.proc.poll() is not None and _answered(r))]
+    culprit = min(raised, key=lambda r: (monitor.last[r.rank].step, monitor.last[r.rank].layer, r.rank))
+    detail = last_line(str(err)) if culprit is first else _error_line(culprit)
+    return monitor.failed(culprit.rank, "failed", f": {detail}")
+
+
+def _error_line(r: _Rank) -> str:
+    """The last line of the traceback a rank answered with."""
+    try:
+        status, value = pickle.loads(r.data)
+    except Exception:
+        return "no answer"
+    return last_line(value) if status == "error" and isinstance(value, str) else "no error"
 
 
 def _answered(r: _Rank) -> bool:

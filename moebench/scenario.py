@@ -26,6 +26,7 @@ import torch
 
 from moebench import kinds
 from moebench import trace as routing_trace
+from moebench.kinds import fault as fault_kind
 from moebench.kinds.offload_timing import check_offload
 from moebench.kinds.overlap_timing import check_overlap
 from moebench.skew import target_shares
@@ -45,7 +46,7 @@ SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items() if kind.default_slos}
 
 REQUIRED = object()
-SWEEPABLE = ("model", "parallel", "workload", "offload")
+SWEEPABLE = ("model", "parallel", "workload", "offload", "fault")
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
 
@@ -147,6 +148,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "policy": Key("lru", *_choice(*cache_policy.POLICIES)),
         "prefetch": Key("none", *_choice(*PREFETCH)),
     },
+    "fault": {  # kind "fault" only (moebench/kinds/fault.py)
+        "type": Key(None, *_choice(*fault_kind.TYPES, *fault_kind.PLANNED)),
+        "rank": Key(0, *_int(0, 2**16)),
+        "layer": Key(0, *_int(0, 4096)),
+        "expert": Key(0, *_int(0, 2**16)),
+        "at_step": Key(3, *_int(0, 10**6)),
+        "slowdown": Key(3.0, *_number(1)),
+        "detect_timeout_s": Key(10.0, *_number(0.5)),
+    },
 }
 _RUNTIME_FIELDS = {
     "hidden_size": ("model", "hidden"),
@@ -215,6 +225,7 @@ class RunSpec:
     slos: tuple[Slo, ...]
     params: dict = field(default_factory=dict)  # the swept keys and their values in this run
     offload: dict = field(default_factory=dict)  # [offload]; empty or cache_slots None: no offload
+    fault: dict = field(default_factory=dict)  # [fault]; kind "fault" only
     record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
     trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
 
@@ -268,6 +279,7 @@ class RunSpec:
             "parallel": self.parallel,
             "workload": self.workload,
             **({"offload": self.offload} if self.offload.get("cache_slots") is not None else {}),
+            **({"fault": self.fault} if self.fault.get("type") is not None else {}),
             "slo": slo,
         }
 
@@ -500,6 +512,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
             _check_device(spec.parallel)
             check_overlap(spec.kind, spec.parallel["overlap_chunks"])
             check_offload(spec)
+            fault_kind.check_fault(spec)
             _check_grouped_mm(spec.model)
             _check_workload(spec)
         except ValueError as err:

@@ -126,7 +126,7 @@ def test_slos_parse_with_alias_and_load_balance_gets_the_seed_plan_gate(tmp_path
         (with_key("parallel", "world_size", []), "[parallel] world_size = [] is invalid: accepted a non-empty list"),
         (with_key("parallel", "world_size", [2, 2]), "a non-empty list of distinct values"),
         (with_key("parallel", "world_size", [1, "2"]), '[parallel] world_size = "2" is invalid'),
-        (with_key("scenario", "kind", "fault"), '[scenario] kind = "fault" is invalid: accepted one of "throughput"'),
+        (with_key("scenario", "kind", "chaos"), '[scenario] kind = "chaos" is invalid: accepted one of "throughput"'),
         (with_key("slo", "max_speed", 1.0), '[slo] max_speed is not a known gate for kind = "throughput"'),
         (with_key("slo", "min_tokens_per_s", "fast"), '[slo] min_tokens_per_s = "fast" is invalid'),
         (with_key("model", "top_k", 5), "[model] top_k = 5 is invalid: accepted 1 <= top_k <= num_experts (4)"),

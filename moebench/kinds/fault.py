@@ -1,0 +1,258 @@
+"""The fault kind: step a stack as the throughput kind does, inject a fault on schedule, and
+record whether and how fast it was detected and named.
+
+``[fault] type`` (a list sweeps it):
+
+- ``crash``   the rank's process exits at (``at_step``, ``layer``);
+- ``hang``    the rank stops itself (SIGSTOP) there, as a rank stuck inside or before a collective;
+- ``nan``     local expert ``expert`` (a global id; its owner injects) returns NaN rows at
+              ``at_step`` in ``layer``;
+- ``straggler`` from ``at_step`` on, rank ``rank`` spins ``slowdown`` − 1 times its own compute
+              after every layer: a device that many times slower.
+
+Detection. crash and hang: the launcher's watchdog (``launch(..., watchdog_s=detect_timeout_s)``,
+``moebench/watchdog.py``): every rank beats at every layer; the run ends with a
+``RankFailure`` naming the rank and its last step and layer; ``detected_after_s`` is the time from
+the last beat (the injection follows it at once) to the verdict. nan: a per-layer, per-expert
+finite check (a forward hook on every layer's experts) names the rank, layer and expert, and the
+ranks agree to stop after that step (one all-reduce of a flag per step); ``detected_after_s`` is
+from the injection to the check. straggler: each rank's CPU time per step is all-gathered after the
+step; its straggler score is min over ranks of t / t_rank (METRICS.md); the first step after the
+injection at which one rank's score falls below ``STRAGGLER_SCORE`` names it.
+
+Not yet: ``expert_loss`` and ``rank_loss`` (they need redundant experts), recovery, and the fault
+table of ``moebench report``; the scenario loader refuses those types.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moebench import metrics as M
+from moebench.kinds.common import setup
+from runtime.placement import place_experts
+
+if TYPE_CHECKING:
+    from moebench.scenario import RunSpec
+    from moebench.watchdog import RankFailure
+
+NAME = "fault"
+ORDER = 7
+TYPES = ("crash", "hang", "nan", "straggler")
+PLANNED = ("expert_loss", "rank_loss")  # named by the issue; refused until redundancy exists
+STRAGGLER_SCORE = 0.8  # a rank this much slower than the fastest (t_min / t_rank below it) is named
+COLUMNS = (("detected_after_s", "detected after (ms)", 1e3, ".1f"),)
+METRICS = ("detected_after_s",)
+DETAIL_KEYS = (
+    "injected",
+    "detected",
+    "culprit_rank",
+    "culprit_layer",
+    "culprit_expert",
+    "recovered",
+    "steps_lost",
+    "tokens_rerouted",
+    "rel_error_vs_healthy",
+)
+
+
+def window_tokens(spec: RunSpec) -> int:
+    return spec.workload["tokens_per_rank"] * spec.world_size * (spec.scenario["warmup"] + spec.scenario["repeats"])
+
+
+def launch_options(spec: RunSpec) -> dict:
+    """crash and hang need the watchdog; every fault run gets it, so none can wait 30 minutes."""
+    return {"watchdog_s": spec.fault["detect_timeout_s"]}
+
+
+def check_fault(spec: RunSpec) -> None:
+    """What the scenario loader refuses: a [fault] for another kind, a fault kind without a type,
+    a type not built yet, a rank, layer, step or expert the run does not have."""
+    f = spec.fault
+    if spec.kind != NAME:
+        if f.get("type") is not None:
+            where = f'[fault] type = "{f["type"]}" is invalid for kind = "{spec.kind}"'
+            raise ValueError(f'{where}: accepted only with kind "fault"')
+        return
+    if f.get("type") is None:
+        raise ValueError(f"[fault] type is missing: accepted one of {', '.join(TYPES)}")
+    if f["type"] in PLANNED:
+        raise ValueError(
+            f'[fault] type = "{f["type"]}" is not built yet (it needs redundant experts): accepted {", ".join(TYPES)}'
+        )
+    steps = spec.scenario["warmup"] + spec.scenario["repeats"]
+    bounds = (
+        ("rank", spec.world_size - 1, "world_size - 1"),
+        ("layer", spec.model["layers"] - 1, "layers - 1"),
+        ("expert", spec.model["num_experts"] - 1, "num_experts - 1"),
+        ("at_step", steps - 1, "warmup + repeats - 1"),
+    )
+    for key, top, what in bounds:
+        if f[key] > top:
+            raise ValueError(f"[fault] {key} = {f[key]} is invalid: accepted 0 to {what} = {top}")
+    if spec.workload["train"]:
+        raise ValueError("[fault] with [workload] train = true is invalid: accepted train = false (forward steps)")
+    if f["type"] == "straggler" and f["at_step"] == 0:
+        raise ValueError(
+            "[fault] at_step = 0 is invalid for a straggler: accepted 1 or more (the steps before are its baseline)"
+        )
+
+
+# -------------------------------------------------------------------------------------------
+# Rank side
+
+
+def _spin(seconds: float) -> None:
+    """Busy for ``seconds``: a slower device burns its time, it does not sleep."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+class _Experts:
+    """Forward hooks on every layer's experts: the NaN injection and the per-expert finite check."""
+
+    def __init__(self, stack, rank: int):
+        self.rank, self.poison, self.found, self.found_at = rank, None, None, None
+        for l, layer in enumerate(stack.layers):
+            layer.experts.register_forward_hook(self._hook(l, layer))
+
+    def _hook(self, l: int, layer):
+        def hook(module, args, out_RD):
+            _, runs, run_experts = (*args, None)[:3]
+            run_experts = run_experts if run_experts is not None else list(range(len(runs)))
+            for rows, local in zip(torch.split(out_RD, runs), run_experts, strict=True):
+                expert = layer.local_experts[local]
+                if self.poison == (l, expert) and rows.numel():
+                    rows.fill_(float("nan"))  # the injected fault: this expert's rows this step
+                if self.found is None and rows.numel() and not bool(torch.isfinite(rows).all()):  # sync: a host bool
+                    self.found, self.found_at = (l, expert), time.monotonic()  # monotonic: one clock for all ranks
+            return out_RD
+
+        return hook
+
+
+def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Step the stack, beating at every layer, and inject the fault on schedule (module docstring)."""
+    f = spec.fault
+    stack, group, x_TD = setup(ctx, spec)
+    experts = _Experts(stack, ctx.rank)
+    owner = stack.layers[0].expert_to_rank[f["expert"]]
+    steps = spec.scenario["warmup"] + spec.scenario["repeats"]
+    injected_at, detected, cpu_WS, wall_S = None, None, [], []
+    with torch.no_grad():
+        for step in range(steps):
+            cpu0, wall0, h_TD = time.process_time(), time.perf_counter(), x_TD
+            for l, layer in enumerate(stack.layers):
+                ctx.beat(step, l)
+                here = step == f["at_step"] and l == f["layer"]
+                if here and f["type"] in ("crash", "hang") and ctx.rank == f["rank"]:
+                    if f["type"] == "crash":
+                        os._exit(17)
+                    os.kill(os.getpid(), signal.SIGSTOP)  # stopped until the watchdog kills it
+                if here and f["type"] == "nan" and ctx.rank == owner:
+                    experts.poison, injected_at = (l, f["expert"]), time.monotonic()
+                layer_cpu = time.process_time()
+                h_TD = h_TD + layer(h_TD).out_TD
+                straggling = f["type"] == "straggler" and ctx.rank == f["rank"] and step >= f["at_step"]
+                if straggling:
+                    if injected_at is None:
+                        injected_at = time.monotonic()
+                    _spin((f["slowdown"] - 1) * (time.process_time() - layer_cpu))
+            experts.poison = None
+            wall_S.append(time.perf_counter() - wall0)
+            cpu = torch.tensor([time.process_time() - cpu0], dtype=torch.float64)
+            flag = torch.tensor([1.0 if experts.found else 0.0])
+            if group is not None:
+                gathered = [torch.zeros_like(cpu) for _ in range(ctx.world_size)]
+                dist.all_gather(gathered, cpu, group=group)
+                cpu_WS.append([float(t) for t in gathered])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)  # every rank stops together
+            else:
+                cpu_WS.append([float(cpu)])
+            if f["type"] == "straggler" and step >= f["at_step"] and detected is None:
+                scores = [min(cpu_WS[-1]) / t for t in cpu_WS[-1]]
+                slow = min(range(len(scores)), key=scores.__getitem__)
+                if scores[slow] < STRAGGLER_SCORE:
+                    detected = {"rank": slow, "step": step, "at": time.monotonic(), "score": scores[slow]}
+            if flag.item():
+                break
+    return {
+        "nan": None
+        if experts.found is None
+        else {"rank": ctx.rank, "layer": experts.found[0], "expert": experts.found[1], "at": experts.found_at},
+        "nan_after_s": None if experts.found is None or injected_at is None else experts.found_at - injected_at,
+        "straggler": detected,
+        "straggler_after_s": None if detected is None or injected_at is None else detected["at"] - injected_at,
+        "cpu_WS": cpu_WS,
+        "wall_S": wall_S,
+        "steps_run": len(cpu_WS),
+        "telemetry": {"available": False, "reason": "not sampled in fault runs"},
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# Parent side
+
+
+def failed_run(spec: RunSpec, failure: RankFailure) -> list[dict]:
+    """What a run the watchdog stopped reports, in ``measure``'s place (the runner calls this)."""
+    stopped = {"rank": failure.rank, "how": failure.how, "step": failure.step, "layer": failure.layer}
+    stopped["after_s"] = failure.silent_s
+    return [{"failure": stopped, "telemetry": {"available": False, "reason": "the run was stopped"}}]
+
+
+def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    f, steps = spec.fault, spec.scenario["warmup"] + spec.scenario["repeats"]
+    injected = {k: f[k] for k in ("type", "rank", "layer", "expert", "at_step")}
+    if f["type"] == "nan":  # the expert's owner injects
+        injected["rank"] = place_experts(spec.moe_config(), spec.parallel_config())[f["expert"]]
+    fault = dict.fromkeys(DETAIL_KEYS) | {"injected": injected, "detected": False}
+    after, want = None, {}
+    if f["type"] in ("crash", "hang"):
+        failure = per_rank[0].get("failure")
+        want = {"culprit_rank": f["rank"], "culprit_layer": f["layer"]}
+        if failure is not None:
+            expected_how = {"crash": "crashed", "hang": "hung"}[f["type"]]
+            fault |= {"detected": failure["how"] == expected_how, "culprit_rank": failure["rank"]}
+            fault |= {"culprit_layer": failure["layer"], "recovered": "no: the run was stopped, every rank ended"}
+            fault["steps_lost"] = steps - failure["step"]
+            after = failure["after_s"]
+    elif f["type"] == "nan":
+        # the first check that fired: NaN spreads to every later layer, and every rank reports its first
+        found = min((r["nan"] for r in per_rank if r.get("nan")), key=lambda n: (n["layer"], n["at"]), default=None)
+        owner_after = next((r["nan_after_s"] for r in per_rank if r.get("nan_after_s") is not None), None)
+        want = {"culprit_layer": f["layer"], "culprit_expert": f["expert"]}
+        if found is not None:
+            fault |= {"detected": True, "culprit_rank": found["rank"], "culprit_layer": found["layer"]}
+            fault |= {"culprit_expert": found["expert"], "recovered": "no: every rank stopped after that step"}
+            fault["steps_lost"] = steps - per_rank[0]["steps_run"]
+            after = owner_after
+    else:  # straggler
+        found = per_rank[0]["straggler"]
+        want = {"culprit_rank": f["rank"]}
+        cpu_WS, wall = np.array(per_rank[0]["cpu_WS"]), np.array(per_rank[0]["wall_S"])
+        after_W = np.median(cpu_WS[f["at_step"] :], axis=0)
+        fault["straggler_score_W"] = (after_W.min() / after_W).tolist()  # METRICS.md: min over ranks of t / t_rank
+        fault["step_inflation"] = float(np.median(wall[f["at_step"] :]) / np.median(wall[: f["at_step"]]))
+        if found is not None:
+            fault |= {"detected": True, "culprit_rank": found["rank"], "steps_lost": 0, "recovered": "not needed"}
+            after = next((r["straggler_after_s"] for r in per_rank if r.get("straggler_after_s") is not None), None)
+    named = fault["detected"] and all(fault[k] == v for k, v in want.items())
+    check = {
+        "name": "fault_detected",
+        "pass": bool(named),
+        "detail": f"{f['type']} injected at rank {f['rank']}, step {f['at_step']}, layer {f['layer']}"
+        + (f", expert {f['expert']}" if f["type"] == "nan" else "")
+        + (f"; detected, named rank {fault['culprit_rank']}" if fault["detected"] else "; not detected")
+        + ("" if named or not fault["detected"] else f"; expected {want}"),
+    }
+    metrics = {} if after is None else {"detected_after_s": M.metric([after], "s", "lower", exact=True)}
+    return metrics, [check], {"fault": fault}
