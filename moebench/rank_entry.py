@@ -52,7 +52,14 @@ def main() -> None:
         answer = pickle.dumps(("error", traceback.format_exc()))
     with os.fdopen(result_fd, "wb") as out:
         out.write(answer)
-    sys.exit(0 if ok else 1)
+    if not ok:
+        # A failed rank (often a peer of a crashed one, its collective broken) exits at once: the
+        # interpreter's teardown would destroy gloo's threads still running, and C++ would abort
+        # with "terminate called without an active exception".
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

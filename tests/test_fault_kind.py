@@ -85,3 +85,20 @@ def test_bad_fault_settings_are_refused_in_one_line(tmp_path, doc, message):
 def test_other_kinds_record_no_fault():
     (run,) = load_doc(MINIMAL)
     assert run.fault["type"] is None and "fault" not in run.resolved()
+
+
+@pytest.mark.multiproc
+def test_the_soak_tool_counts_what_went_wrong(tmp_path, monkeypatch):
+    from moebench.tools import fault_soak
+
+    result = fault_soak.soak(3, seed=1, timeout=1.0, folder=tmp_path)
+    assert result["counts"] == {"faults": 3, "hangs": 0, "orphans": 0, "late": 0, "undetected": 0, "misnamed": 0}
+    assert [row[0] for row in result["rows"]] == [0, 1, 2] and all(row[7] for row in result["rows"])
+    # a fault seen but named wrong, or not seen at all, is counted
+    misnamed = {"status": "ok", "checks": [{"pass": False}], "metrics": {}, "details": {"fault": {"detected": True}}}
+    monkeypatch.setattr(fault_soak.runner, "run_one", lambda spec, interval: misnamed)
+    assert fault_soak.soak(1, seed=1, timeout=1.0, folder=tmp_path)["counts"]["misnamed"] == 1
+    missed = misnamed | {"details": {"fault": {"detected": False}}}
+    monkeypatch.setattr(fault_soak.runner, "run_one", lambda spec, interval: missed)
+    counts = fault_soak.soak(1, seed=1, timeout=1.0, folder=tmp_path)["counts"]
+    assert (counts["undetected"], counts["misnamed"]) == (1, 0)
