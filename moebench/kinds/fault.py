@@ -119,8 +119,8 @@ def _spin(seconds: float) -> None:
 class _Experts:
     """Forward hooks on every layer's experts: the NaN injection and the per-expert finite check."""
 
-    def __init__(self, stack, rank: int):
-        self.rank, self.poison, self.found, self.found_at = rank, None, None, None
+    def __init__(self, stack):
+        self.poison, self.found, self.found_at = None, None, None
         for l, layer in enumerate(stack.layers):
             layer.experts.register_forward_hook(self._hook(l, layer))
 
@@ -143,7 +143,7 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     """Step the stack, beating at every layer, and inject the fault on schedule (module docstring)."""
     f = spec.fault
     stack, group, x_TD = setup(ctx, spec)
-    experts = _Experts(stack, ctx.rank)
+    experts = _Experts(stack)
     owner = stack.layers[0].expert_to_rank[f["expert"]]
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]
     injected_at, detected, cpu_WS, wall_S = None, None, [], []
