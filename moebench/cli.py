@@ -297,9 +297,11 @@ def _shown_path(folder: Path) -> str:
 
 
 def _report(args) -> int:
+    from moebench import fault_table
     from moebench.results import find, read, render
 
     style = table_style(args)
+    docs = []
     for path in find(args.paths):
         doc = read(path)
         try:
@@ -307,6 +309,10 @@ def _report(args) -> int:
         except (KeyError, TypeError, AttributeError, IndexError) as err:
             raise ValueError(f"{path}: malformed result file: {type(err).__name__}: {err}") from None
         print(table + "\n")
+        docs.append(doc)
+    faults = fault_table.render(docs, style.fmt)  # one table across every file's fault runs
+    if faults:
+        print(faults + "\n")
     return 0
 
 

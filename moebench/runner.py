@@ -29,7 +29,6 @@ from moebench.launch import is_rank_zero, last_line, launch, resolve_device, und
 from moebench.results import SCHEMA, environment, json_safe, read, render, short_sha, verdict, write_atomic
 from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
 from moebench.telemetry import combine_summaries
-from moebench.watchdog import RankFailure
 from moebench.workload import layer_weights
 
 
@@ -109,13 +108,10 @@ def run_one(
             spec = dataclasses.replace(spec, trace_dir=str(Path(trace_dir) / run_label(spec)))
         _calibrate_routers(spec)
         kind = kinds.get(spec.kind)
-        try:
-            options = kind.launch_options(spec)
-            per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend, **options)
-        except RankFailure as failure:  # the watchdog stopped the run: for the fault kind, its result
-            if kind.failed_run is None:
-                raise
-            per_rank = kind.failed_run(spec, failure)
+        if kind.launch is not None:  # the fault kind: a watchdog, and its verdict as the result
+            per_rank = kind.launch(spec, interval, device, backend)
+        else:
+            per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend)
         threads = per_rank[0].get("threads")
         metrics, checks, details = kinds.evaluate(spec, per_rank)
         telemetry = combine_summaries([r["telemetry"] for r in per_rank], kinds.window_tokens(spec))

@@ -132,6 +132,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "backend": Key("auto", *_choice("auto", "gloo", "nccl")),
         "threads_per_rank": Key(0, *_int(0, 4096)),
         "overlap_chunks": Key(None, *_int(1, 4096)),  # absent: serial, and no overlap timing
+        "redundant_experts": Key(0, *_int(0, 2**16)),  # replicas of the busiest experts (kind "fault")
     },
     "workload": {
         "tokens_per_rank": Key(REQUIRED, *_int(1, 2**31)),
@@ -149,13 +150,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "prefetch": Key("none", *_choice(*PREFETCH)),
     },
     "fault": {  # kind "fault" only (moebench/kinds/fault.py)
-        "type": Key(None, *_choice(*fault_kind.TYPES, *fault_kind.PLANNED)),
+        "type": Key(None, *_choice(*fault_kind.TYPES)),
         "rank": Key(0, *_int(0, 2**16)),
         "layer": Key(0, *_int(0, 4096)),
         "expert": Key(0, *_int(0, 2**16)),
         "at_step": Key(3, *_int(0, 10**6)),
         "slowdown": Key(3.0, *_number(1)),
         "detect_timeout_s": Key(10.0, *_number(0.5)),
+        "on_expert_loss": Key("reroute", *_choice(*fault_kind.ON_EXPERT_LOSS)),
+        "checkpoint_every": Key(None, *_int(1, 10**6)),  # with train = true: save, crash, resume
     },
 }
 _RUNTIME_FIELDS = {

@@ -32,6 +32,7 @@ from runtime.experts import GroupedExperts
 from runtime.offload import OffloadConfig, OffloadedExperts
 from runtime.placement import place_experts
 from runtime.ranges import span
+from runtime.redundancy import ON_LOSS, Replicas, physical_ids, plain, replicate, reroute, split_counts
 from runtime.router import (
     Router,
     RouterOutput,
@@ -53,6 +54,7 @@ class MoEOutput:
     counts_WE: torch.Tensor  # copies each rank routed to each expert, before dropping (host)
     kept_WE: torch.Tensor  # copies each rank sent to each expert, after capacity (host)
     capacity: int | None  # per-expert capacity over the group's batch; None when dropless
+    lost_tokens: torch.Tensor | None = None  # this rank's tokens with a choice no live copy serves (0-d)
 
     @property
     def tokens_dropped(self) -> int:
@@ -70,6 +72,14 @@ class RoutingPlan:
     kept_WE: torch.Tensor  # copies each rank sends to each expert, after capacity (host)
     capacity: int | None  # per-expert capacity over the group's batch; None when dropless
     num_tokens: int  # tokens over the whole EP group
+    dispatch_ids_TK: torch.Tensor  # the physical expert of each copy (= routing.ids_TK without replicas)
+    dispatch_kept_WP: torch.Tensor  # copies each rank sends to each physical expert (host; = kept_WE without)
+    lost_tokens: torch.Tensor | None  # tokens with a choice no live copy serves (rerouted or dropped); 0-d
+
+    @property
+    def dispatch_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``Dispatcher.plan`` / ``dispatch`` take: physical ids, keep mask, physical kept counts."""
+        return self.dispatch_ids_TK, self.keep_TK, self.dispatch_kept_WP
 
 
 class MoELayer(nn.Module):
@@ -96,6 +106,8 @@ class MoELayer(nn.Module):
                 )
             self.group, self.dispatcher = group, AllToAllDispatcher(self.expert_to_rank, group)
         self.rank = self.dispatcher.rank
+        self.replicas: Replicas = plain(self.expert_to_rank)  # physical experts (runtime/redundancy.py)
+        self.on_loss = "reroute"  # what becomes of copies to an expert with no live copy: "reroute" or "drop"
         self.overlap_chunks = par.overlap_chunks  # the harness may change it between calls (serial vs overlapped)
         self.local_experts = self.dispatcher.local_experts
         self.router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
@@ -130,6 +142,40 @@ class MoELayer(nn.Module):
             raise ValueError(f"offload with ParallelConfig.overlap_chunks = {chunks} is refused: accepted 1")
         self.experts = OffloadedExperts(self.experts, config, steps, horizon)
 
+    @torch.no_grad()
+    def replicate(self, loads_E, redundant: int, weights: MoEWeights) -> None:
+        """Add ``redundant`` replicas of the experts with the highest ``loads_E`` (the same measured
+        loads on every rank, so every rank builds the same layout; ``runtime/redundancy.py``) and
+        load this rank's physical experts from the global ``weights``. Inference only."""
+        if self.group is None:
+            raise ValueError("redundant experts at ep_size = 1 are refused: accepted ep_size >= 2")
+        if not isinstance(self.experts, GroupedExperts):
+            raise ValueError("redundant experts with offload are refused: accepted one or the other")
+        self.replicas = replicate(loads_E, self.expert_to_rank, self.par.ep_size, redundant)
+        self.dispatcher = AllToAllDispatcher(self.replicas.owner_P, self.group)
+        self.local_experts = self.dispatcher.local_experts
+        old = self.experts
+        logical = [self.replicas.logical_of_P[p] for p in self.local_experts]
+        self.experts = GroupedExperts(
+            len(logical),
+            self.moe.hidden_size,
+            self.moe.ffn_hidden_size,
+            self.moe.activation,
+            old.w_in_LDH.dtype,
+            self.moe.expert_backend,
+        ).to(old.w_in_LDH.device)
+        self.experts.w_in_LDH.copy_(weights.w_in_EDH[logical])
+        self.experts.w_down_LFD.copy_(weights.w_down_EFD[logical])
+
+    def set_alive(self, alive_P, on_loss: str | None = None) -> None:
+        """Which physical experts still serve (the same on every rank of the group), and what becomes
+        of copies to a logical expert none serves (``on_loss``: "reroute" or "drop")."""
+        if on_loss is not None:
+            if on_loss not in ON_LOSS:
+                raise ValueError(f"on_loss = {on_loss!r} is invalid: accepted one of {', '.join(map(repr, ON_LOSS))}")
+            self.on_loss = on_loss
+        self.replicas = self.replicas.with_alive(alive_P)
+
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank of the EP group holds a copy of: the router."""
         return list(self.router.parameters())
@@ -146,17 +192,32 @@ class MoELayer(nn.Module):
         """Route this rank's tokens and decide, group-wide, which copies each expert keeps."""
         moe = self.moe
         routing = self.router(x_TD)  # fp32 router
+        reps, lost = self.replicas, None
+        if not all(reps.alive_P):  # some copies lost: route around the logical experts none serves
+            available_E = reps.available_E().to(x_TD.device)
+            lost_TK = ~available_E[routing.ids_TK]
+            lost = lost_TK.any(dim=1).sum()
+            if self.on_loss == "reroute":
+                weights_TK, ids_TK = reroute(routing.probs_TE, moe.top_k, moe.normalize_topk, available_E)
+                routing = RouterOutput(routing.logits_TE, routing.probs_TE, weights_TK, ids_TK)
         ids_TK = routing.ids_TK
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=moe.num_experts)
         counts_WE = self.dispatcher.exchange_counts(counts_E).cpu()  # sync: splits are host ints
         num_tokens = int(counts_WE.sum()) // moe.top_k
         capacity = expert_capacity(moe.capacity_factor, num_tokens, moe.top_k, moe.num_experts)
         kept_WE = kept_counts(counts_WE, capacity)
-        if capacity is None:
+        if lost is not None and self.on_loss == "drop":
+            kept_WE[:, ~reps.available_E()] = 0  # dropped like a capacity drop: weight 0, not sent
+        if capacity is None and lost is None:
             keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
         else:
             keep_TK = keep_mask(ids_TK, kept_WE[self.rank].to(ids_TK.device))
-        return RoutingPlan(routing, keep_TK, counts_WE, kept_WE, capacity, num_tokens)
+        if reps.num_redundant:
+            kept_WP = split_counts(kept_WE, reps)
+            phys_TK = physical_ids(ids_TK, keep_TK, kept_WE, self.rank, reps)
+        else:
+            kept_WP, phys_TK = kept_WE, ids_TK
+        return RoutingPlan(routing, keep_TK, counts_WE, kept_WE, capacity, num_tokens, phys_TK, kept_WP, lost)
 
     def forward(self, x_TD: torch.Tensor) -> MoEOutput:
         moe = self.moe
@@ -178,6 +239,7 @@ class MoELayer(nn.Module):
             counts_WE=plan.counts_WE,
             kept_WE=plan.kept_WE,
             capacity=plan.capacity,
+            lost_tokens=plan.lost_tokens,
         )
 
     def pipeline(self, x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -186,7 +248,7 @@ class MoELayer(nn.Module):
         dispatch 0, dispatch 1, combine 0, dispatch 2, combine 1, ..., combine C−1."""
         d, device, chunks = self.dispatcher, x_TD.device, self.overlap_chunks
         start = time.perf_counter()
-        meta = d.plan(plan.routing.ids_TK, plan.keep_TK, plan.kept_WE, chunks, self.experts.expert_major)
+        meta = d.plan(*plan.dispatch_args, chunks, self.experts.expert_major)
         x_PD = d.send(x_TD, meta)
         d.stall(start, device)
         # one split, not a slice per chunk: under autograd each slice's backward would build a

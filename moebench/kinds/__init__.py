@@ -9,9 +9,9 @@ Each kind module holds what is particular to it:
 - ``METRICS``: the metric names an [slo] or [compare] key may name;
 - ``window_tokens(spec)``: tokens processed, over all ranks, inside the telemetry window;
 - optionally ``DEFAULT_SLOS``: gates every run of the kind gets unless its file states them;
-- optionally ``launch_options(spec)`` (extra ``launch`` keywords, e.g. ``watchdog_s``) and
-  ``failed_run(spec, failure)``: the per-rank data ``evaluate`` gets when the watchdog stopped the
-  run (a fault run whose fault is a crash or a hang), instead of an error.
+- optionally ``launch(spec, interval, device, backend)``: the per-rank data ``evaluate`` gets, in
+  place of the runner's one ``launch`` of ``measure`` (the fault kind launches with a watchdog,
+  takes a stopped run as its result, and relaunches to resume from a checkpoint).
 
 Shared measurement helpers live in ``common``. Adding a kind = adding one module that defines
 ``NAME`` (``ORDER``, optional, places it in listings; lower first). Metric names, units and
@@ -44,8 +44,7 @@ class Kind:
     metrics: tuple[str, ...]
     window_tokens: Callable  # (spec) -> int
     default_slos: dict = field(default_factory=dict)  # [slo] key -> limit
-    launch_options: Callable = lambda spec: {}  # (spec) -> extra ``launch`` keywords (the fault kind's watchdog)
-    failed_run: Callable | None = None  # (spec, RankFailure) -> per-rank data for ``evaluate``, in its place
+    launch: Callable | None = None  # (spec, interval, device, backend) -> per-rank data, in the runner's launch's place
 
     @classmethod
     def of(cls, module: ModuleType) -> Kind:
@@ -57,8 +56,7 @@ class Kind:
             metrics=module.METRICS,
             window_tokens=module.window_tokens,
             default_slos=getattr(module, "DEFAULT_SLOS", {}),
-            launch_options=getattr(module, "launch_options", lambda spec: {}),
-            failed_run=getattr(module, "failed_run", None),
+            launch=getattr(module, "launch", None),
         )
 
 

@@ -251,7 +251,7 @@ def dispatch_combine_fns(jobs: list) -> dict:
 
     # everything but the dispatcher's own work looked up once, outside the timed calls
     dispatches = [
-        (layer.dispatcher.dispatch, h_in, (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE), layer.experts.expert_major)
+        (layer.dispatcher.dispatch, h_in, plan.dispatch_args, layer.experts.expert_major)
         for layer, plan, h_in, _, _ in jobs
     ]
     combines = [(layer.dispatcher.combine, x_RD, plan.routing.weights_TK, meta) for layer, plan, _, x_RD, meta in jobs]
@@ -275,7 +275,7 @@ def dispatch_jobs(stack: MoEStack, x_TD: torch.Tensor, dtype: torch.dtype) -> li
         for layer in stack.layers:
             plan = layer.plan(h_TD)
             h_in = h_TD.to(dtype)
-            routing = (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+            routing = plan.dispatch_args
             x_RD, meta = layer.dispatcher.dispatch(h_in, *routing, expert_major=layer.experts.expert_major)
             jobs.append((layer, plan, h_in, x_RD, meta))
             h_TD = h_TD + layer(h_TD).out_TD

@@ -54,7 +54,7 @@ def round_trip_error(stack: MoEStack, x_TD: torch.Tensor) -> float:
     layer = stack.layers[0]
     with torch.no_grad():
         plan = layer.plan(x_TD)
-        routing = (plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+        routing = plan.dispatch_args
         x_RD, meta = layer.dispatcher.dispatch(x_TD, *routing, expert_major=layer.experts.expert_major)
         out_TD = layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta).double()
         kept_weight_T = (plan.routing.weights_TK * plan.keep_TK).sum(1, keepdim=True).double()

@@ -8,7 +8,11 @@ record whether and how fast it was detected and named.
 - ``nan``     local expert ``expert`` (a global id; its owner injects) returns NaN rows at
               ``at_step`` in ``layer``;
 - ``straggler`` from ``at_step`` on, rank ``rank`` spins ``slowdown`` − 1 times its own compute
-              after every layer: a device that many times slower.
+              after every layer: a device that many times slower;
+- ``expert_loss`` the primary copy of expert ``expert`` in layer ``layer`` is lost at ``at_step``;
+- ``rank_loss`` every expert copy of rank ``rank`` is lost at ``at_step`` and the rank is masked.
+  These two run with ``[parallel] redundant_experts`` replicas and ``[fault] on_expert_loss``
+  ("reroute" or "drop"): ``moebench/kinds/fault_loss.py``.
 
 Detection. crash and hang: the launcher's watchdog (``launch(..., watchdog_s=detect_timeout_s)``,
 ``moebench/watchdog.py``): every rank beats at every layer; the run ends with a
@@ -20,8 +24,8 @@ from the injection to the check. straggler: each rank's CPU time per step is all
 step; its straggler score is min over ranks of t / t_rank (METRICS.md); the first step after the
 injection at which one rank's score falls below ``STRAGGLER_SCORE`` names it.
 
-Not yet: ``expert_loss`` and ``rank_loss`` (they need redundant experts), recovery, and the fault
-table of ``moebench report``; the scenario loader refuses those types.
+Recovery: a crash, hang or nan run is stopped (every rank ended); a straggler needs none; an
+expert or rank loss fails over (``fault_loss``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from moebench import metrics as M
+from moebench.kinds import fault_loss, fault_resume
 from moebench.kinds.common import setup
 from runtime.placement import place_experts
 
@@ -45,8 +50,8 @@ if TYPE_CHECKING:
 
 NAME = "fault"
 ORDER = 7
-TYPES = ("crash", "hang", "nan", "straggler")
-PLANNED = ("expert_loss", "rank_loss")  # named by the issue; refused until redundancy exists
+TYPES = ("crash", "hang", "nan", "straggler", *fault_loss.TYPES)
+ON_EXPERT_LOSS = ("reroute", "drop")
 STRAGGLER_SCORE = 0.8  # a rank this much slower than the fastest (t_min / t_rank below it) is named
 COLUMNS = (("detected_after_s", "detected after (ms)", 1e3, ".1f"),)
 METRICS = ("detected_after_s",)
@@ -67,26 +72,28 @@ def window_tokens(spec: RunSpec) -> int:
     return spec.workload["tokens_per_rank"] * spec.world_size * (spec.scenario["warmup"] + spec.scenario["repeats"])
 
 
-def launch_options(spec: RunSpec) -> dict:
-    """crash and hang need the watchdog; every fault run gets it, so none can wait 30 minutes."""
-    return {"watchdog_s": spec.fault["detect_timeout_s"]}
-
-
 def check_fault(spec: RunSpec) -> None:
     """What the scenario loader refuses: a [fault] for another kind, a fault kind without a type,
     a type not built yet, a rank, layer, step or expert the run does not have."""
-    f = spec.fault
+    f, redundant = spec.fault, spec.parallel.get("redundant_experts", 0)
     if spec.kind != NAME:
         if f.get("type") is not None:
             where = f'[fault] type = "{f["type"]}" is invalid for kind = "{spec.kind}"'
             raise ValueError(f'{where}: accepted only with kind "fault"')
+        if redundant:
+            where = f'[parallel] redundant_experts = {redundant} is invalid for kind = "{spec.kind}"'
+            raise ValueError(f'{where}: accepted only with kind "fault"')
         return
     if f.get("type") is None:
         raise ValueError(f"[fault] type is missing: accepted one of {', '.join(TYPES)}")
-    if f["type"] in PLANNED:
+    top = spec.model["num_experts"] * (spec.world_size - 1)
+    if redundant > top:
         raise ValueError(
-            f'[fault] type = "{f["type"]}" is not built yet (it needs redundant experts): accepted {", ".join(TYPES)}'
+            f"[parallel] redundant_experts = {redundant} is invalid: accepted 0 to num_experts x (world_size - 1) "
+            f"= {top} (a replica goes to a rank without a copy of its expert)"
         )
+    if f["type"] == "rank_loss" and spec.world_size < 2:
+        raise ValueError('[fault] type = "rank_loss" with world_size = 1 is invalid: accepted world_size >= 2')
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]
     bounds = (
         ("rank", spec.world_size - 1, "world_size - 1"),
@@ -97,11 +104,21 @@ def check_fault(spec: RunSpec) -> None:
     for key, top, what in bounds:
         if f[key] > top:
             raise ValueError(f"[fault] {key} = {f[key]} is invalid: accepted 0 to {what} = {top}")
-    if spec.workload["train"]:
-        raise ValueError("[fault] with [workload] train = true is invalid: accepted train = false (forward steps)")
-    if f["type"] == "straggler" and f["at_step"] == 0:
+    if spec.workload["train"] != (f["checkpoint_every"] is not None):
         raise ValueError(
-            "[fault] at_step = 0 is invalid for a straggler: accepted 1 or more (the steps before are its baseline)"
+            f"[fault] checkpoint_every = {f['checkpoint_every']} with [workload] train = "
+            f"{str(spec.workload['train']).lower()} is invalid: accepted both set (a training run that checkpoints, "
+            "crashed and resumed) or neither (forward steps)"
+        )
+    if spec.workload["train"] and (f["type"] != "crash" or redundant):
+        raise ValueError(
+            f'[fault] type = "{f["type"]}" with [workload] train = true is invalid: accepted type = "crash" '
+            "and redundant_experts = 0 (training resumes from a checkpoint after a crash)"
+        )
+    if f["type"] in ("straggler", *fault_loss.TYPES) and f["at_step"] == 0:
+        raise ValueError(
+            f'[fault] at_step = 0 is invalid for type = "{f["type"]}": accepted 1 or more (the steps before are '
+            "its healthy baseline)"
         )
 
 
@@ -129,7 +146,7 @@ class _Experts:
             _, runs, run_experts = (*args, None)[:3]
             run_experts = run_experts if run_experts is not None else list(range(len(runs)))
             for rows, local in zip(torch.split(out_RD, runs), run_experts, strict=True):
-                expert = layer.local_experts[local]
+                expert = layer.replicas.logical_of_P[layer.local_experts[local]]
                 if self.poison == (l, expert) and rows.numel():
                     rows.fill_(float("nan"))  # the injected fault: this expert's rows this step
                 if self.found is None and rows.numel() and not bool(torch.isfinite(rows).all()):  # sync: a host bool
@@ -142,7 +159,12 @@ class _Experts:
 def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     """Step the stack, beating at every layer, and inject the fault on schedule (module docstring)."""
     f = spec.fault
+    if f["type"] in fault_loss.TYPES:
+        return fault_loss.measure_loss(ctx, spec)
+    if fault_resume.resumable(spec):
+        return fault_resume.measure_train(ctx, spec)
     stack, group, x_TD = setup(ctx, spec)
+    fault_loss.add_replicas(spec, stack, x_TD)
     experts = _Experts(stack)
     owner = stack.layers[0].expert_to_rank[f["expert"]]
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]
@@ -202,29 +224,55 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
 # Parent side
 
 
-def failed_run(spec: RunSpec, failure: RankFailure) -> list[dict]:
-    """What a run the watchdog stopped reports, in ``measure``'s place (the runner calls this)."""
+def launch(spec: RunSpec, interval: float | None, device: str, backend: str) -> list[dict]:
+    """The run, launched with the watchdog (``detect_timeout_s``: no fault run can wait 30 minutes).
+    A run the watchdog stopped reports the failure in ``measure``'s place; a training run that
+    checkpoints is relaunched to resume (``fault_resume``)."""
+    from moebench import kinds
+    from moebench.launch import launch as launch_ranks
+    from moebench.watchdog import RankFailure
+
+    if fault_resume.resumable(spec):
+        return fault_resume.crash_and_resume(spec, interval, device, backend)
+    try:
+        options = {"device": device, "backend": backend, "watchdog_s": spec.fault["detect_timeout_s"]}
+        return launch_ranks(kinds.measure, spec.world_size, spec, interval, **options)
+    except RankFailure as failure:
+        return [stopped_run(failure)]
+
+
+def stopped_run(failure: RankFailure) -> dict:
+    """What a run the watchdog stopped reports, in ``measure``'s place."""
     stopped = {"rank": failure.rank, "how": failure.how, "step": failure.step, "layer": failure.layer}
     stopped["after_s"] = failure.silent_s
-    return [{"failure": stopped, "telemetry": {"available": False, "reason": "the run was stopped"}}]
+    return {"failure": stopped, "telemetry": {"available": False, "reason": "the run was stopped"}}
 
 
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
     f, steps = spec.fault, spec.scenario["warmup"] + spec.scenario["repeats"]
     injected = {k: f[k] for k in ("type", "rank", "layer", "expert", "at_step")}
-    if f["type"] == "nan":  # the expert's owner injects
+    if f["type"] in ("nan", "expert_loss"):  # the expert's owner injects
         injected["rank"] = place_experts(spec.moe_config(), spec.parallel_config())[f["expert"]]
+    if f["type"] in fault_loss.TYPES:
+        injected["on_expert_loss"] = f["on_expert_loss"]
+        injected["redundant_experts"] = spec.parallel["redundant_experts"]
     fault = dict.fromkeys(DETAIL_KEYS) | {"injected": injected, "detected": False}
-    after, want = None, {}
-    if f["type"] in ("crash", "hang"):
+    after, want, extra = None, {}, []
+    if f["type"] in fault_loss.TYPES:
+        after, fault, extra = fault_loss.evaluate_loss(spec, per_rank, fault)
+        want = {"culprit_rank": injected["rank"]}
+        if f["type"] == "expert_loss":
+            want |= {"culprit_layer": f["layer"], "culprit_expert": f["expert"]}
+    elif f["type"] in ("crash", "hang"):
         failure = per_rank[0].get("failure")
         want = {"culprit_rank": f["rank"], "culprit_layer": f["layer"]}
         if failure is not None:
             expected_how = {"crash": "crashed", "hang": "hung"}[f["type"]]
             fault |= {"detected": failure["how"] == expected_how, "culprit_rank": failure["rank"]}
-            fault |= {"culprit_layer": failure["layer"], "recovered": "no: the run was stopped, every rank ended"}
+            fault |= {"culprit_layer": failure["layer"], "recovered": "no: stopped, every rank ended"}
             fault["steps_lost"] = steps - failure["step"]
             after = failure["after_s"]
+            fault, extra = fault_resume.evaluate_resume(spec, per_rank, fault)
     elif f["type"] == "nan":
         # the first check that fired: NaN spreads to every later layer, and every rank reports its first
         found = min((r["nan"] for r in per_rank if r.get("nan")), key=lambda n: (n["layer"], n["at"]), default=None)
@@ -232,7 +280,7 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         want = {"culprit_layer": f["layer"], "culprit_expert": f["expert"]}
         if found is not None:
             fault |= {"detected": True, "culprit_rank": found["rank"], "culprit_layer": found["layer"]}
-            fault |= {"culprit_expert": found["expert"], "recovered": "no: every rank stopped after that step"}
+            fault |= {"culprit_expert": found["expert"], "recovered": "no: stopped after the step"}
             fault["steps_lost"] = steps - per_rank[0]["steps_run"]
             after = owner_after
     else:  # straggler
@@ -250,9 +298,9 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "name": "fault_detected",
         "pass": bool(named),
         "detail": f"{f['type']} injected at rank {f['rank']}, step {f['at_step']}, layer {f['layer']}"
-        + (f", expert {f['expert']}" if f["type"] == "nan" else "")
+        + (f", expert {f['expert']}" if f["type"] in ("nan", "expert_loss") else "")
         + (f"; detected, named rank {fault['culprit_rank']}" if fault["detected"] else "; not detected")
         + ("" if named or not fault["detected"] else f"; expected {want}"),
     }
     metrics = {} if after is None else {"detected_after_s": M.metric([after], "s", "lower", exact=True)}
-    return metrics, [check], {"fault": fault}
+    return metrics, [check, *extra], {"fault": fault}

@@ -116,7 +116,7 @@ def a2a_exchanges(metas: list[DispatchMeta], train: bool) -> list[tuple[list[int
 def overlap_plans(stack: MoEStack, x_TD: torch.Tensor, dtype: torch.dtype) -> list[DispatchMeta]:
     """Each layer's dispatch plan at its ``overlap_chunks``, on the input it sees in a forward pass."""
     return [
-        layer.dispatcher.plan(plan.routing.ids_TK, plan.keep_TK, plan.kept_WE, layer.overlap_chunks)
+        layer.dispatcher.plan(*plan.dispatch_args, layer.overlap_chunks)
         for layer, plan, *_ in dispatch_jobs(stack, x_TD, dtype)
     ]
 

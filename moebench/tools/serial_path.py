@@ -94,7 +94,7 @@ def measure(
     w_in, w_down = layer.experts.w_in_LDH, layer.experts.w_down_LFD
     with torch.no_grad():
         plan = layer.plan(x_TD)
-        x_RD, meta = layer.dispatcher.dispatch(x_TD, plan.routing.ids_TK, plan.keep_TK, plan.kept_WE)
+        x_RD, meta = layer.dispatcher.dispatch(x_TD, *plan.dispatch_args)
         counts = meta.tokens_per_expert
         block = mixtral_block(layer.router.weight_ED, w_in, w_down, activation, top_k, moe.normalize_topk)
         error = rel_error(block(x_TD), layer(x_TD).out_TD)
