@@ -100,8 +100,9 @@ def tests(session: nox.Session) -> None:
     """The CPU test suite (multi-rank tests run on gloo; `gpu` tests skip without CUDA).
 
     It asserts logic, never this host's speed: the `timing` tests skip here (`nox -s regress` runs them).
+    The `plots` extra (matplotlib) is installed too, so the report page's drawing tests run, not skip.
     """
-    _install(session, "[test]")
+    _install(session, "[test,plots]")
     # The venv's python, even if pytest is a system install; timing tests off even if the caller's shell set them on.
     session.run("python", "-m", "pytest", *session.posargs, env={"MOEBENCH_TIMING_TESTS": "0"})
 

@@ -2,7 +2,7 @@
 
 moebench run PATH...     run scenario files (or every *.toml in a folder) and write results
 moebench list [DIR]      show the shipped scenarios and plans, one table per folder
-moebench report PATH...  re-render the tables of saved result files
+moebench report PATH...  re-render the tables of saved result files (--html page, --plots PNGs, --format csv)
 moebench compare BASELINE NEW   judge NEW against BASELINE (exit 1 on a regression)
 moebench baseline update RESULT...   copy passing results into results/baselines/<class>/
 moebench baseline path RESULT...     print the baseline folder those results compare against
@@ -170,7 +170,16 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("dir", nargs="?", type=Path, default=SHIPPED)
     report = sub.add_parser("report", help="re-render tables from saved result files or folders")
     report.add_argument("paths", nargs="+", metavar="PATH")
-    report.add_argument("--format", choices=["plain", "markdown"], default="plain")
+    report.add_argument(
+        "--format",
+        choices=["plain", "markdown", "csv"],
+        default="plain",
+        help="table format; csv: instead of tables, one row per run and metric (results/README.md)",
+    )
+    report.add_argument(
+        "--html", type=Path, metavar="FILE", help="also write one self-contained HTML page: tables, plots, warnings"
+    )
+    report.add_argument("--plots", type=Path, metavar="DIR", help="also write every plot as DIR/<name>.png")
     _add_columns(report)
     _add_compare(sub)
     plan = sub.add_parser("plan", help="validate a deployment plan; exit 1 when a finding is an error")
@@ -300,20 +309,51 @@ def _report(args) -> int:
     from moebench import fault_table
     from moebench.results import find, read, render
 
+    if args.html or args.plots:  # before any work: a missing matplotlib or a bad folder is said at once
+        from moebench.plots import require_matplotlib
+
+        require_matplotlib("--html" if args.html else "--plots")
+        if args.html and not args.html.parent.is_dir():
+            raise ValueError(f"--html {args.html}: cannot write: no folder {args.html.parent}")
     style = table_style(args)
-    docs = []
-    for path in find(args.paths):
-        doc = read(path)
+    paths = find(args.paths)
+    docs = [read(path) for path in paths]
+    for path, doc in zip(paths, docs, strict=True):
+        if args.format == "csv":
+            continue
         try:
             table = render(doc, style)
         except (KeyError, TypeError, AttributeError, IndexError) as err:
             raise ValueError(f"{path}: malformed result file: {type(err).__name__}: {err}") from None
         print(table + "\n")
-        docs.append(doc)
-    faults = fault_table.render(docs, style.fmt)  # one table across every file's fault runs
+    faults = None if args.format == "csv" else fault_table.render(docs, style.fmt)  # across every file's fault runs
     if faults:
         print(faults + "\n")
+    if args.format == "csv":
+        from moebench.report_page import write_csv
+
+        write_csv(docs, sys.stdout)
+    if args.html or args.plots:
+        _report_files(args, paths, docs)
     return 0
+
+
+def _report_files(args, paths: list[Path], docs: list[dict]) -> None:
+    """``report --html FILE`` and ``--plots DIR``; what was written, on stderr (stdout may be CSV)."""
+    from moebench import report_page
+
+    created = _check_writable(args.plots, "--plots", "plot files") if args.plots else []
+    try:
+        drawn = report_page.rendered_plots(docs, paths)
+        if args.plots:
+            written = report_page.write_plots(args.plots, drawn)
+            print(f"moebench: wrote {len(written)} plot(s) to {args.plots}/", file=sys.stderr)
+    finally:
+        _remove_if_empty(created)
+    if args.html:
+        _write_text(args.html, report_page.page(docs, paths, drawn))
+        count = sum(map(len, drawn))
+        print(f"moebench: wrote {args.html} ({len(docs)} result file(s), {count} plot(s))", file=sys.stderr)
 
 
 def _compare(args) -> int:

@@ -375,6 +375,43 @@ def _host_note(runs: list[dict]) -> list[str]:
     return [f"host busy{where}: {why or 'flagged in the result file'}; timings are not comparable"]
 
 
+def _columns(doc: dict, chosen: tuple[str, ...] | None) -> tuple[list[_Column], list[str]]:
+    """Every column of a table (which run, values, verdict) and the order to leave values out in."""
+    values, drop_order = _value_columns(doc, chosen)
+    verdicts = _Column("verdict", "verdict", [verdict(run) for run in doc["runs"]], "left")
+    return [*_identity_columns(doc["runs"]), *values, verdicts], drop_order
+
+
+def table_cells(doc: dict, chosen: tuple[str, ...] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The headers and cells of ``render``'s table, every column (no width limit): for other formats
+    (the HTML page of ``moebench report --html``)."""
+    columns, _ = _columns(doc, chosen)
+    return [c.header for c in columns], [list(row) for row in zip(*(c.cells for c in columns), strict=True)]
+
+
+def warnings(doc: dict) -> list[str]:
+    """What a reader of the numbers must know first: a busy host, and each run that did not pass
+    (its failed checks and missed SLO gates, or its error)."""
+    notes = _host_note(doc["runs"])
+    for run in doc["runs"]:
+        where = str(run["params"]) if run["params"] else "the run"
+        if run["status"] != "ok":
+            notes.append(f"{where}: {run['status']}" + (f": {run['error']}" if run.get("error") else ""))
+            continue
+        failed = [
+            f"check {c['name']} failed" + (f" ({c['detail']})" if c.get("detail") else "")
+            for c in run["checks"]
+            if not c["pass"]
+        ]
+        failed += [
+            f"SLO {s.get('gate') or s['metric']} missed ({s['metric']} = {s.get('value')}, limit {s['limit']})"
+            for s in run.get("slo", [])
+            if s["pass"] is False
+        ]
+        notes += [f"{where}: {f}" for f in failed]
+    return notes
+
+
 def render(doc: dict, style: TableStyle | str = "plain") -> str:
     """The table of one result file: a title line, one row per run, then notes.
 
@@ -384,9 +421,7 @@ def render(doc: dict, style: TableStyle | str = "plain") -> str:
     """
     style = TableStyle(style) if isinstance(style, str) else style
     runs = doc["runs"]
-    values, drop_order = _value_columns(doc, style.columns)
-    verdicts = _Column("verdict", "verdict", [verdict(run) for run in runs], "left")
-    columns = [*_identity_columns(runs), *values, verdicts]
+    columns, drop_order = _columns(doc, style.columns)
     table, dropped = _fit(columns, [] if style.columns else drop_order, style.width, style.fmt)
     scenario, env = doc["scenario"]["scenario"], doc["environment"]
     title = (

@@ -1,0 +1,391 @@
+"""The pictures of ``moebench report --html / --plots``: what each plot shows, drawn from result files.
+
+Per result file (``plots_for``):
+
+- load_balance: per run, a heatmap of the tokens routed to each expert of each layer (summed over the
+  run's batches), and beside it each rank's total, with the imbalance gate marked on the colour bars;
+- latency: the step time's CDF, one curve per run, its p50 / p90 / p99 marked as the table reads them;
+- a sweep over ``world_size`` or ``tokens_per_rank``: tokens/s per rank and all-to-all busbw against
+  the swept value (nccl-tests style), log axes where the values span more than 10×;
+- overlap (runs that set ``overlap_chunks``): serial against overlapped step time, and the exposed
+  communication, per chunk count;
+- offload (runs with ``[offload] cache_slots`` swept): cache hit rate against cache slots, per policy.
+
+Each plot's data is prepared by a pure function (tested against the JSON), then drawn. matplotlib is
+optional (``pip install 'moebench[plots]'``) and imported only to draw: figures are made with
+``matplotlib.figure.Figure`` on the Agg canvas, never through pyplot, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from moebench.metrics import nearest_rank
+
+INSTALL_HINT = "pip install 'moebench[plots]'"
+SWEPT = ("world_size", "tokens_per_rank")  # the sweeps drawn nccl-tests style
+CDF_MARKS = (50, 90, 99)
+
+
+def require_matplotlib(flag: str = "--html") -> None:
+    """A one-line error (a ValueError, so exit 2) when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{flag} needs matplotlib, which is not installed: {INSTALL_HINT}") from None
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One picture: a file stem unique within a report, a title that explains it alone, and how to draw it."""
+
+    name: str
+    title: str
+    draw: Callable  # () -> matplotlib.figure.Figure
+
+
+def png(fig) -> bytes:
+    """The figure as PNG bytes (Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _figure(width: float = 8, height: float = 4.5):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def run_label(params: dict) -> str:
+    """A run as its swept params name it: ``world_size=2, policy=lru`` (``the run`` when nothing is swept)."""
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or "the run"
+
+
+def slug(text: str) -> str:
+    """``text`` made safe as a file name: letters, digits, ``.``, ``_``, ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def _median(run: dict, name: str) -> float | None:
+    m = run["metrics"].get(name)
+    value = None if m is None else m.get("median")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _array(samples: list) -> np.ndarray:
+    """Samples as float64, a null (NaN in the file) as NaN."""
+    return np.asarray(samples, dtype=np.float64)
+
+
+def _ok_runs(doc: dict) -> list[dict]:
+    return [run for run in doc["runs"] if run["status"] == "ok"]
+
+
+# -------------------------------------------------------------------------------------------
+# load_balance: the heatmap
+
+
+@dataclass(frozen=True)
+class LoadHeatmap:
+    """Token copies per layer and expert (and per rank), summed over a run's batches, and its gates."""
+
+    loads_LE: np.ndarray
+    ranks_LW: np.ndarray
+    expert_to_rank: list[int]
+    batches: int
+    expert_gate: float | None  # max/mean limit of the imbalance_max_mean gate, if the run has one
+    rank_gate: float | None  # the same for rank_imbalance_max_mean
+    cv_gate: dict | None  # the run's load_cv SLO record (limit, value, pass), if any
+
+
+def load_heatmap(run: dict) -> LoadHeatmap | None:
+    """The heatmap's data from a load_balance run's ``details``; None when the run has none."""
+    layers = (run.get("details") or {}).get("layers")
+    if run["status"] != "ok" or not layers:
+        return None
+    gates = {s["metric"]: s for s in run.get("slo", []) if s.get("op") == "max"}
+    limit = {k: gates[k]["limit"] for k in ("imbalance_max_mean", "rank_imbalance_max_mean") if k in gates}
+    return LoadHeatmap(
+        loads_LE=np.array([layer["expert_tokens"] for layer in layers], dtype=np.int64),
+        ranks_LW=np.array([layer["rank_tokens"] for layer in layers], dtype=np.int64),
+        expert_to_rank=list(run["details"].get("expert_to_rank") or []),
+        batches=int(run["details"].get("batches") or 0),
+        expert_gate=limit.get("imbalance_max_mean"),
+        rank_gate=limit.get("rank_imbalance_max_mean"),
+        cv_gate=gates.get("load_cv"),
+    )
+
+
+def over_gate(loads_LX: np.ndarray, limit: float | None) -> np.ndarray:
+    """Cells whose load exceeds ``limit`` × their layer's mean (the imbalance gate's reading); none without one."""
+    if limit is None:
+        return np.zeros(loads_LX.shape, dtype=bool)
+    return loads_LX > limit * loads_LX.mean(axis=1, keepdims=True)
+
+
+def _heat_panel(fig, ax, loads_LX: np.ndarray, limit: float | None, what: str, ticks: list[str]) -> None:
+    """One heatmap, its colour bar marking the layers' mean and the gate (limit × mean); cells over it boxed."""
+    mean = float(loads_LX.mean())
+    top = max(float(loads_LX.max()), limit * mean * 1.02 if limit else 0.0)
+    image = ax.imshow(loads_LX, aspect="auto", cmap="viridis", vmin=float(loads_LX.min()), vmax=top)
+    ax.set_xticks(range(loads_LX.shape[1]), ticks, fontsize=7)
+    ax.set_yticks(range(loads_LX.shape[0]))
+    ax.set_xlabel(what)
+    ax.set_ylabel("layer")
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label("token copies (sum over batches)")
+    bar.ax.axhline(mean, color="white", linewidth=2)
+    if limit:
+        bar.ax.axhline(limit * mean, color="red", linewidth=2)
+        for layer, col in zip(*np.nonzero(over_gate(loads_LX, limit)), strict=True):
+            ax.add_patch(_box(col, layer))
+
+
+def _box(x: int, y: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+
+
+def draw_load_heatmap(data: LoadHeatmap, title: str):
+    ranked = data.ranks_LW.shape[1] > 1
+    fig = _figure(11 if ranked else 8, max(4, 2 + 0.45 * data.loads_LE.shape[0]))
+    axes = fig.subplots(1, 2, width_ratios=[4, 1]) if ranked else [fig.subplots()]
+    owner = data.expert_to_rank
+    ticks = [f"{e}\nr{owner[e]}" if e < len(owner) else str(e) for e in range(data.loads_LE.shape[1])]
+    _heat_panel(fig, axes[0], data.loads_LE, data.expert_gate, "expert (r = the rank that holds it)", ticks)
+    if ranked:
+        ticks = [str(w) for w in range(data.ranks_LW.shape[1])]
+        _heat_panel(fig, axes[1], data.ranks_LW, data.rank_gate, "rank", ticks)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _heatmap_title(doc: dict, run: dict, data: LoadHeatmap) -> str:
+    """What the heatmap shows, its colour-bar lines, and the run's load gates with their verdicts."""
+    name = doc["scenario"]["scenario"]["name"]
+    which = f" ({run_label(run['params'])})" if run["params"] else ""
+    gates = ["white line on a colour bar = the mean"]
+    for what, limit in (("expert", data.expert_gate), ("rank", data.rank_gate)):
+        if limit:
+            gates.append(f"red line = {what} imbalance gate max/mean ≤ {limit:g} (boxed cells exceed it)")
+    if data.cv_gate and data.cv_gate.get("value") is not None:
+        verdict = "met" if data.cv_gate.get("pass") else "missed"
+        gates.append(f"load CV gate ≤ {data.cv_gate['limit']:g}: {data.cv_gate['value']:.3f}, {verdict}")
+    head = f"{name}{which}: token copies routed to each expert per layer, {data.batches} batches summed"
+    return head + "\n" + "; ".join(gates)
+
+
+# -------------------------------------------------------------------------------------------
+# latency: the step-time CDF
+
+
+@dataclass(frozen=True)
+class Cdf:
+    """An empirical CDF: sorted samples and the fraction of samples at or below each."""
+
+    x: np.ndarray
+    y: np.ndarray
+    marks: dict  # percentile -> value, as the table reads them: p50 the median, p90 and p99 the nearest rank
+    n: int
+
+
+def step_cdf(samples: list[float]) -> Cdf:
+    x = np.sort(_array(samples))
+    x = x[np.isfinite(x)]  # a null sample (NaN) has no place on the curve
+    marks = {q: float(np.median(x)) if q == 50 else nearest_rank(x, q) for q in CDF_MARKS}
+    return Cdf(x, np.arange(1, len(x) + 1) / len(x), marks, len(x))
+
+
+def draw_cdfs(cdfs: dict, title: str, scale: float = 1e3, unit: str = "ms"):
+    """One curve per run (``cdfs``: label -> Cdf), percentile markers on each."""
+    fig = _figure()
+    ax = fig.subplots()
+    shapes = {50: "o", 90: "s", 99: "^"}
+    for label, cdf in cdfs.items():
+        marks = " / ".join(f"p{q} {v * scale:.3g}" for q, v in cdf.marks.items())
+        (line,) = ax.step(cdf.x * scale, cdf.y, where="post", label=f"{label} (n={cdf.n}): {marks} {unit}")
+        for q, v in cdf.marks.items():
+            ax.plot([v * scale], [q / 100], shapes[q], color=line.get_color(), markersize=6)
+    for q in CDF_MARKS:
+        ax.axhline(q / 100, color="grey", linewidth=0.5, linestyle=":")
+    ax.set_xlabel(f"step time ({unit})")
+    ax.set_ylabel("fraction of steps at or below")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="lower right", title="run (samples): ○ p50 □ p90 △ p99", title_fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------
+# sweeps over world_size or tokens_per_rank
+
+
+def swept_key(runs: list[dict]) -> str | None:
+    """world_size or tokens_per_rank, whichever the runs' params take more values of (at least 2;
+    world_size on a tie); the other swept params then tell the series apart."""
+    counts = {key: len({str(run["params"][key]) for run in runs if key in run["params"]}) for key in SWEPT}
+    key = max(SWEPT, key=counts.__getitem__)
+    return key if counts[key] > 1 else None
+
+
+def series(runs: list[dict], x_key: str, metric: str) -> dict[str, tuple[list, list[float]]]:
+    """``metric``'s median against the param ``x_key``, one series per combination of the other params.
+    Runs without the metric (busbw at one rank) or the param are left out; x ascending."""
+    out: dict[str, tuple[list, list]] = {}
+    for run in runs:
+        value = _median(run, metric)
+        if x_key not in run["params"] or value is None:
+            continue
+        xs, ys = out.setdefault(run_label({k: v for k, v in run["params"].items() if k != x_key}), ([], []))
+        xs.append(run["params"][x_key])
+        ys.append(value)
+    return {label: _ascending(xs, ys) for label, (xs, ys) in out.items()}
+
+
+def _ascending(xs: list, ys: list) -> tuple[list, list]:
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    return [xs[i] for i in order], [ys[i] for i in order]
+
+
+def wide(values: list[float]) -> bool:
+    """Positive values spanning more than 10×: drawn on a log axis."""
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) and bool(values) and max(values) > 10 * min(values)
+
+
+SWEEP_PANELS = (
+    ("tokens_per_s_per_gpu", "tokens/s per rank", "tokens/s"),
+    ("a2a_busbw_gbps", "all-to-all busbw", "GB/s"),
+)
+
+
+def draw_series(panels: list[tuple[str, str, dict]], x_label: str, title: str):
+    """One panel per (y label, panel title, series); log axes where a span exceeds 10×."""
+    fig = _figure(5 * len(panels) + 1, 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (y_label, name, data) in zip(axes, panels, strict=True):
+        xs = [x for x_list, _ in data.values() for x in x_list]
+        ys = [y for _, y_list in data.values() for y in y_list]
+        for label, (x, y) in data.items():
+            ax.plot(x, y, "o-", label=label)
+        if wide(xs):
+            ax.set_xscale("log", base=2)
+        if wide(ys):
+            ax.set_yscale("log")
+        ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_title(name, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        if len(data) > 1 or next(iter(data)) != "the run":
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------
+# overlap and offload
+
+OVERLAP_BARS = (
+    ("serial", "serial step (every layer at C = 1)"),
+    ("overlapped", "overlapped step (C chunks)"),
+    ("exposed", "exposed communication"),
+)
+
+
+def overlap_bars(runs: list[dict]) -> tuple[list[str], dict[str, list[float]]]:
+    """Per run that measured overlap (its label), the medians over the overlap rounds of the serial step,
+    the overlapped step and the exposed communication, in seconds. The overlapped step's time in those
+    rounds is compute-only + exposed, round by round (exposed = overlapped − compute-only, as recorded),
+    so all three bars come from the same rounds (``step_time_s`` is timed on its own, at another time)."""
+    names = ("serial_step_time_s", "compute_only_time_s", "exposed_comm_s")
+    measured = [run for run in runs if all(run["metrics"].get(name, {}).get("samples") for name in names)]
+    metrics = [run["metrics"] for run in measured]
+    return [run_label(run["params"]) for run in measured], {
+        "serial": [m["serial_step_time_s"]["median"] for m in metrics],
+        "overlapped": [
+            float(np.median(_array(m["compute_only_time_s"]["samples"]) + _array(m["exposed_comm_s"]["samples"])))
+            for m in metrics
+        ],
+        "exposed": [m["exposed_comm_s"]["median"] for m in metrics],
+    }
+
+
+def draw_overlap(labels: list[str], bars: dict, title: str):
+    fig = _figure(max(6, 1.2 * len(labels) + 3), 4.2)
+    ax = fig.subplots()
+    width = 0.8 / len(OVERLAP_BARS)
+    for i, (name, label) in enumerate(OVERLAP_BARS):
+        heights = [np.nan if v is None else v * 1e3 for v in bars[name]]  # null (NaN in the file): no bar
+        ax.bar(np.arange(len(labels)) + (i - 1) * width, heights, width, label=label)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("run")
+    ax.set_ylabel("time per step (ms, median over the overlap rounds)")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def hit_rate_series(runs: list[dict]) -> dict[str, tuple[list, list[float]]]:
+    """cache_hit_rate against cache_slots, one series per combination of the other params (policy, ...);
+    empty unless cache_slots takes more than one value."""
+    if len({run["params"].get("cache_slots") for run in runs if "cache_slots" in run["params"]}) < 2:
+        return {}
+    return series(runs, "cache_slots", "cache_hit_rate")
+
+
+# -------------------------------------------------------------------------------------------
+# Every plot of one result file
+
+
+def plots_for(doc: dict) -> list[Plot]:
+    """The plots one result file calls for, in page order; names ``<scenario>.<what>[.<run>]``."""
+    info = doc["scenario"]["scenario"]
+    name, kind, runs = info["name"], info["kind"], _ok_runs(doc)
+    base, out = slug(name), []
+    if kind == "load_balance":
+        for run in runs:
+            data = load_heatmap(run)
+            if data is not None:
+                stem = f"{base}.expert-load" + (f".{slug(run_label(run['params']))}" if run["params"] else "")
+                title = _heatmap_title(doc, run, data)
+                out.append(Plot(stem, title, lambda d=data, t=title: draw_load_heatmap(d, t)))
+    if kind == "latency":
+        cdfs = {
+            run_label(run["params"]): step_cdf(run["metrics"]["step_time_s"]["samples"])
+            for run in runs
+            if np.isfinite(_array((run["metrics"].get("step_time_s") or {}).get("samples") or [])).any()
+        }
+        if cdfs:
+            title = f"{name}: distribution of step time, one curve per run (max over ranks per step)"
+            out.append(Plot(f"{base}.step-cdf", title, lambda c=cdfs, t=title: draw_cdfs(c, t)))
+    key = swept_key(runs)
+    if key:
+        panels = [(unit, what, series(runs, key, m)) for m, what, unit in SWEEP_PANELS]
+        panels = [(f"{what} ({unit}, median)", what, data) for unit, what, data in panels if data]
+        if panels:
+            x_label = "ranks (world_size)" if key == "world_size" else "tokens per rank"
+            title = f"{name}: {' and '.join(p[1] for p in panels)} against {x_label}"
+            out.append(Plot(f"{base}.sweep-{key}", title, lambda p=panels, x=x_label, t=title: draw_series(p, x, t)))
+    labels, bars = overlap_bars(runs)
+    if labels:
+        title = f"{name}: step time, all-to-all serial vs overlapped with expert compute; exposed communication"
+        out.append(Plot(f"{base}.overlap", title, lambda lb=labels, b=bars, t=title: draw_overlap(lb, b, t)))
+    hits = hit_rate_series(runs)
+    if hits:
+        title = f"{name}: expert cache hit rate against cache size, per policy"
+        panel = [("cache hit rate (fraction of expert accesses)", "hit rate", hits)]
+        out.append(Plot(f"{base}.hit-rate", title, lambda p=panel, t=title: draw_series(p, "cache slots per layer", t)))
+    return out

@@ -1,0 +1,167 @@
+"""The outputs of ``moebench report`` beyond its text tables: one self-contained HTML page, the plots
+as PNG files, and a CSV of every run's metrics.
+
+The page needs no network: CSS inline and each plot a PNG in a base64 ``data:`` URI. It opens with
+the environments the results came from (host, CPU, GPUs, torch, git sha) and every warning (a busy
+host, a failed check, a missed SLO, a run that errored), then per result file its table (the same
+columns as ``moebench report`` prints) and its plots (``moebench.plots``). The CSV has one row per
+run and metric (columns in ``CSV_COLUMNS``, documented in results/README.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+
+from tabulate import tabulate
+
+from moebench import plots as P
+from moebench.results import table_cells, warnings
+
+CSV_COLUMNS = ("scenario", "params", "metric", "unit", "median", "p90", "p99", "n")
+ENV_FIELDS = (  # (label, how to read it from a result file's environment)
+    ("host", lambda e: e.get("host")),
+    ("CPU", lambda e: f"{e.get('cpu') or '?'} ({e.get('cpu_count') or '?'} cores)"),
+    ("GPUs", lambda e: ", ".join(e.get("gpus") or []) or "none"),
+    ("GPU driver / CUDA / NCCL", lambda e: " / ".join(str(e.get(k) or "-") for k in ("gpu_driver", "cuda", "nccl"))),
+    ("python / torch", lambda e: f"{e.get('python') or '?'} / {e.get('torch') or '?'}"),
+    ("git", lambda e: (e.get("git_sha") or "unknown")[:10] + (" (dirty)" if e.get("git_dirty") else "")),
+)
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: 12px; }
+th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; }
+.env th { text-align: left; }
+.warn { background: #fff3cd; border: 1px solid #e0c060; padding: .5em 1em; }
+.warn li { margin: .2em 0; }
+.ok { background: #e6f4ea; border: 1px solid #8c8; padding: .5em 1em; }
+.src { color: #666; font-size: 12px; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 12px; color: #444; white-space: pre-line; }
+"""
+
+
+def rendered_plots(docs: list[dict], paths: list[Path]) -> list[list[tuple[P.Plot, bytes]]]:
+    """Per result file, its plots drawn to PNG, with file stems made unique across the whole report."""
+    seen: set[str] = set()
+    out = []
+    for doc, path in zip(docs, paths, strict=True):
+        try:
+            plots = P.plots_for(doc)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:  # e.g. hand-edited details
+            raise ValueError(f"{path}: malformed result file: {type(err).__name__}: {err}") from None
+        drawn = []
+        for plot in plots:
+            name, i = plot.name, 2
+            while name in seen:  # two result files of the same scenario name
+                name, i = f"{plot.name}-{i}", i + 1
+            seen.add(name)
+            drawn.append((P.Plot(name, plot.title, plot.draw), _png(plot)))
+        out.append(drawn)
+    return out
+
+
+def _png(plot: P.Plot) -> bytes:
+    fig = plot.draw()
+    return P.png(fig)
+
+
+def write_plots(folder: Path, drawn: list[list[tuple[P.Plot, bytes]]]) -> list[Path]:
+    """Each plot as ``folder/<name>.png``."""
+    paths = []
+    for plot, data in (item for per_doc in drawn for item in per_doc):
+        path = folder / f"{plot.name}.png"
+        try:
+            path.write_bytes(data)
+        except OSError as err:
+            raise ValueError(f"--plots {folder}: cannot write {path.name}: {err.strerror}") from None
+        paths.append(path)
+    return paths
+
+
+def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, bytes]]]) -> str:
+    """The whole HTML page (self-contained) of result files ``docs`` read from ``paths``."""
+    e = html.escape
+    scenarios = [doc["scenario"]["scenario"]["name"] for doc in docs]
+    notes = [(name, note) for name, doc in zip(scenarios, docs, strict=True) for note in warnings(doc)]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>moebench report: {e(', '.join(scenarios))}</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>moebench report</h1>",
+        f'<p class="src">{len(docs)} result file(s): {e(", ".join(map(str, paths)))}</p>',
+        "<h2>Environment</h2>",
+        _environment_table(docs, scenarios),
+    ]
+    if notes:
+        items = "".join(f"<li><b>{e(name)}</b>: {e(note)}</li>" for name, note in notes)
+        parts.append(f'<div class="warn"><b>Warnings</b><ul>{items}</ul></div>')
+    else:
+        parts.append('<p class="ok">No warnings: every run finished and passed its checks and SLO gates.</p>')
+    for doc, path, plots in zip(docs, paths, drawn, strict=True):
+        parts.append(_section(doc, path, plots))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _environment_table(docs: list[dict], scenarios: list[str]) -> str:
+    """One column per distinct environment (the host the results came from), naming its scenarios."""
+    envs: dict[tuple, list[str]] = {}
+    for name, doc in zip(scenarios, docs, strict=True):
+        key = tuple(str(read(doc["environment"])) for _, read in ENV_FIELDS)
+        envs.setdefault(key, []).append(name)
+    rows = [[label, *(key[i] for key in envs)] for i, (label, _) in enumerate(ENV_FIELDS)]
+    rows.append(["scenarios", *(", ".join(names) for names in envs.values())])
+    return '<div class="env">' + tabulate(rows, tablefmt="html", disable_numparse=True) + "</div>"
+
+
+def _section(doc: dict, path: Path, plots: list[tuple[P.Plot, bytes]]) -> str:
+    e = html.escape
+    info, env = doc["scenario"]["scenario"], doc["environment"]
+    headers, rows = table_cells(doc)
+    sha = (env.get("git_sha") or "unknown")[:10] + (" (dirty)" if env.get("git_dirty") else "")
+    parts = [
+        f'<section id="{e(P.slug(info["name"]))}">',
+        f"<h2>{e(info['name'])} ({e(info['kind'])})</h2>",
+        f"<p>{e(info.get('description', ''))}</p>" if info.get("description") else "",
+        f'<p class="src">{e(doc["source"])} · {e(str(path))} · git {e(sha)}</p>',
+        tabulate(rows, headers=headers, tablefmt="html", disable_numparse=True),
+    ]
+    notes = warnings(doc)
+    if notes:
+        parts.append('<ul class="warn">' + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    for plot, data in plots:
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        parts.append(
+            f'<figure id="{e(plot.name)}"><img alt="{e(plot.title)}" src="{uri}">'
+            f"<figcaption>{e(plot.title)}</figcaption></figure>"
+        )
+    parts.append("</section>")
+    return "\n".join(p for p in parts if p)
+
+
+def csv_rows(docs: list[dict]) -> list[list]:
+    """One row per run and metric, in ``CSV_COLUMNS`` order; params as compact JSON (``{}`` when
+    nothing is swept); a statistic the file has as null is an empty cell. Runs that did not finish
+    have no metrics, so no rows."""
+    rows = []
+    for doc in docs:
+        name = doc["scenario"]["scenario"]["name"]
+        for run in doc["runs"]:
+            params = json.dumps(run["params"], separators=(",", ":"))
+            for metric, m in run["metrics"].items():
+                stats = ["" if m.get(k) is None else m[k] for k in ("median", "p90", "p99", "n")]
+                rows.append([name, params, metric, m.get("unit") or "", *stats])
+    return rows
+
+
+def write_csv(docs: list[dict], out) -> None:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(csv_rows(docs))
