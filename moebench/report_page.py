@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from moebench import fault_table
 from moebench import plots as P
 from moebench.results import table_cells, warnings
 
@@ -106,6 +107,10 @@ def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, byt
         parts.append('<p class="ok">No warnings: every run finished and passed its checks and SLO gates.</p>')
     for doc, path, plots in zip(docs, paths, drawn, strict=True):
         parts.append(_section(doc, path, plots))
+    faults = fault_table.rows(docs)
+    if faults:  # one table across every file's fault runs, as the text report prints it
+        table = tabulate(faults, headers=fault_table.HEADERS, tablefmt="html", disable_numparse=True)
+        parts.append(f'<section id="fault-table"><h2>Fault table</h2>{table}</section>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

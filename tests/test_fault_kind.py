@@ -1,12 +1,16 @@
-"""The fault kind (moebench/kinds/fault.py): each fault type injected on 2 gloo ranks, detected and
-named; the [fault] section's checks; the verdict when the culprit is misnamed."""
+"""The fault kind (moebench/kinds/fault.py): each fault type injected on 2 and 4 gloo ranks, detected
+and named, with no process left behind; crash and resume of a training run; the [fault] section's
+checks; the verdict when the culprit is misnamed; the fault table."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from test_process_life import _children
 from test_scenario import MINIMAL, with_key, write
 
-from moebench import runner
+from moebench import fault_table, runner
 from moebench.kinds import fault
 from moebench.results import read
 from moebench.scenario import ScenarioError, load
@@ -23,17 +27,32 @@ def _doc(**fault_keys) -> dict:
 
 
 @pytest.mark.multiproc
-def test_every_fault_type_is_detected_and_named_on_two_ranks(tmp_path):
-    doc = _doc(type=["crash", "hang", "nan", "straggler"])
-    assert runner.run_scenarios([load(write(tmp_path, doc))], tmp_path / "out", None) == 0
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_fault_type_is_detected_and_named_and_no_process_is_left(tmp_path, world):
+    doc = _doc(type=list(fault.TYPES))
+    doc["parallel"] |= {"world_size": world, "redundant_experts": 2}
+    before = set(_children(os.getpid()))
+    code = runner.run_scenarios([load(write(tmp_path, doc))], tmp_path / "out", None)
+    assert set(_children(os.getpid())) <= before  # every rank of every run ended, none left waiting
     runs = {r["params"]["type"]: r for r in read(tmp_path / "out" / "t.json")["runs"]}
+    assert code == 0, [
+        (k, r["error"], r["checks"]) for k, r in runs.items() if r["error"] or not r["checks"][0]["pass"]
+    ]
+    assert runs.keys() == set(fault.TYPES)
     for kind, run in runs.items():
         f = run["details"]["fault"]
         check = run["checks"][0]
-        assert run["status"] == "ok" and (check["name"], check["pass"]) == ("fault_detected", True)
-        assert f["detected"] is True and f["culprit_rank"] == 1, kind
+        assert run["status"] == "ok" and (check["name"], check["pass"]) == ("fault_detected", True), kind
+        assert all(c["pass"] for c in run["checks"]), kind
+        assert f["detected"] is True, kind
         assert set(fault.DETAIL_KEYS) <= f.keys()
         assert run["metrics"]["detected_after_s"]["median"] >= 0
+    owner = 1 % world  # expert 1's home under round robin: where nan and expert_loss strike
+    for kind in ("crash", "hang", "straggler", "rank_loss"):
+        assert runs[kind]["details"]["fault"]["culprit_rank"] == 1, kind
+    for kind in ("nan", "expert_loss"):
+        got = runs[kind]["details"]["fault"]
+        assert (got["culprit_rank"], got["culprit_layer"], got["culprit_expert"]) == (owner, 1, 1), kind
     assert runs["crash"]["details"]["fault"]["culprit_layer"] == 1  # its last heartbeat: step 3, layer 1
     assert runs["crash"]["details"]["fault"]["steps_lost"] == 8 - 3
     hang = runs["hang"]["metrics"]["detected_after_s"]["median"]
@@ -41,8 +60,48 @@ def test_every_fault_type_is_detected_and_named_on_two_ranks(tmp_path):
     nan = runs["nan"]["details"]["fault"]
     assert (nan["culprit_layer"], nan["culprit_expert"]) == (1, 1)
     straggler = runs["straggler"]["details"]["fault"]
-    assert straggler["straggler_score_W"][0] == 1.0 and straggler["straggler_score_W"][1] < fault.STRAGGLER_SCORE
+    assert max(straggler["straggler_score_W"]) == 1.0 and straggler["straggler_score_W"][1] < fault.STRAGGLER_SCORE
     assert runs["crash"]["config"]["fault"]["type"] == "crash"
+    # losses: found before the step dispatched a token, so no step is lost; a covered loss is exact
+    for kind in ("expert_loss", "rank_loss"):
+        got = runs[kind]["details"]["fault"]
+        assert got["steps_lost"] == 0 and got["rel_error_vs_healthy"] is not None, kind
+        assert (got["tokens_rerouted"] == 0) == got["recovered"].endswith("replicas"), kind
+        if got["tokens_rerouted"] == 0:
+            assert got["rel_error_vs_healthy"] <= 1e-6
+            assert [c["name"] for c in runs[kind]["checks"]] == ["fault_detected", "failover_exact"]
+        else:
+            assert got["rel_error_vs_healthy"] > 1e-4  # rerouting changes the output, and the error shows it
+    assert runs["rank_loss"]["details"]["fault"]["recovered"].startswith("rank masked")
+
+
+@pytest.mark.multiproc
+def test_a_crashed_training_run_resumes_from_its_checkpoint_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+    doc = _doc(type="crash", at_step=5, checkpoint_every=2)
+    doc["workload"] |= {"train": True}
+    before = set(_children(os.getpid()))
+    assert runner.run_scenarios([load(write(tmp_path, doc))], tmp_path / "out", None) == 0
+    assert set(_children(os.getpid())) <= before
+    (run,) = read(tmp_path / "out" / "t.json")["runs"]
+    f = run["details"]["fault"]
+    assert (f["culprit_rank"], f["culprit_layer"]) == (1, 1)
+    assert f["recovered"] == "resumed from step 4" and f["steps_lost"] == 1  # saved after step 4; crashed in 5
+    checks = {c["name"]: c for c in run["checks"]}
+    assert checks["resume_bitwise"]["pass"] is True and checks["fault_detected"]["pass"] is True
+    assert f["recovery_s"] > 0
+
+
+def test_resume_bitwise_fails_when_any_tensor_differs():
+    doc = _doc(type="crash", at_step=5, checkpoint_every=2)
+    doc["workload"] |= {"train": True}
+    (spec,) = load_doc(doc)
+    resumed = [{"resumed_from": 4, "digests": {"a": "1", "b": "2"}}, {"resumed_from": 4, "digests": {"c": "3"}}]
+    reference = [{"digests": {"a": "1", "b": "2"}}, {"digests": {"c": "4"}}]
+    stopped = {"failure": {"rank": 1, "how": "crashed", "step": 5, "layer": 1, "after_s": 0.01}, "telemetry": {}}
+    _, checks, details = fault.evaluate(spec, [stopped | {"resumed": resumed, "reference": reference, "recovery_s": 1}])
+    (resume,) = [c for c in checks if c["name"] == "resume_bitwise"]
+    assert resume["pass"] is False and "2 of 3 tensors" in resume["detail"] and "first differing: c" in resume["detail"]
+    assert details["fault"]["steps_lost"] == 1
 
 
 def test_a_misnamed_culprit_fails_the_check():
@@ -65,12 +124,27 @@ def load_doc(doc: dict):
     ("doc", "message"),
     [
         (with_key("fault", "type", "crash"), '[fault] type = "crash" is invalid for kind = "throughput": accepted'),
-        (_doc(), "[fault] type is missing: accepted one of crash, hang, nan, straggler"),
-        (_doc(type="rank_loss"), '[fault] type = "rank_loss" is not built yet (it needs redundant experts)'),
+        (_doc(), "[fault] type is missing: accepted one of crash, hang, nan, straggler, expert_loss, rank_loss"),
+        (
+            _doc(type="expert_loss") | {"parallel": {"world_size": 2, "redundant_experts": 5}},
+            "[parallel] redundant_experts = 5 is invalid: accepted 0 to num_experts x (world_size - 1) = 4",
+        ),
+        (
+            with_key("parallel", "redundant_experts", 1),
+            '[parallel] redundant_experts = 1 is invalid for kind = "throughput": accepted only with kind "fault"',
+        ),
+        (_doc(type="rank_loss") | {"parallel": {"world_size": 1}}, "with world_size = 1 is invalid: accepted"),
+        (_doc(type="crash", checkpoint_every=2), "[fault] checkpoint_every = 2 with [workload] train = false"),
+        (
+            _doc(type="nan", checkpoint_every=2) | {"workload": {"tokens_per_rank": 8, "train": True}},
+            '[fault] type = "nan" with [workload] train = true is invalid: accepted type = "crash"',
+        ),
+        (_doc(type="expert_loss", on_expert_loss="keep"), '[fault] on_expert_loss = "keep" is invalid: accepted'),
         (_doc(type="crash", rank=2), "[fault] rank = 2 is invalid: accepted 0 to world_size - 1 = 1"),
         (_doc(type="nan", expert=4), "[fault] expert = 4 is invalid: accepted 0 to num_experts - 1 = 3"),
         (_doc(type="hang", at_step=8), "[fault] at_step = 8 is invalid: accepted 0 to warmup + repeats - 1 = 7"),
-        (_doc(type="straggler", at_step=0), "[fault] at_step = 0 is invalid for a straggler: accepted 1 or more"),
+        (_doc(type="straggler", at_step=0), '[fault] at_step = 0 is invalid for type = "straggler": accepted 1'),
+        (_doc(type="rank_loss", at_step=0), '[fault] at_step = 0 is invalid for type = "rank_loss": accepted 1'),
         (_doc(type="hang", detect_timeout_s=0.1), "[fault] detect_timeout_s = 0.1 is invalid: accepted a finite"),
         (_doc(type="boom"), '[fault] type = "boom" is invalid: accepted one of'),
     ],
@@ -102,3 +176,58 @@ def test_the_soak_tool_counts_what_went_wrong(tmp_path, monkeypatch):
     monkeypatch.setattr(fault_soak.runner, "run_one", lambda spec, interval: missed)
     counts = fault_soak.soak(1, seed=1, timeout=1.0, folder=tmp_path)["counts"]
     assert (counts["undetected"], counts["misnamed"]) == (1, 0)
+
+
+def test_the_fault_table_has_one_row_per_fault_run_across_files():
+    def doc(name, runs):
+        return {"scenario": {"scenario": {"name": name}}, "runs": runs}
+
+    lost = {
+        "params": {"type": "expert_loss", "redundant_experts": 2},
+        "metrics": {"detected_after_s": {"median": 0.0021}},
+        "checks": [{"name": "fault_detected", "pass": True}, {"name": "failover_exact", "pass": False}],
+        "details": {
+            "fault": dict.fromkeys(fault.DETAIL_KEYS)
+            | {
+                "injected": {"type": "expert_loss", "rank": 0, "layer": 1, "expert": 3, "at_step": 2},
+                "detected": True,
+                "culprit_rank": 0,
+                "culprit_layer": 1,
+                "culprit_expert": 3,
+                "recovered": "replicas",
+                "steps_lost": 0,
+                "tokens_rerouted": 0,
+                "rel_error_vs_healthy": 0.25,
+            }
+        },
+    }
+    missed = {
+        "params": {},
+        "metrics": {},
+        "checks": [{"name": "fault_detected", "pass": False}],
+        "details": {
+            "fault": dict.fromkeys(fault.DETAIL_KEYS)
+            | {"injected": {"type": "hang", "rank": 1, "layer": 0, "at_step": 4}, "detected": False}
+        },
+    }
+    plain = {"params": {}, "metrics": {}, "checks": [], "details": {}}
+    rows = fault_table.rows([doc("a", [lost, plain]), doc("b", [missed])])
+    assert rows == [
+        [
+            "a [redundant_experts=2]",
+            "expert_loss at rank 0, layer 1, expert 3, step 2",
+            "yes",
+            "2.1",
+            "right",
+            "rank 0, layer 1, expert 3",
+            "replicas",
+            "0",
+            "0",
+            "0.25",
+            "NO",
+        ],
+        ["b", "hang at rank 1, layer 0, step 4", "no", "-", "-", "-", "-", "-", "-", "-", "-"],
+    ]
+    text = fault_table.render([doc("a", [lost, plain]), doc("b", [missed])])
+    assert text.startswith("Fault table: 2 fault runs") and len(text.splitlines()) == 5
+    assert fault_table.render([doc("c", [plain])]) is None
