@@ -4,6 +4,7 @@ moebench run PATH...     run scenario files (or every *.toml in a folder) and wr
 moebench list [DIR]      show the shipped scenarios and plans, one table per folder
 moebench report PATH...  re-render the tables of saved result files (--html page, --plots PNGs, --format csv)
 moebench compare BASELINE NEW   judge NEW against BASELINE (exit 1 on a regression)
+moebench compare A B C ...      a trend, oldest first: each set's medians, the newest judged against the one before
 moebench baseline update RESULT...   copy passing results into results/baselines/<class>/
 moebench baseline path RESULT...     print the baseline folder those results compare against
 moebench plan FILE.toml [--search] [--calibrate RESULTS...]   validate a deployment plan (exit 1 on an error finding)
@@ -77,11 +78,19 @@ def _min_effect(text: str) -> tuple[str | None, float]:
 
 
 def _add_compare(sub) -> None:
-    compare = sub.add_parser("compare", help="judge NEW results against BASELINE results")
+    compare = sub.add_parser(
+        "compare", help="judge NEW results against BASELINE results; with more sets, a trend (oldest first)"
+    )
     compare.add_argument(
         "baseline", metavar="BASELINE", help="result file or folder (moebench or pytest-benchmark JSON)"
     )
-    compare.add_argument("new", metavar="NEW", help="result file or folder to judge")
+    compare.add_argument(
+        "new",
+        metavar="NEW",
+        nargs="+",
+        help="result file or folder to judge; several: a trend table of every set's medians, the last set "
+        "judged against the one before (exit 1 when it regresses)",
+    )
     compare.add_argument("--alpha", type=_alpha, help="significance level of the Mann-Whitney U test (default 0.01)")
     compare.add_argument(
         "--min-effect",
@@ -95,6 +104,13 @@ def _add_compare(sub) -> None:
     compare.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
     compare.add_argument("--markdown", type=Path, metavar="FILE", help="also write a markdown summary (CI logs)")
     compare.add_argument("--json", metavar="FILE", help="write JSON to FILE ('-': to stdout, instead of the table)")
+    compare.add_argument(
+        "--plots",
+        type=Path,
+        metavar="DIR",
+        help="write one PNG per metric to DIR: the median per set, p10-p90 of its samples as error bars "
+        "(needs matplotlib: pip install 'moebench[plots]')",
+    )
     baseline = sub.add_parser("baseline", help="write or locate committed baselines")
     baseline.add_argument("action", choices=["update", "path"])
     baseline.add_argument(
@@ -365,13 +381,22 @@ def _compare(args) -> int:
     per_metric = {name: value for name, value in args.min_effect if name}
     default = [value for name, value in args.min_effect if name is None]
     settings = C.Settings(args.alpha, default[-1] if default else None, per_metric, args.allow_env_mismatch)
-    baseline, new = C.load([args.baseline]), C.load([args.new])
+    if args.plots:
+        from moebench.trend import require_matplotlib
+
+        require_matplotlib()
+    if len(args.new) > 1:
+        return _trend(args, settings)
+    new_path = args.new[0]
+    baseline, new = C.load([args.baseline]), C.load([new_path])
     known = {name for run in baseline + new for name in run.metrics}
     for name in per_metric.keys() - known:
         raise ValueError(f"--min-effect {name}={per_metric[name]:g}: no metric of that name in BASELINE or NEW")
     rows = C.compare(baseline, new, settings)
+    if args.plots:
+        _plots(args.plots, [args.baseline, new_path], [baseline, new], settings)
     if args.json:
-        text = json.dumps(json_safe(C.to_json(rows, args.baseline, args.new)), indent=1, allow_nan=False)
+        text = json.dumps(json_safe(C.to_json(rows, args.baseline, new_path)), indent=1, allow_nan=False)
         if args.json == "-":
             print(text)
         else:
@@ -380,8 +405,46 @@ def _compare(args) -> int:
         notes = C.software_notes(baseline, new)
         print("\n".join([*notes, "", C.render(rows, args.format)]).lstrip("\n"))
     if args.markdown:
-        _write_text(args.markdown, C.markdown_report(rows, args.baseline, args.new))
+        _write_text(args.markdown, C.markdown_report(rows, args.baseline, new_path))
     return 1 if any(row.regression for row in rows) else 0
+
+
+def _trend(args, settings) -> int:
+    """``compare`` of three or more sets: the trend table; exit 1 when the newest regresses against the one before."""
+    import json
+
+    from moebench import trend as T
+    from moebench.results import json_safe
+
+    sets = T.load_sets([args.baseline, *args.new])
+    known = {name for rs in sets for run in rs.runs for name in run.metrics}
+    for name in settings.per_metric.keys() - known:
+        raise ValueError(f"--min-effect {name}={settings.per_metric[name]:g}: no metric of that name in any set")
+    rows, last = T.trend(sets, settings)
+    if args.plots:
+        for path in T.write_plots(T.plot_series(rows, [rs.label for rs in sets]), args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        text = json.dumps(json_safe(T.to_json(sets, rows, last)), indent=1, allow_nan=False)
+        if args.json == "-":
+            print(text)
+        else:
+            _write_text(Path(args.json), text + "\n")
+    if args.json != "-":
+        print("\n".join([*T.origin_lines(sets), "", T.render(sets, rows, last, args.format)]).lstrip("\n"))
+    if args.markdown:
+        _write_text(args.markdown, T.markdown_report(sets, rows, last))
+    return 1 if T.regressed(last) else 0
+
+
+def _plots(folder: Path, paths: list[str], runs: list, settings) -> None:
+    """``--plots`` of a two-set compare: the same drawings as a trend of those two sets."""
+    from moebench import trend as T
+
+    sets = [T.ResultSet(label, p, r) for label, p, r in zip(T.set_labels(paths), paths, runs, strict=True)]
+    rows, _ = T.trend(sets, settings)
+    for path in T.write_plots(T.plot_series(rows, [rs.label for rs in sets]), folder):
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def _plan(args) -> int:

@@ -527,13 +527,18 @@ def software_notes(baseline: list[Run], new: list[Run]) -> list[str]:
     notes = []
     for side, runs in (("BASELINE", baseline), ("NEW", new)):
         for soft in {json.dumps(r.software, sort_keys=True): r.software for r in runs if r.software}.values():
-            line = f"{side}: git {str(soft['git'])[:10]}{' (dirty)' * bool(soft['dirty'])}, torch {soft['torch']}"
-            if soft["knobs"]:
-                line += f", TEST KNOBS {soft['knobs']}"
-            if soft.get("runs"):
-                line += f", baseline of {soft['runs']} run{'s' * (soft['runs'] != 1)} (median of medians)"
-            notes.append(line)
+            notes.append(f"{side}: {software_line(soft)}")
     return notes
+
+
+def software_line(soft: dict) -> str:
+    """One origin in words: git sha (dirty), torch, test knobs, runs merged into a baseline."""
+    line = f"git {str(soft['git'])[:10]}{' (dirty)' * bool(soft['dirty'])}, torch {soft['torch']}"
+    if soft["knobs"]:
+        line += f", TEST KNOBS {soft['knobs']}"
+    if soft.get("runs"):
+        line += f", baseline of {soft['runs']} run{'s' * (soft['runs'] != 1)} (median of medians)"
+    return line
 
 
 def _software(doc: dict) -> dict:
