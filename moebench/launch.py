@@ -49,10 +49,13 @@ class RankContext:
     device: torch.device
     backend: str
     heartbeat_fd: int = -1  # the watchdog's pipe (``launch(..., watchdog_s=...)``); -1: none
+    store_beats: watchdog.StoreBeats | None = None  # under torchrun with a watchdog: beats in its store
 
     def beat(self, step: int, layer: int = -1) -> None:
         """Tell the watchdog this rank reached ``step`` (and ``layer``); a no-op without one."""
         watchdog.beat(self.heartbeat_fd, step, layer)
+        if self.store_beats is not None:
+            self.store_beats.beat(step, layer)
 
 
 def under_torchrun() -> bool:
@@ -142,19 +145,49 @@ def _join_torchrun(device: str, backend: str) -> RankContext:
     return _torchrun_ctx
 
 
+_timed_groups: dict[float, object] = {}
+
+
+def _watched(ctx: RankContext, timeout_s: float) -> RankContext:
+    """The torchrun context with a group whose collectives time out after ``timeout_s`` (made once
+    per timeout: ``new_group`` is collective, and every rank runs the same runs in the same order)
+    and heartbeats in torchrun's store."""
+    if timeout_s not in _timed_groups:
+        _timed_groups[timeout_s] = dist.new_group(timeout=datetime.timedelta(seconds=timeout_s))
+    store = dist.distributed_c10d._get_default_store()
+    beats = watchdog.StoreBeats(store, ctx.rank, ctx.world_size)
+    return dataclasses.replace(ctx, group=_timed_groups[timeout_s], store_beats=beats)
+
+
+def _fail_fast(ctx: RankContext, err: Exception) -> None:
+    """A rank's run failed under torchrun with a watchdog: a peer may be dead or stopped, so any
+    further collective could wait on it. Say which rank got least far, and end this process at
+    once; torchrun's agent then stops the other ranks (and restarts all of them with
+    ``--max-restarts``)."""
+    named = ctx.store_beats.culprit() if ctx.store_beats is not None else "no heartbeats"
+    print(f"moebench: rank {ctx.rank}: {type(err).__name__}: {last_line(err)}; {named}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "auto", watchdog_s=None) -> list:
     """Run ``fn(ctx, *args)`` on ``world_size`` ranks; return the per-rank results in rank order.
     ``watchdog_s``: spawned ranks get a heartbeat (``ctx.beat``) and a rank silent that long, or
-    one that dies, stops the run with ``watchdog.RankFailure`` naming it (``moebench/watchdog.py``)."""
+    one that dies, stops the run with ``watchdog.RankFailure`` naming it (``moebench/watchdog.py``).
+    Under torchrun (``_fail_fast``) the ranks' collectives time out after ``watchdog_s`` and a rank
+    whose collective fails names the culprit from the store's heartbeats and ends the job."""
     device, backend = resolve_device(device, backend)
     if under_torchrun():
         env_world = int(os.environ["WORLD_SIZE"])
         if env_world != world_size:
             raise ValueError(f"world_size = {world_size} but torchrun started {env_world} ranks: they must agree")
         ctx = _join_torchrun(device, backend)
+        if watchdog_s is not None:
+            ctx = _watched(ctx, watchdog_s)
         try:
             outcome = (None, fn(ctx, *args))
         except Exception as err:
+            if watchdog_s is not None:
+                _fail_fast(ctx, err)
             outcome = (f"rank {ctx.rank}: {type(err).__name__}: {last_line(err)}", None)
         # Every rank learns whether any rank failed, so all of them raise (and go on to the next
         # run) together rather than some waiting for the others. A rank that fails while the

@@ -104,3 +104,35 @@ def process_stopped(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
     except (OSError, IndexError):
         return False
+
+
+# -------------------------------------------------------------------------------------------
+# Under torchrun: no launching process of ours watches the ranks, so they watch each other.
+
+STORE_KEY = "moebench/beat/{}"
+
+
+class StoreBeats:
+    """Heartbeats written to torchrun's rendezvous store (``{step} {layer} {wall time}`` under
+    ``moebench/beat/{rank}``), so that a rank whose collective failed can name the peer that
+    stopped: the one that got least far, ties to the one silent longest (as ``Monitor.verdict``)."""
+
+    def __init__(self, store, rank: int, world_size: int):
+        self.store, self.rank, self.world_size = store, rank, world_size
+
+    def beat(self, step: int, layer: int) -> None:
+        self.store.set(STORE_KEY.format(self.rank), f"{step} {layer} {time.time()}")
+
+    def culprit(self) -> str:
+        """One line naming the rank that got least far, from every peer's last beat."""
+        beats = {}
+        for rank in range(self.world_size):
+            key = STORE_KEY.format(rank)
+            if rank != self.rank and self.store.check([key]):  # check: get would wait for a missing key
+                step, layer, at = self.store.get(key).decode().split()
+                beats[rank] = (int(step), int(layer), float(at))
+        if not beats:
+            return "no peer had sent a heartbeat"
+        rank = min(beats, key=lambda r: (beats[r][0], beats[r][1], beats[r][2]))
+        step, layer, at = beats[rank]
+        return f"rank {rank} got least far (last heartbeat at step {step}, layer {layer}, {time.time() - at:.1f} s ago)"

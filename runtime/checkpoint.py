@@ -23,12 +23,13 @@ a path, so a crafted checkpoint cannot run code. Redundant experts and offloaded
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -122,7 +123,8 @@ def save(directory: str | Path, layers, optimizer, step: int, group=None) -> Pat
     """Save the training state after ``step`` steps to ``directory/step-{step}`` (every rank calls)."""
     path = Path(directory) / STEP_DIR.format(step)
     state = {k: v.detach().clone() for k, v in state_dict(layers, optimizer, step).items()}  # views -> own storage
-    dcp.save(state, checkpoint_id=path, process_group=group, no_dist=group is None)
+    with _single_process_quiet(group):
+        dcp.save(state, checkpoint_id=path, process_group=group, no_dist=group is None)
     return path
 
 
@@ -137,10 +139,15 @@ def load(path: str | Path, layers, optimizer=None, group=None) -> int:
     """Load a checkpoint into this rank's layers (and optimizer), whatever EP size saved it; returns
     the step it was saved after. Weights-only: see the module docstring."""
     state = state_dict(layers, optimizer)
-    dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path), process_group=group, no_dist=group is None)
+    with _single_process_quiet(group):
+        dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path), process_group=group, no_dist=group is None)
     return int(state["train.step"])
 
 
-def barrier(group) -> None:
-    if group is not None:
-        dist.barrier(group=group)
+@contextlib.contextmanager
+def _single_process_quiet(group):
+    """Without a group DCP warns that it assumes one process: that is what no group means here."""
+    with warnings.catch_warnings():
+        if group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield

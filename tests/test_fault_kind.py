@@ -231,3 +231,42 @@ def test_the_fault_table_has_one_row_per_fault_run_across_files():
     text = fault_table.render([doc("a", [lost, plain]), doc("b", [missed])])
     assert text.startswith("Fault table: 2 fault runs") and len(text.splitlines()) == 5
     assert fault_table.render([doc("c", [plain])]) is None
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_under_torchrun_a_crash_fails_the_job_fast_naming_the_rank(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from test_process_life import REPO
+
+    doc = _doc(type="crash", detect_timeout_s=5.0)
+    path = write(tmp_path, doc)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "moebench", "run", str(path), "--no-telemetry", "--out", str(tmp_path / "out")]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert time.monotonic() - start < 120  # the surviving rank's collective fails at once, not in 30 minutes
+    (line,) = [l for l in done.stderr.splitlines() if l.startswith("moebench: rank 0:")]
+    assert "rank 1 got least far (last heartbeat at step 3, layer 1" in line
+    assert not _running(str(path))  # torchrun took its ranks with it: none is left, orphaned or stopped
+
+
+def _running(needle: str) -> list[int]:
+    """Processes whose command line mentions ``needle`` (zombies count as gone)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
