@@ -166,7 +166,8 @@ def test_the_soak_tool_counts_what_went_wrong(tmp_path, monkeypatch):
     from moebench.tools import fault_soak
 
     result = fault_soak.soak(3, seed=1, timeout=1.0, folder=tmp_path)
-    assert result["counts"] == {"faults": 3, "hangs": 0, "orphans": 0, "late": 0, "undetected": 0, "misnamed": 0}
+    zero = dict.fromkeys(("hangs", "orphans", "late", "undetected", "misnamed", "inexact"), 0)
+    assert result["counts"] == {"faults": 3} | zero
     assert [row[0] for row in result["rows"]] == [0, 1, 2] and all(row[7] for row in result["rows"])
     # a fault seen but named wrong, or not seen at all, is counted
     misnamed = {"status": "ok", "checks": [{"pass": False}], "metrics": {}, "details": {"fault": {"detected": True}}}
@@ -176,6 +177,11 @@ def test_the_soak_tool_counts_what_went_wrong(tmp_path, monkeypatch):
     monkeypatch.setattr(fault_soak.runner, "run_one", lambda spec, interval: missed)
     counts = fault_soak.soak(1, seed=1, timeout=1.0, folder=tmp_path)["counts"]
     assert (counts["undetected"], counts["misnamed"]) == (1, 0)
+    covered = {"name": "failover_exact", "pass": False}
+    inexact = misnamed | {"checks": [{"name": "fault_detected", "pass": True}, covered]}
+    monkeypatch.setattr(fault_soak.runner, "run_one", lambda spec, interval: inexact)
+    counts = fault_soak.soak(1, seed=1, timeout=1.0, folder=tmp_path)["counts"]
+    assert (counts["inexact"], counts["misnamed"]) == (1, 0)
 
 
 def test_the_fault_table_has_one_row_per_fault_run_across_files():

@@ -3,8 +3,9 @@
     python -m moebench.tools.fault_soak [--faults 100] [--seed 0] [--timeout 2.0]
 
 Each fault is a ``fault`` kind run (``moebench/kinds/fault.py``) with a random type (crash, hang,
-nan, straggler), world size (2 or 4 gloo ranks), rank, layer, step and expert, on a small 2-layer
-stack. It reports, over all of them:
+nan, straggler, expert_loss, rank_loss), world size (2 or 4 gloo ranks), rank, layer, step,
+expert, redundant experts (0 to 2) and ``on_expert_loss``, on a small 2-layer stack. It reports,
+over all of them:
 
 - ``hangs``: runs that took longer than the watchdog timeout + ``HANG_MARGIN_S`` (the launcher
   never returned in time: a hang of the handling itself); must be 0;
@@ -12,7 +13,9 @@ stack. It reports, over all of them:
   must be 0;
 - ``late``: faults detected later than the timeout + 5 s after the injection; must be 0;
 - ``undetected`` and ``misnamed``: the fault was not seen, or seen and named wrong (the check
-  ``fault_detected``); must be 0.
+  ``fault_detected``); must be 0;
+- ``inexact``: a loss the replicas covered whose output still changed (the check
+  ``failover_exact``); must be 0.
 
 Exits 1 when any count is not 0. The README quotes its output. Not in the unit suite (minutes).
 """
@@ -30,7 +33,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from moebench import runner
-from moebench.kinds.fault import TYPES
+from moebench.kinds.fault import ON_EXPERT_LOSS, TYPES
 from moebench.scenario import load
 
 HANG_MARGIN_S = 60.0  # a run may take this much beyond its watchdog timeout before it counts as hung
@@ -52,6 +55,7 @@ layers = {layers}
 world_size = {world}
 device = "cpu"
 threads_per_rank = 1
+redundant_experts = {redundant}
 [workload]
 tokens_per_rank = 64
 [fault]
@@ -61,6 +65,7 @@ layer = {layer}
 expert = {expert}
 at_step = {at_step}
 detect_timeout_s = {timeout}
+on_expert_loss = "{on_loss}"
 """
 
 
@@ -83,7 +88,7 @@ def _rank_children() -> list[int]:
 def soak(faults: int, seed: int, timeout: float, folder: Path) -> dict:
     """Run ``faults`` random fault runs; return the counts and one row per fault."""
     rng = random.Random(seed)
-    counts = dict.fromkeys(("faults", "hangs", "orphans", "late", "undetected", "misnamed"), 0)
+    counts = dict.fromkeys(("faults", "hangs", "orphans", "late", "undetected", "misnamed", "inexact"), 0)
     rows = []
     for i in range(faults):
         world = rng.choice((2, 4))
@@ -94,8 +99,10 @@ def soak(faults: int, seed: int, timeout: float, folder: Path) -> dict:
             "expert": rng.randrange(EXPERTS),
             "at_step": rng.randrange(1, STEPS),
         }
+        extra = {"redundant": rng.randrange(3), "on_loss": rng.choice(ON_EXPERT_LOSS)}
         path = folder / f"soak-{i}.toml"
-        text = SCENARIO.format(repeats=STEPS - 2, experts=EXPERTS, layers=LAYERS, world=world, timeout=timeout, **fault)
+        sizes = {"repeats": STEPS - 2, "experts": EXPERTS, "layers": LAYERS, "world": world}
+        text = SCENARIO.format(**sizes, timeout=timeout, **fault, **extra)
         path.write_text(text)
         (spec,) = load(path).runs
         start = time.monotonic()
@@ -110,6 +117,7 @@ def soak(faults: int, seed: int, timeout: float, folder: Path) -> dict:
         counts["undetected"] += not detail.get("detected", False)
         counts["misnamed"] += bool(detail.get("detected")) and not check["pass"]
         counts["late"] += after is not None and after > timeout + 5
+        counts["inexact"] += any(c.get("name") == "failover_exact" and not c["pass"] for c in run["checks"])
         rows.append([i, fault["type"], world, fault["rank"], fault["layer"], fault["at_step"], run["status"],
                      check["pass"], None if after is None else after * 1e3, took])  # fmt: skip
     return {"counts": counts, "rows": rows}
@@ -131,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(tabulate(result["rows"], headers=headers, floatfmt=".1f"))
     counts = result["counts"]
     print(tabulate([counts.values()], headers=list(counts)))
-    print(f"seed {args.seed}, watchdog {args.timeout:g} s; must be 0: hangs, orphans, late, undetected, misnamed")
-    bad = any(counts[k] for k in ("hangs", "orphans", "late", "undetected", "misnamed"))
+    must = ("hangs", "orphans", "late", "undetected", "misnamed", "inexact")
+    print(f"seed {args.seed}, watchdog {args.timeout:g} s; must be 0: {', '.join(must)}")
+    bad = any(counts[k] for k in must)
     return 1 if bad else 0
 
 
