@@ -159,6 +159,13 @@ def _watched(ctx: RankContext, timeout_s: float) -> RankContext:
     return dataclasses.replace(ctx, group=_timed_groups[timeout_s], store_beats=beats)
 
 
+def _collective_failed(err: Exception) -> bool:
+    """Whether ``err`` came from the backend (a peer gone or silent), not from this rank's own code."""
+    text = str(err)
+    backend_error = isinstance(err, getattr(dist, "DistError", ()))
+    return backend_error or any(mark in text for mark in ("gloo", "nccl", "NCCL", "Timed out", "Connection"))
+
+
 def _fail_fast(ctx: RankContext, err: Exception) -> None:
     """A rank's run failed under torchrun with a watchdog: a peer may be dead or stopped, so any
     further collective could wait on it. Say which rank got least far, and end this process at
@@ -186,7 +193,7 @@ def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "aut
         try:
             outcome = (None, fn(ctx, *args))
         except Exception as err:
-            if watchdog_s is not None:
+            if watchdog_s is not None and _collective_failed(err):
                 _fail_fast(ctx, err)
             outcome = (f"rank {ctx.rank}: {type(err).__name__}: {last_line(err)}", None)
         # Every rank learns whether any rank failed, so all of them raise (and go on to the next

@@ -17,7 +17,9 @@ folder ``step-{s:08d}``; DCP writes the folder's ``.metadata`` last, after every
 Loading is weights-only. Every value is a tensor, which DCP reads with ``torch.load(...,
 weights_only=True)``; DCP's ``.metadata`` file is a pickle, which ``SafeReader`` reads with an
 unpickler that accepts only DCP's own metadata classes, torch's size, dtype and layout lookups and
-a path, so a crafted checkpoint cannot run code. Redundant experts and offloaded experts are not checkpointed
+a path; metadata declaring a non-tensor value is refused, and the load planner refuses to unpickle
+bytes, so a crafted checkpoint cannot run code. The optimizer is Adam (``exp_avg``, ``exp_avg_sq``,
+a host ``step``); others are refused. Redundant experts and offloaded experts are not checkpointed
 (inference features; training refuses them).
 """
 
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 STEP_DIR = "step-{:08d}"
@@ -39,7 +42,6 @@ _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata",
         "TensorStorageMetadata",
-        "BytesStorageMetadata",
         "ChunkStorageMetadata",
         "TensorProperties",
         "MetadataIndex",
@@ -67,12 +69,19 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeReader(FileSystemReader):
-    """DCP's file reader, reading ``.metadata`` with ``_MetadataUnpickler`` instead of ``pickle.load``."""
+    """DCP's file reader, reading ``.metadata`` with ``_MetadataUnpickler`` instead of ``pickle.load``,
+    and refusing metadata that declares anything but tensors: DCP reads a value the metadata calls
+    bytes with ``torch.load(weights_only=False)``, which could run code."""
 
     def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
             metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise pickle.UnpicklingError(f"{path}: not checkpoint metadata: refused")
+        for key, value in metadata.state_dict_metadata.items():
+            if not isinstance(value, dcp_metadata.TensorStorageMetadata):
+                raise pickle.UnpicklingError(f"{path}: key {key!r} is not a tensor: refused (weights-only loading)")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -99,6 +108,11 @@ def state_dict(layers, optimizer: torch.optim.Optimizer | None = None, step: int
     """This rank's part of the checkpoint: views into the live weights and optimizer state, so that
     ``dcp.load`` into it writes straight into them. Creates the optimizer's state when it has none
     yet (a fresh optimizer being loaded into), zeros, as Adam makes it on its first step."""
+    if optimizer is not None and (type(optimizer) is not torch.optim.Adam or _adam_option(optimizer)):
+        raise ValueError(
+            f"checkpointing the optimizer {type(optimizer).__name__} is refused: accepted torch.optim.Adam without "
+            "amsgrad, fused or capturable (its state is exp_avg, exp_avg_sq and a host step)"
+        )
     state: dict[str, torch.Tensor] = {"train.step": torch.tensor(step, dtype=torch.int64)}
     for param_key, param, pieces in _params(layers):
         for key, i in pieces:
@@ -119,6 +133,11 @@ def state_dict(layers, optimizer: torch.optim.Optimizer | None = None, step: int
     return state
 
 
+def _adam_option(optimizer) -> bool:
+    """Whether an Adam option that changes the state's layout or device is on."""
+    return any(group.get(k) for group in optimizer.param_groups for k in ("amsgrad", "fused", "capturable"))
+
+
 def save(directory: str | Path, layers, optimizer, step: int, group=None) -> Path:
     """Save the training state after ``step`` steps to ``directory/step-{step}`` (every rank calls)."""
     path = Path(directory) / STEP_DIR.format(step)
@@ -134,13 +153,29 @@ def latest(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class _TensorsOnly(DefaultLoadPlanner):
+    """DCP's load planner, except that it never unpickles a bytes value (the second guard, after
+    ``SafeReader``'s check of the metadata)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise pickle.UnpicklingError(f"checkpoint value {read_item.dest_index.fqn!r} is bytes: refused (weights-only)")
+
+
 @torch.no_grad()
 def load(path: str | Path, layers, optimizer=None, group=None) -> int:
     """Load a checkpoint into this rank's layers (and optimizer), whatever EP size saved it; returns
     the step it was saved after. Weights-only: see the module docstring."""
     state = state_dict(layers, optimizer)
+    SafeReader(path).read_metadata()  # its refusal raised here, not wrapped in DCP's CheckpointException
     with _single_process_quiet(group):
-        dcp.load(state, checkpoint_id=path, storage_reader=SafeReader(path), process_group=group, no_dist=group is None)
+        dcp.load(
+            state,
+            checkpoint_id=path,
+            storage_reader=SafeReader(path),
+            planner=_TensorsOnly(),
+            process_group=group,
+            no_dist=group is None,
+        )
     return int(state["train.step"])
 
 

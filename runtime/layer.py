@@ -126,6 +126,7 @@ class MoELayer(nn.Module):
     def load_global_weights(self, weights: MoEWeights) -> None:
         """Copy the replicated router and this rank's slice of the experts from global weights."""
         local = list(self.local_experts)
+        local = [self.replicas.logical_of_P[p] for p in local]  # a replica holds its logical expert's weights
         self.router.weight_ED.copy_(weights.router_ED)
         self.router.bias_E.zero_()
         if weights.router_bias_E is not None:
@@ -137,6 +138,8 @@ class MoELayer(nn.Module):
         """Keep this rank's experts in host memory behind a device cache of ``config.cache_slots``
         (``runtime/offload.py``; inference only). ``steps``: the recorded needed experts of each
         forward in turn, which Belady replays (planning the first ``horizon`` forwards exactly)."""
+        if self.replicas.num_redundant:
+            raise ValueError("offload with redundant experts is refused: accepted one or the other")
         if self.overlap_chunks > 1:  # a chunk's forward would be a cache access of its own
             chunks = self.overlap_chunks
             raise ValueError(f"offload with ParallelConfig.overlap_chunks = {chunks} is refused: accepted 1")
@@ -155,17 +158,15 @@ class MoELayer(nn.Module):
         self.dispatcher = AllToAllDispatcher(self.replicas.owner_P, self.group)
         self.local_experts = self.dispatcher.local_experts
         old = self.experts
-        logical = [self.replicas.logical_of_P[p] for p in self.local_experts]
         self.experts = GroupedExperts(
-            len(logical),
+            len(self.local_experts),
             self.moe.hidden_size,
             self.moe.ffn_hidden_size,
             self.moe.activation,
             old.w_in_LDH.dtype,
             self.moe.expert_backend,
         ).to(old.w_in_LDH.device)
-        self.experts.w_in_LDH.copy_(weights.w_in_EDH[logical])
-        self.experts.w_down_LFD.copy_(weights.w_down_EFD[logical])
+        self.load_global_weights(weights)
 
     def set_alive(self, alive_P, on_loss: str | None = None) -> None:
         """Which physical experts still serve (the same on every rank of the group), and what becomes
@@ -193,12 +194,11 @@ class MoELayer(nn.Module):
         moe = self.moe
         routing = self.router(x_TD)  # fp32 router
         reps, lost = self.replicas, None
-        if not all(reps.alive_P):  # some copies lost: route around the logical experts none serves
-            available_E = reps.available_E().to(x_TD.device)
-            lost_TK = ~available_E[routing.ids_TK]
-            lost = lost_TK.any(dim=1).sum()
+        if not reps.all_alive:  # some copies lost: route around the logical experts none serves
+            available_E = reps.available_E()
+            lost = (~available_E.to(x_TD.device)[routing.ids_TK]).any(dim=1).sum()  # tokens that lost a choice
             if self.on_loss == "reroute":
-                weights_TK, ids_TK = reroute(routing.probs_TE, moe.top_k, moe.normalize_topk, available_E)
+                weights_TK, ids_TK = reroute(routing.probs_TE, routing.ids_TK, moe.normalize_topk, available_E)
                 routing = RouterOutput(routing.logits_TE, routing.probs_TE, weights_TK, ids_TK)
         ids_TK = routing.ids_TK
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=moe.num_experts)

@@ -25,9 +25,9 @@ Lost experts. ``alive_P`` marks the physical experts that still serve. A logical
 live copy loses nothing: its blocks go to the live copies (failover). A logical expert with none
 is *unavailable*, and ``on_loss`` decides its copies' fate:
 
-- ``"reroute"``: the token picks its top-k among the available experts instead (``reroute``):
-  each lost choice is replaced by the token's next-best available expert, whose combine weight is
-  its own softmax probability (the softmax over all E experts is not redone), the K weights
+- ``"reroute"``: the token keeps its choices that are still available, and each lost one is
+  replaced by its next-best available expert not chosen yet (``reroute``), whose combine weight is
+  its own softmax probability (the softmax over all E experts is not redone); the K weights are
   renormalised to sum to 1 when ``normalize_topk`` is set, as for any token;
 - ``"drop"``: the copy is dropped like a capacity drop: weight 0, the token's other copies keep
   their weights.
@@ -35,6 +35,7 @@ is *unavailable*, and ``on_loss`` decides its copies' fate:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,17 +56,29 @@ class Replicas:
     def num_logical(self) -> int:
         return len(self.logical_of_P) - self.num_redundant
 
-    @property
+    @functools.cached_property  # read on every forward: computed once per layout
     def num_redundant(self) -> int:
         return sum(1 for p, e in enumerate(self.logical_of_P) if p != e)
 
-    def live_copies(self, e: int) -> list[int]:
+    @functools.cached_property
+    def all_alive(self) -> bool:
+        return all(self.alive_P)
+
+    @functools.cached_property
+    def _live(self) -> tuple[tuple[int, ...], ...]:
+        live = [[] for _ in range(len(self.logical_of_P) - self.num_redundant)]
+        for p, e in enumerate(self.logical_of_P):
+            if self.alive_P[p]:
+                live[e].append(p)
+        return tuple(map(tuple, live))
+
+    def live_copies(self, e: int) -> tuple[int, ...]:
         """The physical experts that serve logical expert ``e``, in physical order."""
-        return [p for p, l in enumerate(self.logical_of_P) if l == e and self.alive_P[p]]
+        return self._live[e]
 
     def available_E(self) -> torch.Tensor:
-        """True for the logical experts with a live copy."""
-        return torch.tensor([bool(self.live_copies(e)) for e in range(self.num_logical)])
+        """True for the logical experts with a live copy (host)."""
+        return torch.tensor([bool(live) for live in self._live])
 
     def with_alive(self, alive_P) -> Replicas:
         alive = tuple(bool(a) for a in alive_P)
@@ -169,15 +182,22 @@ def physical_ids(
 
 
 def reroute(
-    probs_TE: torch.Tensor, top_k: int, normalize: bool, available_E: torch.Tensor
+    probs_TE: torch.Tensor, ids_TK: torch.Tensor, normalize: bool, available_E: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weights_TK``, ``ids_TK`` of each token's top-k among the available experts (module
-    docstring). With every expert available this is ``router.route``'s choice exactly."""
+    """``weights_TK``, ``ids_TK`` after rerouting (module docstring): the token's available choices
+    first, then its most probable available experts, K in all, in descending probability.
+    ``available_E`` is on the host (its count is checked without a device sync)."""
+    top_k = ids_TK.shape[1]
     if int(available_E.sum()) < top_k:
         raise ValueError(f"{int(available_E.sum())} experts are available: accepted at least top_k = {top_k}")
-    masked_TE = torch.where(available_E.to(probs_TE.device), probs_TE, torch.full_like(probs_TE, -1.0))
-    sorted_TE, order_TE = torch.sort(masked_TE, dim=-1, descending=True, stable=True)
-    weights_TK, ids_TK = sorted_TE[:, :top_k], order_TE[:, :top_k]
+    available_E = available_E.to(probs_TE.device)
+    chosen_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, ids_TK, True)
+    # priority: kept choices above every other expert (probabilities are <= 1), unavailable last
+    priority_TE = torch.where(available_E, probs_TE + 2.0 * chosen_TE, torch.full_like(probs_TE, -1.0))
+    picked_TK = torch.sort(priority_TE, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights_TK = probs_TE.gather(1, picked_TK)
+    order_TK = torch.sort(weights_TK, dim=-1, descending=True, stable=True).indices  # as route() lists them
+    weights_TK, ids_TK = weights_TK.gather(1, order_TK), picked_TK.gather(1, order_TK)
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return weights_TK, ids_TK

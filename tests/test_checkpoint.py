@@ -123,3 +123,35 @@ def test_loading_refuses_metadata_that_would_build_anything_else(tmp_path):
     (path / ".metadata").write_bytes(pickle.dumps(_Boom()))
     with pytest.raises(pickle.UnpicklingError, match=r"names builtins\.print: refused"):
         checkpoint.SafeReader(path).read_metadata()
+
+
+class _Touch:
+    """Unpickled, it would create a file: what a crafted checkpoint would do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_loading_refuses_a_value_the_metadata_calls_bytes_and_runs_nothing(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "ran"
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"train.step": _Touch(str(marker))}, checkpoint_id=tmp_path / "evil", no_dist=True)
+    with pytest.raises(pickle.UnpicklingError, match="BytesStorageMetadata: refused"):
+        checkpoint.load(tmp_path / "evil", [], None)
+    assert not marker.exists()
+
+
+def test_only_plain_adam_state_is_checkpointed():
+    class Ctx:
+        rank, world_size, group = 0, 1, None
+
+    layers = _layers(Ctx, seed=1)
+    params = [p for layer in layers for p in layer.parameters()]
+    for optimizer in (torch.optim.SGD(params, lr=0.1), torch.optim.Adam(params, amsgrad=True)):
+        with pytest.raises(ValueError, match=r"accepted torch\.optim\.Adam without amsgrad"):
+            checkpoint.state_dict(layers, optimizer)

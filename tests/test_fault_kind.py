@@ -76,6 +76,27 @@ def test_every_fault_type_is_detected_and_named_and_no_process_is_left(tmp_path,
 
 
 @pytest.mark.multiproc
+def test_a_loss_every_expert_has_a_replica_for_is_exact_and_one_without_replicas_is_not(tmp_path):
+    doc = _doc(type=["expert_loss", "rank_loss"], on_expert_loss="drop")
+    doc["parallel"] |= {"redundant_experts": [0, 4]}  # 4 experts on 2 ranks: 4 replicas = a copy on each rank
+    assert runner.run_scenarios([load(write(tmp_path, doc))], tmp_path / "out", None) == 0
+    runs = {
+        (r["params"]["redundant_experts"], r["params"]["type"]): r for r in read(tmp_path / "out" / "t.json")["runs"]
+    }
+    for kind in ("expert_loss", "rank_loss"):
+        covered, bare = runs[(4, kind)], runs[(0, kind)]
+        f = covered["details"]["fault"]
+        assert f["tokens_rerouted"] == 0 and f["rel_error_vs_healthy"] <= 1e-6, kind
+        assert f["recovered"].endswith("replicas") and {c["name"] for c in covered["checks"]} >= {"failover_exact"}
+        f = bare["details"]["fault"]
+        assert f["tokens_rerouted"] > 0 and f["rel_error_vs_healthy"] > 1e-3, kind
+        assert f["recovered"].endswith("dropped") and "failover_exact" not in {c["name"] for c in bare["checks"]}
+    assert runs[(0, "rank_loss")]["details"]["fault"]["recovered"] == "rank masked, dropped"
+    # the masked rank's tokens no longer count: tokens/s falls by about half at equal step time
+    assert runs[(4, "rank_loss")]["details"]["fault"]["throughput_change"] < 0
+
+
+@pytest.mark.multiproc
 def test_a_crashed_training_run_resumes_from_its_checkpoint_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     doc = _doc(type="crash", at_step=5, checkpoint_every=2)
     doc["workload"] |= {"train": True}

@@ -5,6 +5,7 @@ without a covering replica, "reroute" and "drop" give what an independent fp64 c
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -78,22 +79,28 @@ def test_the_split_gives_each_live_copy_a_contiguous_block_and_every_rank_agrees
         assert (sent == split[w]).all()
 
 
-def test_reroute_is_route_when_all_are_available_and_else_the_next_best_with_its_own_probability():
+def test_reroute_keeps_available_choices_and_fills_lost_ones_with_the_next_best():
     probs = torch.softmax(torch.randn(50, 6, generator=torch.Generator().manual_seed(0)), -1)
     for normalize in (False, True):
         _, w, i = route(probs.log(), 2, normalize)
-        w2, i2 = reroute(probs, 2, normalize, torch.ones(6, dtype=torch.bool))
-        assert torch.equal(i, i2) and torch.allclose(w, w2)
+        w2, i2 = reroute(probs, i, normalize, torch.ones(6, dtype=torch.bool))
+        assert torch.equal(i, i2) and torch.allclose(w, w2)  # nothing lost: route's choice exactly
     available = torch.tensor([True, False, True, True, False, True])
-    w, i = reroute(probs, 2, False, available)
-    masked = probs.clone()
-    masked[:, ~available] = -1
+    _, _, ids = route(probs.log(), 2, False)
+    w, i = reroute(probs, ids, False, available)
     for t in range(50):
-        best = sorted(range(6), key=lambda e: -masked[t, e].item())[:2]
-        assert i[t].tolist() == best
-        assert torch.equal(w[t], probs[t, best])
+        kept = [e for e in ids[t].tolist() if available[e]]
+        rest = sorted((e for e in range(6) if available[e] and e not in kept), key=lambda e: -probs[t, e].item())
+        want = sorted(kept + rest[: 2 - len(kept)], key=lambda e: -probs[t, e].item())
+        assert i[t].tolist() == want
+        assert torch.equal(w[t], probs[t, want])
+    # a replayed choice (not the router's top) that is still available is kept
+    replayed = torch.tensor([[5, 0]])
+    one = torch.tensor([[0.05, 0.4, 0.3, 0.1, 0.1, 0.05]])
+    _, i = reroute(one, replayed, False, torch.tensor([True, True, True, True, True, False]))
+    assert i.tolist() == [[1, 0]]  # 5 lost -> the best available not chosen (1); 0 kept
     with pytest.raises(ValueError, match="1 experts are available: accepted at least top_k = 2"):
-        reroute(probs, 2, False, torch.tensor([True] + [False] * 5))
+        reroute(probs, ids, False, torch.tensor([True] + [False] * 5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,32 +114,34 @@ def _inputs(rank: int) -> torch.Tensor:
     return torch.randn(TOKENS, MOE.hidden_size, generator=torch.Generator().manual_seed(100 + rank))
 
 
-def _fp64_expected(x_ND, weights, available, on_loss) -> torch.Tensor:
+def _fp64_expected(x_ND, weights, available, on_loss, moe=MOE) -> torch.Tensor:
     """The layer at EP 1 in fp64, written out token by token: top-k over the available experts
     (reroute) or over all with lost copies weighted 0 (drop); weights are the softmax probabilities."""
     x = x_ND.double()
     probs = torch.softmax(x @ weights.router_ED.double().T, -1)
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
-        ranked = sorted(range(MOE.num_experts), key=lambda e: (-probs[t, e].item(), e))
+        ranked = sorted(range(moe.num_experts), key=lambda e: (-probs[t, e].item(), e))
         if on_loss == "reroute":
             ranked = [e for e in ranked if available[e]]
-        for e in ranked[: MOE.top_k]:
+        chosen = ranked[: moe.top_k]
+        total = sum(probs[t, e] for e in chosen) if moe.normalize_topk else 1.0
+        for e in chosen:
             if not available[e]:
                 continue
             h = torch.nn.functional.gelu(x[t] @ weights.w_in_EDH[e].double())
-            out[t] += probs[t, e] * (h @ weights.w_down_EFD[e].double())
+            out[t] += probs[t, e] / total * (h @ weights.w_down_EFD[e].double())
     return out
 
 
-def _rank(ctx, redundant: int, lose: str, on_loss: str) -> dict:
+def _rank(ctx, redundant: int, lose: str, on_loss: str, moe: MoEConfig = MOE, chunks: int = 1) -> dict:
     """Outputs of the plain layer and the layer with replicas (then with a lost copy)."""
-    weights = init_weights(MOE, seed=3)
-    par = ParallelConfig(ep_size=ctx.world_size)
+    weights = init_weights(moe, seed=3)
+    par = ParallelConfig(ep_size=ctx.world_size, overlap_chunks=chunks)
     x = _inputs(ctx.rank)
-    plain_layer = MoELayer(MOE, par, ctx.group)
+    plain_layer = MoELayer(moe, par, ctx.group)
     plain_layer.load_global_weights(weights)
-    layer = MoELayer(MOE, par, ctx.group)
+    layer = MoELayer(moe, par, ctx.group)
     layer.load_global_weights(weights)
     with torch.no_grad():
         healthy = plain_layer(x)
@@ -142,7 +151,7 @@ def _rank(ctx, redundant: int, lose: str, on_loss: str) -> dict:
         replicated = layer(x).out_TD
         reps = layer.replicas
         if lose == "covered":  # the primary of the hottest replicated expert: a replica survives
-            lost = [max(set(reps.logical_of_P[MOE.num_experts :]), key=lambda e: loads[e])]
+            lost = [max(set(reps.logical_of_P[moe.num_experts :]), key=lambda e: loads[e])]
         elif lose == "uncovered":  # every copy of expert 1 and of expert 6
             lost = [p for p, e in enumerate(reps.logical_of_P) if e in (1, 6)]
         else:
@@ -153,7 +162,7 @@ def _rank(ctx, redundant: int, lose: str, on_loss: str) -> dict:
         layer.set_alive([p not in lost for p in range(len(reps.logical_of_P))], on_loss)
         failed = layer(x)
     available = layer.replicas.available_E().tolist()
-    expected = _fp64_expected(x, weights, available, on_loss)
+    expected = _fp64_expected(x, weights, available, on_loss, moe) if moe.dropless else None
     return {
         "healthy": healthy.out_TD,
         "replicated": replicated,
@@ -169,10 +178,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+CAPPED = dataclasses.replace(MOE, capacity_factor=1.0)  # some copies dropped by capacity: the same ones
+
+
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world", [2, 4])
-def test_replicas_and_a_covered_loss_leave_the_output_equal_to_the_plain_layer(world):
-    for rank, r in enumerate(launch(_rank, world, 4, "covered", "reroute", device="cpu", backend="gloo")):
+@pytest.mark.parametrize(("world", "moe", "chunks"), [(2, MOE, 1), (4, MOE, 1), (2, CAPPED, 1), (4, CAPPED, 3)])
+def test_replicas_and_a_covered_loss_leave_the_output_equal_to_the_plain_layer(world, moe, chunks):
+    results = launch(_rank, world, 4, "covered", "reroute", moe, chunks, device="cpu", backend="gloo")
+    for rank, r in enumerate(results):
         assert len(r["owner_P"]) == MOE.num_experts + 4
         assert r["local"] == tuple(p for p, w in enumerate(r["owner_P"]) if w == rank)
         assert _rel(r["replicated"], r["healthy"]) <= 1e-6
@@ -181,10 +194,19 @@ def test_replicas_and_a_covered_loss_leave_the_output_equal_to_the_plain_layer(w
         assert r["lost_tokens"] == 0
 
 
+NORMALIZED = dataclasses.replace(MOE, normalize_topk=True)
+
+
 @pytest.mark.multiproc
-@pytest.mark.parametrize(("world", "on_loss", "redundant"), itertools.product([2, 4], ["reroute", "drop"], [0, 2]))
-def test_an_expert_with_no_live_copy_is_rerouted_or_dropped_as_documented(world, on_loss, redundant):
-    results = launch(_rank, world, redundant, "uncovered", on_loss, device="cpu", backend="gloo")
+@pytest.mark.parametrize(
+    ("world", "on_loss", "redundant", "moe"),
+    [
+        *((w, o, n, MOE) for w, o, n in itertools.product([2, 4], ["reroute", "drop"], [0, 2])),
+        (4, "reroute", 2, NORMALIZED),
+    ],
+)
+def test_an_expert_with_no_live_copy_is_rerouted_or_dropped_as_documented(world, on_loss, redundant, moe):
+    results = launch(_rank, world, redundant, "uncovered", on_loss, moe, device="cpu", backend="gloo")
     lost = 0
     for r in results:
         assert torch.isfinite(r["after"]).all()

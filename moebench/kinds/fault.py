@@ -92,6 +92,11 @@ def check_fault(spec: RunSpec) -> None:
             f"[parallel] redundant_experts = {redundant} is invalid: accepted 0 to num_experts x (world_size - 1) "
             f"= {top} (a replica goes to a rank without a copy of its expert)"
         )
+    if f["type"] in fault_loss.TYPES and spec.workload["skew"] == "trace":
+        raise ValueError(
+            f'[fault] type = "{f["type"]}" with [workload] skew = "trace" is invalid: accepted a generated skew '
+            "(a replayed trace fixes every token's choice, and a masked rank has no rows to replay)"
+        )
     if f["type"] == "rank_loss" and spec.world_size < 2:
         raise ValueError('[fault] type = "rank_loss" with world_size = 1 is invalid: accepted world_size >= 2')
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]

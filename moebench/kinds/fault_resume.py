@@ -47,9 +47,14 @@ def crash_and_resume(spec: RunSpec, interval, device: str, backend: str) -> list
     """First pass (crashes), resumed pass, uninterrupted reference pass: the module docstring."""
     from moebench import kinds
     from moebench.kinds.fault import stopped_run
-    from moebench.launch import launch
+    from moebench.launch import launch, under_torchrun
     from moebench.watchdog import RankFailure
 
+    if under_torchrun():
+        raise ValueError(
+            "[fault] checkpoint_every under torchrun is refused: the fault kind relaunches the ranks itself "
+            "(accepted under moebench's own launcher; torchrun's --max-restarts restarts a job from its start)"
+        )
     options = {"device": device, "backend": backend, "watchdog_s": spec.fault["detect_timeout_s"]}
     directory = tempfile.mkdtemp(prefix="moebench-checkpoints-")
     try:
@@ -68,7 +73,9 @@ def crash_and_resume(spec: RunSpec, interval, device: str, backend: str) -> list
 
 
 def _digests(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()}
+    """SHA-256 of each tensor's bytes (any dtype, any device: compared bit for bit)."""
+    raw = {k: v.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for k, v in state.items()}
+    return {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in raw.items()}
 
 
 def measure_train(ctx, spec: RunSpec) -> dict:
