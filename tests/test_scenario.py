@@ -74,6 +74,7 @@ def test_minimal_file_fills_every_default(tmp_path):
         "backend": "auto",
         "threads_per_rank": 0,
         "overlap_chunks": None,
+        "redundant_experts": 0,
     }
     assert run.workload["skew"] == "uniform" and run.workload["train"] is False and run.params == {}
     moe = run.moe_config()
