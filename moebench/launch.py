@@ -246,11 +246,17 @@ class _LoopbackStore:
         self.store = None  # its server stops and closes the socket
 
 
-def _spawned_rank(rank: int, world_size: int, device: str, backend: str, port: int, fn, args, heartbeat_fd=-1):
-    """A spawned rank's body (called by ``rank_entry`` once the payload is unpickled)."""
+def _spawned_rank(
+    rank: int, world_size: int, device: str, backend: str, port: int, fn, args, timeout_s=None, heartbeat_fd=-1
+):
+    """A spawned rank's body (called by ``rank_entry`` once the payload is unpickled). ``timeout_s``
+    (with a watchdog): the group's collective timeout, so that no rank waits on a dead peer for the
+    backend's 30-minute default, even if the watchdog's kill came late."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)  # gloo's pairs listen on loopback too
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
-    ctx = dataclasses.replace(_init(rank, world_size, device, backend, store=store), heartbeat_fd=heartbeat_fd)
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    ctx = _init(rank, world_size, device, backend, store=store, **timeout)
+    ctx = dataclasses.replace(ctx, heartbeat_fd=heartbeat_fd)
     try:
         return fn(ctx, *args)
     finally:
@@ -302,7 +308,7 @@ def _spawn(fn, args: tuple, world_size: int, device: str, backend: str, watchdog
     monitor = watchdog.Monitor(world_size, watchdog_s) if watchdog_s is not None else None
     try:
         for rank in range(world_size):
-            body = (world_size, device, backend, store.port, fn, args)
+            body = (world_size, device, backend, store.port, fn, args, watchdog_s)
             ranks.append(_start_rank(rank, body, heartbeat=monitor is not None))
         results = _collect(ranks, monitor)
         _stop(ranks, grace_s=STOP_GRACE_S)  # every rank answered: let them finish exiting
