@@ -89,7 +89,7 @@ def soak(faults: int, seed: int, timeout: float, folder: Path) -> dict:
     """Run ``faults`` random fault runs; return the counts and one row per fault."""
     rng = random.Random(seed)
     counts = dict.fromkeys(("faults", "hangs", "orphans", "late", "undetected", "misnamed", "inexact"), 0)
-    rows = []
+    rows, problems = [], []
     for i in range(faults):
         world = rng.choice((2, 4))
         fault = {
@@ -118,9 +118,12 @@ def soak(faults: int, seed: int, timeout: float, folder: Path) -> dict:
         counts["misnamed"] += bool(detail.get("detected")) and not check["pass"]
         counts["late"] += after is not None and after > timeout + 5
         counts["inexact"] += any(c.get("name") == "failover_exact" and not c["pass"] for c in run["checks"])
+        if not all(c["pass"] for c in run["checks"]) or run["status"] != "ok":
+            what = "; ".join(c.get("detail", "") for c in run["checks"] if not c["pass"]) or run.get("error")
+            problems.append(f"#{i} {fault['type']} on {world} ranks ({extra}): {run['status']}: {what}")
         rows.append([i, fault["type"], world, fault["rank"], fault["layer"], fault["at_step"], run["status"],
                      check["pass"], None if after is None else after * 1e3, took])  # fmt: skip
-    return {"counts": counts, "rows": rows}
+    return {"counts": counts, "rows": rows, "problems": problems}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(tabulate(result["rows"], headers=headers, floatfmt=".1f"))
     counts = result["counts"]
     print(tabulate([counts.values()], headers=list(counts)))
+    for line in result["problems"]:  # what each fault that went wrong reported
+        print(line)
     must = ("hangs", "orphans", "late", "undetected", "misnamed", "inexact")
     print(f"seed {args.seed}, watchdog {args.timeout:g} s; must be 0: {', '.join(must)}")
     bad = any(counts[k] for k in must)
