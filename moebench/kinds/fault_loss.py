@@ -23,8 +23,9 @@ before the step dispatches a token, so no step is lost.
 
 After: a logical expert with a live copy is served by it (failover: outputs must equal the healthy
 run's, the check ``failover_exact``; not for a rank loss with capacity, where the masked rank's
-missing tokens shrink the capacity and so change which copies the others keep); one without follows ``[fault] on_expert_loss``
-("reroute": the next-best available expert; "drop": the copy is dropped; runtime/redundancy.py).
+missing tokens shrink the capacity and so change which copies the others keep); one without
+follows ``[fault] on_expert_loss`` ("reroute": the next-best available expert; "drop": the copy is
+dropped; runtime/redundancy.py).
 Reported: ``tokens_rerouted`` (tokens with a choice no live copy served, summed over the layers,
 the ranks and the steps after the loss), ``rel_error_vs_healthy`` (max over those steps of
 ‖y − y_healthy‖ / ‖y_healthy‖ of the stack's output over the unmasked ranks' tokens, the healthy
