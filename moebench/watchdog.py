@@ -7,8 +7,9 @@ the code it runs calls ``ctx.beat(step, layer)`` as it progresses. The launching
 beats in the loop that collects the ranks' answers and, when a rank has been silent for T seconds,
 stops every rank of the run and raises ``RankFailure`` naming the culprit:
 
-- **hung**: among the silent ranks, one the OS shows stopped (SIGSTOP: state "T"), else the one
-  that got least far (lowest (step, layer) of its last beat; ties to the one silent longest): a
+- **hung**: a rank the OS shows stopped (SIGSTOP: state "T"), overdue or not (a peer that
+  reached the same layer first and waits for it can be overdue a moment earlier), else, among the
+  silent ranks, the one that got least far (lowest (step, layer) of its last beat; ties to the one silent longest): a
   rank blocked in a collective waiting for a stopped peer has reached further than that peer;
 - **crashed**: a rank whose process exited before answering. When several ranks fail within
   ``SETTLE_S`` of each other (the peers of a dead rank see their connection reset), the one that
@@ -82,12 +83,15 @@ class Monitor:
         self, live: list[int], now: float | None = None, stopped: frozenset = frozenset()
     ) -> RankFailure | None:
         """The hung rank, if any of the ``live`` ranks is overdue; None otherwise. ``stopped``:
-        ranks whose process the OS shows stopped (``process_stopped``), named before the others."""
+        ranks whose process the OS shows stopped (``process_stopped``), named before the others,
+        overdue or not: a peer that reached the same layer first, then waited for the stopped
+        rank in a collective, can be overdue a moment before the stopped rank is."""
         now = time.monotonic() if now is None else now
         silent = [r for r in live if now - self.last[r].at >= self._allowed(r)]
         if not silent:
             return None
-        culprit = min(silent, key=lambda r: (r not in stopped, self.last[r].step, self.last[r].layer, self.last[r].at))
+        candidates = [r for r in live if r in stopped] or silent
+        culprit = min(candidates, key=lambda r: (self.last[r].step, self.last[r].layer, self.last[r].at))
         last = self.last[culprit]
         return RankFailure(culprit, "hung", last.step, last.layer, now - last.at)
 

@@ -33,6 +33,13 @@ def test_beats_split_anywhere_are_read_whole_and_the_least_advanced_silent_rank_
     assert "rank 0 hung (last heartbeat at step 5, layer 0" in str(hung)
     stopped = m.verdict([0, 1, 2], now=now + 2.5, stopped=frozenset({1}))
     assert stopped.rank == 1  # the OS says it is stopped: named before a less advanced rank
+    # the stopped rank beat last, so it is not overdue yet when the peer that waits for it is
+    # (the soak's case: 4 ranks, the peer reached the layer first): it is still the one named
+    m.feed(1, BEAT.pack(6, 1))
+    m.last[0] = type(m.last[0])(6, 1, m.last[1].at - 0.5)
+    waiting = m.verdict([0, 1, 2], now=m.last[0].at + 2.1, stopped=frozenset({1}))
+    assert (waiting.rank, waiting.step, waiting.layer) == (1, 6, 1)
+    assert m.verdict([0, 1, 2], now=m.last[0].at + 2.1).rank == 0  # without the OS's word: the overdue one
     late = m.verdict([2], now=m.last[2].at + 10.5)
     assert late.rank == 2 and late.step == -1 and "before its first heartbeat" in str(late)
 
