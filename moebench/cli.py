@@ -101,6 +101,14 @@ def _add_compare(sub) -> None:
         help="smallest relative change that counts (default 0.05); repeat for per-metric values",
     )
     compare.add_argument("--allow-env-mismatch", action="store_true", help="compare runs whose environments differ")
+    compare.add_argument(
+        "--confirm",
+        type=_confirm_times,
+        default=0,
+        metavar="N",
+        help="rerun the scenario of each 'slower' row N times (fresh processes, beside NEW in <NEW>-confirm-<i>/); "
+        "it stays a regression only if every rerun reads slower too, else it reads 'unconfirmed' (default 0)",
+    )
     compare.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
     compare.add_argument("--markdown", type=Path, metavar="FILE", help="also write a markdown summary (CI logs)")
     compare.add_argument("--json", metavar="FILE", help="write JSON to FILE ('-': to stdout, instead of the table)")
@@ -372,6 +380,16 @@ def _report_files(args, paths: list[Path], docs: list[dict]) -> None:
         print(f"moebench: wrote {args.html} ({len(docs)} result file(s), {count} plot(s))", file=sys.stderr)
 
 
+def _confirm_times(text: str) -> int:
+    try:
+        times = int(text)
+    except ValueError:
+        times = -1
+    if not 0 <= times <= 10:
+        raise argparse.ArgumentTypeError(f"{text}: accepted an integer from 0 to 10")
+    return times
+
+
 def _compare(args) -> int:
     import json
 
@@ -386,6 +404,9 @@ def _compare(args) -> int:
 
         require_matplotlib()
     if len(args.new) > 1:
+        if args.confirm:
+            sets = len(args.new) + 1
+            raise ValueError(f"--confirm {args.confirm} with {sets} sets: accepted with BASELINE and one NEW")
         return _trend(args, settings)
     new_path = args.new[0]
     baseline, new = C.load([args.baseline]), C.load([new_path])
@@ -393,6 +414,10 @@ def _compare(args) -> int:
     for name in per_metric.keys() - known:
         raise ValueError(f"--min-effect {name}={per_metric[name]:g}: no metric of that name in BASELINE or NEW")
     rows = C.compare(baseline, new, settings)
+    if args.confirm:
+        from moebench.confirm import confirm_by_rerun
+
+        rows, _ = confirm_by_rerun(rows, baseline, new, new_path, args.confirm, settings)
     if args.plots:
         _plots(args.plots, [args.baseline, new_path], [baseline, new], settings)
     if args.json:

@@ -15,7 +15,9 @@ The rules (documented in ``results/README.md``, "Comparing results"):
    no test: worse or better when the median moves by at least their tolerance t, else same.
 4. A metric, run or scenario of BASELINE missing from NEW is a regression, as is a run that now
    fails or a check that now fails. Metrics and runs only in NEW are reported as new.
-5. Two notes, never failures: a run of either side that ran on a busy host (``host_busy``) gets a
+5. With ``--confirm N`` (``moebench/confirm.py``), a ``slower`` row stands only when N fresh
+   reruns of its scenario read ``slower`` too; otherwise it is ``unconfirmed``, not a regression.
+6. Two notes, never failures: a run of either side that ran on a busy host (``host_busy``) gets a
    ``host`` row, and a line per side names them; a scenario with a metric that reads faster (or
    better) gets "baseline may be stale", with the largest regression that would now read same.
 
@@ -43,7 +45,8 @@ DEFAULT_MIN_EFFECT = 0.05
 # Errors against fp64 move with reduction order (thread count, kernel choice): allow them to double.
 BUILTIN_MIN_EFFECT = {"rel_error_forward": 1.0, "rel_error_grad": 1.0}
 REGRESSIONS = ("slower", "worse", "missing", "failed", "fails now", "env differs")
-JUDGED = ("same", "noisy", "slower", "faster", "worse", "better")  # verdicts of a metric with a minimum effect
+# verdicts of a metric with a minimum effect
+JUDGED = ("same", "noisy", "slower", "faster", "worse", "better", "unconfirmed")
 
 
 @dataclass(frozen=True)

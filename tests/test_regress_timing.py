@@ -13,8 +13,9 @@ import os
 import pytest
 
 from moebench import compare as C
+from moebench.confirm import confirm
 from moebench.results import REPO
-from moebench.tools.false_alarms import pairwise, run_set
+from moebench.tools.false_alarms import confirmed, pairwise, run_set
 from runtime.dispatch import SLOWDOWN_ENV
 
 REGRESS = REPO / "scenarios" / "regress"
@@ -35,7 +36,9 @@ def test_twenty_one_a_a_comparisons_of_identical_code_report_no_regression(tmp_p
     folders = run_set([str(REGRESS)], tmp_path, runs=7)
     comparisons = pairwise(folders)
     assert len(comparisons) == 21
-    flagged = [(r.scenario, r.run, r.metric, r.verdict, r.ratio) for rows in comparisons for r in rows if r.regression]
+    # as the gate (`--confirm 1`) judges them: a `slower` row must repeat against a third run
+    judged = confirmed(folders, comparisons)
+    flagged = [(r.scenario, r.run, r.metric, r.verdict, r.ratio) for rows in judged for r in rows if r.regression]
     assert flagged == []
     judged = {(r.scenario, r.metric) for r in comparisons[0] if r.verdict != "new"}
     assert {
@@ -54,10 +57,13 @@ def test_a_20_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tm
     (base,) = run_set(scenarios, tmp_path / "base", runs=1)
     # 20 % read 1.25-1.26x on the ratio in 2 runs here, against the 15 % gate
     monkeypatch.setenv(SLOWDOWN_ENV, "0.20")
-    (slow,) = run_set(scenarios, tmp_path / "slow", runs=1)
+    slow, again = run_set(scenarios, tmp_path / "slow", runs=2)
     env = json.loads((slow / "regress-local.json").read_text())["environment"]
     assert env["test_knobs"] == {SLOWDOWN_ENV: "0.20"}  # the result says it was produced with the knob
-    rows = C.compare(C.load([base]), C.load([slow]), C.Settings())
+    baseline = C.load([base])
+    # as the gate judges it: the second slow run is the rerun that must confirm a `slower` row
+    rerun = C.compare(baseline, C.load([again]), C.Settings())
+    rows = confirm(C.compare(baseline, C.load([slow]), C.Settings()), [rerun])
     by_name = {(r.scenario, r.metric): r for r in rows}
     flagged = {key for key, row in by_name.items() if row.regression}
     affected = {

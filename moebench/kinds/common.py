@@ -49,6 +49,9 @@ COLLECTIVE_METRICS = (
 # Rank side
 
 
+NO_TELEMETRY = "telemetry switched off (--no-telemetry)"  # the reason a run made without telemetry records
+
+
 class _NoSampler:
     """Stands in for ``Sampler`` when telemetry is switched off."""
 
@@ -59,7 +62,7 @@ class _NoSampler:
         return False
 
     def summary(self) -> dict:
-        return {"available": False, "reason": "telemetry switched off (--no-telemetry)"}
+        return {"available": False, "reason": NO_TELEMETRY}
 
 
 def progress(ctx, message: str, expected_s: float) -> None:

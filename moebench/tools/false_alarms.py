@@ -6,7 +6,8 @@
 Each repetition is a separate ``moebench run`` process, as two CI jobs would be. Every pair
 (i < j) is compared with the scenarios' own [compare] thresholds: since the code is the same, every
 regression is a false alarm. The table shows, per metric, the verdicts over all pairs and the
-largest change seen next to the minimum effect that would have flagged it.
+largest change seen next to the minimum effect that would have flagged it. The last line counts
+the alarms left after confirmation by a third run (``confirmed``), as the CI gate judges them.
 
 ``--busy N`` runs the last N repetitions beside a noisy neighbour, two processes streaming 64 MiB
 copies through memory (what another job on a shared CI host does), and then compares every pair
@@ -25,6 +26,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from moebench import compare as C
+from moebench.confirm import confirm
 from moebench.results import REPO
 
 DEFAULT_SET = REPO / "scenarios" / "regress"
@@ -57,12 +59,34 @@ def run_set(scenarios: list[str], out: Path, runs: int, busy: int = 0) -> list[P
     return folders
 
 
+def pairs(n: int, both_orders: bool = False) -> list[tuple[int, int]]:
+    """(i, j): i < j, and j < i too with ``both_orders``."""
+    return list((itertools.permutations if both_orders else itertools.combinations)(range(n), 2))
+
+
 def pairwise(folders: list[Path], settings: C.Settings | None = None, both_orders: bool = False) -> list[list[C.Row]]:
-    """The rows of every comparison (i < j, and j < i too with ``both_orders``) between the folders."""
+    """The rows of every comparison (``pairs``) between the folders."""
     settings = settings or C.Settings()
     loaded = [C.load([folder]) for folder in folders]
-    pairs = itertools.permutations if both_orders else itertools.combinations
-    return [C.compare(loaded[i], loaded[j], settings) for i, j in pairs(range(len(loaded)), 2)]
+    return [C.compare(loaded[i], loaded[j], settings) for i, j in pairs(len(loaded), both_orders)]
+
+
+def confirmed(
+    folders: list[Path], comparisons: list[list[C.Row]], settings: C.Settings | None = None, both_orders: bool = False
+) -> list[list[C.Row]]:
+    """``comparisons`` as the gate (``compare --confirm 1``) judges them: a ``slower`` row of pair
+    (i, j) must repeat in the comparison of i with a rerun, and for identical code a rerun is one
+    more run of it: the next run after j that is neither i nor j. Needs 3 runs or more."""
+    settings = settings or C.Settings()
+    n = len(folders)
+    if n < 3:
+        raise ValueError(f"confirmation needs a third run: got {n} runs")
+    loaded = [C.load([folder]) for folder in folders]
+    out = []
+    for (i, j), rows in zip(pairs(n, both_orders), comparisons, strict=True):
+        k = next(k % n for k in range(j + 1, j + n) if k % n not in (i, j))
+        out.append(confirm(rows, [C.compare(loaded[i], loaded[k], settings)]))
+    return out
 
 
 def tally(comparisons: list[list[C.Row]]) -> list[dict]:
@@ -85,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="keep the result folders here (default a temporary folder)")
     parser.add_argument("--busy", type=int, default=0, help="run the last N beside a noisy neighbour (default 0)")
     args = parser.parse_args(argv)
-    if args.runs < 2:
-        parser.error(f"--runs {args.runs}: accepted an integer >= 2 (one pair needs two runs)")
+    if args.runs < 3:
+        parser.error(f"--runs {args.runs}: accepted an integer >= 3 (a pair, and a third run to confirm it)")
     if not 0 <= args.busy <= args.runs:
         parser.error(f"--busy {args.busy}: accepted an integer from 0 to --runs ({args.runs})")
     with tempfile.TemporaryDirectory(prefix="moebench-aa-") as tmp:
         folders = run_set(args.scenarios, args.out or Path(tmp), args.runs, args.busy)
         comparisons = pairwise(folders, both_orders=args.busy > 0)
+        judged = confirmed(folders, comparisons, both_orders=args.busy > 0)
     alarms = sum(any(row.regression for row in rows) for rows in comparisons)
+    kept = sum(any(row.regression for row in rows) for rows in judged)
     rows = []
     for entry in tally(comparisons):
         t = entry["min_effect"]
@@ -100,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([entry["scenario"], entry["run"], entry["metric"], verdicts, f"{entry['largest']:.1%}", _pct(t)])
     print(tabulate(rows, headers=["scenario", "run", "metric", "verdicts", "largest change", "min effect"]))
     busy = f", the last {args.busy} beside a noisy neighbour; both orders" if args.busy else ""
-    print(f"\n{alarms} of {len(comparisons)} A/A comparisons reported a regression ({args.runs} runs{busy})")
-    return 0 if alarms == 0 else 1
+    print(f"\n{alarms} of {len(comparisons)} A/A comparisons reported a regression ({args.runs} runs{busy});")
+    print(f"{kept} after confirmation by a third run, as the CI gate's --confirm 1 judges them")
+    return 0 if kept == 0 else 1
 
 
 def _pct(value: float | None) -> str:

@@ -1,0 +1,154 @@
+"""Confirmation by rerun (``moebench compare --confirm N``): the rule on hand-built rows, and the
+command end to end on a real scenario whose result is doctored on one side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moebench import compare as C
+from moebench.cli import main
+from moebench.confirm import confirm, rerun_dirs, to_rerun
+from moebench.metrics import metric
+from moebench.results import write_atomic
+
+
+def _row(metric_name: str, verdict: str, ratio: float | None = 1.0, run: str = "-") -> C.Row:
+    return C.Row("demo", run, metric_name, "ratio", 1.0, ratio, ratio, 0.001, 0.15, verdict)
+
+
+def test_a_slower_row_stands_only_when_every_rerun_reads_slower():
+    rows = [_row("a", "slower", 1.3), _row("b", "slower", 1.3), _row("c", "slower", 1.3), _row("d", "slower", 1.3)]
+    reruns = [
+        [_row("a", "slower", 1.28), _row("b", "slower", 1.25), _row("c", "same", 1.02)],
+        [_row("a", "slower", 1.31), _row("b", "noisy", 1.2), _row("c", "slower", 1.3)],
+    ]
+    out = {r.metric: r for r in confirm(rows, reruns)}
+    assert out["a"].verdict == "slower" and out["a"].regression
+    assert "confirmed: 2 rerun(s) read slower too (1.280, 1.310)" in out["a"].note
+    for name in ("b", "c"):  # one rerun that does not repeat it is enough to clear it
+        assert out[name].verdict == "unconfirmed" and not out[name].regression
+    assert "noisy" in out["b"].note and "same" in out["c"].note
+    # a row the reruns lack (its run failed there, or did not rerun) is not repeated either
+    assert out["d"].verdict == "unconfirmed" and "missing" in out["d"].note
+    assert out["a"].ratio == 1.3  # the row keeps its own figures
+
+
+def test_only_slower_rows_are_confirmed_and_no_rerun_changes_nothing():
+    rows = [_row("err", "worse", 3.0), _row("gone", "missing", None), _row("t", "faster", 0.8), _row("s", "slower")]
+    clean = [[_row("err", "same"), _row("gone", "same"), _row("t", "same"), _row("s", "same")]]
+    out = {r.metric: r.verdict for r in confirm(rows, clean)}
+    # an exact metric is the same in every run of a seed, and a missing one is no timing event
+    assert out == {"err": "worse", "gone": "missing", "t": "faster", "s": "unconfirmed"}
+    assert confirm(rows, []) == rows
+
+
+def test_rerun_folders_sit_beside_new_never_inside_it(tmp_path):
+    (tmp_path / "new").mkdir()
+    assert rerun_dirs(tmp_path / "new", 2) == [tmp_path / "new-confirm-1", tmp_path / "new-confirm-2"]
+    assert rerun_dirs(tmp_path / "x.json", 1) == [tmp_path / "x-confirm-1"]
+
+
+SCENARIO = """
+[scenario]
+name = "tiny-dispatch"
+kind = "dispatch"
+warmup = 2
+repeats = 40
+[model]
+hidden = 16
+ffn_hidden = 16
+num_experts = 4
+top_k = 2
+layers = 1
+[parallel]
+world_size = 1
+device = "cpu"
+threads_per_rank = 1
+[workload]
+tokens_per_rank = 32
+[compare]
+dispatch_over_floor = 0.5
+combine_over_floor = 0.5
+min_effect = 100.0
+"""
+
+
+def _scaled(src: Path, dst: Path, factor: float) -> None:
+    """``src``'s result with every ``dispatch_over_floor`` sample times ``factor``."""
+    doc = json.loads(src.read_text())
+    for run in doc["runs"]:
+        m = run["metrics"]["dispatch_over_floor"]
+        run["metrics"]["dispatch_over_floor"] = metric([v * factor for v in m["samples"]], m["unit"], m["better"])
+    write_atomic(dst, doc)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_cli_confirm_keeps_a_regression_every_rerun_shows_and_clears_a_one_run_spike(tmp_path, capsys):
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(SCENARIO)
+    real = tmp_path / "real"
+    assert main(["run", str(scenario), "--out", str(real), "--no-telemetry"]) == 0
+    result = real / "tiny-dispatch.json"
+    # the code "got 4x slower" (the baseline is 4x faster than this code runs): every rerun shows it
+    _scaled(result, tmp_path / "fast-base" / "tiny-dispatch.json", 0.25)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "fast-base"), str(real), "--confirm", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "SLOWER" in out and "confirmed: 1 rerun(s) read slower too" in out
+    assert (tmp_path / "real-confirm-1" / "tiny-dispatch.json").is_file()  # the rerun is kept, beside NEW
+    # a one-run spike: NEW's figures 4x a run of the same code; the rerun reads about 1x
+    _scaled(result, tmp_path / "spike" / "tiny-dispatch.json", 4.0)
+    assert main(["compare", str(real), str(tmp_path / "spike"), "--confirm", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "unconfirmed" in out and "not repeated by 1 rerun(s): same" in out
+    # without --confirm the spike is a regression: the option is what clears it
+    assert main(["compare", str(real), str(tmp_path / "spike")]) == 1
+    capsys.readouterr()
+    runs = C.load([tmp_path / "spike"])
+    rows = C.compare(C.load([real]), runs, C.Settings())
+    ((source, options),) = to_rerun(rows, runs)
+    assert source == scenario and options == ["--warmup", "2", "--repeats", "40", "--device", "cpu", "--no-telemetry"]
+
+
+def test_confirm_usage_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's own exit, code 2
+        main(["compare", str(tmp_path), str(tmp_path), "--confirm", "11"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --confirm: 11: accepted an integer from 0 to 10" in err[0]
+    for side in ("a", "b", "c"):
+        write_atomic(tmp_path / side / "x.json", {"schema": "bogus"})
+    args = ["compare", *(str(tmp_path / s) for s in "abc"), "--confirm", "1"]
+    assert main(args) == 2
+    assert "--confirm 1 with 3 sets: accepted with BASELINE and one NEW" in capsys.readouterr().err
+
+
+def test_the_a_a_tool_confirms_each_pair_against_a_third_run(tmp_path):
+    """Runs 0 and 2 read 1.0; run 1 spiked to 1.5 (one event). Pair (0, 1) reads slower, and its
+    stand-in rerun, run 2, reads same: unconfirmed. With runs 1 and 2 both slow, it stands."""
+    from result_docs import result_doc, run_record, times
+
+    from moebench.tools.false_alarms import confirmed, pairs, pairwise
+
+    def folders(levels):
+        out = []
+        for i, level in enumerate(levels):
+            m = {"dispatch_over_floor": metric(times(level, seed=i), "ratio", "lower")}
+            write_atomic(tmp_path / f"{levels}" / f"run{i}" / "demo.json", result_doc([run_record(m)]))
+            out.append(tmp_path / f"{levels}" / f"run{i}")
+        return out
+
+    def alarms(comparisons):
+        return [(i, j) for (i, j), rows in zip(pairs(3), comparisons, strict=True) if any(r.regression for r in rows)]
+
+    spike = folders((1.0, 1.5, 1.0))
+    assert alarms(pairwise(spike)) == [(0, 1)]  # before confirmation
+    assert alarms(confirmed(spike, pairwise(spike))) == []
+    real = folders((1.0, 1.5, 1.5))  # what a slower code from run 1 on looks like
+    assert alarms(confirmed(real, pairwise(real))) == [(0, 1), (0, 2)]
+    with pytest.raises(ValueError, match="confirmation needs a third run: got 2"):
+        confirmed(spike[:2], pairwise(spike[:2]))
