@@ -111,14 +111,7 @@ class MoELayer(nn.Module):
         self.overlap_chunks = par.overlap_chunks  # the harness may change it between calls (serial vs overlapped)
         self.local_experts = self.dispatcher.local_experts
         self.router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
-        self.experts = GroupedExperts(
-            len(self.local_experts),
-            moe.hidden_size,
-            moe.ffn_hidden_size,
-            moe.activation,
-            moe.torch_dtype,
-            moe.expert_backend,
-        )
+        self.experts = self._grouped_experts(len(self.local_experts), moe.torch_dtype)
         if device is not None:
             self.to(device)
 
@@ -157,16 +150,14 @@ class MoELayer(nn.Module):
         self.replicas = replicate(loads_E, self.expert_to_rank, self.par.ep_size, redundant)
         self.dispatcher = AllToAllDispatcher(self.replicas.owner_P, self.group)
         self.local_experts = self.dispatcher.local_experts
-        old = self.experts
-        self.experts = GroupedExperts(
-            len(self.local_experts),
-            self.moe.hidden_size,
-            self.moe.ffn_hidden_size,
-            self.moe.activation,
-            old.w_in_LDH.dtype,
-            self.moe.expert_backend,
-        ).to(old.w_in_LDH.device)
+        old = self.experts.w_in_LDH  # the new experts keep its dtype and device
+        self.experts = self._grouped_experts(len(self.local_experts), old.dtype).to(old.device)
         self.load_global_weights(weights)
+
+    def _grouped_experts(self, n: int, dtype: torch.dtype) -> GroupedExperts:
+        """``n`` experts of this layer's shape (uninitialised weights are the caller's to load or seed)."""
+        moe = self.moe
+        return GroupedExperts(n, moe.hidden_size, moe.ffn_hidden_size, moe.activation, dtype, moe.expert_backend)
 
     def set_alive(self, alive_P, on_loss: str | None = None) -> None:
         """Which physical experts still serve (the same on every rank of the group), and what becomes

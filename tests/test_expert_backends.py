@@ -101,7 +101,10 @@ def test_expert_loop_and_bmm_backends_have_the_same_gradients_as_the_fp64_refere
     leaves = [t.double().requires_grad_(True) for t in (x_RD, w_in_LDH, w_down_LFD)]
     (ffn_rows_fp64(*leaves, counts, activation) * g_RD.double()).sum().backward()
     for name, a, b, ref in zip(("x", "w_in", "w_down"), loop, bmm, leaves, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums that cancel: an entry of -0.0049 in a gradient whose largest is 10.3 differed by
+        # 1.4e-6 (counts [3, 2], swiglu, seed 3), so the absolute tolerance scales with the largest
+        scale = max(1.0, float(a.abs().max()))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale, msg=name)
         torch.testing.assert_close(a.double(), ref.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 

@@ -132,6 +132,31 @@ def test_a_misnamed_culprit_fails_the_check():
     assert fault.evaluate(spec, hung)[1][0]["pass"] is False  # a crash reported as a hang is misnamed
 
 
+def test_every_fault_type_says_how_it_is_named_and_observed():
+    assert set(fault.NAMED_BY) == set(fault.OBSERVE) == set(fault.TYPES)
+    # a nan on the right layer and expert but a wrong rank is still named right (the owner is found
+    # by placement); a wrong expert is not
+    (spec,) = load_doc(_doc(type="nan", expert=1, layer=0))
+    seen = {"rank": 0, "layer": 0, "expert": 1, "at": 0.0}
+    rows = [{"nan": seen, "nan_after_s": 0.002, "steps_run": 4, "telemetry": {}}, {"telemetry": {}}]
+    _, (check,), details = fault.evaluate(spec, rows)
+    assert check["pass"] is True and details["fault"]["culprit_expert"] == 1
+    rows[0]["nan"] = seen | {"expert": 2}
+    assert fault.evaluate(spec, rows)[1][0]["pass"] is False
+
+
+def test_a_straggler_is_named_only_when_the_same_rank_is_slow_two_steps_in_a_row():
+    steps = [[1.0, 1.0, 1.5, 1.0], [1.0, 3.0, 1.0, 1.0], [1.0, 3.0, 1.1, 1.0], [1.0, 1.0, 1.0, 1.0]]
+    seen, suspect = [], None
+    for cpu_W in steps:
+        suspect = fault.track_straggler(cpu_W, suspect)
+        seen.append(None if suspect is None else suspect[:2])
+    # step 0: rank 2 alone is slow (one step of noise); steps 1-2: rank 1, twice; then nobody
+    assert seen == [(2, 1), (1, 1), (1, 2), None]
+    assert fault.STRAGGLER_STEPS == 2 and fault.track_straggler([1.0, 3.0], None)[2] == pytest.approx(1 / 3)
+    assert fault.track_straggler([1.0, 1.2], (1, 1)) is None  # score 0.83: not under 0.8
+
+
 def load_doc(doc: dict):
     import tempfile
     from pathlib import Path
@@ -154,6 +179,10 @@ def load_doc(doc: dict):
         ),
         (_doc(type="rank_loss") | {"parallel": {"world_size": 1}}, "with world_size = 1 is invalid: accepted"),
         (_doc(type="crash", checkpoint_every=2), "[fault] checkpoint_every = 2 with [workload] train = false"),
+        (
+            _doc(type="straggler", at_step=7),
+            '[fault] at_step = 7 is invalid for type = "straggler": accepted up to warmup + repeats - 2 = 6',
+        ),
         (
             _doc(type="nan", checkpoint_every=2) | {"workload": {"tokens_per_rank": 8, "train": True}},
             '[fault] type = "nan" with [workload] train = true is invalid: accepted type = "crash"',

@@ -51,10 +51,16 @@ TYPES = ("expert_loss", "rank_loss")
 EXACT = 1e-6  # failover: the output equals the healthy run's (the same weights; fp32 sums may reorder)
 
 
+def _no_loss(stack) -> torch.Tensor:
+    """An all-zero [layers, physical experts] mask, as wide as the layer with the most copies
+    (host: the masks are a few hundred ints)."""
+    width = max(len(layer.replicas.logical_of_P) for layer in stack.layers)
+    return torch.zeros(len(stack.layers), width, dtype=torch.int32)
+
+
 def _lost_mask(stack, f: dict, rank: int) -> torch.Tensor:
     """This rank's injected loss as a [layers, physical experts] mask (zeros on the other ranks)."""
-    width = max(len(layer.replicas.logical_of_P) for layer in stack.layers)
-    lost_LP = torch.zeros(len(stack.layers), width, dtype=torch.int32)
+    lost_LP = _no_loss(stack)
     for l, layer in enumerate(stack.layers):
         for p in layer.local_experts:
             if (f["type"] == "rank_loss" and rank == f["rank"]) or (
@@ -88,8 +94,7 @@ def measure_loss(ctx, spec: RunSpec) -> dict:
     for layer in stack.layers:
         layer.on_loss = f["on_expert_loss"]
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]
-    width = max(len(layer.replicas.logical_of_P) for layer in stack.layers)
-    known = torch.zeros(len(stack.layers), width, dtype=torch.int32)  # host: the masks are a few hundred ints
+    known = _no_loss(stack)
     injected_at, detected, masked = None, None, False
     healthy_TD, wall_S, diff_S, norm_S, lost_S = None, [], [], [], []
     with torch.no_grad():

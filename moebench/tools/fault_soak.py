@@ -97,7 +97,7 @@ def soak(faults: int, seed: int, timeout: float, folder: Path) -> dict:
             "rank": rng.randrange(world),
             "layer": rng.randrange(LAYERS),
             "expert": rng.randrange(EXPERTS),
-            "at_step": rng.randrange(1, STEPS),
+            "at_step": rng.randrange(1, STEPS - 1),  # a straggler needs 2 steps from its start to be named
         }
         extra = {"redundant": rng.randrange(3), "on_loss": rng.choice(ON_EXPERT_LOSS)}
         path = folder / f"soak-{i}.toml"
