@@ -1,19 +1,25 @@
-"""Confirmation by rerun: a timing regression stands only when a fresh run of its scenario shows it too.
+"""Confirmation by rerun: a timing regression stands unless a fresh run of its scenario clears it.
 
 Within a run, the gated timings are ratios of two things timed in alternating rounds, so drift
-the machine adds between rounds cancels. What no round inside a run can cancel is an event that
+the machine adds between rounds cancels. What no round inside a run can cancel is a state that
 lasts the whole run: clean-clone CI runs of unchanged code read regress-dispatch's
 ``dispatch_over_floor`` 1.110, 1.123 and 1.189 times another run of the same code in their own A/A
-sets, where the same 21-pair comparison on a quiet host reads up to 1.06-1.08 (results/README.md,
-"Confirmation by rerun"). A real regression is in the code and comes back in every run; such an
-event does not. So ``moebench compare BASELINE NEW --confirm N`` runs the scenario of each
-``slower`` row N more times, each in fresh processes, compares every rerun with BASELINE by the
-same rules, and keeps ``slower`` only where every rerun reads ``slower`` too. Otherwise the row
-becomes ``unconfirmed`` (not a regression; its note gives the reruns' ratios). Perfherder and
-Chromium's perf sheriffs retrigger a job for the same reason before they file a regression.
+sets (results/README.md, "Confirmation by rerun"). A real regression is in the code and comes
+back in every run; such a state need not. So ``moebench compare BASELINE NEW --confirm N`` runs
+the scenario of each ``slower`` row N more times, each in fresh processes, compares every rerun
+with BASELINE by the same rules, and:
 
-Only ``slower`` is confirmed: exact metrics (errors, token counts, load statistics) are the same
-in every run of a seed, and a missing metric or a failing run or check is no timing event.
+- keeps ``slower`` (noted "confirmed") when every rerun reads ``slower`` too;
+- makes it ``unconfirmed`` (not a regression) when every rerun judged the metric and one did not
+  read ``slower``;
+- keeps ``slower`` (noted why) when a rerun could not judge it: the rerun failed, ran in another
+  environment class, or lacks the metric, or NEW is a pytest-benchmark file, which moebench
+  cannot rerun. The gate fails closed: only a measurement clears a regression.
+
+Perfherder and Chromium's perf sheriffs retrigger a job for the same reason before they file a
+regression. Only ``slower`` is confirmed: exact metrics (errors, token counts, load statistics)
+are the same in every run of a seed, and a missing metric or a failing run or check is no
+timing event.
 """
 
 from __future__ import annotations
@@ -25,36 +31,57 @@ from pathlib import Path
 
 from moebench import compare as C
 from moebench import results
-from moebench.kinds.common import NO_TELEMETRY
 from moebench.results import REPO
 
 CONFIRMED = "slower"  # the one verdict a rerun must repeat
 UNCONFIRMED = "unconfirmed"
+JUDGED = ("same", "noisy", "faster", "slower")  # a rerun's verdicts that measured the metric
+INTERRUPTED = 130  # a child's exit code after Ctrl-C (the CLI's EXIT_INTERRUPTED)
 
 
 def _key(row: C.Row) -> tuple[str, str, str]:
     return row.scenario, row.run, row.metric
 
 
-def confirm(rows: list[C.Row], reruns: list[list[C.Row]]) -> list[C.Row]:
-    """``rows`` with each ``slower`` row kept only when every rerun's comparison reads it ``slower``.
+def _why_not(rows: list[C.Row], row: C.Row) -> str:
+    """Why a rerun has no judged row for ``row``: its run's own verdict, or 'missing'."""
+    for other in rows:
+        if (other.scenario, other.run) == (row.scenario, row.run) and other.metric in ("run", "environment"):
+            return other.verdict
+    return "missing"
+
+
+def confirm(rows: list[C.Row], reruns: list[list[C.Row]], cannot: dict | None = None) -> list[C.Row]:
+    """``rows`` with each ``slower`` row confirmed, cleared or kept by the reruns (module docstring).
 
     ``reruns``: one list of rows per rerun, each the comparison of BASELINE with that rerun.
-    A row the reruns lack (its run did not rerun, or failed there) counts as not repeated.
+    ``cannot``: (scenario, run) -> why those runs were not rerun (their ``slower`` rows are kept).
     """
+    cannot = cannot or {}
     seen = [{_key(r): r for r in rows_i} for rows_i in reruns]
     out = []
     for row in rows:
+        if row.verdict == CONFIRMED and (row.scenario, row.run) in cannot:
+            note = f"not confirmed, kept: {cannot[row.scenario, row.run]}"
+            out.append(replace(row, note=_join(row.note, note)))
+            continue
         if row.verdict != CONFIRMED or not reruns:
             out.append(row)
             continue
         again = [found.get(_key(row)) for found in seen]
+        judged = [r for r in again if r is not None and r.verdict in JUDGED]
         ratios = ", ".join("-" if r is None or r.ratio is None else f"{r.ratio:.3f}" for r in again)
-        if all(r is not None and r.verdict == CONFIRMED for r in again):
+        if len(judged) < len(again):
+            why = ", ".join(
+                r.verdict if r is not None else _why_not(rows_i, row) for r, rows_i in zip(again, reruns, strict=True)
+            )
+            note = f"kept: a rerun could not judge it ({why})"
+            out.append(replace(row, note=_join(row.note, note)))
+        elif all(r.verdict == CONFIRMED for r in judged):
             note = f"confirmed: {len(again)} rerun(s) read slower too ({ratios})"
             out.append(replace(row, note=_join(row.note, note)))
         else:
-            verdicts = ", ".join("missing" if r is None else r.verdict for r in again)
+            verdicts = ", ".join(r.verdict for r in judged)
             note = f"not repeated by {len(again)} rerun(s): {verdicts} ({ratios}); not a regression"
             out.append(replace(row, verdict=UNCONFIRMED, note=_join(row.note, note)))
     return out
@@ -64,73 +91,117 @@ def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a else b
 
 
-def to_rerun(rows: list[C.Row], new: list[C.Run]) -> list[tuple[Path, list[str]]]:
-    """(scenario file, ``moebench run`` options) for each result file with a ``slower`` row.
+def _options(file: str, doc: dict) -> list[str]:
+    """The ``moebench run`` options that remake NEW's runs of one result file: its scenario's
+    warmup and repeats, and its device and world size where the file does not sweep them (a
+    scalar in the recorded scenario, overrides included), no telemetry where its runs had none."""
+    try:
+        sections = doc["scenario"]
+        scenario, parallel = sections["scenario"], sections.get("parallel", {})
+        options = ["--warmup", str(int(scenario["warmup"])), "--repeats", str(int(scenario["repeats"]))]
+        finished = [run for run in doc["runs"] if run.get("status") == "ok"] or doc["runs"]
+        off = all(_telemetry_off(run) for run in finished)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"--confirm: {file} lacks its scenario's warmup, repeats or runs ({err!r})") from None
+    if isinstance(parallel.get("device"), str):
+        options += ["--device", parallel["device"]]
+    if isinstance(parallel.get("world_size"), int):
+        options += ["--world-size", str(parallel["world_size"])]
+    return options + (["--no-telemetry"] if off else [])
 
-    The options repeat what the NEW run was made with: its warmup, repeats and device, and no
-    telemetry when it had none. The scenario file is the result's ``source``, read from the
-    working folder, else from the repository.
-    """
+
+def _telemetry_off(run: dict) -> bool:
+    """The run was made with --no-telemetry (``kinds.common``'s stand-in sampler says so per rank)."""
+    from moebench.kinds.common import NO_TELEMETRY  # imports torch: only where a rerun is planned
+
+    telemetry = run.get("telemetry")
+    if not isinstance(telemetry, dict):
+        return True
+    return any(isinstance(r, dict) and r.get("reason") == NO_TELEMETRY for r in telemetry.get("per_rank") or [])
+
+
+def plan(rows: list[C.Row], new: list[C.Run]) -> tuple[list[tuple[Path, list[str], dict]], dict]:
+    """What to rerun for NEW's ``slower`` rows: (scenario file, ``moebench run`` options, NEW's
+    environment) per scenario, and (scenario, run) -> why not, for runs that cannot be rerun."""
     flagged = {(r.scenario, r.run) for r in rows if r.verdict == CONFIRMED}
-    files = sorted({run.source for run in new if (run.scenario, run.label) in flagged})
-    plans = []
-    for file in files:
+    plans, seen, cannot = [], set(), {}
+    for file in sorted({run.source for run in new if (run.scenario, run.label) in flagged}):
         doc = results.read_any(Path(file))
         if results.is_pytest_benchmark(doc):
-            raise ValueError(f"--confirm: {file} is a pytest-benchmark file: accepted moebench results only")
+            for run in new:
+                if run.source == file:
+                    cannot[run.scenario, run.label] = f"{file} is a pytest-benchmark result: moebench cannot rerun it"
+            continue
         source = Path(doc["source"])
         if not source.is_file() and (REPO / source).is_file():
             source = REPO / source
         if not source.is_file():
             raise ValueError(f"--confirm: {file} was run from {doc['source']}, which is not here to rerun")
-        run = doc["runs"][0]
-        scenario = run["config"]["scenario"]
-        options = ["--warmup", str(scenario["warmup"]), "--repeats", str(scenario["repeats"])]
-        options += ["--device", run["config"]["parallel"]["device"]]
-        if _telemetry_off(run):
-            options.append("--no-telemetry")
-        plans.append((source, options))
-    return plans
-
-
-def _telemetry_off(run: dict) -> bool:
-    """The run was made with --no-telemetry (``kinds.common``'s stand-in sampler says so per rank)."""
-    per_rank = (run.get("telemetry") or {}).get("per_rank") or []
-    return run.get("telemetry") is None or any(r.get("reason") == NO_TELEMETRY for r in per_rank)
+        options = _options(file, doc)
+        if (source.resolve(), tuple(options)) not in seen:
+            seen.add((source.resolve(), tuple(options)))
+            plans.append((source, options, doc.get("environment") or {}))
+    return plans, cannot
 
 
 def rerun_dirs(new_path: str | Path, times: int) -> list[Path]:
-    """Where the reruns go: beside NEW, ``<NEW>-confirm-<i>`` (never inside it, which a later
-    ``compare`` of NEW would read)."""
-    new_path = Path(new_path)
-    stem = new_path.name if new_path.is_dir() else new_path.stem
-    return [new_path.parent / f"{stem}-confirm-{i}" for i in range(1, times + 1)]
+    """Where the reruns go: ``times`` folders that do not exist yet, beside NEW (never inside it,
+    which a later ``compare`` of NEW would read): ``<NEW>-confirm-<i>`` for a folder NEW,
+    ``<its folder>-<stem>-confirm-<i>`` for a file. Earlier reruns are left as they are."""
+    new_path = Path(new_path).resolve()
+    stem = new_path.name if new_path.is_dir() else f"{new_path.parent.name}-{new_path.stem}"
+    parent = new_path.parent if new_path.is_dir() else new_path.parent.parent
+    dirs, i = [], 1
+    while len(dirs) < times:
+        candidate = parent / f"{stem}-confirm-{i}"
+        if not candidate.exists():
+            dirs.append(candidate)
+        i += 1
+    return dirs
 
 
-def rerun(plans: list[tuple[Path, list[str]]], out: Path) -> None:
-    """``moebench run`` each planned scenario file into ``out``, as a separate process."""
-    for source, options in plans:
-        cmd = [sys.executable, "-m", "moebench", "run", str(source), "--out", str(out), *options]
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode not in (0, 1):  # 1: a run failed or missed an SLO, which compare reports
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ValueError(f"--confirm: rerunning {source} exited {done.returncode}: {tail}")
+def rerun(plans: list[tuple[Path, list[str], dict]], out: Path) -> None:
+    """``moebench run`` each planned scenario file into ``out``, as a separate process; a rerun
+    made from other code or test knobs than NEW is refused (it would not measure NEW's code)."""
+    for source, options, env in plans:
+        cmd = [sys.executable, "-m", "moebench", "run", str(source), f"--out={out}", *options]
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = child.communicate()
+        except KeyboardInterrupt:
+            child.communicate()  # the child got the same Ctrl-C: let it keep what it finished
+            raise KeyboardInterrupt(f"confirmation stopped; what the rerun finished is in {out}") from None
+        if child.returncode == INTERRUPTED:
+            raise KeyboardInterrupt(f"confirmation rerun interrupted; what it finished is in {out}")
+        if child.returncode not in (0, 1):  # 1: a run failed or missed an SLO: confirm keeps its rows
+            tail = (err.strip().splitlines() or ["no output"])[-1]
+            raise ValueError(f"--confirm: rerunning {source} exited {child.returncode}: {tail}")
+        for path in results.find([out]):
+            made = results.read_any(path).get("environment") or {}
+            for key, what in (("git_sha", "git commit"), ("test_knobs", "test knobs")):
+                if env.get(key) is not None and made.get(key) is not None and env[key] != made[key]:
+                    raise ValueError(
+                        f"--confirm: NEW was made with {what} {env[key]}, the rerun in {out} with {made[key]}: "
+                        "confirm from the checkout and settings NEW came from"
+                    )
 
 
 def confirm_by_rerun(
     rows: list[C.Row], baseline: list[C.Run], new: list[C.Run], new_path: str | Path, times: int, settings
 ) -> tuple[list[C.Row], list[Path]]:
     """Rerun the scenarios of NEW's ``slower`` rows ``times`` times and ``confirm`` them; the rows,
-    and the folders the reruns wrote."""
-    plans = to_rerun(rows, new)
-    if not plans or times == 0:
+    and the folders the reruns wrote. With times > 1 every rerun must read slower for a row to
+    stay confirmed, and one that reads otherwise clears it: more reruns make the gate quieter and
+    a regression just over its minimum effect likelier to pass (CI uses 1)."""
+    plans, cannot = plan(rows, new)
+    if times == 0 or not (plans or cannot):
         return rows, []
-    dirs = rerun_dirs(new_path, times)
+    dirs = rerun_dirs(new_path, times) if plans else []
     reruns = []
     for out in dirs:
-        print(f"confirming: rerunning {', '.join(str(s) for s, _ in plans)} into {out}", file=sys.stderr)
+        print(f"confirming: rerunning {', '.join(str(s) for s, _, _ in plans)} into {out}", file=sys.stderr)
         rerun(plans, out)
-        again = C.load([out])
+        again = C.load([out]) if out.is_dir() and any(out.rglob("*.json")) else []  # none: every run failed
         names = {run.scenario for run in again}
         reruns.append(C.compare([b for b in baseline if b.scenario in names], again, settings))
-    return confirm(rows, reruns), dirs
+    return confirm(rows, reruns, cannot), dirs

@@ -10,7 +10,7 @@ import pytest
 
 from moebench import compare as C
 from moebench.cli import main
-from moebench.confirm import confirm, rerun_dirs, to_rerun
+from moebench.confirm import _options, confirm, plan, rerun_dirs
 from moebench.metrics import metric
 from moebench.results import write_atomic
 
@@ -31,9 +31,25 @@ def test_a_slower_row_stands_only_when_every_rerun_reads_slower():
     for name in ("b", "c"):  # one rerun that does not repeat it is enough to clear it
         assert out[name].verdict == "unconfirmed" and not out[name].regression
     assert "noisy" in out["b"].note and "same" in out["c"].note
-    # a row the reruns lack (its run failed there, or did not rerun) is not repeated either
-    assert out["d"].verdict == "unconfirmed" and "missing" in out["d"].note
+    # a row the reruns lack cannot be judged by them: it stays a regression (the gate fails closed)
+    assert out["d"].verdict == "slower" and "kept: a rerun could not judge it (missing, missing)" in out["d"].note
     assert out["a"].ratio == 1.3  # the row keeps its own figures
+
+
+def test_a_rerun_that_failed_or_ran_elsewhere_keeps_the_regression():
+    rows = [_row("t", "slower", 1.3, run="a"), _row("t", "slower", 1.3, run="b"), _row("t", "slower", 1.3, run="c")]
+    rerun = [
+        C.Row("demo", "a", "run", verdict="failed", note="RuntimeError: boom"),
+        C.Row("demo", "b", "environment", verdict="env differs"),
+        _row("t", "same", 1.0, run="c"),
+    ]
+    out = {r.run: r for r in confirm(rows, [rerun])}
+    assert out["a"].verdict == "slower" and "(failed)" in out["a"].note
+    assert out["b"].verdict == "slower" and "(env differs)" in out["b"].note
+    assert out["c"].verdict == "unconfirmed"
+    # runs that cannot be rerun at all (pytest-benchmark results) keep their rows, saying why
+    kept = confirm([_row("time_s", "slower", 1.3)], [], {("demo", "-"): "x.json is a pytest-benchmark result"})
+    assert kept[0].verdict == "slower" and "not confirmed, kept: x.json is a pytest-benchmark result" in kept[0].note
 
 
 def test_only_slower_rows_are_confirmed_and_no_rerun_changes_nothing():
@@ -45,10 +61,20 @@ def test_only_slower_rows_are_confirmed_and_no_rerun_changes_nothing():
     assert confirm(rows, []) == rows
 
 
-def test_rerun_folders_sit_beside_new_never_inside_it(tmp_path):
+def test_rerun_folders_sit_beside_new_never_inside_it_and_never_reuse_one(tmp_path, monkeypatch):
     (tmp_path / "new").mkdir()
     assert rerun_dirs(tmp_path / "new", 2) == [tmp_path / "new-confirm-1", tmp_path / "new-confirm-2"]
-    assert rerun_dirs(tmp_path / "x.json", 1) == [tmp_path / "x-confirm-1"]
+    (tmp_path / "new-confirm-1").mkdir()  # an earlier rerun is kept, and skipped
+    assert rerun_dirs(tmp_path / "new", 1) == [tmp_path / "new-confirm-2"]
+    # a file NEW: beside its folder, which a compare of that folder would otherwise read
+    assert rerun_dirs(tmp_path / "new" / "x.json", 1) == [tmp_path / "new-x-confirm-1"]
+    monkeypatch.chdir(tmp_path / "new")
+    assert rerun_dirs(".", 1) == [tmp_path / "new-confirm-2"]  # "." is a folder with a name
+
+
+def test_a_result_without_its_run_settings_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"--confirm: x.json lacks its scenario's warmup, repeats or runs"):
+        _options("x.json", {"scenario": {"scenario": {"name": "x"}}, "runs": []})
 
 
 SCENARIO = """
@@ -110,8 +136,15 @@ def test_cli_confirm_keeps_a_regression_every_rerun_shows_and_clears_a_one_run_s
     capsys.readouterr()
     runs = C.load([tmp_path / "spike"])
     rows = C.compare(C.load([real]), runs, C.Settings())
-    ((source, options),) = to_rerun(rows, runs)
-    assert source == scenario and options == ["--warmup", "2", "--repeats", "40", "--device", "cpu", "--no-telemetry"]
+    ((source, options, _),), cannot = plan(rows, runs)
+    assert source == scenario and not cannot
+    assert options == ["--warmup", "2", "--repeats", "40", "--device", "cpu", "--world-size", "1", "--no-telemetry"]
+    # a NEW made from other code is not confirmed by a rerun of this checkout's code
+    doc = json.loads((tmp_path / "spike" / "tiny-dispatch.json").read_text())
+    doc["environment"]["git_sha"] = "0" * 40
+    write_atomic(tmp_path / "old" / "tiny-dispatch.json", doc)
+    assert main(["compare", str(real), str(tmp_path / "old"), "--confirm", "1"]) == 2
+    assert f"NEW was made with git commit {'0' * 40}, the rerun" in capsys.readouterr().err
 
 
 def test_confirm_usage_errors_are_one_line(tmp_path, capsys):

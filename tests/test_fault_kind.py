@@ -55,6 +55,8 @@ def test_every_fault_type_is_detected_and_named_and_no_process_is_left(tmp_path,
         assert (got["culprit_rank"], got["culprit_layer"], got["culprit_expert"]) == (owner, 1, 1), kind
     assert runs["crash"]["details"]["fault"]["culprit_layer"] == 1  # its last heartbeat: step 3, layer 1
     assert runs["crash"]["details"]["fault"]["steps_lost"] == 8 - 3
+    # named no sooner than its second slow step (the injection is at step 3)
+    assert runs["straggler"]["details"]["fault"]["named_at_step"] >= 3 + fault.STRAGGLER_STEPS - 1
     hang = runs["hang"]["metrics"]["detected_after_s"]["median"]
     assert 1.0 <= hang < 1.0 + 5  # the timeout, plus at most the documented poll slack
     nan = runs["nan"]["details"]["fault"]
@@ -181,7 +183,7 @@ def load_doc(doc: dict):
         (_doc(type="crash", checkpoint_every=2), "[fault] checkpoint_every = 2 with [workload] train = false"),
         (
             _doc(type="straggler", at_step=7),
-            '[fault] at_step = 7 is invalid for type = "straggler": accepted up to warmup + repeats - 2 = 6',
+            '[fault] at_step = 7 is invalid for type = "straggler": accepted 1 to warmup + repeats - 2 = 6 (the',
         ),
         (
             _doc(type="nan", checkpoint_every=2) | {"workload": {"tokens_per_rank": 8, "train": True}},

@@ -104,6 +104,13 @@ def check_fault(spec: RunSpec) -> None:
     if f["type"] == "rank_loss" and spec.world_size < 2:
         raise ValueError('[fault] type = "rank_loss" with world_size = 1 is invalid: accepted world_size >= 2')
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]
+    if f["type"] == "straggler" and not 1 <= f["at_step"] <= steps - STRAGGLER_STEPS:
+        top = steps - STRAGGLER_STEPS
+        accepted = f"1 to warmup + repeats - {STRAGGLER_STEPS} = {top}" if top >= 1 else "none: warmup + repeats >= 3"
+        raise ValueError(
+            f'[fault] at_step = {f["at_step"]} is invalid for type = "straggler": accepted {accepted} (the steps '
+            f"before are its healthy baseline, and it is named after {STRAGGLER_STEPS} slow steps)"
+        )
     bounds = (
         ("rank", spec.world_size - 1, "world_size - 1"),
         ("layer", spec.model["layers"] - 1, "layers - 1"),
@@ -124,12 +131,7 @@ def check_fault(spec: RunSpec) -> None:
             f'[fault] type = "{f["type"]}" with [workload] train = true is invalid: accepted type = "crash" '
             "and redundant_experts = 0 (training resumes from a checkpoint after a crash)"
         )
-    if f["type"] == "straggler" and f["at_step"] > steps - STRAGGLER_STEPS:
-        raise ValueError(
-            f'[fault] at_step = {f["at_step"]} is invalid for type = "straggler": accepted up to warmup + repeats - '
-            f"{STRAGGLER_STEPS} = {steps - STRAGGLER_STEPS} (a straggler is named after {STRAGGLER_STEPS} slow steps)"
-        )
-    if f["type"] in ("straggler", *fault_loss.TYPES) and f["at_step"] == 0:
+    if f["type"] in fault_loss.TYPES and f["at_step"] == 0:
         raise ValueError(
             f'[fault] at_step = 0 is invalid for type = "{f["type"]}": accepted 1 or more (the steps before are '
             "its healthy baseline)"
@@ -322,6 +324,7 @@ def _straggler(spec: RunSpec, per_rank: list[dict], fault: dict, steps: int) -> 
     if found is None:
         return None, fault, []
     fault |= {"detected": True, "culprit_rank": found["rank"], "steps_lost": 0, "recovered": "not needed"}
+    fault["named_at_step"] = found["step"]
     return next((r["straggler_after_s"] for r in per_rank if r.get("straggler_after_s") is not None), None), fault, []
 
 

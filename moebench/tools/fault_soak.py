@@ -33,7 +33,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from moebench import runner
-from moebench.kinds.fault import ON_EXPERT_LOSS, TYPES
+from moebench.kinds.fault import ON_EXPERT_LOSS, STRAGGLER_STEPS, TYPES
 from moebench.scenario import load
 
 HANG_MARGIN_S = 60.0  # a run may take this much beyond its watchdog timeout before it counts as hung
@@ -92,12 +92,14 @@ def soak(faults: int, seed: int, timeout: float, folder: Path) -> dict:
     rows, problems = [], []
     for i in range(faults):
         world = rng.choice((2, 4))
+        kind = rng.choice(TYPES)
+        last = STEPS - STRAGGLER_STEPS if kind == "straggler" else STEPS - 1  # a straggler is named after 2 steps
         fault = {
-            "type": rng.choice(TYPES),
+            "type": kind,
             "rank": rng.randrange(world),
             "layer": rng.randrange(LAYERS),
             "expert": rng.randrange(EXPERTS),
-            "at_step": rng.randrange(1, STEPS - 1),  # a straggler needs 2 steps from its start to be named
+            "at_step": rng.randint(1, last),
         }
         extra = {"redundant": rng.randrange(3), "on_loss": rng.choice(ON_EXPERT_LOSS)}
         path = folder / f"soak-{i}.toml"
