@@ -52,14 +52,16 @@ def test_twenty_one_a_a_comparisons_of_identical_code_report_no_regression(tmp_p
     } <= judged
 
 
-def test_a_20_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tmp_path, monkeypatch):
+def test_a_30_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tmp_path, monkeypatch):
     scenarios = [str(REGRESS / f"regress-{name}.toml") for name in ("dispatch", "local", "a2a")]
     (base,) = run_set(scenarios, tmp_path / "base", runs=1)
-    # 20 % read 1.25-1.26x on the ratio in 2 runs here, against the 15 % gate
-    monkeypatch.setenv(SLOWDOWN_ENV, "0.20")
+    # 20 % read 1.25-1.26x on the ratio in 2 runs here, but 1.140 against one high baseline run in
+    # a clean-clone CI run (bec8ac7): one run's level moves by several %, so the test plants 30 %
+    # (about 1.37x), which a 15 % gate must flag through that spread, twice
+    monkeypatch.setenv(SLOWDOWN_ENV, "0.30")
     slow, again = run_set(scenarios, tmp_path / "slow", runs=2)
     env = json.loads((slow / "regress-local.json").read_text())["environment"]
-    assert env["test_knobs"] == {SLOWDOWN_ENV: "0.20"}  # the result says it was produced with the knob
+    assert env["test_knobs"] == {SLOWDOWN_ENV: "0.30"}  # the result says it was produced with the knob
     baseline = C.load([base])
     # as the gate judges it: the second slow run is the rerun that must confirm a `slower` row
     rerun = C.compare(baseline, C.load([again]), C.Settings())
@@ -73,10 +75,10 @@ def test_a_20_percent_slower_dispatch_is_flagged_on_the_dispatch_metrics_only(tm
     }
     gated = by_name["regress-dispatch", "dispatch_over_floor"]
     assert ("regress-dispatch", "dispatch_over_floor") in flagged, gated
-    assert 1.15 < gated.ratio < 1.40, gated
+    assert 1.15 < gated.ratio < 1.65, gated
     assert flagged <= affected, f"unrelated metrics flagged: {flagged - affected}"
     # The step contains the two dispatches, so step time and moe_over_dense move too, by about
-    # 20 % x (2 x 0.13 ms) / 35 ms = 0.15 %: far below their gates, so they must not be flagged.
+    # 30 % x (2 x 0.13 ms) / 35 ms = 0.2 %: far below their gates, so they must not be flagged.
     for scenario, unrelated in [
         ("regress-dispatch", "combine_over_floor"),
         ("regress-local", "combine_over_floor"),
