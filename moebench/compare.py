@@ -15,8 +15,9 @@ The rules (documented in ``results/README.md``, "Comparing results"):
    no test: worse or better when the median moves by at least their tolerance t, else same.
 4. A metric, run or scenario of BASELINE missing from NEW is a regression, as is a run that now
    fails or a check that now fails. Metrics and runs only in NEW are reported as new.
-5. With ``--confirm N`` (``moebench/confirm.py``), a ``slower`` row stands only when N fresh
-   reruns of its scenario read ``slower`` too; otherwise it is ``unconfirmed``, not a regression.
+5. With ``--confirm N`` (``moebench/confirm.py``), N fresh reruns of a ``slower`` row's scenario
+   judge it: one that measures the metric and does not read ``slower`` makes it ``unconfirmed``
+   (not a regression); one that cannot judge it (failed, another environment) keeps it.
 6. Two notes, never failures: a run of either side that ran on a busy host (``host_busy``) gets a
    ``host`` row, and a line per side names them; a scenario with a metric that reads faster (or
    better) gets "baseline may be stale", with the largest regression that would now read same.
