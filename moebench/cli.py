@@ -414,23 +414,25 @@ def _compare(args) -> int:
     for name in per_metric.keys() - known:
         raise ValueError(f"--min-effect {name}={per_metric[name]:g}: no metric of that name in BASELINE or NEW")
     rows = C.compare(baseline, new, settings)
+    confirmation = {"times": args.confirm, "reruns": []}
     if args.confirm:
         from moebench.confirm import confirm_by_rerun
 
-        rows, _ = confirm_by_rerun(rows, baseline, new, new_path, args.confirm, settings)
+        rows, dirs = confirm_by_rerun(rows, baseline, new, new_path, args.confirm, settings)
+        confirmation["reruns"] = [str(d) for d in dirs]
     if args.plots:
         _plots(args.plots, [args.baseline, new_path], [baseline, new], settings)
     if args.json:
-        text = json.dumps(json_safe(C.to_json(rows, args.baseline, new_path)), indent=1, allow_nan=False)
+        text = json.dumps(json_safe(C.to_json(rows, args.baseline, new_path, confirmation)), indent=1, allow_nan=False)
         if args.json == "-":
             print(text)
         else:
             _write_text(Path(args.json), text + "\n")
     if args.json != "-":
-        notes = C.software_notes(baseline, new)
-        print("\n".join([*notes, "", C.render(rows, args.format)]).lstrip("\n"))
+        notes = [*C.software_notes(baseline, new), C.confirmation_line(confirmation)]
+        print("\n".join([*filter(None, notes), "", C.render(rows, args.format)]).lstrip("\n"))
     if args.markdown:
-        _write_text(args.markdown, C.markdown_report(rows, args.baseline, new_path))
+        _write_text(args.markdown, C.markdown_report(rows, args.baseline, new_path, confirmation))
     return 1 if any(row.regression for row in rows) else 0
 
 

@@ -503,22 +503,37 @@ def render(rows: list[Row], fmt: str = "plain") -> str:
     return "\n\n".join(parts)
 
 
-def markdown_report(rows: list[Row], baseline: str, new: str) -> str:
-    """The CI log summary: the verdict, the regressions first, then every table."""
+def confirmation_line(confirmation: dict | None) -> str:
+    """One line saying how ``--confirm`` reran (``confirmation``: "times" and "reruns", the folders), or ""."""
+    if not confirmation or not confirmation.get("times"):
+        return ""
+    times, folders = confirmation["times"], confirmation.get("reruns") or []
+    if not folders:
+        return f"--confirm {times}: no slower row to rerun"
+    return f"--confirm {times}: slower rows rerun into " + ", ".join(f"`{f}`" for f in folders)
+
+
+def markdown_report(rows: list[Row], baseline: str, new: str, confirmation: dict | None = None) -> str:
+    """The CI log summary: the verdict, how ``--confirm`` reran, the regressions first, then every table."""
     regressions = [row for row in rows if row.regression]
     head = "REGRESSION" if regressions else "no regression"
     lines = [f"## moebench compare: {head}", "", f"`{baseline}` → `{new}`", ""]
+    if line := confirmation_line(confirmation):
+        lines += [line, ""]
     if regressions:
         lines += ["#### Regressions", "", render(regressions, "markdown").rsplit("\n\n", 1)[0], ""]
     return "\n".join(lines) + render(rows, "markdown") + "\n"
 
 
-def to_json(rows: list[Row], baseline: str, new: str) -> dict:
+def to_json(rows: list[Row], baseline: str, new: str, confirmation: dict | None = None) -> dict:
+    """The comparison as ``moebench.compare/1``; ``confirmation`` ({"times": N, "reruns": [folders]},
+    ``--confirm``'s) is recorded as given, and as {"times": 0, "reruns": []} without one."""
     cleaned = [{**asdict(row), "regression": row.regression} for row in rows]
     return {
         "schema": "moebench.compare/1",
         "baseline": baseline,
         "new": new,
+        "confirmation": confirmation or {"times": 0, "reruns": []},
         "regressions": sum(row.regression for row in rows),
         "summary": summary(rows),
         "rows": cleaned,

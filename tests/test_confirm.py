@@ -128,12 +128,18 @@ def test_cli_confirm_keeps_a_regression_every_rerun_shows_and_clears_a_one_run_s
     assert (tmp_path / "real-confirm-1" / "tiny-dispatch.json").is_file()  # the rerun is kept, beside NEW
     # a one-run spike: NEW's figures 4x a run of the same code; the rerun reads about 1x
     _scaled(result, tmp_path / "spike" / "tiny-dispatch.json", 4.0)
-    assert main(["compare", str(real), str(tmp_path / "spike"), "--confirm", "1"]) == 0
+    report, md = tmp_path / "compare.json", tmp_path / "compare.md"
+    argv = ["compare", str(real), str(tmp_path / "spike"), "--json", str(report), "--markdown", str(md)]
+    assert main([*argv, "--confirm", "1"]) == 0
     out = capsys.readouterr().out
     assert "unconfirmed" in out and "not repeated by 1 rerun(s): same" in out
+    rerun_dir = str(tmp_path / "spike-confirm-1")
+    assert json.loads(report.read_text())["confirmation"] == {"times": 1, "reruns": [rerun_dir]}
+    assert f"--confirm 1: slower rows rerun into `{rerun_dir}`" in out and rerun_dir in md.read_text()
     # without --confirm the spike is a regression: the option is what clears it
-    assert main(["compare", str(real), str(tmp_path / "spike")]) == 1
-    capsys.readouterr()
+    assert main(argv) == 1
+    assert json.loads(report.read_text())["confirmation"] == {"times": 0, "reruns": []}
+    assert "--confirm" not in capsys.readouterr().out + md.read_text()
     runs = C.load([tmp_path / "spike"])
     rows = C.compare(C.load([real]), runs, C.Settings())
     ((source, options, _),), cannot = plan(rows, runs)
