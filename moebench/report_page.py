@@ -37,9 +37,10 @@ h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; 
 table { border-collapse: collapse; margin: .6em 0; font-size: 12px; }
 th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; white-space: nowrap; }
 th { background: #f3f3f3; }
-.env th { text-align: left; }
+.wide { overflow-x: auto; max-width: 100%; }
+.env td { text-align: left; white-space: normal; } .env td:first-child { font-weight: 600; white-space: nowrap; }
 .warn { background: #fff3cd; border: 1px solid #e0c060; padding: .5em 1em; }
-.warn li { margin: .2em 0; }
+.warn li { margin: .2em 0; } ul.warn { padding-left: 2.2em; }
 .ok { background: #e6f4ea; border: 1px solid #8c8; padding: .5em 1em; }
 .src { color: #666; font-size: 12px; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
@@ -109,7 +110,7 @@ def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, byt
         parts.append(_section(doc, path, plots))
     faults = fault_table.rows(docs)
     if faults:  # one table across every file's fault runs, as the text report prints it
-        table = tabulate(faults, headers=fault_table.HEADERS, tablefmt="html", disable_numparse=True)
+        table = _wide(tabulate(faults, headers=fault_table.HEADERS, tablefmt="html", disable_numparse=True))
         parts.append(f'<section id="fault-table"><h2>Fault table</h2>{table}</section>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -123,7 +124,13 @@ def _environment_table(docs: list[dict], scenarios: list[str]) -> str:
         envs.setdefault(key, []).append(name)
     rows = [[label, *(key[i] for key in envs)] for i, (label, _) in enumerate(ENV_FIELDS)]
     rows.append(["scenarios", *(", ".join(names) for names in envs.values())])
-    return '<div class="env">' + tabulate(rows, tablefmt="html", disable_numparse=True) + "</div>"
+    return _wide(tabulate(rows, tablefmt="html", disable_numparse=True), "env")
+
+
+def _wide(table: str, also: str = "") -> str:
+    """``table`` in a box that scrolls sideways: a table wider than the page (a sweep's many
+    columns) scrolls inside it instead of widening the whole page."""
+    return f'<div class="{" ".join(filter(None, ("wide", also)))}">{table}</div>'
 
 
 def _section(doc: dict, path: Path, plots: list[tuple[P.Plot, bytes]]) -> str:
@@ -136,7 +143,7 @@ def _section(doc: dict, path: Path, plots: list[tuple[P.Plot, bytes]]) -> str:
         f"<h2>{e(info['name'])} ({e(info['kind'])})</h2>",
         f"<p>{e(info.get('description', ''))}</p>" if info.get("description") else "",
         f'<p class="src">{e(doc["source"])} · {e(str(path))} · git {e(sha)}</p>',
-        tabulate(rows, headers=headers, tablefmt="html", disable_numparse=True),
+        _wide(tabulate(rows, headers=headers, tablefmt="html", disable_numparse=True)),
     ]
     notes = warnings(doc)
     if notes:

@@ -340,21 +340,32 @@ def test_a_headless_chromium_decodes_every_image_of_the_page(tmp_path, capsys):
     browser = _chromium()
     if browser is None:
         pytest.skip("no chromium or chromium-browser on PATH (Debian: apt install chromium)")
-    folder = write_docs(tmp_path / "res", [f() for f in ALL_DOCS])
+    docs = [f() for f in ALL_DOCS]
+    for doc in docs:  # a long environment value, as real hosts have: the environment table must wrap it
+        doc["environment"]["cpu"] = "Intel(R) Xeon(R) Platinum " * 12
+    folder = write_docs(tmp_path / "res", docs)
     page = tmp_path / "page.html"
     assert main(["report", str(folder), "--html", str(page)]) == 0
-    probe = (  # after load: each image's decoded width, written into the DOM for --dump-dom
-        "<script>window.addEventListener('load', () => { document.body.setAttribute('data-widths', "
-        "Array.from(document.images).map(i => i.complete ? i.naturalWidth : -1).join(',')); });</script>"
+    probe = (  # after load: each image's decoded width and the layout's widths, into the DOM for --dump-dom
+        "<script>window.addEventListener('load', () => { const b = document.body, env = document.querySelector('.env');"
+        "b.setAttribute('data-widths', "
+        "Array.from(document.images).map(i => i.complete ? i.naturalWidth : -1).join(','));"
+        "b.setAttribute('data-page', [document.documentElement.scrollWidth, window.innerWidth].join(','));"
+        "b.setAttribute('data-env', [env.scrollWidth, env.clientWidth].join(',')); });</script>"
     )
     probed = tmp_path / "probed.html"
     probed.write_text(page.read_text().replace("</body>", probe + "</body>"))
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom"]
-    done = subprocess.run([*cmd, probed.as_uri()], capture_output=True, text=True, timeout=120)
+    # a 640 px window: every result table here is wider than the page, so each must scroll in its box
+    done = subprocess.run([*cmd, "--window-size=640,900", probed.as_uri()], capture_output=True, text=True, timeout=120)
     found = re.search(r'data-widths="([^"]*)"', done.stdout)
     assert found, done.stderr[-2000:]
     widths = [int(w) for w in found.group(1).split(",")]
     assert len(widths) == page.read_text().count("<img ") == 5 and all(w > 0 for w in widths)
+    page_w, window_w = map(int, re.search(r'data-page="([^"]*)"', done.stdout).group(1).split(","))
+    assert page_w <= window_w  # the page itself never scrolls sideways: wide tables scroll in their own box
+    env_scroll, env_client = map(int, re.search(r'data-env="([^"]*)"', done.stdout).group(1).split(","))
+    assert env_scroll <= env_client  # the environment table wraps its long values instead of scrolling
 
 
 def test_a_hand_edited_load_table_is_one_line_naming_the_file(tmp_path, capsys):
