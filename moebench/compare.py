@@ -509,7 +509,7 @@ def confirmation_line(confirmation: dict | None) -> str:
         return ""
     times, folders = confirmation["times"], confirmation.get("reruns") or []
     if not folders:
-        return f"--confirm {times}: no slower row to rerun"
+        return f"--confirm {times}: nothing rerun (no slower row that moebench can rerun)"
     return f"--confirm {times}: slower rows rerun into " + ", ".join(f"`{f}`" for f in folders)
 
 

@@ -191,3 +191,14 @@ def test_the_a_a_tool_confirms_each_pair_against_a_third_run(tmp_path):
     assert alarms(confirmed(real, pairwise(real))) == [(0, 1), (0, 2)]
     with pytest.raises(ValueError, match="confirmation needs a third run: got 2"):
         confirmed(spike[:2], pairwise(spike[:2]))
+
+
+def test_the_confirmation_line_says_how_many_reruns_went_where_or_that_none_ran():
+    assert C.confirmation_line(None) == "" and C.confirmation_line({"times": 0, "reruns": []}) == ""
+    line = C.confirmation_line({"times": 2, "reruns": ["r/a-confirm-1", "r/a-confirm-2"]})
+    assert line == "--confirm 2: slower rows rerun into `r/a-confirm-1`, `r/a-confirm-2`"
+    assert C.confirmation_line({"times": 1, "reruns": []}).startswith("--confirm 1: nothing rerun")
+    rows = [C.Row("s", "r", "step_time_s", "s", 1.0, 1.0, 1.0, 0.5, 0.05, "same")]
+    doc = C.to_json(rows, "b", "n", {"times": 1, "reruns": ["x"]})
+    assert doc["confirmation"] == {"times": 1, "reruns": ["x"]}
+    assert "--confirm 1: slower rows rerun into `x`" in C.markdown_report(rows, "b", "n", {"times": 1, "reruns": ["x"]})
