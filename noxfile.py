@@ -125,7 +125,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(**VENV)
 def regress(session: nox.Session) -> None:
     """The regression gate: run scenarios/regress on CPU, compare with the committed baseline (a timing
-    regression is confirmed by one rerun of its scenario: moebench/confirm.py), then
+    regression is confirmed by one rerun of its scenario: moebench/regress/confirm.py), then
     run the tests that time real code (marked `timing`: the A/A runs and the planted slowdown).
 
     Exit 1 on a regression. The markdown summary goes to $MOEBENCH_REGRESS_MD when set (CI logs);

@@ -133,10 +133,13 @@ def _add_compare(sub) -> None:
 
 
 def _column_list(text: str) -> tuple[str, ...]:
-    from moebench.results import check_columns
+    from moebench import kinds
+    from moebench.report.results import check_columns
 
+    metrics = [c.partition(":")[0] for kind in kinds.REGISTRY.values() for c, _, _, _ in kind.columns]
+    metrics += [m for kind in kinds.REGISTRY.values() for m in kind.metrics]
     try:
-        return check_columns([name.strip() for name in text.split(",") if name.strip()] or [""])
+        return check_columns([name.strip() for name in text.split(",") if name.strip()] or [""], metrics)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("--columns ")) from None
 
@@ -155,7 +158,7 @@ def _add_columns(command) -> None:
 def table_style(args):
     """The ``TableStyle`` of ``run`` and ``report``: ``--format``, ``--columns``, and the terminal's width
     when printing to one (or $COLUMNS is set); no width limit into files and pipes."""
-    from moebench.results import TableStyle
+    from moebench.report.results import TableStyle
 
     width = shutil.get_terminal_size().columns if "COLUMNS" in os.environ or sys.stdout.isatty() else None
     return TableStyle(args.format, args.columns, width)
@@ -249,7 +252,7 @@ def _run(args) -> int:
 def _check_writable(out: Path, flag: str = "--out", what: str = "result files") -> list[Path]:
     """Create an output folder now, so a bad --out (or --record-routing, --trace) fails before any run rather
     than after the first. Returns the folders this created, deepest first."""
-    from moebench.launch import is_rank_zero
+    from moebench.launch.spawn import is_rank_zero
 
     if not is_rank_zero():
         return []
@@ -330,11 +333,11 @@ def _shown_path(folder: Path) -> str:
 
 
 def _report(args) -> int:
-    from moebench import fault_table
-    from moebench.results import find, read, render
+    from moebench.report import fault_table
+    from moebench.report.results import find, read, render
 
     if args.html or args.plots:  # before any work: a missing matplotlib or a bad folder is said at once
-        from moebench.plots import require_matplotlib
+        from moebench.report.plots import require_matplotlib
 
         require_matplotlib("--html" if args.html else "--plots")
         if args.html and not args.html.parent.is_dir():
@@ -354,7 +357,7 @@ def _report(args) -> int:
     if faults:
         print(faults + "\n")
     if args.format == "csv":
-        from moebench.report_page import write_csv
+        from moebench.report.page import write_csv
 
         write_csv(docs, sys.stdout)
     if args.html or args.plots:
@@ -364,7 +367,7 @@ def _report(args) -> int:
 
 def _report_files(args, paths: list[Path], docs: list[dict]) -> None:
     """``report --html FILE`` and ``--plots DIR``; what was written, on stderr (stdout may be CSV)."""
-    from moebench import report_page
+    from moebench.report import page as report_page
 
     created = _check_writable(args.plots, "--plots", "plot files") if args.plots else []
     try:
@@ -393,14 +396,14 @@ def _confirm_times(text: str) -> int:
 def _compare(args) -> int:
     import json
 
-    from moebench import compare as C
-    from moebench.results import json_safe
+    from moebench.regress import compare as C
+    from moebench.report.results import json_safe
 
     per_metric = {name: value for name, value in args.min_effect if name}
     default = [value for name, value in args.min_effect if name is None]
     settings = C.Settings(args.alpha, default[-1] if default else None, per_metric, args.allow_env_mismatch)
     if args.plots:
-        from moebench.trend import require_matplotlib
+        from moebench.regress.trend import require_matplotlib
 
         require_matplotlib()
     if len(args.new) > 1:
@@ -416,7 +419,7 @@ def _compare(args) -> int:
     rows = C.compare(baseline, new, settings)
     confirmation = {"times": args.confirm, "reruns": []}
     if args.confirm:
-        from moebench.confirm import confirm_by_rerun
+        from moebench.regress.confirm import confirm_by_rerun
 
         rows, dirs = confirm_by_rerun(rows, baseline, new, new_path, args.confirm, settings)
         confirmation["reruns"] = [str(d) for d in dirs]
@@ -440,8 +443,8 @@ def _trend(args, settings) -> int:
     """``compare`` of three or more sets: the trend table; exit 1 when the newest regresses against the one before."""
     import json
 
-    from moebench import trend as T
-    from moebench.results import json_safe
+    from moebench.regress import trend as T
+    from moebench.report.results import json_safe
 
     sets = T.load_sets([args.baseline, *args.new])
     known = {name for rs in sets for run in rs.runs for name in run.metrics}
@@ -466,7 +469,7 @@ def _trend(args, settings) -> int:
 
 def _plots(folder: Path, paths: list[str], runs: list, settings) -> None:
     """``--plots`` of a two-set compare: the same drawings as a trend of those two sets."""
-    from moebench import trend as T
+    from moebench.regress import trend as T
 
     sets = [T.ResultSet(label, p, r) for label, p, r in zip(T.set_labels(paths), paths, runs, strict=True)]
     rows, _ = T.trend(sets, settings)
@@ -483,7 +486,7 @@ def _plan(args) -> int:
     from moebench.plan.model import estimate
     from moebench.plan.report import render, to_json
     from moebench.plan.spec import load_plan
-    from moebench.results import json_safe
+    from moebench.report.results import json_safe
 
     fmt = "github" if args.format == "markdown" else "simple"
     plan = load_plan(str(args.file))
@@ -519,7 +522,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _baseline(args) -> int:
-    from moebench import baseline
+    from moebench.regress import baseline
 
     root = args.root or baseline.ROOT
     if args.action == "path":

@@ -23,13 +23,15 @@ from pathlib import Path
 
 import torch
 
-from moebench import host, kinds
-from moebench import trace as routing_trace
-from moebench.launch import is_rank_zero, last_line, launch, resolve_device, under_torchrun
-from moebench.results import SCHEMA, environment, json_safe, read, render, short_sha, verdict, write_atomic
+from moebench import kinds
+from moebench.launch.spawn import is_rank_zero, last_line, launch, resolve_device, under_torchrun
+from moebench.measure import host
+from moebench.measure.environment import environment, short_sha
+from moebench.measure.telemetry import combine_summaries
+from moebench.report.results import SCHEMA, json_safe, read, render, verdict, write_atomic
 from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
-from moebench.telemetry import combine_summaries
-from moebench.workload import layer_weights
+from moebench.workload import trace as routing_trace
+from moebench.workload.tokens import layer_weights
 
 
 def load_all(paths: list[str], overrides: dict) -> list[Scenario]:
@@ -152,7 +154,7 @@ def _log(message: str) -> None:
 
 def _calibrate_routers(spec: RunSpec) -> None:
     """Fit the skew's router offsets here, once: the ranks then read them from the calibration cache
-    (``moebench.workload``) rather than each fitting the same offsets at the same time."""
+    (``moebench.workload.tokens``) rather than each fitting the same offsets at the same time."""
     wl = spec.workload
     if spec.kind != "experts" and wl["skew"] != "trace":
         layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
@@ -167,7 +169,7 @@ def run_label(spec: RunSpec) -> str:
 
 
 def _record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> dict:
-    """Write the run's expert choices as a routing trace (``moebench.trace``), atomically. Returns
+    """Write the run's expert choices as a routing trace (``moebench.workload.trace``), atomically. Returns
     ``{"path": ...}``, or ``{"path": None, "note": why}``: a trace that cannot be written costs the
     trace, never the run's results."""
     if "routes" in per_rank[0]:
@@ -188,7 +190,7 @@ def _record_routes(spec: RunSpec, per_rank: list[dict], record_dir: Path) -> dic
 
 
 def _profile_traces(spec: RunSpec, per_rank: list[dict]) -> dict:
-    """The run's profiler traces (``moebench.profile_trace``), one per rank: ``{"paths": [...]}`` in
+    """The run's profiler traces (``moebench.measure.profile_trace``), one per rank: ``{"paths": [...]}`` in
     rank order, with a ``note`` for the ranks that wrote none (null paths), or for a kind without a step."""
     if "profile_trace" not in per_rank[0]:
         note = f"kind = {spec.kind} has no step to trace (--trace covers throughput and latency runs)"
@@ -253,6 +255,7 @@ def _run_all(
             "source": sc.path,
             "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "scenario": sc.sections,
+            "columns": [list(column) for column in kinds.get(sc.sections["scenario"]["kind"]).columns],
             "environment": dict(env),
             "runs": [],
         }

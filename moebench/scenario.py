@@ -15,24 +15,33 @@ before anything runs; so do the limits of ``torch._grouped_mm`` and of a sweep's
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
 import torch
 
 from moebench import kinds
-from moebench import trace as routing_trace
-from moebench.kinds import fault as fault_kind
-from moebench.kinds.offload_timing import check_offload
-from moebench.kinds.overlap_timing import check_overlap
-from moebench.skew import target_shares
+from moebench.kinds import fault as fault_kind  # its TYPES and ON_EXPERT_LOSS are [fault]'s choices
+from moebench.measure.offload import check_offload
+from moebench.spec import (
+    SLO_STATS,
+    RunSpec,
+    ScenarioError,
+    Slo,
+    _key,
+    _show,
+    _spell,
+    check_table,
+    is_finite_number,
+    read_toml,
+)
 from moebench.text import clip
-from moebench.workload import MAX_STEPS, SKEWS
-from runtime import MoEConfig, ParallelConfig, cache_policy
+from moebench.workload import trace as routing_trace
+from moebench.workload.skew import target_shares
+from moebench.workload.tokens import MAX_STEPS, SKEWS
+from runtime import cache_policy
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
 from runtime.experts import GROUPED_MM_ALIGN
 from runtime.offload import PREFETCH
@@ -67,16 +76,6 @@ def _int(minimum: int, maximum: int) -> tuple:
     return valid, f"an integer from {minimum} to {maximum}"
 
 
-def is_finite_number(value: object) -> bool:
-    """An int or float (not a bool) that is finite as a float; never raises, even for a 400-digit int."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _number(minimum: float, below: float | None = None) -> tuple:
     def valid(v):
         return is_finite_number(v) and v >= minimum and (below is None or v < below)
@@ -94,6 +93,7 @@ def _text(pattern: str = r"(?s).*", accepted: str = "a string") -> tuple:
 
 _BOOL = ((lambda v: isinstance(v, bool)), "true or false")
 _OPTIONAL_NUMBER = ((lambda v: v is None or _number(0)[0](v)), "a finite number >= 0")
+
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "scenario": {
@@ -149,7 +149,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "policy": Key("lru", *_choice(*cache_policy.POLICIES)),
         "prefetch": Key("none", *_choice(*PREFETCH)),
     },
-    "fault": {  # kind "fault" only (moebench/kinds/fault.py)
+    "fault": {  # kind "fault" only (moebench/kinds/fault/kind.py)
         "type": Key(None, *_choice(*fault_kind.TYPES)),
         "rank": Key(0, *_int(0, 2**16)),
         "layer": Key(0, *_int(0, 4096)),
@@ -171,122 +171,6 @@ _RUNTIME_FIELDS = {
 }
 
 
-class ScenarioError(ValueError):
-    """A scenario that cannot run; the message is one line for the user."""
-
-
-def _show(value: object) -> str:
-    """A value as TOML would spell it, for a message: cut short when long (``text.clip``)."""
-    return clip(_spell(value))
-
-
-def _spell(value: object) -> str:
-    """A value as TOML would spell it, whole."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # escapes quotes and newlines as TOML does
-    if isinstance(value, list):
-        return "[" + ", ".join(_spell(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_spell(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-SLO_STATS = ("median", "p90", "p99", "min", "max")
-
-
-def _key(name: str) -> str:
-    """A key as TOML would spell it: bare when it can be, quoted (newlines escaped) otherwise; cut short."""
-    return clip(name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name, ensure_ascii=False))
-
-
-@dataclass(frozen=True)
-class Slo:
-    metric: str
-    op: str  # "max": value must be <= limit; "min": value must be >= limit
-    limit: float
-    source: str  # "scenario" or "default (...)"
-    stat: str = "median"  # which summary of the metric is judged
-
-    @property
-    def key(self) -> str:
-        """The [slo] key that states this gate, e.g. max_step_time_s_p99."""
-        return f"{self.op}_{self.metric}" + ("" if self.stat == "median" else f"_{self.stat}")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One run of a scenario: every key resolved, sweeps expanded to single values."""
-
-    path: str
-    scenario: dict
-    model: dict
-    routing: dict
-    parallel: dict
-    workload: dict
-    slos: tuple[Slo, ...]
-    params: dict = field(default_factory=dict)  # the swept keys and their values in this run
-    offload: dict = field(default_factory=dict)  # [offload]; empty or cache_slots None: no offload
-    fault: dict = field(default_factory=dict)  # [fault]; kind "fault" only
-    record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
-    trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
-
-    @property
-    def name(self) -> str:
-        return self.scenario["name"]
-
-    @property
-    def kind(self) -> str:
-        return self.scenario["kind"]
-
-    @property
-    def world_size(self) -> int:
-        return self.parallel["world_size"]
-
-    def moe_config(self) -> MoEConfig:
-        m, r = self.model, self.routing
-        return MoEConfig(
-            hidden_size=m["hidden"],
-            ffn_hidden_size=m["ffn_hidden"],
-            num_experts=m["num_experts"],
-            top_k=m["top_k"],
-            activation=m["activation"],
-            capacity_factor=float(r["capacity_factor"]),
-            aux_loss_coef=float(r["aux_loss_coef"]),
-            z_loss_coef=float(r["z_loss_coef"]),
-            normalize_topk=r["normalize_topk"],
-            dtype=m["dtype"],
-            expert_backend=self._expert_backend(),
-        )
-
-    def _expert_backend(self) -> str:
-        """The model's; with ``[offload]``, "auto" is "loop": the backend the offloaded layer computes
-        with, so its resident counterpart does the same arithmetic (bitwise equal outputs)."""
-        if self.offload.get("cache_slots") is not None and self.model["expert_backend"] == "auto":
-            return "loop"
-        return self.model["expert_backend"]
-
-    def parallel_config(self) -> ParallelConfig:
-        par = self.parallel
-        chunks = par.get("overlap_chunks") or 1
-        return ParallelConfig(ep_size=par["world_size"], placement=par["placement"], overlap_chunks=chunks)
-
-    def resolved(self) -> dict:
-        """The run's full configuration, as the result file records it."""
-        slo = {s.key: s.limit for s in self.slos}
-        return {
-            "scenario": self.scenario,
-            "model": self.model,
-            "routing": self.routing,
-            "parallel": self.parallel,
-            "workload": self.workload,
-            **({"offload": self.offload} if self.offload.get("cache_slots") is not None else {}),
-            **({"fault": self.fault} if self.fault.get("type") is not None else {}),
-            "slo": slo,
-        }
-
-
 # -------------------------------------------------------------------------------------------
 # Loading
 
@@ -294,15 +178,6 @@ class RunSpec:
 def _check_value(path: str, section: str, key: str, value: object, spec: Key, origin: str) -> None:
     if not spec.valid(value):
         raise ScenarioError(f"{path}: [{section}] {key} = {_show(value)}{origin} is invalid: accepted {spec.accepted}")
-
-
-def check_table(path: str, section: str, table: object, known, error: type[ValueError] = ScenarioError) -> None:
-    """A TOML section must be a table whose keys are all ``known``; else ``error``, one line naming the file."""
-    if not isinstance(table, dict):
-        raise error(f"{path}: [{section}] = {_show(table)} is invalid: accepted a table of keys")
-    for key in table:
-        if key not in known:
-            raise error(f"{path}: [{section}] {_key(key)} is not a known key: accepted {', '.join(known)}")
 
 
 def _read_section(path: str, section: str, table: object, overridden: set) -> dict:
@@ -465,24 +340,6 @@ class Scenario:
         return self.sections["scenario"]["name"]
 
 
-def read_toml(path: str, error: type[ValueError] = ScenarioError) -> dict:
-    """A TOML file's top table; any way it cannot be read is a one-line ``error`` naming the file."""
-    data = b""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return tomllib.loads(data.decode("utf-8"))
-    except OSError as err:
-        raise error(f"{path}: cannot be read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        byte = f"byte 0x{data[err.start]:02x} at offset {err.start}"
-        raise error(f"{path}: not UTF-8 text ({byte}): accepted a UTF-8 TOML file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise error(f"{path}: not valid TOML: {err}") from None
-    except RecursionError:
-        raise error(f"{path}: not valid TOML here: arrays or tables nested too deeply to read") from None
-
-
 def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     """Parse, validate and expand one scenario file. ``overrides``: {(section, key): value}
     applied before validation (the CLI's --device, --repeats, --world-size)."""
@@ -513,9 +370,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
         try:
             place_experts(spec.moe_config(), spec.parallel_config())
             _check_device(spec.parallel)
-            check_overlap(spec.kind, spec.parallel["overlap_chunks"])
-            check_offload(spec)
-            fault_kind.check_fault(spec)
+            _check_features(spec)
             _check_grouped_mm(spec.model)
             _check_workload(spec)
         except ValueError as err:
@@ -526,17 +381,40 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     return Scenario(path, sections, specs)
 
 
+def _features(spec: RunSpec) -> dict[str, object]:
+    """The features this run asks for (``kinds.FEATURES``) and the value of the key that asks."""
+    asked = {
+        "overlap": spec.parallel["overlap_chunks"],
+        "offload": spec.offload.get("cache_slots"),
+        "stream": spec.workload["steps"] if spec.workload["steps"] > 1 else None,
+        "fault": spec.fault.get("type"),
+        "redundancy": spec.parallel.get("redundant_experts") or None,
+    }
+    return {feature: value for feature, value in asked.items() if value is not None}
+
+
+def _check_features(spec: RunSpec) -> None:
+    """Each feature the run asks for must be one its kind accepts; then the feature's own rules and
+    the kind's (``validate``)."""
+    kind = kinds.get(spec.kind)
+    for feature, value in _features(spec).items():
+        if feature not in kind.features:
+            accepted = " or ".join(f'"{k}"' for k in kinds.accepting(feature))
+            raise ValueError(
+                f'{kinds.FEATURES[feature]} = {_show(value)} is invalid for kind = "{spec.kind}": '
+                f"accepted only with kind {accepted}"
+            )
+    check_offload(spec)
+    if kind.validate is not None:
+        kind.validate(spec)
+
+
 def _check_workload(spec: RunSpec) -> None:
     """The skew must be a routing the run can produce: its target shares, or a trace it can replay;
-    a stream of steps is a forward-only workload of the timed kinds (throughput, latency)."""
+    a stream of steps is a forward-only workload (which kinds accept one: ``_check_features``)."""
     wl, moe = spec.workload, spec.moe_config()
     if wl["steps"] > 1 and wl["train"]:
         raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")
-    if wl["steps"] > 1 and spec.kind not in ("throughput", "latency"):
-        raise ValueError(
-            f'[workload] steps = {wl["steps"]} is invalid for kind = "{spec.kind}": accepted steps = 1 '
-            '(a stream is timed by kind "throughput" or "latency")'
-        )
     if wl["skew"] != "trace":
         if wl["trace"] and "skew" not in spec.params:  # a swept skew may set a trace for its "trace" runs
             raise ValueError(

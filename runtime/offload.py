@@ -14,7 +14,7 @@ gradients is refused.
 
 Prefetch (``prefetch(experts)``): load experts a later forward is expected to need, evicting by
 policy, and score the guess when that forward comes: ``prefetch_accuracy`` = predicted experts that
-were used / predicted. What to predict is the stack's business (moebench/workload.py: the next
+were used / predicted. What to predict is the stack's business (moebench/workload/tokens.py: the next
 layer's router on this layer's input, or the recorded truth).
 
 Copies. On CUDA every copy runs on the cache's own copy stream, so a prefetch issued before a
@@ -41,7 +41,7 @@ PREFETCH = ("none", "next_layer", "oracle")
 @dataclass(frozen=True)
 class OffloadConfig:
     """``cache_slots`` experts of a rank's layer resident on the device; ``policy`` evicts;
-    ``prefetch`` says what the stack loads ahead (see ``moebench.workload.MoEStack``)."""
+    ``prefetch`` says what the stack loads ahead (see ``moebench.workload.tokens.MoEStack``)."""
 
     cache_slots: int
     policy: str = "lru"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moebench.results import SCHEMA
+from moebench import kinds
+from moebench.report.results import SCHEMA
 
 ABSENT = object()  # a key an older result file does not have
 
@@ -55,6 +56,7 @@ def result_doc(
         "schema": SCHEMA,
         "source": f"scenarios/{name}.toml",
         "scenario": {"scenario": {"name": name, "kind": kind}, "compare": thresholds or {}},
+        "columns": [list(column) for column in kinds.get(kind).columns],
         "environment": env,
         "runs": runs,
     }

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moebench import cli, results
+from moebench import cli
 from moebench.cli import main
 from moebench.plan.spec import PlanError, load_plan
+from moebench.report import results
 from moebench.scenario import MAX_RUNS, ScenarioError, load
 from runtime.config import DTYPES
 
@@ -329,7 +330,7 @@ def test_result_files_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_routing_traces_follow_the_umask_too(tmp_path):
-    from moebench import trace
+    from moebench.workload import trace
 
     old = os.umask(0o022)
     try:
@@ -376,7 +377,7 @@ def test_a_result_that_cannot_be_written_is_one_line_and_the_other_scenarios_sti
 
 
 def test_a_deeply_nested_json_file_given_to_compare_is_one_line(tmp_path):
-    from moebench.results import read_any
+    from moebench.report.results import read_any
 
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)

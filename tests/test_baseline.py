@@ -10,11 +10,11 @@ from result_docs import result_doc as _doc
 from result_docs import run_record as _run
 from result_docs import times as _times
 
-from moebench import compare as C
-from moebench.baseline import RULE, folder_for, update
 from moebench.cli import main
 from moebench.metrics import metric
-from moebench.results import write_atomic
+from moebench.regress import compare as C
+from moebench.regress.baseline import RULE, folder_for, update
+from moebench.report.results import write_atomic
 
 
 def test_baseline_update_writes_passing_results_into_their_class_folder(tmp_path):

@@ -13,7 +13,7 @@ from test_results import spec
 
 from moebench import kinds
 from moebench.kinds import experts
-from moebench.launch import RankContext
+from moebench.launch.spawn import RankContext
 from moebench.plan import calibrate as C
 from moebench.plan import model as Mo
 

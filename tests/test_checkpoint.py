@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from moebench.launch import launch
+from moebench.launch.spawn import launch
 from runtime import MoEConfig, ParallelConfig, checkpoint
 from runtime.layer import MoELayer
 from runtime.weights import init_weights

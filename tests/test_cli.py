@@ -13,8 +13,8 @@ import torch
 
 from moebench import runner
 from moebench.cli import main
-from moebench.kinds.offload_timing import OFFLOAD_METRICS
-from moebench.kinds.overlap_timing import OVERLAP_METRICS
+from moebench.measure.offload import OFFLOAD_METRICS
+from moebench.measure.overlap import OVERLAP_METRICS
 from moebench.scenario import METRICS
 
 TINY = """

@@ -15,11 +15,11 @@ from result_docs import run_record as _run
 from result_docs import times as _times
 from scipy.stats import mannwhitneyu
 
-from moebench import compare as C
-from moebench.baseline import class_dir
 from moebench.cli import main
 from moebench.metrics import metric
-from moebench.results import write_atomic
+from moebench.regress import compare as C
+from moebench.regress.baseline import class_dir
+from moebench.report.results import write_atomic
 from moebench.scenario import ScenarioError, load
 
 
@@ -279,7 +279,7 @@ def test_cli_exit_codes_markdown_and_json(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(base), str(base), "--json", "-"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema"] == "moebench.compare/1" and doc["regressions"] == 0
+    assert doc["schema"] == "moebench.regress.compare/1" and doc["regressions"] == 0
     assert {r["metric"]: r["verdict"] for r in doc["rows"]}["step_time_s"] == "same"
     assert main(["compare", str(base), str(new), "--json", str(tmp_path / "out.json")]) == 1
     assert "SLOWER" in capsys.readouterr().out  # the table still prints when JSON goes to a file

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from moebench import compare as C
 from moebench.cli import main
-from moebench.confirm import _options, confirm, plan, rerun_dirs
 from moebench.metrics import metric
-from moebench.results import write_atomic
+from moebench.regress import compare as C
+from moebench.regress.confirm import _options, confirm, plan, rerun_dirs
+from moebench.report.results import write_atomic
 
 
 def _row(metric_name: str, verdict: str, ratio: float | None = 1.0, run: str = "-") -> C.Row:

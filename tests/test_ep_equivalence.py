@@ -13,7 +13,7 @@ import itertools
 import pytest
 
 from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
-from moebench.launch import launch
+from moebench.launch.spawn import launch
 from runtime import MoEConfig
 
 WORLD_SIZES = (1, 2, 4)

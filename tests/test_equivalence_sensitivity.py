@@ -11,7 +11,7 @@ import torch
 import runtime.dispatch
 import runtime.layer
 from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_rank, run_reference
-from moebench.launch import RankContext
+from moebench.launch.spawn import RankContext
 from runtime import MoEConfig, MoELayer
 
 CASE = Case("planted", MoEConfig(16, 32, 8, top_k=2, capacity_factor=1.25, aux_loss_coef=0.1, z_loss_coef=0.01))

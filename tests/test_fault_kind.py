@@ -1,4 +1,4 @@
-"""The fault kind (moebench/kinds/fault.py): each fault type injected on 2 and 4 gloo ranks, detected
+"""The fault kind (moebench/kinds/fault/kind.py): each fault type injected on 2 and 4 gloo ranks, detected
 and named, with no process left behind; crash and resume of a training run; the [fault] section's
 checks; the verdict when the culprit is misnamed; the fault table."""
 
@@ -10,9 +10,10 @@ import pytest
 from test_process_life import _children
 from test_scenario import MINIMAL, with_key, write
 
-from moebench import fault_table, runner
-from moebench.kinds import fault
-from moebench.results import read
+from moebench import runner
+from moebench.kinds.fault import kind as fault
+from moebench.report import fault_table
+from moebench.report.results import read
 from moebench.scenario import ScenarioError, load
 
 

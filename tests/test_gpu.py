@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
-from moebench.launch import launch
+from moebench.launch.spawn import launch
 from runtime import MoEConfig
 from runtime.experts import expert_ffn, resolve_backend
 
@@ -152,7 +152,7 @@ def test_scenario_on_cuda_times_with_events_and_reads_nvml_for_the_right_gpu(tmp
 
 def _offload_on_cuda(prefetch: str) -> tuple:
     """(bitwise equal to resident, copies issued, kernel names by stream) for an offloaded stack on CUDA."""
-    from moebench.workload import MoEStack, layer_weights, token_stream
+    from moebench.workload.tokens import MoEStack, layer_weights, token_stream
     from runtime import ParallelConfig
     from runtime.offload import OffloadConfig
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from moebench.launch import launch, resolve_device
-from moebench.timing import Timing, time_fn
+from moebench.launch.spawn import launch, resolve_device
+from moebench.measure.timing import Timing, time_fn
 
 
 def test_timing_summary_uses_nearest_rank_percentiles_and_population_cv():
@@ -79,7 +79,7 @@ def test_nccl_and_cuda_choices_are_refused_with_a_reason_on_cpu():
 
 TORCHRUN_SCRIPT = r"""
 import sys
-from moebench.launch import launch
+from moebench.launch.spawn import launch
 
 def fail_on_rank_1(ctx):
     if ctx.rank == 1:

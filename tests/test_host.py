@@ -1,4 +1,4 @@
-"""The host's state recorded with every run (``moebench/host.py``), and the busy flag the table shows."""
+"""The host's state recorded with every run (``moebench/measure/host.py``), and the busy flag the table shows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from moebench import host, runner
-from moebench.results import render
+from moebench import runner
+from moebench.measure import host
+from moebench.report.results import render
 from moebench.scenario import RunSpec
 
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 from test_results import RAW, spec
 
-from moebench import kinds, runner, timing
-from moebench.kinds import common, dispatch, equivalence
-from moebench.launch import RankContext
-from moebench.results import read, verdict
+from moebench import kinds, runner
+from moebench.kinds import dispatch, equivalence
+from moebench.launch.spawn import RankContext
+from moebench.measure import common, timing
+from moebench.report.results import read, verdict
 from moebench.scenario import load
-from moebench.workload import tokens
+from moebench.workload.tokens import tokens
 from runtime.router import expert_capacity
 
 CTX = RankContext(rank=0, world_size=1, group=None, device=torch.device("cpu"), backend="gloo")

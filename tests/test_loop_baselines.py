@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from moebench.kinds.equivalence import rel_error
-from moebench.loop_baselines import loop_floor, mixtral_block
-from moebench.timing import Timing
+from moebench.measure.floors import loop_floor, mixtral_block
+from moebench.measure.timing import Timing
 from moebench.tools import serial_path
-from moebench.workload import tokens
+from moebench.workload.tokens import tokens
 from runtime import MoEConfig, MoELayer, init_weights
 from runtime.experts import expert_ffn
 

@@ -14,8 +14,8 @@ import itertools
 import pytest
 import torch
 
-from moebench.launch import launch
-from moebench.workload import MoEStack, layer_weights, token_stream
+from moebench.launch.spawn import launch
+from moebench.workload.tokens import MoEStack, layer_weights, token_stream
 from runtime import MoEConfig, ParallelConfig, cache_policy
 from runtime.offload import PREFETCH, OffloadConfig
 

@@ -1,4 +1,4 @@
-"""The offload measurement (moebench/kinds/offload_timing.py): its metrics from hand-made rounds,
+"""The offload measurement (moebench/measure/offload.py): its metrics from hand-made rounds,
 the ``[offload]`` scenario section, and a whole run that reports every metric."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from test_scenario import MINIMAL, with_key, write
 
 from moebench import runner
 from moebench.kinds import equivalence
-from moebench.kinds import offload_timing as O
-from moebench.launch import RankContext
-from moebench.results import read
+from moebench.launch.spawn import RankContext
+from moebench.measure import offload as O
+from moebench.report.results import read
 from moebench.scenario import ScenarioError, load
 
 
@@ -111,7 +111,7 @@ def test_offload_is_unset_by_default_and_each_key_sweeps(tmp_path):
         ),
         (
             {"workload": {"steps": 4}, "scenario": {"kind": "dispatch"}},
-            '[workload] steps = 4 is invalid for kind = "dispatch": accepted steps = 1',
+            '[workload] steps = 4 is invalid for kind = "dispatch": accepted only with kind "throughput" or "latency"',
         ),
         (
             {"offload": {"cache_slots": 2}, "model": {"expert_backend": "bmm"}},
@@ -119,7 +119,7 @@ def test_offload_is_unset_by_default_and_each_key_sweeps(tmp_path):
         ),
         (
             {"offload": {"cache_slots": 2}, "scenario": {"kind": "equivalence"}, "workload": {"steps": 3}},
-            '[workload] steps = 3 for kind = "equivalence": accepted steps = 1',
+            '[workload] steps = 3 is invalid for kind = "equivalence": accepted only with kind "throughput" or',
         ),
     ],
 )

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
-from moebench.launch import launch
+from moebench.launch.spawn import launch
 from runtime import MoEConfig, MoELayer, ParallelConfig, collective, init_weights
 from runtime.dispatch import _permute_order_torch, chunk_sizes, permute_order, slot_of_expert
 

@@ -10,10 +10,10 @@ from test_results import RAW, spec
 from test_scenario import MINIMAL, with_key, write
 
 from moebench import kinds, runner
-from moebench.kinds import common
-from moebench.kinds import overlap_timing as O
-from moebench.launch import launch
-from moebench.results import SCHEMA, read, render
+from moebench.launch.spawn import launch
+from moebench.measure import common
+from moebench.measure import overlap as O
+from moebench.report.results import SCHEMA, read, render
 from moebench.scenario import ScenarioError, load
 from runtime.dispatch import Chunk, DispatchMeta
 
@@ -81,6 +81,7 @@ def _table(runs: list[dict]) -> str:
         "schema": SCHEMA,
         "source": "scenarios/t.toml",
         "scenario": {"scenario": {"name": "t", "kind": "throughput"}},
+        "columns": [list(column) for column in kinds.get("throughput").columns],
         "environment": {"git_sha": "abc"},
         "runs": runs,
     }

@@ -18,7 +18,7 @@ from test_cli import tiny
 
 from moebench import runner
 from moebench.cli import main
-from moebench.launch import launch
+from moebench.launch.spawn import launch
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from moebench.launch import launch
+from moebench.launch.spawn import launch
 from runtime import MoEConfig, ParallelConfig
 from runtime.layer import MoELayer
 from runtime.redundancy import Replicas, physical_ids, plain, replicate, reroute, split_counts

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from moebench.results import REPO
+from moebench.report.results import REPO
 from moebench.tools.false_alarms import NEIGHBOUR, pairwise
 from runtime.dispatch import SLOWDOWN_ENV, LocalDispatcher, _stall
 

@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from moebench import compare as C
-from moebench.confirm import confirm
-from moebench.results import REPO
+from moebench.regress import compare as C
+from moebench.regress.confirm import confirm
+from moebench.report.results import REPO
 from moebench.tools.false_alarms import confirmed, pairwise, run_set
 from runtime.dispatch import SLOWDOWN_ENV
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moebench import plots as P
 from moebench.cli import main
 from moebench.metrics import metric
+from moebench.report import plots as P
 from tests.result_docs import result_doc, run_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moebench import kinds
-from moebench.kinds import common, equivalence
-from moebench.results import SCHEMA, read, render, verdict, write_atomic
+from moebench.kinds import equivalence
+from moebench.measure import common
+from moebench.report.results import SCHEMA, read, render, verdict, write_atomic
 from moebench.runner import _judge_slos
 from moebench.scenario import RunSpec, Slo
 
@@ -152,6 +153,7 @@ def doc_with(runs: list[dict]) -> dict:
         "schema": SCHEMA,
         "source": "scenarios/x.toml",
         "scenario": {"scenario": {"name": "x", "kind": "latency", "description": "d"}},
+        "columns": [list(column) for column in kinds.get("latency").columns],
         "environment": {"git_sha": "abcdef1234567", "git_dirty": False},
         "runs": runs,
     }
@@ -241,7 +243,7 @@ def test_gates_can_judge_a_percentile_and_unmeasured_gates_are_shown():
 
 
 def test_equivalence_check_fails_when_the_error_exceeds_the_tolerance(monkeypatch):
-    from moebench.launch import RankContext
+    from moebench.launch.spawn import RankContext
 
     s = spec("equivalence", world=1, tokens_per_rank=24)
     per_rank = [equivalence.run_rank(RankContext(0, 1, None, torch.device("cpu"), "gloo"), equivalence.case(s))]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from moebench import kinds
 from moebench.cli import main
-from moebench.results import COLUMNS, SCHEMA, TableStyle, check_columns, render, write_atomic
+from moebench.report.results import SCHEMA, TableStyle, check_columns, render, write_atomic
 
 
 def _metric(value: float) -> dict:
@@ -13,7 +14,7 @@ def _metric(value: float) -> dict:
 
 
 def _run(world: int = 2, params: dict | None = None, checks=(True,), slo_pass=None, status="ok") -> dict:
-    names = {column.partition(":")[0] for column, _, _, _ in COLUMNS["throughput"]}
+    names = {column.partition(":")[0] for column, _, _, _ in kinds.get("throughput").columns}
     gate = {"gate": "min_tokens_per_s", "metric": "tokens_per_s", "stat": "median", "op": "min", "limit": 1e4}
     slo = [] if slo_pass is None else [gate | {"value": 1234.5678, "pass": slo_pass}]
     return {
@@ -35,6 +36,7 @@ def _doc(runs: list[dict]) -> dict:
         "schema": SCHEMA,
         "source": "scenarios/t.toml",
         "scenario": {"scenario": {"name": "t", "kind": "throughput", "description": "d"}},
+        "columns": [list(column) for column in kinds.get("throughput").columns],
         "environment": {"git_sha": "abc"},
         "runs": runs,
     }
@@ -102,13 +104,24 @@ def test_columns_choose_the_value_columns_and_their_order():
     assert "left out" not in render(_doc([_run()]), TableStyle(columns=("tokens_per_s",), width=20))
 
 
+def test_a_file_that_records_no_columns_shows_one_column_per_measured_metric():
+    """Files written before result files recorded their kind's columns still render, from the file alone."""
+    doc = _doc([_run()])
+    del doc["columns"]
+    header = render(doc).splitlines()[2].split()
+    names = [c.partition(":")[0] for c, _, _, _ in kinds.get("throughput").columns]
+    assert [h for h in header if h in names] == list(doc["runs"][0]["metrics"])  # each metric, in the run's order
+    assert "tokens/s" not in header  # the kind's headers come only from the file
+
+
 def test_unknown_columns_are_refused_naming_what_is_accepted():
-    assert check_columns(["step_time_s:p99", "peak_mem", "peak_mem"]) == ("step_time_s:p99", "peak_mem")
-    for bad in ("nope", "peak_mem:p90", "step_time_s:p42", "x" * 500):
+    metrics = ["step_time_s", "tokens_per_s"]
+    assert check_columns(["step_time_s:p99", "peak_mem", "peak_mem"], metrics) == ("step_time_s:p99", "peak_mem")
+    for bad in ("nope", "peak_mem:p90", "step_time_s:p42", "x" * 500, "load_cv"):
         with pytest.raises(ValueError, match="is not a column: accepted energy, peak_mem, checks, slo or a metric"):
-            check_columns([bad])
+            check_columns([bad], metrics)
     with pytest.raises(ValueError) as err:
-        check_columns(["x" * 500])
+        check_columns(["x" * 500], metrics)
     assert len(str(err.value)) < 300  # a long value is cut
 
 

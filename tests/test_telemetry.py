@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import FAST
 
-from moebench.telemetry import (
+from moebench.measure.telemetry import (
     THROTTLE_REASON_BITS,
     Sample,
     Sampler,
@@ -369,7 +369,7 @@ def test_combine_of_real_cpu_summaries_is_json_serialisable():
 
 
 def test_host_peak_covers_only_its_own_window_when_one_process_runs_many():
-    from moebench.telemetry import Sampler
+    from moebench.measure.telemetry import Sampler
 
     with Sampler(torch.device("cpu"), interval_s=1.0) as big:
         block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moebench.scenario import ScenarioError, load
-from moebench.workload import CALIBRATION_STREAM, MAX_STEPS, step_stream, token_stream, tokens
+from moebench.workload.tokens import CALIBRATION_STREAM, MAX_STEPS, step_stream, token_stream, tokens
 from runtime import MoEConfig, init_weights
 from runtime.router import route
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from test_cli import tiny
 
-from moebench import profile_trace
 from moebench.cli import main
-from moebench.kinds import common
-from moebench.launch import RankContext
+from moebench.launch.spawn import RankContext
+from moebench.measure import common, profile_trace, timed
 from moebench.scenario import load
 
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
@@ -75,15 +74,15 @@ def test_the_trace_is_taken_after_every_timed_window(tmp_path, monkeypatch):
     def logged(name, fn):
         return lambda *a, **k: (log.append(name), fn(*a, **k))[1]
 
-    monkeypatch.setattr(common, "time_fn", logged("time_fn", common.time_fn))
+    monkeypatch.setattr(timed, "time_fn", logged("time_fn", timed.time_fn))
     monkeypatch.setattr(common, "time_interleaved", logged("time_interleaved", common.time_interleaved))
     monkeypatch.setattr(profile_trace, "record", lambda ctx, spec, step: log.append("trace") or {"path": "x"})
     spec = _spec(tmp_path, kind="throughput", trace_dir=tmp_path / "t")
-    raw = common.measure_timed(CPU, spec, None, collectives=True)
+    raw = timed.measure_timed(CPU, spec, None, collectives=True)
     assert raw["profile_trace"] == {"path": "x"} and len(raw["step"]) == 3
     assert log[-1] == "trace" and log.count("trace") == 1 and "time_interleaved" in log
     log.clear()
-    assert "profile_trace" not in common.measure_timed(CPU, _spec(tmp_path), None, collectives=False)
+    assert "profile_trace" not in timed.measure_timed(CPU, _spec(tmp_path), None, collectives=False)
     assert "trace" not in log  # no --trace, no profiling
 
 

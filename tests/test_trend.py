@@ -10,11 +10,11 @@ import pytest
 from result_docs import result_doc as _doc
 from result_docs import run_record as _run
 
-from moebench import compare as C
-from moebench import trend as T
 from moebench.cli import main
 from moebench.metrics import metric
-from moebench.results import write_atomic
+from moebench.regress import compare as C
+from moebench.regress import trend as T
+from moebench.report.results import write_atomic
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -146,11 +146,11 @@ def test_trend_json_and_markdown(tmp_path, capsys):
     md = tmp_path / "trend.md"
     assert main(["compare", *paths, "--json", "-", "--markdown", str(md)]) == 1
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema"] == "moebench.trend/1" and doc["regressions"] == 1
+    assert doc["schema"] == "moebench.regress.trend/1" and doc["regressions"] == 1
     assert [s["label"] for s in doc["sets"]] == ["s0", "s1", "s2"]
     step = next(r for r in doc["rows"] if r["metric"] == "step_time_s")
     assert step["medians"] == pytest.approx([0.010, 0.011, 0.014]) and step["verdict"] == "slower"
-    assert doc["last"]["schema"] == "moebench.compare/1" and doc["last"]["new"] == paths[2]
+    assert doc["last"]["schema"] == "moebench.regress.compare/1" and doc["last"]["new"] == paths[2]
     text = md.read_text()
     assert text.startswith("## moebench compare (trend): REGRESSION") and "| SLOWER" in text
 

@@ -1,4 +1,4 @@
-"""The launcher's watchdog (moebench/watchdog.py): heartbeats, a hung or crashed rank named, and
+"""The launcher's watchdog (moebench/launch/watchdog.py): heartbeats, a hung or crashed rank named, and
 every rank of the run gone afterwards."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moebench.launch import launch
-from moebench.watchdog import BEAT, Monitor, RankFailure
+from moebench.launch.spawn import launch
+from moebench.launch.watchdog import BEAT, Monitor, RankFailure
 
 
 def test_beats_split_anywhere_are_read_whole_and_the_least_advanced_silent_rank_is_named():

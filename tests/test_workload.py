@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from moebench import skew as S
-from moebench import trace as T
 from moebench.scenario import ScenarioError, load
 from moebench.tools.skew_check import shares
-from moebench.workload import MoEStack, layer_targets, layer_weights, router_offsets, tokens
+from moebench.workload import skew as S
+from moebench.workload import trace as T
+from moebench.workload.tokens import MoEStack, layer_targets, layer_weights, router_offsets, tokens
 from runtime import MoEConfig, ParallelConfig
 
 MEASURED_COPIES = 65_536  # ≥ 64k copies per layer, as the bounds assume
@@ -382,8 +382,8 @@ def test_a_recorded_load_balance_run_replays_to_the_same_expert_loads(tmp_path):
 
 
 def test_a_stream_with_a_trace_replays_batch_s_at_step_s_and_wraps(tmp_path):
-    from moebench.kinds import common
-    from moebench.launch import RankContext
+    from moebench.launch.spawn import RankContext
+    from moebench.measure import common
 
     # 1 layer, top-1, 4 tokens per step: batch b routes every token to expert b (mod 4), 3 batches
     ids = np.repeat(np.arange(3), 4).reshape(1, 12, 1)

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moebench.kinds.common import (
+from moebench.kinds.equivalence import TOLERANCE
+from moebench.measure.common import (
     COLLECTIVE_METRICS,
     collective_metrics,
     collective_timings,
@@ -16,14 +17,14 @@ from moebench.kinds.common import (
     setup,
     timed_window_tokens,
 )
-from moebench.kinds.equivalence import TOLERANCE
-from moebench.workload import MoEStack
+from moebench.workload.tokens import MoEStack
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 NAME = "dispatch"
 ORDER = 5  # place in listings and "accepted" lists
+FEATURES = frozenset()  # what a scenario may ask of it (kinds/__init__.py)
 COLUMNS = (
     ("dispatch_time_s", "dispatch (ms)", 1e3, ".3f"),
     ("combine_time_s", "combine (ms)", 1e3, ".3f"),

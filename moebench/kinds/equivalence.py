@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import sampler
-from moebench.kinds.offload_timing import offload_config
-from moebench.workload import MoEStack, layer_weights
+from moebench.measure.common import sampler
+from moebench.measure.offload import offload_config
+from moebench.workload.tokens import MoEStack, layer_weights
 from runtime import MoEConfig, MoEWeights, ParallelConfig, reference_moe
 from runtime.offload import OffloadConfig
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 # Documented tolerances of ‖out − ref‖/‖ref‖ against the fp64 reference, per compute dtype.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
@@ -57,7 +57,7 @@ class Case:
     expert_backend: str | None = None  # overrides moe.expert_backend (e.g. "grouped_mm" on GPU)
     seed: int = 0
     layers: int = 1  # residual stack depth
-    skew: str = "uniform"  # router logit offset per layer, see moebench/workload.py
+    skew: str = "uniform"  # router logit offset per layer, see moebench/workload/tokens.py
     skew_param: float | None = None
     offload: OffloadConfig | None = None  # forward only, experts behind a device cache
 
@@ -249,6 +249,7 @@ def compare(ep: Result, ref: Result) -> dict[str, float]:
 
 NAME = "equivalence"
 ORDER = 4  # place in listings and "accepted" lists
+FEATURES = frozenset({"overlap", "offload"})  # overlapped chunks and offload are checked too; forward only with offload
 COLUMNS = (
     ("rel_error_forward", "fwd rel err", 1, ".1e"),
     ("rel_error_grad", "grad rel err", 1, ".1e"),
@@ -269,6 +270,8 @@ def case(spec: RunSpec) -> Case:
         skew=spec.workload["skew"],
         skew_param=spec.workload["skew_param"],
         offload=offload_config(spec),
+        par_extra={"overlap_chunks": chunks} if (chunks := spec.parallel.get("overlap_chunks")) else {},
+        dispatcher="all_to_all" if chunks else "auto",  # chunks: collectives even at W = 1
     )
 
 

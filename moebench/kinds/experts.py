@@ -1,6 +1,6 @@
 """The experts kind: the grouped expert FFN alone, tokens·top_k rows spread evenly over the experts,
 timed in alternating rounds with its floor, the plain per-expert loop of ``F.linear`` calls on the
-same rows (``moebench.loop_baselines.loop_floor``)."""
+same rows (``moebench.measure.floors.loop_floor``)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import finite_check, progress_after_warmup, ratios, sampler, timed_window_tokens
-from moebench.loop_baselines import loop_floor
-from moebench.timing import time_interleaved
-from moebench.workload import tokens
+from moebench.measure.common import finite_check, progress_after_warmup, ratios, sampler, timed_window_tokens
+from moebench.measure.floors import loop_floor
+from moebench.measure.timing import time_interleaved
+from moebench.workload.tokens import tokens
 from runtime import init_weights
 from runtime.experts import expert_ffn, resolve_backend
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 NAME = "experts"
 ORDER = 6  # place in listings and "accepted" lists
+FEATURES = frozenset()  # what a scenario may ask of it (kinds/__init__.py)
 COLUMNS = (
     ("expert_time_s", "experts p50 (ms)", 1e3, ".3f"),
     ("expert_time_s:p90", "p90 (ms)", 1e3, ".3f"),

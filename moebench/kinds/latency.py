@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from moebench import metrics as M
-from moebench.kinds.common import finite_check, measure_timed, timed_window_tokens
-from moebench.kinds.offload_timing import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
-from moebench.kinds.overlap_timing import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
+from moebench.measure.common import finite_check, timed_window_tokens
+from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
+from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
+from moebench.measure.timed import measure_timed
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 NAME = "latency"
 ORDER = 2  # place in listings and "accepted" lists
+FEATURES = frozenset({"overlap", "offload", "stream"})  # what a scenario may ask of it (kinds/__init__.py)
 COLUMNS = (
     ("step_time_s", "p50 (ms)", 1e3, ".3f"),
     ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),

@@ -9,15 +9,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import build_stack, progress, routing_stats, sampler, timed_window_tokens, use_batch
-from moebench.timing import steady_round_s
-from moebench.workload import tokens
+from moebench.measure.common import build_stack, progress, routing_stats, sampler, timed_window_tokens, use_batch
+from moebench.measure.timing import steady_round_s
+from moebench.workload.tokens import tokens
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 NAME = "load_balance"
 ORDER = 3  # place in listings and "accepted" lists
+FEATURES = frozenset()  # what a scenario may ask of it (kinds/__init__.py)
 COLUMNS = (
     ("imbalance_max_mean", "imbalance (max/mean)", 1, ".3f"),
     ("rank_imbalance_max_mean", "rank imbalance (max/mean)", 1, ".3f"),

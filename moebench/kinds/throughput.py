@@ -6,22 +6,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from moebench import metrics as M
-from moebench.kinds.common import (
+from moebench.measure.common import (
     COLLECTIVE_METRICS,
     collective_metrics,
     finite_check,
-    measure_timed,
     ratios,
     timed_window_tokens,
 )
-from moebench.kinds.offload_timing import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
-from moebench.kinds.overlap_timing import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
+from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
+from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
+from moebench.measure.timed import measure_timed
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 NAME = "throughput"
 ORDER = 1  # place in listings and "accepted" lists
+FEATURES = frozenset({"overlap", "offload", "stream"})  # what a scenario may ask of it (kinds/__init__.py)
 # (metric[:statistic], header with unit, scale, format); the statistic defaults to median.
 COLUMNS = (
     ("tokens_per_s", "tokens/s", 1, ".0f"),

@@ -25,7 +25,7 @@ from scipy.optimize import nnls
 
 from moebench.plan.model import offloaded_time
 from moebench.plan.spec import Plan
-from moebench.results import find, read_any
+from moebench.report.results import find, read_any
 
 MIN_RUNS = 3  # a two-parameter fit left one run out still has two
 

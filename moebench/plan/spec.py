@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields, replace
 
-from moebench.scenario import _key, _show, check_table, is_finite_number, read_toml
+from moebench.spec import _key, _show, check_table, is_finite_number, read_toml
 
 
 class PlanError(ValueError):

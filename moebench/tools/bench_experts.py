@@ -4,7 +4,7 @@
 times forward + backward of ``runtime.experts.expert_ffn`` for every backend usable here on the seed
 layer shape (16 local experts, D = 512, F = 1024, swiglu) with uniform and Zipf-skewed row counts,
 and prints the median per backend, its ratio to "loop", and its rate in TFLOP/s against two dense
-references timed in the same run, the same way (``moebench.timing``: CUDA events on a GPU):
+references timed in the same run, the same way (``moebench.measure.timing``: CUDA events on a GPU):
 
 - **dense FFN**: the same rows through one expert (one GEMM per matmul, no grouping): the same
   FLOPs, so the ceiling of any grouping of these shapes;
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from moebench.timing import time_fn
+from moebench.measure.timing import time_fn
 from runtime.experts import BACKENDS, expert_ffn, resolve_backend
 
 D, F = 512, 1024  # the seed layer shape

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from moebench.telemetry import Sampler
-from moebench.timing import time_fn
+from moebench.measure.telemetry import Sampler
+from moebench.measure.timing import time_fn
 
 AMPLIFIED_INTERVAL_S = 0.001
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from moebench import compare as C
-from moebench.confirm import confirm
-from moebench.results import REPO
+from moebench.regress import compare as C
+from moebench.regress.confirm import confirm
+from moebench.report.results import REPO
 
 DEFAULT_SET = REPO / "scenarios" / "regress"
 

@@ -2,7 +2,7 @@
 
     python -m moebench.tools.fault_soak [--faults 100] [--seed 0] [--timeout 2.0]
 
-Each fault is a ``fault`` kind run (``moebench/kinds/fault.py``) with a random type (crash, hang,
+Each fault is a ``fault`` kind run (``moebench/kinds/fault/kind.py``) with a random type (crash, hang,
 nan, straggler, expert_loss, rank_loss), world size (2 or 4 gloo ranks), rank, layer, step,
 expert, redundant experts (0 to 2) and ``on_expert_loss``, on a small 2-layer stack. It reports,
 over all of them:
@@ -33,7 +33,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from moebench import runner
-from moebench.kinds.fault import ON_EXPERT_LOSS, STRAGGLER_STEPS, TYPES
+from moebench.kinds.fault.kind import ON_EXPERT_LOSS, STRAGGLER_STEPS, TYPES
 from moebench.scenario import load
 
 HANG_MARGIN_S = 60.0  # a run may take this much beyond its watchdog timeout before it counts as hung

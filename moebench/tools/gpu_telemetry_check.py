@@ -1,7 +1,7 @@
 """Does NVML answer for this GPU? Read the telemetry once, as a run does, around a short matmul burn.
 
 ``python -m moebench.tools.gpu_telemetry_check [--device cuda[:N]] [--seconds 1.0] [--json PATH]`` opens
-the GPU's NVML handle the way ``moebench.telemetry`` does (matched by PCI bus id), reads the total
+the GPU's NVML handle the way ``moebench.measure.telemetry`` does (matched by PCI bus id), reads the total
 energy counter, burns ``--seconds`` of bf16 [4096, 4096] matmuls inside a ``Sampler`` window, reads
 the counter again, and prints what was read: energy (counter and sampler), power, SM and memory
 clocks, temperature, throttle reasons, PCIe throughput. ``--json PATH`` writes it all.
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from moebench.telemetry import Sampler, open_nvml_device, parse_pci_bus_id
+from moebench.measure.telemetry import Sampler, open_nvml_device, parse_pci_bus_id
 
 BURN_SIDE = 4096  # one bf16 matmul: 2·4096³ ≈ 0.14 TFLOP, well under a millisecond on a Hopper GPU
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tabulate import tabulate
 
-from moebench.launch import launch
+from moebench.launch.spawn import launch
 
 
 def _rank(ctx, chunks: int, steps: int, tokens: int) -> dict:

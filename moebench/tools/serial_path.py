@@ -10,9 +10,9 @@ under ``no_grad``, in alternating rounds (``time_interleaved``, so round i of ea
             expert ``x_e @ w_in_e`` and an [n, F] input ``@ w_down_e``; no activation, no copies
   experts   the layer's expert FFN alone (``layer.experts``) on those rows
   block     a widely used loop-over-experts MoE block of the same function and weights (Hugging
-            Face Mixtral's pattern, ``moebench.loop_baselines.mixtral_block``)
+            Face Mixtral's pattern, ``moebench.measure.floors.mixtral_block``)
   loop      the plain per-expert loop of ``F.linear`` calls on the dispatched rows (the experts
-            kind's floor, ``moebench.loop_baselines.loop_floor``)
+            kind's floor, ``moebench.measure.floors.loop_floor``)
 
 and prints each one's median and the median over rounds of its round-by-round ratio to ``gemms``
 (and, for the layer, to ``block``). Before timing it checks, once, that the block's output equals
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from moebench.kinds.equivalence import rel_error
-from moebench.loop_baselines import loop_floor, mixtral_block
-from moebench.results import cpu_model
-from moebench.timing import time_interleaved
-from moebench.workload import tokens
+from moebench.measure.floors import loop_floor, mixtral_block
+from moebench.measure.timing import time_interleaved
+from moebench.report.results import cpu_model
+from moebench.workload.tokens import tokens
 from runtime import MoEConfig, MoELayer, init_weights
 
 SAME_FUNCTION_RTOL = 1e-5  # ‖block − layer‖ / ‖layer‖ in fp32: the same function, summed in another order

@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import torch
 
-from moebench.workload import MoEStack, layer_targets, layer_weights, tokens
+from moebench.workload.tokens import MoEStack, layer_targets, layer_weights, tokens
 from runtime import MoEConfig, ParallelConfig
 
 

@@ -5,9 +5,9 @@ Shape legend: T = tokens on this rank, N = calibration tokens, D = hidden, E = e
 
 Skew is a fixed offset ``b_E`` added to each layer's router logits (``Router.bias_E``), fitted so
 that the measured share of copies per expert follows the distribution the skew names
-(``moebench/skew.py`` defines the targets and the calibration). The whole router still runs and
+(``moebench/workload/skew.py`` defines the targets and the calibration). The whole router still runs and
 every token still gets its own routing. ``skew = "trace"`` leaves the offsets at zero: the
-recorded choices replace the router's (``moebench/trace.py``).
+recorded choices replace the router's (``moebench/workload/trace.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moebench import atomic
-from moebench import skew as S
+from moebench.workload import skew as S
 from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights
 from runtime.experts import expert_ffn
 from runtime.offload import OffloadConfig
@@ -61,7 +61,7 @@ def expert_order(num_experts: int, seed: int, layer: int) -> torch.Tensor:
 
 
 def layer_targets(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None) -> list:
-    """Each layer's target share of copies per expert (``moebench.skew.target_shares``)."""
+    """Each layer's target share of copies per expert (``moebench.workload.skew.target_shares``)."""
     return [
         S.target_shares(skew, skew_param, moe.num_experts, moe.top_k, expert_order(moe.num_experts, seed, layer))
         for layer in range(layers)
@@ -81,7 +81,7 @@ def _digest(weights: list[MoEWeights]) -> str:
 def router_offsets(
     moe: MoEConfig, layers: int, seed: int, skew: str, skew_param: float | None, routers: str | None = None
 ) -> tuple:
-    """Each layer's calibrated router offset b_E (``moebench.skew``), cached in this process and on
+    """Each layer's calibrated router offset b_E (``moebench.workload.skew``), cached in this process and on
     disk (``cache_dir``), so the ranks of a run read what the parent fitted. The cache key holds what
     the fit depends on: the shape and routing fields of ``moe``, the stack, seed and skew, the
     calibration's version and constants, torch's version and ``routers``, the digest of the router
@@ -124,7 +124,7 @@ def _write_cached(path: Path, offsets: list[torch.Tensor]) -> None:
 
 
 def _calibrate(moe: MoEConfig, plain: list[MoEWeights], seed: int, skew: str, skew_param: float | None) -> list:
-    """Each layer's fitted offsets, bottom up (see ``moebench.skew``)."""
+    """Each layer's fitted offsets, bottom up (see ``moebench.workload.skew``)."""
     layers = len(plain)
     targets = layer_targets(moe, layers, seed, skew, skew_param)
     gen = _generator(seed, CALIBRATION_STREAM)

@@ -17,19 +17,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
-import tempfile
-import time
 from typing import TYPE_CHECKING
 
 import torch
 
-from moebench.kinds.common import setup
-from moebench.workload import tokens
+from moebench.measure.common import setup
+from moebench.workload.tokens import tokens
 from runtime import checkpoint
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 LR = 1e-3  # Adam's learning rate: small steps of a unit-scale stack
 
@@ -38,38 +35,9 @@ def resumable(spec: RunSpec) -> bool:
     return bool(spec.workload["train"] and spec.fault.get("checkpoint_every"))
 
 
-def _with(spec: RunSpec, mode: str, directory: str | None) -> RunSpec:
+def with_pass(spec: RunSpec, mode: str, directory: str | None) -> RunSpec:
     """The spec a launch's ranks get: which pass this is (first, resume, reference) and where checkpoints go."""
     return dataclasses.replace(spec, fault={**spec.fault, "_pass": mode, "_checkpoint_dir": directory})
-
-
-def crash_and_resume(spec: RunSpec, interval, device: str, backend: str) -> list[dict]:
-    """First pass (crashes), resumed pass, uninterrupted reference pass: the module docstring."""
-    from moebench import kinds
-    from moebench.kinds.fault import stopped_run
-    from moebench.launch import launch, under_torchrun
-    from moebench.watchdog import RankFailure
-
-    if under_torchrun():
-        raise ValueError(
-            "[fault] checkpoint_every under torchrun is refused: the fault kind relaunches the ranks itself "
-            "(accepted under moebench's own launcher; torchrun's --max-restarts restarts a job from its start)"
-        )
-    options = {"device": device, "backend": backend, "watchdog_s": spec.fault["detect_timeout_s"]}
-    directory = tempfile.mkdtemp(prefix="moebench-checkpoints-")
-    try:
-        try:
-            first = launch(kinds.measure, spec.world_size, _with(spec, "first", directory), interval, **options)
-            return [r | {"resumed": None} for r in first]  # no crash happened (cannot, as loaded: at_step < steps)
-        except RankFailure as failure:
-            stopped = stopped_run(failure)
-        start = time.monotonic()
-        resumed = launch(kinds.measure, spec.world_size, _with(spec, "resume", directory), interval, **options)
-        recovery_s = time.monotonic() - start
-        reference = launch(kinds.measure, spec.world_size, _with(spec, "reference", None), interval, **options)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    return [stopped | {"resumed": resumed, "reference": reference, "recovery_s": recovery_s}]
 
 
 def _digests(state: dict[str, torch.Tensor]) -> dict[str, str]:

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moebench import host, watchdog
+from moebench.launch import watchdog
+from moebench.measure import host
 from moebench.text import last_line
 
 
@@ -179,7 +180,7 @@ def _fail_fast(ctx: RankContext, err: Exception) -> None:
 def launch(fn, world_size: int, *args, device: str = "auto", backend: str = "auto", watchdog_s=None) -> list:
     """Run ``fn(ctx, *args)`` on ``world_size`` ranks; return the per-rank results in rank order.
     ``watchdog_s``: spawned ranks get a heartbeat (``ctx.beat``) and a rank silent that long, or
-    one that dies, stops the run with ``watchdog.RankFailure`` naming it (``moebench/watchdog.py``).
+    one that dies, stops the run with ``watchdog.RankFailure`` naming it (``moebench/launch/watchdog.py``).
     Under torchrun (``_fail_fast``) the ranks' collectives time out after ``watchdog_s`` and a rank
     whose collective fails names the culprit from the store's heartbeats and ends the job."""
     device, backend = resolve_device(device, backend)

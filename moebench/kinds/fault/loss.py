@@ -41,11 +41,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moebench.kinds.common import setup
-from moebench.workload import layer_weights
+from moebench.measure.common import setup
+from moebench.workload.tokens import layer_weights
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 TYPES = ("expert_loss", "rank_loss")
 EXACT = 1e-6  # failover: the output equals the healthy run's (the same weights; fp32 sums may reorder)

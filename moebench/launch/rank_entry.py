@@ -1,6 +1,6 @@
 """The first code a spawned rank runs: tie the rank's life to its parent's, then run its payload.
 
-``launch`` starts every rank as ``python moebench/rank_entry.py PARENT_PID RESULT_FD`` with the
+``launch`` starts every rank as ``python moebench/launch/rank_entry.py PARENT_PID RESULT_FD`` with the
 pickled payload on stdin. Run as a script, this file is the process's first code, and it imports
 only the standard library: the parent-death signal is set before the payload is unpickled (which
 imports torch and moebench), so a rank never outlives a killed ``moebench``, even one killed while

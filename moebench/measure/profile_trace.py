@@ -23,7 +23,7 @@ from runtime.ranges import span
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 WARMUP = 1  # untimed steps first, so one-time costs (allocator growth, lazy init) stay out of the trace
 STEPS = 3  # profiled steps: enough to see the pattern repeat, small enough to open in a browser

@@ -15,7 +15,7 @@ The rules (documented in ``results/README.md``, "Comparing results"):
    no test: worse or better when the median moves by at least their tolerance t, else same.
 4. A metric, run or scenario of BASELINE missing from NEW is a regression, as is a run that now
    fails or a check that now fails. Metrics and runs only in NEW are reported as new.
-5. With ``--confirm N`` (``moebench/confirm.py``), N fresh reruns of a ``slower`` row's scenario
+5. With ``--confirm N`` (``moebench/regress/confirm.py``), N fresh reruns of a ``slower`` row's scenario
    judge it: one that measures the metric and does not read ``slower`` makes it ``unconfirmed``
    (not a regression); one that cannot judge it (failed, another environment) keeps it.
 6. Two notes, never failures: a run of either side that ran on a busy host (``host_busy``) gets a
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from moebench import results
+from moebench.report import results
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_MIN_EFFECT = 0.05
@@ -526,11 +526,11 @@ def markdown_report(rows: list[Row], baseline: str, new: str, confirmation: dict
 
 
 def to_json(rows: list[Row], baseline: str, new: str, confirmation: dict | None = None) -> dict:
-    """The comparison as ``moebench.compare/1``; ``confirmation`` ({"times": N, "reruns": [folders]},
+    """The comparison as ``moebench.regress.compare/1``; ``confirmation`` ({"times": N, "reruns": [folders]},
     ``--confirm``'s) is recorded as given, and as {"times": 0, "reruns": []} without one."""
     cleaned = [{**asdict(row), "regression": row.regression} for row in rows]
     return {
-        "schema": "moebench.compare/1",
+        "schema": "moebench.regress.compare/1",
         "baseline": baseline,
         "new": new,
         "confirmation": confirmation or {"times": 0, "reruns": []},

@@ -1,96 +1,29 @@
-"""Result files: the environment fingerprint, atomic JSON writing, and tables rendered from JSON.
+"""Result files: atomic JSON writing, reading with validation, and tables rendered from JSON.
 
-One file per scenario, schema ``moebench.result/1`` (documented in ``results/README.md``). Tables
+One file per scenario, schema ``moebench.result/1`` (documented in ``docs/results.md``). Tables
 are always rendered from the saved JSON, never the other way round, so ``moebench report``
-prints exactly what ``moebench run`` printed.
+prints exactly what ``moebench run`` printed: a file records its kind's columns (``columns``), so
+rendering needs neither the kind's code nor torch.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import subprocess
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import tabulate as tabulate_module
-import torch
 from tabulate import tabulate
 
-from moebench import atomic, host, kinds
+from moebench import REPO, atomic
+from moebench.measure import host
 from moebench.text import clip
-from runtime.dispatch import SLOWDOWN_ENV
 
 SCHEMA = "moebench.result/1"
 STATS = ("median", "p90", "p99", "min", "max", "n")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpus() -> tuple[list[str], str | None]:
-    """Names of the visible CUDA devices and the driver version (NVML), if any."""
-    if not torch.cuda.is_available():
-        return [], None
-    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        pynvml.nvmlShutdown()
-        driver = driver.decode() if isinstance(driver, bytes) else driver
-    except Exception:
-        driver = None
-    return names, driver
-
-
-def environment() -> dict:
-    """Where the numbers came from: code version, software, hardware."""
-    sha = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    gpus, driver = _gpus()
-    nccl = None
-    if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
-        nccl = ".".join(map(str, torch.cuda.nccl.version()))
-    return {
-        "git_sha": sha,
-        "git_dirty": None if status is None else bool(status),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": nccl,
-        "gpus": gpus,
-        "gpu_driver": driver,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "host": platform.node(),
-        "test_knobs": {SLOWDOWN_ENV: os.environ[SLOWDOWN_ENV]} if SLOWDOWN_ENV in os.environ else {},
-    }
-
-
-def short_sha() -> str:
-    return _git("rev-parse", "--short", "HEAD") or "nogit"
+__all__ = ["REPO", "SCHEMA", "STATS"]  # REPO re-exported: the checkout (moebench/__init__.py)
 
 
 # -------------------------------------------------------------------------------------------
@@ -151,8 +84,11 @@ def read_any(path: Path) -> dict:
 def _malformed(doc: dict) -> str | None:
     """What is missing or mistyped in a result file's required structure; None when it is sound."""
     scenario = doc.get("scenario", {}).get("scenario") if isinstance(doc.get("scenario"), dict) else None
-    if not isinstance(scenario, dict) or scenario.get("kind") not in COLUMNS or "name" not in scenario:
-        return "scenario.scenario needs a name and a kind among " + ", ".join(COLUMNS)
+    if not isinstance(scenario, dict) or not isinstance(scenario.get("kind"), str) or "name" not in scenario:
+        return "scenario.scenario needs a name and a kind"
+    columns = doc.get("columns", [])
+    if not isinstance(columns, list) or not all(_is_column(c) for c in columns):
+        return "columns must be a list of [metric, header, scale, format]"
     if not isinstance(doc.get("source"), str) or not isinstance(doc.get("environment"), dict):
         return "needs a source string and an environment table"
     runs = doc.get("runs")
@@ -187,8 +123,14 @@ def find(paths: list[str | Path]) -> list[Path]:
 # -------------------------------------------------------------------------------------------
 # Tables
 
-# Per kind: (metric[:statistic], header with unit, scale, format). The statistic defaults to median.
-COLUMNS = {name: kind.columns for name, kind in kinds.REGISTRY.items()}
+
+def _is_column(column: object) -> bool:
+    """One recorded column: [metric[:statistic], header with unit, scale, format] (statistic: median)."""
+    if not isinstance(column, list) or len(column) != 4:
+        return False
+    key, header, scale, fmt = column
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+    return isinstance(key, str) and isinstance(header, str) and number and isinstance(fmt, str) and len(fmt) < 16
 
 
 GENERIC_COLUMNS = {"energy": "J/token", "peak_mem": "peak mem (MiB)", "checks": "checks", "slo": "SLO"}
@@ -211,25 +153,17 @@ class _Column:
     align: str  # "left" | "right"
 
 
-def column_names() -> list[str]:
-    """Every value column ``--columns`` can name: metrics (``name`` or ``name:stat``) and the generic ones."""
-    from moebench.scenario import METRICS
-
-    names = dict.fromkeys(c for columns in COLUMNS.values() for c, _, _, _ in columns)
-    names |= dict.fromkeys(m for metrics in METRICS.values() for m in metrics)
-    return [*names, *GENERIC_COLUMNS]
-
-
-def check_columns(names: list[str]) -> tuple[str, ...]:
-    """``names`` if every one is a column some table can show; else a ValueError naming the first that is not."""
-    known = set(column_names())
+def check_columns(names: list[str], metrics: list[str]) -> tuple[str, ...]:
+    """``names`` if every one is a column some table can show (a generic column, or one of ``metrics``
+    with an optional ``:statistic``); else a ValueError naming the first that is not."""
+    known = {*metrics, *GENERIC_COLUMNS}
     for name in names:
         metric, _, stat = name.partition(":")
         if name not in known and not (metric in known and metric not in GENERIC_COLUMNS and stat in STATS):
             shown = name if len(name) <= 60 else name[:57] + "..."
             raise ValueError(
                 f"--columns {shown!r} is not a column: accepted {', '.join(GENERIC_COLUMNS)} or a metric name "
-                f"(results/README.md), optionally with :{'|:'.join(STATS)}, e.g. step_time_s:p99"
+                f"(docs/results.md), optionally with :{'|:'.join(STATS)}, e.g. step_time_s:p99"
             )
     return tuple(dict.fromkeys(names))
 
@@ -305,7 +239,8 @@ def _identity_columns(runs: list[dict]) -> list[_Column]:
 def _value_columns(doc: dict, chosen: tuple[str, ...] | None) -> tuple[list[_Column], list[str]]:
     """The value columns to show, and the order in which to leave them out when the table is too wide."""
     runs = doc["runs"]
-    kind_columns = {c: (h, scale, f) for c, h, scale, f in COLUMNS[doc["scenario"]["scenario"]["kind"]]}
+    # the kind's columns as the file records them; a file from before they were recorded: one per metric
+    kind_columns = {c: (h, scale, f) for c, h, scale, f in doc.get("columns", [])}
     generic = {
         "energy": [_telemetry_cell(run) for run in runs],
         "peak_mem": [_memory_cell(run) for run in runs],
@@ -317,6 +252,8 @@ def _value_columns(doc: dict, chosen: tuple[str, ...] | None) -> tuple[list[_Col
         shown = {"energy": any(c != "-" for c in generic["energy"]), "slo": any(run.get("slo") for run in runs)}
         # a metric no run measured (e.g. the overlap metrics without overlap_chunks) has no column
         kept = [k for k in kind_columns if not measured or k.partition(":")[0] in measured]
+        if not kind_columns:  # a file that records no columns: each measured metric, in the runs' order
+            kept = list(dict.fromkeys(name for run in runs for name in run["metrics"]))
         keys = [*kept, *(k for k in generic if shown.get(k, True))]
     else:
         keys = [k for k in chosen if k in generic or k in kind_columns or k.partition(":")[0] in measured]

@@ -1,6 +1,6 @@
 """The fault table: one row per fault run across every result file ``moebench report`` reads.
 
-Its columns, each from the run's ``details.fault`` (``moebench/kinds/fault.py``; results/README.md
+Its columns, each from the run's ``details.fault`` (``moebench/kinds/fault/kind.py``; results/README.md
 documents the keys) and its metric ``detected_after_s``:
 
 - scenario: the scenario and the run's swept params;
@@ -99,5 +99,5 @@ def render(docs: list[dict], fmt: str = "plain") -> str | None:
         return None
     style = "github" if fmt == "markdown" else "simple"
     table = tabulate(found, headers=HEADERS, tablefmt=style, disable_numparse=True)
-    title = f"Fault table: {len(found)} fault run{'s' * (len(found) != 1)} (columns: moebench/fault_table.py)"
+    title = f"Fault table: {len(found)} fault run{'s' * (len(found) != 1)} (columns: moebench/report/fault_table.py)"
     return f"### {title}\n\n{table}" if fmt == "markdown" else f"{title}\n{table}"

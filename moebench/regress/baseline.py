@@ -18,7 +18,7 @@ import copy
 import re
 from pathlib import Path
 
-from moebench import results
+from moebench.report import results
 
 ROOT = results.REPO / "results" / "baselines"
 RULE = "median of medians: each metric keeps the record of the run whose median is the median"

@@ -22,10 +22,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moebench import compare as C
 from moebench.metrics import nearest_rank
+from moebench.regress import compare as C
 
-SCHEMA = "moebench.trend/1"
+SCHEMA = "moebench.regress.trend/1"
 PLOTS_HINT = "--plots needs matplotlib: pip install 'moebench[plots]'"
 
 

@@ -4,7 +4,7 @@ as PNG files, and a CSV of every run's metrics.
 The page needs no network: CSS inline and each plot a PNG in a base64 ``data:`` URI. It opens with
 the environments the results came from (host, CPU, GPUs, torch, git sha) and every warning (a busy
 host, a failed check, a missed SLO, a run that errored), then per result file its table (the same
-columns as ``moebench report`` prints) and its plots (``moebench.plots``). The CSV has one row per
+columns as ``moebench report`` prints) and its plots (``moebench.report.plots``). The CSV has one row per
 run and metric (columns in ``CSV_COLUMNS``, documented in results/README.md).
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from moebench import fault_table
-from moebench import plots as P
-from moebench.results import table_cells, warnings
+from moebench.report import fault_table
+from moebench.report import plots as P
+from moebench.report.results import table_cells, warnings
 
 CSV_COLUMNS = ("scenario", "params", "metric", "unit", "median", "p90", "p99", "n")
 ENV_FIELDS = (  # (label, how to read it from a result file's environment)

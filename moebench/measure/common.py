@@ -21,14 +21,13 @@ import torch
 import torch.distributed as dist
 
 from moebench import metrics as M
-from moebench import profile_trace
-from moebench import trace as routing_trace
-from moebench.telemetry import Sampler
-from moebench.timing import time_fn, time_interleaved
-from moebench.workload import DenseStack, MoEStack, layer_weights, token_stream, tokens
+from moebench.measure.telemetry import Sampler
+from moebench.measure.timing import time_interleaved
+from moebench.workload import trace as routing_trace
+from moebench.workload.tokens import DenseStack, MoEStack, layer_weights, token_stream, tokens
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
+    from moebench.spec import RunSpec
 
 # The collectives' metrics, reported by throughput and dispatch runs.
 COLLECTIVE_METRICS = (
@@ -353,37 +352,12 @@ def routing_stats(stack: MoEStack, x_TD: torch.Tensor, record: bool = False) -> 
     return out
 
 
-def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool) -> dict:
-    """throughput and latency: time the step (and, for throughput, the collectives); with
-    ``moebench run --trace``, then profile a few more steps (``profile_trace``), after every timed window."""
-    stack, group, x_TD = setup(ctx, spec)
-    stream = stream_inputs(ctx, spec, x_TD)
-    step = step_fn(ctx, spec, stack, x_TD, stream)
-    hook = progress_after_warmup(ctx, spec, "the step")
-    time_fn(step, warmup=spec.scenario["warmup"], repeats=0, device=ctx.device, group=group, on_warm=hook)
-    with sampler(ctx, interval) as s:
-        step_t = time_fn(step, warmup=0, repeats=spec.scenario["repeats"], device=ctx.device, group=group)
-    use_batch(ctx, spec, stack, 0)  # a stream left its trace at another step: the rest is on step 0
-    out = {
-        "step": list(step_t.samples_s),
-        "finite": bool(torch.isfinite(step()).all()),
-        "telemetry": s.summary(),
-        **routing_stats(stack, x_TD.detach(), spec.record_routing),
-    }
-    if collectives:
-        out.update(collective_timings(ctx, spec, stack, x_TD, group))
-        out.update(ratio_timings(ctx, spec, step, x_TD, group))
-    if spec.parallel.get("overlap_chunks"):
-        from moebench.kinds.overlap_timing import overlap_timings  # here: that module imports this one
-
-        out.update(overlap_timings(ctx, spec, stack, x_TD, group))
-    if spec.offload.get("cache_slots") is not None:
-        from moebench.kinds.offload_timing import offload_timings  # here: that module imports this one
-
-        out.update(offload_timings(ctx, spec, stack, stream, group))
-    if spec.trace_dir is not None:  # last: the profiler never runs inside a timed window
-        out["profile_trace"] = profile_trace.record(ctx, spec, step)
-    return out
+def on_rank(measure_fn, ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Run a kind's ``measure`` on this rank with the run's CPU threads (``threads_per_rank``; 0: torch's
+    default), and record how many threads it had."""
+    if ctx.device.type == "cpu" and spec.parallel["threads_per_rank"]:
+        torch.set_num_threads(spec.parallel["threads_per_rank"])
+    return measure_fn(ctx, spec, interval) | {"threads": torch.get_num_threads()}
 
 
 # -------------------------------------------------------------------------------------------

@@ -29,16 +29,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import dispatch_jobs, progress_after_warmup, ratios, raw_a2a_fn, step_fn
-from moebench.timing import time_interleaved
+from moebench.measure.common import dispatch_jobs, progress_after_warmup, ratios, raw_a2a_fn, step_fn
+from moebench.measure.timing import time_interleaved
 from runtime.dispatch import DispatchMeta
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
-    from moebench.workload import MoEStack
+    from moebench.spec import RunSpec
+    from moebench.workload.tokens import MoEStack
 
 FUNCTIONS = ("overlapped", "serial", "compute_only", "a2a_alone")
-OVERLAP_KINDS = ("throughput", "latency")
 OVERLAP_METRICS = (
     "overlap_speedup",
     "exposed_comm_s",
@@ -56,16 +55,6 @@ OVERLAP_COLUMNS = (
     ("compute_only_time_s", "compute only (ms)", 1e3, ".2f"),
     ("a2a_alone_time_s", "a2a alone (ms)", 1e3, ".2f"),
 )
-
-
-def check_overlap(kind: str, chunks: int | None) -> None:
-    """Only the kinds that time the overlap take ``overlap_chunks`` (the scenario loader calls this)."""
-    if chunks is not None and kind not in OVERLAP_KINDS:
-        raise ValueError(
-            f'[parallel] overlap_chunks = {chunks} is invalid for kind = "{kind}": accepted only with kind '
-            + " or ".join(f'"{k}"' for k in OVERLAP_KINDS)
-            + " (the kinds that time the overlap)"
-        )
 
 
 # -------------------------------------------------------------------------------------------

@@ -28,16 +28,15 @@ import numpy as np
 import torch
 
 from moebench import metrics as M
-from moebench.kinds.common import build_stack, progress_after_warmup, ratios, stream_routes, stream_step
-from moebench.timing import time_interleaved
+from moebench.measure.common import build_stack, progress_after_warmup, ratios, stream_routes, stream_step
+from moebench.measure.timing import time_interleaved
 from runtime.offload import OffloadConfig
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
-    from moebench.workload import MoEStack
+    from moebench.spec import RunSpec
+    from moebench.workload.tokens import MoEStack
 
 FUNCTIONS = ("offload", "resident", "h2d_copy")
-OFFLOAD_KINDS = ("throughput", "latency", "equivalence")  # equivalence: forward only, no timing
 OFFLOAD_METRICS = (
     "cache_hit_rate",
     "prefetch_accuracy",
@@ -72,21 +71,15 @@ def offload_config(spec: RunSpec) -> OffloadConfig | None:
 
 
 def check_offload(spec: RunSpec) -> None:
-    """What the scenario loader refuses: offload outside the kinds that time it, with training,
-    with ``overlap_chunks``, or with more slots than a rank's experts."""
+    """What the scenario loader refuses of ``[offload]`` in a kind that accepts it: with training, with
+    ``overlap_chunks``, with a batched expert backend, or with more slots than a rank's experts."""
     off = spec.offload
     slots = off.get("cache_slots")
     if slots is None:
         return
     where = f"[offload] cache_slots = {slots}"
-    if spec.kind not in OFFLOAD_KINDS:
-        kinds = " or ".join(f'"{k}"' for k in OFFLOAD_KINDS)
-        raise ValueError(f'{where} is invalid for kind = "{spec.kind}": accepted only with kind {kinds}')
     if spec.workload["train"]:
         raise ValueError(f"{where} is invalid with [workload] train = true: offload is inference-only")
-    if spec.kind == "equivalence" and spec.workload.get("steps", 1) > 1:
-        raise ValueError(f"{where} is invalid with [workload] steps = {spec.workload['steps']} for kind = "
-                         '"equivalence": accepted steps = 1 (it compares one batch)')  # fmt: skip
     if spec.parallel.get("overlap_chunks") and spec.parallel["overlap_chunks"] > 1:
         chunks = spec.parallel["overlap_chunks"]
         raise ValueError(f"{where} is invalid with [parallel] overlap_chunks = {chunks}: accepted overlap_chunks 1")

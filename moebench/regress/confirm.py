@@ -29,9 +29,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from moebench import compare as C
-from moebench import results
-from moebench.results import REPO
+from moebench.regress import compare as C
+from moebench.report import results
+from moebench.report.results import REPO
 
 CONFIRMED = "slower"  # the one verdict a rerun must repeat
 UNCONFIRMED = "unconfirmed"
@@ -112,7 +112,7 @@ def _options(file: str, doc: dict) -> list[str]:
 
 def _telemetry_off(run: dict) -> bool:
     """The run was made with --no-telemetry (``kinds.common``'s stand-in sampler says so per rank)."""
-    from moebench.kinds.common import NO_TELEMETRY  # imports torch: only where a rerun is planned
+    from moebench.measure.common import NO_TELEMETRY  # imports torch: only where a rerun is planned
 
     telemetry = run.get("telemetry")
     if not isinstance(telemetry, dict):

@@ -12,16 +12,16 @@ record whether and how fast it was detected and named.
 - ``expert_loss`` the primary copy of expert ``expert`` in layer ``layer`` is lost at ``at_step``;
 - ``rank_loss`` every expert copy of rank ``rank`` is lost at ``at_step`` and the rank is masked.
   These two run with ``[parallel] redundant_experts`` replicas and ``[fault] on_expert_loss``
-  ("reroute" or "drop"): ``moebench/kinds/fault_loss.py``.
+  ("reroute" or "drop"): ``moebench/kinds/fault/loss.py``.
 
 Detection. crash and hang: the launcher's watchdog (``launch(..., watchdog_s=detect_timeout_s)``,
-``moebench/watchdog.py``): every rank beats at every layer; the run ends with a
+``moebench/launch/watchdog.py``): every rank beats at every layer; the run ends with a
 ``RankFailure`` naming the rank and its last step and layer; ``detected_after_s`` is the time from
 the last beat (the injection follows it at once) to the verdict. nan: a per-layer, per-expert
 finite check (a forward hook on every layer's experts) names the rank, layer and expert, and the
 ranks agree to stop after that step (one all-reduce of a flag per step); ``detected_after_s`` is
 from the injection to the check. straggler: each rank's CPU time per step is all-gathered after the
-step; its straggler score is min over ranks of t / t_rank (METRICS.md); the first step after the
+step; its straggler score is min over ranks of t / t_rank (docs/results.md, "Straggler score"); the first step after the
 injection at which the same rank has had the lowest score, below ``STRAGGLER_SCORE``, for
 ``STRAGGLER_STEPS`` steps in a row names it.
 
@@ -41,16 +41,17 @@ import torch
 import torch.distributed as dist
 
 from moebench import metrics as M
-from moebench.kinds import fault_loss, fault_resume
-from moebench.kinds.common import setup
+from moebench.kinds.fault import loss as fault_loss
+from moebench.kinds.fault import resume as fault_resume
+from moebench.measure.common import setup
 from runtime.placement import place_experts
 
 if TYPE_CHECKING:
-    from moebench.scenario import RunSpec
-    from moebench.watchdog import RankFailure
+    from moebench.spec import RunSpec
 
 NAME = "fault"
 ORDER = 7
+FEATURES = frozenset({"fault", "redundancy"})  # [fault] and redundant experts belong to this kind
 TYPES = ("crash", "hang", "nan", "straggler", *fault_loss.TYPES)
 ON_EXPERT_LOSS = ("reroute", "drop")
 STRAGGLER_SCORE = 0.8  # a rank this much slower than the fastest (t_min / t_rank below it) is named ...
@@ -76,18 +77,10 @@ def window_tokens(spec: RunSpec) -> int:
     return spec.workload["tokens_per_rank"] * spec.world_size * (spec.scenario["warmup"] + spec.scenario["repeats"])
 
 
-def check_fault(spec: RunSpec) -> None:
-    """What the scenario loader refuses: a [fault] for another kind, a fault kind without a type,
-    a type not built yet, a rank, layer, step or expert the run does not have."""
+def validate(spec: RunSpec) -> None:
+    """What the scenario loader refuses of a fault run (the loader has already refused a [fault] or
+    redundant experts for another kind): no type, a rank, layer, step or expert the run does not have."""
     f, redundant = spec.fault, spec.parallel.get("redundant_experts", 0)
-    if spec.kind != NAME:
-        if f.get("type") is not None:
-            where = f'[fault] type = "{f["type"]}" is invalid for kind = "{spec.kind}"'
-            raise ValueError(f'{where}: accepted only with kind "fault"')
-        if redundant:
-            where = f'[parallel] redundant_experts = {redundant} is invalid for kind = "{spec.kind}"'
-            raise ValueError(f'{where}: accepted only with kind "fault"')
-        return
     if f.get("type") is None:
         raise ValueError(f"[fault] type is missing: accepted one of {', '.join(TYPES)}")
     top = spec.model["num_experts"] * (spec.world_size - 1)
@@ -247,34 +240,6 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
         "steps_run": len(cpu_WS),
         "telemetry": {"available": False, "reason": "not sampled in fault runs"},
     }
-
-
-# -------------------------------------------------------------------------------------------
-# Parent side
-
-
-def launch(spec: RunSpec, interval: float | None, device: str, backend: str) -> list[dict]:
-    """The run, launched with the watchdog (``detect_timeout_s``: no fault run can wait 30 minutes).
-    A run the watchdog stopped reports the failure in ``measure``'s place; a training run that
-    checkpoints is relaunched to resume (``fault_resume``)."""
-    from moebench import kinds
-    from moebench.launch import launch as launch_ranks
-    from moebench.watchdog import RankFailure
-
-    if fault_resume.resumable(spec):
-        return fault_resume.crash_and_resume(spec, interval, device, backend)
-    try:
-        options = {"device": device, "backend": backend, "watchdog_s": spec.fault["detect_timeout_s"]}
-        return launch_ranks(kinds.measure, spec.world_size, spec, interval, **options)
-    except RankFailure as failure:
-        return [stopped_run(failure)]
-
-
-def stopped_run(failure: RankFailure) -> dict:
-    """What a run the watchdog stopped reports, in ``measure``'s place."""
-    stopped = {"rank": failure.rank, "how": failure.how, "step": failure.step, "layer": failure.layer}
-    stopped["after_s"] = failure.silent_s
-    return {"failure": stopped, "telemetry": {"available": False, "reason": "the run was stopped"}}
 
 
 # Per type, what naming the fault right means: the culprit keys that must match the injection.

@@ -1,0 +1,173 @@
+"""The run specification the kinds receive, and the reading helpers every input file shares.
+
+``RunSpec`` is one run of a scenario, every key resolved (``moebench/scenario.py`` builds it from a
+file); ``ScenarioError`` is a scenario that cannot run, with a one-line message for the user. The
+helpers read a TOML file and check a table's keys and values, each problem a one-line error naming
+the file, the key, the value (cut short when long) and what is accepted. This module sits below the
+kinds: it imports none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import tomllib
+
+from moebench.text import clip
+from runtime import MoEConfig, ParallelConfig
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite as a float; never raises, even for a 400-digit int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; the message is one line for the user."""
+
+
+def _show(value: object) -> str:
+    """A value as TOML would spell it, for a message: cut short when long (``text.clip``)."""
+    return clip(_spell(value))
+
+
+def _spell(value: object) -> str:
+    """A value as TOML would spell it, whole."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # escapes quotes and newlines as TOML does
+    if isinstance(value, list):
+        return "[" + ", ".join(_spell(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_spell(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+SLO_STATS = ("median", "p90", "p99", "min", "max")
+
+
+def _key(name: str) -> str:
+    """A key as TOML would spell it: bare when it can be, quoted (newlines escaped) otherwise; cut short."""
+    return clip(name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name, ensure_ascii=False))
+
+
+@dataclass(frozen=True)
+class Slo:
+    metric: str
+    op: str  # "max": value must be <= limit; "min": value must be >= limit
+    limit: float
+    source: str  # "scenario" or "default (...)"
+    stat: str = "median"  # which summary of the metric is judged
+
+    @property
+    def key(self) -> str:
+        """The [slo] key that states this gate, e.g. max_step_time_s_p99."""
+        return f"{self.op}_{self.metric}" + ("" if self.stat == "median" else f"_{self.stat}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a scenario: every key resolved, sweeps expanded to single values."""
+
+    path: str
+    scenario: dict
+    model: dict
+    routing: dict
+    parallel: dict
+    workload: dict
+    slos: tuple[Slo, ...]
+    params: dict = field(default_factory=dict)  # the swept keys and their values in this run
+    offload: dict = field(default_factory=dict)  # [offload]; empty or cache_slots None: no offload
+    fault: dict = field(default_factory=dict)  # [fault]; kind "fault" only
+    record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
+    trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
+
+    @property
+    def name(self) -> str:
+        return self.scenario["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.scenario["kind"]
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel["world_size"]
+
+    def moe_config(self) -> MoEConfig:
+        m, r = self.model, self.routing
+        return MoEConfig(
+            hidden_size=m["hidden"],
+            ffn_hidden_size=m["ffn_hidden"],
+            num_experts=m["num_experts"],
+            top_k=m["top_k"],
+            activation=m["activation"],
+            capacity_factor=float(r["capacity_factor"]),
+            aux_loss_coef=float(r["aux_loss_coef"]),
+            z_loss_coef=float(r["z_loss_coef"]),
+            normalize_topk=r["normalize_topk"],
+            dtype=m["dtype"],
+            expert_backend=self._expert_backend(),
+        )
+
+    def _expert_backend(self) -> str:
+        """The model's; with ``[offload]``, "auto" is "loop": the backend the offloaded layer computes
+        with, so its resident counterpart does the same arithmetic (bitwise equal outputs)."""
+        if self.offload.get("cache_slots") is not None and self.model["expert_backend"] == "auto":
+            return "loop"
+        return self.model["expert_backend"]
+
+    def parallel_config(self) -> ParallelConfig:
+        par = self.parallel
+        chunks = par.get("overlap_chunks") or 1
+        return ParallelConfig(ep_size=par["world_size"], placement=par["placement"], overlap_chunks=chunks)
+
+    def resolved(self) -> dict:
+        """The run's full configuration, as the result file records it."""
+        slo = {s.key: s.limit for s in self.slos}
+        return {
+            "scenario": self.scenario,
+            "model": self.model,
+            "routing": self.routing,
+            "parallel": self.parallel,
+            "workload": self.workload,
+            **({"offload": self.offload} if self.offload.get("cache_slots") is not None else {}),
+            **({"fault": self.fault} if self.fault.get("type") is not None else {}),
+            "slo": slo,
+        }
+
+
+def check_table(path: str, section: str, table: object, known, error: type[ValueError] = ScenarioError) -> None:
+    """A TOML section must be a table whose keys are all ``known``; else ``error``, one line naming the file."""
+    if not isinstance(table, dict):
+        raise error(f"{path}: [{section}] = {_show(table)} is invalid: accepted a table of keys")
+    for key in table:
+        if key not in known:
+            raise error(f"{path}: [{section}] {_key(key)} is not a known key: accepted {', '.join(known)}")
+
+
+def read_toml(path: str, error: type[ValueError] = ScenarioError) -> dict:
+    """A TOML file's top table; any way it cannot be read is a one-line ``error`` naming the file."""
+    data = b""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return tomllib.loads(data.decode("utf-8"))
+    except OSError as err:
+        raise error(f"{path}: cannot be read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        byte = f"byte 0x{data[err.start]:02x} at offset {err.start}"
+        raise error(f"{path}: not UTF-8 text ({byte}): accepted a UTF-8 TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{path}: not valid TOML: {err}") from None
+    except RecursionError:
+        raise error(f"{path}: not valid TOML here: arrays or tables nested too deeply to read") from None
