@@ -1,6 +1,6 @@
 """Result files: the environment fingerprint, atomic JSON writing, and tables rendered from JSON.
 
-One file per scenario, schema ``moebench.result/1`` (documented in ``results/README.md``). Tables
+One file per scenario, schema ``moebench.result/1`` (documented in ``docs/results.md``). Tables
 are always rendered from the saved JSON, never the other way round, so ``moebench report``
 prints exactly what ``moebench run`` printed.
 """
@@ -229,7 +229,7 @@ def check_columns(names: list[str]) -> tuple[str, ...]:
             shown = name if len(name) <= 60 else name[:57] + "..."
             raise ValueError(
                 f"--columns {shown!r} is not a column: accepted {', '.join(GENERIC_COLUMNS)} or a metric name "
-                f"(results/README.md), optionally with :{'|:'.join(STATS)}, e.g. step_time_s:p99"
+                f"(docs/results.md), optionally with :{'|:'.join(STATS)}, e.g. step_time_s:p99"
             )
     return tuple(dict.fromkeys(names))
 

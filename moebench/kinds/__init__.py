@@ -15,7 +15,7 @@ Each kind module holds what is particular to it:
 
 Shared measurement helpers live in ``common``. Adding a kind = adding one module that defines
 ``NAME`` (``ORDER``, optional, places it in listings; lower first). Metric names, units and
-formulas are documented in ``results/README.md``.
+formulas are documented in ``docs/results.md``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ the last beat (the injection follows it at once) to the verdict. nan: a per-laye
 finite check (a forward hook on every layer's experts) names the rank, layer and expert, and the
 ranks agree to stop after that step (one all-reduce of a flag per step); ``detected_after_s`` is
 from the injection to the check. straggler: each rank's CPU time per step is all-gathered after the
-step; its straggler score is min over ranks of t / t_rank (METRICS.md); the first step after the
+step; its straggler score is min over ranks of t / t_rank (docs/results.md, "Straggler score"); the first step after the
 injection at which the same rank has had the lowest score, below ``STRAGGLER_SCORE``, for
 ``STRAGGLER_STEPS`` steps in a row names it.
 
@@ -318,7 +318,7 @@ def _straggler(spec: RunSpec, per_rank: list[dict], fault: dict, steps: int) -> 
     at = spec.fault["at_step"]
     cpu_WS, wall = np.array(per_rank[0]["cpu_WS"]), np.array(per_rank[0]["wall_S"])
     after_W = np.median(cpu_WS[at:], axis=0)
-    fault["straggler_score_W"] = (after_W.min() / after_W).tolist()  # METRICS.md: min over ranks of t / t_rank
+    fault["straggler_score_W"] = (after_W.min() / after_W).tolist()  # docs/results.md, "Straggler score"
     fault["step_inflation"] = float(np.median(wall[at:]) / np.median(wall[:at]))
     found = per_rank[0]["straggler"]
     if found is None:
