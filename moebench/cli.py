@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
         "--format",
         choices=["plain", "markdown", "csv"],
         default="plain",
-        help="table format; csv: instead of tables, one row per run and metric (results/README.md)",
+        help="table format; csv: instead of tables, one row per run and metric (docs/results.md)",
     )
     report.add_argument(
         "--html", type=Path, metavar="FILE", help="also write one self-contained HTML page: tables, plots, warnings"

@@ -1,7 +1,8 @@
 """Metric formulas and the metric record every result carries; pure functions of numbers.
 
-Conventions follow ../shared/METRICS.md (nccl-tests for all-to-all bandwidth, population CV,
-nearest-rank percentiles) and are documented with units in ``results/README.md``.
+Conventions follow the field's (nccl-tests for all-to-all bandwidth, population CV, LoadGen's
+nearest-rank percentiles); each metric's unit and formula, and the public source of each convention,
+are in ``docs/results.md`` ("Metrics", "Definitions and their public sources").
 """
 
 from __future__ import annotations

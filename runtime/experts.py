@@ -18,7 +18,7 @@ of the rows before or after). Three interchangeable backends compute the two gro
               outputs are concatenated once); at the seed shape on one CPU thread
               this is 4 % over the bare GEMMs where GEMM-all-then-activate-all cost 28 %.
 "auto" picks grouped_mm on CUDA devices that support it and loop elsewhere; the measurements
-behind that choice are in the README (``python -m moebench.tools.bench_experts``).
+behind that choice are in docs/measurements.md, "Expert GEMM backends" (``python -m moebench.tools.bench_experts``).
 """
 
 from __future__ import annotations

@@ -310,9 +310,21 @@ def test_the_page_has_one_decodable_png_per_plot_and_the_plots_folder_the_same(t
     assert sorted(p.stem for p in pngs.iterdir()) == sorted(expected)
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in text and "<script>" not in text
     assert "http://" not in text and "https://" not in text  # nothing fetched from the network
+    assert str(tmp_path) not in text  # files named within their folder, never by this machine's path
     # the header: the environment and the warnings (lb missed its imbalance gate)
     assert "2.13.0" in text and "abc" in text
     assert "SLO max_imbalance missed (imbalance_max_mean = 2.5, limit 1.5)" in text
+
+
+def test_the_page_names_result_files_within_their_shared_folder_not_by_machine_path():
+    from moebench.report.page import shown_paths
+
+    one_folder = [Path("/tmp/ds/faults.json"), Path("/tmp/ds/offload.json")]
+    assert shown_paths(one_folder) == ["faults.json", "offload.json"]
+    two_folders = [Path("/data/mon/x.json"), Path("/data/tue/x.json"), Path("/data/tue/deep/y.json")]
+    assert shown_paths(two_folders) == ["mon/x.json", "tue/x.json", "tue/deep/y.json"]
+    assert shown_paths([Path("/tmp/ds/only.json")]) == ["only.json"]
+    assert shown_paths([]) == []
 
 
 def test_html_to_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):

@@ -254,10 +254,10 @@ def test_equivalence_check_fails_when_the_error_exceeds_the_tolerance(monkeypatc
     assert checks[0]["pass"] is False and "tolerance 1e-12" in checks[0]["detail"]
 
 
-def test_every_metric_a_kind_names_has_a_row_in_results_readme():
+def test_every_metric_a_kind_names_has_a_row_in_docs_results():
     from pathlib import Path
 
-    readme = Path(__file__).resolve().parents[1] / "results" / "README.md"
+    readme = Path(__file__).resolve().parents[1] / "docs" / "results.md"
     rows = {line.split("|")[1].strip() for line in readme.read_text().splitlines() if line.startswith("| `")}
     missing = [(k.name, n) for k in kinds.REGISTRY.values() for n in k.metrics if f"`{n}`" not in rows]
     assert missing == []

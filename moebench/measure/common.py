@@ -4,7 +4,7 @@ metrics (reported by throughput and dispatch).
 
 Rank side: functions of ``(ctx, spec, ...)`` run inside ``measure`` on every rank. Parent side:
 ``collective_metrics`` and friends turn rank 0's raw data into metrics. Formulas are documented in
-``results/README.md``.
+``docs/results.md``.
 
 Shape legend: T = tokens on this rank, D = hidden, W = ranks, E = experts, R = dispatched rows.
 """

@@ -1,7 +1,7 @@
 """The host around a run: its load, cores, threads per rank and clock, and whether it was too busy to time.
 
 Every run record carries ``"host"`` (``record``) and ``"host_busy"`` (``busy``), documented in
-``results/README.md``. The decisions are pure functions of numbers (``busy``, ``threads_per_rank``,
+``docs/results.md``. The decisions are pure functions of numbers (``busy``, ``threads_per_rank``,
 ``parse_cpu_mhz``, ``other_cores``); the readers of ``/proc`` and ``os`` around them are thin.
 
 A host is busy when the run's own threads (threads per rank × ranks on this host) exceed the cores

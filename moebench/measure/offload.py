@@ -15,7 +15,7 @@ that sequence and prefetch "oracle" loads it. Then three functions, one call of 
                 on CUDA) to the device: the copy peak at the size a miss copies.
 
 The caches' counters start after the warm-up, so hit rates are those of the timed rounds. The
-metrics' formulas are in ``results/README.md``.
+metrics' formulas are in ``docs/results.md``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Not a kind (no ``NAME``): ``measure_timed`` calls ``overlap_timings`` on every r
                    dispatch and the combine exchange, and for a train step the backward's reverse
                    pair of each.
 
-The metrics are ratios and differences of those, round by round (formulas: ``results/README.md``).
+The metrics are ratios and differences of those, round by round (formulas: ``docs/results.md``).
 A run with ``overlap_chunks`` uses the all-to-all dispatcher even at one rank (over a one-rank
 group), so a single GPU measures NCCL overlap; the layer's local dispatcher has no collective.
 """

@@ -5,7 +5,7 @@ it is built from (PCI bus-id matching, throttle-reason decoding, window energy, 
 summary); and ``combine_summaries``, the run-level view over all ranks' summaries. Nothing here
 reads the rank or calls torch.distributed: the caller gathers the per-rank summaries.
 
-Energy method (METRICS.md, "Energy and power (NVML)"): synchronize the device, then read
+Energy method (docs/results.md, "Energy, power and memory"): synchronize the device, then read
 ``nvmlDeviceGetTotalEnergyConsumption`` (mJ) at both edges of the window; energy = Δ / 1e3 J.
 When the counter is unsupported, or goes backwards (a reset: the counter is discarded), the sampled
 board power is integrated over the sample timestamps with the trapezoid rule instead;

@@ -2,7 +2,7 @@
 
 ``compare(baseline, new, settings)`` takes result files (``moebench.result/1``) or pytest-benchmark
 JSON files (``--benchmark-json``), or folders of them, and returns one ``Row`` per judged item.
-The rules (documented in ``results/README.md``, "Comparing results"):
+The rules (documented in ``docs/results.md``, "Comparing results"):
 
 1. Runs are matched by scenario name and params. Each run's environment class (hardware, world
    size, backend, dtype) must agree; when it does not, the run is reported and not compared

@@ -4,7 +4,7 @@ Within a run, the gated timings are ratios of two things timed in alternating ro
 the machine adds between rounds cancels. What no round inside a run can cancel is a state that
 lasts the whole run: clean-clone CI runs of unchanged code read regress-dispatch's
 ``dispatch_over_floor`` 1.110, 1.123 and 1.189 times another run of the same code in their own A/A
-sets (results/README.md, "Confirmation by rerun"). A real regression is in the code and comes
+sets (docs/results.md, "Confirmation by rerun"). A real regression is in the code and comes
 back in every run; such a state need not. So ``moebench compare BASELINE NEW --confirm N`` runs
 the scenario of each ``slower`` row N more times, each in fresh processes, compares every rerun
 with BASELINE by the same rules, and:

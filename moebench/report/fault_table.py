@@ -1,6 +1,6 @@
 """The fault table: one row per fault run across every result file ``moebench report`` reads.
 
-Its columns, each from the run's ``details.fault`` (``moebench/kinds/fault/kind.py``; results/README.md
+Its columns, each from the run's ``details.fault`` (``moebench/kinds/fault/kind.py``; docs/results.md
 documents the keys) and its metric ``detected_after_s``:
 
 - scenario: the scenario and the run's swept params;

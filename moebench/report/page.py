@@ -5,7 +5,7 @@ The page needs no network: CSS inline and each plot a PNG in a base64 ``data:`` 
 the environments the results came from (host, CPU, GPUs, torch, git sha) and every warning (a busy
 host, a failed check, a missed SLO, a run that errored), then per result file its table (the same
 columns as ``moebench report`` prints) and its plots (``moebench.report.plots``). The CSV has one row per
-run and metric (columns in ``CSV_COLUMNS``, documented in results/README.md).
+run and metric (columns in ``CSV_COLUMNS``, documented in docs/results.md, "CSV").
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import base64
 import csv
 import html
 import json
+import os
 from pathlib import Path
 
 from tabulate import tabulate
@@ -89,6 +90,7 @@ def write_plots(folder: Path, drawn: list[list[tuple[P.Plot, bytes]]]) -> list[P
 def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, bytes]]]) -> str:
     """The whole HTML page (self-contained) of result files ``docs`` read from ``paths``."""
     e = html.escape
+    shown = shown_paths(paths)
     scenarios = [doc["scenario"]["scenario"]["name"] for doc in docs]
     notes = [(name, note) for name, doc in zip(scenarios, docs, strict=True) for note in warnings(doc)]
     parts = [
@@ -97,7 +99,7 @@ def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, byt
         f"<title>moebench report: {e(', '.join(scenarios))}</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>moebench report</h1>",
-        f'<p class="src">{len(docs)} result file(s): {e(", ".join(map(str, paths)))}</p>',
+        f'<p class="src">{len(docs)} result file(s): {e(", ".join(shown))}</p>',
         "<h2>Environment</h2>",
         _environment_table(docs, scenarios),
     ]
@@ -106,7 +108,7 @@ def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, byt
         parts.append(f'<div class="warn"><b>Warnings</b><ul>{items}</ul></div>')
     else:
         parts.append('<p class="ok">No warnings: every run finished and passed its checks and SLO gates.</p>')
-    for doc, path, plots in zip(docs, paths, drawn, strict=True):
+    for doc, path, plots in zip(docs, shown, drawn, strict=True):
         parts.append(_section(doc, path, plots))
     faults = fault_table.rows(docs)
     if faults:  # one table across every file's fault runs, as the text report prints it
@@ -114,6 +116,17 @@ def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, byt
         parts.append(f'<section id="fault-table"><h2>Fault table</h2>{table}</section>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def shown_paths(paths: list[Path]) -> list[str]:
+    """How the page names each result file: relative to the folder all of them share, so a page
+    made from ``/tmp/ds/*.json`` says ``a.json``, never the machine's folder (a committed page would
+    carry it). Files in different folders keep the part of their path that tells them apart."""
+    absolute = [Path(path).absolute() for path in paths]
+    if not absolute:
+        return []
+    root = Path(os.path.commonpath([path.parent for path in absolute]))
+    return [path.relative_to(root).as_posix() for path in absolute]
 
 
 def _environment_table(docs: list[dict], scenarios: list[str]) -> str:
@@ -133,7 +146,7 @@ def _wide(table: str, also: str = "") -> str:
     return f'<div class="{" ".join(filter(None, ("wide", also)))}">{table}</div>'
 
 
-def _section(doc: dict, path: Path, plots: list[tuple[P.Plot, bytes]]) -> str:
+def _section(doc: dict, path: str, plots: list[tuple[P.Plot, bytes]]) -> str:
     e = html.escape
     info, env = doc["scenario"]["scenario"], doc["environment"]
     headers, rows = table_cells(doc)
@@ -142,7 +155,7 @@ def _section(doc: dict, path: Path, plots: list[tuple[P.Plot, bytes]]) -> str:
         f'<section id="{e(P.slug(info["name"]))}">',
         f"<h2>{e(info['name'])} ({e(info['kind'])})</h2>",
         f"<p>{e(info.get('description', ''))}</p>" if info.get("description") else "",
-        f'<p class="src">{e(doc["source"])} · {e(str(path))} · git {e(sha)}</p>',
+        f'<p class="src">{e(doc["source"])} · {e(path)} · git {e(sha)}</p>',
         _wide(tabulate(rows, headers=headers, tablefmt="html", disable_numparse=True)),
     ]
     notes = warnings(doc)

@@ -283,7 +283,7 @@ def _straggler(spec: RunSpec, per_rank: list[dict], fault: dict, steps: int) -> 
     at = spec.fault["at_step"]
     cpu_WS, wall = np.array(per_rank[0]["cpu_WS"]), np.array(per_rank[0]["wall_S"])
     after_W = np.median(cpu_WS[at:], axis=0)
-    fault["straggler_score_W"] = (after_W.min() / after_W).tolist()  # METRICS.md: min over ranks of t / t_rank
+    fault["straggler_score_W"] = (after_W.min() / after_W).tolist()  # docs/results.md, "Straggler score"
     fault["step_inflation"] = float(np.median(wall[at:]) / np.median(wall[:at]))
     found = per_rank[0]["straggler"]
     if found is None:
