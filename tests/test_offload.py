@@ -151,6 +151,23 @@ def test_a_prefetch_evicts_an_unnamed_expert_even_when_the_policy_would_pick_a_n
     assert torch.equal(lfu.slot_in_SDH[lfu.slot_of[3]], w_in[3])
 
 
+def test_needed_copies_count_the_misses_and_the_prefetched_experts_used_not_the_wasted_guesses():
+    from runtime.offload import ExpertCache
+
+    cache = ExpertCache(torch.randn(4, 2, 6), torch.randn(4, 3, 2), 2, cache_policy.LRU(), "cpu")
+    cache.prefetch([0, 1])  # two copies into the free slots
+    for e in cache.begin_forward([0, 2]):  # 0 hits (prefetched, used); 2 misses; 1 was a wasted guess
+        cache.weights(e)
+    cache.end_forward({0, 2})
+    st = cache.stats
+    assert (st.copied_experts, st.hits, sum(st.misses_E)) == (3, 1, 1)
+    assert st.needed_copies == 2  # the miss on 2 and the used guess 0; not 1
+    for e in cache.begin_forward([3]):  # no prefetch: a miss is a needed copy
+        cache.weights(e)
+    cache.end_forward({3})
+    assert (st.copied_experts, st.needed_copies) == (4, 3)
+
+
 def test_the_next_layer_guess_is_that_layers_router_on_this_layers_input_most_chosen_first():
     _, guess, stream = _stacks(OffloadConfig(8, "lru", "next_layer"))
     named = {}
