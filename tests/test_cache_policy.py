@@ -129,6 +129,19 @@ def test_hand_examples_of_each_policys_victim():
     assert simulate("belady", [[1], [0, 2], [0, 1, 2], [1], [2]], 2) == 4
 
 
+def test_lfu_breaks_a_tie_of_counts_toward_the_least_recently_used_expert():
+    # 2 slots; at the miss on 2 experts 0 and 1 were each accessed once: the one used longer ago goes
+    assert simulate("lfu", [[1], [0], [2], [1]], 2) == 0  # 1 evicted (used before 0): it then misses
+    assert simulate("lfu", [[0], [1], [2], [0]], 2) == 0  # 0 evicted, whatever the ids
+    assert simulate("lfu", [[1], [0], [2], [0]], 2) == 1  # 0, used last, stayed
+    policy = cache_policy.LFU()
+    for e in (3, 5, 4, 5):  # counts 3: 1, 5: 2, 4: 1; of the tied 3 and 4, 3 was used longer ago
+        policy.access(e)
+    assert policy.victim({3, 4, 5}) == 3
+    policy.access(3)  # now 4 (count 1) is the least often used, whatever its recency
+    assert policy.victim({3, 4, 5}) == 4
+
+
 def test_belady_repeats_its_steps_and_refuses_to_diverge():
     policy = Belady([[0, 1], [2], [1]])
     policy.begin_step([1, 0])

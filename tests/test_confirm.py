@@ -52,6 +52,26 @@ def test_a_rerun_that_failed_or_ran_elsewhere_keeps_the_regression():
     assert kept[0].verdict == "slower" and "not confirmed, kept: x.json is a pytest-benchmark result" in kept[0].note
 
 
+def test_a_rerun_that_could_not_judge_keeps_the_regression_whatever_another_rerun_read():
+    rows = [_row("t", "slower", 1.3, run=r) for r in ("a", "b", "c", "d")]
+    first = [
+        C.Row("demo", "a", "run", verdict="failed", note="RuntimeError: boom"),
+        C.Row("demo", "b", "environment", verdict="env differs"),
+        # c: the first rerun lacks the metric
+        C.Row("demo", "d", "run", verdict="failed", note="RuntimeError: boom"),
+    ]
+    second = [_row("t", "same", 1.0, run="a"), _row("t", "faster", 0.8, run="b"), _row("t", "noisy", 1.1, run="c")]
+    second.append(_row("t", "slower", 1.3, run="d"))
+    out = {r.run: r for r in confirm(rows, [first, second])}
+    # one rerun read it not slower, but the other measured nothing: only a measurement clears a regression
+    assert out["a"].verdict == "slower" and "kept: a rerun could not judge it (failed, same)" in out["a"].note
+    assert out["b"].verdict == "slower" and "kept: a rerun could not judge it (env differs, faster)" in out["b"].note
+    assert out["c"].verdict == "slower" and "kept: a rerun could not judge it (missing, noisy)" in out["c"].note
+    # one rerun read slower and the other could not judge: kept, not "confirmed by 2 reruns"
+    assert out["d"].verdict == "slower" and "kept: a rerun could not judge it (failed, slower)" in out["d"].note
+    assert all(r.regression for r in out.values())
+
+
 def test_only_slower_rows_are_confirmed_and_no_rerun_changes_nothing():
     rows = [_row("err", "worse", 3.0), _row("gone", "missing", None), _row("t", "faster", 0.8), _row("s", "slower")]
     clean = [[_row("err", "same"), _row("gone", "same"), _row("t", "same"), _row("s", "same")]]

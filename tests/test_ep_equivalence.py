@@ -44,6 +44,8 @@ CASES = [
     ),
     Case("custom-top2-dropless", _moe(top_k=2), "custom"),
     Case("normalized-top2-cap", _moe(top_k=2, capacity_factor=1.25, normalize_topk=True)),
+    # 88 tokens lose their copy to the hot expert and keep the other copy's normalized weight (< 1)
+    Case("normalized-top2-cap-drops", _moe(top_k=2, capacity_factor=1.25, normalize_topk=True), routing="hot:5"),
     Case("empty-rank-top2-cap", _moe(top_k=2, capacity_factor=1.25), empty_rank=True),
     Case("idle-expert-top2-dropless", _moe(top_k=2), routing="avoid:3"),
     Case("all-to-one-top1-dropless", _moe(top_k=1), routing="hot:5"),
@@ -113,6 +115,7 @@ def test_ep_layer_matches_fp64_reference(world_size, name, ep_results, reference
     ("name", "dropped"),
     [
         ("all-to-one-top2-cap", 128 - 40),  # C = ceil(1.25·128·2/8) = 40 of the hot expert's 128
+        ("normalized-top2-cap-drops", 128 - 40),
         ("all-to-one-top1-dropless", 0),
         ("capacity-exactly-hit", 0),  # 16 copies per expert, C = ceil(1.0·128/8) = 16
         ("capacity-one-short", 8),  # C = ceil(0.9·128/8) = 15: one copy dropped per expert

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import pytest
 
 from moebench import runner
@@ -26,6 +22,33 @@ from moebench.scenario import RunSpec
 )
 def test_busy_when_others_take_cores_the_run_needs_or_own_threads_exceed_them(others, cpus, threads, ranks, reason):
     assert host.busy(others, cpus, threads, ranks) == (True, reason)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "threads", "ranks", "others", "busy"),
+    [
+        (8, 2, 3, 2.4, False),  # 6 threads leave 2 cores free: 2.4 is within them and the slack
+        (8, 2, 3, 2.6, True),  # 2 free + 0.5 slack exceeded (one rank's 2 threads would leave 6 free)
+        (4, 1, 4, 0.6, True),  # 4 ranks × 1 thread leave no core free (one rank's would leave 3)
+        (16, 4, 2, 8.4, False),  # 8 free
+        (16, 4, 2, 8.6, True),
+    ],
+)
+def test_the_cores_a_run_leaves_free_are_its_cores_less_every_ranks_threads(cpus, threads, ranks, others, busy):
+    record = {"other_cpu_cores": others, "cpu_count": cpus, "threads_per_rank": threads, "ranks": ranks}
+    reason = f"other processes used {others:.1f} of {cpus} cores during the run" if busy else ""
+    assert host.busy(others, cpus, threads, ranks) == (busy, reason)
+    assert host.judge(record) == (busy, reason)
+
+
+def test_under_torchrun_the_sibling_ranks_cpu_time_is_the_runs_not_others(monkeypatch):
+    monkeypatch.setattr(runner, "under_torchrun", lambda: True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(host, "cpu_count", lambda: 2)
+    # 4 s of host CPU over 2 s; this rank used 2 s of it, so did its sibling (not our child): no one else ran
+    monkeypatch.setattr(host, "cpu_snapshot", lambda: host.CpuSnapshot(2.0, 4.0, 2.0))
+    run = runner._record_host({"device": "cpu"}, _spec(world=2), None, host.CpuSnapshot(0.0, 0.0, 0.0), 1)
+    assert run["host"]["other_cpu_cores"] == 0.0 and run["host_busy"] is False
 
 
 def test_gpu_runs_are_busy_only_when_others_take_over_half_the_cores():
@@ -56,17 +79,24 @@ def test_host_busy_time_reads_proc_stat_without_idle_and_iowait(monkeypatch):
     assert host._host_busy_s(None) is None
 
 
-def test_a_cpu_bound_neighbour_is_measured_as_about_one_other_core():
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)
-        before = host.cpu_snapshot()
-        time.sleep(1.5)
-        others = host.other_cores(before, host.cpu_snapshot())
-    finally:
-        neighbour.kill()
-        neighbour.wait()
-    assert 0.5 <= others <= 2.5  # the neighbour's core, give or take whatever else runs here
+def _readings(monkeypatch, stat: str, times: tuple[float, ...], wall_s: float) -> None:
+    """Fabricated /proc/stat, os.times and clock readings (clock ticks: 100 per second)."""
+    monkeypatch.setattr(host.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(host, "_read", lambda path: stat if path == host.PROC_STAT else None)
+    monkeypatch.setattr(host.os, "times", lambda: host.os.times_result(times))
+    monkeypatch.setattr(host.time, "monotonic", lambda: wall_s)
+
+
+def test_a_cpu_snapshot_counts_the_hosts_busy_time_and_this_process_tree_ranks_included(monkeypatch):
+    # fabricated readings, so the measurement is judged whatever else this machine runs
+    # /proc/stat: user nice system idle iowait irq softirq steal; os.times: user system children_user children_system
+    _readings(monkeypatch, "cpu  600 0 400 9000 50 0 0 0 0 0\n", (1.0, 0.5, 3.0, 1.5, 0.0), 10.0)
+    before = host.cpu_snapshot()
+    _readings(monkeypatch, "cpu  1400 0 800 9500 90 0 0 0 0 0\n", (2.0, 1.0, 7.0, 2.0, 0.0), 14.0)
+    after = host.cpu_snapshot()
+    assert before == host.CpuSnapshot(wall_s=10.0, host_busy_s=10.0, own_s=6.0)  # children: the ranks waited for
+    assert after == host.CpuSnapshot(wall_s=14.0, host_busy_s=22.0, own_s=12.0)
+    assert host.other_cores(before, after) == 1.5  # (12 s busy − 6 s ours) over 4 s
 
 
 @pytest.mark.parametrize(

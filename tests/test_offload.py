@@ -131,6 +131,43 @@ def test_a_prefetch_never_evicts_its_own_guess():
     assert (cache.stats.predicted, cache.stats.predicted_used) == (3, 2)
 
 
+def test_a_prefetch_evicts_an_unnamed_expert_even_when_the_policy_would_pick_a_named_one():
+    from runtime.offload import ExpertCache
+
+    w_in, w_down = torch.randn(5, 2, 6), torch.randn(5, 3, 2)
+    # LRU: 1 is named and the least recently used resident expert; 0 is not named, so 0 goes
+    lru = ExpertCache(w_in, w_down, 2, cache_policy.LRU(), "cpu")
+    for e in (1, 0):
+        lru.weights(e)
+    lru.prefetch([1, 2])
+    assert set(lru.slot_of) == {1, 2}
+    # LFU: 3, just prefetched, has no accesses (the least frequently used); loading 4 evicts 1 instead
+    # (0, 1, 2 each accessed twice: 0 went for 3 as the least recent, then 1)
+    lfu = ExpertCache(w_in, w_down, 3, cache_policy.LFU(), "cpu")
+    for e in (0, 1, 2, 0, 1, 2):
+        lfu.weights(e)
+    lfu.prefetch([3, 4])
+    assert set(lfu.slot_of) == {2, 3, 4} and lfu.stats.copied_experts == 5
+    assert torch.equal(lfu.slot_in_SDH[lfu.slot_of[3]], w_in[3])
+
+
+def test_needed_copies_count_the_misses_and_the_prefetched_experts_used_not_the_wasted_guesses():
+    from runtime.offload import ExpertCache
+
+    cache = ExpertCache(torch.randn(4, 2, 6), torch.randn(4, 3, 2), 2, cache_policy.LRU(), "cpu")
+    cache.prefetch([0, 1])  # two copies into the free slots
+    for e in cache.begin_forward([0, 2]):  # 0 hits (prefetched, used); 2 misses; 1 was a wasted guess
+        cache.weights(e)
+    cache.end_forward({0, 2})
+    st = cache.stats
+    assert (st.copied_experts, st.hits, sum(st.misses_E)) == (3, 1, 1)
+    assert st.needed_copies == 2  # the miss on 2 and the used guess 0; not 1
+    for e in cache.begin_forward([3]):  # no prefetch: a miss is a needed copy
+        cache.weights(e)
+    cache.end_forward({3})
+    assert (st.copied_experts, st.needed_copies) == (4, 3)
+
+
 def test_the_next_layer_guess_is_that_layers_router_on_this_layers_input_most_chosen_first():
     _, guess, stream = _stacks(OffloadConfig(8, "lru", "next_layer"))
     named = {}

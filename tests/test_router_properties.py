@@ -6,6 +6,7 @@ arithmetic or fp64 tensor arithmetic written out in the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -15,6 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import FAST, bincount_E, choices_TK, first_copies_kept, logits_TE
 
+from runtime import MoEConfig
+from runtime.layer import MoELayer
+from runtime.reference import reference_moe
 from runtime.router import (
     expert_capacity,
     keep_mask,
@@ -23,6 +27,7 @@ from runtime.router import (
     route,
     router_z_loss,
 )
+from runtime.weights import init_weights
 
 # ---------------------------------------------------------------------------------------------
 # route
@@ -208,6 +213,56 @@ def test_dropless_keeps_every_copy(data, num_experts):
     kept_WE = kept_counts(counts_WE, None)
     assert torch.equal(kept_WE, counts_WE)
     assert bool(keep_mask(ids_TK, kept_WE[0]).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# the combine weight of a token with a dropped copy (normalize_topk and capacity together)
+
+# 16 tokens x 2 copies over 4 experts, C = ceil(0.5 · 16 · 2 / 4) = 4 of about 8 copies each
+DROPPING = MoEConfig(hidden_size=8, ffn_hidden_size=12, num_experts=4, top_k=2, capacity_factor=0.5)
+
+
+def _dropping_by_hand(x_ND: torch.Tensor, weights, moe: MoEConfig) -> tuple[torch.Tensor, list[int]]:
+    """The documented rule in fp64, token by token: weights are the chosen probabilities (over their
+    sum under normalize_topk), each expert serves its first C copies in token order, a dropped copy
+    adds nothing and the token's other copies keep their weights. Also: copies dropped per token."""
+    x = x_ND.double()
+    probs = torch.softmax(x @ weights.router_ED.double().T, -1)
+    capacity = math.ceil(moe.capacity_factor * x.shape[0] * moe.top_k / moe.num_experts)
+    used, out, dropped = [0] * moe.num_experts, torch.zeros_like(x), []
+    for t in range(x.shape[0]):
+        chosen = sorted(range(moe.num_experts), key=lambda e: (-probs[t, e].item(), e))[: moe.top_k]
+        total = sum(probs[t, e] for e in chosen) if moe.normalize_topk else 1.0
+        dropped.append(0)
+        for e in chosen:
+            if used[e] == capacity:
+                dropped[-1] += 1
+                continue
+            used[e] += 1
+            h = torch.nn.functional.gelu(x[t] @ weights.w_in_EDH[e].double())
+            out[t] += probs[t, e] / total * (h @ weights.w_down_EFD[e].double())
+    return out, dropped
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_dropped_copys_weight_goes_to_no_other_copy_of_its_token_at_ep1(normalize):
+    moe = dataclasses.replace(DROPPING, normalize_topk=normalize)
+    weights = init_weights(moe, seed=5)
+    x_ND = torch.randn(16, moe.hidden_size, generator=torch.Generator().manual_seed(6))
+    expected, dropped = _dropping_by_hand(x_ND, weights, moe)
+    assert dropped.count(1) >= 3 and dropped.count(0) >= 3  # tokens with one copy dropped, and with none
+    layer = MoELayer(moe)  # EP 1, in this process
+    layer.load_global_weights(weights)
+    with torch.no_grad():
+        out = layer(x_ND)
+    assert out.tokens_dropped == sum(dropped)
+    assert _rel(out.out_TD, expected) <= 1e-5
+    # the fp64 reference follows the same rule (the EP 2 and 4 layers are held to it in test_ep_equivalence)
+    assert _rel(reference_moe(x_ND, weights, moe).out_ND, expected) <= 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
