@@ -33,8 +33,8 @@ from tabulate import tabulate
 from moebench import scenario as scenario_mod
 from moebench.launch.spawn import launch
 from moebench.measure.common import dispatch_combine_fns, dispatch_jobs, raw_a2a_fn, setup
+from moebench.measure.environment import cpu_model
 from moebench.measure.timing import time_interleaved
-from moebench.report.results import cpu_model
 
 DEFAULT_SCENARIO = "scenarios/regress/regress-a2a.toml"
 FUNCTIONS = ("a2a", "exchange", "send + exchange", "dispatch", "combine exchange", "combine")

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from moebench.kinds.equivalence import rel_error
+from moebench.measure.environment import cpu_model
 from moebench.measure.floors import loop_floor, mixtral_block
 from moebench.measure.timing import time_interleaved
-from moebench.report.results import cpu_model
 from moebench.workload.tokens import tokens
 from runtime import MoEConfig, MoELayer, init_weights
 
