@@ -78,7 +78,7 @@ def tour():
 
 def test_the_tour_is_the_top_level_files_only_never_the_sweeps_or_the_regress_set(tour):
     assert [p.parent for p in discover([SCENARIOS])] == [SCENARIOS] * len(tour)  # `run DIR` does not recurse
-    assert set(tour) == {p.name for p in SCENARIOS.glob("*.toml")} and len(tour) >= len(CAPABILITIES) // 2
+    assert set(tour) == {p.name for p in SCENARIOS.glob("*.toml")}
     tour_names = {runs[0].name for runs in tour.values()}
     elsewhere = {sc.name for sc in load_all([str(SCENARIOS / d) for d in ("sweeps", "regress", "calibrate")], {})}
     assert not tour_names & elsewhere  # a tour result never pairs with a sweep's in `moebench compare`
