@@ -117,9 +117,23 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(**VENV)
 def bench(session: nox.Session) -> None:
-    """The default scenario set (scenarios/*.toml) on this host: GPUs where a run fits, else gloo ranks."""
+    """The tour (scenarios/*.toml): one small file per capability, a few minutes on 2 CPU cores.
+
+    On this host's GPUs where a run fits, else gloo ranks. The full sweeps are `nox -s sweeps`.
+    """
     _install(session)
     session.run("python", "-m", "moebench", "run", "scenarios", *session.posargs)
+
+
+@nox.session(default=False, **VENV)
+def sweeps(session: nox.Session) -> None:
+    """The full sweeps (scenarios/sweeps), 106 runs: about 10 minutes on a quiet 2-core CPU host.
+
+    Every point of the tour's capabilities: EP 1, 2, 4; every overlap chunk count, cache size, policy and
+    prefetch mode; every fault type. On this host's GPUs where a run fits, else gloo ranks.
+    """
+    _install(session)
+    session.run("python", "-m", "moebench", "run", "scenarios/sweeps", *session.posargs)
 
 
 @nox.session(**VENV)

@@ -16,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu-check"
 STEPS = ["pytest-gpu", "default-cuda", "multigpu", "telemetry", "experts"]
-# Top-level scenarios the default-cuda step leaves out, and why (the script's header says the same).
+# Sweep scenarios (scenarios/sweeps) the default-cuda step leaves out, and why (the script's header says the same).
 LEFT_OUT = {
     "faults.toml": "faults on rank 1",
     "failover.toml": "masks rank 1",
@@ -85,10 +85,10 @@ def test_every_module_the_steps_run_answers_help(tmp_path):
     assert "--device" in run_help.stdout and "--world-size" in run_help.stdout
 
 
-def test_the_default_step_runs_every_top_level_scenario_but_the_documented_ones(tmp_path):
+def test_the_default_step_runs_every_sweep_scenario_but_the_documented_ones(tmp_path):
     command = _dry_run(tmp_path)["default-cuda"]
-    listed = {Path(p).name for p in re.findall(r"scenarios/[\w.-]+\.toml", command)}
-    shipped = {p.name for p in (REPO / "scenarios").glob("*.toml")}
+    listed = {Path(p).name for p in re.findall(r"scenarios/sweeps/[\w.-]+\.toml", command)}
+    shipped = {p.name for p in (REPO / "scenarios" / "sweeps").glob("*.toml")}
     assert listed == shipped - LEFT_OUT.keys()  # a new top-level scenario must be added or left out on purpose
     header = SCRIPT.read_text()
     assert all(name in header for name in LEFT_OUT)

@@ -169,7 +169,7 @@ def test_unreadable_or_invalid_toml_and_missing_paths_are_named(tmp_path):
 
 
 def test_every_shipped_scenario_loads():
-    files = discover([SHIPPED, SHIPPED / "multigpu"])
+    files = discover([SHIPPED, SHIPPED / "sweeps", SHIPPED / "multigpu"])
     assert len(files) >= 8
     names = [load(f).name for f in files]
     assert len(set(names)) == len(names)

@@ -153,6 +153,7 @@ def test_list_shows_every_shipped_set_and_the_plans_under_a_header_each(capsys):
         "scenarios/multigpu/  (moebench run scenarios/multigpu)",
         "scenarios/plans/  (moebench plan scenarios/plans/FILE.toml)",
         "scenarios/regress/  (moebench run scenarios/regress)",
+        "scenarios/sweeps/  (moebench run scenarios/sweeps)",
     ]
     names = {line.split()[0] for line in out.splitlines() if line[:1].strip()}
     assert {"seed-throughput", "calibrate-gemm", "gpu-seed-throughput", "regress-dispatch", "seed-002"} <= names

@@ -1,0 +1,103 @@
+"""The tour (``scenarios/*.toml``, what ``nox -s bench`` and ``moebench run scenarios`` run) stays a tour:
+every capability shown by at least one file, each file a few runs, the whole a bounded number of runs.
+
+Counted with the loader's own expansion (``moebench.runner.load_all``, what ``moebench run`` plans),
+never by timing: the bound holds on a busy host as on a quiet one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moebench.runner import load_all
+from moebench.scenario import RunSpec, discover
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+
+# The whole tour's runs. A run costs a few seconds on a quiet 2-core CPU host even when small (the
+# ranks start and import torch; the old default set averaged 5.8 s a run over 106 runs, 10 min 18 s),
+# so 20 runs keep `nox -s bench` near 2 minutes there, under the 3 a newcomer's first command may take.
+MAX_TOUR_RUNS = 20
+MAX_RUNS_PER_FILE = 3  # one point, or a same-run comparison of two or three (e.g. LRU vs Belady)
+
+
+def _offloaded(r: RunSpec) -> bool:
+    return r.offload.get("cache_slots") is not None
+
+
+def _plain_timed(r: RunSpec, kind: str) -> bool:
+    return r.kind == kind and not _offloaded(r) and not r.parallel["overlap_chunks"] and r.workload["skew"] != "trace"
+
+
+# capability -> what one file's runs must do to show it (all runs of that file together)
+CAPABILITIES = {
+    "throughput": lambda runs: any(_plain_timed(r, "throughput") for r in runs),
+    "latency": lambda runs: any(_plain_timed(r, "latency") for r in runs),
+    "load balance under the seed plan's gate": lambda runs: any(
+        r.kind == "load_balance" and any(s.metric == "load_cv" for s in r.slos) for r in runs
+    ),
+    "Zipf-skewed routing": lambda runs: any(r.workload["skew"] == "zipf" for r in runs),
+    "equivalence, top-2 with capacity dropping": lambda runs: any(
+        r.kind == "equivalence" and r.model["top_k"] == 2 and r.routing["capacity_factor"] > 0 for r in runs
+    ),
+    "equivalence, dropless": lambda runs: any(
+        r.kind == "equivalence" and r.routing["capacity_factor"] == 0 for r in runs
+    ),
+    "dispatch over the raw all-to-all (EP > 1)": lambda runs: any(
+        r.kind == "dispatch" and r.world_size > 1 for r in runs
+    ),
+    "experts over the loop floor": lambda runs: any(r.kind == "experts" for r in runs),
+    "offload, a policy beside Belady in the same file": lambda runs: (
+        {r.offload["policy"] for r in runs if _offloaded(r)} > {"belady"}  # belady and another
+    ),
+    "overlap (C > 1, timed against C = 1 in the run)": lambda runs: any(
+        (r.parallel["overlap_chunks"] or 1) > 1 and r.world_size > 1 for r in runs
+    ),
+    "fault detection by the watchdog": lambda runs: any(
+        r.kind == "fault" and r.fault.get("type") in ("crash", "hang") and not r.fault.get("checkpoint_every")
+        for r in runs
+    ),
+    "failover to a replica": lambda runs: any(
+        r.kind == "fault" and r.fault.get("type") in ("expert_loss", "rank_loss") and r.parallel["redundant_experts"]
+        for r in runs
+    ),
+    "checkpoint and resume": lambda runs: any(
+        r.kind == "fault" and r.fault.get("checkpoint_every") and r.workload["train"] for r in runs
+    ),
+    "routing trace replay": lambda runs: any(r.workload["skew"] == "trace" for r in runs),
+}
+
+
+@pytest.fixture(scope="module")
+def tour():
+    """{file name: its runs}, as `moebench run scenarios` would plan them on this host."""
+    return {Path(sc.path).name: sc.runs for sc in load_all([str(SCENARIOS)], {})}
+
+
+def test_the_tour_is_the_top_level_files_only_never_the_sweeps_or_the_regress_set(tour):
+    assert [p.parent for p in discover([SCENARIOS])] == [SCENARIOS] * len(tour)  # `run DIR` does not recurse
+    assert set(tour) == {p.name for p in SCENARIOS.glob("*.toml")}
+    tour_names = {runs[0].name for runs in tour.values()}
+    elsewhere = {sc.name for sc in load_all([str(SCENARIOS / d) for d in ("sweeps", "regress", "calibrate")], {})}
+    assert not tour_names & elsewhere  # a tour result never pairs with a sweep's in `moebench compare`
+
+
+@pytest.mark.parametrize("capability", list(CAPABILITIES))
+def test_every_capability_is_shown_by_a_tour_file(tour, capability):
+    showing = [name for name, runs in tour.items() if CAPABILITIES[capability](runs)]
+    assert showing, f"no tour file shows {capability}"
+
+
+def test_each_tour_file_is_a_few_runs_and_the_whole_tour_at_most_the_bound(tour):
+    counts = {name: len(runs) for name, runs in tour.items()}
+    assert all(1 <= n <= MAX_RUNS_PER_FILE for n in counts.values()), counts
+    assert sum(counts.values()) <= MAX_TOUR_RUNS, counts
+
+
+def test_the_full_sweeps_are_kept_in_their_own_folder(tour):
+    sweeps = {Path(sc.path).name: len(sc.runs) for sc in load_all([str(SCENARIOS / "sweeps")], {})}
+    # the sweeps the tour's files point to, with their points
+    assert sweeps["offload.toml"] == 4 * 3 * 3 and sweeps["faults.toml"] == 6 and sweeps["overlap.toml"] == 4
+    assert sum(sweeps.values()) > 5 * sum(len(runs) for runs in tour.values())
