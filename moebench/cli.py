@@ -246,10 +246,32 @@ def _run(args) -> int:
             if folder is not None:
                 created.append(_check_writable(folder, flag, what))
         interval = None if args.no_telemetry else args.telemetry_interval
-        return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing, args.trace)
+        invoked = invocation(args)
+        return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing, args.trace, invoked)
     finally:
         for made in reversed(created):  # a bad folder, an interrupt before any result, or none could be written
             _remove_if_empty(made)
+
+
+RUN_FLAGS = (
+    "device",
+    "world_size",
+    "warmup",
+    "repeats",
+    "no_telemetry",
+    "telemetry_interval",
+    "record_routing",
+    "trace",
+)
+
+
+def invocation(args) -> dict:
+    """How ``moebench run`` was invoked, as each result file records it (``invocation``): ``argv``, the
+    words after ``moebench``; ``flags``, the parsed options that change what runs or how it is measured
+    (null: not given; paths as strings). ``compare --confirm`` reruns a result with these flags."""
+    flags = {name: getattr(args, name) for name in RUN_FLAGS}
+    flags |= {k: str(v) for k, v in flags.items() if isinstance(v, Path)}
+    return {"argv": [str(word) for word in args.argv], "flags": flags}
 
 
 def _check_writable(out: Path, flag: str = "--out", what: str = "result files") -> list[Path]:
@@ -613,6 +635,7 @@ def _interrupted(err: KeyboardInterrupt) -> int:
 def _command(argv: list[str] | None, ctrl_c: _CtrlC) -> int:
     """Parse ``argv`` and run its command; Ctrl-C interrupts it only inside the ``try``."""
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "run": _run,
         "list": _list,
