@@ -17,11 +17,14 @@ the file that holds the traceback; MOEBENCH_DEBUG=1 prints it instead); 130 inte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -243,10 +246,32 @@ def _run(args) -> int:
             if folder is not None:
                 created.append(_check_writable(folder, flag, what))
         interval = None if args.no_telemetry else args.telemetry_interval
-        return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing, args.trace)
+        invoked = invocation(args)
+        return run_scenarios(scenarios, out, interval, table_style(args), args.record_routing, args.trace, invoked)
     finally:
         for made in reversed(created):  # a bad folder, an interrupt before any result, or none could be written
             _remove_if_empty(made)
+
+
+RUN_FLAGS = (
+    "device",
+    "world_size",
+    "warmup",
+    "repeats",
+    "no_telemetry",
+    "telemetry_interval",
+    "record_routing",
+    "trace",
+)
+
+
+def invocation(args) -> dict:
+    """How ``moebench run`` was invoked, as each result file records it (``invocation``): ``argv``, the
+    words after ``moebench``; ``flags``, the parsed options that change what runs or how it is measured
+    (null: not given; paths as strings). ``compare --confirm`` reruns a result with these flags."""
+    flags = {name: getattr(args, name) for name in RUN_FLAGS}
+    flags |= {k: str(v) for k, v in flags.items() if isinstance(v, Path)}
+    return {"argv": [str(word) for word in args.argv], "flags": flags}
 
 
 def _check_writable(out: Path, flag: str = "--out", what: str = "result files") -> list[Path]:
@@ -554,8 +579,63 @@ def _crashed(err: Exception) -> int:
     return EXIT_CRASH
 
 
+class _CtrlC:
+    """SIGINT over the command's whole life. While the command works (``armed``), the first Ctrl-C
+    raises ``KeyboardInterrupt``: the command stops its ranks and says what it kept, and ``main``
+    returns 130. Any other Ctrl-C (before the command starts, after it has finished: its last lines
+    printed, the interpreter shutting down; or a second one while the first is handled) ends the
+    process at once with exit 130. Result files are written atomically, so each is whole or absent."""
+
+    def __init__(self) -> None:
+        self.armed = False  # the command is at work: a Ctrl-C interrupts it
+        self.raised = False  # a KeyboardInterrupt was raised: the command is stopping
+
+    def __call__(self, signum, frame) -> None:
+        if self.raised or not self.armed:
+            _exit_interrupted("again: stopped at once" if self.raised else "nothing was left half done")
+        self.raised = True
+        raise KeyboardInterrupt
+
+
+def _exit_interrupted(why: str) -> None:
+    """Exit 130 now, from the signal handler: flush what is buffered (a flush the signal cut short is
+    skipped, not repeated), say so in one line, and skip the interpreter's shutdown."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, RuntimeError, ValueError):  # RuntimeError: a reentrant write
+            stream.flush()
+    try:
+        os.write(2, f"moebench: interrupted ({why})\n".encode())
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command; returns its exit code. The Ctrl-C handler (``_CtrlC``) is installed first thing
+    and, for the process's own command line (``argv`` None), stays until the process exits, so a
+    Ctrl-C between this return and the exit is 130 too. Called with ``argv`` (a test, a script), the
+    caller's handler is restored on return."""
+    handler, previous = _CtrlC(), None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, handler)
+    try:
+        return _command(argv, handler)
+    except KeyboardInterrupt as err:  # raised where _command's own handlers could not take it
+        return _interrupted(err)
+    finally:
+        if argv is not None and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """One line (``runner.Interrupted`` says what was kept) and exit code 130."""
+    print(f"moebench: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _command(argv: list[str] | None, ctrl_c: _CtrlC) -> int:
+    """Parse ``argv`` and run its command; Ctrl-C interrupts it only inside the ``try``."""
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "run": _run,
         "list": _list,
@@ -565,18 +645,20 @@ def main(argv: list[str] | None = None) -> int:
         "plan": _plan,
     }
     try:
+        ctrl_c.armed = True
         return commands[args.command](args)
     except ValueError as err:  # ScenarioError is a ValueError: one line, exit 2
         print(f"moebench: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt as err:  # runner.Interrupted says what was kept
-        print(f"moebench: interrupted{f'; {err}' if str(err) else ''}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
     except BrokenPipeError:  # the reader of our output left (`moebench report ... | head`): not a crash
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 0
     except Exception as err:
         return _crashed(err)
+    finally:
+        ctrl_c.armed = False
 
 
 if __name__ == "__main__":

@@ -215,11 +215,13 @@ def run_scenarios(
     fmt="plain",
     record_dir: Path | None = None,
     trace_dir: Path | None = None,
+    invocation: dict | None = None,
 ) -> int:
-    """Run everything; write one JSON per scenario under ``out_dir``. Returns the exit code."""
+    """Run everything; write one JSON per scenario under ``out_dir``. Returns the exit code.
+    ``invocation``: how the command was invoked (``cli.invocation``), recorded in each result file."""
     kept = {}  # scenario name -> runs in its result file
     try:
-        return _run_all(scenarios, out_dir, interval, fmt, kept, record_dir, trace_dir)
+        return _run_all(scenarios, out_dir, interval, fmt, kept, record_dir, trace_dir, invocation)
     except KeyboardInterrupt:
         runs = sum(kept.values())
         raise Interrupted(
@@ -245,6 +247,7 @@ def _run_all(
     kept: dict,
     record_dir: Path | None,
     trace_dir: Path | None,
+    invocation: dict | None = None,
 ) -> int:
     env = environment()
     total, done, all_ok = sum(len(sc.runs) for sc in scenarios), 0, True
@@ -253,6 +256,7 @@ def _run_all(
         doc = {
             "schema": SCHEMA,
             "source": sc.path,
+            "invocation": invocation,
             "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "scenario": sc.sections,
             "columns": [list(column) for column in kinds.get(sc.sections["scenario"]["kind"]).columns],

@@ -11,8 +11,9 @@ import pytest
 from moebench.cli import main
 from moebench.metrics import metric
 from moebench.regress import compare as C
-from moebench.regress.confirm import _options, confirm, plan, rerun_dirs
+from moebench.regress.confirm import NO_INVOCATION, _options, confirm, plan, rerun_dirs
 from moebench.report.results import write_atomic
+from tests.result_docs import result_doc, run_record
 
 
 def _row(metric_name: str, verdict: str, ratio: float | None = 1.0, run: str = "-") -> C.Row:
@@ -93,8 +94,66 @@ def test_rerun_folders_sit_beside_new_never_inside_it_and_never_reuse_one(tmp_pa
 
 
 def test_a_result_without_its_run_settings_is_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"--confirm: x.json lacks its scenario's warmup, repeats or runs"):
-        _options("x.json", {"scenario": {"scenario": {"name": "x"}}, "runs": []})
+    doc = {"scenario": {"scenario": {"name": "x"}}, "invocation": {"argv": [], "flags": {}}, "runs": []}
+    with pytest.raises(ValueError, match=r"--confirm: x.json lacks its scenario's warmup or repeats, or its invo"):
+        _options("x.json", doc)
+
+
+FLAGS = {"device": None, "world_size": None, "warmup": None, "repeats": None, "no_telemetry": False}
+FLAGS |= {"telemetry_interval": 0.1, "record_routing": None, "trace": None}
+
+
+def _doc_invoked(flags: dict | None, parallel: dict | None = None, telemetry_reason: str | None = None) -> dict:
+    """A result file of a scenario with warmup 2 and repeats 40; ``flags``: its invocation's (None: none recorded)."""
+    run = run_record({"step_time_s": metric([0.01], "s", "lower")})
+    run["telemetry"] = {"per_rank": [{"available": False, "reason": telemetry_reason}]}
+    doc = result_doc([run], name="tiny-dispatch", kind="dispatch")
+    doc["scenario"] |= {"scenario": {"name": "tiny-dispatch", "kind": "dispatch", "warmup": 2, "repeats": 40}}
+    doc["scenario"]["parallel"] = parallel or {"world_size": [1, 2], "device": "auto"}
+    if flags is not None:
+        doc["invocation"] = {"argv": ["run", "x.toml"], "flags": flags}
+    return doc
+
+
+def test_the_rerun_options_are_the_recorded_invocations_flags_not_read_from_message_text():
+    off = _doc_invoked(FLAGS | {"no_telemetry": True, "device": "cpu", "world_size": 2})
+    pinned = ["--device", "cpu", "--world-size", "2"]  # the flags, over the scenario's own "auto" and sweep
+    assert _options("x.json", off) == ["--warmup", "2", "--repeats", "40", *pinned, "--no-telemetry"]
+    # runs whose telemetry reason reads like --no-telemetry's, made with telemetry on (interval 0.5): the flags decide
+    on = _doc_invoked(FLAGS | {"telemetry_interval": 0.5}, telemetry_reason="telemetry switched off (--no-telemetry)")
+    assert _options("x.json", on)[4:] == ["--device", "auto", "--telemetry-interval", "0.5"]
+    # no flag given: a device and world size the scenario fixes (scalars) still pin the rerun
+    fixed = _doc_invoked(FLAGS, parallel={"world_size": 1, "device": "cpu"})
+    assert _options("x.json", fixed)[4:] == ["--device", "cpu", "--world-size", "1", "--telemetry-interval", "0.1"]
+
+
+def test_a_result_without_an_invocation_is_not_rerun_and_its_slower_rows_say_why(tmp_path, capsys):
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(SCENARIO)
+    old = _doc_invoked(None)
+    old["source"] = str(scenario)
+    write_atomic(tmp_path / "old" / "tiny-dispatch.json", old)
+    new = C.load([tmp_path / "old"])
+    rows = [C.Row("tiny-dispatch", new[0].label, "step_time_s", "s", 1.0, 1.3, 1.3, 0.001, 0.05, "slower")]
+    plans, cannot = plan(rows, new)
+    file = str(tmp_path / "old" / "tiny-dispatch.json")
+    assert plans == [] and cannot == {("tiny-dispatch", new[0].label): f"{file} {NO_INVOCATION}"}
+    assert capsys.readouterr().err == f"confirming: {file} {NO_INVOCATION}\n"  # said once, in one line
+    (kept,) = confirm(rows, [], cannot)
+    assert kept.verdict == "slower" and kept.regression and "records no invocation" in kept.note
+
+
+def test_run_records_its_argv_and_flags_in_every_result_file(tmp_path, monkeypatch):
+    from moebench import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "run_scenarios", lambda *args: seen.append(args[-1]) or 0)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(SCENARIO)
+    argv = ["run", str(scenario), "--out", str(tmp_path / "o"), "--world-size", "1", "--no-telemetry"]
+    assert main([*argv, "--trace", str(tmp_path / "t"), "--repeats", "3"]) == 0
+    flags = FLAGS | {"world_size": 1, "no_telemetry": True, "repeats": 3, "trace": str(tmp_path / "t")}
+    assert seen == [{"argv": [*argv, "--trace", str(tmp_path / "t"), "--repeats", "3"], "flags": flags}]
 
 
 SCENARIO = """
@@ -139,6 +198,9 @@ def test_cli_confirm_keeps_a_regression_every_rerun_shows_and_clears_a_one_run_s
     real = tmp_path / "real"
     assert main(["run", str(scenario), "--out", str(real), "--no-telemetry"]) == 0
     result = real / "tiny-dispatch.json"
+    invoked = json.loads(result.read_text())["invocation"]  # what the rerun below is built from
+    assert invoked["argv"] == ["run", str(scenario), "--out", str(real), "--no-telemetry"]
+    assert invoked["flags"]["no_telemetry"] is True and invoked["flags"]["world_size"] is None
     # the code "got 4x slower" (the baseline is 4x faster than this code runs): every rerun shows it
     _scaled(result, tmp_path / "fast-base" / "tiny-dispatch.json", 0.25)
     capsys.readouterr()

@@ -94,6 +94,20 @@ def test_the_default_step_runs_every_sweep_scenario_but_the_documented_ones(tmp_
     assert all(name in header for name in LEFT_OUT)
 
 
+def test_the_default_step_checks_overlapped_chunks_against_fp64_on_cuda(tmp_path):
+    """Chunked all-to-alls race only on a GPU's streams: the CUDA step must run an equivalence scenario
+    with overlap_chunks > 1, which the equivalence kind runs on the collective path at world size 1."""
+    from moebench.kinds import equivalence
+    from moebench.scenario import load
+
+    command = _dry_run(tmp_path)["default-cuda"]
+    assert "scenarios/sweeps/equivalence-overlap.toml" in command.split() and "--world-size 1" in command
+    runs = load(REPO / "scenarios" / "sweeps" / "equivalence-overlap.toml", {("parallel", "world_size"): 1}).runs
+    assert {s.kind for s in runs} == {"equivalence"}
+    chunked = [equivalence.case(s) for s in runs if s.parallel["overlap_chunks"] > 1]
+    assert chunked and all(c.dispatcher == "all_to_all" for c in chunked)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device")
 def test_without_cuda_it_fails_fast_in_one_line_and_writes_nothing(tmp_path):
     done = _bash(str(tmp_path / "out"))

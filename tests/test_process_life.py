@@ -253,3 +253,79 @@ def test_an_interrupt_keeps_an_out_folder_that_was_there_before(tmp_path, monkey
     out.mkdir()
     assert main(["run", str(scenario(tmp_path, "pair", world="[1, 2]")), "--out", str(out)]) == 130
     assert out.is_dir()
+
+
+# -------------------------------------------------------------------------------------------
+# Ctrl-C at any point of the command's life is exit 130: a stand-in for the console script that
+# stalls at one point, so the signal lands there every time rather than by luck of timing
+
+STALLING_ENTRY = """
+import atexit, os, sys, time
+from moebench import cli, runner
+
+def stall():
+    print(f"stalled at {point}", file=sys.stderr, flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":  # not in the processes multiprocessing starts, which import this file
+    point = os.environ["STALL_AT"]
+    if point == "before-the-command":
+        real_parser = cli._parser
+        cli._parser = lambda: (stall(), real_parser())[1]
+    elif point == "printing-the-last-table":  # its result file is written; the table is next
+        real_render = runner.render
+        runner.render = lambda *a, **k: (stall(), real_render(*a, **k))[1]
+    elif point == "interpreter-shutdown":
+        atexit.register(stall)
+    code = cli.main()  # as the console script calls it: sys.exit(main())
+    if point == "after-main-returned":
+        stall()
+    sys.exit(code)
+"""
+
+
+def _stalled_run(tmp_path: Path, point: str, args: list) -> tuple[int, str, str]:
+    """Run ``moebench ARGS`` through the stalling entry and Ctrl-C it (the whole process group, as a
+    terminal does) once it reports the stall; (exit code, stdout, stderr)."""
+    entry, out, err = tmp_path / "entry.py", tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    entry.write_text(STALLING_ENTRY)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "STALL_AT": point}
+    with out.open("w") as out_f, err.open("w") as err_f:
+        cmd = [sys.executable, str(entry), *map(str, args)]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out_f, stderr=err_f, start_new_session=True)
+    try:
+        _wait_for(lambda: "stalled at" in err.read_text() or proc.poll() is not None, 120, "the stall")
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, out.read_text(), err.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point", ["before-the-command", "printing-the-last-table", "after-main-returned", "interpreter-shutdown"]
+)
+def test_ctrl_c_at_any_point_of_a_run_exits_130_and_keeps_whole_result_files(tmp_path, point):
+    out = tmp_path / "out"
+    code, stdout, stderr = _stalled_run(
+        tmp_path, point, ["run", scenario(tmp_path, "one", repeats=1, world="1"), "--out", out]
+    )
+    assert f"stalled at {point}" in stderr
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    if point == "before-the-command":
+        assert last == "moebench: interrupted (nothing was left half done)"
+        assert not out.exists()
+        return
+    doc = json.loads((out / "one.json").read_text())  # whole: it parses, with the one run
+    assert [run["status"] for run in doc["runs"]] == ["ok"]
+    assert [p.name for p in out.iterdir()] == ["one.json"]  # no temporary file left beside it
+    if point == "printing-the-last-table":  # the command is at work: it stops and says what it kept
+        assert last == f"moebench: interrupted; 1 finished run kept in {out}/"
+    else:  # the command had finished: its table is printed whole
+        assert last == "moebench: interrupted (nothing was left half done)"
+        table = stdout.strip().splitlines()
+        assert table[0] == "one (throughput)" and any(row.endswith("  ok") for row in table), stdout

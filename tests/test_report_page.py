@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 
 from moebench.cli import main
 from moebench.metrics import metric
+from moebench.report import page as page_module
 from moebench.report import plots as P
 from tests.result_docs import result_doc, run_record
 
@@ -389,3 +391,151 @@ def test_a_hand_edited_load_table_is_one_line_naming_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moebench: error: {folder / 'lb.json'}: malformed result file: ValueError")
     assert len(err.splitlines()) == 1 and not (tmp_path / "pngs").exists()  # the folder it made is removed
+
+
+# -------------------------------------------------------------------------------------------
+# The summary at the top of the page, and plots with many series
+
+
+class _SummaryParser(HTMLParser):
+    """The summary table's rows (cell texts, and the first cell's link) and every element id on the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.ids, self.links = [], set(), []
+        self._in_summary, self._cell = False, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "table" and attrs.get("id") == "summary":
+            self._in_summary = True
+        elif self._in_summary and tag == "tr":
+            self.rows.append([])
+        elif self._in_summary and tag == "td":
+            self._cell = ""
+        elif self._in_summary and tag == "a" and self._cell == "":
+            self.links.append(attrs["href"])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in_summary = False
+        elif tag == "td" and self._cell is not None:
+            self.rows[-1].append(self._cell)
+            self._cell = None
+
+
+def _failing_equivalence_doc(name: str) -> dict:
+    checks = [{"name": "rel_error_within_tolerance", "pass": False, "detail": "out 3e-2"}]
+    runs = [
+        run_record({"rel_error_forward": metric([2e-7], "ratio", "lower", exact=True)}, {"overlap_chunks": 1}),
+        run_record(
+            {"rel_error_forward": metric([3e-2], "ratio", "lower", exact=True)}, {"overlap_chunks": 4}, checks=checks
+        ),
+    ]
+    return result_doc(runs, name=name, kind="equivalence")
+
+
+def test_the_summary_has_one_row_per_result_file_with_its_verdict_failures_headline_and_link():
+    errored = result_doc([run_record({}, status="error")], name="broken")
+    docs = [load_balance_doc(), latency_doc(), _failing_equivalence_doc("eq"), _failing_equivalence_doc("eq"), errored]
+    html_page = page_module.page(docs, [Path(f"r{i}.json") for i in range(len(docs))], [[] for _ in docs])
+    parsed = _SummaryParser()
+    parsed.feed(html_page)
+    rows = [r for r in parsed.rows if r]  # the header row has th cells only
+    assert html_page.index('id="summary"') < html_page.index("<h2>Environment</h2>")  # the page starts with it
+    lat = latency_doc()["runs"]
+    p50 = sorted(f"{run['metrics']['step_time_s']['median'] * 1e3:.3f}" for run in lat)  # latency's column 1
+    assert rows == [
+        ["lb", "load_balance", "1", "FAIL (1 of 1 runs)", "SLO max_imbalance", "imbalance (max/mean): -"],
+        ["lat", "latency", "2", "ok", "-", f"p50 (ms): {p50[0]} – {p50[1]}"],
+        [
+            "eq",
+            "equivalence",
+            "2",
+            "FAIL (1 of 2 runs)",
+            "rel_error_within_tolerance",
+            "fwd rel err: 2.0e-07 – 3.0e-02",
+        ],
+        [
+            "eq",
+            "equivalence",
+            "2",
+            "FAIL (1 of 2 runs)",
+            "rel_error_within_tolerance",
+            "fwd rel err: 2.0e-07 – 3.0e-02",
+        ],
+        ["broken", "throughput", "1", "error (1 of 1 runs)", "-", "tokens/s: -"],
+    ]
+    assert parsed.links == ["#lb", "#lat", "#eq", "#eq-2", "#broken"]  # two files of one name: two sections
+    assert {link[1:] for link in parsed.links} <= parsed.ids
+
+
+def test_the_headline_is_the_files_first_recorded_column_scaled_and_formatted():
+    doc = latency_doc()
+    doc["columns"] = [["step_time_s:p99", "p99 (ms)", 1e3, ".1f"], *doc["columns"]]
+    p99 = [run["metrics"]["step_time_s"]["p99"] * 1e3 for run in doc["runs"]]
+    assert page_module.headline(doc) == f"p99 (ms): {min(p99):.1f} – {max(p99):.1f}"
+    doc["columns"] = []  # a file from before columns were recorded
+    assert page_module.headline(doc) == "-"
+
+
+def nine_series_offload_doc() -> dict:
+    """cache_slots against 3 policies × 3 prefetch depths: nine hit-rate series."""
+    runs = [
+        run_record(
+            {"cache_hit_rate": metric([slots / 8 / (1 + prefetch)], "ratio", "higher")},
+            {"cache_slots": slots, "policy": policy, "prefetch": prefetch},
+            world=1,
+        )
+        for slots in (1, 2, 8)
+        for policy in ("lru", "lfu", "belady")
+        for prefetch in (0, 1, 2)
+    ]
+    return result_doc(runs, name="off9")
+
+
+def test_nine_hit_rate_series_split_into_one_panel_per_prefetch_coloured_by_policy():
+    runs = nine_series_offload_doc()["runs"]
+    named = P.series_params(runs, "cache_slots")
+    assert len(P.hit_rate_series(runs)) == len(named) == 9
+    layout = P.series_layout(list(named.values()))
+    assert layout == P.SeriesLayout(colour="policy", style=None, facet=("prefetch",))  # 3 × 3 > 6 in one panel
+    facets = {P.facet_label(layout, p) for p in named.values()}
+    assert facets == {"prefetch=0", "prefetch=1", "prefetch=2"}
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ([{"policy": p, "prefetch": f} for p in ("lru", "lfu", "belady") for f in (0, 1)], ("policy", "prefetch", ())),
+        ([{"policy": p} for p in "abcdefghi"], ("policy", None, ())),  # one dimension: one panel, coloured
+        ([{"policy": "lru", "world_size": 2}], (None, None, ())),  # nothing varies: no legend needed
+        (
+            [{"a": a, "b": b, "c": c} for a in range(3) for b in range(2) for c in range(2)],
+            ("a", "b", ("c",)),  # 3 × 2 fit a panel; the third dimension is facets
+        ),
+    ],
+    ids=["3x2-colour-and-style", "one-dimension", "none-varies", "three-dimensions"],
+)
+def test_series_layout_gives_each_varying_param_one_channel(params, expected):
+    layout = P.series_layout(params)
+    assert (layout.colour, layout.style, layout.facet) == expected
+
+
+def test_nine_series_draw_as_three_panels_of_three_with_one_colour_per_policy():
+    pytest.importorskip("matplotlib")
+    runs = nine_series_offload_doc()["runs"]
+    panel = [("hit rate", "hit rate", P.hit_rate_series(runs))]
+    fig = P.draw_series(panel, "cache slots", "t", P.series_params(runs, "cache_slots"))
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["hit rate: prefetch=0", "hit rate: prefetch=1", "hit rate: prefetch=2"]
+    colours = [[line.get_color() for line in ax.get_lines()] for ax in shown]
+    assert all(c == colours[0] and len(set(c)) == 3 for c in colours)  # policy keeps its colour in every panel
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["policy=lru", "policy=lfu", "policy=belady"]

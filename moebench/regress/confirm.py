@@ -91,33 +91,38 @@ def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a else b
 
 
-def _options(file: str, doc: dict) -> list[str]:
-    """The ``moebench run`` options that remake NEW's runs of one result file: its scenario's
-    warmup and repeats, and its device and world size where the file does not sweep them (a
-    scalar in the recorded scenario, overrides included), no telemetry where its runs had none."""
+NO_INVOCATION = "records no invocation (made before moebench recorded its flags): rerun it by hand to confirm"
+
+
+def _options(file: str, doc: dict) -> list[str] | None:
+    """The ``moebench run`` options that remake NEW's runs of one result file, from what it records: its
+    scenario's warmup and repeats (the recorded scenario, overrides included), the flags it was invoked
+    with (``invocation.flags``: --device, --world-size, --no-telemetry, --telemetry-interval; not
+    --record-routing or --trace, which add outputs, not conditions), and its device and world size where
+    the scenario fixes them (a scalar). None for a file that records no invocation."""
+    invocation = doc.get("invocation")
+    if invocation is None:
+        return None
     try:
-        sections = doc["scenario"]
+        sections, flags = doc["scenario"], invocation["flags"]
         scenario, parallel = sections["scenario"], sections.get("parallel", {})
         options = ["--warmup", str(int(scenario["warmup"])), "--repeats", str(int(scenario["repeats"]))]
-        finished = [run for run in doc["runs"] if run.get("status") == "ok"] or doc["runs"]
-        off = all(_telemetry_off(run) for run in finished)
+        device, world_size = flags.get("device") or parallel.get("device"), flags.get("world_size")
+        world_size = world_size or parallel.get("world_size")
+        no_telemetry, interval = bool(flags.get("no_telemetry")), flags.get("telemetry_interval")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"--confirm: {file} lacks its scenario's warmup, repeats or runs ({err!r})") from None
-    if isinstance(parallel.get("device"), str):
-        options += ["--device", parallel["device"]]
-    if isinstance(parallel.get("world_size"), int):
-        options += ["--world-size", str(parallel["world_size"])]
-    return options + (["--no-telemetry"] if off else [])
-
-
-def _telemetry_off(run: dict) -> bool:
-    """The run was made with --no-telemetry (``kinds.common``'s stand-in sampler says so per rank)."""
-    from moebench.measure.common import NO_TELEMETRY  # imports torch: only where a rerun is planned
-
-    telemetry = run.get("telemetry")
-    if not isinstance(telemetry, dict):
-        return True
-    return any(isinstance(r, dict) and r.get("reason") == NO_TELEMETRY for r in telemetry.get("per_rank") or [])
+        raise ValueError(
+            f"--confirm: {file} lacks its scenario's warmup or repeats, or its invocation's flags ({err!r})"
+        ) from None
+    if isinstance(device, str):
+        options += ["--device", device]
+    if isinstance(world_size, int):
+        options += ["--world-size", str(world_size)]
+    if no_telemetry:
+        options.append("--no-telemetry")
+    elif isinstance(interval, (int, float)):
+        options += ["--telemetry-interval", repr(float(interval))]
+    return options
 
 
 def plan(rows: list[C.Row], new: list[C.Run]) -> tuple[list[tuple[Path, list[str], dict]], dict]:
@@ -138,6 +143,12 @@ def plan(rows: list[C.Row], new: list[C.Run]) -> tuple[list[tuple[Path, list[str
         if not source.is_file():
             raise ValueError(f"--confirm: {file} was run from {doc['source']}, which is not here to rerun")
         options = _options(file, doc)
+        if options is None:
+            print(f"confirming: {file} {NO_INVOCATION}", file=sys.stderr)
+            for run in new:
+                if run.source == file:
+                    cannot[run.scenario, run.label] = f"{file} {NO_INVOCATION}"
+            continue
         if (source.resolve(), tuple(options)) not in seen:
             seen.add((source.resolve(), tuple(options)))
             plans.append((source, options, doc.get("environment") or {}))

@@ -1,11 +1,13 @@
 """The outputs of ``moebench report`` beyond its text tables: one self-contained HTML page, the plots
 as PNG files, and a CSV of every run's metrics.
 
-The page needs no network: CSS inline and each plot a PNG in a base64 ``data:`` URI. It opens with
-the environments the results came from (host, CPU, GPUs, torch, git sha) and every warning (a busy
-host, a failed check, a missed SLO, a run that errored), then per result file its table (the same
-columns as ``moebench report`` prints) and its plots (``moebench.report.plots``). The CSV has one row per
-run and metric (columns in ``CSV_COLUMNS``, documented in docs/results.md, "CSV").
+The page needs no network: CSS inline and each plot a PNG in a base64 ``data:`` URI. It opens with a
+summary, one row per result file (``summary_rows``: its verdict, failed checks and missed SLO gates,
+its headline metric, a link to its section), then the environments the results came from (host, CPU,
+GPUs, torch, git sha) and every warning (a busy host, a failed check, a missed SLO, a run that
+errored), then per result file its table (the same columns as ``moebench report`` prints) and its
+plots (``moebench.report.plots``). The CSV has one row per run and metric (columns in ``CSV_COLUMNS``,
+documented in docs/results.md, "CSV").
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tabulate import tabulate
 
 from moebench.report import fault_table
 from moebench.report import plots as P
-from moebench.report.results import table_cells, warnings
+from moebench.report.results import table_cells, verdict, warnings
 
 CSV_COLUMNS = ("scenario", "params", "metric", "unit", "median", "p90", "p99", "n")
 ENV_FIELDS = (  # (label, how to read it from a result file's environment)
@@ -44,6 +46,7 @@ th { background: #f3f3f3; }
 .warn li { margin: .2em 0; } ul.warn { padding-left: 2.2em; }
 .ok { background: #e6f4ea; border: 1px solid #8c8; padding: .5em 1em; }
 .src { color: #666; font-size: 12px; }
+.summary td { text-align: left; } .verdict-FAIL, .verdict-error { color: #a00; font-weight: 600; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 12px; color: #444; white-space: pre-line; }
 """
@@ -87,6 +90,91 @@ def write_plots(folder: Path, drawn: list[list[tuple[P.Plot, bytes]]]) -> list[P
     return paths
 
 
+SUMMARY_HEADERS = ("scenario", "kind", "runs", "verdict", "failed checks and SLO gates", "headline metric")
+
+
+def anchors(docs: list[dict]) -> list[str]:
+    """Each result file's section id: its scenario's name, made unique (``-2``, ...) when two files share it."""
+    seen, out = set(), []
+    for doc in docs:
+        base = P.slug(doc["scenario"]["scenario"]["name"])
+        anchor, i = base, 2
+        while anchor in seen:
+            anchor, i = f"{base}-{i}", i + 1
+        seen.add(anchor)
+        out.append(anchor)
+    return out
+
+
+def scenario_verdict(runs: list[dict]) -> str:
+    """A result file's verdict from its runs' (``results.verdict``): error when a run did not finish, else
+    FAIL when one failed a check or SLO gate, else ok; skipped when every run was; "no runs" when none."""
+    verdicts = {verdict(run) for run in runs}
+    for word in ("error", "FAIL"):
+        if word in verdicts:
+            failing = sum(verdict(run) == word for run in runs)
+            return f"{word} ({failing} of {len(runs)} runs)"
+    return "skipped" if verdicts == {"skipped"} else ("ok" if runs else "no runs")
+
+
+def failed_names(runs: list[dict]) -> list[str]:
+    """The checks that failed and the SLO gates missed in any finished run, each once, with how many
+    runs it failed in when more than one."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        if run["status"] != "ok":
+            continue
+        names = [c["name"] for c in run["checks"] if not c["pass"]]
+        names += [f"SLO {s.get('gate') or s['metric']}" for s in run.get("slo", []) if s["pass"] is False]
+        for name in dict.fromkeys(names):
+            counts[name] = counts.get(name, 0) + 1
+    return [name if n == 1 else f"{name} ({n} runs)" for name, n in counts.items()]
+
+
+def headline(doc: dict) -> str:
+    """The file's first recorded column (its kind's headline metric) over its finished runs: ``header: value``,
+    or ``header: low – high`` across several runs; ``-`` when no run measured it or the file records no columns."""
+    if not doc.get("columns"):
+        return "-"
+    column, header, scale, fmt = doc["columns"][0]
+    name, _, stat = column.partition(":")
+    values = []
+    for run in doc["runs"]:
+        m = (run.get("metrics") or {}).get(name) or {}
+        if run["status"] == "ok" and isinstance(m.get(stat or "median"), (int, float)):
+            values.append(m[stat or "median"] * scale)
+    if not values:
+        return f"{header}: -"
+    low, high = format(min(values), fmt), format(max(values), fmt)
+    return f"{header}: {low}" if low == high else f"{header}: {low} – {high}"
+
+
+def summary_rows(docs: list[dict]) -> list[tuple[str, list[str]]]:
+    """One row per result file: (its section's anchor, cells in ``SUMMARY_HEADERS`` order)."""
+    rows = []
+    for doc, anchor in zip(docs, anchors(docs), strict=True):
+        info, runs = doc["scenario"]["scenario"], doc["runs"]
+        failed = ", ".join(failed_names(runs)) or "-"
+        rows.append(
+            (anchor, [info["name"], info["kind"], str(len(runs)), scenario_verdict(runs), failed, headline(doc)])
+        )
+    return rows
+
+
+def _summary_table(docs: list[dict]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in SUMMARY_HEADERS)
+    body = []
+    for anchor, (name, *cells) in summary_rows(docs):
+        word = cells[2].split(" ")[0]
+        tds = [f'<td><a href="#{e(anchor)}">{e(name)}</a></td>']
+        tds += [
+            f'<td class="verdict-{e(word)}">{e(c)}</td>' if i == 2 else f"<td>{e(c)}</td>" for i, c in enumerate(cells)
+        ]
+        body.append(f"<tr>{''.join(tds)}</tr>")
+    return _wide(f'<table id="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>', "summary")
+
+
 def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, bytes]]]) -> str:
     """The whole HTML page (self-contained) of result files ``docs`` read from ``paths``."""
     e = html.escape
@@ -100,6 +188,8 @@ def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, byt
         f"<style>{CSS}</style></head><body>",
         "<h1>moebench report</h1>",
         f'<p class="src">{len(docs)} result file(s): {e(", ".join(shown))}</p>',
+        "<h2>Summary</h2>",
+        _summary_table(docs),
         "<h2>Environment</h2>",
         _environment_table(docs, scenarios),
     ]
@@ -108,8 +198,8 @@ def page(docs: list[dict], paths: list[Path], drawn: list[list[tuple[P.Plot, byt
         parts.append(f'<div class="warn"><b>Warnings</b><ul>{items}</ul></div>')
     else:
         parts.append('<p class="ok">No warnings: every run finished and passed its checks and SLO gates.</p>')
-    for doc, path, plots in zip(docs, shown, drawn, strict=True):
-        parts.append(_section(doc, path, plots))
+    for doc, path, plots, anchor in zip(docs, shown, drawn, anchors(docs), strict=True):
+        parts.append(_section(doc, path, plots, anchor))
     faults = fault_table.rows(docs)
     if faults:  # one table across every file's fault runs, as the text report prints it
         table = _wide(tabulate(faults, headers=fault_table.HEADERS, tablefmt="html", disable_numparse=True))
@@ -146,13 +236,13 @@ def _wide(table: str, also: str = "") -> str:
     return f'<div class="{" ".join(filter(None, ("wide", also)))}">{table}</div>'
 
 
-def _section(doc: dict, path: str, plots: list[tuple[P.Plot, bytes]]) -> str:
+def _section(doc: dict, path: str, plots: list[tuple[P.Plot, bytes]], anchor: str) -> str:
     e = html.escape
     info, env = doc["scenario"]["scenario"], doc["environment"]
     headers, rows = table_cells(doc)
     sha = (env.get("git_sha") or "unknown")[:10] + (" (dirty)" if env.get("git_dirty") else "")
     parts = [
-        f'<section id="{e(P.slug(info["name"]))}">',
+        f'<section id="{e(anchor)}">',
         f"<h2>{e(info['name'])} ({e(info['kind'])})</h2>",
         f"<p>{e(info.get('description', ''))}</p>" if info.get("description") else "",
         f'<p class="src">{e(doc["source"])} · {e(path)} · git {e(sha)}</p>',

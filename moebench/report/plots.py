@@ -11,6 +11,10 @@ Per result file (``plots_for``):
   communication, per chunk count;
 - offload (runs with ``[offload] cache_slots`` swept): cache hit rate against cache slots, per policy.
 
+Many series (several swept params besides the x axis) are told apart one param per visual channel
+(``series_layout``): colour for one, line style and marker for another, and small panels (facets) for
+the rest, with one legend naming each param's values once.
+
 Each plot's data is prepared by a pure function (tested against the JSON), then drawn. matplotlib is
 optional (``pip install 'moebench[plots]'``) and imported only to draw: figures are made with
 ``matplotlib.figure.Figure`` on the Agg canvas, never through pyplot, so no display is needed.
@@ -247,10 +251,19 @@ def series(runs: list[dict], x_key: str, metric: str) -> dict[str, tuple[list, l
         value = _median(run, metric)
         if x_key not in run["params"] or value is None:
             continue
-        xs, ys = out.setdefault(run_label({k: v for k, v in run["params"].items() if k != x_key}), ([], []))
+        xs, ys = out.setdefault(run_label(_others(run["params"], x_key)), ([], []))
         xs.append(run["params"][x_key])
         ys.append(value)
     return {label: _ascending(xs, ys) for label, (xs, ys) in out.items()}
+
+
+def _others(params: dict, x_key: str) -> dict:
+    return {k: v for k, v in params.items() if k != x_key}
+
+
+def series_params(runs: list[dict], x_key: str) -> dict[str, dict]:
+    """Each series label of ``series(runs, x_key, ...)`` and the params that name it (x_key left out)."""
+    return {run_label(_others(run["params"], x_key)): _others(run["params"], x_key) for run in runs}
 
 
 def _ascending(xs: list, ys: list) -> tuple[list, list]:
@@ -270,28 +283,113 @@ SWEEP_PANELS = (
 )
 
 
-def draw_series(panels: list[tuple[str, str, dict]], x_label: str, title: str):
-    """One panel per (y label, panel title, series); log axes where a span exceeds 10×."""
-    fig = _figure(5 * len(panels) + 1, 4.2)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (y_label, name, data) in zip(axes, panels, strict=True):
-        xs = [x for x_list, _ in data.values() for x in x_list]
-        ys = [y for _, y_list in data.values() for y in y_list]
-        for label, (x, y) in data.items():
-            ax.plot(x, y, "o-", label=label)
-        if wide(xs):
-            ax.set_xscale("log", base=2)
-        if wide(ys):
-            ax.set_yscale("log")
-        ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(y_label)
-        ax.set_title(name, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        if len(data) > 1 or next(iter(data)) != "the run":
-            ax.legend(fontsize=7)
+MAX_PER_PANEL = 6  # series one panel shows; past it the second dimension becomes facets
+LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "P"))
+
+
+@dataclass(frozen=True)
+class SeriesLayout:
+    """How a plot tells its series apart, one param (a dimension) per visual channel: ``colour`` and
+    ``style`` (line style and marker) within a panel, one small panel per combination of ``facet``."""
+
+    colour: str | None
+    style: str | None
+    facet: tuple[str, ...]
+
+
+def series_layout(params: list[dict], max_per_panel: int = MAX_PER_PANEL) -> SeriesLayout:
+    """The dimensions that vary across the series (params taking two or more values), most values first
+    (first seen on a tie): colour for the first, line style and marker for the second, facets for the
+    rest; and the second to facets too when colour × style would put more than ``max_per_panel`` series
+    in one panel. A single dimension stays one panel, coloured."""
+    values: dict[str, list] = {}
+    for p in params:
+        for key, value in p.items():
+            if value not in values.setdefault(key, []):
+                values[key].append(value)
+    dims = sorted((k for k, v in values.items() if len(v) > 1), key=lambda k: -len(values[k]))
+    if not dims:
+        return SeriesLayout(None, None, ())
+    if len(dims) > 1 and len(values[dims[0]]) * len(values[dims[1]]) > max_per_panel:
+        return SeriesLayout(dims[0], None, tuple(dims[1:]))
+    return SeriesLayout(dims[0], dims[1] if len(dims) > 1 else None, tuple(dims[2:]))
+
+
+def _values(params: list[dict], key: str | None) -> list:
+    found = []
+    for p in params:
+        if key is not None and p.get(key) not in found:
+            found.append(p.get(key))
+    return found
+
+
+def facet_label(layout: SeriesLayout, params: dict) -> str:
+    return run_label({k: params.get(k) for k in layout.facet})
+
+
+def draw_series(panels: list[tuple[str, str, dict]], x_label: str, title: str, params: dict | None = None):
+    """One panel per (y label, panel title, series) and, when the series' ``params`` (label -> params) call
+    for facets (``series_layout``), one per facet too: a single panel's facets side by side (3 a row),
+    several panels' facets one row each. Colour and line style each follow one param, named once in the
+    figure's legend. Log axes where a span exceeds 10×."""
+    params = params or {label: {"series": label} for _, _, data in panels for label in data}
+    layout = series_layout(list(params.values()))
+    facets = list(dict.fromkeys(facet_label(layout, params[label]) for _, _, data in panels for label in data))
+    if len(panels) == 1:
+        cols = min(3, len(facets))
+        grid = [(0, f) for f in facets]
+        fig = _figure(5 * cols + 2, 4.2 * math.ceil(len(facets) / cols))
+        axes = fig.subplots(math.ceil(len(facets) / cols), cols, squeeze=False).ravel()
+    else:
+        grid = [(i, f) for f in facets for i in range(len(panels))]
+        fig = _figure(5 * len(panels) + 2, 4.2 * len(facets))
+        axes = fig.subplots(len(facets), len(panels), squeeze=False).ravel()
+    colours, styles = _values(list(params.values()), layout.colour), _values(list(params.values()), layout.style)
+    for ax, (i, facet) in zip(axes, grid, strict=False):
+        y_label, name, data = panels[i]
+        shown = {label: xy for label, xy in data.items() if facet_label(layout, params[label]) == facet}
+        for label, (x, y) in shown.items():
+            p = params[label]
+            colour = f"C{colours.index(p.get(layout.colour)) % 10}" if layout.colour else "C0"
+            line, marker = (
+                LINE_STYLES[styles.index(p.get(layout.style)) % len(LINE_STYLES)] if layout.style else ("-", "o")
+            )
+            ax.plot(x, y, color=colour, linestyle=line, marker=marker, label=label)
+        _axes(ax, shown, x_label, y_label, f"{name}: {facet}" if layout.facet else name)
+    for ax in axes[len(grid) :]:
+        ax.set_visible(False)
+    handles = _legend_handles(layout, colours, styles)
+    if handles:
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _axes(ax, data: dict, x_label: str, y_label: str, name: str) -> None:
+    xs = [x for x_list, _ in data.values() for x in x_list]
+    ys = [y for _, y_list in data.values() for y in y_list]
+    if wide(xs):
+        ax.set_xscale("log", base=2)
+    if wide(ys):
+        ax.set_yscale("log")
+    ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(name, fontsize=9)
+    ax.grid(True, alpha=0.3)
+
+
+def _legend_handles(layout: SeriesLayout, colours: list, styles: list) -> list:
+    """One entry per value of the colour param (its colour) and of the style param (grey, its line and marker)."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=f"C{i % 10}", marker="o", label=f"{layout.colour}={v}") for i, v in enumerate(colours)
+    ]
+    for i, v in enumerate(styles):
+        line, marker = LINE_STYLES[i % len(LINE_STYLES)]
+        handles.append(Line2D([], [], color="grey", linestyle=line, marker=marker, label=f"{layout.style}={v}"))
+    return handles
 
 
 # -------------------------------------------------------------------------------------------
@@ -378,14 +476,20 @@ def plots_for(doc: dict) -> list[Plot]:
         if panels:
             x_label = "ranks (world_size)" if key == "world_size" else "tokens per rank"
             title = f"{name}: {' and '.join(p[1] for p in panels)} against {x_label}"
-            out.append(Plot(f"{base}.sweep-{key}", title, lambda p=panels, x=x_label, t=title: draw_series(p, x, t)))
+            named = series_params(runs, key)
+            draw = lambda p=panels, x=x_label, t=title, n=named: draw_series(p, x, t, n)  # noqa: E731
+            out.append(Plot(f"{base}.sweep-{key}", title, draw))
     labels, bars = overlap_bars(runs)
     if labels:
         title = f"{name}: step time, all-to-all serial vs overlapped with expert compute; exposed communication"
         out.append(Plot(f"{base}.overlap", title, lambda lb=labels, b=bars, t=title: draw_overlap(lb, b, t)))
     hits = hit_rate_series(runs)
     if hits:
-        title = f"{name}: expert cache hit rate against cache size, per policy"
+        named = series_params(runs, "cache_slots")
+        layout = series_layout(list(named.values()))
+        per = [k for k in (layout.colour, layout.style, *layout.facet) if k]
+        title = f"{name}: expert cache hit rate against cache size" + (f", per {' and '.join(per)}" if per else "")
         panel = [("cache hit rate (fraction of expert accesses)", "hit rate", hits)]
-        out.append(Plot(f"{base}.hit-rate", title, lambda p=panel, t=title: draw_series(p, "cache slots per layer", t)))
+        draw = lambda p=panel, t=title, n=named: draw_series(p, "cache slots per layer", t, n)  # noqa: E731
+        out.append(Plot(f"{base}.hit-rate", title, draw))
     return out
