@@ -21,8 +21,8 @@ import torch
 from tabulate import tabulate
 
 from moebench import atomic, host, kinds
+from moebench.slowdown import SLOWDOWN_ENV
 from moebench.text import clip
-from runtime.dispatch import SLOWDOWN_ENV
 
 SCHEMA = "moebench.result/1"
 STATS = ("median", "p90", "p99", "min", "max", "n")
@@ -226,9 +226,8 @@ def check_columns(names: list[str]) -> tuple[str, ...]:
     for name in names:
         metric, _, stat = name.partition(":")
         if name not in known and not (metric in known and metric not in GENERIC_COLUMNS and stat in STATS):
-            shown = name if len(name) <= 60 else name[:57] + "..."
             raise ValueError(
-                f"--columns {shown!r} is not a column: accepted {', '.join(GENERIC_COLUMNS)} or a metric name "
+                f"--columns {clip(repr(name))} is not a column: accepted {', '.join(GENERIC_COLUMNS)} or a metric name "
                 f"(results/README.md), optionally with :{'|:'.join(STATS)}, e.g. step_time_s:p99"
             )
     return tuple(dict.fromkeys(names))

@@ -15,8 +15,8 @@ import pytest
 from moebench import compare as C
 from moebench.confirm import confirm
 from moebench.results import REPO
+from moebench.slowdown import SLOWDOWN_ENV
 from moebench.tools.false_alarms import confirmed, pairwise, run_set
-from runtime.dispatch import SLOWDOWN_ENV
 
 REGRESS = REPO / "scenarios" / "regress"
 TIMING_ENV = "MOEBENCH_TIMING_TESTS"
