@@ -2,16 +2,19 @@
 
 from runtime.config import MoEConfig, ParallelConfig
 from runtime.layer import MoELayer, MoEOutput
-from runtime.reference import ReferenceOutput, reference_moe
+from runtime.reference import ReferenceOutput, reference_moe, rel_error
+from runtime.stack import MoEStack
 from runtime.weights import MoEWeights, init_weights
 
 __all__ = [
     "MoEConfig",
     "MoELayer",
     "MoEOutput",
+    "MoEStack",
     "MoEWeights",
     "ParallelConfig",
     "ReferenceOutput",
     "init_weights",
     "reference_moe",
+    "rel_error",
 ]

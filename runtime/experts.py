@@ -18,10 +18,18 @@ of the rows before or after). Three interchangeable backends compute the two gro
               outputs are concatenated once); at the seed shape on one CPU thread
               this is 4 % over the bare GEMMs where GEMM-all-then-activate-all cost 28 %.
 "auto" picks grouped_mm on CUDA devices that support it and loop elsewhere; the measurements
-behind that choice are in docs/measurements.md, "Expert GEMM backends" (``python -m moebench.tools.bench_experts``).
+behind that choice are in the README (``python -m moebench.tools.bench_experts``).
+
+``Experts`` is what the layer calls on its experts, whichever it holds: resident
+(``GroupedExperts``, here), offloaded to host memory (``OffloadedExperts``, runtime/offload.py) or
+with replicas of the busiest experts (``ReplicatedExperts``, runtime/redundancy.py). The layer
+picks one at construction (``MoELayer``'s ``offload`` and ``redundancy`` arguments).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +112,43 @@ def expert_ffn(
     return gmm(_activate(gmm(x_RD, w_in_LDH, counts), activation, False), w_down_LFD, counts)
 
 
-class GroupedExperts(nn.Module):
-    """The L experts of one rank, their weights stacked: ``w_in_LDH`` and ``w_down_LFD``."""
+class Experts(Protocol):
+    """What ``MoELayer`` calls on the experts of one rank (module docstring)."""
 
-    def __init__(self, num_local: int, hidden: int, ffn_hidden: int, activation: str, dtype: torch.dtype, backend: str):
+    experts_L: tuple[int, ...]  # the global (logical) expert whose weights local expert l computes with
+
+    @property
+    def expert_major(self) -> bool:
+        """Whether the rows must come expert-major (run l is local expert l); else any runs, named
+        by ``run_experts``."""
+        ...
+
+    def __call__(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:
+        """Each run of rows through its local expert's FFN: ``y_RD``, the rows in the same order."""
+        ...
+
+    def load_global(self, w_in_EDH: torch.Tensor, w_down_EFD: torch.Tensor) -> None:
+        """Copy this rank's experts' weights (rows ``experts_L``) from the global weights."""
+        ...
+
+
+class GroupedExperts(nn.Module):
+    """The L experts of one rank, their weights stacked: ``w_in_LDH`` and ``w_down_LFD``. Local
+    expert l holds global expert ``experts_L[l]`` (uninitialised until ``load_global`` or a seed)."""
+
+    def __init__(
+        self,
+        experts_L: Sequence[int],
+        hidden: int,
+        ffn_hidden: int,
+        activation: str,
+        dtype: torch.dtype,
+        backend: str,
+    ):
         super().__init__()
         width = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        self.experts_L = tuple(experts_L)
+        num_local = len(self.experts_L)
         self.activation, self.backend = activation, backend
         self.w_in_LDH = nn.Parameter(torch.empty(num_local, hidden, width, dtype=dtype))
         self.w_down_LFD = nn.Parameter(torch.empty(num_local, ffn_hidden, hidden, dtype=dtype))
@@ -129,3 +168,9 @@ class GroupedExperts(nn.Module):
         local expert ``run_experts[i]`` each (``expert_ffn``)."""
         backend = self.resolved_backend()
         return expert_ffn(x_RD, self.w_in_LDH, self.w_down_LFD, runs, self.activation, backend, run_experts)
+
+    @torch.no_grad()
+    def load_global(self, w_in_EDH: torch.Tensor, w_down_EFD: torch.Tensor) -> None:
+        """Copy rows ``experts_L`` of the global weights into this rank's stacked weights."""
+        self.w_in_LDH.copy_(w_in_EDH[list(self.experts_L)])
+        self.w_down_LFD.copy_(w_down_EFD[list(self.experts_L)])

@@ -11,6 +11,8 @@ Gradients. The group's objective is the *sum* of the ranks' losses. Under that c
 If the group also forms data-parallel replicas of the experts, those replicas' expert gradients
 are reduced over the expert-data-parallel group, which is outside this layer.
 
+Features (offload, replicas, on_loss, transport) are chosen at construction; see ``MoELayer``.
+
 Overlap. With ``overlap_chunks`` = C > 1 the dispatched copies go in C chunks (runtime/dispatch.py)
 and the layer pipelines them: chunk i+1's dispatch all-to-all is in flight while the experts
 compute chunk i, and chunk i's combine all-to-all while chunk i+1 computes. C = 1 is the serial
@@ -19,20 +21,31 @@ path: dispatch, experts, combine, one after the other.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from runtime.collective import TRANSPORTS
 from runtime.config import MoEConfig, ParallelConfig
-from runtime.dispatch import AllToAllDispatcher, LocalDispatcher
-from runtime.experts import GroupedExperts
+from runtime.dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher
+from runtime.experts import Experts, GroupedExperts
 from runtime.offload import OffloadConfig, OffloadedExperts
 from runtime.placement import place_experts
 from runtime.ranges import span
-from runtime.redundancy import ON_LOSS, Replicas, physical_ids, plain, replicate, reroute, split_counts
+from runtime.redundancy import (
+    RedundancyConfig,
+    Replicas,
+    ReplicatedExperts,
+    check_on_loss,
+    physical_ids,
+    plain,
+    replicate,
+    reroute,
+    split_counts,
+)
 from runtime.router import (
     Router,
     RouterOutput,
@@ -83,89 +96,144 @@ class RoutingPlan:
 
 
 class MoELayer(nn.Module):
-    """One rank's part of an expert-parallel MoE layer. ``group`` is required when ep_size > 1."""
+    """One rank's part of an expert-parallel MoE layer. ``group`` is required when ep_size > 1.
 
-    def __init__(self, moe: MoEConfig, par: ParallelConfig | None = None, group=None, device=None, dispatcher="auto"):
-        """``dispatcher``: "auto" (local at EP = 1, all-to-all above), or force "local" / "all_to_all"
-        (all-to-all over a one-rank group exercises the collective path at EP = 1)."""
+    Its features are fixed at construction (each choice validated there, with an error naming the
+    argument, its value and what is accepted):
+      ``dispatcher``       "auto" (local at EP = 1, all-to-all above), or force "local" / "all_to_all"
+                           (all-to-all over a one-rank group exercises the collective path at EP = 1);
+      ``offload``          an ``OffloadConfig``: the experts in host memory behind a device cache
+                           (runtime/offload.py; inference only, ``overlap_chunks`` = 1, no replicas),
+                           ``offload_steps`` / ``offload_horizon`` what Belady replays and plans;
+      ``redundancy``       a ``RedundancyConfig``: replicas of the busiest experts (runtime/redundancy.py;
+                           inference only, needs an EP group, no offload);
+      ``on_loss``          what becomes of copies to an expert with no live copy: "reroute" or "drop";
+      ``transport``        the all-to-all's: "collective", or "local_copy" (the compute-only step);
+      ``wrap_dispatcher``  a function applied to the dispatcher the layer builds, whose result the
+                           layer uses instead (it must keep the dispatcher's interface and results).
+    ``set_schedule`` changes ``overlap_chunks`` and ``transport`` between calls (serial against
+    overlapped, compute-only rounds); ``set_alive`` marks lost expert copies.
+    """
+
+    def __init__(
+        self,
+        moe: MoEConfig,
+        par: ParallelConfig | None = None,
+        group=None,
+        device=None,
+        dispatcher: str = "auto",
+        *,
+        offload: OffloadConfig | None = None,
+        offload_steps: list[list[int]] | None = None,
+        offload_horizon: int = 0,
+        redundancy: RedundancyConfig | None = None,
+        on_loss: str = "reroute",
+        transport: str = "collective",
+        wrap_dispatcher: Callable[[Dispatcher], Dispatcher] | None = None,
+    ):
         super().__init__()
         par = par if par is not None else ParallelConfig()
         self.moe, self.par = moe, par
         self.expert_to_rank = place_experts(moe, par)
-        if dispatcher not in ("auto", "local", "all_to_all"):
-            raise ValueError(f"MoELayer dispatcher = {dispatcher!r}: accepted 'auto', 'local', 'all_to_all'")
-        if dispatcher == "local" or (dispatcher == "auto" and par.ep_size == 1):
-            if par.ep_size != 1:
-                raise ValueError(f"MoELayer dispatcher = 'local' needs ep_size = 1, got {par.ep_size}")
-            self.group, self.dispatcher = None, LocalDispatcher(moe.num_experts)
+        self.group = self._check(dispatcher, par, group, offload, offload_steps, redundancy, transport)
+        self.on_loss = check_on_loss(on_loss)  # change it with ``set_alive``
+        self.overlap_chunks = par.overlap_chunks  # change it with ``set_schedule``
+        # 1. physical experts: the logical ones, plus replicas with ``redundancy``
+        if redundancy is None:
+            self.replicas: Replicas = plain(self.expert_to_rank)
         else:
-            if group is None or dist.get_world_size(group) != par.ep_size:
-                size = None if group is None else dist.get_world_size(group)
-                raise ValueError(
-                    f"ParallelConfig.ep_size = {par.ep_size} needs a process group of that size, got {size}"
-                )
-            self.group, self.dispatcher = group, AllToAllDispatcher(self.expert_to_rank, group)
+            self.replicas = replicate(redundancy.loads_E, self.expert_to_rank, par.ep_size, redundancy.redundant)
+        # 2. the dispatcher over them
+        if self.group is None:
+            d: Dispatcher = LocalDispatcher(moe.num_experts)
+        else:
+            d = AllToAllDispatcher(self.replicas.owner_P, self.group, transport)
+        self.dispatcher = d if wrap_dispatcher is None else wrap_dispatcher(d)
         self.rank = self.dispatcher.rank
-        self.replicas: Replicas = plain(self.expert_to_rank)  # physical experts (runtime/redundancy.py)
-        self.on_loss = "reroute"  # what becomes of copies to an expert with no live copy: "reroute" or "drop"
-        self.overlap_chunks = par.overlap_chunks  # the harness may change it between calls (serial vs overlapped)
-        self.local_experts = self.dispatcher.local_experts
+        self.local_experts = self.dispatcher.local_experts  # physical ids
+        # 3. the experts: resident, replicated or offloaded (the ``Experts`` protocol)
         self.router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
-        self.experts = self._grouped_experts(len(self.local_experts), moe.torch_dtype)
+        shape = (moe.hidden_size, moe.ffn_hidden_size, moe.activation, moe.torch_dtype, moe.expert_backend)
+        if redundancy is not None:
+            self.experts: Experts = ReplicatedExperts(self.replicas, self.local_experts, *shape)
+        elif offload is not None:  # built on the host, moved there; only the cache's slots are on the device
+            resident = GroupedExperts(self.local_experts, *shape)
+            self.experts = OffloadedExperts(resident, offload, offload_steps, offload_horizon, device)
+        else:
+            self.experts = GroupedExperts(self.local_experts, *shape)
         if device is not None:
             self.to(device)
 
+    @staticmethod
+    def _check(dispatcher, par: ParallelConfig, group, offload, offload_steps, redundancy, transport):
+        """The group the layer's dispatcher uses (None: the local one), after refusing every
+        impossible choice of the constructor's arguments."""
+        if dispatcher not in ("auto", "local", "all_to_all"):
+            raise ValueError(f"MoELayer dispatcher = {dispatcher!r}: accepted 'auto', 'local', 'all_to_all'")
+        local = dispatcher == "local" or (dispatcher == "auto" and par.ep_size == 1)
+        if local and par.ep_size != 1:
+            raise ValueError(f"MoELayer dispatcher = 'local' needs ep_size = 1, got {par.ep_size}")
+        if not local and (group is None or dist.get_world_size(group) != par.ep_size):
+            size = None if group is None else dist.get_world_size(group)
+            raise ValueError(f"ParallelConfig.ep_size = {par.ep_size} needs a process group of that size, got {size}")
+        if offload is not None and not isinstance(offload, OffloadConfig):
+            raise ValueError(f"MoELayer offload = {offload!r} is invalid: accepted an OffloadConfig or None")
+        if offload is None and offload_steps is not None:
+            raise ValueError("MoELayer offload_steps without offload is refused: accepted with an OffloadConfig")
+        if redundancy is not None and not isinstance(redundancy, RedundancyConfig):
+            raise ValueError(f"MoELayer redundancy = {redundancy!r} is invalid: accepted a RedundancyConfig or None")
+        if offload is not None and redundancy is not None:
+            raise ValueError("offload with redundant experts is refused: accepted one or the other")
+        chunks = par.overlap_chunks
+        if offload is not None and chunks > 1:  # a chunk's forward would be a cache access of its own
+            raise ValueError(f"offload with ParallelConfig.overlap_chunks = {chunks} is refused: accepted 1")
+        if redundancy is not None and local:
+            raise ValueError("redundant experts at ep_size = 1 are refused: accepted ep_size >= 2")
+        if transport not in TRANSPORTS:
+            accepted = ", ".join(map(repr, TRANSPORTS))
+            raise ValueError(f"transport = {transport!r} is invalid: accepted one of {accepted}")
+        if local and transport != "collective":
+            raise ValueError(
+                f"transport = {transport!r} needs an all-to-all: accepted 'collective' with the local "
+                "dispatcher (ep_size = 1 without dispatcher = 'all_to_all')"
+            )
+        return None if local else group
+
+    @property
+    def transport(self) -> str | None:
+        """The all-to-all's transport; None with the local dispatcher (no exchange)."""
+        return None if self.group is None else self.dispatcher.transport
+
+    def set_schedule(self, overlap_chunks: int | None = None, transport: str | None = None) -> None:
+        """From the next forward on: pipeline over ``overlap_chunks`` chunks and/or exchange over
+        ``transport`` (None: unchanged). Validated as at construction."""
+        if overlap_chunks is not None:
+            if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
+                raise ValueError(f"overlap_chunks = {overlap_chunks!r} is invalid: accepted an integer >= 1")
+            if overlap_chunks > 1 and isinstance(self.experts, OffloadedExperts):
+                raise ValueError(f"offload with overlap_chunks = {overlap_chunks} is refused: accepted 1")
+        if transport is not None and transport != self.transport:
+            if self.group is None:
+                raise ValueError(f"transport = {transport!r} needs an all-to-all: the layer's dispatcher is local")
+            self.dispatcher.set_transport(transport)  # validates it
+        if overlap_chunks is not None:
+            self.overlap_chunks = overlap_chunks
+
     @torch.no_grad()
     def load_global_weights(self, weights: MoEWeights) -> None:
-        """Copy the replicated router and this rank's slice of the experts from global weights."""
-        local = list(self.local_experts)
-        local = [self.replicas.logical_of_P[p] for p in local]  # a replica holds its logical expert's weights
+        """Copy the replicated router and this rank's experts (a replica: its logical expert's) from
+        global weights."""
         self.router.weight_ED.copy_(weights.router_ED)
         self.router.bias_E.zero_()
         if weights.router_bias_E is not None:
             self.router.bias_E.copy_(weights.router_bias_E)
-        self.experts.w_in_LDH.copy_(weights.w_in_EDH[local])
-        self.experts.w_down_LFD.copy_(weights.w_down_EFD[local])
-
-    def offload(self, config: OffloadConfig, steps: list[list[int]] | None = None, horizon: int = 0) -> None:
-        """Keep this rank's experts in host memory behind a device cache of ``config.cache_slots``
-        (``runtime/offload.py``; inference only). ``steps``: the recorded needed experts of each
-        forward in turn, which Belady replays (planning the first ``horizon`` forwards exactly)."""
-        if self.replicas.num_redundant:
-            raise ValueError("offload with redundant experts is refused: accepted one or the other")
-        if self.overlap_chunks > 1:  # a chunk's forward would be a cache access of its own
-            chunks = self.overlap_chunks
-            raise ValueError(f"offload with ParallelConfig.overlap_chunks = {chunks} is refused: accepted 1")
-        self.experts = OffloadedExperts(self.experts, config, steps, horizon)
-
-    @torch.no_grad()
-    def replicate(self, loads_E, redundant: int, weights: MoEWeights) -> None:
-        """Add ``redundant`` replicas of the experts with the highest ``loads_E`` (the same measured
-        loads on every rank, so every rank builds the same layout; ``runtime/redundancy.py``) and
-        load this rank's physical experts from the global ``weights``. Inference only."""
-        if self.group is None:
-            raise ValueError("redundant experts at ep_size = 1 are refused: accepted ep_size >= 2")
-        if not isinstance(self.experts, GroupedExperts):
-            raise ValueError("redundant experts with offload are refused: accepted one or the other")
-        self.replicas = replicate(loads_E, self.expert_to_rank, self.par.ep_size, redundant)
-        self.dispatcher = AllToAllDispatcher(self.replicas.owner_P, self.group)
-        self.local_experts = self.dispatcher.local_experts
-        old = self.experts.w_in_LDH  # the new experts keep its dtype and device
-        self.experts = self._grouped_experts(len(self.local_experts), old.dtype).to(old.device)
-        self.load_global_weights(weights)
-
-    def _grouped_experts(self, n: int, dtype: torch.dtype) -> GroupedExperts:
-        """``n`` experts of this layer's shape (uninitialised weights are the caller's to load or seed)."""
-        moe = self.moe
-        return GroupedExperts(n, moe.hidden_size, moe.ffn_hidden_size, moe.activation, dtype, moe.expert_backend)
+        self.experts.load_global(weights.w_in_EDH, weights.w_down_EFD)
 
     def set_alive(self, alive_P, on_loss: str | None = None) -> None:
         """Which physical experts still serve (the same on every rank of the group), and what becomes
-        of copies to a logical expert none serves (``on_loss``: "reroute" or "drop")."""
+        of copies to a logical expert none serves (``on_loss``: "reroute" or "drop"; None: unchanged)."""
         if on_loss is not None:
-            if on_loss not in ON_LOSS:
-                raise ValueError(f"on_loss = {on_loss!r} is invalid: accepted one of {', '.join(map(repr, ON_LOSS))}")
-            self.on_loss = on_loss
+            self.on_loss = check_on_loss(on_loss)
         self.replicas = self.replicas.with_alive(alive_P)
 
     def replicated_parameters(self) -> list[nn.Parameter]:
@@ -238,10 +306,8 @@ class MoELayer(nn.Module):
         flight while another chunk computes. Every rank issues the collectives in the same order:
         dispatch 0, dispatch 1, combine 0, dispatch 2, combine 1, ..., combine C−1."""
         d, device, chunks = self.dispatcher, x_TD.device, self.overlap_chunks
-        start = time.perf_counter()
         meta = d.plan(*plan.dispatch_args, chunks, self.experts.expert_major)
         x_PD = d.send(x_TD, meta)
-        d.stall(start, device)
         # one split, not a slice per chunk: under autograd each slice's backward would build a
         # zero tensor of the whole send buffer
         sends = x_PD.split([c.rows.stop - c.rows.start for c in meta.chunks])

@@ -1,6 +1,7 @@
 """CPU offload of experts: every local expert's weights in host memory, a few on the compute device.
 
-``OffloadedExperts`` replaces a layer's ``GroupedExperts`` (``MoELayer.offload``). It keeps all
+``OffloadedExperts`` are a layer's experts when it is built with ``offload`` (``MoELayer``; the
+``Experts`` protocol of runtime/experts.py). It keeps all
 L local experts' weights in host memory (pinned when the device is CUDA) and an ``ExpertCache`` of
 ``cache_slots`` experts on the device: two slot tensors, [S, D, H] and [S, F, D], allocated once,
 so the device never holds more than S experts' weights whatever the routing (prefetches load into
@@ -14,7 +15,7 @@ gradients is refused.
 
 Prefetch (``prefetch(experts)``): load experts a later forward is expected to need, evicting by
 policy, and score the guess when that forward comes: ``prefetch_accuracy`` = predicted experts that
-were used / predicted. What to predict is the stack's business (moebench/workload/tokens.py: the next
+were used / predicted. What to predict is the stack's business (runtime/stack.py: the next
 layer's router on this layer's input, or the recorded truth).
 
 Copies. On CUDA every copy runs on the cache's own copy stream, so a prefetch issued before a
@@ -41,7 +42,7 @@ PREFETCH = ("none", "next_layer", "oracle")
 @dataclass(frozen=True)
 class OffloadConfig:
     """``cache_slots`` experts of a rank's layer resident on the device; ``policy`` evicts;
-    ``prefetch`` says what the stack loads ahead (see ``moebench.workload.tokens.MoEStack``)."""
+    ``prefetch`` says what the stack loads ahead (see ``runtime.stack.MoEStack``)."""
 
     cache_slots: int
     policy: str = "lru"
@@ -140,6 +141,15 @@ class ExpertCache:
             self.stats.copy_s += start.elapsed_time(end) / 1e3
             self._copy_events.pop(0)
 
+    @torch.no_grad()
+    def load_host(self, w_in_LDH: torch.Tensor, w_down_LFD: torch.Tensor) -> None:
+        """Replace the host copy of every expert's weights; refused once an expert is resident (its
+        slot would keep the old weights)."""
+        if self.slot_of:
+            raise RuntimeError("offloaded experts take their weights before the first forward: an expert is resident")
+        self.host_in_LDH.copy_(w_in_LDH)
+        self.host_down_LFD.copy_(w_down_LFD)
+
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (w_in, w_down) on the device, for the forward now computing it: an access."""
         self.policy.access(e)
@@ -217,20 +227,31 @@ class ExpertCache:
 
 
 class OffloadedExperts(nn.Module):
-    """A layer's experts behind an ``ExpertCache``: the ``GroupedExperts`` interface, forward only."""
+    """A layer's experts behind an ``ExpertCache`` (the ``Experts`` protocol), forward only."""
 
     expert_major = False  # takes runs in any order, as the loop backend does
 
     def __init__(
-        self, experts: GroupedExperts, config: OffloadConfig, steps: list[list[int]] | None = None, horizon: int = 0
+        self,
+        experts: GroupedExperts,
+        config: OffloadConfig,
+        steps: list[list[int]] | None = None,
+        horizon: int = 0,
+        device=None,
     ):
-        """``steps``: the recorded needed experts (local ids) of each forward in turn, for Belady;
-        ``horizon``: how many forwards it plans exactly (``cache_policy.optimal_plan``)."""
+        """``experts``: the resident experts whose weights (and ``experts_L``) move to host memory;
+        ``device``: where the cache's slots live (default: the experts' device). ``steps``: the
+        recorded needed experts (local ids) of each forward in turn, for Belady; ``horizon``: how
+        many forwards it plans exactly (``cache_policy.optimal_plan``)."""
         super().__init__()
-        self.activation, self.config = experts.activation, config
-        device = experts.w_in_LDH.device
+        self.activation, self.config, self.experts_L = experts.activation, config, experts.experts_L
+        device = experts.w_in_LDH.device if device is None else device
         policy = cache_policy.make(config.policy, steps, config.cache_slots, horizon)
         self.cache = ExpertCache(experts.w_in_LDH, experts.w_down_LFD, config.cache_slots, policy, device)
+
+    def load_global(self, w_in_EDH: torch.Tensor, w_down_EFD: torch.Tensor) -> None:
+        """Rows ``experts_L`` of the global weights into the cache's host memory (before any forward)."""
+        self.cache.load_host(w_in_EDH[list(self.experts_L)], w_down_EFD[list(self.experts_L)])
 
     def forward(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and x_RD.requires_grad:

@@ -31,17 +31,50 @@ is *unavailable*, and ``on_loss`` decides its copies' fate:
   renormalised to sum to 1 when ``normalize_topk`` is set, as for any token;
 - ``"drop"``: the copy is dropped like a capacity drop: weight 0, the token's other copies keep
   their weights.
+
+A layer gets replicas at construction (``MoELayer(redundancy=RedundancyConfig(...))``): its
+dispatcher places the physical experts and its experts are ``ReplicatedExperts``, the physical
+experts this rank holds, each computing with its logical expert's weights.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from runtime.experts import GroupedExperts
+
 ON_LOSS = ("reroute", "drop")
+
+
+@dataclass(frozen=True)
+class RedundancyConfig:
+    """``redundant`` replicas of the experts with the highest ``loads_E`` (measured loads, one per
+    logical expert, the same on every rank so every rank builds the same layout; ``replicate``)."""
+
+    loads_E: tuple[float, ...]  # measured load of each logical expert (copies routed to it)
+    redundant: int  # replicas to add, >= 0
+
+    def __post_init__(self):
+        loads = tuple(self.loads_E)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in loads)
+        if not numbers or not all(math.isfinite(v) and v >= 0 for v in loads):
+            raise ValueError(f"RedundancyConfig.loads_E = {self.loads_E!r} is invalid: accepted finite numbers >= 0")
+        object.__setattr__(self, "loads_E", tuple(float(v) for v in loads))
+        if isinstance(self.redundant, bool) or not isinstance(self.redundant, int) or self.redundant < 0:
+            raise ValueError(f"RedundancyConfig.redundant = {self.redundant!r} is invalid: accepted an integer >= 0")
+
+
+def check_on_loss(on_loss: str) -> str:
+    """``on_loss`` itself, or a ``ValueError`` naming what is accepted."""
+    if on_loss not in ON_LOSS:
+        raise ValueError(f"on_loss = {on_loss!r} is invalid: accepted one of {', '.join(map(repr, ON_LOSS))}")
+    return on_loss
 
 
 @dataclass(frozen=True)
@@ -201,3 +234,23 @@ def reroute(
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return weights_TK, ids_TK
+
+
+class ReplicatedExperts(GroupedExperts):
+    """The physical experts one rank holds when the layer has replicas (the ``Experts`` protocol):
+    ``GroupedExperts`` over them, local expert l being physical expert ``physical_L[l]``, which
+    computes with the weights of its logical expert (``experts_L[l]``: every copy is the same)."""
+
+    def __init__(
+        self,
+        replicas: Replicas,
+        physical_L: Sequence[int],
+        hidden: int,
+        ffn_hidden: int,
+        activation: str,
+        dtype: torch.dtype,
+        backend: str,
+    ):
+        logical_L = [replicas.logical_of_P[p] for p in physical_L]
+        super().__init__(logical_L, hidden, ffn_hidden, activation, dtype, backend)
+        self.physical_L = tuple(physical_L)

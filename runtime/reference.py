@@ -4,6 +4,8 @@ It loops over tokens and their chosen experts one at a time with plain fp64 tens
 (differentiable, so gradients can be compared too). It shares only the weights dataclass and the
 config with the fast path; routing, capacity, the FFNs and the losses are written out again here.
 
+Every comparison against it uses one error metric, ``rel_error``: ‖x − ref‖₂ / ‖ref‖₂ in fp64.
+
 Policy, identical to ``runtime/router.py``: capacity C = ceil(cf · N · K / E) over all N tokens
 given; copies are served in token order and the first C per expert are kept; a dropped copy
 contributes nothing and the other copies keep their weights; top-k ties go to the lower id.
@@ -28,6 +30,17 @@ class ReferenceOutput:
     counts_E: list[int]  # copies routed to each expert, before dropping
     kept_E: list[int]  # copies each expert processed
     dropped: list[tuple[int, int]]  # (token, expert) copies dropped by capacity
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖₂ / ‖ref‖₂ in fp64. An all-zero ``ref`` gives ‖x‖ (the absolute error: 0 when x is
+    zero too); a NaN or inf in either gives inf, so no tolerance passes it."""
+    x, ref = x.detach().double(), ref.detach().double()
+    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
+        return float("inf")
+    den = ref.norm().item()
+    num = (x - ref).norm().item()
+    return num / den if den > 0 else num
 
 
 def _gelu(x):

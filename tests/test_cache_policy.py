@@ -82,8 +82,9 @@ def test_a_plan_too_large_for_its_budget_gives_way_to_the_rule():
 def test_on_recorded_decode_streams_belady_hits_at_least_as_often_as_lru_and_lfu(seed):
     import torch
 
-    from moebench.workload.tokens import MoEStack, layer_weights, token_stream
+    from moebench.workload.tokens import layer_weights, token_stream
     from runtime import MoEConfig, ParallelConfig
+    from runtime.stack import MoEStack
 
     moe = MoEConfig(256, 512, 8, top_k=2, activation="swiglu")  # scenarios/offload.toml's model
     stack = MoEStack(moe, ParallelConfig(), layer_weights(moe, 4, seed, "uniform", None), None, "cpu")

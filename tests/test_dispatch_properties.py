@@ -1,4 +1,4 @@
-"""Property tests of permutation, dispatch and combine (runtime/dispatch.py).
+"""Property tests of permutation, dispatch and combine (runtime/permute.py, runtime/dispatch.py).
 
 Every expected value is computed independently of ``runtime/``: plain Python loops, integer
 arithmetic or fp64 tensor arithmetic written out in the tests.
@@ -12,14 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import FAST, bincount_E, choices_TK, logits_TE
 
-from runtime.dispatch import (
-    AllToAllDispatcher,
-    LocalDispatcher,
-    expert_to_source_major,
-    permute_order,
-    slot_of_expert,
-    source_to_expert_major,
-)
+from runtime.dispatch import AllToAllDispatcher, LocalDispatcher
+from runtime.permute import expert_to_source_major, permute_order, slot_of_expert, source_to_expert_major
 from runtime.router import (
     expert_capacity,
     keep_mask,

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moebench.kinds.equivalence import rel_error
 from moebench.measure.floors import loop_floor, mixtral_block
 from moebench.measure.timing import Timing
 from moebench.tools import serial_path
 from moebench.workload.tokens import tokens
 from runtime import MoEConfig, MoELayer, init_weights
 from runtime.experts import expert_ffn
+from runtime.reference import rel_error
 
 COUNTS = [7, 0, 13, 3, 1]  # uneven, one expert with no rows
 FP32_RTOL = 1e-5

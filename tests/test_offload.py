@@ -1,4 +1,4 @@
-"""CPU offload of experts (runtime/offload.py, MoEStack.offload): the invariants the issue names.
+"""CPU offload of experts (runtime/offload.py, MoEStack's offload): the invariants the issue names.
 
 - outputs with offload are bitwise the all-resident stack's, for every policy and prefetch, at
   every cache size, on 1 and 2 ranks;
@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from moebench.launch.spawn import launch
-from moebench.workload.tokens import MoEStack, layer_weights, token_stream
+from moebench.workload.tokens import layer_weights, token_stream
 from runtime import MoEConfig, ParallelConfig, cache_policy
 from runtime.offload import PREFETCH, OffloadConfig
+from runtime.stack import MoEStack
 
 MOE = MoEConfig(16, 32, 8, top_k=2, activation="swiglu", capacity_factor=1.25)
 LAYERS, STEPS, TOKENS = 3, 6, 4
@@ -31,8 +32,8 @@ def _stacks(config: OffloadConfig, ep: int = 1, group=None, rank: int = 0):
     stream = token_stream(STEPS, TOKENS, MOE.hidden_size, 0, rank, 0.8)
     with torch.no_grad():
         recorded = [resident.needed_experts(resident(x)[1]) for x in stream]
-    offloaded = MoEStack(MOE, par, weights, group, "cpu")
-    offloaded.offload(config, recorded, horizon=2 * STEPS)  # the tests run the stream twice
+    # the tests run the stream twice: Belady plans both passes
+    offloaded = MoEStack(MOE, par, weights, group, "cpu", offload=config, recorded=recorded, horizon=2 * STEPS)
     return resident, offloaded, stream
 
 
@@ -200,14 +201,13 @@ def test_offload_refuses_gradients_chunks_and_more_slots_than_experts():
     with pytest.raises(RuntimeError, match="offloaded experts are inference-only"):
         offloaded(x_TD)
     weights = layer_weights(MOE, 1, 0, "uniform", None)
-    chunked = MoEStack(MOE, ParallelConfig(overlap_chunks=2), weights, None, "cpu", dispatcher="local")
+    chunked = ParallelConfig(overlap_chunks=2)
     with pytest.raises(ValueError, match=r"offload with ParallelConfig\.overlap_chunks = 2 is refused: accepted 1"):
-        chunked.offload(OffloadConfig(2))
-    plain = MoEStack(MOE, ParallelConfig(), weights, None, "cpu")
+        MoEStack(MOE, chunked, weights, None, "cpu", dispatcher="local", offload=OffloadConfig(2))
     with pytest.raises(ValueError, match=r"cache_slots = 9 is invalid: accepted 1 to 8 \(the experts on this rank\)"):
-        plain.offload(OffloadConfig(9))
+        MoEStack(MOE, ParallelConfig(), weights, None, "cpu", offload=OffloadConfig(9))
     with pytest.raises(ValueError, match=r"prefetch = 'none' needs recorded: accepted the needed experts"):
-        plain.offload(OffloadConfig(2, "belady"))
+        MoEStack(MOE, ParallelConfig(), weights, None, "cpu", offload=OffloadConfig(2, "belady"))
     with pytest.raises(ValueError, match=r"OffloadConfig.prefetch = 'always' is invalid: accepted one of 'none'"):
         OffloadConfig(2, "lru", "always")
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_cases, run_reference
 from moebench.launch.spawn import launch
 from runtime import MoEConfig, MoELayer, ParallelConfig, collective, init_weights
-from runtime.dispatch import _permute_order_torch, chunk_sizes, permute_order, slot_of_expert
+from runtime.permute import _permute_order_torch, chunk_sizes, permute_order, slot_of_expert
 
 # ---------------------------------------------------------------------------------------------
 # Chunking, pure
@@ -182,9 +182,9 @@ def _schedule_rank(ctx, chunks: int, transport: str) -> dict:
         return a2a_(*args, **kwargs)
 
     moe = _moe(top_k=2, capacity_factor=1.25)
-    layer = MoELayer(moe, ParallelConfig(ep_size=ctx.world_size, overlap_chunks=chunks), ctx.group, ctx.device)
+    par = ParallelConfig(ep_size=ctx.world_size, overlap_chunks=chunks)
+    layer = MoELayer(moe, par, ctx.group, ctx.device, transport=transport)
     layer.load_global_weights(init_weights(moe, seed=3))
-    layer.dispatcher.transport = transport
     x_TD = torch.randn(24, moe.hidden_size, generator=torch.Generator().manual_seed(ctx.rank)).requires_grad_()
     collective._launch, collective.Pending.wait, dist.all_to_all_single = logged_launch, logged_wait, logged_a2a
     try:

@@ -104,9 +104,14 @@ def test_overlap_columns_show_only_where_a_run_measured_them():
 
 
 class _Layer:
+    """The schedule part of an ``MoELayer``: read attributes, changed only through ``set_schedule``."""
+
     def __init__(self):
-        self.overlap_chunks = 4
-        self.dispatcher = type("D", (), {"transport": "collective"})()
+        self.overlap_chunks, self.transport = 4, "collective"
+
+    def set_schedule(self, overlap_chunks=None, transport=None):
+        self.overlap_chunks = self.overlap_chunks if overlap_chunks is None else overlap_chunks
+        self.transport = self.transport if transport is None else transport
 
 
 def test_the_mode_switch_restores_chunks_and_transport_even_when_the_step_raises():
@@ -114,16 +119,16 @@ def test_the_mode_switch_restores_chunks_and_transport_even_when_the_step_raises
     seen = []
 
     def failing_step():
-        seen.append([(layer.overlap_chunks, layer.dispatcher.transport) for layer in stack.layers])
+        seen.append([(layer.overlap_chunks, layer.transport) for layer in stack.layers])
         raise RuntimeError("planted")
 
     with pytest.raises(RuntimeError, match="planted"):
         O.in_mode(failing_step, stack, chunks=1, transport="local_copy")()
     assert seen == [[(1, "local_copy"), (1, "local_copy")]]
-    assert [(layer.overlap_chunks, layer.dispatcher.transport) for layer in stack.layers] == [(4, "collective")] * 2
+    assert [(layer.overlap_chunks, layer.transport) for layer in stack.layers] == [(4, "collective")] * 2
     with O.stack_mode(stack, transport="local_copy"):
         assert [layer.overlap_chunks for layer in stack.layers] == [4, 4]  # chunks untouched when not given
-    assert stack.layers[0].dispatcher.transport == "collective"
+    assert stack.layers[0].transport == "collective"
 
 
 def _meta(*chunks: tuple[list[int], list[int]]) -> DispatchMeta:
@@ -173,7 +178,7 @@ def _functions_rank(ctx, s) -> dict:
             made[name] = sorted(calls)
     finally:
         dist.all_to_all_single = a2a
-    chunks = [(layer.overlap_chunks, layer.dispatcher.transport) for layer in stack.layers]
+    chunks = [(layer.overlap_chunks, layer.transport) for layer in stack.layers]
     return {"made": made, "layers": chunks}
 
 

@@ -15,7 +15,8 @@ import torch
 from moebench.launch.spawn import launch
 from runtime import MoEConfig, ParallelConfig
 from runtime.layer import MoELayer
-from runtime.redundancy import Replicas, physical_ids, plain, replicate, reroute, split_counts
+from runtime.redundancy import RedundancyConfig, Replicas, physical_ids, plain, replicate, reroute, split_counts
+from runtime.reference import rel_error
 from runtime.router import route
 from runtime.weights import init_weights
 
@@ -141,13 +142,12 @@ def _rank(ctx, redundant: int, lose: str, on_loss: str, moe: MoEConfig = MOE, ch
     x = _inputs(ctx.rank)
     plain_layer = MoELayer(moe, par, ctx.group)
     plain_layer.load_global_weights(weights)
-    layer = MoELayer(moe, par, ctx.group)
-    layer.load_global_weights(weights)
     with torch.no_grad():
         healthy = plain_layer(x)
         loads = healthy.counts_WE.sum(0).tolist()
-        if redundant:
-            layer.replicate(loads, redundant, weights)
+        redundancy = RedundancyConfig(tuple(loads), redundant) if redundant else None
+        layer = MoELayer(moe, par, ctx.group, redundancy=redundancy)
+        layer.load_global_weights(weights)
         replicated = layer(x).out_TD
         reps = layer.replicas
         if lose == "covered":  # the primary of the hottest replicated expert: a replica survives
@@ -174,10 +174,6 @@ def _rank(ctx, redundant: int, lose: str, on_loss: str, moe: MoEConfig = MOE, ch
     }
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 CAPPED = dataclasses.replace(MOE, capacity_factor=1.0)  # some copies dropped by capacity: the same ones
 
 
@@ -188,9 +184,9 @@ def test_replicas_and_a_covered_loss_leave_the_output_equal_to_the_plain_layer(w
     for rank, r in enumerate(results):
         assert len(r["owner_P"]) == MOE.num_experts + 4
         assert r["local"] == tuple(p for p, w in enumerate(r["owner_P"]) if w == rank)
-        assert _rel(r["replicated"], r["healthy"]) <= 1e-6
+        assert rel_error(r["replicated"], r["healthy"]) <= 1e-6
         assert torch.isfinite(r["after"]).all()  # no token reached the NaN copy
-        assert _rel(r["after"], r["healthy"]) <= 1e-6
+        assert rel_error(r["after"], r["healthy"]) <= 1e-6
         assert r["lost_tokens"] == 0
 
 
@@ -210,8 +206,8 @@ def test_an_expert_with_no_live_copy_is_rerouted_or_dropped_as_documented(world,
     lost = 0
     for r in results:
         assert torch.isfinite(r["after"]).all()
-        assert _rel(r["after"], r["expected"]) <= 1e-5
-        assert _rel(r["after"], r["healthy"]) > 1e-3  # the loss does change the output
+        assert rel_error(r["after"], r["expected"]) <= 1e-5
+        assert rel_error(r["after"], r["healthy"]) > 1e-3  # the loss does change the output
         lost += r["lost_tokens"]
     # tokens that chose expert 1 or 6 among their top 2, counted independently
     weights = init_weights(MOE, seed=3)

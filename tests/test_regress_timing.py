@@ -12,11 +12,11 @@ import os
 
 import pytest
 
+from moebench.measure.slowdown import SLOWDOWN_ENV
 from moebench.regress import compare as C
 from moebench.regress.confirm import confirm
 from moebench.report.results import REPO
 from moebench.tools.false_alarms import confirmed, pairwise, run_set
-from runtime.dispatch import SLOWDOWN_ENV
 
 REGRESS = REPO / "scenarios" / "regress"
 TIMING_ENV = "MOEBENCH_TIMING_TESTS"

@@ -14,8 +14,9 @@ from moebench.scenario import ScenarioError, load
 from moebench.tools.skew_check import shares
 from moebench.workload import skew as S
 from moebench.workload import trace as T
-from moebench.workload.tokens import MoEStack, layer_targets, layer_weights, router_offsets, tokens
+from moebench.workload.tokens import layer_targets, layer_weights, router_offsets, tokens
 from runtime import MoEConfig, ParallelConfig
+from runtime.stack import MoEStack
 
 MEASURED_COPIES = 65_536  # ≥ 64k copies per layer, as the bounds assume
 

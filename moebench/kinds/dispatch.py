@@ -17,10 +17,11 @@ from moebench.measure.common import (
     setup,
     timed_window_tokens,
 )
-from moebench.workload.tokens import MoEStack
+from runtime.reference import rel_error
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
+    from runtime.stack import MoEStack
 
 NAME = "dispatch"
 ORDER = 5  # place in listings and "accepted" lists
@@ -60,7 +61,7 @@ def round_trip_error(stack: MoEStack, x_TD: torch.Tensor) -> float:
         out_TD = layer.dispatcher.combine(x_RD, plan.routing.weights_TK, meta).double()
         kept_weight_T = (plan.routing.weights_TK * plan.keep_TK).sum(1, keepdim=True).double()
         want_TD = x_TD.double() * kept_weight_T
-    return float((out_TD - want_TD).norm() / want_TD.norm().clamp_min(1e-30))
+    return rel_error(out_TD, want_TD)
 
 
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:

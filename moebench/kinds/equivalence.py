@@ -13,7 +13,7 @@ over ranks and layers), and the gradients of the input, each router (after
 layout). Gradient names: "x", then "router", "w_in", "w_down" for layer 0 and "router.1", ... for
 later layers.
 
-With ``[offload]`` (``Case.offload``) the stack's experts are offloaded (``MoEStack.offload``) and
+With ``[offload]`` (``Case.offload``) the stack's experts are offloaded (``MoEStack``'s ``offload``) and
 only the forward is compared: offload is inference-only. Each rank also checks that its
 offloaded output is bitwise the all-resident stack's on the same tokens.
 """
@@ -27,11 +27,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from moebench import metrics as M
+from moebench.measure import slowdown
 from moebench.measure.common import sampler
 from moebench.measure.offload import offload_config
-from moebench.workload.tokens import MoEStack, layer_weights
+from moebench.workload.tokens import layer_weights
 from runtime import MoEConfig, MoEWeights, ParallelConfig, reference_moe
 from runtime.offload import OffloadConfig
+from runtime.reference import rel_error
+from runtime.stack import MoEStack
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
@@ -74,16 +77,6 @@ class Result:
     z_loss: float
     tokens_dropped: int  # over all layers
     grads: dict[str, torch.Tensor]  # "x", "router", "w_in", "w_down", "router.1", ...
-
-
-def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖x − ref‖₂ / ‖ref‖₂ in fp64; ‖x‖ when ref is all zeros; NaN anywhere gives inf."""
-    x, ref = x.double(), ref.double()
-    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
-        return float("inf")
-    den = ref.norm().item()
-    num = (x - ref).norm().item()
-    return num / den if den > 0 else num
 
 
 def make_inputs(case: Case) -> tuple[list[MoEWeights], torch.Tensor, torch.Tensor]:
@@ -139,11 +132,15 @@ def run_rank(ctx, case: Case) -> dict:
     x_TD = x_ND[start : start + splits[ctx.rank]].to(ctx.device).requires_grad_()
     g_TD = g_ND[start : start + splits[ctx.rank]].to(ctx.device)
     moe = case.moe if case.expert_backend is None else dataclasses.replace(case.moe, expert_backend=case.expert_backend)
-    stack = MoEStack(moe, case.parallel(ctx.world_size), weights, ctx.group, ctx.device, case.dispatcher)
+
+    def new_stack(**features) -> MoEStack:
+        par = case.parallel(ctx.world_size)
+        wrap = slowdown.wrapper()
+        return MoEStack(moe, par, weights, ctx.group, ctx.device, case.dispatcher, wrap_dispatcher=wrap, **features)
+
+    stack = new_stack()
     if case.offload is not None:
-        return _offloaded_forward(ctx, case, stack, x_TD.detach(), lambda: MoEStack(
-            moe, case.parallel(ctx.world_size), weights, ctx.group, ctx.device, case.dispatcher
-        ))  # fmt: skip
+        return _offloaded_forward(ctx, case, stack, x_TD.detach(), new_stack)
     out_TD, results = stack(x_TD)
     loss = (out_TD.float() * g_TD).sum() + sum(r.router_loss for r in results)
     loss.backward()
@@ -167,8 +164,7 @@ def _offloaded_forward(ctx, case: Case, resident: MoEStack, x_TD: torch.Tensor, 
     """The forward of an offloaded stack (no gradients), and whether it is bitwise the resident one's."""
     with torch.no_grad():
         want_TD, recorded_results = resident(x_TD)
-        offloaded = new_stack()
-        offloaded.offload(case.offload, [resident.needed_experts(recorded_results)])
+        offloaded = new_stack(offload=case.offload, recorded=[resident.needed_experts(recorded_results)])
         out_TD, results = offloaded(x_TD)
     return {
         "out": out_TD.cpu(),

@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 
 from moebench import metrics as M
+from moebench.measure import slowdown
 from moebench.measure.telemetry import Sampler
 from moebench.measure.timing import time_interleaved
 from moebench.workload import trace as routing_trace
-from moebench.workload.tokens import DenseStack, MoEStack, layer_weights, token_stream, tokens
+from moebench.workload.tokens import DenseStack, layer_weights, token_stream, tokens
+from runtime.stack import MoEStack
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
@@ -82,13 +84,24 @@ def sampler(ctx, interval: float | None):
     return _NoSampler() if interval is None else Sampler(ctx.device, interval_s=interval)
 
 
-def build_stack(ctx, spec: RunSpec) -> MoEStack:
+def build_stack(ctx, spec: RunSpec, **features) -> MoEStack:
     """This rank's part of the scenario's MoE stack (seeded global weights, calibrated router skew;
-    with ``skew = "trace"``, routers that replay batch 0 of the trace)."""
+    with ``skew = "trace"``, routers that replay batch 0 of the trace). ``features``: ``MoEStack``'s
+    keyword arguments (offload, redundancy, on_loss); the test-only slowdown wraps the dispatchers
+    when its knob is set (moebench/slowdown.py)."""
     wl = spec.workload
     weights = layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
     dispatcher = "all_to_all" if spec.parallel.get("overlap_chunks") else "auto"  # overlap: collective even at W = 1
-    stack = MoEStack(spec.moe_config(), spec.parallel_config(), weights, ctx.group, ctx.device, dispatcher)
+    stack = MoEStack(
+        spec.moe_config(),
+        spec.parallel_config(),
+        weights,
+        ctx.group,
+        ctx.device,
+        dispatcher,
+        wrap_dispatcher=slowdown.wrapper(),
+        **features,
+    )
     use_batch(ctx, spec, stack, 0)
     return stack
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from moebench import REPO
-from runtime.dispatch import SLOWDOWN_ENV
+from moebench.measure.slowdown import SLOWDOWN_ENV
 
 
 def _git(*args: str) -> str | None:

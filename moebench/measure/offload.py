@@ -8,7 +8,7 @@ record which experts each layer needs at each step (``MoEStack.needed_experts``)
 that sequence and prefetch "oracle" loads it. Then three functions, one call of each per round
 (``time_interleaved``), so round i of each comes from the same moment:
 
-- ``offload``   a second stack, the same weights, its experts offloaded (``MoEStack.offload``):
+- ``offload``   a second stack, the same weights, its experts offloaded (``MoEStack``'s ``offload``):
                 one forward of the next stream step (call k runs step k mod steps);
 - ``resident``  the kind's own stack on the same stream step: everything on the device;
 - ``h2d_copy``  one expert's weights (both matrices) copied from the cache's host memory (pinned
@@ -34,7 +34,7 @@ from runtime.offload import OffloadConfig
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
-    from moebench.workload.tokens import MoEStack
+    from runtime.stack import MoEStack
 
 FUNCTIONS = ("offload", "resident", "h2d_copy")
 OFFLOAD_METRICS = (
@@ -123,8 +123,8 @@ def offload_timings(ctx, spec: RunSpec, stack: MoEStack, stream: list[torch.Tens
     """The three functions in alternating rounds, and the offloaded stack's cache counters."""
     config, routes = offload_config(spec), stream_routes(ctx, spec)
     recorded = record(stack, stream, routes)
-    offloaded = build_stack(ctx, spec)
-    offloaded.offload(config, recorded, horizon=spec.scenario["warmup"] + spec.scenario["repeats"])
+    horizon = spec.scenario["warmup"] + spec.scenario["repeats"]
+    offloaded = build_stack(ctx, spec, offload=config, recorded=recorded, horizon=horizon)
     caches = [layer.experts.cache for layer in offloaded.layers]
     fns = {
         "offload": cycling(offloaded, stream, routes),

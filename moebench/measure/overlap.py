@@ -35,7 +35,7 @@ from runtime.dispatch import DispatchMeta
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
-    from moebench.workload.tokens import MoEStack
+    from runtime.stack import MoEStack
 
 FUNCTIONS = ("overlapped", "serial", "compute_only", "a2a_alone")
 OVERLAP_METRICS = (
@@ -65,17 +65,14 @@ OVERLAP_COLUMNS = (
 def stack_mode(stack: MoEStack, chunks: int | None = None, transport: str | None = None):
     """Run every layer of ``stack`` at ``chunks`` and/or over ``transport`` inside the block; the
     layers' own settings come back afterwards, also when the block raises."""
-    saved = [(layer, layer.overlap_chunks, layer.dispatcher.transport) for layer in stack.layers]
+    saved = [(layer, layer.overlap_chunks, layer.transport) for layer in stack.layers]
     try:
         for layer, _, _ in saved:
-            if chunks is not None:
-                layer.overlap_chunks = chunks
-            if transport is not None:
-                layer.dispatcher.transport = transport
+            layer.set_schedule(overlap_chunks=chunks, transport=transport)
         yield stack
     finally:
         for layer, own_chunks, own_transport in saved:
-            layer.overlap_chunks, layer.dispatcher.transport = own_chunks, own_transport
+            layer.set_schedule(overlap_chunks=own_chunks, transport=own_transport)
 
 
 def in_mode(fn, stack: MoEStack, **mode):

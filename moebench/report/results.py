@@ -160,10 +160,9 @@ def check_columns(names: list[str], metrics: list[str]) -> tuple[str, ...]:
     for name in names:
         metric, _, stat = name.partition(":")
         if name not in known and not (metric in known and metric not in GENERIC_COLUMNS and stat in STATS):
-            shown = name if len(name) <= 60 else name[:57] + "..."
             raise ValueError(
-                f"--columns {shown!r} is not a column: accepted {', '.join(GENERIC_COLUMNS)} or a metric name "
-                f"(docs/results.md), optionally with :{'|:'.join(STATS)}, e.g. step_time_s:p99"
+                f"--columns {clip(repr(name))} is not a column: accepted {', '.join(GENERIC_COLUMNS)} or a metric name "
+                f"(results/README.md), optionally with :{'|:'.join(STATS)}, e.g. step_time_s:p99"
             )
     return tuple(dict.fromkeys(names))
 

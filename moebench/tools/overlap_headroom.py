@@ -42,7 +42,7 @@ def _rank(ctx, chunks: int, steps: int, tokens: int) -> dict:
         for _ in range(2):  # two alternating passes over the four modes
             for transport in ("collective", "local_copy"):
                 for c in (1, chunks):
-                    layer.dispatcher.transport, layer.overlap_chunks = transport, c
+                    layer.set_schedule(overlap_chunks=c, transport=transport)
                     for _ in range(3):
                         layer(x_TD)
                     dist.barrier(group=ctx.group)

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from moebench.kinds.equivalence import rel_error
-from moebench.measure.environment import cpu_model
 from moebench.measure.floors import loop_floor, mixtral_block
 from moebench.measure.timing import time_interleaved
+from moebench.measure.environment import cpu_model
 from moebench.workload.tokens import tokens
 from runtime import MoEConfig, MoELayer, init_weights
+from runtime.reference import rel_error
 
 SAME_FUNCTION_RTOL = 1e-5  # ‖block − layer‖ / ‖layer‖ in fp32: the same function, summed in another order
 DESCRIPTIONS = {

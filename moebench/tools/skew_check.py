@@ -15,8 +15,9 @@ import argparse
 import numpy as np
 import torch
 
-from moebench.workload.tokens import MoEStack, layer_targets, layer_weights, tokens
+from moebench.workload.tokens import layer_targets, layer_weights, tokens
 from runtime import MoEConfig, ParallelConfig
+from runtime.stack import MoEStack
 
 
 def shares(moe: MoEConfig, layers: int, skew: str, param: float | None, copies: int, seed: int = 0) -> np.ndarray:

@@ -1,5 +1,5 @@
 """What a scenario feeds the runtime: seeded weights with calibrated router skew, tokens (also as a
-decode-like stream of correlated steps), and stacks of layers.
+decode-like stream of correlated steps), and the dense stack (the MoE stack is runtime/stack.py).
 
 Shape legend: T = tokens on this rank, N = calibration tokens, D = hidden, E = experts.
 
@@ -27,8 +27,6 @@ from moebench import atomic
 from moebench.workload import skew as S
 from runtime import MoEConfig, MoELayer, MoEWeights, ParallelConfig, init_weights
 from runtime.experts import expert_ffn
-from runtime.offload import OffloadConfig
-from runtime.router import Router
 
 SKEWS = (*S.SKEWS, "trace")
 # The random streams of one seed (``_generator``): tokens of rank r: r; the seeded expert order of a layer:
@@ -193,77 +191,6 @@ def token_stream(
         z_TD = tokens(num_tokens, hidden, seed, step_stream(step, rank))
         steps.append(keep * steps[-1] + fresh * z_TD)  # a new tensor: the steps before stay as they were
     return steps
-
-
-class MoEStack(nn.Module):
-    """A residual stack of MoE layers, one rank's part: x ← x + moe_l(x) for each layer l."""
-
-    def __init__(
-        self, moe: MoEConfig, par: ParallelConfig, weights: list[MoEWeights], group, device, dispatcher="auto"
-    ):
-        super().__init__()
-        group = group if par.ep_size > 1 or dispatcher == "all_to_all" else None
-        self.layers = nn.ModuleList(
-            MoELayer(moe, par, group=group, device=device, dispatcher=dispatcher) for _ in weights
-        )
-        for layer, w in zip(self.layers, weights, strict=True):
-            layer.load_global_weights(w)
-        self._prefetch, self._recorded, self._calls = "none", None, 0
-
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Returns the stack's output and each layer's ``MoEOutput``. With offload and a prefetch,
-        layer l+1's guessed experts are loaded before layer l computes (``offload``)."""
-        outputs = []
-        for i, layer in enumerate(self.layers):
-            if self._prefetch != "none" and i + 1 < len(self.layers):
-                self._prefetch_next(i + 1, x_TD)
-            result = layer(x_TD)
-            x_TD = x_TD + result.out_TD
-            outputs.append(result)
-        self._calls += 1
-        return x_TD, outputs
-
-    def needed_experts(self, outputs: list) -> list[list[int]]:
-        """Per layer, the local experts (indices into the rank's L, ascending) that had rows in a
-        forward with these ``MoEOutput``s: the set an offloaded layer accesses."""
-        return [
-            [i for i, e in enumerate(layer.local_experts) if int(r.kept_WE[:, e].sum()) > 0]
-            for layer, r in zip(self.layers, outputs, strict=True)
-        ]
-
-    def offload(self, config: OffloadConfig, recorded: list[list[list[int]]] | None = None, horizon: int = 0) -> None:
-        """Every layer's experts in host memory behind a device cache (``runtime/offload.py``).
-
-        ``recorded[s][l]``: the experts layer l needs at step s of the stream the stack will run,
-        ``needed_experts`` of an all-resident pass over it, forward call k being step k mod len.
-        Belady replays it, and prefetch "oracle" names exactly it. Prefetch "next_layer" names
-        layer l+1's experts from its router applied to layer l's input: this rank's tokens only
-        (the tokens other ranks send are not seen), the most chosen first. The cache loads what it
-        can of the named experts without evicting any of them (``ExpertCache.prefetch``).
-        ``horizon``: forwards Belady plans exactly (``cache_policy.optimal_plan``; without prefetch,
-        whose loads the plan does not foresee); later ones, and prefetch runs, follow its rule."""
-        if (config.policy == "belady" or config.prefetch == "oracle") and not recorded:
-            modes = f"OffloadConfig.policy = {config.policy!r}, prefetch = {config.prefetch!r}"
-            raise ValueError(f"{modes} needs recorded: accepted the needed experts of each step of the stream")
-        for l, layer in enumerate(self.layers):
-            plan = horizon if config.prefetch == "none" else 0
-            layer.offload(config, [step[l] for step in recorded] if recorded else None, plan)
-        self._prefetch, self._recorded, self._calls = config.prefetch, recorded, 0
-
-    def _prefetch_next(self, l: int, h_TD: torch.Tensor) -> None:
-        layer = self.layers[l]
-        if self._prefetch == "oracle":
-            experts = self._recorded[self._calls % len(self._recorded)][l]
-        else:  # the router's own choice, even where a trace replaces it (Router.forward, not ReplayRouter's)
-            ids = Router.forward(layer.router, h_TD).ids_TK.reshape(-1)
-            counts_E = torch.bincount(ids, minlength=layer.moe.num_experts).tolist()  # sync: a host list
-            counts_L = [counts_E[e] for e in layer.local_experts]
-            experts = sorted((i for i, n in enumerate(counts_L) if n), key=lambda i: -counts_L[i])
-        layer.experts.cache.prefetch(experts)
-
-    def reduce_replicated_grads(self) -> None:
-        for layer in self.layers:
-            layer.reduce_replicated_grads()
 
 
 class DenseStack(nn.Module):

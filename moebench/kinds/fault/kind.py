@@ -185,7 +185,7 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     if fault_resume.resumable(spec):
         return fault_resume.measure_train(ctx, spec)
     stack, group, x_TD = setup(ctx, spec)
-    fault_loss.add_replicas(spec, stack, x_TD)
+    stack = fault_loss.with_replicas(ctx, spec, stack, x_TD)
     experts = _Experts(stack)
     owner = stack.layers[0].expert_to_rank[f["expert"]]
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moebench.measure.common import setup
-from moebench.workload.tokens import layer_weights
+from moebench.measure.common import build_stack, setup
+from runtime.redundancy import RedundancyConfig
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
@@ -73,26 +73,24 @@ def _lost_mask(stack, f: dict, rank: int) -> torch.Tensor:
     return lost_LP
 
 
-def add_replicas(spec: RunSpec, stack, x_TD: torch.Tensor) -> None:
-    """``[parallel] redundant_experts`` replicas in every layer, chosen from the loads one forward of
-    the run's tokens measures (group-wide counts: the same on every rank, so the same layout)."""
-    redundant, wl = spec.parallel["redundant_experts"], spec.workload
+def with_replicas(ctx, spec: RunSpec, stack, x_TD: torch.Tensor):
+    """``stack`` when ``[parallel] redundant_experts`` = 0, else a new stack of the same layers with
+    that many replicas in every layer, chosen from the loads one forward of the run's tokens on
+    ``stack`` measures (group-wide counts: the same on every rank, so the same layout)."""
+    redundant = spec.parallel["redundant_experts"]
     if not redundant:
-        return
+        return stack
     with torch.no_grad():
         _, outputs = stack(x_TD)
-    weights = layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
-    for layer, out, w in zip(stack.layers, outputs, weights, strict=True):
-        layer.replicate(out.counts_WE.sum(0).tolist(), redundant, w)
+    redundancy = [RedundancyConfig(tuple(out.counts_WE.sum(0).tolist()), redundant) for out in outputs]
+    return build_stack(ctx, spec, redundancy=redundancy)
 
 
 def measure_loss(ctx, spec: RunSpec) -> dict:
     """Step the stack with a health exchange per step, and lose copies at ``at_step`` (docstring)."""
     f = spec.fault
     stack, group, x_TD = setup(ctx, spec)
-    add_replicas(spec, stack, x_TD)
-    for layer in stack.layers:
-        layer.on_loss = f["on_expert_loss"]
+    stack = with_replicas(ctx, spec, stack, x_TD)
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]
     known = _no_loss(stack)
     injected_at, detected, masked = None, None, False
@@ -114,7 +112,8 @@ def measure_loss(ctx, spec: RunSpec) -> dict:
             if new:
                 known = torch.maximum(known, lost_LP)
                 for l, layer in enumerate(stack.layers):
-                    layer.set_alive([not bool(known[l, p]) for p in range(len(layer.replicas.logical_of_P))])
+                    alive_P = [not bool(known[l, p]) for p in range(len(layer.replicas.logical_of_P))]
+                    layer.set_alive(alive_P, f["on_expert_loss"])
                 detected = {"at": time.monotonic(), "step": step, "copies": new}
                 masked = f["type"] == "rank_loss" and ctx.rank == f["rank"]
             x_in = x_TD[:0] if masked else x_TD
