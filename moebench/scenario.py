@@ -372,6 +372,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     overridden = set(overrides or {})
     _check_sweep_size(path, doc)
     sections = {s: _read_section(path, s, doc.get(s, {}), overridden) for s in SCHEMA}
+    _check_offload_keys(path, doc.get("offload", {}))
     slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
     thresholds = _read_compare(path, sections["scenario"]["kind"], doc.get("compare", {}))
     specs = []
@@ -389,6 +390,16 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     sections["slo"] = {s.key: s.limit for s in slos}
     sections["compare"] = thresholds
     return Scenario(path, sections, specs)
+
+
+def _check_offload_keys(path: str, table: dict) -> None:
+    """[offload] policy or prefetch without cache_slots: read, then ignored (no expert is offloaded)."""
+    for key in ("policy", "prefetch"):
+        if key in table and "cache_slots" not in table:
+            raise ScenarioError(
+                f"{path}: [offload] {key} = {_show(table[key])} without cache_slots is invalid: accepted it with "
+                "cache_slots = N (the device slots per layer that turn offload on), or no [offload] (all resident)"
+            )
 
 
 def _features(spec: RunSpec) -> dict[str, object]:
