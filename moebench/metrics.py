@@ -11,6 +11,10 @@ import math
 
 import numpy as np
 
+# Times that are differences of two times and so may be negative (noise): exposed_comm_s = overlapped −
+# compute-only (moebench/measure/overlap.py). Every other metric in seconds is >= 0.
+SIGNED = frozenset({"exposed_comm_s"})
+
 # -------------------------------------------------------------------------------------------
 # The metric record
 

@@ -76,6 +76,16 @@ def _int(minimum: int, maximum: int) -> tuple:
     return valid, f"an integer from {minimum} to {maximum}"
 
 
+def _index(limit: int, bound: str) -> tuple:
+    """An index whose range is the run's (``bound``, checked by the kind's ``validate`` with its value): here
+    only an integer no larger than ``limit`` either way, so that a negative one gets the run's bound too."""
+
+    def valid(v):
+        return isinstance(v, int) and not isinstance(v, bool) and -limit <= v <= limit
+
+    return valid, f"an integer from 0 to {bound}"
+
+
 def _number(minimum: float, below: float | None = None) -> tuple:
     def valid(v):
         return is_finite_number(v) and v >= minimum and (below is None or v < below)
@@ -151,10 +161,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "fault": {  # kind "fault" only (moebench/kinds/fault/kind.py)
         "type": Key(None, *_choice(*fault_kind.TYPES)),
-        "rank": Key(0, *_int(0, 2**16)),
-        "layer": Key(0, *_int(0, 4096)),
-        "expert": Key(0, *_int(0, 2**16)),
-        "at_step": Key(3, *_int(0, 10**6)),
+        "rank": Key(0, *_index(2**16, "world_size - 1")),
+        "layer": Key(0, *_index(4096, "layers - 1")),
+        "expert": Key(0, *_index(2**16, "num_experts - 1")),
+        "at_step": Key(3, *_index(10**6, "warmup + repeats - 1")),
         "slowdown": Key(3.0, *_number(1)),
         "detect_timeout_s": Key(10.0, *_number(0.5)),
         "on_expert_loss": Key("reroute", *_choice(*fault_kind.ON_EXPERT_LOSS)),
@@ -362,6 +372,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     overridden = set(overrides or {})
     _check_sweep_size(path, doc)
     sections = {s: _read_section(path, s, doc.get(s, {}), overridden) for s in SCHEMA}
+    _check_offload_keys(path, doc.get("offload", {}))
     slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
     thresholds = _read_compare(path, sections["scenario"]["kind"], doc.get("compare", {}))
     specs = []
@@ -379,6 +390,16 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     sections["slo"] = {s.key: s.limit for s in slos}
     sections["compare"] = thresholds
     return Scenario(path, sections, specs)
+
+
+def _check_offload_keys(path: str, table: dict) -> None:
+    """[offload] policy or prefetch without cache_slots: read, then ignored (no expert is offloaded)."""
+    for key in ("policy", "prefetch"):
+        if key in table and "cache_slots" not in table:
+            raise ScenarioError(
+                f"{path}: [offload] {key} = {_show(table[key])} without cache_slots is invalid: accepted it with "
+                "cache_slots = N (the device slots per layer that turn offload on), or no [offload] (all resident)"
+            )
 
 
 def _features(spec: RunSpec) -> dict[str, object]:

@@ -383,3 +383,83 @@ def test_a_deeply_nested_json_file_given_to_compare_is_one_line(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=f"{deep}: not a readable result file: nested too deeply"):
         read_any(deep)
+
+
+# -------------------------------------------------------------------------------------------
+# Result files whose optional records have another type than moebench writes
+
+
+def _fault_result(tmp_path, where: tuple, value) -> Path:
+    """A fault run's result file with the field at ``where`` (keys below the run) set to ``value``."""
+    from result_docs import result_doc, run_record
+
+    run = run_record({}, params={"type": "straggler"}, checks=[{"name": "fault_detected", "pass": True}])
+    run["details"] = {
+        "fault": {
+            "injected": {"type": "straggler", "rank": 1, "layer": 0, "expert": 0, "at_step": 2},
+            "detected": True,
+            "culprit_rank": 1,
+            "recovered": "not needed",
+            "steps_lost": 0,
+            "tokens_rerouted": None,
+            "rel_error_vs_healthy": 0.5,
+        }
+    }
+    doc = result_doc([run], kind="fault")
+    record = run
+    for key in where[:-1]:
+        record = record[key]
+    record[where[-1]] = value
+    path = tmp_path / "fault.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "named"),
+    [
+        (("details",), 1, "runs[0].details = 1 is invalid: accepted a table or null"),
+        (("details", "fault"), [1], "runs[0].details.fault = [1] is invalid: accepted a table"),
+        (("details", "fault", "injected"), 1, "runs[0].details.fault.injected = 1 is invalid: accepted a table"),
+        (("details", "fault", "injected", "type"), [], "fault.injected.type = [] is invalid: accepted a string"),
+        (("details", "fault", "injected", "rank"), "1", 'fault.injected.rank = "1" is invalid: accepted an integer'),
+        (("details", "fault", "steps_lost"), 1.5, "fault.steps_lost = 1.5 is invalid: accepted an integer"),
+        (("details", "fault", "tokens_rerouted"), [], "fault.tokens_rerouted = [] is invalid: accepted an integer"),
+        (("details", "fault", "rel_error_vs_healthy"), {}, "rel_error_vs_healthy = {} is invalid: accepted a number"),
+        (("details", "fault", "detected"), "yes", 'fault.detected = "yes" is invalid: accepted true, false or null'),
+        (("details", "fault", "culprit_rank"), True, "fault.culprit_rank = true is invalid: accepted an integer"),
+    ],
+)
+def test_report_on_a_fault_record_of_another_type_is_one_line_naming_the_file_and_field(
+    tmp_path, capsys, where, value, named
+):
+    path = _fault_result(tmp_path, where, value)
+    assert main(["report", str(path)]) == 2
+    err = one_line_error(capsys)
+    assert f"{path}: malformed moebench.result/1 file: " in err and named in err
+
+
+def test_report_shows_the_fault_table_of_a_sound_fault_record(tmp_path, capsys):
+    path = _fault_result(tmp_path, ("details", "fault", "culprit_layer"), None)
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Fault table: 1 fault run" in out and "straggler at rank 1, step 2" in out and "0.5" in out
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("name", None, "scenario.scenario needs a name and a kind (strings)"),
+        ("git_sha", [1], "environment.git_sha must be a string"),
+        ("gpus", [1], "environment.gpus must be a list of strings"),
+    ],
+)
+def test_a_result_whose_name_or_environment_has_another_type_is_refused_naming_it(tmp_path, key, value, named):
+    from result_docs import result_doc, run_record
+
+    doc = result_doc([run_record({})])
+    (doc["scenario"]["scenario"] if key == "name" else doc["environment"])[key] = value
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: malformed moebench.result/1 file: {named}")):
+        results.read(path)

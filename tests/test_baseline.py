@@ -188,3 +188,51 @@ def test_cli_baseline_update_of_three_runs_says_it_merged_them(tmp_path, capsys)
     assert main(["baseline", "update", *map(str, folders[:2]), "--root", str(root)]) == 2
     err = capsys.readouterr().err
     assert "accepted an odd number" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(median=float("nan")), "step_time_s.median = NaN is invalid"),
+        (lambda m: m.update(max=float("inf")), "step_time_s.max = Infinity is invalid"),
+        (lambda m: m["samples"].__setitem__(0, "1.0"), 'step_time_s.samples[0] = "1.0" is invalid'),
+        (lambda m: m["samples"].__setitem__(1, -1.0), "step_time_s.samples[1] = -1.0 is invalid"),
+    ],
+)
+def test_baseline_update_refuses_what_compare_would_refuse_and_writes_nothing(tmp_path, edit, message):
+    m = metric([1.0, 1.1], "s", "lower")
+    edit(m)
+    path = tmp_path / "results" / "demo.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(_doc([_run({"step_time_s": m})])))  # NaN and Infinity as another tool writes them
+    with pytest.raises(ValueError, match=re.escape(f"{path}: runs[0].metrics.{message}")):
+        update([tmp_path / "results"], tmp_path / "baselines")
+    assert not (tmp_path / "baselines").exists()
+
+
+@pytest.mark.parametrize("where", ["one file", "two files"])
+def test_baseline_update_refuses_a_duplicated_run_that_compare_would_refuse(tmp_path, where):
+    if where == "one file":
+        write_atomic(tmp_path / "results" / "demo.json", _doc([_run({}), _run({})]))
+        message = "demo.json: run demo [world_size=2] is twice in that file"
+    else:
+        write_atomic(tmp_path / "results" / "a.json", _doc([_run({})]))
+        write_atomic(tmp_path / "results" / "b.json", _doc([_run({})]))
+        message = f"b.json: run demo [world_size=2] is also in {tmp_path / 'results' / 'a.json'}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        update([tmp_path / "results"], tmp_path / "baselines")
+    assert not (tmp_path / "baselines").exists()
+
+
+def test_baseline_update_with_a_root_that_is_a_file_is_one_line_and_leaves_the_file(tmp_path, capsys):
+    write_atomic(tmp_path / "results" / "demo.json", _doc([_run({})]))
+    root = tmp_path / "root.txt"
+    root.write_text("mine\n")
+    assert main(["baseline", "update", str(tmp_path / "results"), "--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moebench: error: --root {root}: not a folder: accepted a folder (made if missing) for the baselines"
+    assert root.read_text() == "mine\n"
+    (tmp_path / "base" / "cpu-2core").mkdir(parents=True)
+    (tmp_path / "base" / "cpu-2core" / "demo.json").mkdir()  # a folder where the baseline file would go
+    assert main(["baseline", "update", str(tmp_path / "results"), "--root", str(tmp_path / "base")]) == 2
+    assert "demo.json: cannot write the baseline: a folder has its name" in capsys.readouterr().err

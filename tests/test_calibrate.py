@@ -4,6 +4,7 @@ and when fitted factors are (not) applied to a plan."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -185,3 +186,39 @@ def test_host_to_device_fit_recovers_the_copy_rate_and_predicts_the_offloaded_st
     assert C.applied(
         replace(plan, hardware=replace(plan.hardware, name="test cpu")), cal
     ).hardware.host_to_device_bandwidth == pytest.approx(H2D)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda runs: runs[2]["metrics"]["expert_time_s"].update(median=float("inf")), "runs[2].metrics.expert_time_s"),
+        (lambda runs: runs[0]["metrics"]["expert_time_s"].update(median=float("nan")), "runs[0].metrics.expert_time_s"),
+        (lambda runs: runs[1]["metrics"]["expert_time_s"].update(median=-1.0), "runs[1].metrics.expert_time_s"),
+    ],
+)
+def test_a_time_that_is_infinite_nan_or_negative_is_refused_naming_the_run_not_fitted_to_0(
+    tmp_path, capsys, plan, edit, message
+):
+    from moebench.cli import main
+
+    gemm = gemm_runs()
+    edit(gemm)
+    folder = write_results(tmp_path / "r", gemm, a2a_runs())  # json.dumps keeps NaN and Infinity
+    with pytest.raises(ValueError, match=re.escape(f"gemm.json: {message}.median = ")):
+        C.calibrate(plan, [str(folder)])
+    assert main(["plan", plan.path, "--calibrate", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "accepted a finite number > 0 or null" in err and len(err.splitlines()) == 1 and "nan%" not in err
+
+
+def test_offload_caches_of_another_type_or_an_infinite_copy_time_are_refused_naming_the_field(tmp_path, plan):
+    folder = write_results(tmp_path / "r", gemm_runs(), a2a_runs())
+    runs = offload_runs()
+    runs[1]["details"]["offload"] = [[{"h2d_bytes": 10, "copy_s": float("inf")}]]
+    (folder / "off.json").write_text(json.dumps(_doc("o", "throughput", runs)))
+    with pytest.raises(ValueError, match=r"off\.json: runs\[1\]\.details\.offload\[0\]\[0\]\.copy_s = Infinity"):
+        C.calibrate(plan, [str(folder)])
+    runs[1]["details"]["offload"] = [["not a table"]]
+    (folder / "off.json").write_text(json.dumps(_doc("o", "throughput", runs)))
+    with pytest.raises(ValueError, match=r"runs\[1\]\.details\.offload is invalid: accepted a list \(ranks\)"):
+        C.calibrate(plan, [str(folder)])

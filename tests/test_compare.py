@@ -500,3 +500,83 @@ def test_pytest_benchmark_summaries_without_data_are_judged_on_medians(tmp_path)
     (tmp_path / "b.json").write_text(json.dumps(bench(1.2)))
     (row,) = C.compare(C.load([tmp_path / "a.json"]), C.load([tmp_path / "b.json"]), C.Settings())
     assert (row.verdict, row.p) == ("slower", None) and "no raw samples" in row.note
+
+
+# -------------------------------------------------------------------------------------------
+# Values a ratio or a rank test cannot judge are refused, never read as "same"
+
+
+def _raw(path: Path, doc: dict) -> Path:
+    """Write ``doc`` as JSON as another tool might (NaN and Infinity kept, not made null)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _edited(edit) -> dict:
+    m = metric(_times(0.010), "s", "lower")
+    edit(m)
+    return _doc([_run({"step_time_s": m})])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(median=math.nan), "metrics.step_time_s.median = NaN is invalid: accepted a finite number"),
+        (lambda m: m.update(p99=math.inf), "metrics.step_time_s.p99 = Infinity is invalid"),
+        (lambda m: m["samples"].__setitem__(3, "0.01"), 'step_time_s.samples[3] = "0.01" is invalid'),
+        (lambda m: m["samples"].__setitem__(0, math.nan), "step_time_s.samples[0] = NaN is invalid"),
+        (lambda m: m["samples"].__setitem__(5, True), "step_time_s.samples[5] = true is invalid"),
+        (lambda m: m["samples"].__setitem__(2, -0.01), "samples[2] = -0.01 is invalid: accepted a finite number >= 0"),
+        (lambda m: m.update(min=-1.0), "step_time_s.min = -1.0 is invalid: accepted a finite number >= 0 (a time)"),
+    ],
+)
+def test_nan_inf_text_or_negative_times_in_a_result_are_refused_naming_the_value(tmp_path, capsys, edit, message):
+    base = _raw(tmp_path / "base" / "demo.json", _doc([_run({"step_time_s": metric(_times(0.010), "s", "lower")})]))
+    new = _raw(tmp_path / "new" / "demo.json", _edited(edit))
+    assert main(["compare", str(base), str(new)]) == 2
+    err = capsys.readouterr().err
+    assert f"{new}: runs[0]." in err and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_difference_of_times_may_be_negative_and_is_compared():
+    exposed = metric([-0.001, 0.0, 0.001], "s", "lower")
+    C._check_values("x", "exposed_comm_s", exposed)  # metrics.SIGNED: no error
+    with pytest.raises(ValueError, match=r"x\.min = -0\.001 is invalid"):
+        C._check_values("x", "step_time_s", exposed)
+
+
+def test_null_samples_are_left_out_of_the_rank_test_not_read_as_same(tmp_path):
+    base = metric(_times(0.010), "s", "lower")
+    slow = metric(_times(0.0115, seed=1), "s", "lower")
+    slow["samples"] = [*slow["samples"][:10], None, *slow["samples"][10:]]  # a NaN sample, written as null
+    verdict, _, p, _ = C.judge_metric("step_time_s", base, slow, 0.05, 0.01)
+    assert verdict == "slower" and p < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "message"),
+    [
+        ({"min_effect": "5%"}, '[compare] min_effect = "5%" is invalid: accepted a fraction from 0 to 100'),
+        ({"step_time_s": -1}, "[compare] step_time_s = -1 is invalid: accepted a fraction from 0 to 100"),
+        ({"alpha": 2}, "[compare] alpha = 2 is invalid: accepted a number in (0, 1)"),
+        ({"min_effect": int("9" * 400)}, "[compare] min_effect = 9999"),
+        ([1], "scenario.compare = [1] is invalid: accepted a table"),
+    ],
+)
+def test_a_bad_compare_section_in_a_baseline_is_one_line_naming_the_file_key_and_value(
+    tmp_path, capsys, thresholds, message
+):
+    m = {"step_time_s": metric(_times(0.010), "s", "lower")}
+    base = _raw(tmp_path / "base" / "demo.json", _doc([_run(m)], thresholds=thresholds))
+    new = _raw(tmp_path / "new" / "demo.json", _doc([_run(m)]))
+    assert main(["compare", str(base), str(new)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{base}: " in err and message in err and len(err.splitlines()) == 1
+    assert "could not convert" not in err and len(err) < 300
+
+
+def test_a_run_twice_in_one_file_is_refused_naming_the_file(tmp_path, capsys):
+    twice = _raw(tmp_path / "new" / "demo.json", _doc([_run({}), _run({})]))
+    assert main(["compare", str(twice), str(twice)]) == 2
+    assert f"{twice}: run demo [world_size=2] is twice in that file" in capsys.readouterr().err

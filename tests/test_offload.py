@@ -224,3 +224,48 @@ def _ep2_rank(ctx, config: OffloadConfig) -> bool:
 @pytest.mark.parametrize("config", [OffloadConfig(1, "belady", "oracle"), OffloadConfig(2, "lfu", "next_layer")])
 def test_each_rank_caches_its_own_experts_and_outputs_stay_bitwise_at_ep_2(config):
     assert launch(_ep2_rank, 2, config, device="cpu", backend="gloo") == [True, True]
+
+
+class _Counting:
+    """A stack that counts its forwards (what ``offload.record`` runs), delegating everything else."""
+
+    def __init__(self, stack: MoEStack):
+        self.stack, self.forwards = stack, 0
+
+    def __call__(self, x_TD):
+        self.forwards += 1
+        return self.stack(x_TD)
+
+    def needed_experts(self, outputs):
+        return self.stack.needed_experts(outputs)
+
+
+@pytest.mark.parametrize(("steps", "calls", "forwards"), [(20, 5, 5), (3, 5, 3), (5, 5, 5)])
+def test_recording_forwards_only_the_stream_steps_the_timed_rounds_reach(steps, calls, forwards):
+    from moebench.measure.offload import record
+
+    resident, _, _ = _stacks(OffloadConfig(1, "lru"))
+    counting = _Counting(resident)
+    stream = token_stream(steps, TOKENS, MOE.hidden_size, 0, 0, 0.8)
+    recorded = record(counting, stream, None, calls)
+    assert counting.forwards == forwards == len(recorded)  # was: every step of the stream (65536: minutes)
+    with torch.no_grad():
+        assert recorded == [resident.needed_experts(resident(x)[1]) for x in stream[:forwards]]
+
+
+@pytest.mark.parametrize("config", [OffloadConfig(2, "belady"), OffloadConfig(2, "lru", "oracle")], ids=str)
+def test_a_recording_cut_to_the_calls_run_gives_the_cache_the_same_hits_as_the_whole_stream(config):
+    from moebench.measure.offload import record
+
+    weights, calls = layer_weights(MOE, LAYERS, 0, "uniform", None), 5
+    resident = MoEStack(MOE, ParallelConfig(ep_size=1), weights, None, "cpu")
+    stream = token_stream(3 * calls, TOKENS, MOE.hidden_size, 0, 0, 0.3)
+    stats = []
+    for recorded in (record(resident, stream, None, len(stream)), record(resident, stream, None, calls)):
+        offloaded = MoEStack(MOE, ParallelConfig(ep_size=1), weights, None, "cpu")
+        offloaded.offload(config, recorded, horizon=calls)
+        with torch.no_grad():
+            for x_TD in stream[:calls]:
+                offloaded(x_TD)
+        stats.append([(c.stats.hits, c.stats.accesses, list(c.stats.misses_E)) for c in _caches(offloaded)])
+    assert stats[0] == stats[1] and sum(hits for hits, _, _ in stats[0]) > 0

@@ -118,6 +118,14 @@ def test_offload_is_unset_by_default_and_each_key_sweeps(tmp_path):
             '[offload] cache_slots = 2 is invalid with [model] expert_backend = "bmm": accepted "auto" or "loop"',
         ),
         (
+            {"offload": {"policy": "lfu"}},
+            '[offload] policy = "lfu" without cache_slots is invalid: accepted it with cache_slots = N',
+        ),
+        (
+            {"offload": {"prefetch": ["oracle", "none"]}},
+            '[offload] prefetch = ["oracle", "none"] without cache_slots is invalid',
+        ),
+        (
             {"offload": {"cache_slots": 2}, "scenario": {"kind": "equivalence"}, "workload": {"steps": 3}},
             '[workload] steps = 3 is invalid for kind = "equivalence": accepted only with kind "throughput" or',
         ),

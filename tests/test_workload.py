@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -267,6 +268,68 @@ def test_an_unreadable_or_foreign_file_is_one_line_naming_it(tmp_path, content, 
         path.write_bytes(content)
     with pytest.raises(ValueError, match=f"{path}: {message}"):
         T.load(path)
+
+
+def _hostile_trace(path, case):
+    """Write one malformed trace of the class ``case`` at ``path`` (suffix chosen by the caller)."""
+    ids = np.zeros((1, 2, 1), dtype=np.int64)
+    if case == "npy":
+        with path.open("wb") as f:
+            np.save(f, ids)
+    elif case == "member_not_array":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("format.npy", "moebench.routing/1")
+            z.writestr("ids.npy", "not an array")
+    elif case == "object_member":
+        np.savez(path, format=T.FORMAT, num_experts=4, ids=np.array([[[1, "a"]]], dtype=object))
+    elif case == "deep_json":
+        path.write_text(
+            '{"format": "moebench.routing/1", "num_experts": 2, "ids": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        )
+    elif case == "plain_text":
+        path.write_text("expert ids: 0 1 2\n")
+    elif case == "ids_missing":
+        np.savez(path, format=T.FORMAT, num_experts=4)
+    elif case == "ids_a_string":
+        path.write_text(json.dumps({"format": T.FORMAT, "num_experts": 4, "ids": "0 1 2"}))
+    elif case == "uint64_max":
+        np.savez(path, format=T.FORMAT, num_experts=4, ids=np.full((1, 2, 1), 2**64 - 1, dtype=np.uint64))
+    elif case == "huge_id":
+        path.write_text(json.dumps({"format": T.FORMAT, "num_experts": 4, "ids": [[[int("9" * 400)]]]}))
+
+
+@pytest.mark.parametrize(
+    ("case", "suffix", "message"),
+    [
+        ("npy", ".npz", "not a readable routing trace .*a single .npy array, not an .npz archive"),
+        ("member_not_array", ".npz", "not a readable routing trace .*member 'format' is not a numpy array"),
+        ("object_member", ".npz", "not a readable routing trace .*member 'ids' is not a numpy array"),
+        ("deep_json", ".json", "not a readable routing trace .*nested too deeply"),
+        ("plain_text", ".npz", "not a readable routing trace .*neither an .npz archive .* nor a .json file"),
+        ("plain_text", ".txt", "not a readable routing trace .*neither an .npz archive .* nor a .json file"),
+        ("ids_missing", ".npz", "ids is missing: accepted integer expert ids"),
+        ("ids_a_string", ".json", "ids = 0 1 2 is a single value: accepted integer expert ids"),
+        ("uint64_max", ".npz", "expert id 18446744073709551615 is out of range: accepted ids from 0 to 3"),
+        ("huge_id", ".json", "ids of values that are not 64-bit integers is invalid"),
+    ],
+)
+def test_a_malformed_trace_of_any_class_is_one_value_error_naming_the_file_and_what_it_is(
+    tmp_path, case, suffix, message
+):
+    path = tmp_path / f"bad{suffix}"
+    _hostile_trace(path, case)
+    with pytest.raises(ValueError, match=f"{path}: {message}") as caught:
+        T.load(path)
+    text = str(caught.value)
+    assert "\n" not in text and "pickle" not in text and len(text) < 300
+
+
+def test_a_400_digit_num_experts_is_cut_short_in_the_message(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text('{"format": "moebench.routing/1", "num_experts": ' + "9" * 400 + ', "ids": [[[0]]]}')
+    with pytest.raises(ValueError, match=r"num_experts = 9{60}… \(400 characters\) is invalid: accepted 4") as caught:
+        T.check(T.load(path), num_experts=4, top_k=1, layers=1, tokens_needed=1)
+    assert "9" * 61 not in str(caught.value)
 
 
 def test_batches_take_consecutive_rank_slices_and_cycle_through_the_trace():

@@ -100,9 +100,12 @@ def cycling(stack: MoEStack, stream: list[torch.Tensor], routes):
     return lambda: stream_step(stack, stream, routes, next(calls))[0]
 
 
-def record(stack: MoEStack, stream: list[torch.Tensor], routes) -> list[list[list[int]]]:
-    """Per stream step, per layer, the experts (local indices) an all-resident forward uses."""
-    return [stack.needed_experts(stream_step(stack, stream, routes, s)[1]) for s in range(len(stream))]
+def record(stack: MoEStack, stream: list[torch.Tensor], routes, calls: int) -> list[list[list[int]]]:
+    """Per stream step, per layer, the experts (local indices) an all-resident forward uses: of the
+    steps the run's ``calls`` forwards reach (call k runs step k mod steps), so the first
+    min(steps, calls): a stream longer than the run is not forwarded past what the run uses. Forward
+    call k < calls reads entry k mod len of the result, the step it runs either way."""
+    return [stack.needed_experts(stream_step(stack, stream, routes, s)[1]) for s in range(min(len(stream), calls))]
 
 
 def copy_fn(stack: MoEStack, device: torch.device):
@@ -122,9 +125,9 @@ def copy_fn(stack: MoEStack, device: torch.device):
 def offload_timings(ctx, spec: RunSpec, stack: MoEStack, stream: list[torch.Tensor], group) -> dict:
     """The three functions in alternating rounds, and the offloaded stack's cache counters."""
     config, routes = offload_config(spec), stream_routes(ctx, spec)
-    recorded = record(stack, stream, routes)
-    horizon = spec.scenario["warmup"] + spec.scenario["repeats"]
-    offloaded = build_stack(ctx, spec, offload=config, recorded=recorded, horizon=horizon)
+    calls = spec.scenario["warmup"] + spec.scenario["repeats"]  # forwards of each stack: one per round
+    recorded = record(stack, stream, routes, calls)
+    offloaded = build_stack(ctx, spec, offload=config, recorded=recorded, horizon=calls)
     caches = [layer.experts.cache for layer in offloaded.layers]
     fns = {
         "offload": cycling(offloaded, stream, routes),

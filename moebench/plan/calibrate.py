@@ -18,6 +18,8 @@ out. The report gives every held-out error, whatever it is.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +28,7 @@ from scipy.optimize import nnls
 from moebench.plan.model import offloaded_time
 from moebench.plan.spec import Plan
 from moebench.report.results import find, read_any
+from moebench.text import clip
 
 MIN_RUNS = 3  # a two-parameter fit left one run out still has two
 
@@ -77,10 +80,36 @@ def fit(name: str, obs: list[Observation], what: str) -> Fit:
 # Observations from result files
 
 
-def _median(run: dict, metric: str) -> float | None:
+def _measured(where: str, value) -> float | None:
+    """``value`` if it is a number > 0; None for null or 0 (not measured: e.g. no bytes off-rank at one
+    rank); a ``ValueError`` naming ``where`` for NaN, infinity, a negative number or text, which no run
+    measures and which would fit a rate of 0 (or infinity) with NaN errors."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{where} = {clip(json.dumps(value))} is invalid: accepted a finite number > 0 or null")
+    return float(value)
+
+
+def _median(path, i: int, run: dict, metric: str) -> float | None:
     m = run.get("metrics", {}).get(metric)
-    value = None if m is None else m.get("median")
-    return value if isinstance(value, (int, float)) and value > 0 else None
+    return None if m is None else _measured(f"{path}: runs[{i}].metrics.{metric}.median", m.get("median"))
+
+
+def _caches(path, i: int, run: dict) -> tuple[float, float]:
+    """(bytes copied, copy seconds) summed over the run's caches (``details.offload``: per rank, per layer)."""
+    ranks = (run.get("details") or {}).get("offload", [])
+    if not isinstance(ranks, list) or not all(
+        isinstance(r, list) and all(isinstance(c, dict) for c in r) for r in ranks
+    ):
+        raise ValueError(f"{path}: runs[{i}].details.offload is invalid: accepted a list (ranks) of lists of tables")
+    copied, copy_s = 0.0, 0.0
+    for r, rank in enumerate(ranks):
+        for l, cache in enumerate(rank):
+            where = f"{path}: runs[{i}].details.offload[{r}][{l}]"
+            copied += _measured(f"{where}.h2d_bytes", cache.get("h2d_bytes")) or 0.0
+            copy_s += _measured(f"{where}.copy_s", cache.get("copy_s")) or 0.0
+    return copied, copy_s
 
 
 def observations(paths: list[str]) -> tuple[list[Observation], ...]:
@@ -92,26 +121,26 @@ def observations(paths: list[str]) -> tuple[list[Observation], ...]:
         if doc.get("schema") != "moebench.result/1":
             continue
         envs.append(doc["environment"])
-        for run in doc["runs"]:
+        for i, run in enumerate(doc["runs"]):
             if run.get("status") != "ok":
                 continue
             params = " ".join(f"{k}={v}" for k, v in run["params"].items())
             cfg, label = run["config"], f"{doc['scenario']['scenario']['name']} {params}".strip()
             model, wl = cfg["model"], cfg["workload"]
-            if (t := _median(run, "expert_time_s")) is not None:
+            if (t := _median(path, i, run, "expert_time_s")) is not None:
                 m = 3 if model["activation"] == "swiglu" else 2
                 rows = wl["tokens_per_rank"] * model["top_k"]
                 flops = 2.0 * rows * m * model["hidden"] * model["ffn_hidden"]
                 per_expert = rows / model["num_experts"]
                 gemm.append(Observation(str(path), label, (flops, flops / per_expert), t, per_expert))
-            t, bw = _median(run, "a2a_time_s"), _median(run, "a2a_algbw_gbps")
+            t, bw = _median(path, i, run, "a2a_time_s"), _median(path, i, run, "a2a_algbw_gbps")
             if t is not None and bw is not None and run["world_size"] > 1:
                 layers, world = model["layers"], run["world_size"]
                 size = bw * 1e9 * t / layers  # nccl-tests S of one layer
                 a2a.append(Observation(str(path), label, (1.0, size * (world - 1) / world), t / layers))
-            caches = [layer for rank in (run.get("details") or {}).get("offload", []) for layer in rank]
-            copied, copy_s = sum(c["h2d_bytes"] for c in caches), sum(c["copy_s"] for c in caches)
-            resident, offloaded = _median(run, "resident_step_time_s"), _median(run, "offload_step_time_s")
+            copied, copy_s = _caches(path, i, run)
+            resident = _median(path, i, run, "resident_step_time_s")
+            offloaded = _median(path, i, run, "offload_step_time_s")
             if copied > 0 and copy_s > 0 and resident is not None and offloaded is not None:
                 h2d.append(Observation(str(path), label, (float(copied), 0.0), copy_s))
                 per_step = copied / run["world_size"] / run["metrics"]["offload_step_time_s"]["n"]

@@ -18,6 +18,7 @@ import copy
 import re
 from pathlib import Path
 
+from moebench.regress import compare as C
 from moebench.report import results
 
 ROOT = results.REPO / "results" / "baselines"
@@ -68,21 +69,43 @@ def update(paths: list[str | Path], root: Path = ROOT, allow_busy: bool = False)
     Files of the same name (the same scenario from several runs of a set) are merged by ``merge``.
     Everything is checked, every file read and merged, before anything is written.
     """
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ValueError(f"--root {root}: not a folder: accepted a folder (made if missing) for the baselines")
     groups: dict[Path, list[tuple[Path, dict]]] = {}
+    runs: dict[Path, list] = {}  # the first file of each group's runs, as compare reads them
     for path in results.find(paths):
         doc = results.read_any(path)
+        read = C.runs_of(path, doc)  # a file compare would refuse is refused here, before anything is written
         reason = _refusal(doc, allow_busy)
         if reason:
             raise ValueError(f"{path}: not written as a baseline: {reason}")
-        groups.setdefault(Path(root) / class_dir(doc) / Path(path).name, []).append((path, doc))
+        target = Path(root) / class_dir(doc) / Path(path).name
+        groups.setdefault(target, []).append((path, doc))
+        runs.setdefault(target, read)
+    C.refuse_duplicates([run for group in runs.values() for run in group])  # compare would refuse the baseline
     counts = {target.name: len(group) for target, group in groups.items()}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name} in {n}" for name, n in sorted(counts.items()))
         raise ValueError(f"{', '.join(map(str, paths))}: every scenario needs the same number of runs: {listed}")
     merged = {target: merge(group) for target, group in groups.items()}
+    for target in merged:
+        _check_writable(target)
     for target, doc in merged.items():
-        results.write_atomic(target, doc)
+        try:
+            results.write_atomic(target, doc)
+        except OSError as err:
+            raise ValueError(f"{target}: cannot write the baseline: {err.strerror or err}") from None
     return [(target, len(group)) for target, group in groups.items()]
+
+
+def _check_writable(target: Path) -> None:
+    """Refuse before writing anything: the folder cannot be made, or the file's name is a folder."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{target.parent}: cannot make the baseline folder: {err.strerror or err}") from None
+    if target.is_dir():
+        raise ValueError(f"{target}: cannot write the baseline: a folder has its name")
 
 
 def merge(sources: list[tuple[Path, dict]]) -> dict:

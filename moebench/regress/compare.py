@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import mannwhitneyu
 
+from moebench.metrics import SIGNED
 from moebench.report import results
+from moebench.text import clip
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_MIN_EFFECT = 0.05
@@ -121,14 +123,57 @@ def env_class(env: dict, run: dict) -> dict:
     return {"hardware": hardware, "world_size": run.get("world_size"), "backend": run["backend"], "dtype": dtype}
 
 
-def _check_records(path: Path, doc: dict) -> None:
-    """What ``results.read`` does not check but comparing needs: directions, samples, checks."""
+def _finite(value: object) -> bool:
+    """An int or float (not a bool) that is finite; never raises, even for a 400-digit int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_thresholds(path: Path, thresholds: object) -> None:
+    """The file's ``[compare]`` section, as the scenario loader accepts it: alpha in (0, 1), fractions 0 to 100."""
+    if thresholds is None:
+        return
+    if not isinstance(thresholds, dict):
+        raise ValueError(f"{path}: scenario.compare = {clip(json.dumps(thresholds))} is invalid: accepted a table")
+    for key, value in thresholds.items():
+        if key == "alpha" and not (_finite(value) and 0 < value < 1):
+            raise ValueError(
+                f"{path}: [compare] alpha = {clip(json.dumps(value))} is invalid: accepted a number in (0, 1)"
+            )
+        if key != "alpha" and not (_finite(value) and 0 <= value <= 100):
+            raise ValueError(
+                f"{path}: [compare] {clip(key)} = {clip(json.dumps(value))} is invalid: accepted a fraction from 0 to "
+                "100 (0.05 = 5 %)"
+            )
+
+
+def _check_values(where: str, name: str, m: dict) -> None:
+    """A metric's summary and samples are finite numbers (null: a NaN moebench wrote; never NaN, inf or text),
+    and a time is not negative (but ``metrics.SIGNED``: a difference of times)."""
+    timed = m["unit"] == "s" and name not in SIGNED
+    accepted = "a finite number >= 0 (a time) or null" if timed else "a finite number or null"
+    values = [(k, m.get(k)) for k in ("median", "p90", "p99", "min", "max")]
+    values += [(f"samples[{i}]", v) for i, v in enumerate(m.get("samples") or [])]
+    for key, value in values:
+        if value is not None and not (_finite(value) and (value >= 0 or not timed)):
+            raise ValueError(f"{where}.{key} = {clip(json.dumps(value))} is invalid: accepted {accepted}")
+
+
+def check_records(path: Path, doc: dict) -> None:
+    """What ``results.read`` does not check but comparing needs: directions, finite values, samples, checks,
+    thresholds. ``moebench baseline update`` refuses the same, so a baseline is one ``compare`` reads."""
+    _check_thresholds(path, doc["scenario"].get("compare"))
     for i, run in enumerate(doc["runs"]):
         for name, m in run["metrics"].items():
             if m.get("better") not in ("higher", "lower") or not isinstance(m.get("unit"), str):
                 raise ValueError(f"{path}: runs[{i}].metrics.{name} needs a unit and better = 'higher' or 'lower'")
             if not isinstance(m.get("samples", []), list):
                 raise ValueError(f"{path}: runs[{i}].metrics.{name}.samples must be a list")
+            _check_values(f"{path}: runs[{i}].metrics.{name}", name, m)
         for check in run["checks"]:
             if not (isinstance(check, dict) and isinstance(check.get("name"), str) and "pass" in check):
                 raise ValueError(f"{path}: runs[{i}].checks entries need a name and pass")
@@ -138,7 +183,7 @@ def _check_records(path: Path, doc: dict) -> None:
 
 
 def _moebench_runs(path: Path, doc: dict) -> list[Run]:
-    _check_records(path, doc)
+    check_records(path, doc)
     scenario = doc["scenario"]
     thresholds = scenario.get("compare")
     return [
@@ -170,10 +215,13 @@ def _pytest_benchmark_runs(path: Path, doc: dict) -> list[Run]:
         if not isinstance(stats, dict) or not isinstance(bench.get("fullname"), str):
             raise ValueError(f"{path}: benchmarks[{i}] needs a fullname and stats (pytest-benchmark JSON)")
         data = stats.get("data") or []
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: benchmarks[{i}].stats.data must be a list (pytest-benchmark JSON)")
         if not data and not isinstance(stats.get("median"), (int, float)):
             raise ValueError(f"{path}: benchmarks[{i}].stats needs data or a median (pytest-benchmark JSON)")
         summary = {k: stats.get(k) for k in ("median", "min", "max")}
         time_s = {"unit": "s", "better": "lower", "exact": False, "samples": data, "n": stats.get("rounds"), **summary}
+        _check_values(f"{path}: benchmarks[{i}].stats", "time_s", time_s)
         module, _, test = bench["fullname"].partition("::")
         runs.append(
             Run(module, {"test": test or bench["name"]}, env, "ok", None, {"time_s": time_s}, {}, None, str(path))
@@ -181,20 +229,25 @@ def _pytest_benchmark_runs(path: Path, doc: dict) -> list[Run]:
     return runs
 
 
-def load(paths: list[str | Path]) -> list[Run]:
-    """Every run in the files and folders named, in either format."""
-    runs = []
-    for path in results.find(paths):
-        doc = results.read_any(path)
-        if results.is_pytest_benchmark(doc):
-            runs.extend(_pytest_benchmark_runs(path, doc))
-        else:
-            runs.extend(_moebench_runs(path, doc))
+def runs_of(path: Path, doc: dict) -> list[Run]:
+    """The runs of one read file (``results.read_any``), in either format, its records checked."""
+    return _pytest_benchmark_runs(path, doc) if results.is_pytest_benchmark(doc) else _moebench_runs(path, doc)
+
+
+def refuse_duplicates(runs: list[Run]) -> None:
+    """A run (scenario and params) may be in one file of a side, once: which would be compared is unclear."""
     seen = {}
     for run in runs:
         if run.key in seen:
-            raise ValueError(f"{run.source}: run {run.scenario} [{run.label}] is also in {seen[run.key]}")
+            where = "twice in that file" if seen[run.key] == run.source else f"also in {seen[run.key]}"
+            raise ValueError(f"{run.source}: run {run.scenario} [{clip(run.label)}] is {where}: accepted each run once")
         seen[run.key] = run.source
+
+
+def load(paths: list[str | Path]) -> list[Run]:
+    """Every run in the files and folders named, in either format."""
+    runs = [run for path in results.find(paths) for run in runs_of(path, results.read_any(path))]
+    refuse_duplicates(runs)
     return runs
 
 
@@ -252,7 +305,8 @@ def judge_metric(
     if base.get("exact"):
         return ("worse" if worse else "better") if big else "same", ratio, None, ""
     words = ("slower", "faster")
-    a, b = base.get("samples") or [], new.get("samples") or []
+    # a null sample is a NaN the run wrote (e.g. an efficiency over a zero time): not part of the test
+    a, b = ([v for v in m.get("samples") or [] if v is not None] for m in (base, new))
     if len(a) < 2 or len(b) < 2:  # e.g. pytest-benchmark summaries without data: threshold only
         verdict = (words[0] if worse else words[1]) if big else "same"
         return verdict, ratio, None, "no raw samples: judged on the medians alone"

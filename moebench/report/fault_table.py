@@ -19,7 +19,11 @@ documents the keys) and its metric ``detected_after_s``:
 
 from __future__ import annotations
 
+import json
+
 from tabulate import tabulate
+
+from moebench.text import clip
 
 HEADERS = (
     "scenario",
@@ -34,6 +38,43 @@ HEADERS = (
     "error vs healthy",
     "failover exact",
 )
+
+
+_INT = "an integer or null"
+# Each field the table reads from ``details.fault``, and what a result file may hold there.
+FIELDS = {
+    "injected": (lambda v: v is None or isinstance(v, dict), "a table or null"),
+    "detected": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "culprit_rank": (lambda v: _is_int(v), _INT),
+    "culprit_layer": (lambda v: _is_int(v), _INT),
+    "culprit_expert": (lambda v: _is_int(v), _INT),
+    "recovered": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "steps_lost": (lambda v: _is_int(v), _INT),
+    "tokens_rerouted": (lambda v: _is_int(v), _INT),
+    "rel_error_vs_healthy": (lambda v: _is_int(v) or isinstance(v, float), "a number or null"),
+}
+INJECTED_FIELDS = {
+    "type": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    **{k: (lambda v: _is_int(v), _INT) for k in ("rank", "layer", "expert", "at_step")},
+}
+
+
+def _is_int(value) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def malformed(fault: object) -> str | None:
+    """What in a run's ``details.fault`` the table cannot show ("fault.steps_lost = [] is invalid: ..."), or None."""
+    if not isinstance(fault, dict):
+        return f"fault = {clip(json.dumps(fault))} is invalid: accepted a table"
+    for prefix, record, fields in (
+        ("fault", fault, FIELDS),
+        ("fault.injected", fault.get("injected") or {}, INJECTED_FIELDS),
+    ):
+        for key, (ok, accepted) in fields.items():
+            if not ok(record.get(key)):
+                return f"{prefix}.{key} = {clip(json.dumps(record[key]))} is invalid: accepted {accepted}"
+    return None
 
 
 def _where(d: dict, keys=("rank", "layer", "expert")) -> str:
@@ -61,7 +102,8 @@ def _number(value, fmt: str) -> str:
 
 
 def rows(docs: list[dict]) -> list[list[str]]:
-    """The table's rows, from loaded result files (runs without ``details.fault`` are skipped)."""
+    """The table's rows, from loaded result files (runs without ``details.fault`` are skipped; ``results.read``
+    has refused a file whose fault record is ``malformed``)."""
     out = []
     for doc in docs:
         name = doc["scenario"]["scenario"]["name"]

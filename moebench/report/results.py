@@ -19,6 +19,7 @@ from tabulate import tabulate
 
 from moebench import REPO, atomic
 from moebench.measure import host
+from moebench.report import fault_table
 from moebench.text import clip
 
 SCHEMA = "moebench.result/1"
@@ -84,8 +85,14 @@ def read_any(path: Path) -> dict:
 def _malformed(doc: dict) -> str | None:
     """What is missing or mistyped in a result file's required structure; None when it is sound."""
     scenario = doc.get("scenario", {}).get("scenario") if isinstance(doc.get("scenario"), dict) else None
-    if not isinstance(scenario, dict) or not isinstance(scenario.get("kind"), str) or "name" not in scenario:
-        return "scenario.scenario needs a name and a kind"
+    if not isinstance(scenario, dict) or not all(isinstance(scenario.get(k), str) for k in ("name", "kind")):
+        return "scenario.scenario needs a name and a kind (strings)"
+    env = doc.get("environment")
+    gpus = env.get("gpus") if isinstance(env, dict) else None
+    if isinstance(env, dict) and not (_optional(env.get("git_sha"), str) and _optional(gpus, list)):
+        return "environment.git_sha must be a string and environment.gpus a list"
+    if gpus and not all(isinstance(gpu, str) for gpu in gpus):
+        return "environment.gpus must be a list of strings"
     columns = doc.get("columns", [])
     if not isinstance(columns, list) or not all(_is_column(c) for c in columns):
         return "columns must be a list of [metric, header, scale, format]"
@@ -102,7 +109,18 @@ def _malformed(doc: dict) -> str | None:
         for name, m in run["metrics"].items():
             if not isinstance(m, dict) or not all(isinstance(m.get(k), (int, float, type(None))) for k in STATS):
                 return f"runs[{i}].metrics.{name} needs numeric {', '.join(STATS)}"
+        details = run.get("details")
+        if not _optional(details, dict):
+            return f"runs[{i}].details = {clip(json.dumps(details))} is invalid: accepted a table or null"
+        fault = (details or {}).get("fault")
+        problem = None if fault is None else fault_table.malformed(fault)
+        if problem:
+            return f"runs[{i}].details.{problem}"
     return None
+
+
+def _optional(value, kind: type) -> bool:
+    return value is None or isinstance(value, kind)
 
 
 def find(paths: list[str | Path]) -> list[Path]:

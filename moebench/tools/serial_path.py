@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from moebench.measure.environment import cpu_model
 from moebench.measure.floors import loop_floor, mixtral_block
 from moebench.measure.timing import time_interleaved
-from moebench.measure.environment import cpu_model
 from moebench.workload.tokens import tokens
 from runtime import MoEConfig, MoELayer, init_weights
 from runtime.reference import rel_error

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from moebench import atomic
+from moebench.text import clip
 from runtime.router import Router, RouterOutput
 
 FORMAT = "moebench.routing/1"
@@ -83,36 +85,83 @@ def load(path: str | Path) -> RoutingTrace:
                 raise ValueError("a JSON trace is a table with format, num_experts and ids")
             fmt, experts, ids = doc.get("format"), doc.get("num_experts"), doc.get("ids")
         else:
-            with np.load(path, allow_pickle=False) as npz:
-                fmt, experts, ids = (npz[k][()] if k in npz else None for k in ("format", "num_experts", "ids"))
-                ids = None if ids is None else npz["ids"]
+            fmt, experts, ids = _read_npz(path)
+            fmt, experts = (None if v is None else v[()] for v in (fmt, experts))
+    except RecursionError:
+        raise ValueError(f"{path}: not a readable routing trace ({FORMAT}): nested too deeply") from None
     except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as err:
-        reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
+        reason = getattr(err, "strerror", None) or clip(
+            str(err).splitlines()[0] if str(err) else type(err).__name__, 200
+        )
         raise ValueError(f"{path}: not a readable routing trace ({FORMAT}, .npz or .json): {reason}") from None
     if str(fmt) != FORMAT:
-        raise ValueError(f"{path}: format = {str(fmt)[:60]!r} is invalid: accepted {FORMAT!r}")
+        raise ValueError(f"{path}: format = {clip(repr(str(fmt)))} is invalid: accepted {FORMAT!r}")
     if isinstance(experts, (bool, np.bool_)) or not isinstance(experts, (int, np.integer)) or experts < 1:
-        raise ValueError(f"{path}: num_experts = {str(experts)[:60]} is invalid: accepted an integer >= 1")
+        raise ValueError(f"{path}: num_experts = {clip(str(experts))} is invalid: accepted an integer >= 1")
+    return RoutingTrace(_ids_array(path, ids, int(experts)), int(experts), str(path))
+
+
+def _read_npz(path: Path) -> tuple:
+    """The ``format``, ``num_experts`` and ``ids`` arrays of an ``.npz`` (``None`` for a missing one);
+    ``ValueError`` saying what the file is instead (a lone ``.npy`` array, text, a member that is no array)."""
+    with path.open("rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x93NUMPY"):
+        raise ValueError("a single .npy array, not an .npz archive holding format, num_experts and ids")
+    if not head.startswith(b"PK"):
+        raise ValueError("neither an .npz archive (a zip of numpy arrays) nor a .json file (which needs that suffix)")
+    with np.load(path, allow_pickle=False) as npz:
+        found = []
+        for key in ("format", "num_experts", "ids"):
+            if key not in npz:
+                found.append(None)
+                continue
+            try:
+                value = npz[key]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError):
+                value = None  # an object array, a damaged or encrypted member
+            if not isinstance(value, np.ndarray):  # numpy hands a member without the .npy header back as bytes
+                raise ValueError(f"member {key!r} is not a numpy array (a plain, non-object .npy inside the zip)")
+            found.append(value)
+    return tuple(found)
+
+
+def _ids_array(path: Path, ids, num_experts: int) -> np.ndarray:
+    """``ids`` as int64 [layers, tokens, top_k]; ``ValueError`` naming what it is instead."""
+    accepted = "accepted integer expert ids [layers, tokens, top_k]"
+    if ids is None:
+        raise ValueError(f"{path}: ids is missing: {accepted}")
     try:
         array = np.asarray(ids)
     except (ValueError, OverflowError):  # ragged lists
         array = np.asarray([])
     if array.ndim != 3 or 0 in array.shape:
-        shape = "x".join(map(str, array.shape)) if array.size else "empty or ragged"
-        raise ValueError(f"{path}: ids of shape {shape} is invalid: accepted integers [layers, tokens, top_k]")
+        if array.size == 0:
+            what = "is empty or ragged"
+        elif array.ndim == 0:
+            what = f"= {clip(str(ids))} is a single value"
+        else:
+            what = f"of shape {'x'.join(map(str, array.shape))} is invalid"
+        raise ValueError(f"{path}: ids {what}: {accepted}")
     if isinstance(ids, list) and any(isinstance(v, bool) for v in np.asarray(ids, dtype=object).ravel()):
         array = array.astype(bool)  # JSON true/false among the ids, which numpy would read as 1 and 0
     if array.dtype.kind not in "iu":
-        kind = {"b": "booleans", "f": "floats"}.get(array.dtype.kind, str(array.dtype))
-        raise ValueError(f"{path}: ids of {kind} is invalid: accepted integer expert ids [layers, tokens, top_k]")
-    return RoutingTrace(array.astype(np.int64), int(experts), str(path))
+        kind = {"b": "booleans", "f": "floats", "O": "values that are not 64-bit integers"}
+        raise ValueError(f"{path}: ids of {kind.get(array.dtype.kind, str(array.dtype))} is invalid: {accepted}")
+    if array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:  # int64 would wrap it negative
+        raise ValueError(
+            f"{path}: expert id {clip(str(int(array.max())))} is out of range: accepted ids from 0 to {num_experts - 1}"
+        )
+    return array.astype(np.int64)
 
 
 def check(trace: RoutingTrace, *, num_experts: int, top_k: int, layers: int, tokens_needed: int) -> None:
     """Refuse a trace the run cannot replay (``ValueError`` naming the file, the value, what is accepted)."""
     where = trace.source
     if trace.num_experts != num_experts:
-        raise ValueError(f"{where}: num_experts = {trace.num_experts} is invalid: accepted {num_experts} (the model's)")
+        raise ValueError(
+            f"{where}: num_experts = {clip(str(trace.num_experts))} is invalid: accepted {num_experts} (the model's)"
+        )
     if trace.top_k != top_k:
         raise ValueError(f"{where}: {trace.top_k} choices per token is invalid: accepted {top_k} (the model's top_k)")
     if trace.layers != layers:

@@ -44,6 +44,7 @@ from moebench import metrics as M
 from moebench.kinds.fault import loss as fault_loss
 from moebench.kinds.fault import resume as fault_resume
 from moebench.measure.common import setup
+from moebench.text import clip
 from runtime.placement import place_experts
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ STRAGGLER_SCORE = 0.8  # a rank this much slower than the fastest (t_min / t_ran
 # ... when it is so for this many steps in a row: one step of a busy host's noise named a wrong
 # rank once in a unit-suite run on 4 ranks over 2 cores (rank 2 for the straggler rank 1)
 STRAGGLER_STEPS = 2
+MAX_SLOWDOWN = 100.0  # a straggler's largest slowdown: its watchdog allows slowdown x detect_timeout_s
 COLUMNS = (("detected_after_s", "detected after (ms)", 1e3, ".1f"),)
 METRICS = ("detected_after_s",)
 DETAIL_KEYS = (
@@ -94,8 +96,17 @@ def validate(spec: RunSpec) -> None:
             f'[fault] type = "{f["type"]}" with [workload] skew = "trace" is invalid: accepted a generated skew '
             "(a replayed trace fixes every token's choice, and a masked rank has no rows to replay)"
         )
-    if f["type"] == "rank_loss" and spec.world_size < 2:
-        raise ValueError('[fault] type = "rank_loss" with world_size = 1 is invalid: accepted world_size >= 2')
+    if f["type"] in ("rank_loss", "straggler") and spec.world_size < 2:
+        why = "no rank is left to serve" if f["type"] == "rank_loss" else "a lone rank is never slower than the fastest"
+        raise ValueError(
+            f'[fault] type = "{f["type"]}" with world_size = 1 is invalid: accepted world_size >= 2 ({why})'
+        )
+    if f["type"] == "straggler" and f["slowdown"] > MAX_SLOWDOWN:
+        raise ValueError(
+            f"[fault] slowdown = {clip(str(f['slowdown']))} is invalid: accepted 1 to {MAX_SLOWDOWN:g} (a rank slower "
+            'than that is down, not straggling: type = "hang"; the watchdog allows a slowed layer slowdown x '
+            "detect_timeout_s)"
+        )
     steps = spec.scenario["warmup"] + spec.scenario["repeats"]
     if f["type"] == "straggler" and not 1 <= f["at_step"] <= steps - STRAGGLER_STEPS:
         top = steps - STRAGGLER_STEPS
@@ -111,8 +122,9 @@ def validate(spec: RunSpec) -> None:
         ("at_step", steps - 1, "warmup + repeats - 1"),
     )
     for key, top, what in bounds:
-        if f[key] > top:
+        if not 0 <= f[key] <= top:
             raise ValueError(f"[fault] {key} = {f[key]} is invalid: accepted 0 to {what} = {top}")
+    _check_reroute(spec)
     if spec.workload["train"] != (f["checkpoint_every"] is not None):
         raise ValueError(
             f"[fault] checkpoint_every = {f['checkpoint_every']} with [workload] train = "
@@ -129,6 +141,35 @@ def validate(spec: RunSpec) -> None:
             f'[fault] at_step = 0 is invalid for type = "{f["type"]}": accepted 1 or more (the steps before are '
             "its healthy baseline)"
         )
+
+
+def _check_reroute(spec: RunSpec) -> None:
+    """Refuse a loss that, with no replica to cover it, leaves fewer experts than top_k to reroute each
+    token to (the ranks would stop at the loss: ``runtime/redundancy.py``'s reroute needs top_k)."""
+    f, experts, top_k = spec.fault, spec.model["num_experts"], spec.model["top_k"]
+    if f["type"] not in fault_loss.TYPES or f["on_expert_loss"] != "reroute" or spec.parallel["redundant_experts"]:
+        return
+    if f["type"] == "expert_loss":
+        left = experts - 1
+    else:
+        home = place_experts(spec.moe_config(), spec.parallel_config())
+        left = experts - sum(1 for rank in home if rank == f["rank"])
+    if left < top_k:
+        raise ValueError(
+            f'[fault] on_expert_loss = "reroute" with type = "{f["type"]}" is invalid here: the loss leaves {left} of '
+            f"{experts} experts, fewer than top_k = {top_k} to reroute a token to: accepted on_expert_loss = "
+            '"drop", redundant_experts that cover the loss, or more experts'
+        )
+
+
+def watchdog_s(spec: RunSpec) -> float:
+    """The launcher's watchdog (and the ranks' collective timeout) for a fault run: ``detect_timeout_s``,
+    times ``slowdown`` for a straggler. The straggler's peers wait in each layer's all-to-all, sending
+    no heartbeat, while it spins through its slowed layer: slowdown times as long as a healthy one.
+    With the plain timeout a slowed layer longer than it would read as a hang (or time out the peers'
+    collective) and stop the run before the straggler could be named."""
+    f = spec.fault
+    return f["detect_timeout_s"] * (f["slowdown"] if f["type"] == "straggler" else 1.0)
 
 
 # -------------------------------------------------------------------------------------------
@@ -298,6 +339,35 @@ def _loss(spec: RunSpec, per_rank: list[dict], fault: dict, steps: int) -> tuple
     return fault_loss.evaluate_loss(spec, per_rank, fault)
 
 
+# What each type's observer reads of the ranks' ``measure`` output: (rank 0's, every rank's).
+_LOSS_ALL = ("detected_after_s", "masked", "diff_S", "norm_S", "lost_S")
+NEEDS = {
+    "nan": (("nan", "nan_after_s", "steps_run"), ()),
+    "straggler": (("cpu_WS", "wall_S", "straggler", "straggler_after_s"), ()),
+    **dict.fromkeys(fault_loss.TYPES, (("detected", "uncovered", "layers", "wall_S", *_LOSS_ALL), _LOSS_ALL)),
+}
+
+
+def _check_rank_data(spec: RunSpec, per_rank: list[dict]) -> None:
+    """Refuse to judge a run whose ranks' data is missing, saying why: the run was stopped (a rank that
+    raised, crashed or fell silent where no such fault was injected: the watchdog's verdict), or which
+    rank sent which key not. crash and hang: a stopped run is their verdict (``_stopped``)."""
+    kind = spec.fault["type"]
+    if kind in ("crash", "hang"):
+        return
+    failure = per_rank[0].get("failure") if per_rank else None
+    if failure is not None:
+        raise RuntimeError(
+            f"the {kind} run was stopped before it finished, so there is no per-step data to judge: "
+            + (failure.get("message") or f"rank {failure.get('rank')} {failure.get('how')}")
+        )
+    first, every = NEEDS[kind]
+    for rank, data in enumerate(per_rank):
+        missing = [key for key in (first if rank == 0 else every) if key not in data]
+        if missing:
+            raise RuntimeError(f"the {kind} run's rank {rank} sent no {', '.join(missing)}: its data is incomplete")
+
+
 # (spec, per_rank, fault, steps) -> (detected_after_s or None, fault details, extra checks)
 OBSERVE = {"crash": _stopped, "hang": _stopped, "nan": _nan, "straggler": _straggler}
 OBSERVE |= dict.fromkeys(fault_loss.TYPES, _loss)
@@ -312,6 +382,7 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         injected["on_expert_loss"] = f["on_expert_loss"]
         injected["redundant_experts"] = spec.parallel["redundant_experts"]
     fault = dict.fromkeys(DETAIL_KEYS) | {"injected": injected, "detected": False}
+    _check_rank_data(spec, per_rank)
     after, fault, extra = OBSERVE[f["type"]](spec, per_rank, fault, steps)
     want = {f"culprit_{key}": injected[key] for key in NAMED_BY[f["type"]]}
     named = fault["detected"] and all(fault[k] == v for k, v in want.items())
