@@ -262,8 +262,9 @@ def test_a_recording_cut_to_the_calls_run_gives_the_cache_the_same_hits_as_the_w
     stream = token_stream(3 * calls, TOKENS, MOE.hidden_size, 0, 0, 0.3)
     stats = []
     for recorded in (record(resident, stream, None, len(stream)), record(resident, stream, None, calls)):
-        offloaded = MoEStack(MOE, ParallelConfig(ep_size=1), weights, None, "cpu")
-        offloaded.offload(config, recorded, horizon=calls)
+        offloaded = MoEStack(
+            MOE, ParallelConfig(ep_size=1), weights, None, "cpu", offload=config, recorded=recorded, horizon=calls
+        )
         with torch.no_grad():
             for x_TD in stream[:calls]:
                 offloaded(x_TD)
