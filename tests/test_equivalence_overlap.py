@@ -15,8 +15,8 @@ from moebench import kinds, runner
 from moebench.kinds import equivalence
 from moebench.launch.spawn import RankContext
 from moebench.scenario import load
-from moebench.workload.tokens import MoEStack
 from runtime.dispatch import Dispatcher
+from runtime.stack import MoEStack
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "scenarios" / "sweeps" / "equivalence-overlap.toml"
