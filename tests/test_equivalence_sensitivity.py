@@ -49,10 +49,10 @@ def test_missing_combine_weight_is_caught(monkeypatch):
 def test_token_lost_in_combine_is_caught(monkeypatch):
     original = runtime.dispatch.unpermute
 
-    def lose_token_zero(y, meta, weights_TK, *args):
+    def lose_token_zero(y, order_P, token_P, num_tokens, weights_TK, *args):
         weights_TK = weights_TK.clone()
         weights_TK[0] = 0.0
-        return original(y, meta, weights_TK, *args)
+        return original(y, order_P, token_P, num_tokens, weights_TK, *args)
 
     monkeypatch.setattr(runtime.dispatch, "unpermute", lose_token_zero)
     errors = _errors()
