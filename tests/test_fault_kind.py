@@ -27,7 +27,7 @@ def _doc(**fault_keys) -> dict:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 2 ranks: in the unit suite
 def test_every_fault_type_is_detected_and_named_and_no_process_is_left(tmp_path, world):
     doc = _doc(type=list(fault.TYPES))
     doc["parallel"] |= {"world_size": world, "redundant_experts": 2}
@@ -81,6 +81,7 @@ def test_every_fault_type_is_detected_and_named_and_no_process_is_left(tmp_path,
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_a_loss_every_expert_has_a_replica_for_is_exact_and_one_without_replicas_is_not(tmp_path):
     doc = _doc(type=["expert_loss", "rank_loss"], on_expert_loss="drop")
     doc["parallel"] |= {"redundant_experts": [0, 4]}  # 4 experts on 2 ranks: 4 replicas = a copy on each rank
@@ -100,6 +101,7 @@ def test_a_loss_every_expert_has_a_replica_for_is_exact_and_one_without_replicas
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_a_crashed_training_run_resumes_from_its_checkpoint_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     doc = _doc(type="crash", at_step=5, checkpoint_every=2)
     doc["workload"] |= {"train": True}
@@ -215,6 +217,7 @@ def test_other_kinds_record_no_fault():
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_the_soak_tool_counts_what_went_wrong(tmp_path, monkeypatch):
     from moebench.tools import fault_soak
 
