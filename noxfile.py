@@ -7,6 +7,10 @@ system site-packages; when that environment is itself a virtualenv, a ``.pth`` f
 site-packages visible too (a virtualenv's "system" site-packages are its base interpreter's, not
 its own). Only when no torch is found does a session install one: ``$MOEBENCH_TORCH`` (default
 ``torch==2.13.0``, which on this project's CPU machines resolves to the local CPU wheel).
+
+Everything else a session installs is pinned by ``constraints/test.txt`` (pytest, hypothesis, matplotlib,
+ruff, ...): pip installs those versions into the session venv even where the base interpreter, seen
+through the system site-packages, holds others, so a run never depends on what the base holds.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import sys
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "slow", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH_SPEC = os.environ.get("MOEBENCH_TORCH", "torch==2.13.0")
+CONSTRAINTS = ("-c", "constraints/test.txt")  # the test toolchain's pinned versions, for every session.install
+UNIT = "not slow and not timing"  # the unit suite's marker expression; `nox -s slow` runs the slow rest
 OUTER_PTH = "_moebench_outer_env.pth"  # in the session venv's site-packages: the outer env's site-packages
 PROBE = (  # what an interpreter answers about itself, as JSON
     "import importlib.util, json, sys, sysconfig; p = sysconfig.get_paths(); t = importlib.util.find_spec('torch'); "
@@ -92,25 +98,37 @@ def _install(session: nox.Session, extras: str = "") -> None:
         session.install(TORCH_SPEC)
     else:
         session.log(f"reusing torch from {os.path.dirname(_probe(session)['torch'])}")
-    session.install("-e", f".{extras}")
+    session.install(*CONSTRAINTS, "-e", f".{extras}")
 
 
 @nox.session(**VENV)
 def tests(session: nox.Session) -> None:
-    """The CPU test suite (multi-rank tests run on gloo; `gpu` tests skip without CUDA).
+    """The unit suite on CPU (multi-rank tests run on gloo; `gpu` tests skip without CUDA).
 
-    It asserts logic, never this host's speed: the `timing` tests skip here (`nox -s regress` runs them).
-    The `plots` extra (matplotlib) is installed too, so the report page's drawing tests run, not skip.
+    It asserts logic, never this host's speed, and leaves out the long end-to-end runs (marked `slow`:
+    `nox -s slow` runs them) and the `timing` tests (`nox -s regress` runs them). The `plots` extra
+    (matplotlib) is installed too, so the report page's drawing tests run, not skip. Arguments after
+    `--` come after the marker expression, so `nox -s tests -- -m slow` or a test's node id work as usual.
     """
     _install(session, "[test,plots]")
     # The venv's python, even if pytest is a system install; timing tests off even if the caller's shell set them on.
-    session.run("python", "-m", "pytest", *session.posargs, env={"MOEBENCH_TIMING_TESTS": "0"})
+    session.run("python", "-m", "pytest", "-m", UNIT, *session.posargs, env={"MOEBENCH_TIMING_TESTS": "0"})
+
+
+@nox.session(**VENV)
+def slow(session: nox.Session) -> None:
+    """The long end-to-end tests (marked `slow`, not `timing`): spawned and torchrun runs of whole
+    scenarios, a two-node torchrun rendezvous on loopback, the process-life checks. Logic, not speed."""
+    _install(session, "[test,plots]")
+    session.run(
+        "python", "-m", "pytest", "-m", "slow and not timing", *session.posargs, env={"MOEBENCH_TIMING_TESTS": "0"}
+    )
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """Ruff lint and format check."""
-    session.install("ruff")
+    session.install(*CONSTRAINTS, "ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 

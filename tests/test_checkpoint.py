@@ -85,7 +85,7 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, *(pytest.param(w, marks=pytest.mark.slow) for w in (2, 4))])
 def test_a_checkpoint_saved_at_ep2_loads_at_any_ep_size_with_the_same_state_and_outputs(saved, world):
     directory, want, out_ep2 = saved
     loaded = launch(_load, world, str(directory), 2, device="cpu", backend="gloo")

@@ -109,6 +109,7 @@ def test_load_balance_of_a_single_hot_expert_fails_the_default_gate(tmp_path, ca
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_equivalence_run_checks_output_and_gradients_against_fp64(tmp_path):
     path = tiny(tmp_path, "eq", "equivalence", world="[1, 2]", capacity=1.25, skew="zipf")
     out = tmp_path / "out"

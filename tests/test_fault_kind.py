@@ -28,6 +28,22 @@ def _doc(**fault_keys) -> dict:
 
 
 @pytest.mark.multiproc
+def test_a_crash_and_a_rank_loss_on_2_ranks_are_named_recovered_and_leave_no_process(tmp_path):
+    """The unit suite's end-to-end fault run: one fault the watchdog detects, one the layer fails over from
+    (every type, on 2 and 4 ranks, is the slow test below)."""
+    before = set(_children(os.getpid()))
+    code = runner.run_scenarios([load(write(tmp_path, _doc(type=["crash", "rank_loss"])))], tmp_path / "out", None)
+    assert set(_children(os.getpid())) <= before
+    runs = {r["params"]["type"]: r for r in read(tmp_path / "out" / "t.json")["runs"]}
+    assert code == 0 and sorted(runs) == ["crash", "rank_loss"], [(k, r["error"]) for k, r in runs.items()]
+    crash, loss = runs["crash"]["details"]["fault"], runs["rank_loss"]["details"]["fault"]
+    assert (crash["culprit_rank"], crash["culprit_layer"]) == (1, 1)  # the fault's rank and layer (_doc)
+    assert {c["name"]: c["pass"] for c in runs["crash"]["checks"]}["fault_detected"] is True
+    assert loss["recovered"].startswith("rank masked") and loss["tokens_rerouted"] > 0
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_fault_type_is_detected_and_named_and_no_process_is_left(tmp_path, world):
     doc = _doc(type=list(fault.TYPES))
@@ -85,6 +101,7 @@ def test_every_fault_type_is_detected_and_named_and_no_process_is_left(tmp_path,
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_a_loss_every_expert_has_a_replica_for_is_exact_and_one_without_replicas_is_not(tmp_path):
     doc = _doc(type=["expert_loss", "rank_loss"], on_expert_loss="drop")
     doc["parallel"] |= {"redundant_experts": [0, 4]}  # 4 experts on 2 ranks: 4 replicas = a copy on each rank
@@ -104,6 +121,7 @@ def test_a_loss_every_expert_has_a_replica_for_is_exact_and_one_without_replicas
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_a_crashed_training_run_resumes_from_its_checkpoint_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     doc = _doc(type="crash", at_step=5, checkpoint_every=2)
     doc["workload"] |= {"train": True}
@@ -240,6 +258,7 @@ def test_other_kinds_record_no_fault():
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_the_soak_tool_counts_what_went_wrong(tmp_path, monkeypatch):
     from moebench.tools import fault_soak
 

@@ -64,6 +64,7 @@ def test_timeouts_add_up_to_under_eight_minutes(tmp_path):
     assert len(limits) == len(STEPS) and sum(limits) + 20 <= 8 * 60  # + the kill grace of one step
 
 
+@pytest.mark.slow
 def test_every_module_the_steps_run_answers_help(tmp_path):
     modules = sorted({m for cmd in _dry_run(tmp_path).values() for m in re.findall(r"-m ([\w.]+)", cmd)} - {"gpu"})
     assert modules == [

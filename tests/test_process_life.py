@@ -96,11 +96,19 @@ def test_the_listening_check_sees_an_all_interfaces_socket():
 # Ranks die with moebench; Ctrl-C is one line and exit 130
 
 
+def _default_sigint() -> None:
+    """SIGINT as a terminal's foreground job has it: a shell's background job (``nox -s slow &``) starts
+    with SIGINT ignored, which its children inherit, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _moebench(args: list, tmp: Path) -> subprocess.Popen:
     """``moebench ARGS`` in a process group of its own (as a terminal's foreground job), temp dir ``tmp``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
     cmd = [sys.executable, "-m", "moebench", *map(str, args)]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, text=True, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_default_sigint
+    )
 
 
 def _children(pid: int) -> list[int]:

@@ -275,7 +275,8 @@ def test_the_drawn_cdf_marks_each_runs_percentiles_in_ms():
         samples = run["metrics"]["step_time_s"]["samples"]
         for q, method in ((50, "linear"), (90, "higher"), (99, "higher")):
             expected.append((np.percentile(samples, q, method=method) * 1e3, q / 100))
-    assert marked == pytest.approx(sorted(expected), rel=1e-12)
+    # flat (x, y, x, y, ...): pytest.approx compares flat sequences only (nested ones are a TypeError since 9.2)
+    assert [v for point in marked for v in point] == pytest.approx([v for p in sorted(expected) for v in p], rel=1e-12)
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend[0].startswith("world_size=1 (n=37)") and legend[1].startswith("world_size=2 (n=100)")
 
