@@ -21,7 +21,7 @@ import pytest
 from test_cli import tiny
 from test_process_life import REPO
 
-from moebench.launch import LOOPBACK_INTERFACE
+from moebench.launch.spawn import LOOPBACK_INTERFACE
 
 TIMEOUT_S = 300  # both agents together; a healthy run takes seconds to a minute on a busy 2-core host
 
