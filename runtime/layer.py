@@ -110,7 +110,9 @@ class MoELayer(nn.Module):
       ``on_loss``          what becomes of copies to an expert with no live copy: "reroute" or "drop";
       ``transport``        the all-to-all's: "collective", or "local_copy" (the compute-only step);
       ``wrap_dispatcher``  a function applied to the dispatcher the layer builds, whose result the
-                           layer uses instead (it must keep the dispatcher's interface and results).
+                           layer uses instead (it must keep the dispatcher's interface and results);
+      ``wrap_router``      the same for the router (e.g. one that replays recorded choices; it must
+                           keep the ``Router``'s parameters and output).
     ``set_schedule`` changes ``overlap_chunks`` and ``transport`` between calls (serial against
     overlapped, compute-only rounds); ``set_alive`` marks lost expert copies.
     """
@@ -130,6 +132,7 @@ class MoELayer(nn.Module):
         on_loss: str = "reroute",
         transport: str = "collective",
         wrap_dispatcher: Callable[[Dispatcher], Dispatcher] | None = None,
+        wrap_router: Callable[[Router], Router] | None = None,
     ):
         super().__init__()
         par = par if par is not None else ParallelConfig()
@@ -152,7 +155,8 @@ class MoELayer(nn.Module):
         self.rank = self.dispatcher.rank
         self.local_experts = self.dispatcher.local_experts  # physical ids
         # 3. the experts: resident, replicated or offloaded (the ``Experts`` protocol)
-        self.router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
+        router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
+        self.router = router if wrap_router is None else wrap_router(router)
         shape = (moe.hidden_size, moe.ffn_hidden_size, moe.activation, moe.torch_dtype, moe.expert_backend)
         if redundancy is not None:
             self.experts: Experts = ReplicatedExperts(self.replicas, self.local_experts, *shape)

@@ -43,6 +43,7 @@ class MoEStack(nn.Module):
         redundancy: list[RedundancyConfig] | None = None,
         on_loss: str = "reroute",
         wrap_dispatcher: Callable[[Dispatcher], Dispatcher] | None = None,
+        wrap_router: Callable[[Router], Router] | None = None,
     ):
         """One layer per entry of ``weights`` (global weights, loaded into each layer's part).
 
@@ -55,8 +56,8 @@ class MoEStack(nn.Module):
         can of the named experts without evicting any of them (``ExpertCache.prefetch``).
         ``horizon``: forwards Belady plans exactly (``cache_policy.optimal_plan``; without prefetch,
         whose loads the plan does not foresee); later ones, and prefetch runs, follow its rule.
-        ``redundancy``: one ``RedundancyConfig`` per layer. ``on_loss``, ``wrap_dispatcher``: as
-        ``MoELayer``'s, for every layer."""
+        ``redundancy``: one ``RedundancyConfig`` per layer. ``on_loss``, ``wrap_dispatcher``,
+        ``wrap_router``: as ``MoELayer``'s, for every layer."""
         super().__init__()
         if offload is not None and (offload.policy == "belady" or offload.prefetch == "oracle") and not recorded:
             modes = f"OffloadConfig.policy = {offload.policy!r}, prefetch = {offload.prefetch!r}"
@@ -82,6 +83,7 @@ class MoEStack(nn.Module):
                 redundancy=None if redundancy is None else redundancy[l],
                 on_loss=on_loss,
                 wrap_dispatcher=wrap_dispatcher,
+                wrap_router=wrap_router,
             )
             for l in range(len(weights))
         )

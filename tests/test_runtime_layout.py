@@ -171,7 +171,7 @@ def test_runtime_reads_no_environment_variable_and_never_imports_moebench():
     assert len(list(_trees("runtime"))) >= 15  # the walk saw the runtime's files
 
 
-LAYER_STATE = {"overlap_chunks", "transport", "on_loss", "experts", "dispatcher", "replicas", "local_experts"}
+LAYER_STATE = {"overlap_chunks", "transport", "on_loss", "experts", "dispatcher", "replicas", "local_experts", "router"}
 
 
 def test_the_harness_sets_no_runtime_layer_attribute_and_calls_no_feature_mutator():

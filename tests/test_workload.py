@@ -341,9 +341,12 @@ def test_batches_take_consecutive_rank_slices_and_cycle_through_the_trace():
 
 def test_replay_routes_every_token_to_its_recorded_experts_with_softmax_weights():
     moe = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=2, normalize_topk=True)
-    stack = MoEStack(moe, ParallelConfig(), layer_weights(moe, 2, 0, "trace", None), None, "cpu")
+    weights = layer_weights(moe, 2, 0, "trace", None)
     x_TD = tokens(8, 16, 0, stream=1)
     ids_LTK = np.stack([np.tile([[3, 1]], (8, 1)), np.tile([[0, 2]], (8, 1))])
+    with pytest.raises(TypeError, match="wrap_router=ReplayRouter"):  # a plain stack has nothing to replay with
+        T.replay(MoEStack(moe, ParallelConfig(), weights, None, "cpu"), ids_LTK)
+    stack = MoEStack(moe, ParallelConfig(), weights, None, "cpu", wrap_router=T.ReplayRouter)
     T.replay(stack, ids_LTK)
     assert np.array_equal(T.stack_routes(stack, x_TD), ids_LTK)
     routed = stack.layers[0].router(x_TD)

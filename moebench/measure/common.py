@@ -100,6 +100,7 @@ def build_stack(ctx, spec: RunSpec, **features) -> MoEStack:
         ctx.device,
         dispatcher,
         wrap_dispatcher=slowdown.wrapper(),
+        wrap_router=routing_trace.ReplayRouter if wl["skew"] == "trace" else None,
         **features,
     )
     use_batch(ctx, spec, stack, 0)

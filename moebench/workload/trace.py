@@ -217,10 +217,11 @@ class ReplayRouter(Router):
 
 
 def replay(stack, ids_LTK: np.ndarray) -> None:
-    """Make every layer of ``stack`` replay its rows of ``ids_LTK`` (installing replay routers once)."""
+    """Make every layer of ``stack`` replay its rows of ``ids_LTK``; the stack was built with replay
+    routers (``MoEStack(..., wrap_router=ReplayRouter)``)."""
     for layer, ids_TK in zip(stack.layers, ids_LTK, strict=True):
         if not isinstance(layer.router, ReplayRouter):
-            layer.router = ReplayRouter(layer.router)
+            raise TypeError("replay needs a stack built with wrap_router=ReplayRouter")
         layer.router.use(torch.from_numpy(np.ascontiguousarray(ids_TK)))
 
 
