@@ -125,3 +125,13 @@ def across_layers(values) -> dict:
         "mean": float(arr.mean()),
         "worst_layer": int(arr.argmax()),
     }
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite as a float; never raises, even for a 400-digit int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

@@ -25,6 +25,7 @@ import torch
 from moebench import kinds
 from moebench.kinds import fault as fault_kind  # its TYPES and ON_EXPERT_LOSS are [fault]'s choices
 from moebench.measure.offload import check_offload
+from moebench.metrics import is_finite_number
 from moebench.spec import (
     SLO_STATS,
     RunSpec,
@@ -34,7 +35,6 @@ from moebench.spec import (
     _show,
     _spell,
     check_table,
-    is_finite_number,
     read_toml,
 )
 from moebench.text import clip

@@ -10,7 +10,6 @@ kinds: it imports none of them.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -18,16 +17,6 @@ import tomllib
 
 from moebench.text import clip
 from runtime import MoEConfig, ParallelConfig
-
-
-def is_finite_number(value: object) -> bool:
-    """An int or float (not a bool) that is finite as a float; never raises, even for a 400-digit int."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 class ScenarioError(ValueError):

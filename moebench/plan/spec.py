@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields, replace
 
-from moebench.spec import _key, _show, check_table, is_finite_number, read_toml
+from moebench.metrics import is_finite_number
+from moebench.spec import _key, _show, check_table, read_toml
 
 
 class PlanError(ValueError):

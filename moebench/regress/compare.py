@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from moebench.metrics import SIGNED
+from moebench.metrics import SIGNED, is_finite_number
 from moebench.report import results
 from moebench.text import clip
 
@@ -123,16 +123,6 @@ def env_class(env: dict, run: dict) -> dict:
     return {"hardware": hardware, "world_size": run.get("world_size"), "backend": run["backend"], "dtype": dtype}
 
 
-def _finite(value: object) -> bool:
-    """An int or float (not a bool) that is finite; never raises, even for a 400-digit int."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _check_thresholds(path: Path, thresholds: object) -> None:
     """The file's ``[compare]`` section, as the scenario loader accepts it: alpha in (0, 1), fractions 0 to 100."""
     if thresholds is None:
@@ -140,11 +130,11 @@ def _check_thresholds(path: Path, thresholds: object) -> None:
     if not isinstance(thresholds, dict):
         raise ValueError(f"{path}: scenario.compare = {clip(json.dumps(thresholds))} is invalid: accepted a table")
     for key, value in thresholds.items():
-        if key == "alpha" and not (_finite(value) and 0 < value < 1):
+        if key == "alpha" and not (is_finite_number(value) and 0 < value < 1):
             raise ValueError(
                 f"{path}: [compare] alpha = {clip(json.dumps(value))} is invalid: accepted a number in (0, 1)"
             )
-        if key != "alpha" and not (_finite(value) and 0 <= value <= 100):
+        if key != "alpha" and not (is_finite_number(value) and 0 <= value <= 100):
             raise ValueError(
                 f"{path}: [compare] {clip(key)} = {clip(json.dumps(value))} is invalid: accepted a fraction from 0 to "
                 "100 (0.05 = 5 %)"
@@ -159,7 +149,7 @@ def _check_values(where: str, name: str, m: dict) -> None:
     values = [(k, m.get(k)) for k in ("median", "p90", "p99", "min", "max")]
     values += [(f"samples[{i}]", v) for i, v in enumerate(m.get("samples") or [])]
     for key, value in values:
-        if value is not None and not (_finite(value) and (value >= 0 or not timed)):
+        if value is not None and not (is_finite_number(value) and (value >= 0 or not timed)):
             raise ValueError(f"{where}.{key} = {clip(json.dumps(value))} is invalid: accepted {accepted}")
 
 
