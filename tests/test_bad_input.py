@@ -363,6 +363,7 @@ def test_an_unwritable_record_routing_folder_fails_before_any_run(tmp_path, caps
     assert not (tmp_path / "out").exists()  # nothing ran, and the --out folder it made is gone
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_result_that_cannot_be_written_is_one_line_and_the_other_scenarios_still_run(tmp_path, capsys):
     out = tmp_path / "out"

@@ -122,6 +122,7 @@ def test_equivalence_run_checks_output_and_gradients_against_fp64(tmp_path):
         assert [c["pass"] for c in run["checks"]] == [True, True]
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_failing_run_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
     real = runner.launch
@@ -229,6 +230,7 @@ def test_report_of_a_malformed_result_file_is_one_line_with_exit_2(tmp_path, cap
     assert str(path) in err and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_report_refuses_a_saved_file_whose_metric_was_corrupted(tmp_path, capsys):
     out = tmp_path / "out"

@@ -238,6 +238,7 @@ def _interrupt_on_call(monkeypatch, n: int) -> None:
     monkeypatch.setattr(runner, "run_one", run_one)
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_an_interrupt_after_a_finished_run_keeps_its_result_and_says_so(tmp_path, monkeypatch, capsys):
     _interrupt_on_call(monkeypatch, 2)

@@ -417,6 +417,7 @@ def test_a_workload_that_cannot_run_is_refused_at_load(tmp_path, workload, kind,
         load(_scenario(tmp_path, workload, kind))
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_recorded_load_balance_run_replays_to_the_same_expert_loads(tmp_path):
     from moebench.cli import main
