@@ -373,6 +373,8 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     _check_sweep_size(path, doc)
     sections = {s: _read_section(path, s, doc.get(s, {}), overridden) for s in SCHEMA}
     _check_offload_keys(path, doc.get("offload", {}))
+    if sections["scenario"]["kind"] != fault_kind.NAME:  # the fault kind says its type is missing
+        _check_fault_keys(path, doc.get("fault", {}))
     slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
     thresholds = _read_compare(path, sections["scenario"]["kind"], doc.get("compare", {}))
     specs = []
@@ -399,6 +401,16 @@ def _check_offload_keys(path: str, table: dict) -> None:
             raise ScenarioError(
                 f"{path}: [offload] {key} = {_show(table[key])} without cache_slots is invalid: accepted it with "
                 "cache_slots = N (the device slots per layer that turn offload on), or no [offload] (all resident)"
+            )
+
+
+def _check_fault_keys(path: str, table: dict) -> None:
+    """[fault] keys without type, for another kind: read, then ignored (no fault is injected)."""
+    for key in table:
+        if key != "type" and "type" not in table:
+            raise ScenarioError(
+                f"{path}: [fault] {_key(key)} = {_show(table[key])} without type is invalid: accepted it with "
+                f'type = one of {", ".join(fault_kind.TYPES)} (kind "fault"), or no [fault]'
             )
 
 

@@ -76,6 +76,9 @@ class MoEConfig:
         return self.capacity_factor == 0
 
 
+MAX_CHUNKS = 4096  # overlap_chunks' bound: runtime/permute.py sorts chunk indices as 16-bit keys
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """How the experts of a layer are spread over the expert-parallel (EP) group."""
@@ -85,13 +88,15 @@ class ParallelConfig:
     max_experts_per_rank: int | None = None  # slot limit per rank; None = ceil(E / W)
     expert_loads: tuple[float, ...] | None = None  # per-expert load, required by "load_balanced"
     expert_to_rank: tuple[int, ...] | None = None  # explicit map, required by "custom"
-    overlap_chunks: int = 1  # C: chunks the layer pipelines its all-to-alls over; 1 = serial
+    overlap_chunks: int = 1  # C: chunks the layer pipelines its all-to-alls over; 1 = serial; ≤ MAX_CHUNKS
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         _positive_int(name, "ep_size", self.ep_size)
         _one_of(name, "placement", self.placement, PLACEMENTS)
         _positive_int(name, "overlap_chunks", self.overlap_chunks)
+        if self.overlap_chunks > MAX_CHUNKS:
+            _fail(name, "overlap_chunks", self.overlap_chunks, f"an integer from 1 to {MAX_CHUNKS}")
         if self.max_experts_per_rank is not None:
             _positive_int(name, "max_experts_per_rank", self.max_experts_per_rank)
         if self.placement == "load_balanced" and self.expert_loads is None:

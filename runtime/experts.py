@@ -124,7 +124,8 @@ class Experts(Protocol):
         ...
 
     def __call__(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:
-        """Each run of rows through its local expert's FFN: ``y_RD``, the rows in the same order."""
+        """Each run of rows through its local expert's FFN: ``y_RD``, the rows in the same order, a
+        fresh tensor the caller owns (the layer may scale it in place)."""
         ...
 
     def load_global(self, w_in_EDH: torch.Tensor, w_down_EFD: torch.Tensor) -> None:

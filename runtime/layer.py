@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from runtime.collective import TRANSPORTS
-from runtime.config import MoEConfig, ParallelConfig
+from runtime.config import MAX_CHUNKS, MoEConfig, ParallelConfig
 from runtime.dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher
 from runtime.experts import Experts, GroupedExperts
 from runtime.offload import OffloadConfig, OffloadedExperts
@@ -188,6 +188,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer redundancy = {redundancy!r} is invalid: accepted a RedundancyConfig or None")
         if offload is not None and redundancy is not None:
             raise ValueError("offload with redundant experts is refused: accepted one or the other")
+        if offload is not None and offload.policy == "belady" and not offload_steps:
+            raise ValueError(
+                "MoELayer offload policy 'belady' needs offload_steps: accepted the needed experts per step"
+            )
         chunks = par.overlap_chunks
         if offload is not None and chunks > 1:  # a chunk's forward would be a cache access of its own
             raise ValueError(f"offload with ParallelConfig.overlap_chunks = {chunks} is refused: accepted 1")
@@ -212,11 +216,20 @@ class MoELayer(nn.Module):
         """From the next forward on: pipeline over ``overlap_chunks`` chunks and/or exchange over
         ``transport`` (None: unchanged). Validated as at construction."""
         if overlap_chunks is not None:
-            if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) or overlap_chunks < 1:
-                raise ValueError(f"overlap_chunks = {overlap_chunks!r} is invalid: accepted an integer >= 1")
+            if (
+                isinstance(overlap_chunks, bool)
+                or not isinstance(overlap_chunks, int)
+                or not 1 <= overlap_chunks <= MAX_CHUNKS
+            ):
+                raise ValueError(
+                    f"overlap_chunks = {overlap_chunks!r} is invalid: accepted an integer from 1 to {MAX_CHUNKS}"
+                )
             if overlap_chunks > 1 and isinstance(self.experts, OffloadedExperts):
                 raise ValueError(f"offload with overlap_chunks = {overlap_chunks} is refused: accepted 1")
-        if transport is not None and transport != self.transport:
+        if transport is not None and transport not in TRANSPORTS:
+            accepted = ", ".join(map(repr, TRANSPORTS))
+            raise ValueError(f"transport = {transport!r} is invalid: accepted one of {accepted}")
+        if transport is not None and transport != (self.transport or "collective"):  # local: "collective" holds
             if self.group is None:
                 raise ValueError(f"transport = {transport!r} needs an all-to-all: the layer's dispatcher is local")
             self.dispatcher.set_transport(transport)  # validates it
@@ -227,11 +240,11 @@ class MoELayer(nn.Module):
     def load_global_weights(self, weights: MoEWeights) -> None:
         """Copy the replicated router and this rank's experts (a replica: its logical expert's) from
         global weights."""
+        self.experts.load_global(weights.w_in_EDH, weights.w_down_EFD)  # first: an offloaded layer may refuse
         self.router.weight_ED.copy_(weights.router_ED)
         self.router.bias_E.zero_()
         if weights.router_bias_E is not None:
             self.router.bias_E.copy_(weights.router_bias_E)
-        self.experts.load_global(weights.w_in_EDH, weights.w_down_EFD)
 
     def set_alive(self, alive_P, on_loss: str | None = None) -> None:
         """Which physical experts still serve (the same on every rank of the group), and what becomes

@@ -256,6 +256,11 @@ class OffloadedExperts(nn.Module):
     def forward(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and x_RD.requires_grad:
             raise RuntimeError("offloaded experts are inference-only: run the forward under torch.no_grad()")
+        if x_RD.device != self.cache.device:  # the cache's slots and copy stream are fixed at construction
+            raise RuntimeError(
+                f"offloaded experts cache on {self.cache.device}, input on {x_RD.device}: build the layer with "
+                f"MoELayer(..., device={x_RD.device.type!r}) (moving it with .to() leaves the cache where it was)"
+            )
         run_experts = run_experts if run_experts is not None else list(range(len(runs)))
         out_RD = x_RD.new_empty(x_RD.shape[0], self.cache.slot_down_SFD.shape[-1])
         by_expert: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -56,8 +56,9 @@ def permute_order(
 
 def _permute_order_torch(ids_TK, keep_TK, slot_E, per_slot_S, chunks) -> torch.Tensor:
     """``permute_order`` in torch ops on the routing's device (CUDA: no host round trip)."""
+    # sync: nonzero's output size (P, the kept copies) is data-dependent, so CUDA tells the host
     kept_P = torch.nonzero(keep_TK.reshape(-1)).squeeze(1)
-    slots_P = slot_E.to(ids_TK.device)[ids_TK.reshape(-1)[kept_P]]
+    slots_P = slot_E.to(ids_TK.device)[ids_TK.reshape(-1)[kept_P]]  # a small host-to-device copy (E slots)
     by_slot = torch.sort(slots_P, stable=True).indices
     order_P = kept_P[by_slot]
     if chunks == 1:

@@ -127,6 +127,26 @@ def test_the_rerun_options_are_the_recorded_invocations_flags_not_read_from_mess
     assert _options("x.json", fixed)[4:] == ["--device", "cpu", "--world-size", "1", "--telemetry-interval", "0.1"]
 
 
+@pytest.mark.parametrize("invocation", [{}, "run x.toml", {"argv": [], "flags": None}, {"flags": ["cpu"]}])
+def test_an_invocation_without_a_table_of_flags_is_treated_as_none_recorded(invocation):
+    doc = _doc_invoked(FLAGS)
+    doc["invocation"] = invocation
+    assert _options("x.json", doc) is None  # not rerun, its slower rows kept: the same as a file without one
+
+
+@pytest.mark.parametrize(("warmup", "repeats"), [(float("inf"), 40), (True, 40), (2, 1e999), (2, -1), (2.0, 40)])
+def test_a_warmup_or_repeats_that_is_no_count_is_one_line_never_a_crash(warmup, repeats):
+    doc = _doc_invoked(FLAGS)
+    doc["scenario"]["scenario"] |= {"warmup": warmup, "repeats": repeats}
+    with pytest.raises(ValueError, match=r"^--confirm: x.json lacks its scenario's warmup or repeats"):
+        _options("x.json", doc)
+
+
+def test_flags_of_the_wrong_type_or_size_are_not_passed_on():
+    odd = _doc_invoked(FLAGS | {"world_size": True, "telemetry_interval": 10**400}, parallel={"device": "auto"})
+    assert _options("x.json", odd) == ["--warmup", "2", "--repeats", "40", "--device", "auto"]
+
+
 def test_a_result_without_an_invocation_is_not_rerun_and_its_slower_rows_say_why(tmp_path, capsys):
     scenario = tmp_path / "tiny.toml"
     scenario.write_text(SCENARIO)

@@ -463,3 +463,11 @@ def test_the_runner_records_a_stopped_straggler_run_with_the_ranks_reason(monkey
         "RuntimeError: the straggler run was stopped before it finished, so there is no per-step data to judge: "
         "rank 1 failed (last heartbeat at step 4, layer 0, 0.5 s before the verdict): RuntimeError: Socket Timeout"
     )
+
+
+@pytest.mark.parametrize("kind", ["throughput", "dispatch"])
+def test_fault_keys_without_a_type_are_refused_not_ignored(tmp_path, kind):
+    doc = with_key("fault", "rank", 1) | {"scenario": {"name": "t", "kind": kind}}
+    path = write(tmp_path, doc)
+    with pytest.raises(ScenarioError, match=r"\[fault\] rank = 1 without type is invalid: accepted it with type = one"):
+        load(path)

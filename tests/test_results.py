@@ -261,3 +261,16 @@ def test_every_metric_a_kind_names_has_a_row_in_docs_results():
     rows = {line.split("|")[1].strip() for line in readme.read_text().splitlines() if line.startswith("| `")}
     missing = [(k.name, n) for k in kinds.REGISTRY.values() for n in k.metrics if f"`{n}`" not in rows]
     assert missing == []
+
+
+@pytest.mark.parametrize("fmt", ["d", ">999999999", "s", "{}", 3])
+def test_a_recorded_column_whose_format_cannot_format_a_number_is_refused_naming_the_file(tmp_path, fmt):
+    doc = doc_with([run_with(0.0125)])
+    doc["columns"] = [["step_time_s", "step (ms)", 1e3, fmt]]
+    path = tmp_path / "x.json"
+    write_atomic(path, doc)
+    with pytest.raises(ValueError, match=r"x\.json: malformed .*columns must be a list of \[metric, header, scale"):
+        read(path)
+    doc["columns"] = [["step_time_s", "step (ms)", 1e3, ".2f"]]  # a good one renders, scaled
+    write_atomic(path, doc)
+    assert "12.50" in render(read(path))

@@ -110,6 +110,19 @@ def _offloaded(**kw) -> MoELayer:
             "RedundancyConfig.loads_E = (1.0, nan) is invalid: accepted finite numbers >= 0",
         ),
         (lambda: RedundancyConfig((1.0,), -1), "RedundancyConfig.redundant = -1 is invalid: accepted an integer >= 0"),
+        (
+            lambda: MoELayer(MOE, offload=OffloadConfig(2, "belady")),
+            "MoELayer offload policy 'belady' needs offload_steps",
+        ),
+        (lambda: ParallelConfig(overlap_chunks=4097), "ParallelConfig.overlap_chunks = 4097 is invalid"),
+        (
+            lambda: MoELayer(MOE).set_schedule(overlap_chunks=70_000),
+            "overlap_chunks = 70000 is invalid: accepted an integer from 1 to 4096",
+        ),
+        (
+            lambda: MoELayer(MOE).set_schedule(transport="rdma"),
+            "transport = 'rdma' is invalid: accepted one of 'collective'",
+        ),
     ],
 )
 def test_an_impossible_feature_combination_is_refused_with_a_clear_error(build, message):
@@ -142,8 +155,16 @@ def test_an_offloaded_layer_takes_its_weights_before_its_first_forward_only():
     assert torch.equal(layer.experts.cache.host_in_LDH, weights.w_in_EDH)  # every expert, on the host
     with torch.no_grad():
         layer(torch.randn(8, MOE.hidden_size, generator=torch.Generator().manual_seed(3)))
+    router = layer.router.weight_ED.clone()
     with pytest.raises(RuntimeError, match="before the first forward: an expert is resident"):
-        layer.load_global_weights(weights)
+        layer.load_global_weights(init_weights(MOE, seed=1))
+    assert torch.equal(layer.router.weight_ED, router)  # a refused load leaves the layer as it was
+
+
+def test_a_local_layer_keeps_its_collective_transport_when_asked_for_it():
+    layer = MoELayer(MOE)
+    layer.set_schedule(transport="collective")  # what it was built with: nothing to change
+    assert layer.transport is None  # no exchange at all
 
 
 # ---------------------------------------------------------------------------------------------

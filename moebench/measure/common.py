@@ -88,7 +88,7 @@ def build_stack(ctx, spec: RunSpec, **features) -> MoEStack:
     """This rank's part of the scenario's MoE stack (seeded global weights, calibrated router skew;
     with ``skew = "trace"``, routers that replay batch 0 of the trace). ``features``: ``MoEStack``'s
     keyword arguments (offload, redundancy, on_loss); the test-only slowdown wraps the dispatchers
-    when its knob is set (moebench/slowdown.py)."""
+    when its knob is set (moebench/measure/slowdown.py)."""
     wl = spec.workload
     weights = layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
     dispatcher = "all_to_all" if spec.parallel.get("overlap_chunks") else "auto"  # overlap: collective even at W = 1

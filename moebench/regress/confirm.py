@@ -24,19 +24,23 @@ timing event.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from moebench.metrics import is_finite_number
 from moebench.regress import compare as C
 from moebench.report import results
 from moebench.report.results import REPO
+from moebench.text import clip
 
 CONFIRMED = "slower"  # the one verdict a rerun must repeat
 UNCONFIRMED = "unconfirmed"
 JUDGED = ("same", "noisy", "faster", "slower")  # a rerun's verdicts that measured the metric
 INTERRUPTED = 130  # a child's exit code after Ctrl-C (the CLI's EXIT_INTERRUPTED)
+STOP_S = 60  # how long an interrupted rerun may take to write what it finished before it is killed
 
 
 def _key(row: C.Row) -> tuple[str, str, str]:
@@ -101,12 +105,16 @@ def _options(file: str, doc: dict) -> list[str] | None:
     --record-routing or --trace, which add outputs, not conditions), and its device and world size where
     the scenario fixes them (a scalar). None for a file that records no invocation."""
     invocation = doc.get("invocation")
-    if invocation is None:
+    flags = invocation.get("flags") if isinstance(invocation, dict) else None
+    if not isinstance(flags, dict):  # none recorded (an older moebench), or not a table of flags
         return None
     try:
-        sections, flags = doc["scenario"], invocation["flags"]
+        sections = doc["scenario"]
         scenario, parallel = sections["scenario"], sections.get("parallel", {})
-        options = ["--warmup", str(int(scenario["warmup"])), "--repeats", str(int(scenario["repeats"]))]
+        counts = [scenario["warmup"], scenario["repeats"]]
+        if not all(type(n) is int and n >= 0 for n in counts):  # a bool, float or 1e999 is no count
+            raise ValueError(f"warmup, repeats = {clip(repr(counts))}")
+        options = ["--warmup", str(counts[0]), "--repeats", str(counts[1])]
         device, world_size = flags.get("device") or parallel.get("device"), flags.get("world_size")
         world_size = world_size or parallel.get("world_size")
         no_telemetry, interval = bool(flags.get("no_telemetry")), flags.get("telemetry_interval")
@@ -116,11 +124,11 @@ def _options(file: str, doc: dict) -> list[str] | None:
         ) from None
     if isinstance(device, str):
         options += ["--device", device]
-    if isinstance(world_size, int):
+    if type(world_size) is int and world_size >= 1:
         options += ["--world-size", str(world_size)]
     if no_telemetry:
         options.append("--no-telemetry")
-    elif isinstance(interval, (int, float)):
+    elif type(interval) in (int, float) and is_finite_number(interval) and 0 < interval < 1e6:
         options += ["--telemetry-interval", repr(float(interval))]
     return options
 
@@ -180,7 +188,13 @@ def rerun(plans: list[tuple[Path, list[str], dict]], out: Path) -> None:
         try:
             _, err = child.communicate()
         except KeyboardInterrupt:
-            child.communicate()  # the child got the same Ctrl-C: let it keep what it finished
+            # a terminal's Ctrl-C reached the child too; a SIGINT sent to this process alone did not
+            child.send_signal(signal.SIGINT)
+            try:
+                child.communicate(timeout=STOP_S)  # let it keep what it finished
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
             raise KeyboardInterrupt(f"confirmation stopped; what the rerun finished is in {out}") from None
         if child.returncode == INTERRUPTED:
             raise KeyboardInterrupt(f"confirmation rerun interrupted; what it finished is in {out}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,14 @@ def _is_column(column: object) -> bool:
         return False
     key, header, scale, fmt = column
     number = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
-    return isinstance(key, str) and isinstance(header, str) and number and isinstance(fmt, str) and len(fmt) < 16
+    return isinstance(key, str) and isinstance(header, str) and number and isinstance(fmt, str) and _number_format(fmt)
+
+
+def _number_format(fmt: str) -> bool:
+    """A short format spec that formats a float: a width and precision of at most 2 digits, a
+    thousands comma, and a float type (a type like "d" would fail on a float, a width of 10 digits
+    would build gigabyte cells)."""
+    return re.fullmatch(r"[<>^]?\d{0,2},?(\.\d{1,2})?[eEfFgG%]?", fmt) is not None
 
 
 GENERIC_COLUMNS = {"energy": "J/token", "peak_mem": "peak mem (MiB)", "checks": "checks", "slo": "SLO"}
