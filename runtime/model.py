@@ -1,0 +1,416 @@
+"""A small MoE decoder, one rank's part: pre-norm blocks of causal self-attention and an FFN that is
+the expert-parallel ``MoELayer`` (or dense, for the first ``dense_layers`` blocks), with a KV cache.
+
+Shape legend: T = packed tokens on this rank (every sequence's new tokens, one after another),
+D = hidden, H = attention heads, G = KV heads, Dh = head dim, S = KV-cache slots, M = tokens a slot
+holds, B = sequences, N = a sequence's new tokens, C = a sequence's context (cached + new), V = vocab.
+
+Block l:  h = x + attn(rmsnorm(x));  x' = h + ffn(rmsnorm(h))
+  attn    GQA: H query heads share G KV heads (H/G each), RoPE (rotate-half, as Llama and Qwen),
+          ``F.scaled_dot_product_attention`` causal over the sequence's context
+  ffn     the routed experts (``MoELayer``), plus ``shared_experts`` × F of dense FFN applied to every
+          token (as DeepSeek-MoE and Qwen-MoE); a dense FFN of width top_k·F in the first
+          ``dense_layers`` blocks (the MoE block's active FLOPs, no routing)
+Output: rmsnorm(x) of the last block ("hidden"); with ``vocab`` > 0 an embedding feeds the first block and
+``logits`` is the LM head over the output (untied).
+
+Layout (that of large EP deployments): attention, norms, dense FFNs and the LM head are replicated, each
+rank computing only its own sequences (data-parallel); the routed experts are split over the EP group and
+every MoE block exchanges tokens with an all-to-all. So every rank of the group must call ``forward`` the
+same number of times, with or without tokens of its own (T = 0 joins the exchanges with zero rows).
+``ParallelConfig.ep_size`` = 1 with a world of several ranks is the data-parallel baseline: every rank
+holds every expert and nothing is exchanged.
+
+KV cache: one contiguous region per slot (``KVCache``), allocated once: a sequence's keys are one
+slice that ``scaled_dot_product_attention`` reads without a gather during prefill, and decode gathers
+the batch's slots once per layer. Paged blocks would cut memory lost to slots sized for the longest
+sequence, but reading them needs a paged-attention kernel (or a gather per block) that PyTorch does not
+ship; at the lengths this runtime serves, the waste is bounded and stated up front
+(``KVCache.nbytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import MoEConfig, ParallelConfig, _fail, _positive_int
+from runtime.experts import expert_ffn
+from runtime.layer import MoELayer
+from runtime.weights import MoEWeights, init_weights
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The decoder's shape; ``moe`` is every MoE block's (hidden, F, experts, top_k, activation, dtype)."""
+
+    moe: MoEConfig
+    layers: int = 1  # L blocks
+    attention_heads: int = 1  # H query heads
+    kv_heads: int = 1  # G key/value heads; H must be a multiple (grouped-query attention)
+    head_dim: int = 0  # Dh; 0: hidden // attention_heads
+    dense_layers: int = 0  # the first blocks with a dense FFN instead of the experts
+    shared_experts: int = 0  # n: a dense FFN of width n·F beside the routed experts in MoE blocks
+    vocab: int = 0  # 0: inputs and outputs are hidden states; > 0: embedding, LM head, greedy tokens
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in ("layers", "attention_heads", "kv_heads"):
+            _positive_int(name, field, getattr(self, field))
+        if self.attention_heads % self.kv_heads:
+            _fail(name, "kv_heads", self.kv_heads, f"a divisor of attention_heads ({self.attention_heads})")
+        if self.head_dim == 0:
+            if self.moe.hidden_size % self.attention_heads:
+                _fail(name, "head_dim", 0, f"a head size when hidden ({self.moe.hidden_size}) is not a multiple of "
+                      f"attention_heads ({self.attention_heads})")  # fmt: skip
+            object.__setattr__(self, "head_dim", self.moe.hidden_size // self.attention_heads)
+        _positive_int(name, "head_dim", self.head_dim)
+        if self.head_dim % 2:
+            _fail(name, "head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
+        for field in ("dense_layers", "shared_experts", "vocab"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, field, value, "an integer >= 0")
+        if self.dense_layers > self.layers:
+            _fail(name, "dense_layers", self.dense_layers, f"at most layers ({self.layers})")
+
+    @property
+    def hidden(self) -> int:
+        return self.moe.hidden_size
+
+    def kv_cache_bytes_per_token(self) -> int:
+        """2 (K and V) × layers × kv_heads × head_dim × bytes per element."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.moe.torch_dtype.itemsize
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.dense_layers
+
+
+# -------------------------------------------------------------------------------------------
+# Global weights (every rank builds the same ones from the seed; the fp64 reference reads them too)
+
+
+@dataclass(frozen=True)
+class FFNWeights:
+    """A bias-free FFN, the experts' formula with one expert: w_in_DH ([gate | up] for swiglu), w_down_FD."""
+
+    w_in_DH: torch.Tensor
+    w_down_FD: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    attn_norm_D: torch.Tensor  # RMSNorm scale before attention
+    wq_DQ: torch.Tensor  # Q = H·Dh columns, head-major
+    wk_DK: torch.Tensor  # K = G·Dh columns, head-major
+    wv_DK: torch.Tensor
+    wo_QD: torch.Tensor
+    ffn_norm_D: torch.Tensor  # RMSNorm scale before the FFN
+    moe: MoEWeights | None  # the routed experts; None in a dense block
+    dense: FFNWeights | None  # the dense FFN of a dense block (width top_k·F); None in an MoE block
+    shared: FFNWeights | None  # the shared experts of an MoE block (width n·F); None without
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    blocks: tuple[BlockWeights, ...]
+    final_norm_D: torch.Tensor
+    embed_VD: torch.Tensor | None = None  # vocab > 0
+    head_VD: torch.Tensor | None = None  # vocab > 0: logits = rmsnorm(x) · head_VDᵀ
+
+
+def _ffn_weights(gen: torch.Generator, d: int, width: int, activation: str) -> FFNWeights:
+    h = 2 * width if activation == "swiglu" else width
+    return FFNWeights(torch.randn(d, h, generator=gen) / d**0.5, torch.randn(width, d, generator=gen) / width**0.5)
+
+
+def decoder_weights(cfg: DecoderConfig, seed: int = 0, moe: list[MoEWeights] | None = None) -> DecoderWeights:
+    """Seeded fp32 weights on the CPU, std 1/√fan_in (norm scales 1 ± 0.1). ``moe``: the routed experts
+    of each MoE block (e.g. with a calibrated routing skew); default ``init_weights`` seeded per block."""
+    gen = torch.Generator().manual_seed(seed)
+    d, hq, hk = cfg.hidden, cfg.attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    f, act = cfg.moe.ffn_hidden_size, cfg.moe.activation
+    moe_blocks = [l for l in range(cfg.layers) if cfg.is_moe(l)]
+    if moe is not None and len(moe) != len(moe_blocks):
+        raise ValueError(f"decoder_weights got {len(moe)} MoE weights: accepted one per MoE block ({len(moe_blocks)})")
+
+    def norm() -> torch.Tensor:
+        return 1 + 0.1 * torch.randn(d, generator=gen)
+
+    blocks = []
+    for l in range(cfg.layers):
+        attn = (norm(), *(torch.randn(d, n, generator=gen) / d**0.5 for n in (hq, hk, hk)))
+        wo = torch.randn(hq, d, generator=gen) / hq**0.5
+        ffn_norm = norm()
+        if cfg.is_moe(l):
+            i = moe_blocks.index(l)
+            routed = moe[i] if moe is not None else init_weights(cfg.moe, seed * 1000 + 17 + l)
+            shared = _ffn_weights(gen, d, cfg.shared_experts * f, act) if cfg.shared_experts else None
+            blocks.append(BlockWeights(*attn, wo, ffn_norm, routed, None, shared))
+        else:
+            blocks.append(BlockWeights(*attn, wo, ffn_norm, None, _ffn_weights(gen, d, cfg.moe.top_k * f, act), None))
+    final = norm()
+    if cfg.vocab == 0:
+        return DecoderWeights(tuple(blocks), final)
+    embed = torch.randn(cfg.vocab, d, generator=gen)
+    head = torch.randn(cfg.vocab, d, generator=gen) / d**0.5
+    return DecoderWeights(tuple(blocks), final, embed, head)
+
+
+# -------------------------------------------------------------------------------------------
+# The KV cache and a forward's batch
+
+
+class KVCache:
+    """Keys and values of ``slots`` sequences of up to ``max_len`` tokens, for every block, allocated
+    once: k[l] and v[l] are [S, G, M, Dh]."""
+
+    def __init__(self, cfg: DecoderConfig, slots: int, max_len: int, device=None):
+        _positive_int(type(self).__name__, "slots", slots)
+        _positive_int(type(self).__name__, "max_len", max_len)
+        shape = (cfg.layers, slots, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=cfg.moe.torch_dtype, device=device)
+        self.v = torch.zeros(shape, dtype=cfg.moe.torch_dtype, device=device)
+        self.slots, self.max_len = slots, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's new tokens in a forward: ``length`` rows starting at context position ``start``,
+    its keys kept in cache ``slot`` (None: no cache, the sequence is whole: start must be 0)."""
+
+    start: int
+    length: int
+    slot: int | None = None
+
+
+class Batch:
+    """A forward's packed layout: its segments in row order, and what every block reuses (positions,
+    RoPE angles, the rows of one-token segments, the decode mask)."""
+
+    def __init__(self, segments: list[Segment], device, cfg: DecoderConfig):
+        self.segments = segments
+        starts, row = [], 0
+        for s in segments:
+            starts.append(row)
+            row += s.length
+        self.rows = starts  # each segment's first row
+        self.num_tokens = row
+        pos = [p for s in segments for p in range(s.start, s.start + s.length)]
+        pos_T = torch.tensor(pos, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device) / cfg.head_dim)
+        angles_TR = pos_T[:, None] * inv_freq[None, :]  # R = Dh/2 rotation frequencies
+        dtype = cfg.moe.torch_dtype
+        self.cos_T1R = angles_TR.cos()[:, None, :].to(dtype)
+        self.sin_T1R = angles_TR.sin()[:, None, :].to(dtype)
+        cached = [s.slot is not None for s in segments]
+        if any(cached) and not all(cached):
+            raise ValueError("Batch: either every segment has a cache slot or none has")
+        if not any(cached) and any(s.start for s in segments):
+            raise ValueError("Batch: a segment without a cache slot must start at 0 (a whole sequence)")
+        self.cached = bool(segments) and all(cached)
+        # one-token segments (decode steps) are attended together; the others one at a time
+        self.single = [i for i, s in enumerate(segments) if s.length == 1 and self.cached]
+        self.multi = [i for i, s in enumerate(segments) if i not in set(self.single)]
+        if self.single:
+            singles = [segments[i] for i in self.single]
+            self.single_rows_B = torch.tensor([starts[i] for i in self.single], device=device)
+            self.single_slots_B = torch.tensor([s.slot for s in singles], device=device)
+            context = max(s.start + 1 for s in singles)
+            ends_B = torch.tensor([s.start + 1 for s in singles], device=device)
+            self.single_context = context
+            self.single_mask_B11C = (torch.arange(context, device=device)[None, :] < ends_B[:, None])[:, None, None]
+        if self.cached:
+            self.slot_T = torch.tensor([s.slot for s in segments for _ in range(s.length)], device=device)
+            self.pos_T = pos_T.long()
+
+
+def rms_norm(x_TD: torch.Tensor, scale_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / √(mean(x²) + eps) · scale, computed in fp32."""
+    x = x_TD.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale_D.float()).to(x_TD.dtype)
+
+
+def rope(x_THd: torch.Tensor, cos_T1R: torch.Tensor, sin_T1R: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: pairs (i, i + Dh/2) turned by position · θ^(−2i/Dh)."""
+    x1, x2 = x_THd.chunk(2, dim=-1)
+    return torch.cat((x1 * cos_T1R - x2 * sin_T1R, x2 * cos_T1R + x1 * sin_T1R), dim=-1)
+
+
+# -------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, w: BlockWeights, device):
+        super().__init__()
+        dtype = cfg.moe.torch_dtype
+        self.cfg = cfg
+        self.wq_DQ, self.wk_DK, self.wv_DK, self.wo_QD = (
+            nn.Parameter(t.to(device, dtype).clone()) for t in (w.wq_DQ, w.wk_DK, w.wv_DK, w.wo_QD)
+        )
+
+    def forward(self, x_TD: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int) -> torch.Tensor:
+        cfg, T = self.cfg, x_TD.shape[0]
+        q_THd = rope((x_TD @ self.wq_DQ).view(T, cfg.attention_heads, cfg.head_dim), batch.cos_T1R, batch.sin_T1R)
+        k_TGd = rope((x_TD @ self.wk_DK).view(T, cfg.kv_heads, cfg.head_dim), batch.cos_T1R, batch.sin_T1R)
+        v_TGd = (x_TD @ self.wv_DK).view(T, cfg.kv_heads, cfg.head_dim)
+        o_THd = torch.empty_like(q_THd)
+        if batch.cached:  # this forward's keys join the context first: each attends to its own
+            k_SGMd, v_SGMd = cache.k[layer], cache.v[layer]
+            k_SGMd[batch.slot_T, :, batch.pos_T] = k_TGd
+            v_SGMd[batch.slot_T, :, batch.pos_T] = v_TGd
+        if batch.single:  # one-token segments, together: their slots gathered, padded, masked
+            rows_B, c = batch.single_rows_B, batch.single_context
+            q_BH1d = q_THd[rows_B].unsqueeze(2)
+            k_BGCd = k_SGMd[batch.single_slots_B, :, :c]
+            v_BGCd = v_SGMd[batch.single_slots_B, :, :c]
+            o_BH1d = F.scaled_dot_product_attention(
+                q_BH1d, k_BGCd, v_BGCd, attn_mask=batch.single_mask_B11C, enable_gqa=True
+            )
+            o_THd[rows_B] = o_BH1d.squeeze(2)
+        for i in batch.multi:
+            seg, r = batch.segments[i], batch.rows[i]
+            q_1HNd = q_THd[r : r + seg.length].transpose(0, 1).unsqueeze(0)
+            if seg.start == 0:  # the whole context is new: plain causal attention over it
+                k_1GCd = k_TGd[r : r + seg.length].transpose(0, 1).unsqueeze(0)
+                v_1GCd = v_TGd[r : r + seg.length].transpose(0, 1).unsqueeze(0)
+                o_1HNd = F.scaled_dot_product_attention(q_1HNd, k_1GCd, v_1GCd, is_causal=True, enable_gqa=True)
+            else:  # a later chunk of a prompt: the cached context, then its own tokens causally
+                c = seg.start + seg.length
+                k_1GCd, v_1GCd = k_SGMd[seg.slot, :, :c].unsqueeze(0), v_SGMd[seg.slot, :, :c].unsqueeze(0)
+                pos_N = torch.arange(seg.start, c, device=x_TD.device)
+                mask_NC = torch.arange(c, device=x_TD.device)[None, :] <= pos_N[:, None]
+                o_1HNd = F.scaled_dot_product_attention(q_1HNd, k_1GCd, v_1GCd, attn_mask=mask_NC, enable_gqa=True)
+            o_THd[r : r + seg.length] = o_1HNd.squeeze(0).transpose(0, 1)
+        return o_THd.reshape(T, cfg.attention_heads * cfg.head_dim) @ self.wo_QD
+
+
+class DenseFFN(nn.Module):
+    """A bias-free FFN with the experts' formula (runtime/experts.py), one expert over every token."""
+
+    def __init__(self, w: FFNWeights, activation: str, dtype: torch.dtype, device):
+        super().__init__()
+        self.activation = activation
+        self.w_in_1DH = nn.Parameter(w.w_in_DH[None].to(device, dtype).clone())
+        self.w_down_1FD = nn.Parameter(w.w_down_FD[None].to(device, dtype).clone())
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if x_TD.shape[0] == 0:
+            return torch.zeros_like(x_TD)
+        return expert_ffn(x_TD, self.w_in_1DH, self.w_down_1FD, [x_TD.shape[0]], self.activation, "loop")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig, w: BlockWeights, par: ParallelConfig, group, device):
+        super().__init__()
+        self.cfg = cfg
+        dtype, act = cfg.moe.torch_dtype, cfg.moe.activation
+        self.attn_norm_D = nn.Parameter(w.attn_norm_D.to(device).clone())
+        self.ffn_norm_D = nn.Parameter(w.ffn_norm_D.to(device).clone())
+        self.attn = Attention(cfg, w, device)
+        self.moe = self.dense = self.shared = None
+        if w.moe is not None:
+            self.moe = MoELayer(cfg.moe, par, group=group if par.ep_size > 1 else None, device=device)
+            self.moe.load_global_weights(w.moe)
+            self.shared = None if w.shared is None else DenseFFN(w.shared, act, dtype, device)
+        else:
+            self.dense = DenseFFN(w.dense, act, dtype, device)
+
+    def forward(self, x_TD: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int):
+        """The block's output, and the MoE layer's ``MoEOutput`` (None in a dense block)."""
+        eps = self.cfg.norm_eps
+        h_TD = x_TD + self.attn(rms_norm(x_TD, self.attn_norm_D, eps), batch, cache, layer)
+        n_TD = rms_norm(h_TD, self.ffn_norm_D, eps)
+        if self.dense is not None:
+            return h_TD + self.dense(n_TD), None
+        routed = self.moe(n_TD)  # every rank of the EP group calls it, with or without rows
+        y_TD = routed.out_TD.to(h_TD.dtype)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(n_TD)
+        return h_TD + y_TD, routed
+
+
+class MoEDecoder(nn.Module):
+    """One rank's part of the decoder (see the module docstring). ``par.ep_size`` > 1 needs ``group``
+    (the EP group); ``par.ep_size`` = 1 holds every expert (one rank, or the data-parallel baseline)."""
+
+    def __init__(self, cfg: DecoderConfig, weights: DecoderWeights, par: ParallelConfig | None = None,
+                 group=None, device=None):  # fmt: skip
+        super().__init__()
+        par = par if par is not None else ParallelConfig()
+        if len(weights.blocks) != cfg.layers:
+            raise ValueError(f"MoEDecoder got {len(weights.blocks)} blocks of weights: accepted layers ({cfg.layers})")
+        if (weights.embed_VD is None) != (cfg.vocab == 0):
+            raise ValueError(f"MoEDecoder: vocab = {cfg.vocab} needs embedding weights exactly when vocab > 0")
+        self.cfg, self.device = cfg, torch.device(device) if device is not None else torch.device("cpu")
+        self.blocks = nn.ModuleList(Block(cfg, w, par, group, device) for w in weights.blocks)
+        self.final_norm_D = nn.Parameter(weights.final_norm_D.to(device).clone())
+        dtype = cfg.moe.torch_dtype
+        self.embed_VD = self.head_VD = None
+        if cfg.vocab:
+            self.embed_VD = nn.Parameter(weights.embed_VD.to(device, dtype).clone())
+            self.head_VD = nn.Parameter(weights.head_VD.to(device, dtype).clone())
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> [T, D] (vocab > 0); hidden states [T, D] pass through, in the model's dtype."""
+        if self.cfg.vocab:
+            return self.embed_VD[inputs]
+        return inputs.to(self.device, self.cfg.moe.torch_dtype)
+
+    def forward(self, inputs: torch.Tensor, batch: Batch, cache: KVCache | None = None):
+        """The output hidden states [T, D] (after the final norm) of the batch's packed tokens, and each
+        MoE block's ``MoEOutput``. ``inputs``: token ids [T] (vocab > 0) or hidden states [T, D]."""
+        if batch.cached and cache is None:
+            raise ValueError("MoEDecoder.forward: the batch's segments have cache slots but no cache was given")
+        x_TD = self.embed(inputs)
+        routed = []
+        for l, block in enumerate(self.blocks):
+            x_TD, out = block(x_TD, batch, cache, l)
+            if out is not None:
+                routed.append(out)
+        return rms_norm(x_TD, self.final_norm_D, self.cfg.norm_eps), routed
+
+    def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """The LM head over output hidden states (vocab > 0)."""
+        return h_TD @ self.head_VD.T
+
+    def full(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A bare causal forward of one whole sequence, no cache: the output hidden states [N, D]."""
+        n = inputs.shape[0]
+        return self.forward(inputs, Batch([Segment(0, n)] if n else [], self.device, self.cfg))[0]
+
+    def reduce_replicated_grads(self) -> None:  # for training on top of it: the routers' gradients
+        for block in self.blocks:
+            if block.moe is not None:
+                block.moe.reduce_replicated_grads()
+
+
+def max_context(input_len: int, output_len: int) -> int:
+    """Cache positions a request uses: its prompt, then every output token but the last fed back."""
+    return input_len + max(output_len - 1, 0)
+
+
+__all__ = [
+    "Batch",
+    "BlockWeights",
+    "DecoderConfig",
+    "DecoderWeights",
+    "FFNWeights",
+    "KVCache",
+    "MoEDecoder",
+    "Segment",
+    "decoder_weights",
+    "max_context",
+    "rms_norm",
+    "rope",
+]
