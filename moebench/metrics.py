@@ -51,6 +51,7 @@ def metric(samples, unit: str, better: str, exact: bool = False) -> dict:
         "samples": values.tolist(),
         "n": int(values.size),
         "median": float(np.median(values)),
+        "mean": mean,
         "p90": nearest_rank(values, 90),
         "p99": nearest_rank(values, 99),
         "min": float(values.min()),

@@ -27,6 +27,7 @@ from moebench.kinds import fault as fault_kind  # its TYPES and ON_EXPERT_LOSS a
 from moebench.measure.offload import check_offload
 from moebench.metrics import is_finite_number
 from moebench.spec import (
+    DECODER,
     SLO_STATS,
     RunSpec,
     ScenarioError,
@@ -55,7 +56,8 @@ SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items() if kind.default_slos}
 
 REQUIRED = object()
-SWEEPABLE = ("model", "parallel", "workload", "offload", "fault")
+SWEEPABLE = ("model", "parallel", "workload", "serve", "offload", "fault")
+RANGES = {("serve", "input_len"), ("serve", "output_len")}  # [min, max] is one value there, not a sweep
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
 
@@ -101,7 +103,46 @@ def _text(pattern: str = r"(?s).*", accepted: str = "a string") -> tuple:
     return (lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None), accepted
 
 
+def _optional_int(minimum: int, maximum: int) -> tuple:
+    valid, accepted = _int(minimum, maximum)
+    return (lambda v: v is None or valid(v)), accepted
+
+
+def _number_above(minimum: float) -> tuple:
+    return (lambda v: is_finite_number(v) and v > minimum), f"a finite number > {minimum:g}"
+
+
+def _rate() -> tuple:
+    return (
+        lambda v: is_finite_number(v) and v > 0 or v == math.inf
+    ), "a number > 0 (requests/s), or inf (all at t = 0)"
+
+
+def _is_range(value: object) -> bool:
+    """``[min, max]``: two integers >= 1, min <= max."""
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 2**24 for v in value)
+        and value[0] <= value[1]
+    )
+
+
+def _length() -> tuple:
+    valid, _ = _int(1, 2**24)
+    return (lambda v: valid(v) or _is_range(v)), "an integer from 1 to 16777216, or [min, max] (drawn per request)"
+
+
+def _is_sweep(section: str, key: str, value: object) -> bool:
+    """A list is a sweep, except one ``[min, max]`` where a range is a value (``RANGES``); a sweep of
+    ranges is a list of them."""
+    if (section, key) in RANGES and isinstance(value, list) and value and not any(isinstance(v, list) for v in value):
+        return False
+    return isinstance(value, list)
+
+
 _BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+_OPTIONAL_POSITIVE = ((lambda v: v is None or (is_finite_number(v) and v > 0)), "a finite number > 0")
 _OPTIONAL_NUMBER = ((lambda v: v is None or _number(0)[0](v)), "a finite number >= 0")
 
 
@@ -128,6 +169,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dtype": Key("float32", *_choice(*DTYPES)),
         "layers": Key(1, *_int(1, 4096)),
         "expert_backend": Key("auto", *_choice(*EXPERT_BACKENDS)),
+        # the decoder's (kind "serve"; moebench/kinds/serve.py): attention and what surrounds the experts
+        "attention_heads": Key(None, *_optional_int(1, 4096)),
+        "kv_heads": Key(None, *_optional_int(1, 4096)),  # absent: attention_heads (multi-head attention)
+        "head_dim": Key(None, *_optional_int(2, 2**16)),  # absent: hidden / attention_heads
+        "dense_layers": Key(0, *_int(0, 4096)),
+        "shared_experts": Key(0, *_int(0, 4096)),
+        "vocab": Key(0, *_int(0, 2**24)),
     },
     "routing": {
         "capacity_factor": Key(0.0, *_number(0)),
@@ -143,9 +191,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "threads_per_rank": Key(0, *_int(0, 4096)),
         "overlap_chunks": Key(None, *_int(1, 4096)),  # absent: serial, and no overlap timing
         "redundant_experts": Key(0, *_int(0, 2**16)),  # replicas of the busiest experts (kind "fault")
+        "mode": Key("ep", *_choice("ep", "dp")),  # "dp": every rank holds every expert (kind "serve")
     },
     "workload": {
-        "tokens_per_rank": Key(REQUIRED, *_int(1, 2**31)),
+        "tokens_per_rank": Key(None, *_optional_int(1, 2**31)),  # required but by kind "serve" (_check_workload)
         "steps": Key(1, *_int(1, MAX_STEPS)),  # a decode-like stream of steps of tokens_per_rank tokens
         "correlation": Key(0.0, *_number(0, below=1)),  # ρ between a token at consecutive steps
         "skew": Key("uniform", *_choice(*SKEWS)),
@@ -153,6 +202,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "trace": Key("", *_text(r"(?s).{0,4096}", 'a path to a routing trace (.npz or .json), with skew = "trace"')),
         "seed": Key(0, *_int(0, 2**32 - 1)),
         "train": Key(False, *_BOOL),
+    },
+    "serve": {  # kind "serve" only (moebench/kinds/serve.py)
+        "requests": Key(32, *_int(1, 10**6)),
+        "request_rate": Key(math.inf, *_rate()),
+        "burstiness": Key(1.0, *_number_above(0)),
+        "input_len": Key(128, *_length()),
+        "output_len": Key(32, *_length()),
+        "max_running": Key(8, *_int(1, 2**16)),
+        "max_batch_tokens": Key(512, *_int(1, 2**24)),
+        "batching": Key("continuous", *_choice("continuous", "static")),
+        "slo_ttft_s": Key(None, *_OPTIONAL_POSITIVE),
+        "slo_tpot_s": Key(None, *_OPTIONAL_POSITIVE),
     },
     "offload": {  # absent cache_slots: every expert resident, no offload timing
         "cache_slots": Key(None, *_int(1, 2**16)),
@@ -203,7 +264,7 @@ def _read_section(path: str, section: str, table: object, overridden: set) -> di
             continue
         value = table[key]
         origin = " (from the command line)" if (section, key) in overridden else ""
-        if isinstance(value, list):
+        if _is_sweep(section, key, value):
             if section not in SWEEPABLE:
                 raise ScenarioError(
                     f"{path}: [{section}] {key} = {_show(value)} is invalid: accepted {spec.accepted} "
@@ -300,7 +361,7 @@ def _check_sweep_size(path: str, doc: dict) -> None:
         for section in SWEEPABLE
         if isinstance(doc.get(section), dict)
         for key, value in doc[section].items()
-        if isinstance(value, list)
+        if _is_sweep(section, key, value)
     ]
     count = math.prod(n for _, _, n in swept)
     if count > MAX_RUNS:
@@ -327,7 +388,7 @@ def _check_grouped_mm(model: dict) -> None:
 
 def _expand(sections: dict) -> list[tuple[dict, dict]]:
     """All combinations of the swept keys: [(per-section values, params), ...]."""
-    swept = [(s, k) for s in SWEEPABLE for k, v in sections[s].items() if isinstance(v, list)]
+    swept = [(s, k) for s in SWEEPABLE for k, v in sections[s].items() if _is_sweep(s, k, v)]
     runs = []
     for values in itertools.product(*(sections[s][k] for s, k in swept)):
         resolved = {s: dict(table) for s, table in sections.items()}
@@ -363,7 +424,8 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     for section in doc:
         if section not in known:
             raise ScenarioError(f"{path}: [{_key(section)}] is not a known section: accepted {', '.join(known)}")
-    for section in ("scenario", "model", "workload"):
+    serving = isinstance(doc.get("scenario"), dict) and doc["scenario"].get("kind") == "serve"
+    for section in ("scenario", "model") if serving else ("scenario", "model", "workload"):
         if section not in doc:
             raise ScenarioError(f"{path}: [{section}] is missing: accepted a file with [scenario], [model], [workload]")
     for (section, key), value in (overrides or {}).items():
@@ -373,6 +435,7 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     _check_sweep_size(path, doc)
     sections = {s: _read_section(path, s, doc.get(s, {}), overridden) for s in SCHEMA}
     _check_offload_keys(path, doc.get("offload", {}))
+    _check_decoder_keys(path, doc, sections["scenario"]["kind"])
     if sections["scenario"]["kind"] != fault_kind.NAME:  # the fault kind says its type is missing
         _check_fault_keys(path, doc.get("fault", {}))
     slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
@@ -404,6 +467,22 @@ def _check_offload_keys(path: str, table: dict) -> None:
             )
 
 
+def _check_decoder_keys(path: str, doc: dict, kind: str) -> None:
+    """The decoder's [model] keys and [serve] belong to the kinds that run a decoder (feature "decoder")."""
+    if "decoder" in kinds.get(kind).features:
+        return
+    accepted = " or ".join(f'"{k}"' for k in kinds.accepting("decoder"))
+    model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+    for key in DECODER:
+        if key in model:
+            raise ScenarioError(
+                f"{path}: [model] {key} = {_show(model[key])} is invalid for kind = {_show(kind)}: accepted only "
+                f"with kind {accepted} (a decoder; other kinds run a stack of MoE layers)"
+            )
+    if "serve" in doc:
+        raise ScenarioError(f"{path}: [serve] is invalid for kind = {_show(kind)}: accepted only with kind {accepted}")
+
+
 def _check_fault_keys(path: str, table: dict) -> None:
     """[fault] keys without type, for another kind: read, then ignored (no fault is injected)."""
     for key in table:
@@ -422,6 +501,7 @@ def _features(spec: RunSpec) -> dict[str, object]:
         "stream": spec.workload["steps"] if spec.workload["steps"] > 1 else None,
         "fault": spec.fault.get("type"),
         "redundancy": spec.parallel.get("redundant_experts") or None,
+        "dp": spec.parallel["mode"] if spec.parallel["mode"] == "dp" else None,
     }
     return {feature: value for feature, value in asked.items() if value is not None}
 
@@ -446,6 +526,8 @@ def _check_workload(spec: RunSpec) -> None:
     """The skew must be a routing the run can produce: its target shares, or a trace it can replay;
     a stream of steps is a forward-only workload (which kinds accept one: ``_check_features``)."""
     wl, moe = spec.workload, spec.moe_config()
+    if wl["tokens_per_rank"] is None and "decoder" not in kinds.get(spec.kind).features:
+        raise ValueError("[workload] tokens_per_rank is missing: accepted an integer from 1 to 2147483648")
     if wl["steps"] > 1 and wl["train"]:
         raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")
     if wl["skew"] != "trace":

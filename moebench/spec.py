@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import tomllib
 
 from moebench.text import clip
-from runtime import MoEConfig, ParallelConfig
+from runtime import DecoderConfig, MoEConfig, ParallelConfig
 
 
 class ScenarioError(ValueError):
@@ -41,6 +41,8 @@ def _spell(value: object) -> str:
     return repr(value)
 
 
+# [model] keys only a decoder reads (kind "serve"); other kinds' result files do not record them
+DECODER = ("attention_heads", "kv_heads", "head_dim", "dense_layers", "shared_experts", "vocab")
 SLO_STATS = ("median", "p90", "p99", "min", "max")
 
 
@@ -77,6 +79,7 @@ class RunSpec:
     params: dict = field(default_factory=dict)  # the swept keys and their values in this run
     offload: dict = field(default_factory=dict)  # [offload]; empty or cache_slots None: no offload
     fault: dict = field(default_factory=dict)  # [fault]; kind "fault" only
+    serve: dict = field(default_factory=dict)  # [serve]; kind "serve" only
     record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
     trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
 
@@ -115,22 +118,40 @@ class RunSpec:
             return "loop"
         return self.model["expert_backend"]
 
+    def decoder_config(self) -> DecoderConfig:
+        """The decoder of a serve run ([model]'s attention keys; kv_heads defaults to attention_heads,
+        head_dim to hidden / attention_heads)."""
+        m = self.model
+        heads = m["attention_heads"]
+        return DecoderConfig(
+            self.moe_config(),
+            layers=m["layers"],
+            attention_heads=heads,
+            kv_heads=m["kv_heads"] or heads,
+            head_dim=m["head_dim"] or 0,
+            dense_layers=m["dense_layers"],
+            shared_experts=m["shared_experts"],
+            vocab=m["vocab"],
+        )
+
     def parallel_config(self) -> ParallelConfig:
         par = self.parallel
         chunks = par.get("overlap_chunks") or 1
-        return ParallelConfig(ep_size=par["world_size"], placement=par["placement"], overlap_chunks=chunks)
+        ep = 1 if par.get("mode") == "dp" else par["world_size"]  # dp: every rank holds every expert
+        return ParallelConfig(ep_size=ep, placement=par["placement"], overlap_chunks=chunks)
 
     def resolved(self) -> dict:
         """The run's full configuration, as the result file records it."""
         slo = {s.key: s.limit for s in self.slos}
         return {
             "scenario": self.scenario,
-            "model": self.model,
+            "model": self.model if self.kind == "serve" else {k: v for k, v in self.model.items() if k not in DECODER},
             "routing": self.routing,
             "parallel": self.parallel,
             "workload": self.workload,
             **({"offload": self.offload} if self.offload.get("cache_slots") is not None else {}),
             **({"fault": self.fault} if self.fault.get("type") is not None else {}),
+            **({"serve": self.serve} if self.kind == "serve" else {}),
             "slo": slo,
         }
 

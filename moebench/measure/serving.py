@@ -1,0 +1,167 @@
+"""The serve kind's rank side: the decoder and its engine, requests released on the wall clock, and
+an idle engine's TTFT against a bare forward of the same prompt.
+
+Every rank serves its own requests (``workload/requests.py``: request i on rank i mod W) through its
+own ``Engine``. Under expert parallelism every rank must step together, so before each step the
+ranks agree, with one all-reduce of two flags, whether anyone has work now and whether anyone has
+work left; a rank with nothing to compute runs an empty step (its share of each all-to-all). When
+no rank has work, every rank sleeps until the next arrival of any rank's request (all ranks know
+the whole schedule).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from moebench.measure.common import progress, sampler
+from moebench.measure.timing import time_interleaved
+from moebench.workload.requests import Draw, draw_requests, prompt
+from moebench.workload.tokens import layer_weights
+from runtime.engine import Engine, Request
+from runtime.model import MoEDecoder, decoder_weights, max_context
+
+if TYPE_CHECKING:
+    from moebench.spec import RunSpec
+
+
+def build_decoder(ctx, spec: RunSpec) -> MoEDecoder:
+    """This rank's part of the scenario's decoder: seeded weights, the MoE blocks' routing skew as
+    the stack kinds calibrate it (``layer_weights``), EP over the world or (mode dp) every expert."""
+    cfg, wl = spec.decoder_config(), spec.workload
+    moe_blocks = cfg.layers - cfg.dense_layers
+    routed = layer_weights(cfg.moe, moe_blocks, wl["seed"], wl["skew"], wl["skew_param"]) if moe_blocks else []
+    par = spec.parallel_config()
+    group = ctx.group if par.ep_size > 1 else None
+    return MoEDecoder(cfg, decoder_weights(cfg, wl["seed"], routed), par, group, ctx.device)
+
+
+def _engine(model: MoEDecoder, spec: RunSpec, draws: list[Draw], clock) -> Engine:
+    serve = spec.serve
+    max_len = max(max_context(d.input_len, d.output_len) for d in draws)
+    return Engine(model, serve["max_running"], serve["max_batch_tokens"], max_len, serve["batching"], clock=clock)
+
+
+def _agree(busy: bool, left: bool, group) -> tuple[bool, bool]:
+    """(anyone busy now, anyone with work left) over the group."""
+    if group is None:
+        return busy, left
+    flags = torch.tensor([int(busy), int(left)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)  # sync: the group decides together to step
+    return bool(flags[0]), bool(flags[1])
+
+
+def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, clock) -> list[dict]:
+    """Serve ``pending`` (this rank's requests, in arrival order; ``arrival_s`` on ``clock``) until
+    every rank of ``group`` is done; ``arrivals``: every rank's arrival times. Returns one record per
+    step this rank ran: its loop iteration's time (agreement, scheduling, forward, bookkeeping), the
+    forward's, and the tokens it computed."""
+    pending, upcoming, steps = list(pending), sorted(arrivals), []
+    while True:
+        start = clock()
+        while pending and pending[0].arrival_s <= start:
+            engine.add(pending.pop(0))
+        busy, left = _agree(engine.has_work(), engine.has_work() or bool(pending), group)
+        if not left:
+            return steps
+        if not busy:  # nobody has work: wait for the next request to arrive, on any rank
+            upcoming = [a for a in upcoming if a > start]
+            if upcoming:
+                time.sleep(max(upcoming[0] - clock(), 0.0))
+            continue
+        s = engine.step()
+        steps.append({"iteration_s": s.end_s - start, "forward_s": s.forward_s, "tokens": s.tokens,
+                      "decode_tokens": s.decode_tokens})  # fmt: skip
+
+
+def _requests(draws: list[Draw], spec: RunSpec, rank: int, device) -> list[Request]:
+    cfg, seed = spec.decoder_config(), spec.workload["seed"]
+    return [
+        Request(d.id, prompt(d, cfg.hidden, cfg.vocab, seed).to(device), d.output_len, d.arrival_s)
+        for d in draws
+        if d.rank == rank
+    ]
+
+
+def _record(r: Request, rank: int) -> dict:
+    return {
+        "id": r.id,
+        "rank": rank,
+        "input_len": r.input_len,
+        "output_len": r.output_len,
+        "arrival_s": r.arrival_s,
+        "scheduled_s": r.scheduled_s,
+        "first_token_s": r.first_token_s,
+        "finish_s": r.finish_s,
+        "token_times_s": list(r.token_times_s),
+    }
+
+
+def _warm_up(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) -> None:
+    """``warmup`` rounds of each rank's first requests, all at once, untimed (lazy initialisation,
+    allocator, first collectives)."""
+    for _ in range(spec.scenario["warmup"]):
+        engine = _engine(model, spec, draws, time.perf_counter)
+        first = _requests(draws, spec, ctx.rank, ctx.device)[: spec.serve["max_running"]]
+        for r in first:
+            r.arrival_s = 0.0
+        drive(engine, first, [0.0], group, time.perf_counter)
+
+
+def _idle_ttft(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) -> dict:
+    """``repeats`` alternating rounds of (one request to an idle engine, until its first token) and
+    (a bare causal forward of the same prompt, no cache, no engine): every rank with a prompt of its
+    own (request rank mod the count's)."""
+    cfg, seed = spec.decoder_config(), spec.workload["seed"]
+    draw = draws[ctx.rank % len(draws)]
+    x = prompt(draw, cfg.hidden, cfg.vocab, seed).to(ctx.device)
+    engine = _engine(model, spec, draws, time.perf_counter)
+
+    def first_token():
+        drive(engine, [Request(-1, x, 1)], [0.0], group, time.perf_counter)
+
+    def bare():
+        with torch.no_grad():
+            model.full(x)
+
+    timed = time_interleaved(
+        {"engine": first_token, "bare": bare}, warmup=1, repeats=spec.scenario["repeats"], device=ctx.device,
+        group=group,
+    )  # fmt: skip
+    return {"idle_ttft": list(timed["engine"].samples_s), "bare_prefill": list(timed["bare"].samples_s),
+            "idle_prompt_len": draw.input_len}  # fmt: skip
+
+
+def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Warm up, serve the run's requests on the wall clock, then time the idle TTFT."""
+    group = ctx.group if ctx.world_size > 1 else None
+    draws = draw_requests(spec.serve, ctx.world_size, spec.workload["seed"])
+    model = build_decoder(ctx, spec)
+    _warm_up(ctx, spec, model, draws, group)
+    mine = _requests(draws, spec, ctx.rank, ctx.device)
+    progress(ctx, f"serving {len(draws)} requests", draws[-1].arrival_s)
+    if group is not None:
+        dist.barrier(group)  # sync: every rank's window starts together
+    t0 = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    engine = _engine(model, spec, draws, clock)
+    with sampler(ctx, interval) as s:
+        steps = drive(engine, mine, [d.arrival_s for d in draws], group, clock)
+        window_s = clock()
+    finite = all(bool(torch.isfinite(torch.as_tensor(r.last, dtype=torch.float32)).all()) for r in engine.finished)
+    return {
+        "requests": [_record(r, ctx.rank) for r in engine.finished],
+        "steps": steps,
+        "window_s": window_s,
+        "finite": finite,
+        "kv_cache_bytes_per_token": spec.decoder_config().kv_cache_bytes_per_token(),
+        "kv_cache_bytes": engine.cache.nbytes,
+        "telemetry": s.summary(),
+        **_idle_ttft(ctx, spec, model, draws, group),
+    }
