@@ -11,6 +11,10 @@ non-negative, with scipy's ``nnls``:
   t = bytes/β, with bytes and time summed over the run's caches (``details.offload``).
 - The offloaded step, the plan model's ``offloaded_time``: t = resident step + copied bytes per
   step / β, with β fitted on the other runs; its held-out error is the model's error on offload.
+- TTFT and TPOT (``serve`` runs): measured = a + b · the plan model's prediction for the run's
+  deployment on the calibrating plan's hardware (``serve_runs``): the idle-engine TTFT
+  (``idle_ttft_s``) against ``prefill``, ``tpot_s`` against ``decode``. With the fit, the plan's
+  own TTFT and TPOT are given calibrated, a + b · its predicted value.
 
 Each fit is judged on runs held out of it: leave one run out, fit the rest, predict the one left
 out. The report gives every held-out error, whatever it is.
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import nnls
 
-from moebench.plan.model import offloaded_time
+from moebench.plan import serve_runs
+from moebench.plan.model import decode, offloaded_time, prefill
 from moebench.plan.spec import Plan
 from moebench.report.results import find, read_any
 from moebench.text import clip
@@ -112,10 +117,11 @@ def _caches(path, i: int, run: dict) -> tuple[float, float]:
     return copied, copy_s
 
 
-def observations(paths: list[str]) -> tuple[list[Observation], ...]:
-    """(GEMM, all-to-all, host-to-device and offloaded-step observations, environments) from result
-    files or folders. The i-th host-to-device and offloaded-step observations are the same run's."""
-    gemm, a2a, h2d, offload, envs = [], [], [], [], []
+def observations(paths: list[str], p: Plan) -> tuple[list[Observation], ...]:
+    """(GEMM, all-to-all, host-to-device, offloaded-step, TTFT and TPOT observations, environments)
+    from result files or folders; TTFT and TPOT are predicted on ``p``'s hardware. The i-th
+    host-to-device and offloaded-step observations are the same run's."""
+    gemm, a2a, h2d, offload, ttft, tpot, envs = [], [], [], [], [], [], []
     for path in find(paths):
         doc = read_any(path)
         if doc.get("schema") != "moebench.result/1":
@@ -145,7 +151,13 @@ def observations(paths: list[str]) -> tuple[list[Observation], ...]:
                 h2d.append(Observation(str(path), label, (float(copied), 0.0), copy_s))
                 per_step = copied / run["world_size"] / run["metrics"]["offload_step_time_s"]["n"]
                 offload.append(Observation(str(path), label, (resident, per_step), offloaded))
-    return gemm, a2a, h2d, offload, envs
+            if doc["scenario"]["scenario"]["kind"] == "serve":
+                for phase, metric, obs in (("prefill", "idle_ttft_s", ttft), ("decode", "tpot_s", tpot)):
+                    if (t := _median(path, i, run, metric)) is not None:
+                        model_s = serve_runs.predicted(p, run, phase, f"{path}: runs[{i}]")
+                        if model_s is not None:
+                            obs.append(Observation(str(path), label, (1.0, model_s), t))
+    return gemm, a2a, h2d, offload, ttft, tpot, envs
 
 
 def fit_offloaded(h2d: Fit, obs: list[Observation]) -> Fit:
@@ -179,18 +191,23 @@ class Calibration:
     a2a: Fit
     h2d: Fit
     offload: Fit  # the offloaded step, predicted with the h2d fit
+    ttft: Fit  # serve runs' idle TTFT = a + b · the model's prefill
+    tpot: Fit  # serve runs' TPOT = a + b · the model's decode
     devices: tuple[str, ...]  # what the results ran on
     factors: dict  # hardware key -> fitted value (only the fitted ones)
     applies: bool  # the results ran on the plan's hardware
     why_not: str = ""
+    calibrated: dict = field(default_factory=dict)  # "ttft"/"tpot" -> the plan's own, a + b · model (when applies)
 
 
 def calibrate(p: Plan, paths: list[str]) -> Calibration:
-    gemm_obs, a2a_obs, h2d_obs, offload_obs, envs = observations(paths)
+    gemm_obs, a2a_obs, h2d_obs, offload_obs, ttft_obs, tpot_obs, envs = observations(paths, p)
     gemm = fit("gemm", gemm_obs, "experts")
     a2a = fit("all-to-all", a2a_obs, "all-to-all (2+ ranks)")
     h2d = fit("host-to-device", h2d_obs, "offload (with copies)")
     offload = fit_offloaded(h2d, offload_obs)
+    ttft = fit("ttft", ttft_obs, "serve (with idle_ttft_s)")
+    tpot = fit("tpot", tpot_obs, "serve (with tpot_s)")
     factors = {}
     if gemm.fitted and gemm.coefs[0] > 0:
         rate = 1 / gemm.coefs[0]
@@ -208,7 +225,13 @@ def calibrate(p: Plan, paths: list[str]) -> Calibration:
     )  # fmt: skip
     if applies and factors.get("mfu", 0) > 1:
         applies, why_not = False, f"the fitted GEMM rate is {factors['mfu']:.2f}× the plan's peak_flops: check the peak"
-    return Calibration(gemm, a2a, h2d, offload, devices, factors, applies, why_not)
+    calibrated = {}
+    if applies:  # the plan as written, as the serve runs were predicted: the fit maps that prediction to a time
+        for key, f, phase in (("ttft", ttft, prefill), ("tpot", tpot, decode)):
+            if f.fitted:
+                model_s = phase(p).total
+                calibrated[key] = {"model_s": model_s, "calibrated_s": f.coefs[0] + f.coefs[1] * model_s}
+    return Calibration(gemm, a2a, h2d, offload, ttft, tpot, devices, factors, applies, why_not, calibrated)
 
 
 def applied(p: Plan, c: Calibration) -> Plan:
@@ -253,7 +276,10 @@ def to_json(c: Calibration) -> dict:
             "all_to_all": one(c.a2a),
             "host_to_device": one(c.h2d),
             "offloaded_step": one(c.offload),
+            "ttft": one(c.ttft),
+            "tpot": one(c.tpot),
         },
+        "calibrated": c.calibrated,
     }
 
 
@@ -270,6 +296,8 @@ def render(doc: dict, fmt: str = "simple") -> str:
         "all_to_all": "all-to-all (α, β)",
         "host_to_device": "host-to-device (β)",
         "offloaded_step": "offloaded step (resident + copies / β)",
+        "ttft": "TTFT, serve (a + b · model)",
+        "tpot": "TPOT, serve (a + b · model)",
     }
     for key, fit_doc in doc["fits"].items():
         if not fit_doc["fitted"]:
@@ -277,6 +305,9 @@ def render(doc: dict, fmt: str = "simple") -> str:
             continue
         if key == "gemm":
             value = f"R = {f.get('gemm_rate', 0) / 1e12:.4g} TFLOP/s, r½ = {f.get('gemm_half_rows', 0):.3g} rows"
+        elif key in ("ttft", "tpot"):
+            a, b = fit_doc["coefficients"]
+            value = f"a = {human(a, 's')}, b = {b:.4g}"
         elif key in ("host_to_device", "offloaded_step"):
             value = f"β = {human(f.get('host_to_device_bandwidth'), 'B')}/s"
         else:
@@ -295,4 +326,11 @@ def render(doc: dict, fmt: str = "simple") -> str:
         lines.append(tabulate(rows, headers=["fit", "run", "measured", "predicted", "error"], tablefmt=fmt))
     lines.append("")
     lines.append("factors applied to the plan" if doc["applied"] else f"not applied: {doc['why_not_applied']}")
+    for key, c in doc.get("calibrated", {}).items():
+        lines.append(
+            f"calibrated {key.upper()} of the plan (a + b · model, from serve runs): {human(c['calibrated_s'], 's')} "
+            f"(the model with the plan's own factors: {human(c['model_s'], 's')})"
+        )
+    if not doc["applied"] and any(doc["fits"][k]["fitted"] for k in ("ttft", "tpot")):
+        lines.append("no calibrated TTFT or TPOT for the plan: its serve fits are not applied, for the same reason")
     return "\n".join(lines)
