@@ -9,17 +9,26 @@ Every comparison against it uses one error metric, ``rel_error``: ‖x − ref�
 Policy, identical to ``runtime/router.py``: capacity C = ceil(cf · N · K / E) over all N tokens
 given; copies are served in token order and the first C per expert are kept; a dropped copy
 contributes nothing and the other copies keep their weights; top-k ties go to the lower id.
+
+``reference_decoder`` is the same ground truth for the whole decoder (runtime/model.py): one sequence
+in fp64, attention written out per head with an explicit causal mask and softmax, RoPE from its
+definition, the routed experts through ``reference_moe`` (dropless). It reads only the decoder's
+config and weights dataclasses, none of its code.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.config import MoEConfig
 from runtime.weights import MoEWeights
+
+if TYPE_CHECKING:  # the decoder's dataclasses only: the reference never calls the fast path's code
+    from runtime.model import BlockWeights, DecoderConfig, DecoderWeights, FFNWeights
 
 
 @dataclass(frozen=True)
@@ -101,3 +110,86 @@ def reference_moe(x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig) -> Re
     f_E = torch.tensor(counts, dtype=torch.float64) / (denom * k)
     aux = e_count * torch.sum(f_E * prob_sum / denom)
     return ReferenceOutput(out_ND, aux, z_sum / denom, counts, used, dropped)
+
+
+# -------------------------------------------------------------------------------------------
+# The whole decoder, one sequence at a time (shapes: N positions, D hidden, H query heads, G KV
+# heads, Dh head dim, V vocab)
+
+
+def _rms_norm(x_ND: torch.Tensor, scale_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / √(mean(x²) + eps) · scale, each row on its own."""
+    return x_ND / torch.sqrt((x_ND * x_ND).mean(dim=-1, keepdim=True) + eps) * scale_D.double()
+
+
+def _dense_ffn(x_ND: torch.Tensor, w: FFNWeights, activation: str) -> torch.Tensor:
+    """gelu(x·W_in)·W_down, or silu(x·W_in[:, :F]) ⊙ (x·W_in[:, F:])·W_down for swiglu."""
+    w_down_FD = w.w_down_FD.double()
+    h_NH = x_ND @ w.w_in_DH.double()
+    if activation == "swiglu":
+        f = w_down_FD.shape[0]
+        return (_silu(h_NH[:, :f]) * h_NH[:, f:]) @ w_down_FD
+    return _gelu(h_NH) @ w_down_FD
+
+
+def _rope(x_NHd: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE from its definition: at position p, the pair (i, i + Dh/2) is turned by the
+    angle p · θ^(−2i/Dh)."""
+    n, _, dh = x_NHd.shape
+    half = dh // 2
+    out = torch.empty_like(x_NHd)
+    for p in range(n):
+        for i in range(half):
+            angle = p * theta ** (-2.0 * i / dh)
+            c, s = math.cos(angle), math.sin(angle)
+            a, b = x_NHd[p, :, i], x_NHd[p, :, i + half]
+            out[p, :, i] = a * c - b * s
+            out[p, :, i + half] = a * s + b * c
+    return out
+
+
+def _attention(cfg: DecoderConfig, w: BlockWeights, x_ND: torch.Tensor) -> torch.Tensor:
+    """Causal grouped-query self-attention over the whole sequence, one query head at a time."""
+    n, heads, groups, dh = x_ND.shape[0], cfg.attention_heads, cfg.kv_heads, cfg.head_dim
+    q_NHd = _rope((x_ND @ w.wq_DQ.double()).reshape(n, heads, dh), cfg.rope_theta)
+    k_NGd = _rope((x_ND @ w.wk_DK.double()).reshape(n, groups, dh), cfg.rope_theta)
+    v_NGd = (x_ND @ w.wv_DK.double()).reshape(n, groups, dh)
+    future_NN = torch.ones(n, n, dtype=torch.bool).triu(diagonal=1)  # key j > query i
+    heads_out = []
+    for h in range(heads):
+        g = h // (heads // groups)  # H/G consecutive query heads share KV head g
+        scores_NN = (q_NHd[:, h] @ k_NGd[:, g].T) / math.sqrt(dh)
+        scores_NN = scores_NN.masked_fill(future_NN, float("-inf"))
+        e_NN = torch.exp(scores_NN - scores_NN.max(dim=-1, keepdim=True).values)
+        heads_out.append((e_NN / e_NN.sum(dim=-1, keepdim=True)) @ v_NGd[:, g])
+    return torch.cat(heads_out, dim=-1) @ w.wo_QD.double()  # heads concatenated head-major: [N, H·Dh]
+
+
+def reference_decoder(cfg: DecoderConfig, weights: DecoderWeights, inputs: torch.Tensor) -> torch.Tensor:
+    """One whole sequence through the decoder in fp64 on the CPU: the output hidden states [N, D]
+    after the final RMSNorm (what ``MoEDecoder.full`` returns). ``inputs``: hidden states [N, D]
+    (vocab 0) or token ids [N] (vocab > 0). Block l: h = x + attn(norm(x)); x' = h + ffn(norm(h)),
+    the FFN dense in the first ``dense_layers`` blocks, else the routed experts (dropless, whatever
+    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any."""
+    x_ND = weights.embed_VD.double()[inputs.cpu().long()] if cfg.vocab else inputs.cpu().double()
+    dropless = replace(cfg.moe, capacity_factor=0.0)
+    act, eps = cfg.moe.activation, cfg.norm_eps
+    for w in weights.blocks:
+        h_ND = x_ND + _attention(cfg, w, _rms_norm(x_ND, w.attn_norm_D, eps))
+        n_ND = _rms_norm(h_ND, w.ffn_norm_D, eps)
+        if w.moe is None:
+            y_ND = _dense_ffn(n_ND, w.dense, act)
+        else:
+            y_ND = reference_moe(n_ND, w.moe, dropless).out_ND
+            if w.shared is not None:
+                y_ND = y_ND + _dense_ffn(n_ND, w.shared, act)
+        x_ND = h_ND + y_ND
+    return _rms_norm(x_ND, weights.final_norm_D, eps)
+
+
+def reference_logits(cfg: DecoderConfig, weights: DecoderWeights, inputs: torch.Tensor) -> torch.Tensor:
+    """The LM head over ``reference_decoder``'s output (vocab > 0): logits [N, V] in fp64; position
+    i's greedy token is the argmax of row i."""
+    if not cfg.vocab:
+        raise ValueError("reference_logits: the decoder has no vocabulary (vocab = 0): accepted vocab > 0")
+    return reference_decoder(cfg, weights, inputs) @ weights.head_VD.double().T
