@@ -114,7 +114,7 @@ def _number_above(minimum: float) -> tuple:
 
 def _rate() -> tuple:
     return (
-        lambda v: is_finite_number(v) and v > 0 or v == math.inf
+        lambda v: (is_finite_number(v) and v > 0) or v == math.inf
     ), "a number > 0 (requests/s), or inf (all at t = 0)"
 
 
@@ -480,7 +480,11 @@ def _check_decoder_keys(path: str, doc: dict, kind: str) -> None:
                 f"with kind {accepted} (a decoder; other kinds run a stack of MoE layers)"
             )
     if "serve" in doc:
-        raise ScenarioError(f"{path}: [serve] is invalid for kind = {_show(kind)}: accepted only with kind {accepted}")
+        table = doc["serve"] if isinstance(doc["serve"], dict) else {}
+        named = next((f" {_key(k)} = {_show(v)}" for k, v in table.items()), "")  # the first key, if any
+        raise ScenarioError(
+            f"{path}: [serve]{named} is invalid for kind = {_show(kind)}: accepted only with kind {accepted}"
+        )
 
 
 def _check_fault_keys(path: str, table: dict) -> None:

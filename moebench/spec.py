@@ -143,11 +143,12 @@ class RunSpec:
     def resolved(self) -> dict:
         """The run's full configuration, as the result file records it."""
         slo = {s.key: s.limit for s in self.slos}
+        serving = self.kind == "serve"  # the decoder's keys and mode: recorded for the kind that reads them
         return {
             "scenario": self.scenario,
-            "model": self.model if self.kind == "serve" else {k: v for k, v in self.model.items() if k not in DECODER},
+            "model": self.model if serving else {k: v for k, v in self.model.items() if k not in DECODER},
             "routing": self.routing,
-            "parallel": self.parallel,
+            "parallel": self.parallel if serving else {k: v for k, v in self.parallel.items() if k != "mode"},
             "workload": self.workload,
             **({"offload": self.offload} if self.offload.get("cache_slots") is not None else {}),
             **({"fault": self.fault} if self.fault.get("type") is not None else {}),

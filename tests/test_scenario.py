@@ -75,7 +75,10 @@ def test_minimal_file_fills_every_default(tmp_path):
         "threads_per_rank": 0,
         "overlap_chunks": None,
         "redundant_experts": 0,
+        "mode": "ep",
     }
+    # the decoder's keys and mode are recorded only for the kind that reads them (serve)
+    assert "mode" not in run.resolved()["parallel"] and "attention_heads" not in run.resolved()["model"]
     assert run.workload["skew"] == "uniform" and run.workload["train"] is False and run.params == {}
     moe = run.moe_config()
     assert (moe.hidden_size, moe.ffn_hidden_size, moe.num_experts, moe.top_k) == (8, 16, 4, 1)

@@ -9,6 +9,7 @@ metric can be recomputed from the result file.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING
 
@@ -113,7 +114,7 @@ def latencies(records: list[dict]) -> dict[str, list[float]]:
         if r["output_len"] > 1:
             out["tpot_s"].append((e2el - ttft) / (r["output_len"] - 1))
         times = r["token_times_s"]
-        out["itl_s"].extend(b - a for a, b in zip(times, times[1:], strict=False))
+        out["itl_s"].extend(b - a for a, b in itertools.pairwise(times))
     return out
 
 
