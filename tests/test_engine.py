@@ -110,7 +110,6 @@ def test_static_batch_prefills_in_chunks_when_its_prompts_exceed_the_budget():
     # the fake clock: step k (from 0) reads start 3k, forward start 3k + 1, end 3k + 2
     assert [r.scheduled_s for r in reqs] == [0, 3, 9]  # the start of the step that first computed it
     assert [r.token_times_s for r in reqs] == [[2, 5], [5, 8], [11]]
-    assert [r.arrival_s for r in reqs] == [0.0, 0.0, 0.0]  # the engine never stamps arrivals
 
 
 def test_prompt_longer_than_max_batch_tokens_is_prefilled_in_chunks():

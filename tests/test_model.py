@@ -12,7 +12,7 @@ from runtime import DecoderConfig, MoEConfig
 from runtime.model import Batch, KVCache, MoEDecoder, Segment, decoder_weights
 from tests.serve_cases import rel_error
 
-TOLERANCE = 1e-5  # the bound for decode vs full forward in fp32 (measured: at most 5e-7)
+TOLERANCE = 1e-5  # the bound for decode vs full forward in fp32 (measured: at most 8e-7)
 
 
 def _moe(activation: str = "swiglu", **kw) -> MoEConfig:
