@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.model import Batch, KVCache, MoEDecoder, Segment, max_context
+from runtime.model import Batch, DecoderConfig, KVCache, MoEDecoder, Segment, max_context
 
 BATCHING = ("continuous", "static")
 
@@ -94,6 +94,23 @@ class StepStats:
         return self.prefill_tokens + self.decode_tokens
 
 
+def _check_prompt(request: Request, cfg: DecoderConfig) -> None:
+    """Without a vocabulary a prompt is hidden states [N, D] of a floating dtype; with one, token ids
+    [N] of an integer dtype in [0, vocab)."""
+    p = request.prompt
+    if cfg.vocab == 0:
+        accepted = f"hidden states [N, {cfg.hidden}] of a floating dtype (the decoder has no vocabulary)"
+        ok = p.dim() == 2 and p.shape[1] == cfg.hidden and p.is_floating_point()
+    else:
+        accepted = f"token ids [N] of an integer dtype in [0, {cfg.vocab})"
+        ok = p.dim() == 1 and not (p.is_floating_point() or p.is_complex() or p.dtype == torch.bool)
+        ok = ok and (p.numel() == 0 or (int(p.min()) >= 0 and int(p.max()) < cfg.vocab))  # sync: once, at add
+    if not ok:
+        raise ValueError(
+            f"Request {request.id}: prompt of shape {list(p.shape)}, dtype {p.dtype} is invalid: accepted {accepted}"
+        )
+
+
 class Engine:
     """Continuous (or static) batching over one rank's decoder; see the module docstring."""
 
@@ -112,7 +129,7 @@ class Engine:
         ``keep_outputs``: keep every output in ``Request.outputs`` (tests, equivalence), not only the last."""
         if batching not in BATCHING:
             raise ValueError(f"Engine batching = {batching!r} is invalid: accepted one of {', '.join(BATCHING)}")
-        for name, value in (("max_running", max_running), ("max_batch_tokens", max_batch_tokens)):
+        for name, value in (("max_running", max_running), ("max_batch_tokens", max_batch_tokens), ("max_len", max_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine {name} = {value!r} is invalid: accepted an integer >= 1")
         if max_batch_tokens < max_running:  # every running request must get its decode token each step
@@ -129,7 +146,9 @@ class Engine:
         self.finished: list[Request] = []
 
     def add(self, request: Request) -> None:
-        """Queue a request (it has arrived)."""
+        """Queue a request (it has arrived). A prompt or length the forward could not take is refused
+        here, not in a later step, where it would fail the whole batch's forward."""
+        _check_prompt(request, self.model.cfg)
         need = max_context(request.input_len, request.output_len)
         if request.input_len < 1 or request.output_len < 1 or need > self.cache.max_len:
             raise ValueError(
