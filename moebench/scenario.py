@@ -114,8 +114,8 @@ def _number_above(minimum: float) -> tuple:
 
 def _rate() -> tuple:
     return (
-        lambda v: (is_finite_number(v) and v > 0) or v == math.inf
-    ), "a number > 0 (requests/s), or inf (all at t = 0)"
+        lambda v: (is_finite_number(v) and v > 0) or v in (math.inf, "inf")
+    ), 'a number > 0 (requests/s), or inf (all at t = 0; the result records "inf")'
 
 
 def _is_range(value: object) -> bool:
@@ -205,7 +205,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "serve": {  # kind "serve" only (moebench/kinds/serve.py)
         "requests": Key(32, *_int(1, 10**6)),
-        "request_rate": Key(math.inf, *_rate()),
+        "request_rate": Key("inf", *_rate()),
         "burstiness": Key(1.0, *_number_above(0)),
         "input_len": Key(128, *_length()),
         "output_len": Key(32, *_length()),
@@ -214,6 +214,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batching": Key("continuous", *_choice("continuous", "static")),
         "slo_ttft_s": Key(None, *_OPTIONAL_POSITIVE),
         "slo_tpot_s": Key(None, *_OPTIONAL_POSITIVE),
+        "baseline_rounds": Key(0, *_int(0, 1000)),  # rounds of continuous vs static on the same requests
     },
     "offload": {  # absent cache_slots: every expert resident, no offload timing
         "cache_slots": Key(None, *_int(1, 2**16)),
@@ -279,6 +280,9 @@ def _read_section(path: str, section: str, table: object, overridden: set) -> di
                 _check_value(path, section, key, item, spec, origin)
         else:
             _check_value(path, section, key, value, spec, origin)
+        if (section, key) == ("serve", "request_rate"):  # JSON has no inf: results record "inf"
+            value = ["inf" if v == math.inf else v for v in value] if isinstance(value, list) else value
+            value = "inf" if value == math.inf else value
         out[key] = value
     return out
 

@@ -38,6 +38,7 @@ COLUMNS = (
     ("ttft_over_prefill", "TTFT/prefill", 1, ".3f"),
     ("engine_overhead", "overhead", 1, ".3f"),
     ("rank_idle_fraction", "idle", 1, ".2f"),
+    ("continuous_over_static", "cont/static", 1, ".2f"),  # only in tables of runs with baseline_rounds
 )
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2el_s", "queue_time_s")
 METRICS = (
@@ -52,6 +53,7 @@ METRICS = (
     "engine_overhead",
     "kv_cache_bytes_per_token",
     "rank_idle_fraction",
+    "continuous_over_static",
 )
 
 
@@ -160,15 +162,20 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
     metrics["ttft_over_prefill"] = M.metric(ratios(raw["idle_ttft"], raw["bare_prefill"]), "ratio", "lower")
     metrics["idle_ttft_s"] = M.metric(raw["idle_ttft"], "s", "lower")
     metrics["prefill_time_s"] = M.metric(raw["bare_prefill"], "s", "lower")
+    rounds = [max(lengths) for lengths in zip(*(r["batching_rounds"]["static"] for r in per_rank), strict=True)]
+    if rounds:  # a round's window ends with its last rank
+        fast = [max(lengths) for lengths in zip(*(r["batching_rounds"]["continuous"] for r in per_rank), strict=True)]
+        metrics["continuous_over_static"] = M.metric(ratios(rounds, fast), "ratio", "higher")
     worked = [s for s in steps if s["tokens"]]
     if worked:
-        overhead = [s["iteration_s"] / s["forward_s"] - 1 for s in worked]
+        overhead = [s["step_s"] / s["forward_s"] - 1 for s in worked]
         metrics["engine_overhead"] = M.metric(overhead, "ratio", "lower")
     metrics["kv_cache_bytes_per_token"] = M.metric([raw["kv_cache_bytes_per_token"]], "B", "lower", exact=True)
-    idle = []
+    idle, waits = [], []
     for rank in per_rank:
         total = sum(s["iteration_s"] for s in rank["steps"])
         idle.append(sum(s["iteration_s"] for s in rank["steps"] if not s["tokens"]) / total if total else 0.0)
+        waits.append(sum(s["iteration_s"] - s["step_s"] for s in rank["steps"]) / total if total else 0.0)
     metrics["rank_idle_fraction"] = M.metric(idle, "fraction", "lower")
     decoding = [s["decode_tokens"] for s in steps if s["decode_tokens"]]
     details = {
@@ -181,9 +188,11 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
             "mean_batch_tokens": float(np.mean([s["tokens"] for s in worked])) if worked else 0.0,
             "kv_cache_bytes": raw["kv_cache_bytes"],
             "forward_s": sum(s["forward_s"] for s in per_rank[0]["steps"]),
+            "step_s": sum(s["step_s"] for s in per_rank[0]["steps"]),
             "iteration_s": sum(s["iteration_s"] for s in per_rank[0]["steps"]),
         },
         "rank_idle_fraction": idle,
+        "agree_fraction": waits,  # per rank: the share of its steps' loop spent releasing arrivals and agreeing
     }
     if not math.isfinite(duration) or duration <= 0:
         checks.append({"name": "timed_window", "pass": False, "detail": f"window of {duration} s"})

@@ -39,10 +39,12 @@ def build_decoder(ctx, spec: RunSpec) -> MoEDecoder:
     return MoEDecoder(cfg, decoder_weights(cfg, wl["seed"], routed), par, group, ctx.device)
 
 
-def _engine(model: MoEDecoder, spec: RunSpec, draws: list[Draw], clock) -> Engine:
+def _engine(model: MoEDecoder, spec: RunSpec, draws: list[Draw], clock, batching: str | None = None) -> Engine:
+    """An engine for the run's requests (cache slots as long as the longest); ``batching`` None: the run's."""
     serve = spec.serve
     max_len = max(max_context(d.input_len, d.output_len) for d in draws)
-    return Engine(model, serve["max_running"], serve["max_batch_tokens"], max_len, serve["batching"], clock=clock)
+    batching = batching or serve["batching"]
+    return Engine(model, serve["max_running"], serve["max_batch_tokens"], max_len, batching, clock=clock)
 
 
 def _agree(busy: bool, left: bool, group) -> tuple[bool, bool]:
@@ -57,8 +59,8 @@ def _agree(busy: bool, left: bool, group) -> tuple[bool, bool]:
 def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, clock) -> list[dict]:
     """Serve ``pending`` (this rank's requests, in arrival order; ``arrival_s`` on ``clock``) until
     every rank of ``group`` is done; ``arrivals``: every rank's arrival times. Returns one record per
-    step this rank ran: its loop iteration's time (agreement, scheduling, forward, bookkeeping), the
-    forward's, and the tokens it computed."""
+    step this rank ran: its loop iteration's time (releasing arrivals, the group's agreement and the
+    step), the step's (scheduling, inputs, forward, bookkeeping), the forward's, and the tokens."""
     pending, upcoming, steps = list(pending), sorted(arrivals), []
     while True:
         start = clock()
@@ -73,8 +75,8 @@ def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, 
                 time.sleep(max(upcoming[0] - clock(), 0.0))
             continue
         s = engine.step()
-        steps.append({"iteration_s": s.end_s - start, "forward_s": s.forward_s, "tokens": s.tokens,
-                      "decode_tokens": s.decode_tokens})  # fmt: skip
+        steps.append({"iteration_s": s.end_s - start, "step_s": s.end_s - s.start_s, "forward_s": s.forward_s,
+                      "tokens": s.tokens, "decode_tokens": s.decode_tokens})  # fmt: skip
 
 
 def _requests(draws: list[Draw], spec: RunSpec, rank: int, device) -> list[Request]:
@@ -101,13 +103,13 @@ def _record(r: Request, rank: int) -> dict:
 
 
 def _warm_up(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) -> None:
-    """``warmup`` rounds of each rank's first requests, all at once, untimed (lazy initialisation,
-    allocator, first collectives)."""
+    """``warmup`` rounds of each rank's first ``max_running`` requests, all at once and cut to two output
+    tokens, untimed (lazy initialisation, the allocator, the first collectives)."""
     for _ in range(spec.scenario["warmup"]):
         engine = _engine(model, spec, draws, time.perf_counter)
         first = _requests(draws, spec, ctx.rank, ctx.device)[: spec.serve["max_running"]]
-        for r in first:
-            r.arrival_s = 0.0
+        for r in first:  # a prefill and a decode step each: what the window runs, without its length
+            r.arrival_s, r.output_len = 0.0, min(r.output_len, 2)
         drive(engine, first, [0.0], group, time.perf_counter)
 
 
@@ -135,14 +137,9 @@ def _idle_ttft(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) 
             "idle_prompt_len": draw.input_len}  # fmt: skip
 
 
-def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
-    """Warm up, serve the run's requests on the wall clock, then time the idle TTFT."""
-    group = ctx.group if ctx.world_size > 1 else None
-    draws = draw_requests(spec.serve, ctx.world_size, spec.workload["seed"])
-    model = build_decoder(ctx, spec)
-    _warm_up(ctx, spec, model, draws, group)
+def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group, batching: str):
+    """Serve this rank's requests on the wall clock from a common start; (engine, steps, seconds)."""
     mine = _requests(draws, spec, ctx.rank, ctx.device)
-    progress(ctx, f"serving {len(draws)} requests", draws[-1].arrival_s)
     if group is not None:
         dist.barrier(group)  # sync: every rank's window starts together
     t0 = time.perf_counter()
@@ -150,10 +147,32 @@ def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
     def clock() -> float:
         return time.perf_counter() - t0
 
-    engine = _engine(model, spec, draws, clock)
+    engine = _engine(model, spec, draws, clock, batching)
+    steps = drive(engine, mine, [d.arrival_s for d in draws], group, clock)
+    return engine, steps, clock()
+
+
+def _batching_rounds(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) -> dict:
+    """``[serve] baseline_rounds`` rounds of the same requests and arrivals served with continuous, then
+    static batching: each round's window length under each (the same output tokens, so the ratio of
+    the lengths is that of the throughputs)."""
+    rounds = {"continuous": [], "static": []}
+    for _ in range(spec.serve["baseline_rounds"]):
+        for batching, lengths in rounds.items():
+            lengths.append(_window(ctx, spec, model, draws, group, batching)[2])
+    return rounds
+
+
+def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
+    """Warm up, serve the run's requests on the wall clock, then time the idle TTFT, then (with
+    ``baseline_rounds``) continuous against static batching."""
+    group = ctx.group if ctx.world_size > 1 else None
+    draws = draw_requests(spec.serve, ctx.world_size, spec.workload["seed"])
+    model = build_decoder(ctx, spec)
+    _warm_up(ctx, spec, model, draws, group)
+    progress(ctx, f"serving {len(draws)} requests", draws[-1].arrival_s)
     with sampler(ctx, interval) as s:
-        steps = drive(engine, mine, [d.arrival_s for d in draws], group, clock)
-        window_s = clock()
+        engine, steps, window_s = _window(ctx, spec, model, draws, group, spec.serve["batching"])
     finite = all(bool(torch.isfinite(torch.as_tensor(r.last, dtype=torch.float32)).all()) for r in engine.finished)
     return {
         "requests": [_record(r, ctx.rank) for r in engine.finished],
@@ -164,4 +183,5 @@ def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
         "kv_cache_bytes": engine.cache.nbytes,
         "telemetry": s.summary(),
         **_idle_ttft(ctx, spec, model, draws, group),
+        "batching_rounds": _batching_rounds(ctx, spec, model, draws, group),
     }
