@@ -1,5 +1,7 @@
-"""The tour (``scenarios/*.toml``, what ``nox -s bench`` and ``moebench run scenarios`` run) stays a tour:
-every capability shown by at least one file, each file a few runs, the whole a bounded number of runs.
+"""The default set (``scenarios/*.toml``, what ``nox -s bench`` and ``moebench run scenarios`` run) stays
+a tour: every capability shown by at least one file, each tour file (``tour-*.toml``) a few runs, the tour a
+bounded number of runs; beside it, the seed plan's serving workload (``seed-serve.toml``), whose
+comparisons (request rate × batching × EP/DP) are one sweep of its own bounded size.
 
 Counted with the loader's own expansion (``moebench.runner.load_all``, what ``moebench run`` plans),
 never by timing: the bound holds on a busy host as on a quiet one.
@@ -21,6 +23,7 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 # so 20 runs keep `nox -s bench` near 2 minutes there, under the 3 a newcomer's first command may take.
 MAX_TOUR_RUNS = 20
 MAX_RUNS_PER_FILE = 3  # one point, or a same-run comparison of two or three (e.g. LRU vs Belady)
+SEED_FILES = {"seed-serve.toml": 12}  # the default set's seed-plan sweeps, and each one's bound in runs
 
 
 def _offloaded(r: RunSpec) -> bool:
@@ -67,6 +70,11 @@ CAPABILITIES = {
         r.kind == "fault" and r.fault.get("checkpoint_every") and r.workload["train"] for r in runs
     ),
     "routing trace replay": lambda runs: any(r.workload["skew"] == "trace" for r in runs),
+    "serving: a request-rate sweep, continuous vs static batching, EP vs DP": lambda runs: (
+        len({str(r.serve["request_rate"]) for r in runs if r.kind == "serve"}) >= 3
+        and {r.serve["batching"] for r in runs if r.kind == "serve"} == {"continuous", "static"}
+        and {r.parallel["mode"] for r in runs if r.kind == "serve" and r.world_size > 1} == {"ep", "dp"}
+    ),
 }
 
 
@@ -91,13 +99,15 @@ def test_every_capability_is_shown_by_a_tour_file(tour, capability):
 
 
 def test_each_tour_file_is_a_few_runs_and_the_whole_tour_at_most_the_bound(tour):
-    counts = {name: len(runs) for name, runs in tour.items()}
+    counts = {name: len(runs) for name, runs in tour.items() if name not in SEED_FILES}
+    assert all(name.startswith("tour-") for name in counts), counts  # the default set: tour files and seed files
     assert all(1 <= n <= MAX_RUNS_PER_FILE for n in counts.values()), counts
     assert sum(counts.values()) <= MAX_TOUR_RUNS, counts
+    assert all(1 <= len(tour[name]) <= bound for name, bound in SEED_FILES.items()), SEED_FILES
 
 
 def test_the_full_sweeps_are_kept_in_their_own_folder(tour):
     sweeps = {Path(sc.path).name: len(sc.runs) for sc in load_all([str(SCENARIOS / "sweeps")], {})}
     # the sweeps the tour's files point to, with their points
     assert sweeps["offload.toml"] == 4 * 3 * 3 and sweeps["faults.toml"] == 6 and sweeps["overlap.toml"] == 4
-    assert sum(sweeps.values()) > 5 * sum(len(runs) for runs in tour.values())
+    assert sum(sweeps.values()) > 5 * sum(len(runs) for name, runs in tour.items() if name not in SEED_FILES)
