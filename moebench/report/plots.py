@@ -9,7 +9,9 @@ Per result file (``plots_for``):
   the swept value (nccl-tests style), log axes where the values span more than 10×;
 - overlap (runs that set ``overlap_chunks``): serial against overlapped step time, and the exposed
   communication, per chunk count;
-- offload (runs with ``[offload] cache_slots`` swept): cache hit rate against cache slots, per policy.
+- offload (runs with ``[offload] cache_slots`` swept): cache hit rate against cache slots, per policy;
+- serve (runs with ``[serve] request_rate`` swept): goodput, throughput, TTFT and TPOT against the
+  rate, per batching and mode (``report/serve_plots.py``), and TTFT's CDF, one curve per run.
 
 Many series (several swept params besides the x axis) are told apart one param per visual channel
 (``series_layout``): colour for one, line style and marker for another, and small panels (facets) for
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moebench.metrics import nearest_rank
+from moebench.report import serve_plots
 
 INSTALL_HINT = "pip install 'moebench[plots]'"
 SWEPT = ("world_size", "tokens_per_rank")  # the sweeps drawn nccl-tests style
@@ -211,7 +214,7 @@ def step_cdf(samples: list[float]) -> Cdf:
     return Cdf(x, np.arange(1, len(x) + 1) / len(x), marks, len(x))
 
 
-def draw_cdfs(cdfs: dict, title: str, scale: float = 1e3, unit: str = "ms"):
+def draw_cdfs(cdfs: dict, title: str, scale: float = 1e3, unit: str = "ms", what: str = "step time", of: str = "steps"):
     """One curve per run (``cdfs``: label -> Cdf), percentile markers on each."""
     fig = _figure()
     ax = fig.subplots()
@@ -223,8 +226,8 @@ def draw_cdfs(cdfs: dict, title: str, scale: float = 1e3, unit: str = "ms"):
             ax.plot([v * scale], [q / 100], shapes[q], color=line.get_color(), markersize=6)
     for q in CDF_MARKS:
         ax.axhline(q / 100, color="grey", linewidth=0.5, linestyle=":")
-    ax.set_xlabel(f"step time ({unit})")
-    ax.set_ylabel("fraction of steps at or below")
+    ax.set_xlabel(f"{what} ({unit})")
+    ax.set_ylabel(f"fraction of {of} at or below")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, loc="lower right", title="run (samples): ○ p50 □ p90 △ p99", title_fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -469,6 +472,19 @@ def plots_for(doc: dict) -> list[Plot]:
         if cdfs:
             title = f"{name}: distribution of step time, one curve per run (max over ranks per step)"
             out.append(Plot(f"{base}.step-cdf", title, lambda c=cdfs, t=title: draw_cdfs(c, t)))
+    if kind == "serve":
+        rates, panels = serve_plots.rate_series(runs, run_label)
+        if panels:
+            title = f"{name}: what requests see against the request rate, one line per run's other keys"
+            draw = lambda r=rates, p=panels, t=title: serve_plots.draw_rates(r, p, t, _figure)  # noqa: E731
+            out.append(Plot(f"{base}.serve-rate", title, draw))
+        cdfs = {run_label(run["params"]): step_cdf(run["metrics"]["ttft_s"]["samples"]) for run in runs
+                if run["metrics"].get("ttft_s")}  # fmt: skip
+        if cdfs:
+            title = f"{name}: distribution of TTFT over requests, one curve per run"
+            out.append(
+                Plot(f"{base}.ttft-cdf", title, lambda c=cdfs, t=title: draw_cdfs(c, t, what="TTFT", of="requests"))
+            )
     key = swept_key(runs)
     if key:
         panels = [(unit, what, series(runs, key, m)) for m, what, unit in SWEEP_PANELS]
