@@ -264,6 +264,9 @@ def _read_section(path: str, section: str, table: object, overridden: set) -> di
             out[key] = spec.default
             continue
         value = table[key]
+        if (section, key) == ("serve", "request_rate"):  # JSON has no inf: results record "inf"
+            value = ["inf" if v == math.inf else v for v in value] if isinstance(value, list) else value
+            value = "inf" if value == math.inf else value
         origin = " (from the command line)" if (section, key) in overridden else ""
         if _is_sweep(section, key, value):
             if section not in SWEEPABLE:
@@ -280,9 +283,6 @@ def _read_section(path: str, section: str, table: object, overridden: set) -> di
                 _check_value(path, section, key, item, spec, origin)
         else:
             _check_value(path, section, key, value, spec, origin)
-        if (section, key) == ("serve", "request_rate"):  # JSON has no inf: results record "inf"
-            value = ["inf" if v == math.inf else v for v in value] if isinstance(value, list) else value
-            value = "inf" if value == math.inf else value
         out[key] = value
     return out
 

@@ -57,7 +57,7 @@ def draw_requests(serve: dict, world_size: int, seed: int) -> list[Draw]:
 
 def prompt(draw: Draw, hidden: int, vocab: int, seed: int) -> torch.Tensor:
     """The request's prompt: [input_len, hidden] unit-variance states (vocab 0) or [input_len] token ids."""
-    gen = torch.Generator().manual_seed(seed * 7_919 + REQUEST_STREAM + draw.id)
+    gen = torch.Generator().manual_seed((seed << 22) + REQUEST_STREAM + draw.id)  # ids < 2**20: no two collide
     if vocab:
         return torch.randint(0, vocab, (draw.input_len,), generator=gen)
     return torch.randn(draw.input_len, hidden, generator=gen)
