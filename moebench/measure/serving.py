@@ -6,7 +6,8 @@ own ``Engine``. Under expert parallelism every rank must step together, so befor
 ranks agree, with one all-reduce of two flags, whether anyone has work now and whether anyone has
 work left; a rank with nothing to compute runs an empty step (its share of each all-to-all). When
 no rank has work, every rank sleeps until the next arrival of any rank's request (all ranks know
-the whole schedule).
+the whole schedule). Under ``mode = "dp"`` nothing is exchanged in the forward, so each rank serves
+on its own, without the agreement: a data-parallel replica does not wait for its peers.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _record(r: Request, rank: int) -> dict:
     }
 
 
-def _warm_up(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) -> None:
+def _warm_up(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], ep) -> None:
     """``warmup`` rounds of each rank's first ``max_running`` requests, all at once and cut to two output
     tokens, untimed (lazy initialisation, the allocator, the first collectives)."""
     for _ in range(spec.scenario["warmup"]):
@@ -110,69 +111,76 @@ def _warm_up(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) ->
         first = _requests(draws, spec, ctx.rank, ctx.device)[: spec.serve["max_running"]]
         for r in first:  # a prefill and a decode step each: what the window runs, without its length
             r.arrival_s, r.output_len = 0.0, min(r.output_len, 2)
-        drive(engine, first, [0.0], group, time.perf_counter)
+        drive(engine, first, [0.0], ep, time.perf_counter)
 
 
-def _idle_ttft(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) -> dict:
+def _idle_ttft(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep) -> dict:
     """``repeats`` alternating rounds of (one request to an idle engine, until its first token) and
     (a bare causal forward of the same prompt, no cache, no engine): every rank with a prompt of its
-    own (request rank mod the count's)."""
+    own (request rank mod the count's). Both end with a barrier: without it, a data-parallel rank done
+    early would start its next round's clock while another still works on the last one."""
     cfg, seed = spec.decoder_config(), spec.workload["seed"]
     draw = draws[ctx.rank % len(draws)]
     x = prompt(draw, cfg.hidden, cfg.vocab, seed).to(ctx.device)
     engine = _engine(model, spec, draws, time.perf_counter)
 
     def first_token():
-        drive(engine, [Request(-1, x, 1)], [0.0], group, time.perf_counter)
+        drive(engine, [Request(-1, x, 1)], [0.0], ep, time.perf_counter)
+        if world is not None:  # sync: both rounds end on every rank together, so the next starts at once
+            dist.barrier(world)
 
     def bare():
         with torch.no_grad():
             model.full(x)
+        if world is not None:  # sync: as the engine's round, so that each round starts on every rank at once
+            dist.barrier(world)
 
     timed = time_interleaved(
         {"engine": first_token, "bare": bare}, warmup=1, repeats=spec.scenario["repeats"], device=ctx.device,
-        group=group,
+        group=world,
     )  # fmt: skip
     return {"idle_ttft": list(timed["engine"].samples_s), "bare_prefill": list(timed["bare"].samples_s),
             "idle_prompt_len": draw.input_len}  # fmt: skip
 
 
-def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group, batching: str):
+def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep, batching: str):
     """Serve this rank's requests on the wall clock from a common start; (engine, steps, seconds)."""
     mine = _requests(draws, spec, ctx.rank, ctx.device)
-    if group is not None:
-        dist.barrier(group)  # sync: every rank's window starts together
+    if world is not None:
+        dist.barrier(world)  # sync: every rank's window starts together
     t0 = time.perf_counter()
 
     def clock() -> float:
         return time.perf_counter() - t0
 
     engine = _engine(model, spec, draws, clock, batching)
-    steps = drive(engine, mine, [d.arrival_s for d in draws], group, clock)
+    arrivals = [d.arrival_s for d in draws if ep is not None or d.rank == ctx.rank]  # ep None: on its own
+    steps = drive(engine, mine, arrivals, ep, clock)
     return engine, steps, clock()
 
 
-def _batching_rounds(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], group) -> dict:
+def _batching_rounds(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep) -> dict:
     """``[serve] baseline_rounds`` rounds of the same requests and arrivals served with continuous, then
     static batching: each round's window length under each (the same output tokens, so the ratio of
     the lengths is that of the throughputs)."""
     rounds = {"continuous": [], "static": []}
     for _ in range(spec.serve["baseline_rounds"]):
         for batching, lengths in rounds.items():
-            lengths.append(_window(ctx, spec, model, draws, group, batching)[2])
+            lengths.append(_window(ctx, spec, model, draws, world, ep, batching)[2])
     return rounds
 
 
 def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
     """Warm up, serve the run's requests on the wall clock, then time the idle TTFT, then (with
     ``baseline_rounds``) continuous against static batching."""
-    group = ctx.group if ctx.world_size > 1 else None
+    world = ctx.group if ctx.world_size > 1 else None  # the window's common start, the rounds' max over ranks
+    ep = ctx.group if spec.parallel_config().ep_size > 1 else None  # the ranks that must step together
     draws = draw_requests(spec.serve, ctx.world_size, spec.workload["seed"])
     model = build_decoder(ctx, spec)
-    _warm_up(ctx, spec, model, draws, group)
+    _warm_up(ctx, spec, model, draws, ep)
     progress(ctx, f"serving {len(draws)} requests", draws[-1].arrival_s)
     with sampler(ctx, interval) as s:
-        engine, steps, window_s = _window(ctx, spec, model, draws, group, spec.serve["batching"])
+        engine, steps, window_s = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"])
     finite = all(bool(torch.isfinite(torch.as_tensor(r.last, dtype=torch.float32)).all()) for r in engine.finished)
     return {
         "requests": [_record(r, ctx.rank) for r in engine.finished],
@@ -182,6 +190,6 @@ def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
         "kv_cache_bytes_per_token": spec.decoder_config().kv_cache_bytes_per_token(),
         "kv_cache_bytes": engine.cache.nbytes,
         "telemetry": s.summary(),
-        **_idle_ttft(ctx, spec, model, draws, group),
-        "batching_rounds": _batching_rounds(ctx, spec, model, draws, group),
+        **_idle_ttft(ctx, spec, model, draws, world, ep),
+        "batching_rounds": _batching_rounds(ctx, spec, model, draws, world, ep),
     }
