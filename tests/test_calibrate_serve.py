@@ -183,7 +183,8 @@ def test_a_folder_mixing_kinds_keeps_the_other_fits_and_the_cli_reports_the_serv
     from moebench.cli import main
 
     alone = C.calibrate(plan, [str(write_results(tmp_path / "a", gemm_runs(), a2a_runs()))])
-    folder = write_serve(write_results(tmp_path / "m", gemm_runs(), a2a_runs()), timed(plan, sweep()))
+    machine = C.applied(plan, alone)  # the serve runs are predicted on the machine the other fits describe
+    folder = write_serve(write_results(tmp_path / "m", gemm_runs(), a2a_runs()), timed(machine, sweep()))
     mixed = C.calibrate(plan, [str(folder)])
     assert mixed.factors == alone.factors and mixed.gemm.held_out == alone.gemm.held_out
     assert mixed.ttft.coefs == pytest.approx((TTFT_A, TTFT_B), rel=1e-6)
@@ -191,7 +192,8 @@ def test_a_folder_mixing_kinds_keeps_the_other_fits_and_the_cli_reports_the_serv
     assert main(["plan", plan.path, "--calibrate", str(folder), "--json", "-"]) in (0, 1)
     doc = json.loads(capsys.readouterr().out)["calibration"]
     assert doc["fits"]["tpot"]["coefficients"] == pytest.approx([TPOT_A, TPOT_B], rel=1e-6)
-    assert doc["calibrated"]["ttft"]["calibrated_s"] == pytest.approx(TTFT_A + TTFT_B * Mo.prefill(plan).total)
+    assert doc["calibrated"]["ttft"]["calibrated_s"] == pytest.approx(TTFT_A + TTFT_B * Mo.prefill(machine).total)
+    assert Mo.prefill(machine).total != pytest.approx(Mo.prefill(plan).total)  # the fitted GEMM rate mattered
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ non-negative, with scipy's ``nnls``:
 - The offloaded step, the plan model's ``offloaded_time``: t = resident step + copied bytes per
   step / β, with β fitted on the other runs; its held-out error is the model's error on offload.
 - TTFT and TPOT (``serve`` runs): measured = a + b · the plan model's prediction for the run's
-  deployment on the calibrating plan's hardware (``serve_runs``): the idle-engine TTFT
-  (``idle_ttft_s``) against ``prefill``, ``tpot_s`` against ``decode``. With the fit, the plan's
-  own TTFT and TPOT are given calibrated, a + b · its predicted value.
+  deployment (``serve_runs``) on the calibrating plan's hardware with the factors the GEMM and
+  all-to-all fits measured (the machine the runs ran on, as far as those fits know it): the
+  idle-engine TTFT (``idle_ttft_s``) against ``prefill``, ``tpot_s`` against ``decode``. With the
+  fit, the plan's own TTFT and TPOT are given calibrated, a + b · its value with the same factors.
 
 Each fit is judged on runs held out of it: leave one run out, fit the rest, predict the one left
 out. The report gives every held-out error, whatever it is.
@@ -201,13 +202,11 @@ class Calibration:
 
 
 def calibrate(p: Plan, paths: list[str]) -> Calibration:
-    gemm_obs, a2a_obs, h2d_obs, offload_obs, ttft_obs, tpot_obs, envs = observations(paths, p)
+    gemm_obs, a2a_obs, h2d_obs, offload_obs, _, _, envs = observations(paths, p)
     gemm = fit("gemm", gemm_obs, "experts")
     a2a = fit("all-to-all", a2a_obs, "all-to-all (2+ ranks)")
     h2d = fit("host-to-device", h2d_obs, "offload (with copies)")
     offload = fit_offloaded(h2d, offload_obs)
-    ttft = fit("ttft", ttft_obs, "serve (with idle_ttft_s)")
-    tpot = fit("tpot", tpot_obs, "serve (with tpot_s)")
     factors = {}
     if gemm.fitted and gemm.coefs[0] > 0:
         rate = 1 / gemm.coefs[0]
@@ -216,6 +215,12 @@ def calibrate(p: Plan, paths: list[str]) -> Calibration:
         factors |= {"intra_node_latency": a2a.coefs[0], "intra_node_bandwidth": 1 / a2a.coefs[1]}
     if h2d.fitted and h2d.coefs[0] > 0:
         factors["host_to_device_bandwidth"] = 1 / h2d.coefs[0]
+    # the serve runs are predicted on the machine they ran on, as far as the other fits know it (its GEMM
+    # rate and all-to-all), so that a and b measure the model's own error, not the plan's hardware's
+    machine = _with_factors(p, factors)
+    *_, ttft_obs, tpot_obs, _ = observations(paths, machine)
+    ttft = fit("ttft", ttft_obs, "serve (with idle_ttft_s)")
+    tpot = fit("tpot", tpot_obs, "serve (with tpot_s)")
     devices = tuple(sorted({_device(env) for env in envs}))
     name = p.hardware.name.strip().lower()
     applies = bool(name) and bool(devices) and all(name in d.lower() for d in devices)
@@ -226,18 +231,24 @@ def calibrate(p: Plan, paths: list[str]) -> Calibration:
     if applies and factors.get("mfu", 0) > 1:
         applies, why_not = False, f"the fitted GEMM rate is {factors['mfu']:.2f}× the plan's peak_flops: check the peak"
     calibrated = {}
-    if applies:  # the plan as written, as the serve runs were predicted: the fit maps that prediction to a time
+    if applies:  # with the fitted factors, as the serve runs were predicted: the fit maps that prediction to a time
         for key, f, phase in (("ttft", ttft, prefill), ("tpot", tpot, decode)):
             if f.fitted:
-                model_s = phase(p).total
+                model_s = phase(machine).total
                 calibrated[key] = {"model_s": model_s, "calibrated_s": f.coefs[0] + f.coefs[1] * model_s}
     return Calibration(gemm, a2a, h2d, offload, ttft, tpot, devices, factors, applies, why_not, calibrated)
 
 
+FACTORS = ("mfu", "gemm_half_rows", "intra_node_latency", "intra_node_bandwidth", "host_to_device_bandwidth")
+
+
+def _with_factors(p: Plan, factors: dict) -> Plan:
+    return p.with_hardware(**{k: factors[k] for k in FACTORS if k in factors})
+
+
 def applied(p: Plan, c: Calibration) -> Plan:
     """The plan with the calibrated factors in place of its own."""
-    keys = ("mfu", "gemm_half_rows", "intra_node_latency", "intra_node_bandwidth", "host_to_device_bandwidth")
-    return p.with_hardware(**{k: c.factors[k] for k in keys if k in c.factors})
+    return _with_factors(p, c.factors)
 
 
 def to_json(c: Calibration) -> dict:
