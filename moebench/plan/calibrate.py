@@ -340,7 +340,7 @@ def render(doc: dict, fmt: str = "simple") -> str:
     for key, c in doc.get("calibrated", {}).items():
         lines.append(
             f"calibrated {key.upper()} of the plan (a + b · model, from serve runs): {human(c['calibrated_s'], 's')} "
-            f"(the model with the plan's own factors: {human(c['model_s'], 's')})"
+            f"(the model with the fitted factors: {human(c['model_s'], 's')})"
         )
     if not doc["applied"] and any(doc["fits"][k]["fitted"] for k in ("ttft", "tpot")):
         lines.append("no calibrated TTFT or TPOT for the plan: its serve fits are not applied, for the same reason")
