@@ -220,7 +220,7 @@ class Batch:
         self.cached = bool(segments) and all(cached)
         # one-token segments (decode steps) are attended together; the others one at a time
         self.single = [i for i, s in enumerate(segments) if s.length == 1 and self.cached]
-        self.multi = [i for i, s in enumerate(segments) if i not in set(self.single)]
+        self.multi = sorted(set(range(len(segments))) - set(self.single))
         if self.single:
             singles = [segments[i] for i in self.single]
             self.single_rows_B = torch.tensor([starts[i] for i in self.single], device=device)

@@ -48,13 +48,14 @@ def _engine(model: MoEDecoder, spec: RunSpec, draws: list[Draw], clock, batching
     return Engine(model, serve["max_running"], serve["max_batch_tokens"], max_len, batching, clock=clock)
 
 
-def _agree(busy: bool, left: bool, group) -> tuple[bool, bool]:
-    """(anyone busy now, anyone with work left) over the group."""
+def _agree(busy: bool, left: bool, group, device) -> tuple[bool, bool]:
+    """(anyone busy now, anyone with work left) over the group (the flags on ``device``: NCCL needs them there)."""
     if group is None:
         return busy, left
-    flags = torch.tensor([int(busy), int(left)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)  # sync: the group decides together to step
-    return bool(flags[0]), bool(flags[1])
+    flags = torch.tensor([int(busy), int(left)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    busy_any, left_any = flags.tolist()  # sync: the group decides together, on the host, whether to step
+    return bool(busy_any), bool(left_any)
 
 
 def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, clock) -> list[dict]:
@@ -67,7 +68,7 @@ def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, 
         start = clock()
         while pending and pending[0].arrival_s <= start:
             engine.add(pending.pop(0))
-        busy, left = _agree(engine.has_work(), engine.has_work() or bool(pending), group)
+        busy, left = _agree(engine.has_work(), engine.has_work() or bool(pending), group, engine.model.device)
         if not left:
             return steps
         if not busy:  # nobody has work: wait for the next request to arrive, on any rank
