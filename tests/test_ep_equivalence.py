@@ -93,8 +93,14 @@ def ep_results(request):
     return get
 
 
+def _marks(world_size: int) -> list:
+    """Multi-rank cases are multiproc; the EP 4 launch (8 s of the unit suite's budget) runs in the slow session."""
+    marks = [pytest.mark.multiproc] if world_size > 1 else []
+    return [*marks, pytest.mark.slow] if world_size >= 4 else marks
+
+
 PARAMS = [
-    pytest.param(ws, case.name, id=f"ep{ws}-{case.name}", marks=[pytest.mark.multiproc] if ws > 1 else [])
+    pytest.param(ws, case.name, id=f"ep{ws}-{case.name}", marks=_marks(ws))
     for ws in WORLD_SIZES
     for case in CASES
     if _for_world(case, ws) is not None

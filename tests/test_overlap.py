@@ -130,8 +130,14 @@ def overlap_results():
     return get
 
 
+def _marks(world_size: int) -> list:
+    """Multi-rank cases are multiproc; the EP 4 launch (8 s of the unit suite's budget) runs in the slow session."""
+    marks = [pytest.mark.multiproc] if world_size > 1 else []
+    return [*marks, pytest.mark.slow] if world_size >= 4 else marks
+
+
 PARAMS = [
-    pytest.param(ws, c.name, id=f"ep{ws}-{c.name}", marks=[pytest.mark.multiproc] if ws > 1 else [])
+    pytest.param(ws, c.name, id=f"ep{ws}-{c.name}", marks=_marks(ws))
     for ws in WORLD_SIZES
     for c in CASES
     if not c.name.endswith("-C1")
