@@ -130,7 +130,8 @@ def _is_range(value: object) -> bool:
 
 def _length() -> tuple:
     valid, _ = _int(1, 2**24)
-    return (lambda v: valid(v) or _is_range(v)), "an integer from 1 to 16777216, or [min, max] (drawn per request)"
+    accepted = "an integer from 1 to 16777216, or [min, max] (drawn per request; a sweep: [[64, 64], [128, 256]])"
+    return (lambda v: valid(v) or _is_range(v)), accepted
 
 
 def _is_sweep(section: str, key: str, value: object) -> bool:

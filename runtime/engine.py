@@ -84,7 +84,7 @@ class StepStats:
 
     start_s: float
     end_s: float
-    forward_s: float  # the model's forward of the batch (and, with a vocabulary, the LM head)
+    forward_s: float  # the model's forward of the batch: its positions, RoPE tables and masks, the blocks, the LM head
     prefill_tokens: int
     decode_tokens: int
     running: int  # requests in this step's batch
@@ -188,18 +188,23 @@ class Engine:
         return plan
 
     def _inputs(self, plan: list[tuple[Request, int]]) -> torch.Tensor:
+        """The step's packed inputs: prompt chunks, and each decoding request's previous output fed back
+        (hidden states; or token ids, gathered into one host-to-device copy)."""
+        vocab, device = self.model.cfg.vocab, self.model.device
+        if vocab:
+            fed = [r.last for r, _ in plan if r.prefilled]
+            ids = iter(torch.tensor(fed, dtype=torch.long).to(device).split(1)) if fed else iter(())
         parts = []
         for r, n in plan:
-            if r.prefilled:  # the previous output, fed back
-                last = r.last if self.model.cfg.vocab == 0 else torch.tensor([r.last], device=self.model.device)
-                parts.append(last.reshape(1, -1) if self.model.cfg.vocab == 0 else last)
-            else:
+            if not r.prefilled:
                 parts.append(r.prompt[r.computed : r.computed + n])
+            else:
+                parts.append(next(ids) if vocab else r.last.reshape(1, -1))
         if parts:
             return torch.cat(parts)
-        if self.model.cfg.vocab:
-            return torch.zeros(0, dtype=torch.long, device=self.model.device)
-        return torch.zeros(0, self.model.cfg.hidden, device=self.model.device)
+        if vocab:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        return torch.zeros(0, self.model.cfg.hidden, device=device)
 
     @torch.no_grad()
     def step(self) -> StepStats:
@@ -212,8 +217,8 @@ class Engine:
             for r, n in plan
         ]
         inputs = self._inputs(plan)
+        forward_start = self.clock()  # the forward's own preparation (positions, RoPE, masks) is the model's
         batch = Batch(segments, self.model.device, self.model.cfg)
-        forward_start = self.clock()
         h_TD, _ = self.model(inputs, batch, self.cache)
         decoding = [r.prefilled for r, _ in plan]  # before this step's prompt tokens count
         emits = [i for i, (r, n) in enumerate(plan) if decoding[i] or r.computed + n == r.input_len]

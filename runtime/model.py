@@ -205,13 +205,6 @@ class Batch:
             row += s.length
         self.rows = starts  # each segment's first row
         self.num_tokens = row
-        pos = [p for s in segments for p in range(s.start, s.start + s.length)]
-        pos_T = torch.tensor(pos, dtype=torch.float32, device=device)
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device) / cfg.head_dim)
-        angles_TR = pos_T[:, None] * inv_freq[None, :]  # R = Dh/2 rotation frequencies
-        dtype = cfg.moe.torch_dtype
-        self.cos_T1R = angles_TR.cos()[:, None, :].to(dtype)
-        self.sin_T1R = angles_TR.sin()[:, None, :].to(dtype)
         cached = [s.slot is not None for s in segments]
         if any(cached) and not all(cached):
             raise ValueError("Batch: either every segment has a cache slot or none has")
@@ -221,17 +214,26 @@ class Batch:
         # one-token segments (decode steps) are attended together; the others one at a time
         self.single = [i for i, s in enumerate(segments) if s.length == 1 and self.cached]
         self.multi = sorted(set(range(len(segments))) - set(self.single))
+        singles = [segments[i] for i in self.single]
+        # every index the step needs, built on the host and copied to the device in one piece
+        pos = [p for s in segments for p in range(s.start, s.start + s.length)]
+        slots = [s.slot for s in segments for _ in range(s.length)] if self.cached else []
+        single_rows = [starts[i] for i in self.single]
+        ends = [s.start + 1 for s in singles]
+        packed = torch.tensor(pos + slots + single_rows + [s.slot for s in singles] + ends, dtype=torch.long)
+        packed = packed.to(device)  # sync: on CUDA a copy from pageable host memory waits for the stream (once a step)
+        pos_T, slot_T, rows_B, slots_B, ends_B = packed.split([len(pos), len(slots), *[len(singles)] * 3])
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device) / cfg.head_dim)
+        angles_TR = pos_T.float()[:, None] * inv_freq[None, :]  # R = Dh/2 rotation frequencies
+        dtype = cfg.moe.torch_dtype
+        self.cos_T1R = angles_TR.cos()[:, None, :].to(dtype)
+        self.sin_T1R = angles_TR.sin()[:, None, :].to(dtype)
         if self.single:
-            singles = [segments[i] for i in self.single]
-            self.single_rows_B = torch.tensor([starts[i] for i in self.single], device=device)
-            self.single_slots_B = torch.tensor([s.slot for s in singles], device=device)
-            context = max(s.start + 1 for s in singles)
-            ends_B = torch.tensor([s.start + 1 for s in singles], device=device)
-            self.single_context = context
+            self.single_rows_B, self.single_slots_B = rows_B, slots_B
+            self.single_context = context = max(ends)
             self.single_mask_B11C = (torch.arange(context, device=device)[None, :] < ends_B[:, None])[:, None, None]
         if self.cached:
-            self.slot_T = torch.tensor([s.slot for s in segments for _ in range(s.length)], device=device)
-            self.pos_T = pos_T.long()
+            self.slot_T, self.pos_T = slot_T, pos_T
 
 
 def rms_norm(x_TD: torch.Tensor, scale_D: torch.Tensor, eps: float) -> torch.Tensor:
@@ -255,6 +257,7 @@ class Attention(nn.Module):
         super().__init__()
         dtype = cfg.moe.torch_dtype
         self.cfg = cfg
+        self.grouped = cfg.kv_heads < cfg.attention_heads  # enable_gqa only then: it may narrow SDPA's kernels
         self.wq_DQ, self.wk_DK, self.wv_DK, self.wo_QD = (
             nn.Parameter(t.to(device, dtype).clone()) for t in (w.wq_DQ, w.wk_DK, w.wv_DK, w.wo_QD)
         )
@@ -275,7 +278,7 @@ class Attention(nn.Module):
             k_BGCd = k_SGMd[batch.single_slots_B, :, :c]
             v_BGCd = v_SGMd[batch.single_slots_B, :, :c]
             o_BH1d = F.scaled_dot_product_attention(
-                q_BH1d, k_BGCd, v_BGCd, attn_mask=batch.single_mask_B11C, enable_gqa=True
+                q_BH1d, k_BGCd, v_BGCd, attn_mask=batch.single_mask_B11C, enable_gqa=self.grouped
             )
             o_THd[rows_B] = o_BH1d.squeeze(2)
         for i in batch.multi:
@@ -284,13 +287,15 @@ class Attention(nn.Module):
             if seg.start == 0:  # the whole context is new: plain causal attention over it
                 k_1GCd = k_TGd[r : r + seg.length].transpose(0, 1).unsqueeze(0)
                 v_1GCd = v_TGd[r : r + seg.length].transpose(0, 1).unsqueeze(0)
-                o_1HNd = F.scaled_dot_product_attention(q_1HNd, k_1GCd, v_1GCd, is_causal=True, enable_gqa=True)
+                o_1HNd = F.scaled_dot_product_attention(q_1HNd, k_1GCd, v_1GCd, is_causal=True, enable_gqa=self.grouped)
             else:  # a later chunk of a prompt: the cached context, then its own tokens causally
                 c = seg.start + seg.length
                 k_1GCd, v_1GCd = k_SGMd[seg.slot, :, :c].unsqueeze(0), v_SGMd[seg.slot, :, :c].unsqueeze(0)
                 pos_N = torch.arange(seg.start, c, device=x_TD.device)
                 mask_NC = torch.arange(c, device=x_TD.device)[None, :] <= pos_N[:, None]
-                o_1HNd = F.scaled_dot_product_attention(q_1HNd, k_1GCd, v_1GCd, attn_mask=mask_NC, enable_gqa=True)
+                o_1HNd = F.scaled_dot_product_attention(
+                    q_1HNd, k_1GCd, v_1GCd, attn_mask=mask_NC, enable_gqa=self.grouped
+                )
             o_THd[r : r + seg.length] = o_1HNd.squeeze(0).transpose(0, 1)
         return o_THd.reshape(T, cfg.attention_heads * cfg.head_dim) @ self.wo_QD
 

@@ -461,3 +461,59 @@ def test_a_w1_runs_metrics_are_recomputed_from_its_request_records(served):
     out = sum(r["output_len"] for r in records)
     assert metrics["output_tokens_per_s"]["median"] == pytest.approx(out / duration, rel=1e-12)
     assert len(metrics["continuous_over_static"]["samples"]) == 1 and metrics["ttft_over_prefill"]["n"] == 2
+
+
+# -------------------------------------------------------------------------------------------
+# Arrivals on the wall clock (a fake one), and the ranks' agreement on real ranks
+
+
+class FakeClock:
+    """A wall clock that moves only when the driver sleeps, or by ``per_read`` at each reading."""
+
+    def __init__(self, per_read: float = 0.0):
+        self.now, self.per_read, self.slept = 0.0, per_read, []
+
+    def __call__(self) -> float:
+        self.now += self.per_read
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_a_request_is_released_at_its_arrival_and_the_driver_sleeps_until_the_next(tmp_path):
+    from moebench.measure import serving
+    from runtime.engine import Engine, Request
+
+    doc = doc_with(SERVE, serve={"requests": 3, "request_rate": 1.0, "input_len": 3, "output_len": 2})
+    (spec,) = load(write(tmp_path, doc)).runs
+    model = serving.build_decoder(CTX, spec)
+    clock = FakeClock(per_read=0.01)  # each reading 10 ms later: steps take time
+    engine = Engine(model, 2, 8, 8, clock=clock)
+    arrivals = [0.0, 5.0, 12.5]
+    requests = [Request(i, torch.randn(3, 32), 2, a) for i, a in enumerate(arrivals)]
+    steps = serving.drive(engine, requests, arrivals, None, clock, sleep=clock.sleep)
+    done = {r.id: r for r in engine.finished}
+    assert sorted(done) == [0, 1, 2] and len(steps) == 6  # a prefill and a decode step each, nothing batched
+    for r in done.values():  # never scheduled before it arrived, and soon after (no missed wake-up)
+        assert r.arrival_s <= r.scheduled_s < r.arrival_s + 0.1
+    assert len(clock.slept) == 2 and clock.now > 12.5  # asleep twice: until 5 and until 12.5
+    assert done[2].first_token_s - done[2].arrival_s < 0.1  # TTFT counts from arrival, not from t = 0
+
+
+@pytest.mark.multiproc
+def test_two_ep_ranks_agree_to_step_until_the_busier_one_is_done(tmp_path):
+    """Through the real launcher: rank 0 has two requests served one at a time, rank 1 one; rank 1
+    steps empty while rank 0 works (its idle share > 0) and neither deadlocks in the all-to-alls."""
+    doc = doc_with(SERVE, serve={"requests": 3, "request_rate": math.inf, "input_len": 4, "output_len": 3,
+                                 "max_running": 1, "max_batch_tokens": 4})  # fmt: skip
+    doc["parallel"] = {"device": "cpu", "world_size": 2, "threads_per_rank": 1}
+    (spec,) = load(write(tmp_path, doc)).runs
+    run = runner.run_one(spec, None)
+    assert run["status"] == "ok", run.get("error")
+    assert all(c["pass"] for c in run["checks"])
+    assert sorted(r["rank"] for r in run["details"]["requests"]) == [0, 0, 1]
+    idle = run["details"]["rank_idle_fraction"]
+    assert idle[0] == 0.0 and idle[1] > 0  # rank 1's steps while rank 0 serves its second request are empty
+    assert run["details"]["engine"]["steps"] == 6  # rank 0: (prefill + 2 decodes) × 2 requests, one at a time

@@ -20,7 +20,8 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 
 # The whole tour's runs. A run costs a few seconds on a quiet 2-core CPU host even when small (the
 # ranks start and import torch; the old default set averaged 5.8 s a run over 106 runs, 10 min 18 s),
-# so 20 runs keep `nox -s bench` near 2 minutes there, under the 3 a newcomer's first command may take.
+# so 20 runs keep the tour near 2 minutes there, under the 3 a newcomer's first command may take; the seed
+# plan's serving sweep (seed-serve.toml, 12 runs) adds about 2.2 more to `nox -s bench` (docs/measurements.md).
 MAX_TOUR_RUNS = 20
 MAX_RUNS_PER_FILE = 3  # one point, or a same-run comparison of two or three (e.g. LRU vs Belady)
 SEED_FILES = {"seed-serve.toml": 12}  # the default set's seed-plan sweeps, and each one's bound in runs

@@ -19,6 +19,7 @@ from moebench import metrics as M
 from moebench.measure.common import finite_check, ratios
 from moebench.measure.serving import measure_serve
 from moebench.workload.requests import draw_requests
+from runtime.model import max_context
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
@@ -40,6 +41,7 @@ COLUMNS = (
     ("rank_idle_fraction", "idle", 1, ".2f"),
     ("continuous_over_static", "cont/static", 1, ".2f"),  # only in tables of runs with baseline_rounds
 )
+MAX_ARRIVAL_SPAN_S = 3600  # the mean arrival span ((requests − 1) / rate) a run may take: a typo is not a day's run
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2el_s", "queue_time_s")
 METRICS = (
     *LATENCIES,
@@ -63,10 +65,24 @@ def validate(spec: RunSpec) -> None:
     m, serve = spec.model, spec.serve
     if m["attention_heads"] is None:
         raise ValueError("[model] attention_heads is missing: accepted an integer from 1 to 4096 (kind serve)")
+    if m["head_dim"] is None and m["hidden"] % m["attention_heads"]:
+        raise ValueError(
+            f"[model] head_dim is missing: accepted an even integer when hidden ({m['hidden']}) is not a multiple "
+            f"of attention_heads ({m['attention_heads']})"
+        )
     try:
         spec.decoder_config()
     except ValueError as err:  # "DecoderConfig.kv_heads = 3 is invalid: ..." in the file's terms
         raise ValueError(str(err).replace("DecoderConfig.", "[model] ", 1)) from None
+    if serve["request_rate"] != "inf":
+        rate, shape = float(serve["request_rate"]), float(serve["burstiness"])
+        span = (serve["requests"] - 1) / rate
+        if span > MAX_ARRIVAL_SPAN_S or not math.isfinite(1 / (rate * shape)):
+            raise ValueError(
+                f"[serve] request_rate = {serve['request_rate']!r} is invalid with requests = {serve['requests']} "
+                f"and burstiness = {serve['burstiness']!r}: the arrivals would span about {span:.3g} s, accepted "
+                f"at most {MAX_ARRIVAL_SPAN_S} s (a faster rate, or fewer requests)"
+            )
     if spec.routing["capacity_factor"]:
         raise ValueError(
             f"[routing] capacity_factor = {spec.routing['capacity_factor']!r} is invalid for kind serve: accepted 0 "
@@ -95,8 +111,9 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
 
 
 def window_tokens(spec: RunSpec) -> int:
-    """Prompt and output tokens of every request: what the timed window computes."""
-    return sum(d.input_len + d.output_len for d in draw_requests(spec.serve, spec.world_size, spec.workload["seed"]))
+    """The rows the timed window's forwards compute: every prompt token and every output fed back."""
+    draws = draw_requests(spec.serve, spec.world_size, spec.workload["seed"])
+    return sum(max_context(d.input_len, d.output_len) for d in draws)  # the last output is never fed back
 
 
 # -------------------------------------------------------------------------------------------
@@ -146,6 +163,9 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
     records = sorted((r for rank in per_rank for r in rank["requests"]), key=lambda r: r["id"])
     checks = [finite_check(per_rank), _served_check(spec, records)]
     duration = max(rank["window_s"] for rank in per_rank)  # the timed window, first arrival to last token
+    if not (math.isfinite(duration) and duration > 0):  # no rate can be formed: the run failed
+        checks.append({"name": "timed_window", "pass": False, "detail": f"a timed window of {duration} s"})
+        return {}, checks, {"requests": records, "duration_s": duration}
     steps = [s for rank in per_rank for s in rank["steps"]]
     metrics = {}
     for name, samples in latencies(records).items():
@@ -194,6 +214,4 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "rank_idle_fraction": idle,
         "agree_fraction": waits,  # per rank: the share of its steps' loop spent releasing arrivals and agreeing
     }
-    if not math.isfinite(duration) or duration <= 0:
-        checks.append({"name": "timed_window", "pass": False, "detail": f"window of {duration} s"})
     return metrics, checks, details

@@ -40,12 +40,14 @@ def build_decoder(ctx, spec: RunSpec) -> MoEDecoder:
     return MoEDecoder(cfg, decoder_weights(cfg, wl["seed"], routed), par, group, ctx.device)
 
 
-def _engine(model: MoEDecoder, spec: RunSpec, draws: list[Draw], clock, batching: str | None = None) -> Engine:
-    """An engine for the run's requests (cache slots as long as the longest); ``batching`` None: the run's."""
+def _engine(model: MoEDecoder, spec: RunSpec, draws: list[Draw], clock, batching: str | None = None,
+            slots: int | None = None) -> Engine:  # fmt: skip
+    """An engine for the run's requests (cache slots as long as the longest); ``batching`` None: the run's;
+    ``slots`` None: ``max_running``."""
     serve = spec.serve
     max_len = max(max_context(d.input_len, d.output_len) for d in draws)
     batching = batching or serve["batching"]
-    return Engine(model, serve["max_running"], serve["max_batch_tokens"], max_len, batching, clock=clock)
+    return Engine(model, slots or serve["max_running"], serve["max_batch_tokens"], max_len, batching, clock=clock)
 
 
 def _agree(busy: bool, left: bool, group, device) -> tuple[bool, bool]:
@@ -58,11 +60,12 @@ def _agree(busy: bool, left: bool, group, device) -> tuple[bool, bool]:
     return bool(busy_any), bool(left_any)
 
 
-def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, clock) -> list[dict]:
+def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, clock, sleep=time.sleep) -> list[dict]:
     """Serve ``pending`` (this rank's requests, in arrival order; ``arrival_s`` on ``clock``) until
     every rank of ``group`` is done; ``arrivals``: every rank's arrival times. Returns one record per
     step this rank ran: its loop iteration's time (releasing arrivals, the group's agreement and the
-    step), the step's (scheduling, inputs, forward, bookkeeping), the forward's, and the tokens."""
+    step), the step's (scheduling, inputs, forward, bookkeeping), the forward's, and the tokens.
+    ``clock`` and ``sleep`` are the wall clock's (tests drive a fake one)."""
     pending, upcoming, steps = list(pending), sorted(arrivals), []
     while True:
         start = clock()
@@ -74,7 +77,7 @@ def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, 
         if not busy:  # nobody has work: wait for the next request to arrive, on any rank
             upcoming = [a for a in upcoming if a > start]
             if upcoming:
-                time.sleep(max(upcoming[0] - clock(), 0.0))
+                sleep(max(upcoming[0] - clock(), 0.0))
             continue
         s = engine.step()
         steps.append({"iteration_s": s.end_s - start, "step_s": s.end_s - s.start_s, "forward_s": s.forward_s,
@@ -113,49 +116,50 @@ def _warm_up(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], ep) -> No
         for r in first:  # a prefill and a decode step each: what the window runs, without its length
             r.arrival_s, r.output_len = 0.0, min(r.output_len, 2)
         drive(engine, first, [0.0], ep, time.perf_counter)
+        del engine  # its KV cache, before the next round's
 
 
 def _idle_ttft(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep) -> dict:
     """``repeats`` alternating rounds of (one request to an idle engine, until its first token) and
     (a bare causal forward of the same prompt, no cache, no engine): every rank with a prompt of its
-    own (request rank mod the count's). Both end with a barrier: without it, a data-parallel rank done
-    early would start its next round's clock while another still works on the last one."""
+    own (request rank mod the count's). An untimed barrier precedes each: without it, a data-parallel
+    rank done early would start its clock while another still works on the round before."""
     cfg, seed = spec.decoder_config(), spec.workload["seed"]
     draw = draws[ctx.rank % len(draws)]
     x = prompt(draw, cfg.hidden, cfg.vocab, seed).to(ctx.device)
-    engine = _engine(model, spec, draws, time.perf_counter)
+    engine = _engine(model, spec, draws, time.perf_counter, slots=1)  # one request: one slot of KV cache
+
+    def together():
+        if world is not None:
+            dist.barrier(world)  # sync: the next timed call starts on every rank at once (timed apart, dropped)
 
     def first_token():
         drive(engine, [Request(-1, x, 1)], [0.0], ep, time.perf_counter)
-        if world is not None:  # sync: both rounds end on every rank together, so the next starts at once
-            dist.barrier(world)
 
     def bare():
         with torch.no_grad():
             model.full(x)
-        if world is not None:  # sync: as the engine's round, so that each round starts on every rank at once
-            dist.barrier(world)
 
-    timed = time_interleaved(
-        {"engine": first_token, "bare": bare}, warmup=1, repeats=spec.scenario["repeats"], device=ctx.device,
-        group=world,
-    )  # fmt: skip
+    fns = {"sync1": together, "engine": first_token, "sync2": together, "bare": bare}
+    timed = time_interleaved(fns, warmup=1, repeats=spec.scenario["repeats"], device=ctx.device, group=world)
     return {"idle_ttft": list(timed["engine"].samples_s), "bare_prefill": list(timed["bare"].samples_s),
             "idle_prompt_len": draw.input_len}  # fmt: skip
 
 
 def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep, batching: str):
-    """Serve this rank's requests on the wall clock from a common start; (engine, steps, seconds)."""
+    """Serve this rank's requests on the wall clock from a common start; (engine, steps, seconds). The
+    engine (its KV cache) and the prompts are made before the window starts."""
     mine = _requests(draws, spec, ctx.rank, ctx.device)
-    if world is not None:
-        dist.barrier(world)  # sync: every rank's window starts together
-    t0 = time.perf_counter()
+    t0 = [0.0]
 
     def clock() -> float:
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0[0]
 
     engine = _engine(model, spec, draws, clock, batching)
     arrivals = [d.arrival_s for d in draws if ep is not None or d.rank == ctx.rank]  # ep None: on its own
+    if world is not None:
+        dist.barrier(world)  # sync: every rank's window starts together
+    t0[0] = time.perf_counter()
     steps = drive(engine, mine, arrivals, ep, clock)
     return engine, steps, clock()
 
@@ -167,7 +171,7 @@ def _batching_rounds(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], w
     rounds = {"continuous": [], "static": []}
     for _ in range(spec.serve["baseline_rounds"]):
         for batching, lengths in rounds.items():
-            lengths.append(_window(ctx, spec, model, draws, world, ep, batching)[2])
+            lengths.append(_window(ctx, spec, model, draws, world, ep, batching)[2])  # its engine freed here
     return rounds
 
 
@@ -183,13 +187,15 @@ def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
     with sampler(ctx, interval) as s:
         engine, steps, window_s = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"])
     finite = all(bool(torch.isfinite(torch.as_tensor(r.last, dtype=torch.float32)).all()) for r in engine.finished)
+    records, cache_bytes = [_record(r, ctx.rank) for r in engine.finished], engine.cache.nbytes
+    del engine  # its KV cache, before the next engine's
     return {
-        "requests": [_record(r, ctx.rank) for r in engine.finished],
+        "requests": records,
         "steps": steps,
         "window_s": window_s,
         "finite": finite,
         "kv_cache_bytes_per_token": spec.decoder_config().kv_cache_bytes_per_token(),
-        "kv_cache_bytes": engine.cache.nbytes,
+        "kv_cache_bytes": cache_bytes,
         "telemetry": s.summary(),
         **_idle_ttft(ctx, spec, model, draws, world, ep),
         "batching_rounds": _batching_rounds(ctx, spec, model, draws, world, ep),
