@@ -174,11 +174,17 @@ def _rank(ctx, redundant: int, lose: str, on_loss: str, moe: MoEConfig = MOE, ch
     }
 
 
+# Each world-size-4 launch costs ~4 s of the unit suite's budget: one case of each test stays in it at
+# W = 4, the others run in the slow session (every case runs at W = 2 in both).
+SLOW = pytest.mark.slow
 CAPPED = dataclasses.replace(MOE, capacity_factor=1.0)  # some copies dropped by capacity: the same ones
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize(("world", "moe", "chunks"), [(2, MOE, 1), (4, MOE, 1), (2, CAPPED, 1), (4, CAPPED, 3)])
+@pytest.mark.parametrize(
+    ("world", "moe", "chunks"),
+    [(2, MOE, 1), pytest.param(4, MOE, 1, marks=SLOW), (2, CAPPED, 1), (4, CAPPED, 3)],
+)
 def test_replicas_and_a_covered_loss_leave_the_output_equal_to_the_plain_layer(world, moe, chunks):
     results = launch(_rank, world, 4, "covered", "reroute", moe, chunks, device="cpu", backend="gloo")
     for rank, r in enumerate(results):
@@ -197,7 +203,8 @@ NORMALIZED = dataclasses.replace(MOE, normalize_topk=True)
 @pytest.mark.parametrize(
     ("world", "on_loss", "redundant", "moe"),
     [
-        *((w, o, n, MOE) for w, o, n in itertools.product([2, 4], ["reroute", "drop"], [0, 2])),
+        *((2, o, n, MOE) for o, n in itertools.product(["reroute", "drop"], [0, 2])),
+        *(pytest.param(4, o, n, MOE, marks=SLOW) for o, n in itertools.product(["reroute", "drop"], [0, 2])),
         (4, "reroute", 2, NORMALIZED),
     ],
 )
