@@ -517,3 +517,20 @@ def test_two_ep_ranks_agree_to_step_until_the_busier_one_is_done(tmp_path):
     idle = run["details"]["rank_idle_fraction"]
     assert idle[0] == 0.0 and idle[1] > 0  # rank 1's steps while rank 0 serves its second request are empty
     assert run["details"]["engine"]["steps"] == 6  # rank 0: (prefill + 2 decodes) × 2 requests, one at a time
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_data_parallel_ranks_serve_on_their_own_without_empty_steps(tmp_path):
+    """mode dp through the real launcher: no all-to-all, so no agreement and no empty step; the same
+    requests as EP get every token, and the window ends with the busier rank."""
+    doc = doc_with(SERVE, serve={"requests": 3, "request_rate": math.inf, "input_len": 4, "output_len": 3,
+                                 "max_running": 1, "max_batch_tokens": 4})  # fmt: skip
+    doc["parallel"] = {"device": "cpu", "world_size": 2, "threads_per_rank": 1, "mode": "dp"}
+    (spec,) = load(write(tmp_path, doc)).runs
+    run = runner.run_one(spec, None)
+    assert run["status"] == "ok", run.get("error")
+    assert all(c["pass"] for c in run["checks"])
+    assert run["details"]["rank_idle_fraction"] == [0.0, 0.0]
+    assert run["details"]["engine"]["steps"] == 6  # rank 0 alone: its two requests, one at a time
+    assert run["details"]["duration_s"] >= max(r["finish_s"] for r in run["details"]["requests"])
