@@ -394,11 +394,6 @@ class MoEDecoder(nn.Module):
         n = inputs.shape[0]
         return self.forward(inputs, Batch([Segment(0, n)] if n else [], self.device, self.cfg))[0]
 
-    def reduce_replicated_grads(self) -> None:  # for training on top of it: the routers' gradients
-        for block in self.blocks:
-            if block.moe is not None:
-                block.moe.reduce_replicated_grads()
-
 
 def max_context(input_len: int, output_len: int) -> int:
     """Cache positions a request uses: its prompt, then every output token but the last fed back."""

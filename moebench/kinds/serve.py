@@ -120,31 +120,36 @@ def window_tokens(spec: RunSpec) -> int:
 # Parent side
 
 
+def _ttft_tpot(r: dict) -> tuple[float, float | None]:
+    """A request's TTFT = first token − arrival, and TPOT = (E2EL − TTFT) / (output tokens − 1), None
+    for a one-token request."""
+    ttft = r["first_token_s"] - r["arrival_s"]
+    tpot = (r["finish_s"] - r["first_token_s"]) / (r["output_len"] - 1) if r["output_len"] > 1 else None
+    return ttft, tpot
+
+
 def latencies(records: list[dict]) -> dict[str, list[float]]:
-    """Per-request latencies from the records (s): TTFT = first token − arrival; E2EL = last token −
-    arrival; TPOT = (E2EL − TTFT) / (output tokens − 1), requests with 2+ tokens; ITL = the gaps
-    between a request's consecutive tokens, pooled over requests; queue = first scheduled − arrival."""
+    """Per-request latencies from the records (s): TTFT and TPOT (``_ttft_tpot``, TPOT of requests with
+    2+ tokens); E2EL = last token − arrival; ITL = the gaps between a request's consecutive tokens,
+    pooled over requests; queue = first scheduled − arrival."""
     out = {name: [] for name in LATENCIES}
     for r in records:
-        ttft, e2el = r["first_token_s"] - r["arrival_s"], r["finish_s"] - r["arrival_s"]
+        ttft, tpot = _ttft_tpot(r)
         out["ttft_s"].append(ttft)
-        out["e2el_s"].append(e2el)
+        out["e2el_s"].append(r["finish_s"] - r["arrival_s"])
         out["queue_time_s"].append(r["scheduled_s"] - r["arrival_s"])
-        if r["output_len"] > 1:
-            out["tpot_s"].append((e2el - ttft) / (r["output_len"] - 1))
-        times = r["token_times_s"]
-        out["itl_s"].extend(b - a for a, b in itertools.pairwise(times))
+        if tpot is not None:
+            out["tpot_s"].append(tpot)
+        out["itl_s"].extend(b - a for a, b in itertools.pairwise(r["token_times_s"]))
     return out
 
 
 def good(r: dict, slo_ttft_s: float | None, slo_tpot_s: float | None) -> bool:
     """The request met every SLO given (TPOT is not judged for a one-token request)."""
-    ttft = r["first_token_s"] - r["arrival_s"]
+    ttft, tpot = _ttft_tpot(r)
     if slo_ttft_s is not None and ttft > slo_ttft_s:
         return False
-    if slo_tpot_s is not None and r["output_len"] > 1:
-        return (r["finish_s"] - r["arrival_s"] - ttft) / (r["output_len"] - 1) <= slo_tpot_s
-    return True
+    return slo_tpot_s is None or tpot is None or tpot <= slo_tpot_s
 
 
 def _served_check(spec: RunSpec, records: list[dict]) -> dict:
