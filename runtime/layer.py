@@ -11,7 +11,12 @@ Gradients. The group's objective is the *sum* of the ranks' losses. Under that c
 If the group also forms data-parallel replicas of the experts, those replicas' expert gradients
 are reduced over the expert-data-parallel group, which is outside this layer.
 
-Features (offload, replicas, on_loss, transport) are chosen at construction; see ``MoELayer``.
+Features (offload, replicas, on_loss, transport, recomputation) are chosen at construction; see ``MoELayer``.
+
+Recomputation (``recompute_experts``): the expert FFNs run under ``torch.utils.checkpoint`` (non-reentrant),
+so backward recomputes their GEMMs and activations from the rows received, which are kept. Routing,
+the split counts and both all-to-alls are never recomputed: a second exchange in backward would repeat
+the communication and, with a router that drifted by rounding, could route differently.
 
 Overlap. With ``overlap_chunks`` = C > 1 the dispatched copies go in C chunks (runtime/dispatch.py)
 and the layer pipelines them: chunk i+1's dispatch all-to-all is in flight while the experts
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from runtime.collective import TRANSPORTS
 from runtime.config import MAX_CHUNKS, MoEConfig, ParallelConfig
@@ -112,7 +118,11 @@ class MoELayer(nn.Module):
       ``wrap_dispatcher``  a function applied to the dispatcher the layer builds, whose result the
                            layer uses instead (it must keep the dispatcher's interface and results);
       ``wrap_router``      the same for the router (e.g. one that replays recorded choices; it must
-                           keep the ``Router``'s parameters and output).
+                           keep the ``Router``'s parameters and output);
+      ``recompute_experts`` backward recomputes the expert FFNs (see the module docstring);
+      ``balance_group``    at ``ep_size`` = 1, a group of data-parallel ranks whose batches the load-balancing
+                           and z losses are taken over (global-batch balancing: each rank's losses are its
+                           share of the group's, as under EP); None: this rank's batch (or the EP group's).
     ``set_schedule`` changes ``overlap_chunks`` and ``transport`` between calls (serial against
     overlapped, compute-only rounds); ``set_alive`` marks lost expert copies.
     """
@@ -133,12 +143,19 @@ class MoELayer(nn.Module):
         transport: str = "collective",
         wrap_dispatcher: Callable[[Dispatcher], Dispatcher] | None = None,
         wrap_router: Callable[[Router], Router] | None = None,
+        recompute_experts: bool = False,
+        balance_group=None,
     ):
         super().__init__()
         par = par if par is not None else ParallelConfig()
         self.moe, self.par = moe, par
         self.expert_to_rank = place_experts(moe, par)
         self.group = self._check(dispatcher, par, group, offload, offload_steps, redundancy, transport)
+        if balance_group is not None and self.group is not None:
+            raise ValueError("MoELayer balance_group with an EP group is refused: accepted at ep_size = 1 only")
+        if recompute_experts and (offload is not None or redundancy is not None):
+            raise ValueError("MoELayer recompute_experts with offload or redundancy is refused: both are inference")
+        self.recompute_experts, self.balance_group = bool(recompute_experts), balance_group
         self.on_loss = check_on_loss(on_loss)  # change it with ``set_alive``
         self.overlap_chunks = par.overlap_chunks  # change it with ``set_schedule``
         # 1. physical experts: the logical ones, plus replicas with ``redundancy``
@@ -302,8 +319,15 @@ class MoELayer(nn.Module):
             plan = self.plan(x_TD)
             routing = plan.routing
             # 2. Auxiliary losses over the group's batch (this rank's share).
-            denom = max(plan.num_tokens, 1)
-            aux = load_balancing_loss(routing.probs_TE, plan.counts_WE.sum(0).to(x_TD.device), denom, moe.top_k)
+            counts_E = plan.counts_WE.sum(0).to(x_TD.device)
+            if self.balance_group is not None:  # the balance group's copies per expert (data-parallel ranks)
+                counts_E = counts_E.clone()
+                dist.all_reduce(counts_E, group=self.balance_group)
+                denom = int(counts_E.sum()) // moe.top_k  # sync: the loss's scale is a host int
+            else:
+                denom = plan.num_tokens
+            denom = max(denom, 1)
+            aux = load_balancing_loss(routing.probs_TE, counts_E, denom, moe.top_k)
             z = router_z_loss(routing.logits_TE, denom)
         # 3. Dispatch, grouped expert compute, combine: pipelined over chunks.
         out_TD = self.pipeline(x_TD.to(moe.torch_dtype), plan)
@@ -340,7 +364,10 @@ class MoELayer(nn.Module):
             with span(f"dispatch[{i}].wait", device):
                 x_RD = d.to_expert_major(in_flight.wait(), chunk)
             with span(f"experts[{i}]", device):
-                y_RD = self.experts(x_RD, chunk.runs, chunk.run_experts)
+                if self.recompute_experts and torch.is_grad_enabled():  # backward recomputes the FFNs from x_RD
+                    y_RD = checkpoint(self.experts, x_RD, chunk.runs, chunk.run_experts, use_reentrant=False)
+                else:
+                    y_RD = self.experts(x_RD, chunk.runs, chunk.run_experts)
             with span(f"combine[{i}]", device):  # flows while chunk i+1 computes
                 combines.append(d.exchange(d.to_source_major(y_RD, chunk), chunk.input_splits, chunk.output_splits))
             in_flight = ahead

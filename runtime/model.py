@@ -21,6 +21,14 @@ same number of times, with or without tokens of its own (T = 0 joins the exchang
 ``ParallelConfig.ep_size`` = 1 with a world of several ranks is the data-parallel baseline: every rank
 holds every expert and nothing is exchanged.
 
+Training: every rank's objective is its share of the group's (its tokens' losses over the global batch), so
+gradients sum. The routed experts' gradients are complete on their owner (the backward all-to-alls bring
+every rank's part); every other parameter is replicated and ``reduce_grads`` sums it over the EP group, and
+everything over a data-parallel group. Recomputation (``recompute``, see ``RECOMPUTE``) trades backward time
+for the tensors forward keeps: "experts" recomputes the expert FFNs, "layer" also each block's attention
+half and its dense or shared FFN. The router, the split counts and the all-to-alls are never recomputed:
+their results are kept, as large trainers do (a recomputed exchange would repeat the communication).
+
 KV cache: one contiguous region per slot (``KVCache``), allocated once: a sequence's keys are one
 slice that ``scaled_dot_product_attention`` reads without a gather during prefill, and decode gathers
 the batch's slots once per layer. Paged blocks would cut memory lost to slots sized for the longest
@@ -34,13 +42,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from runtime.config import MoEConfig, ParallelConfig, _fail, _positive_int
 from runtime.experts import expert_ffn
 from runtime.layer import MoELayer
 from runtime.weights import MoEWeights, init_weights
+
+RECOMPUTE = ("none", "experts", "layer")  # what backward recomputes (module docstring)
 
 
 @dataclass(frozen=True)
@@ -316,49 +328,71 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DecoderConfig, w: BlockWeights, par: ParallelConfig, group, device):
+    def __init__(self, cfg: DecoderConfig, w: BlockWeights, par: ParallelConfig, group, device,
+                 recompute: str = "none", balance_group=None):  # fmt: skip
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.recompute = cfg, recompute
         dtype, act = cfg.moe.torch_dtype, cfg.moe.activation
         self.attn_norm_D = nn.Parameter(w.attn_norm_D.to(device).clone())
         self.ffn_norm_D = nn.Parameter(w.ffn_norm_D.to(device).clone())
         self.attn = Attention(cfg, w, device)
         self.moe = self.dense = self.shared = None
         if w.moe is not None:
-            self.moe = MoELayer(cfg.moe, par, group=group if par.ep_size > 1 else None, device=device)
+            ep_group = group if par.ep_size > 1 else None
+            self.moe = MoELayer(cfg.moe, par, group=ep_group, device=device, recompute_experts=recompute != "none",
+                                balance_group=balance_group)  # fmt: skip
             self.moe.load_global_weights(w.moe)
             self.shared = None if w.shared is None else DenseFFN(w.shared, act, dtype, device)
         else:
             self.dense = DenseFFN(w.dense, act, dtype, device)
 
-    def forward(self, x_TD: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int):
-        """The block's output, and the MoE layer's ``MoEOutput`` (None in a dense block)."""
+    def _attend(self, x_TD: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int):
+        """The attention half and the FFN's norm: h = x + attn(rmsnorm(x)), and rmsnorm(h)."""
         eps = self.cfg.norm_eps
         h_TD = x_TD + self.attn(rms_norm(x_TD, self.attn_norm_D, eps), batch, cache, layer)
-        n_TD = rms_norm(h_TD, self.ffn_norm_D, eps)
+        return h_TD, rms_norm(h_TD, self.ffn_norm_D, eps)
+
+    def forward(self, x_TD: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int):
+        """The block's output, and the MoE layer's ``MoEOutput`` (None in a dense block)."""
+        again = self.recompute == "layer" and torch.is_grad_enabled()  # backward recomputes all but the MoE exchange
+
+        def run(fn, *args):
+            return checkpoint(fn, *args, use_reentrant=False) if again else fn(*args)
+
+        h_TD, n_TD = run(self._attend, x_TD, batch, cache, layer)
         if self.dense is not None:
-            return h_TD + self.dense(n_TD), None
-        routed = self.moe(n_TD)  # every rank of the EP group calls it, with or without rows
+            return h_TD + run(self.dense, n_TD), None
+        routed = self.moe(n_TD)  # every rank of the EP group calls it, with or without rows; never recomputed
         y_TD = routed.out_TD.to(h_TD.dtype)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(n_TD)
+            y_TD = y_TD + run(self.shared, n_TD)
         return h_TD + y_TD, routed
 
 
 class MoEDecoder(nn.Module):
     """One rank's part of the decoder (see the module docstring). ``par.ep_size`` > 1 needs ``group``
-    (the EP group); ``par.ep_size`` = 1 holds every expert (one rank, or the data-parallel baseline)."""
+    (the EP group); ``par.ep_size`` = 1 holds every expert (one rank, or the data-parallel baseline).
+
+    Training choices, at construction: ``recompute`` (one of ``RECOMPUTE``), and ``dp_group``: the
+    data-parallel ranks (ep_size = 1) whose gradients ``reduce_grads`` sums and whose batches the router
+    losses are taken over (global-batch balancing, as EP's group-wide losses)."""
 
     def __init__(self, cfg: DecoderConfig, weights: DecoderWeights, par: ParallelConfig | None = None,
-                 group=None, device=None):  # fmt: skip
+                 group=None, device=None, *, recompute: str = "none", dp_group=None):  # fmt: skip
         super().__init__()
         par = par if par is not None else ParallelConfig()
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"MoEDecoder recompute = {recompute!r} is invalid: accepted one of {', '.join(RECOMPUTE)}")
+        if dp_group is not None and par.ep_size > 1:
+            raise ValueError(f"MoEDecoder dp_group with ep_size = {par.ep_size} is refused: accepted at ep_size = 1")
+        self.ep_group = group if par.ep_size > 1 else None
+        self.dp_group = dp_group
         if len(weights.blocks) != cfg.layers:
             raise ValueError(f"MoEDecoder got {len(weights.blocks)} blocks of weights: accepted layers ({cfg.layers})")
         if (weights.embed_VD is None) != (cfg.vocab == 0):
             raise ValueError(f"MoEDecoder: vocab = {cfg.vocab} needs embedding weights exactly when vocab > 0")
         self.cfg, self.device = cfg, torch.device(device) if device is not None else torch.device("cpu")
-        self.blocks = nn.ModuleList(Block(cfg, w, par, group, device) for w in weights.blocks)
+        self.blocks = nn.ModuleList(Block(cfg, w, par, group, device, recompute, dp_group) for w in weights.blocks)
         self.final_norm_D = nn.Parameter(weights.final_norm_D.to(device).clone())
         dtype = cfg.moe.torch_dtype
         self.embed_VD = self.head_VD = None
@@ -385,6 +419,27 @@ class MoEDecoder(nn.Module):
                 routed.append(out)
         return rms_norm(x_TD, self.final_norm_D, self.cfg.norm_eps), routed
 
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The routed experts this rank holds: sharded over the EP group, complete after backward."""
+        return [p for block in self.blocks if block.moe is not None for p in block.moe.experts.parameters()]
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter: each rank of the EP group holds a copy and sees only its own tokens."""
+        sharded = {id(p) for p in self.expert_parameters()}
+        return [p for p in self.parameters() if id(p) not in sharded]
+
+    def reduce_grads(self) -> None:
+        """Sum gradients where ranks hold copies: the replicated parameters over the EP group, every
+        parameter over the data-parallel group. One flat all-reduce per group (a bucket, as DDP's)."""
+        for group, params in ((self.ep_group, self.replicated_parameters()), (self.dp_group, list(self.parameters()))):
+            grads = [p.grad for p in params if p.grad is not None]
+            if group is None or not grads:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=group)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.view_as(g))
+
     def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
         """The LM head over output hidden states (vocab > 0)."""
         return h_TD @ self.head_VD.T
@@ -401,6 +456,7 @@ def max_context(input_len: int, output_len: int) -> int:
 
 
 __all__ = [
+    "RECOMPUTE",
     "Batch",
     "BlockWeights",
     "DecoderConfig",
