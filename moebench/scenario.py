@@ -45,8 +45,10 @@ from moebench.workload.tokens import MAX_STEPS, SKEWS
 from runtime import cache_policy
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
 from runtime.experts import GROUPED_MM_ALIGN
+from runtime.model import RECOMPUTE
 from runtime.offload import PREFETCH
 from runtime.placement import place_experts
+from runtime.training import OPTIMIZERS
 
 KINDS = tuple(kinds.REGISTRY)
 # The metrics each kind reports: the names an [slo] key may gate (``max_<name>`` / ``min_<name>``).
@@ -56,7 +58,7 @@ SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items() if kind.default_slos}
 
 REQUIRED = object()
-SWEEPABLE = ("model", "parallel", "workload", "serve", "offload", "fault")
+SWEEPABLE = ("model", "parallel", "workload", "serve", "train", "offload", "fault")
 RANGES = {("serve", "input_len"), ("serve", "output_len")}  # [min, max] is one value there, not a sweep
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
@@ -177,6 +179,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dense_layers": Key(0, *_int(0, 4096)),
         "shared_experts": Key(0, *_int(0, 4096)),
         "vocab": Key(0, *_int(0, 2**24)),
+        "recompute": Key("none", *_choice(*RECOMPUTE)),  # kind "train": what backward recomputes
     },
     "routing": {
         "capacity_factor": Key(0.0, *_number(0)),
@@ -192,7 +195,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "threads_per_rank": Key(0, *_int(0, 4096)),
         "overlap_chunks": Key(None, *_int(1, 4096)),  # absent: serial, and no overlap timing
         "redundant_experts": Key(0, *_int(0, 2**16)),  # replicas of the busiest experts (kind "fault")
-        "mode": Key("ep", *_choice("ep", "dp")),  # "dp": every rank holds every expert (kind "serve")
+        "mode": Key("ep", *_choice("ep", "dp")),  # "dp": every rank holds every expert (kinds "serve", "train")
     },
     "workload": {
         "tokens_per_rank": Key(None, *_optional_int(1, 2**31)),  # required but by kind "serve" (_check_workload)
@@ -216,6 +219,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "slo_ttft_s": Key(None, *_OPTIONAL_POSITIVE),
         "slo_tpot_s": Key(None, *_OPTIONAL_POSITIVE),
         "baseline_rounds": Key(0, *_int(0, 1000)),  # rounds of continuous vs static on the same requests
+    },
+    "train": {  # kind "train" only (moebench/kinds/train.py)
+        "steps": Key(100, *_int(1, 10**6)),
+        "optimizer": Key("adamw", *_choice(*OPTIMIZERS)),
+        "lr": Key(3e-3, *_number_above(0)),
+        "seq_len": Key(None, *_optional_int(1, 2**31)),  # absent: one sequence per rank (tokens_per_rank)
     },
     "offload": {  # absent cache_slots: every expert resident, no offload timing
         "cache_slots": Key(None, *_int(1, 2**16)),
@@ -473,8 +482,10 @@ def _check_offload_keys(path: str, table: dict) -> None:
 
 
 def _check_decoder_keys(path: str, doc: dict, kind: str) -> None:
-    """The decoder's [model] keys and [serve] belong to the kinds that run a decoder (feature "decoder")."""
+    """The decoder's [model] keys belong to the kinds that run a decoder (feature "decoder"); [serve] and
+    [train] to their kind."""
     if "decoder" in kinds.get(kind).features:
+        _check_kind_section(path, doc, kind)
         return
     accepted = " or ".join(f'"{k}"' for k in kinds.accepting("decoder"))
     model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
@@ -484,12 +495,18 @@ def _check_decoder_keys(path: str, doc: dict, kind: str) -> None:
                 f"{path}: [model] {key} = {_show(model[key])} is invalid for kind = {_show(kind)}: accepted only "
                 f"with kind {accepted} (a decoder; other kinds run a stack of MoE layers)"
             )
-    if "serve" in doc:
-        table = doc["serve"] if isinstance(doc["serve"], dict) else {}
-        named = next((f" {_key(k)} = {_show(v)}" for k, v in table.items()), "")  # the first key, if any
-        raise ScenarioError(
-            f"{path}: [serve]{named} is invalid for kind = {_show(kind)}: accepted only with kind {accepted}"
-        )
+    _check_kind_section(path, doc, kind)
+
+
+def _check_kind_section(path: str, doc: dict, kind: str) -> None:
+    """[serve] and [train] belong to the kind of that name."""
+    for section in ("serve", "train"):
+        if section in doc and kind != section:
+            table = doc[section] if isinstance(doc[section], dict) else {}
+            named = next((f" {_key(k)} = {_show(v)}" for k, v in table.items()), "")  # the first key, if any
+            raise ScenarioError(
+                f'{path}: [{section}]{named} is invalid for kind = {_show(kind)}: accepted only with kind "{section}"'
+            )
 
 
 def _check_fault_keys(path: str, table: dict) -> None:
@@ -535,7 +552,7 @@ def _check_workload(spec: RunSpec) -> None:
     """The skew must be a routing the run can produce: its target shares, or a trace it can replay;
     a stream of steps is a forward-only workload (which kinds accept one: ``_check_features``)."""
     wl, moe = spec.workload, spec.moe_config()
-    if wl["tokens_per_rank"] is None and "decoder" not in kinds.get(spec.kind).features:
+    if wl["tokens_per_rank"] is None and spec.kind != "serve":
         raise ValueError("[workload] tokens_per_rank is missing: accepted an integer from 1 to 2147483648")
     if wl["steps"] > 1 and wl["train"]:
         raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")

@@ -41,8 +41,9 @@ def _spell(value: object) -> str:
     return repr(value)
 
 
-# [model] keys only a decoder reads (kind "serve"); other kinds' result files do not record them
-DECODER = ("attention_heads", "kv_heads", "head_dim", "dense_layers", "shared_experts", "vocab")
+# [model] keys only a decoder reads (kinds "serve", "train"); other kinds' result files do not record them
+DECODER = ("attention_heads", "kv_heads", "head_dim", "dense_layers", "shared_experts", "vocab", "recompute")
+DECODER_KINDS = ("serve", "train")
 SLO_STATS = ("median", "p90", "p99", "min", "max")
 
 
@@ -80,6 +81,7 @@ class RunSpec:
     offload: dict = field(default_factory=dict)  # [offload]; empty or cache_slots None: no offload
     fault: dict = field(default_factory=dict)  # [fault]; kind "fault" only
     serve: dict = field(default_factory=dict)  # [serve]; kind "serve" only
+    train: dict = field(default_factory=dict)  # [train]; kind "train" only
     record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
     trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
 
@@ -119,7 +121,7 @@ class RunSpec:
         return self.model["expert_backend"]
 
     def decoder_config(self) -> DecoderConfig:
-        """The decoder of a serve run ([model]'s attention keys; kv_heads defaults to attention_heads,
+        """The decoder of a serve or train run ([model]'s attention keys; kv_heads defaults to attention_heads,
         head_dim to hidden / attention_heads)."""
         m = self.model
         heads = m["attention_heads"]
@@ -143,7 +145,7 @@ class RunSpec:
     def resolved(self) -> dict:
         """The run's full configuration, as the result file records it."""
         slo = {s.key: s.limit for s in self.slos}
-        serving = self.kind == "serve"  # the decoder's keys and mode: recorded for the kind that reads them
+        serving = self.kind in DECODER_KINDS  # the decoder's keys and mode: recorded for the kinds that read them
         return {
             "scenario": self.scenario,
             "model": self.model if serving else {k: v for k, v in self.model.items() if k not in DECODER},
@@ -153,6 +155,7 @@ class RunSpec:
             **({"offload": self.offload} if self.offload.get("cache_slots") is not None else {}),
             **({"fault": self.fault} if self.fault.get("type") is not None else {}),
             **({"serve": self.serve} if self.kind == "serve" else {}),
+            **({"train": self.train} if self.kind == "train" else {}),
             "slo": slo,
         }
 

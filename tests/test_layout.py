@@ -24,6 +24,7 @@ LAYERS = (
     ("moebench.runner",),
     ("moebench.scenario", "moebench.plan"),
     ("moebench.kinds",),
+    ("moebench.plan.memory",),
     ("moebench.regress",),
     ("moebench.report",),
     ("moebench.launch",),

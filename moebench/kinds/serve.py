@@ -104,6 +104,11 @@ def validate(spec: RunSpec) -> None:
         raise ValueError("[workload] train = true is invalid for kind serve: accepted false (serving is inference)")
     if wl["skew"] == "trace":
         raise ValueError('[workload] skew = "trace" is invalid for kind serve: accepted a skew of routing')
+    if spec.model["recompute"] != "none":
+        raise ValueError(
+            f'[model] recompute = "{spec.model["recompute"]}" is invalid for kind serve: accepted "none" '
+            "(recomputation trades backward time for memory; serving has no backward)"
+        )
 
 
 def measure(ctx, spec: RunSpec, interval: float | None) -> dict:

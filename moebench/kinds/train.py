@@ -1,0 +1,225 @@
+"""The train kind: the decoder (runtime/model.py) trained for ``[train] steps`` optimizer steps on a
+learnable synthetic task, the same in every layout, and compared with the single-device run of the same
+global batch; what a step costs (throughput, scaling, time in collectives) and what it holds in memory
+(parameters, gradients, optimizer state, activations), against the plan model's prediction.
+
+Rank side: moebench/measure/training.py. Metric definitions, with sources: docs/results.md ("train").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moebench import metrics as M
+from moebench.measure.common import ratios
+from moebench.measure.training import measure_train, seq_len
+from moebench.plan.memory import TrainShape, train_memory
+
+if TYPE_CHECKING:
+    from moebench.spec import RunSpec
+
+NAME = "train"
+ORDER = 4
+FEATURES = frozenset({"decoder", "dp"})
+COLUMNS = (
+    ("loss_initial", "loss@0", 1, ".4g"),
+    ("loss_final", "loss@end", 1, ".4g"),
+    ("loss_rel_diff_max", "vs 1 device", 1, ".1e"),
+    ("tokens_per_s", "tok/s", 1, ".0f"),
+    ("scaling_efficiency", "scaling", 1, ".2f"),
+    ("comm_time_share", "comm", 1, ".2f"),
+    ("activation_bytes", "act (MiB)", 2**-20, ".2f"),
+    ("optimizer_bytes", "opt (MiB)", 2**-20, ".2f"),
+    ("recompute_time_ratio", "recompute x", 1, ".2f"),  # only in tables of runs with recompute
+)
+MEMORY = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")
+METRICS = (
+    "loss_initial",
+    "loss_final",
+    "loss_rel_diff_max",
+    "grad_norm",
+    "tokens_per_s",
+    "tokens_per_s_per_gpu",
+    "scaling_efficiency",
+    "comm_time_share",
+    *MEMORY,
+    "peak_memory_bytes",
+    "recompute_time_ratio",
+    "activation_saving",
+)
+# converges_like_baseline: the largest |loss − baseline| / baseline a layout may show over the run, per
+# dtype. Measured (docs/measurements.md): fp32 layouts differ only by the order of floating-point sums.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
+MEMORY_TARGET = {"param_bytes": 0.01, "grad_bytes": 0.01, "optimizer_bytes": 0.01, "activation_bytes": 0.20}
+LEARNED = 0.5  # loss_decreased: the final loss is at most this share of the initial one
+
+
+def validate(spec: RunSpec) -> None:
+    """A decoder with attention, tokens per rank in whole sequences, dropless data parallelism, the
+    router's own routing."""
+    m, wl = spec.model, spec.workload
+    if m["attention_heads"] is None:
+        raise ValueError("[model] attention_heads is missing: accepted an integer from 1 to 4096 (kind train)")
+    if m["head_dim"] is None and m["hidden"] % m["attention_heads"]:
+        raise ValueError(
+            f"[model] head_dim is missing: accepted an even integer when hidden ({m['hidden']}) is not a multiple "
+            f"of attention_heads ({m['attention_heads']})"
+        )
+    try:
+        spec.decoder_config()
+    except ValueError as err:
+        raise ValueError(str(err).replace("DecoderConfig.", "[model] ", 1)) from None
+    n = seq_len(spec)
+    if wl["tokens_per_rank"] % n:
+        raise ValueError(
+            f"[train] seq_len = {n} is invalid with tokens_per_rank = {wl['tokens_per_rank']}: accepted a divisor "
+            "of tokens_per_rank (each rank trains on whole sequences)"
+        )
+    if wl["train"]:
+        raise ValueError(
+            "[workload] train = true is invalid for kind train: accepted false (it is the stack kinds' one-step "
+            "flag; kind train always trains)"
+        )
+    if wl["skew"] != "uniform":
+        raise ValueError(
+            f'[workload] skew = "{wl["skew"]}" is invalid for kind train: accepted "uniform" (the router learns '
+            "its routing; a fixed skew would be a bias it cannot train)"
+        )
+    if spec.parallel["mode"] == "dp" and spec.routing["capacity_factor"] and spec.world_size > 1:
+        raise ValueError(
+            f"[routing] capacity_factor = {spec.routing['capacity_factor']!r} is invalid with [parallel] mode = "
+            '"dp": accepted 0 (each data-parallel rank would drop against its own capacity, other tokens than '
+            "the single-device run drops)"
+        )
+    if spec.parallel.get("overlap_chunks"):
+        raise ValueError("[parallel] overlap_chunks is invalid for kind train: accepted absent (serial path)")
+
+
+def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
+    return measure_train(ctx, spec, interval)
+
+
+def window_tokens(spec: RunSpec) -> int:
+    """Tokens trained inside the telemetry window: every step's global batch."""
+    return spec.workload["tokens_per_rank"] * spec.world_size * spec.train["steps"]
+
+
+# -------------------------------------------------------------------------------------------
+# Parent side
+
+
+def shape(spec: RunSpec) -> TrainShape:
+    """The run's configuration in the plan model's terms."""
+    cfg = spec.decoder_config()
+    return TrainShape(
+        hidden=cfg.hidden,
+        ffn_hidden=cfg.moe.ffn_hidden_size,
+        experts=cfg.moe.num_experts,
+        top_k=cfg.moe.top_k,
+        layers=cfg.layers,
+        dense_layers=cfg.dense_layers,
+        shared_experts=cfg.shared_experts,
+        heads=cfg.attention_heads,
+        kv_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        vocab=cfg.vocab,
+        activation=cfg.moe.activation,
+        bytes_per_element=cfg.moe.torch_dtype.itemsize,
+        tokens=spec.workload["tokens_per_rank"],
+        seq_len=seq_len(spec),
+        ep=spec.parallel_config().ep_size,
+        recompute=spec.model["recompute"],
+        optimizer=spec.train["optimizer"],
+    )
+
+
+def _step_times(per_rank: list[dict], warmup: int) -> list[float]:
+    """Each step's time, the slowest rank's, after the first ``warmup`` steps (all of them if that is
+    every step)."""
+    times = [max(steps) for steps in zip(*([r["step_time_s"] for r in rank["curve"]] for rank in per_rank),
+                                         strict=True)]  # fmt: skip
+    return times[warmup:] if len(times) > warmup else times
+
+
+def _rel_diff(curve: list[dict], baseline: list[dict]) -> float:
+    diffs = [abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(curve, baseline, strict=True)]
+    return float(max(diffs))
+
+
+def _memory(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, dict, dict]:
+    """Per-category metrics (samples: one per rank), the largest rank's bytes, and the model's error."""
+    metrics, measured = {}, {}
+    for name in (*MEMORY, "peak_memory_bytes", "expert_param_bytes"):
+        values = [rank["memory"][name] for rank in per_rank if name in rank["memory"]]
+        if values:
+            measured[name] = max(values)
+            if name != "expert_param_bytes":
+                metrics[name] = M.metric([float(v) for v in values], "B", "lower", exact=True)
+    predicted = train_memory(shape(spec))
+    model = {
+        name: {"measured": measured[name], "predicted": predicted[name],
+               "error": (measured[name] - predicted[name]) / measured[name] if measured[name] else 0.0}
+        for name in MEMORY
+    }  # fmt: skip
+    return metrics, measured, model
+
+
+def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    world, steps = spec.world_size, spec.train["steps"]
+    G = spec.workload["tokens_per_rank"] * world
+    curve = per_rank[0]["curve"]  # every rank records the same group-wide numbers; its own step times
+    times = _step_times(per_rank, spec.scenario["warmup"])
+    merged = [r | {"step_time_s": t} for r, t in zip(curve, _step_times(per_rank, 0), strict=True)]
+    baseline = per_rank[0].get("baseline")
+    metrics = {
+        "loss_initial": M.metric([curve[0]["loss"]], "loss", "lower"),
+        "loss_final": M.metric([curve[-1]["loss"]], "loss", "lower"),
+        "grad_norm": M.metric([r["grad_norm"] for r in curve], "norm", "lower"),
+        "tokens_per_s": M.metric([G / t for t in times], "tokens/s", "higher"),
+        "tokens_per_s_per_gpu": M.metric([G / t / world for t in times], "tokens/s", "higher"),
+        "comm_time_share": M.metric([rank["comm_time_share"] for rank in per_rank], "fraction", "lower"),
+    }
+    checks = [
+        {"name": "finite_output", "pass": all(rank["finite"] for rank in per_rank),
+         "detail": "every step's loss and gradient norm is finite"},
+        {"name": "loss_decreased", "pass": curve[-1]["loss"] <= LEARNED * curve[0]["loss"],
+         "detail": f"final loss {curve[-1]['loss']:.4g} vs initial {curve[0]['loss']:.4g} (accepted <= "
+                   f"{LEARNED:g} x initial after {steps} steps)"},
+    ]  # fmt: skip
+    details = {"curve": merged, "global_tokens": G, "tokens_per_rank": spec.workload["tokens_per_rank"],
+               "steps": steps, "baseline": "self" if baseline is None else "single-device"}  # fmt: skip
+    if baseline is not None:
+        details["baseline_curve"] = baseline
+        diff = _rel_diff(curve, baseline)
+        tol = TOLERANCE[spec.model["dtype"]]
+        metrics["loss_rel_diff_max"] = M.metric([diff], "ratio", "lower")
+        base_times = [r["step_time_s"] for r in baseline][spec.scenario["warmup"] :] or [baseline[-1]["step_time_s"]]
+        single = G / float(np.median(base_times))
+        metrics["scaling_efficiency"] = M.metric([G / t / (world * single) for t in times], "ratio", "higher")
+        checks.append({"name": "converges_like_baseline", "pass": diff <= tol,
+                       "detail": f"largest |loss - single-device loss| / single-device loss over {steps} steps: "
+                                 f"{diff:.2e} (accepted <= {tol:g} for {spec.model['dtype']})"})  # fmt: skip
+    mem_metrics, measured, model = _memory(spec, per_rank)
+    metrics |= mem_metrics
+    details["memory"] = measured
+    details["memory_model"] = model
+    details["memory_model_error"] = {name: entry["error"] for name, entry in model.items()}
+    off = [f"{n} {e['error']:+.1%}" for n, e in model.items() if abs(e["error"]) > MEMORY_TARGET[n]]
+    checks.append({"name": "memory_model", "pass": not off,
+                   "detail": "plan model vs measured bytes per rank (largest rank): " + ", ".join(
+                       f"{n} {e['error']:+.2%}" for n, e in model.items())
+                   + f"; accepted within {', '.join(f'{n} {t:.0%}' for n, t in MEMORY_TARGET.items())}"})  # fmt: skip
+    rec = [rank.get("recompute") for rank in per_rank]
+    if rec[0] is not None:
+        slow = [max(pair) for pair in zip(*(r["recompute_s"] for r in rec), strict=True)]
+        fast = [max(pair) for pair in zip(*(r["none_s"] for r in rec), strict=True)]
+        metrics["recompute_time_ratio"] = M.metric(ratios(slow, fast), "ratio", "lower")
+        saving = [1 - rank["memory"]["activation_bytes"] / r["activation_bytes_none"]
+                  for rank, r in zip(per_rank, rec, strict=True)]  # fmt: skip
+        metrics["activation_saving"] = M.metric(saving, "fraction", "higher")
+        checks.append({"name": "recompute_grads_equal", "pass": all(r["grads_equal"] for r in rec),
+                       "detail": f"recompute = \"{spec.model['recompute']}\" vs \"none\" from the same weights on "
+                                 "step 0's batch: every gradient bitwise equal on every rank"})  # fmt: skip
+    return metrics, checks, details
