@@ -165,7 +165,12 @@ def _rms_norm_bytes(s: TrainShape, input_needs_grad: bool = True) -> int:
 
 
 def activation_terms(s: TrainShape) -> dict[str, int]:
-    """Bytes saved for backward, per named group of tensors, summed over the rank's blocks (module docstring)."""
+    """Bytes saved for backward, per named group of tensors, summed over the rank's blocks (module docstring).
+
+    1. the blocks' attention half: RoPE tables, norms and attention, or under "layer" each block's input;
+    2. the MoE blocks' router, dispatch and combine (never recomputed);
+    3. the FFN internals a mode keeps: routed experts ("none"), shared experts and dense FFNs (not "layer");
+    4. the final norm, the embedding's ids and the loss."""
     t, d, b, e = s.tokens, s.hidden, s.bytes_per_element, s.experts
     rows = t * s.top_k  # P sent = R received (uniform routing, nothing dropped)
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
