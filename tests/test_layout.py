@@ -24,7 +24,7 @@ LAYERS = (
     ("moebench.runner",),
     ("moebench.scenario", "moebench.plan"),
     ("moebench.kinds",),
-    ("moebench.plan.memory",),
+    ("moebench.plan.memory",),  # the training-memory model the train kind reads (pure arithmetic)
     ("moebench.regress",),
     ("moebench.report",),
     ("moebench.launch",),
