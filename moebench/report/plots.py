@@ -11,7 +11,9 @@ Per result file (``plots_for``):
   communication, per chunk count;
 - offload (runs with ``[offload] cache_slots`` swept): cache hit rate against cache slots, per policy;
 - serve (runs with ``[serve] request_rate`` swept): goodput, throughput, TTFT and TPOT against the
-  rate, per batching and mode (``report/serve_plots.py``), and TTFT's CDF, one curve per run.
+  rate, per batching and mode (``report/serve_plots.py``), and TTFT's CDF, one curve per run;
+- train: the loss per optimizer step of every run on one chart, the single-device baseline dashed, and
+  (``num_experts`` swept) the expert parameter bytes per rank against num_experts (``report/train_plots.py``).
 
 Many series (several swept params besides the x axis) are told apart one param per visual channel
 (``series_layout``): colour for one, line style and marker for another, and small panels (facets) for
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moebench.metrics import nearest_rank
-from moebench.report import serve_plots
+from moebench.report import serve_plots, train_plots
 
 INSTALL_HINT = "pip install 'moebench[plots]'"
 SWEPT = ("world_size", "tokens_per_rank")  # the sweeps drawn nccl-tests style
@@ -485,6 +487,18 @@ def plots_for(doc: dict) -> list[Plot]:
             out.append(
                 Plot(f"{base}.ttft-cdf", title, lambda c=cdfs, t=title: draw_cdfs(c, t, what="TTFT", of="requests"))
             )
+    if kind == "train":
+        curves = train_plots.loss_curves(runs, run_label)
+        if curves.runs:
+            title = f"{name}: training loss per step, every layout on one chart"
+            title += "; dashed: the single-device baseline" if curves.baselines else ""
+            draw = lambda c=curves, t=title: train_plots.draw_loss_curves(c, t, _figure)  # noqa: E731
+            out.append(Plot(f"{base}.loss-curves", title, draw))
+        sized = train_plots.expert_bytes_series(runs, run_label)
+        if sized:
+            title = f"{name}: routed-expert parameter bytes held per rank against num_experts, one line per layout"
+            draw = lambda s=sized, t=title: train_plots.draw_expert_bytes(s, t, _figure)  # noqa: E731
+            out.append(Plot(f"{base}.expert-bytes", title, draw))
     key = swept_key(runs)
     if key:
         panels = [(unit, what, series(runs, key, m)) for m, what, unit in SWEEP_PANELS]
