@@ -132,6 +132,7 @@ def shape(spec: RunSpec) -> TrainShape:
         ep=spec.parallel_config().ep_size,
         recompute=spec.model["recompute"],
         optimizer=spec.train["optimizer"],
+        normalize_topk=cfg.moe.normalize_topk,
     )
 
 

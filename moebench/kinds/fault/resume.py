@@ -23,7 +23,6 @@ import torch
 
 from moebench.measure.common import setup
 from moebench.workload.tokens import tokens
-from runtime import checkpoint
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
@@ -48,6 +47,8 @@ def _digests(state: dict[str, torch.Tensor]) -> dict[str, str]:
 
 def measure_train(ctx, spec: RunSpec) -> dict:
     """One pass of the training run on this rank (``spec.fault["_pass"]``: first, resume, reference)."""
+    from runtime import checkpoint  # here: torch.distributed.checkpoint costs every rank of every run ~1 s to import
+
     f = spec.fault
     stack, group, x_TD = setup(ctx, spec)
     g_TD = tokens(x_TD.shape[0], x_TD.shape[1], spec.workload["seed"], 500_000 + ctx.rank).to(x_TD)
