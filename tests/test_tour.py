@@ -1,7 +1,8 @@
 """The default set (``scenarios/*.toml``, what ``nox -s bench`` and ``moebench run scenarios`` run) stays
 a tour: every capability shown by at least one file, each tour file (``tour-*.toml``) a few runs, the tour a
-bounded number of runs; beside it, the seed plan's serving workload (``seed-serve.toml``), whose
-comparisons (request rate × batching × EP/DP) are one sweep of its own bounded size.
+bounded number of runs; beside it, the seed plans' sweeps, each of its own bounded size: the serving
+workload (``seed-serve.toml``: request rate × batching × EP/DP) and training (``seed-train.toml``: EP/DP at
+W 1, 2, 4 against one device; ``train-recompute.toml``; ``train-memory.toml``: bytes per rank against E).
 
 Counted with the loader's own expansion (``moebench.runner.load_all``, what ``moebench run`` plans),
 never by timing: the bound holds on a busy host as on a quiet one.
@@ -24,7 +25,8 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 # plan's serving sweep (seed-serve.toml, 12 runs) adds about 2.2 more to `nox -s bench` (docs/measurements.md).
 MAX_TOUR_RUNS = 20
 MAX_RUNS_PER_FILE = 3  # one point, or a same-run comparison of two or three (e.g. LRU vs Belady)
-SEED_FILES = {"seed-serve.toml": 12}  # the default set's seed-plan sweeps, and each one's bound in runs
+# the default set's seed-plan sweeps, and each one's bound in runs
+SEED_FILES = {"seed-serve.toml": 12, "seed-train.toml": 6, "train-recompute.toml": 3, "train-memory.toml": 8}
 
 
 def _offloaded(r: RunSpec) -> bool:
@@ -75,6 +77,17 @@ CAPABILITIES = {
         len({str(r.serve["request_rate"]) for r in runs if r.kind == "serve"}) >= 3
         and {r.serve["batching"] for r in runs if r.kind == "serve"} == {"continuous", "static"}
         and {r.parallel["mode"] for r in runs if r.kind == "serve" and r.world_size > 1} == {"ep", "dp"}
+    ),
+    "training: convergence against the single-device run, EP and DP at W 1, 2 and 4": lambda runs: (
+        {(r.parallel["mode"], r.world_size) for r in runs if r.kind == "train"}
+        >= {(m, w) for m in ("ep", "dp") for w in (1, 2, 4)}
+    ),
+    "training: activation recomputation none vs experts vs layer": lambda runs: (
+        {r.model["recompute"] for r in runs if r.kind == "train"} == {"none", "experts", "layer"}
+    ),
+    "training: memory per rank against num_experts, EP vs DP": lambda runs: (
+        len({r.model["num_experts"] for r in runs if r.kind == "train"}) >= 2
+        and {r.parallel["mode"] for r in runs if r.kind == "train" and r.world_size > 1} == {"ep", "dp"}
     ),
 }
 

@@ -53,7 +53,8 @@ METRICS = (
 # dtype. Measured (docs/measurements.md): fp32 layouts differ only by the order of floating-point sums.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
 MEMORY_TARGET = {"param_bytes": 0.01, "grad_bytes": 0.01, "optimizer_bytes": 0.01, "activation_bytes": 0.20}
-LEARNED = 0.5  # loss_decreased: the final loss is at most this share of the initial one
+LEARNED = 0.5  # loss_decreased: the final loss is at most this share of the initial one ...
+JUDGED_FROM = 50  # ... judged in runs of at least this many steps (shorter ones measure cost, not learning)
 
 
 def validate(spec: RunSpec) -> None:
@@ -152,11 +153,11 @@ def _rel_diff(curve: list[dict], baseline: list[dict]) -> float:
 def _memory(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, dict, dict]:
     """Per-category metrics (samples: one per rank), the largest rank's bytes, and the model's error."""
     metrics, measured = {}, {}
-    for name in (*MEMORY, "peak_memory_bytes", "expert_param_bytes"):
+    for name in (*MEMORY, "peak_memory_bytes", "expert_param_bytes", "activation_bytes_cuda"):
         values = [rank["memory"][name] for rank in per_rank if name in rank["memory"]]
         if values:
             measured[name] = max(values)
-            if name != "expert_param_bytes":
+            if name in METRICS:
                 metrics[name] = M.metric([float(v) for v in values], "B", "lower", exact=True)
     predicted = train_memory(shape(spec))
     model = {
@@ -185,12 +186,15 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
     checks = [
         {"name": "finite_output", "pass": all(rank["finite"] for rank in per_rank),
          "detail": "every step's loss and gradient norm is finite"},
-        {"name": "loss_decreased", "pass": curve[-1]["loss"] <= LEARNED * curve[0]["loss"],
-         "detail": f"final loss {curve[-1]['loss']:.4g} vs initial {curve[0]['loss']:.4g} (accepted <= "
-                   f"{LEARNED:g} x initial after {steps} steps)"},
     ]  # fmt: skip
     details = {"curve": merged, "global_tokens": G, "tokens_per_rank": spec.workload["tokens_per_rank"],
                "steps": steps, "baseline": "self" if baseline is None else "single-device"}  # fmt: skip
+    if steps >= JUDGED_FROM:
+        checks.append({"name": "loss_decreased", "pass": curve[-1]["loss"] <= LEARNED * curve[0]["loss"],
+                       "detail": f"final loss {curve[-1]['loss']:.4g} vs initial {curve[0]['loss']:.4g} (accepted "
+                                 f"<= {LEARNED:g} x initial after {steps} steps)"})  # fmt: skip
+    else:
+        details["loss_decreased"] = f"not judged: {steps} steps (judged from {JUDGED_FROM})"
     if baseline is not None:
         details["baseline_curve"] = baseline
         diff = _rel_diff(curve, baseline)
