@@ -84,16 +84,17 @@ def make_data(spec: RunSpec, world: int, rows: slice, device) -> list[tuple[torc
     return data
 
 
-def student(ctx, spec: RunSpec, recompute: str, world_group) -> tuple[MoEDecoder, object]:
-    """This rank's student (seeded weights) in the run's layout, and the group its batch is split over."""
+def student(ctx, spec: RunSpec, recompute: str, group) -> MoEDecoder:
+    """This rank's student (seeded weights) in the run's layout: EP over ``group``, or (ep_size 1) every
+    expert here, the gradients and router losses of the data-parallel ``group`` (None: one rank)."""
     cfg, par = spec.decoder_config(), spec.parallel_config()
     weights = decoder_weights(cfg, spec.workload["seed"])
     if par.ep_size > 1:
-        return MoEDecoder(cfg, weights, par, world_group, ctx.device, recompute=recompute), world_group
-    return MoEDecoder(cfg, weights, par, None, ctx.device, recompute=recompute, dp_group=world_group), world_group
+        return MoEDecoder(cfg, weights, par, group, ctx.device, recompute=recompute)
+    return MoEDecoder(cfg, weights, par, None, ctx.device, recompute=recompute, dp_group=group)
 
 
-def _curve(trainer: Trainer, spec: RunSpec, data, batch: Batch, global_tokens: int, device) -> list[dict]:
+def _curve(trainer: Trainer, data, batch: Batch, global_tokens: int, device) -> list[dict]:
     curve = []
     for step, (x, y) in enumerate(data):
         x, y = x.to(device), y.to(device)
@@ -169,7 +170,7 @@ def _quiet_stderr():
 def _recompute_rounds(ctx, spec: RunSpec, trainer: Trainer, group, x, y, batch, global_tokens) -> dict:
     """The run's recomputation against none, from the same weights: gradients bit for bit, activation
     bytes, and alternating timed rounds of forward + backward + gradient reduction."""
-    plain_model, _ = student(ctx, spec, "none", group)
+    plain_model = student(ctx, spec, "none", group)
     plain = Trainer(plain_model, spec.train["optimizer"], spec.train["lr"], group)
     grads = {}
     for name, t in (("plain", plain), ("recompute", trainer)):
@@ -205,7 +206,7 @@ def _baseline(spec: RunSpec, world: int, device) -> list[dict]:
     trainer = Trainer(model, spec.train["optimizer"], spec.train["lr"])
     tokens = spec.workload["tokens_per_rank"] * world
     data = make_data(spec, world, slice(0, tokens), device)
-    return _curve(trainer, spec, data, _batch(spec, tokens, device), tokens, device)
+    return _curve(trainer, data, _batch(spec, tokens, device), tokens, device)
 
 
 def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
@@ -214,7 +215,7 @@ def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
     T = spec.workload["tokens_per_rank"]
     G = T * world
     data = make_data(spec, world, slice(ctx.rank * T, (ctx.rank + 1) * T), ctx.device)
-    model, group = student(ctx, spec, spec.model["recompute"], group)
+    model = student(ctx, spec, spec.model["recompute"], group)
     trainer = Trainer(model, spec.train["optimizer"], spec.train["lr"], group)
     batch = _batch(spec, T, ctx.device)
     x0, y0 = data[0][0].to(ctx.device), data[0][1].to(ctx.device)
@@ -226,7 +227,7 @@ def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     progress(ctx, f"training {steps} steps", 0.0)
     with sampler(ctx, interval) as s:
-        curve = _curve(trainer, spec, data, batch, G, ctx.device)
+        curve = _curve(trainer, data, batch, G, ctx.device)
     if ctx.device.type == "cuda":
         out["memory"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(ctx.device)
     out["memory"] |= {
