@@ -9,8 +9,9 @@ other seeded weights, held whole on every rank and dropped before training. Inpu
 on the host before the first step, and copied to the device before each step's timer starts.
 
 Per rank, in order:
- 1. the memory: parameter, gradient and optimizer-state bytes (after the last step) and the activation
-    bytes one forward saves for backward (``SavedTensors``; CUDA: also the allocator's peak over it);
+ 1. the activation bytes one forward saves for backward (``SavedTensors``; CUDA: also the allocator's
+    peak over that forward); after the curve, parameter, gradient and optimizer-state bytes, and on CUDA
+    the allocator's peak over the training steps;
  2. with ``recompute`` other than "none": the same decoder without recomputation, from the same weights:
     the gradients of both on step 0's batch (compared bit for bit), their activation bytes, and
     ``warmup`` + ``repeats`` alternating rounds of forward + backward + reduction on each;
@@ -237,8 +238,8 @@ def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
         "expert_param_bytes": tensor_bytes(model.expert_parameters()),
     }
     out |= {"curve": curve, "telemetry": s.summary(), "finite": all(map(_finite, curve))}
-    # one rank exchanges nothing: no collective to time (and the profiler's start-up, about a second, saved)
-    out["comm_time_share"] = _comm_share(trainer, data, batch, G, ctx.device) if world > 1 else 0.0
+    if world > 1:  # one rank exchanges nothing: no collective to time (and the profiler's start-up saved)
+        out["comm_time_share"] = _comm_share(trainer, data, batch, G, ctx.device)
     if world > 1:
         out["baseline"] = _baseline(spec, world, ctx.device) if ctx.rank == 0 else None
         dist.barrier(ctx.group)  # sync: the other ranks wait for rank 0's baseline before the run ends
