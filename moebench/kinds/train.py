@@ -54,7 +54,7 @@ METRICS = (
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
 MEMORY_TARGET = {"param_bytes": 0.01, "grad_bytes": 0.01, "optimizer_bytes": 0.01, "activation_bytes": 0.20}
 LEARNED = 0.5  # loss_decreased: the final loss is at most this share of the initial one ...
-JUDGED_FROM = 50  # ... judged in runs of at least this many steps (shorter ones measure cost, not learning)
+JUDGED_FROM = 10  # ... judged in runs of at least this many steps (shorter ones measure cost, not learning)
 
 
 def validate(spec: RunSpec) -> None:
@@ -94,8 +94,6 @@ def validate(spec: RunSpec) -> None:
             '"dp": accepted 0 (each data-parallel rank would drop against its own capacity, other tokens than '
             "the single-device run drops)"
         )
-    if spec.parallel.get("overlap_chunks"):
-        raise ValueError("[parallel] overlap_chunks is invalid for kind train: accepted absent (serial path)")
 
 
 def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
@@ -149,8 +147,9 @@ def _after_warmup(times: list[float], warmup: int) -> list[float]:
     return times[warmup:] if len(times) > warmup else times
 
 
-def _rel_diff(curve: list[dict], baseline: list[dict]) -> float:
-    diffs = [abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(curve, baseline, strict=True)]
+def _rel_diff(curve: list[dict], baseline: list[dict], key: str = "loss") -> float:
+    """max over steps of |run − baseline| / |baseline| of one per-step record (``loss``, ``grad_norm``)."""
+    diffs = [abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(curve, baseline, strict=True)]
     return float(max(diffs))
 
 
@@ -202,15 +201,19 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         details["loss_decreased"] = f"not judged: {steps} steps (judged from {JUDGED_FROM})"
     if baseline is not None:
         details["baseline_curve"] = baseline
-        diff = _rel_diff(curve, baseline)
+        diff, grad_diff = _rel_diff(curve, baseline), _rel_diff(curve, baseline, "grad_norm")
+        details["grad_norm_rel_diff_max"] = grad_diff
         tol = TOLERANCE[spec.model["dtype"]]
         metrics["loss_rel_diff_max"] = M.metric([diff], "ratio", "lower", exact=True)
         base_times = _after_warmup([r["step_time_s"] for r in baseline], spec.scenario["warmup"])
         single = G / float(np.median(base_times))
         metrics["scaling_efficiency"] = M.metric([G / t / (world * single) for t in times], "ratio", "higher")
-        checks.append({"name": "converges_like_baseline", "pass": diff <= tol,
-                       "detail": f"largest |loss - single-device loss| / single-device loss over {steps} steps: "
-                                 f"{diff:.2e} (accepted <= {tol:g} for {spec.model['dtype']})"})  # fmt: skip
+        # the gradient norm too: Adam's step is blind to a gradient scaled by a constant (an average
+        # where a sum belongs), which the loss curve then hardly shows
+        checks.append({"name": "converges_like_baseline", "pass": diff <= tol and grad_diff <= tol,
+                       "detail": f"largest relative difference from the single-device run over {steps} steps: "
+                                 f"loss {diff:.2e}, gradient norm {grad_diff:.2e} (accepted <= {tol:g} for "
+                                 f"{spec.model['dtype']})"})  # fmt: skip
     mem_metrics, measured, model = _memory(spec, per_rank)
     metrics |= mem_metrics
     details["memory"] = measured
