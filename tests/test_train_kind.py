@@ -30,6 +30,7 @@ import runtime.model as runtime_model
 from moebench import kinds
 from moebench.kinds import train as train_kind
 from moebench.launch.spawn import launch
+from moebench.measure.training import make_data
 from moebench.plan.memory import train_memory
 from moebench.scenario import load
 from runtime.config import MoEConfig, ParallelConfig
@@ -533,7 +534,8 @@ def test_scaling_efficiency_is_tokens_per_s_over_world_times_the_baselines_after
 def test_world_size_1_is_its_own_baseline_without_diff_or_scaling(tmp_path):
     spec = _spec(tmp_path, "w1", scenario={"warmup": 1}, parallel={"world_size": 1}, train={"steps": 5})
     metrics, checks, details = train_kind.evaluate(spec, [_record(spec, _curve(LOSSES, [0.1] * 5))])
-    assert "loss_rel_diff_max" not in metrics and "scaling_efficiency" not in metrics
+    assert metrics["loss_rel_diff_max"]["samples"] == [0.0]  # its own single-device run
+    assert "scaling_efficiency" not in metrics and "grad_norm_rel_diff_max" not in details
     assert "comm_time_share" not in metrics  # one rank exchanges nothing
     assert details["baseline"] == "self" and "baseline_curve" not in details
     assert [c["name"] for c in checks] == ["finite_output", "memory_model"]  # 5 steps: learning not judged
@@ -612,3 +614,54 @@ def test_memory_model_check_holds_each_category_to_its_target(spec2, name, scale
     assert details["memory_model_error"][name] == (measured - predicted) / measured
     assert abs(details["memory_model_error"][name]) == pytest.approx(abs(1 - 1 / scale), rel=0.01)
     assert np.isclose(details["memory_model_error"]["grad_bytes"], 0.0)
+
+
+def test_a_baseline_value_of_zero_counts_the_absolute_difference(spec2):
+    times = [0.1] * 5
+    base, run = [2.0, 1.0, 0.0, 0.5, 0.5], [2.0, 1.0, 0.003, 0.5, 0.5]
+    metrics, _, _ = train_kind.evaluate(
+        spec2, [_record(spec2, _curve(run, times), _curve(base, times)), _record(spec2, _curve(run, times))]
+    )
+    assert metrics["loss_rel_diff_max"]["samples"] == [pytest.approx(0.003)]
+
+
+def test_the_memory_model_fails_when_it_predicts_bytes_where_none_are_measured(tmp_path):
+    spec = _spec(tmp_path, "sgd", parallel={"world_size": 1}, train={"optimizer": "sgd", "steps": 3})
+    assert train_memory(train_kind.shape(spec))["optimizer_bytes"] == 0  # SGD keeps no state
+    curve = _curve([2.0, 1.5, 1.0], [0.1] * 3)
+    _, checks, details = train_kind.evaluate(spec, [_record(spec, curve, memory=_memory(spec))])
+    assert details["memory_model_error"]["optimizer_bytes"] == 0.0 and checks[-1]["pass"]
+    with _planted_model(optimizer_bytes=64):
+        _, checks, details = train_kind.evaluate(spec, [_record(spec, curve, memory=_memory(spec))])
+    assert details["memory_model_error"]["optimizer_bytes"] == -1.0
+    assert not next(c for c in checks if c["name"] == "memory_model")["pass"]
+
+
+@contextlib.contextmanager
+def _planted_model(**override):
+    """The parent's memory model with some categories replaced."""
+    real = train_kind.train_memory
+    train_kind.train_memory = lambda shape: real(shape) | override
+    try:
+        yield
+    finally:
+        train_kind.train_memory = real
+
+
+def test_targets_do_not_depend_on_the_rows_a_teacher_forward_holds_even_with_a_capacity(tmp_path):
+    """The teacher is dropless: rank 0's targets equal the first rows of the single-device run's, though
+    the student's capacity (here 1.0, which drops) would keep other copies in a 32-row than a 64-row batch."""
+    spec = _spec(tmp_path, "cap", parallel={"world_size": 2}, routing={"capacity_factor": 1.0},
+                 train={"steps": 2})  # fmt: skip
+    mine = make_data(spec, 2, slice(0, 32), "cpu")
+    whole = make_data(spec, 2, slice(0, 64), "cpu")
+    for (x, y), (xw, yw) in zip(mine, whole, strict=True):
+        assert torch.equal(x, xw[:32])
+        assert torch.allclose(y, yw[:32], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_whose_inputs_and_targets_would_not_fit_in_host_memory_is_refused_in_one_line(tmp_path):
+    doc = doc_with(TRAIN, train={"steps": 10**6}, workload={"tokens_per_rank": 4096, "seed": 0})
+    message = refusal(tmp_path, doc)
+    assert "[train] steps = 1000000 is invalid with tokens_per_rank = 4096" in message
+    assert "GiB; accepted at most 8 GiB" in message and "\n" not in message

@@ -24,6 +24,7 @@ Per rank, in order:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from moebench.measure.common import progress, sampler
@@ -70,9 +72,18 @@ def _batch(spec: RunSpec, tokens: int, device) -> Batch:
     return Batch([Segment(0, n)] * (tokens // n), device, spec.decoder_config())
 
 
-def make_data(spec: RunSpec, world: int, rows: slice, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) of every step for ``rows`` of the global batch, on the host (the teacher on ``device``)."""
+def data_bytes(spec: RunSpec, tokens: int) -> int:
+    """Host bytes of every step's inputs and targets for ``tokens`` rows (``make_data``)."""
     cfg = spec.decoder_config()
+    per_token = 16 if cfg.vocab else cfg.hidden * (4 + cfg.moe.torch_dtype.itemsize)  # ids int64; states fp32, dtype
+    return spec.train["steps"] * tokens * per_token
+
+
+def make_data(spec: RunSpec, world: int, rows: slice, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of every step for ``rows`` of the global batch, on the host (the teacher on ``device``).
+    The teacher is dropless, so a target does not depend on which other rows its forward holds."""
+    cfg = spec.decoder_config()
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=0.0))
     teacher = MoEDecoder(cfg, decoder_weights(cfg, spec.workload["seed"] + TEACHER_SEED), device=device)
     batch = _batch(spec, rows.stop - rows.start, device)
     data = []
@@ -141,7 +152,7 @@ def _comm_share(trainer: Trainer, data, batch: Batch, global_tokens: int, device
     spans = []
     for e in prof.events():
         name = e.name.lower()
-        if (device.type == "cuda" and "nccl" in name and e.device_type.name == "CUDA") or (
+        if (device.type == "cuda" and "nccl" in name and e.device_type == DeviceType.CUDA) or (
             device.type != "cuda" and name.startswith("gloo:")
         ):
             spans.append((e.time_range.start, e.time_range.end))  # µs
@@ -178,6 +189,7 @@ def _recompute_rounds(ctx, spec: RunSpec, trainer: Trainer, group, x, y, batch, 
         t.forward_backward(x, batch, y, global_tokens)
         t.model.reduce_grads()
         grads[name] = [p.grad.clone() for p in t.model.parameters()]
+    # sync: each torch.equal reads its answer on the host (once, before any timing)
     equal = all(torch.equal(a, b) for a, b in zip(grads["plain"], grads["recompute"], strict=True))
     flag = torch.tensor([int(equal)], device=ctx.device)
     if group is not None:
@@ -240,9 +252,11 @@ def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
     out |= {"curve": curve, "telemetry": s.summary(), "finite": all(map(_finite, curve))}
     if world > 1:  # one rank exchanges nothing: no collective to time (and the profiler's start-up saved)
         out["comm_time_share"] = _comm_share(trainer, data, batch, G, ctx.device)
-    if world > 1:
-        out["baseline"] = _baseline(spec, world, ctx.device) if ctx.rank == 0 else None
-        dist.barrier(ctx.group)  # sync: the other ranks wait for rank 0's baseline before the run ends
+        del data, model, trainer  # before the baseline's: it holds every expert and the whole batch
+        try:
+            out["baseline"] = _baseline(spec, world, ctx.device) if ctx.rank == 0 else None
+        finally:  # even when rank 0's baseline fails: the others are released, and rank 0's error is raised
+            dist.barrier(ctx.group)  # sync: the other ranks wait for rank 0's baseline before the run ends
     return out
 
 
