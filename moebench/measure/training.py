@@ -139,23 +139,26 @@ def _activations(model: MoEDecoder, x: torch.Tensor, batch: Batch, device) -> di
 
 def _comm_share(trainer: Trainer, data, batch: Batch, global_tokens: int, device) -> float:
     """Time in collectives over step time, ``PROFILED_STEPS`` steps under the profiler: the union of the
-    collectives' intervals (gloo's on CPU, start to completion; NCCL's kernels on CUDA)."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    collectives' intervals (gloo's on CPU, start to completion; NCCL's kernels on CUDA). On CPU the
+    autograd profiler without kineto records gloo's events and starts in milliseconds (kineto's first
+    start takes about a second a process); on CUDA kineto records the kernels."""
+    cuda = device.type == "cuda"
     x, y = data[0][0].to(device), data[0][1].to(device)
-    with _quiet_stderr(), profile(activities=activities) as prof:
+    if cuda:
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    else:
+        prof = torch.autograd.profiler.profile(use_kineto=False)
+    with _quiet_stderr() if cuda else contextlib.nullcontext(), prof:
         _sync(device)
         start = time.perf_counter()
         for _ in range(PROFILED_STEPS):
             trainer.step(x, batch, y, global_tokens)
         _sync(device)
         wall_s = time.perf_counter() - start
-    spans = []
-    for e in prof.events():
-        name = e.name.lower()
-        if (device.type == "cuda" and "nccl" in name and e.device_type == DeviceType.CUDA) or (
-            device.type != "cuda" and name.startswith("gloo:")
-        ):
-            spans.append((e.time_range.start, e.time_range.end))  # µs
+    events = prof.events() if cuda else prof.function_events
+    spans = [(e.time_range.start, e.time_range.end) for e in events  # µs
+             if (cuda and "nccl" in e.name.lower() and e.device_type == DeviceType.CUDA)
+             or (not cuda and e.name.startswith("gloo:"))]  # fmt: skip
     covered, end = 0.0, float("-inf")
     for a, b in sorted(spans):
         if b > end:
@@ -166,7 +169,7 @@ def _comm_share(trainer: Trainer, data, batch: Batch, global_tokens: int, device
 
 @contextlib.contextmanager
 def _quiet_stderr():
-    """The profiler's C++ side logs each start and stop on file descriptor 2 (not settable from Python):
+    """Kineto's C++ side logs each start and stop on file descriptor 2 (not settable from Python):
     send it to /dev/null meanwhile. Python's own errors are raised after it is restored."""
     sys.stderr.flush()
     saved = os.dup(2)
