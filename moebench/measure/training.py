@@ -148,7 +148,7 @@ def _comm_share(trainer: Trainer, data, batch: Batch, global_tokens: int, device
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     else:
         prof = torch.autograd.profiler.profile(use_kineto=False)
-    with _quiet_stderr() if cuda else contextlib.nullcontext(), prof:
+    with _quiet_stderr(), prof:
         _sync(device)
         start = time.perf_counter()
         for _ in range(PROFILED_STEPS):
@@ -169,7 +169,7 @@ def _comm_share(trainer: Trainer, data, batch: Batch, global_tokens: int, device
 
 @contextlib.contextmanager
 def _quiet_stderr():
-    """Kineto's C++ side logs each start and stop on file descriptor 2 (not settable from Python):
+    """The profiler's C++ side logs each start and stop on file descriptor 2 (not settable from Python):
     send it to /dev/null meanwhile. Python's own errors are raised after it is restored."""
     sys.stderr.flush()
     saved = os.dup(2)
