@@ -120,16 +120,17 @@ def _curve(trainer: Trainer, data, batch: Batch, global_tokens: int, device) -> 
     return curve
 
 
-def _activations(model: MoEDecoder, x: torch.Tensor, batch: Batch, device) -> dict:
-    """Bytes one forward (with its router losses) saves for backward; the graph is dropped unused."""
+def _activations(trainer: Trainer, x: torch.Tensor, batch: Batch, y: torch.Tensor, global_tokens: int, device) -> dict:
+    """Bytes one forward and its loss (the task's and the router's) save for backward; the graph is dropped
+    unused."""
     cuda = device.type == "cuda"
     if cuda:
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    with SavedTensors(model.parameters()) as saved:
-        h_TD, routed = model(x, batch)
-        kept = (h_TD, [r.router_loss for r in routed])
+    with SavedTensors(trainer.model.parameters()) as saved:
+        h_TD, routed = trainer.model(x, batch)
+        kept = trainer.loss_share(h_TD, y, global_tokens) + sum(r.router_loss for r in routed)
     out = {"activation_bytes": saved.bytes}
     if cuda:
         out["activation_bytes_cuda"] = torch.cuda.max_memory_allocated(device) - before
@@ -197,7 +198,7 @@ def _recompute_rounds(ctx, spec: RunSpec, trainer: Trainer, group, x, y, batch, 
     flag = torch.tensor([int(equal)], device=ctx.device)
     if group is not None:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    plain_bytes = _activations(plain_model, x, batch, ctx.device)["activation_bytes"]
+    plain_bytes = _activations(plain, x, batch, y, global_tokens, ctx.device)["activation_bytes"]
 
     def run(t: Trainer):
         def fn():
@@ -235,7 +236,7 @@ def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
     trainer = Trainer(model, spec.train["optimizer"], spec.train["lr"], group)
     batch = _batch(spec, T, ctx.device)
     x0, y0 = data[0][0].to(ctx.device), data[0][1].to(ctx.device)
-    out = {"memory": _activations(model, x0, batch, ctx.device)}
+    out = {"memory": _activations(trainer, x0, batch, y0, G, ctx.device)}
     if spec.model["recompute"] != "none":
         out["recompute"] = _recompute_rounds(ctx, spec, trainer, group, x0, y0, batch, G)
     steps = spec.train["steps"]
