@@ -49,6 +49,10 @@ TRAIN = {
 # 1. Scenario files
 
 REFUSALS = {
+    "float16": (
+        doc_with(TRAIN, model={**TRAIN["model"], "dtype": "float16"}),
+        '[model] dtype = "float16" is invalid for kind train: accepted "float32" or "bfloat16"',
+    ),
     "attention_heads missing": (
         {**TRAIN, "model": {k: v for k, v in TRAIN["model"].items() if k != "attention_heads"}},
         "[model] attention_heads is missing: accepted an integer from 1 to 4096 (kind train)",
