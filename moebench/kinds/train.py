@@ -49,8 +49,9 @@ METRICS = (
     "recompute_time_ratio",
     "activation_saving",
 )
-# converges_like_baseline: the largest |loss − baseline| / baseline a layout may show over the run, per
-# dtype. Measured (docs/measurements.md): fp32 layouts differ only by the order of floating-point sums.
+# converges_like_baseline: the largest relative difference from the single-device run, in loss and in
+# gradient norm, a layout may show over the run, per dtype. Measured (docs/measurements.md): fp32 layouts
+# differ only by the order of floating-point sums (1.8e-7), bf16 by 6.2e-3.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 MEMORY_TARGET = {"param_bytes": 0.01, "grad_bytes": 0.01, "optimizer_bytes": 0.01, "activation_bytes": 0.20}
 LEARNED = 0.5  # loss_decreased: the final loss is at most this share of the initial one ...
@@ -59,8 +60,8 @@ JUDGED_FROM = 10  # ... judged in runs of at least this many steps (shorter ones
 
 
 def validate(spec: RunSpec) -> None:
-    """A decoder with attention, tokens per rank in whole sequences, dropless data parallelism, the
-    router's own routing."""
+    """A decoder with attention in fp32 or bf16, tokens per rank in whole sequences, dropless data
+    parallelism, the router's own routing, every step's inputs and targets within the host-memory bound."""
     m, wl = spec.model, spec.workload
     if m["attention_heads"] is None:
         raise ValueError("[model] attention_heads is missing: accepted an integer from 1 to 4096 (kind train)")

@@ -5,18 +5,19 @@ Data. Step s's global batch is G = tokens_per_rank × W tokens drawn from a gene
 (seed, s): hidden states [G, D] (vocab 0) or token ids [G] (vocab > 0). Rank r trains on rows
 [r·T, (r+1)·T) of it, in sequences of ``seq_len`` tokens; the targets are a teacher's outputs on them (its
 hidden states, MSE; or its greedy next tokens, cross-entropy), the teacher being the same decoder with
-other seeded weights, held whole on every rank and dropped before training. Inputs and targets are made
+other seeded weights and no capacity limit, held whole on every rank and dropped before training. Inputs and targets are made
 on the host before the first step, and copied to the device before each step's timer starts.
 
 Per rank, in order:
- 1. the activation bytes one forward saves for backward (``SavedTensors``; CUDA: also the allocator's
+ 1. the activation bytes one forward and its loss (the task's and the router's) save for backward
+    (``SavedTensors``; CUDA: also the allocator's
     peak over that forward); after the curve, parameter, gradient and optimizer-state bytes, and on CUDA
     the allocator's peak over the training steps;
  2. with ``recompute`` other than "none": the same decoder without recomputation, from the same weights:
     the gradients of both on step 0's batch (compared bit for bit), their activation bytes, and
     ``warmup`` + ``repeats`` alternating rounds of forward + backward + reduction on each;
  3. the training curve: every step's loss, router losses, gradient norm, drops and time;
- 4. a few more steps under the profiler: the time spent in collectives (all-to-alls, all-reduces);
+ 4. (W > 1) a few more steps under the profiler: the time spent in collectives (all-to-alls, all-reduces);
  5. rank 0 only (W > 1): the single-device baseline, the same student trained on the whole global batch
     in this process, while the other ranks wait.
 """
