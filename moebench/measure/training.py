@@ -5,8 +5,9 @@ Data. Step s's global batch is G = tokens_per_rank × W tokens drawn from a gene
 (seed, s): hidden states [G, D] (vocab 0) or token ids [G] (vocab > 0). Rank r trains on rows
 [r·T, (r+1)·T) of it, in sequences of ``seq_len`` tokens; the targets are a teacher's outputs on them (its
 hidden states, MSE; or its greedy next tokens, cross-entropy), the teacher being the same decoder with
-other seeded weights and no capacity limit, held whole on every rank and dropped before training. Inputs and targets are made
-on the host before the first step, and copied to the device before each step's timer starts.
+other seeded weights and no capacity limit, held whole on every rank and dropped before training. Inputs
+and targets are made on the host before the first step, and copied to the device before each step's timer
+starts.
 
 Per rank, in order:
  1. the activation bytes one forward and its loss (the task's and the router's) save for backward
