@@ -117,6 +117,14 @@ def rank_loads(expert_loads, expert_to_rank, world_size: int) -> list[int]:
     return loads.tolist()
 
 
+def balancedness(rank_loads_per_layer) -> float:
+    """vLLM's balancedness over layers: Σ_l mean_w(R_lw) / Σ_l max_w(R_lw); 1.0 is perfect. NaN when every
+    load is zero."""
+    arr = np.asarray(rank_loads_per_layer, dtype=np.float64)
+    peak = arr.max(axis=-1).sum()
+    return float(arr.mean(axis=-1).sum() / peak) if peak > 0 else math.nan
+
+
 def across_layers(values) -> dict:
     """Worst (max), median and mean of a per-layer statistic, and the worst layer's index."""
     arr = np.asarray(values, dtype=np.float64)

@@ -36,6 +36,10 @@ def test_load_balance_reports_the_worst_layer_not_the_best():
     assert metrics["load_cv"]["median"] == pytest.approx(math.sqrt((40**2 + 2 * 10**2 + 20**2) / 4) / 20)
     assert [layer["imbalance_max_mean"] for layer in details["layers"]] == [1.0, 3.0]
     assert details["across_layers"]["imbalance_max_mean"]["worst"] == 3.0
+    # rank loads (experts 0, 2 on rank 0): layer 0 (40, 40), layer 1 (70, 10)
+    # balancedness = Σ mean / Σ max over layers = (40 + 40) / (40 + 70), not a per-layer average (0.79)
+    assert metrics["balancedness"]["median"] == pytest.approx(80 / 110)
+    assert metrics["balancedness"]["better"] == "higher"
 
 
 def test_combine_inverts_dispatch_when_capacity_drops_copies(monkeypatch):

@@ -44,6 +44,9 @@ def test_load_statistics_on_hand_values():
     assert M.rank_loads([5, 1, 2, 7], (0, 1, 0, 1), 2) == [7, 8]
     assert M.imbalance([5, 5, 5]) == 1.0 and M.load_cv([5, 5, 5]) == 0.0
     assert math.isnan(M.imbalance([0, 0])) and math.isnan(M.load_cv([0, 0]))
+    # vLLM's balancedness sums over layers before dividing: (2 + 3) / (3 + 3), not mean(2/3, 1)
+    assert M.balancedness([[1, 3], [3, 3]]) == pytest.approx(5 / 6)
+    assert M.balancedness([[4, 4]]) == 1.0 and math.isnan(M.balancedness([[0, 0]]))
     assert M.across_layers([1.1, 1.5, 1.2]) == {
         "worst": 1.5,
         "median": 1.2,

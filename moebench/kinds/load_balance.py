@@ -1,5 +1,6 @@
 """The load_balance kind: route ``repeats`` fresh batches through the stack and report, per batch,
-the worst layer's expert and rank imbalance, load CV and dropped copies; per-layer details."""
+the worst layer's expert and rank imbalance, load CV, balancedness (vLLM's, over all layers) and
+dropped copies; per-layer details."""
 
 from __future__ import annotations
 
@@ -23,10 +24,18 @@ COLUMNS = (
     ("imbalance_max_mean", "imbalance (max/mean)", 1, ".3f"),
     ("rank_imbalance_max_mean", "rank imbalance (max/mean)", 1, ".3f"),
     ("load_cv", "load CV", 1, ".3f"),
+    ("balancedness", "balancedness", 1, ".3f"),
     ("tokens_dropped", "dropped (copies)", 1, ".0f"),
     ("tokens_dropped_fraction", "dropped (fraction)", 1, ".4f"),
 )
-METRICS = ("imbalance_max_mean", "rank_imbalance_max_mean", "load_cv", "tokens_dropped", "tokens_dropped_fraction")
+METRICS = (
+    "imbalance_max_mean",
+    "rank_imbalance_max_mean",
+    "load_cv",
+    "balancedness",
+    "tokens_dropped",
+    "tokens_dropped_fraction",
+)
 # The seed deployment plan's load-balancing gate, "expert load variance < 20%", read as CV < 0.2.
 DEFAULT_SLOS = {"max_load_cv": 0.2}
 window_tokens = timed_window_tokens
@@ -63,17 +72,20 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
     raw = per_rank[0]
     world, layers = spec.world_size, spec.model["layers"]
     copies = spec.workload["tokens_per_rank"] * world * spec.model["top_k"] * layers
-    samples = {"imbalance_max_mean": [], "rank_imbalance_max_mean": [], "load_cv": [], "tokens_dropped": []}
+    samples = {name: [] for name in ("imbalance_max_mean", "rank_imbalance_max_mean", "load_cv", "balancedness",
+                                     "tokens_dropped")}  # fmt: skip
     expert_totals = [[0] * spec.model["num_experts"] for _ in range(layers)]
     for batch in raw["batches"]:
         stats = [_layer_loads(batch, layer, world) for layer in range(layers)]
         samples["imbalance_max_mean"].append(max(M.imbalance(e) for e, _, _ in stats))
         samples["rank_imbalance_max_mean"].append(max(M.imbalance(r) for _, r, _ in stats))
         samples["load_cv"].append(max(M.load_cv(e) for e, _, _ in stats))
+        samples["balancedness"].append(M.balancedness([r for _, r, _ in stats]))
         samples["tokens_dropped"].append(sum(d for _, _, d in stats))
         for layer, (expert_E, _, _) in enumerate(stats):
             expert_totals[layer] = [a + b for a, b in zip(expert_totals[layer], expert_E, strict=True)]
-    out = {name: M.metric(v, "ratio", "lower", exact=True) for name, v in samples.items() if name != "tokens_dropped"}
+    out = {name: M.metric(v, "ratio", "higher" if name == "balancedness" else "lower", exact=True)
+           for name, v in samples.items() if name != "tokens_dropped"}  # fmt: skip
     out["tokens_dropped"] = M.metric(samples["tokens_dropped"], "copies", "lower", exact=True)
     fractions = [d / copies for d in samples["tokens_dropped"]]
     out["tokens_dropped_fraction"] = M.metric(fractions, "fraction", "lower", exact=True)
