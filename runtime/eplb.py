@@ -24,6 +24,7 @@ the same loads: where the rule would, it keeps the static one.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -152,4 +153,44 @@ def rebalance(loads_E: Sequence[float], ranks: int, redundant: int = 0, nodes: i
     return placed
 
 
-__all__ = ["Placement", "balanced_packing", "rebalance", "replicate", "static_placement"]
+class LoadWindow:
+    """Routed copies per layer and expert over the last ``window`` steps: what ``rebalance`` re-places from.
+
+    ``record`` takes one step's copies per expert of every layer, summed over the EP group (a layer's
+    ``MoEOutput.counts_WE.sum(0)``: the counts are on the host already, so recording adds no sync). The
+    window's totals are kept as a running sum, so ``loads`` costs nothing per step."""
+
+    def __init__(self, layers: int, experts: int, window: int):
+        for name, value in (("layers", layers), ("experts", experts), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LoadWindow {name} = {value!r} is invalid: accepted an integer >= 1")
+        self.layers, self.experts = layers, experts
+        self._steps: deque[tuple[tuple[int, ...], ...]] = deque(maxlen=window)
+        self._sum = [[0] * experts for _ in range(layers)]
+
+    def record(self, counts_LE: Sequence[Sequence[int]]) -> None:
+        """One step's copies per expert, for every layer."""
+        step = tuple(tuple(int(c) for c in layer) for layer in counts_LE)
+        if len(step) != self.layers or any(len(layer) != self.experts for layer in step):
+            shape = f"{len(step)} layers of {sorted({len(layer) for layer in step})} experts"
+            raise ValueError(f"LoadWindow.record got {shape}: accepted {self.layers} layers of {self.experts}")
+        if len(self._steps) == self._steps.maxlen:  # the oldest step leaves the window
+            for totals, old in zip(self._sum, self._steps[0], strict=True):
+                for e, c in enumerate(old):
+                    totals[e] -= c
+        self._steps.append(step)
+        for totals, new in zip(self._sum, step, strict=True):
+            for e, c in enumerate(new):
+                totals[e] += c
+
+    @property
+    def steps(self) -> int:
+        """Steps in the window now (at most ``window``)."""
+        return len(self._steps)
+
+    def loads(self) -> list[list[int]]:
+        """Per layer, each expert's copies summed over the window."""
+        return [list(totals) for totals in self._sum]
+
+
+__all__ = ["LoadWindow", "Placement", "balanced_packing", "rebalance", "replicate", "static_placement"]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.eplb import Placement, balanced_packing, rebalance, replicate, static_placement
+from runtime.eplb import LoadWindow, Placement, balanced_packing, rebalance, replicate, static_placement
 
 
 def test_spare_slots_go_one_at_a_time_to_the_highest_load_per_copy():
@@ -153,3 +153,22 @@ def test_bad_sizes_are_refused_naming_the_value_and_what_is_accepted():
 def test_placement_balancedness_is_mean_over_max():
     p = Placement((0, 1, 2, 3), (0, 0, 1, 1))
     assert p.balancedness([3.0, 1.0, 1.0, 1.0], 2) == pytest.approx(3 / 4)  # ranks 4 and 2: mean 3, max 4
+
+
+def test_the_load_window_sums_exactly_the_last_window_steps_of_every_layer():
+    rng = np.random.default_rng(1)
+    steps = [rng.integers(0, 50, size=(2, 4)).tolist() for _ in range(9)]
+    window = LoadWindow(layers=2, experts=4, window=3)
+    for i, step in enumerate(steps):
+        window.record(step)
+        last = np.asarray(steps[max(0, i - 2) : i + 1]).sum(axis=0).tolist()
+        assert window.loads() == last and window.steps == min(i + 1, 3)
+
+
+def test_the_load_window_refuses_a_step_of_another_shape_and_a_bad_size():
+    window = LoadWindow(layers=2, experts=4, window=3)
+    with pytest.raises(ValueError, match=r"got 1 layers of \[4\] experts: accepted 2 layers of 4"):
+        window.record([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="window = 0 is invalid"):
+        LoadWindow(layers=1, experts=4, window=0)
+    assert window.loads() == [[0] * 4, [0] * 4] and window.steps == 0  # the refused step left no trace
