@@ -160,6 +160,23 @@ class RunSpec:
         }
 
 
+def check_decoder(spec: RunSpec) -> None:
+    """The decoder keys of a serve or train run: attention heads given, a head size that follows, and the
+    runtime's own checks of ``DecoderConfig`` reworded in the file's terms."""
+    m = spec.model
+    if m["attention_heads"] is None:
+        raise ValueError(f"[model] attention_heads is missing: accepted an integer from 1 to 4096 (kind {spec.kind})")
+    if m["head_dim"] is None and m["hidden"] % m["attention_heads"]:
+        raise ValueError(
+            f"[model] head_dim is missing: accepted an even integer when hidden ({m['hidden']}) is not a multiple "
+            f"of attention_heads ({m['attention_heads']})"
+        )
+    try:
+        spec.decoder_config()
+    except ValueError as err:  # "DecoderConfig.kv_heads = 3 is invalid: ..." in the file's terms
+        raise ValueError(str(err).replace("DecoderConfig.", "[model] ", 1)) from None
+
+
 def check_table(path: str, section: str, table: object, known, error: type[ValueError] = ScenarioError) -> None:
     """A TOML section must be a table whose keys are all ``known``; else ``error``, one line naming the file."""
     if not isinstance(table, dict):

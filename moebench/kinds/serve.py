@@ -18,6 +18,7 @@ import numpy as np
 from moebench import metrics as M
 from moebench.measure.common import finite_check, ratios
 from moebench.measure.serving import measure_serve
+from moebench.spec import check_decoder
 from moebench.workload.requests import draw_requests
 from runtime.model import max_context
 
@@ -62,18 +63,8 @@ METRICS = (
 def validate(spec: RunSpec) -> None:
     """A decoder needs attention heads; serving is dropless (with a capacity, a token's output would
     depend on what else is batched); every running request decodes one token per step."""
-    m, serve = spec.model, spec.serve
-    if m["attention_heads"] is None:
-        raise ValueError("[model] attention_heads is missing: accepted an integer from 1 to 4096 (kind serve)")
-    if m["head_dim"] is None and m["hidden"] % m["attention_heads"]:
-        raise ValueError(
-            f"[model] head_dim is missing: accepted an even integer when hidden ({m['hidden']}) is not a multiple "
-            f"of attention_heads ({m['attention_heads']})"
-        )
-    try:
-        spec.decoder_config()
-    except ValueError as err:  # "DecoderConfig.kv_heads = 3 is invalid: ..." in the file's terms
-        raise ValueError(str(err).replace("DecoderConfig.", "[model] ", 1)) from None
+    serve = spec.serve
+    check_decoder(spec)
     if serve["request_rate"] != "inf":
         rate, shape = float(serve["request_rate"]), float(serve["burstiness"])
         span = (serve["requests"] - 1) / rate

@@ -16,6 +16,7 @@ from moebench import metrics as M
 from moebench.measure.common import ratios
 from moebench.measure.training import data_bytes, measure_train, seq_len
 from moebench.plan.memory import TrainShape, train_memory
+from moebench.spec import check_decoder
 
 if TYPE_CHECKING:
     from moebench.spec import RunSpec
@@ -63,17 +64,7 @@ def validate(spec: RunSpec) -> None:
     """A decoder with attention in fp32 or bf16, tokens per rank in whole sequences, dropless data
     parallelism, the router's own routing, every step's inputs and targets within the host-memory bound."""
     m, wl = spec.model, spec.workload
-    if m["attention_heads"] is None:
-        raise ValueError("[model] attention_heads is missing: accepted an integer from 1 to 4096 (kind train)")
-    if m["head_dim"] is None and m["hidden"] % m["attention_heads"]:
-        raise ValueError(
-            f"[model] head_dim is missing: accepted an even integer when hidden ({m['hidden']}) is not a multiple "
-            f"of attention_heads ({m['attention_heads']})"
-        )
-    try:
-        spec.decoder_config()
-    except ValueError as err:
-        raise ValueError(str(err).replace("DecoderConfig.", "[model] ", 1)) from None
+    check_decoder(spec)
     if m["dtype"] not in TOLERANCE:
         raise ValueError(
             f'[model] dtype = "{m["dtype"]}" is invalid for kind train: accepted "float32" or "bfloat16" (the '
