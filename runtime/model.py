@@ -329,7 +329,7 @@ class DenseFFN(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig, w: BlockWeights, par: ParallelConfig, group, device,
-                 recompute: str = "none", balance_group=None):  # fmt: skip
+                 recompute: str = "none", balance_group=None, placement=None):  # fmt: skip
         super().__init__()
         self.cfg, self.recompute = cfg, recompute
         dtype, act = cfg.moe.torch_dtype, cfg.moe.activation
@@ -340,7 +340,7 @@ class Block(nn.Module):
         if w.moe is not None:
             ep_group = group if par.ep_size > 1 else None
             self.moe = MoELayer(cfg.moe, par, group=ep_group, device=device, recompute_experts=recompute != "none",
-                                balance_group=balance_group)  # fmt: skip
+                                balance_group=balance_group, placement=placement)  # fmt: skip
             self.moe.load_global_weights(w.moe)
             self.shared = None if w.shared is None else DenseFFN(w.shared, act, dtype, device)
         else:
@@ -375,10 +375,14 @@ class MoEDecoder(nn.Module):
 
     Training choices, at construction: ``recompute`` (one of ``RECOMPUTE``), and ``dp_group``: the
     data-parallel ranks (ep_size = 1) whose gradients ``reduce_grads`` sums and whose batches the router
-    losses are taken over (global-batch balancing, as EP's group-wide losses)."""
+    losses are taken over (global-batch balancing, as EP's group-wide losses).
+
+    ``placements``: one ``runtime.eplb.Placement`` per MoE block (in block order), for re-placement (EPLB):
+    each block's ``MoELayer(placement=...)``; ``moe_layers`` lists those layers for ``set_placement``."""
 
     def __init__(self, cfg: DecoderConfig, weights: DecoderWeights, par: ParallelConfig | None = None,
-                 group=None, device=None, *, recompute: str = "none", dp_group=None):  # fmt: skip
+                 group=None, device=None, *, recompute: str = "none", dp_group=None,
+                 placements=None):  # fmt: skip
         super().__init__()
         par = par if par is not None else ParallelConfig()
         if recompute not in RECOMPUTE:
@@ -392,7 +396,14 @@ class MoEDecoder(nn.Module):
         if (weights.embed_VD is None) != (cfg.vocab == 0):
             raise ValueError(f"MoEDecoder: vocab = {cfg.vocab} needs embedding weights exactly when vocab > 0")
         self.cfg, self.device = cfg, torch.device(device) if device is not None else torch.device("cpu")
-        self.blocks = nn.ModuleList(Block(cfg, w, par, group, device, recompute, dp_group) for w in weights.blocks)
+        moe_blocks = [i for i, w in enumerate(weights.blocks) if w.moe is not None]
+        if placements is not None and len(placements) != len(moe_blocks):
+            want = len(moe_blocks)
+            raise ValueError(f"MoEDecoder got {len(placements)} placements: accepted one per MoE block ({want})")
+        placed = dict(zip(moe_blocks, placements, strict=True)) if placements is not None else {}
+        self.blocks = nn.ModuleList(
+            Block(cfg, w, par, group, device, recompute, dp_group, placed.get(i)) for i, w in enumerate(weights.blocks)
+        )
         self.final_norm_D = nn.Parameter(weights.final_norm_D.to(device).clone())
         dtype = cfg.moe.torch_dtype
         self.embed_VD = self.head_VD = None
@@ -419,6 +430,11 @@ class MoEDecoder(nn.Module):
                 routed.append(out)
         return rms_norm(x_TD, self.final_norm_D, self.cfg.norm_eps), routed
 
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE blocks' layers, in block order."""
+        return [block.moe for block in self.blocks if block.moe is not None]
+
     def expert_parameters(self) -> list[nn.Parameter]:
         """The routed experts this rank holds: sharded over the EP group, complete after backward."""
         return [p for block in self.blocks if block.moe is not None for p in block.moe.experts.parameters()]
@@ -439,6 +455,8 @@ class MoEDecoder(nn.Module):
             dist.all_reduce(flat, group=group)
             for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
                 g.copy_(part.view_as(g))
+        for layer in self.moe_layers:  # copies of an expert on several ranks (placements with spare slots)
+            layer.reduce_copy_grads()
 
     def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
         """The LM head over output hidden states (vocab > 0)."""
