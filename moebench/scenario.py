@@ -24,6 +24,8 @@ import torch
 
 from moebench import kinds
 from moebench.kinds import fault as fault_kind  # its TYPES and ON_EXPERT_LOSS are [fault]'s choices
+from moebench.measure.eplb import DEFAULTS as EPLB_DEFAULTS
+from moebench.measure.eplb import check_eplb
 from moebench.measure.offload import check_offload
 from moebench.metrics import is_finite_number
 from moebench.spec import (
@@ -58,7 +60,7 @@ SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items() if kind.default_slos}
 
 REQUIRED = object()
-SWEEPABLE = ("model", "parallel", "workload", "serve", "train", "offload", "fault")
+SWEEPABLE = ("model", "parallel", "workload", "eplb", "serve", "train", "offload", "fault")
 RANGES = {("serve", "input_len"), ("serve", "output_len")}  # [min, max] is one value there, not a sweep
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
@@ -194,7 +196,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "backend": Key("auto", *_choice("auto", "gloo", "nccl")),
         "threads_per_rank": Key(0, *_int(0, 4096)),
         "overlap_chunks": Key(None, *_int(1, 4096)),  # absent: serial, and no overlap timing
-        "redundant_experts": Key(0, *_int(0, 2**16)),  # replicas of the busiest experts (kind "fault")
+        "redundant_experts": Key(0, *_int(0, 2**16)),  # replicas (kind "fault"), or EPLB's spare slots ([eplb])
         "mode": Key("ep", *_choice("ep", "dp")),  # "dp": every rank holds every expert (kinds "serve", "train")
     },
     "workload": {
@@ -206,6 +208,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "trace": Key("", *_text(r"(?s).{0,4096}", 'a path to a routing trace (.npz or .json), with skew = "trace"')),
         "seed": Key(0, *_int(0, 2**32 - 1)),
         "train": Key(False, *_BOOL),
+        "drift_every": Key(0, *_int(0, MAX_STEPS)),  # redraw the skew's expert order every n steps ([eplb] passes)
+    },
+    "eplb": {  # expert re-placement from measured load (moebench/measure/eplb.py)
+        "window": Key(EPLB_DEFAULTS["window"], *_int(1, 10**6)),
+        "interval": Key(EPLB_DEFAULTS["interval"], *_int(0, 10**6)),  # 0: never (static placement)
+        "nodes": Key(EPLB_DEFAULTS["nodes"], *_int(1, 2**16)),
     },
     "serve": {  # kind "serve" only (moebench/kinds/serve.py)
         "requests": Key(32, *_int(1, 10**6)),
@@ -526,7 +534,8 @@ def _features(spec: RunSpec) -> dict[str, object]:
         "offload": spec.offload.get("cache_slots"),
         "stream": spec.workload["steps"] if spec.workload["steps"] > 1 else None,
         "fault": spec.fault.get("type"),
-        "redundancy": spec.parallel.get("redundant_experts") or None,
+        "redundancy": None if spec.eplb["interval"] else spec.parallel.get("redundant_experts") or None,
+        "eplb": spec.eplb["interval"] or None,
         "dp": spec.parallel["mode"] if spec.parallel["mode"] == "dp" else None,
     }
     return {feature: value for feature, value in asked.items() if value is not None}
@@ -544,6 +553,7 @@ def _check_features(spec: RunSpec) -> None:
                 f"accepted only with kind {accepted}"
             )
     check_offload(spec)
+    check_eplb(spec)
     if kind.validate is not None:
         kind.validate(spec)
 

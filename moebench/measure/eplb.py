@@ -1,0 +1,266 @@
+"""Expert re-placement while running (``[eplb] interval`` > 0) in the timed kinds: the run's stream of
+steps twice, in the same run, on the same inputs and the same drift — once under the static placement and
+once re-placed from the measured load every ``interval`` steps — after the step's own timed window.
+
+Per step, each pass records its step time (the slowest rank's, as every timed step) and its
+``balancedness`` (vLLM's: Σ over layers of the mean copies a rank's experts receive / Σ over layers of the
+max). The EPLB pass keeps the routed copies of the last ``window`` steps (``runtime.eplb.LoadWindow``); after
+every ``interval``-th step every layer is re-placed (``runtime.eplb.rebalance`` on its window's loads, then
+``MoELayer.set_placement``), timed with the group's barrier around it, its bytes counted. Just before and
+just after each move, every layer's outputs on a probe of the step's tokens are computed with the
+batch-invariant ``rowwise`` experts and compared bitwise (check ``rebalance_exact``).
+
+Drift (``[workload] drift_every`` = n > 0): from step n on, every n steps each layer's experts swap
+popularity: the router rows (gate and calibrated offset) are permuted by a seeded permutation per epoch
+and layer, so expert π(e)'s old share goes to expert e. At layer 0 this is exactly the skew with another
+expert order; deeper layers see a changed residual stream, so their shares move too but are not
+recalibrated.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moebench import metrics as M
+from moebench.measure.common import build_stack, ratios, stream_routes
+from moebench.workload.tokens import layer_weights
+from runtime.eplb import LoadWindow, rebalance, static_placement
+from runtime.weights import MoEWeights
+
+if TYPE_CHECKING:
+    from moebench.spec import RunSpec
+
+PROBE_TOKENS = 16  # tokens per rank the exactness probe runs (rowwise experts: one GEMV pair per copy)
+DEFAULTS = {"window": 1000, "interval": 0, "nodes": 1}  # [eplb]: vLLM's window; 0 = never re-place
+RECOVERED = 0.9  # balancedness a re-placed run counts as recovered at (issue target; docs/results.md)
+EPLB_METRICS = ("balancedness", "balancedness_static", "rebalance_time_s", "rebalance_bytes", "eplb_speedup",
+                "eplb_recovery_steps")  # fmt: skip
+EPLB_COLUMNS = (
+    ("balancedness", "balanced", 1, ".3f"),
+    ("balancedness_static", "balanced static", 1, ".3f"),
+    ("eplb_speedup", "eplb speedup", 1, ".2f"),
+    ("rebalance_time_s", "rebalance (ms)", 1e3, ".2f"),
+)
+
+
+def check_eplb(spec: RunSpec) -> None:
+    """The rules of ``[eplb]`` and ``[workload] drift_every`` (``ValueError``, one line)."""
+    cfg, wl, par = spec.eplb, spec.workload, spec.parallel
+    E, W, R = spec.model["num_experts"], spec.world_size, par["redundant_experts"]
+    if wl["drift_every"] and wl["skew"] == "trace":
+        raise ValueError('[workload] drift_every is invalid with skew = "trace": accepted a skew of routing')
+    if wl["drift_every"] and not cfg["interval"]:
+        raise ValueError(
+            f"[workload] drift_every = {wl['drift_every']} without [eplb] interval is refused: accepted with "
+            "interval >= 1 (the drift is applied in the EPLB passes)"
+        )
+    if not cfg["interval"]:
+        return
+    if W < 2 or par.get("mode") == "dp":
+        raise ValueError(
+            f"[eplb] interval = {cfg['interval']} needs expert parallelism: accepted world_size >= 2, mode ep"
+        )
+    if (E + R) % W:
+        raise ValueError(
+            f"[parallel] redundant_experts = {R} is invalid with num_experts = {E} and world_size = {W}: accepted "
+            "num_experts + redundant_experts a multiple of world_size (every rank holds as many slots)"
+        )
+    if R > E * (W - 1):
+        raise ValueError(f"[parallel] redundant_experts = {R} is invalid: accepted at most {E * (W - 1)}")
+    if wl["steps"] <= cfg["interval"]:
+        raise ValueError(
+            f"[workload] steps = {wl['steps']} is invalid with [eplb] interval = {cfg['interval']}: accepted more "
+            "steps than the interval (else nothing is ever re-placed)"
+        )
+    if W % cfg["nodes"]:
+        raise ValueError(f"[eplb] nodes = {cfg['nodes']} is invalid with world_size = {W}: accepted a divisor of it")
+    if cfg["nodes"] > 1 and E % cfg["nodes"]:
+        raise ValueError(f"[eplb] nodes = {cfg['nodes']} is invalid with num_experts = {E}: accepted a divisor of it")
+    if wl["train"]:
+        raise ValueError("[eplb] interval with [workload] train = true is refused: accepted in a forward stream")
+
+
+def drift_permutation(num_experts: int, seed: int, epoch: int, layer: int) -> torch.Tensor:
+    """π of ``epoch`` at ``layer``: expert e takes the router row of expert π[e] (epoch 0: identity)."""
+    if epoch == 0:
+        return torch.arange(num_experts)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 20_000 + epoch * 4096 + layer)
+    return torch.randperm(num_experts, generator=gen)
+
+
+def drifted(weights: list[MoEWeights], seed: int, epoch: int) -> list[MoEWeights]:
+    """The stack's weights with each layer's router rows permuted for ``epoch`` (module docstring)."""
+    out = []
+    for l, w in enumerate(weights):
+        perm = drift_permutation(w.router_ED.shape[0], seed, epoch, l)
+        bias = None if w.router_bias_E is None else w.router_bias_E[perm]
+        out.append(MoEWeights(w.router_ED[perm], w.w_in_EDH, w.w_down_EFD, bias))
+    return out
+
+
+def _balance(results) -> float:
+    """The step's balancedness over layers from each layer's ``received_W``."""
+    return M.balancedness([r.received_W.tolist() for r in results])
+
+
+def _barrier(ctx, group) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)  # sync: the moves' copies are done before the clock stops
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def _run_pass(ctx, spec: RunSpec, stack, stream, routes, weights, group, eplb: bool) -> dict:
+    """One pass over the stream (module docstring); the EPLB pass re-places, the static one never."""
+    E, W = spec.model["num_experts"], spec.world_size
+    R, cfg = spec.parallel["redundant_experts"], spec.eplb
+    drift, seed, layers = spec.workload["drift_every"], spec.workload["seed"], len(stack.layers)
+    window = LoadWindow(layers, E, cfg["window"])
+    for layer, w in zip(stack.layers, weights, strict=True):  # both passes start static, at epoch 0
+        layer.set_placement(static_placement(E, W, R))
+        layer.load_router_weights(w)
+    epoch, out = 0, {"step": [], "balancedness": [], "moves": []}
+    for s in range(len(stream)):
+        if drift and s // drift != epoch:
+            epoch = s // drift
+            for layer, w in zip(stack.layers, drifted(weights, seed, epoch), strict=True):
+                layer.load_router_weights(w)
+        if routes is not None:
+            for layer, ids_TK in zip(stack.layers, routes[s], strict=True):
+                layer.router.use(ids_TK)
+        _barrier(ctx, group)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _, results = stack(stream[s])
+        _barrier(ctx, group)  # sync (CUDA) and barrier: the step ends when the slowest rank is done
+        out["step"].append(time.perf_counter() - t0)
+        out["balancedness"].append(_balance(results))
+        window.record([r.counts_WE.sum(0).tolist() for r in results])
+        if eplb and (s + 1) % cfg["interval"] == 0 and s + 1 < len(stream):
+            probe = stream[s] if routes is not None else stream[s][:PROBE_TOKENS]  # a replayed trace: every row
+            out["moves"].append(_move(ctx, spec, stack, probe, window, group) | {"after_step": s})
+    return out
+
+
+def _probe(stack, x_TD: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's output on the probe tokens, rowwise experts (batch-invariant)."""
+    outs, h_TD = [], x_TD
+    for layer in stack.layers:
+        layer.set_schedule(expert_backend="rowwise")
+        with torch.no_grad():
+            y = layer(h_TD).out_TD
+        layer.set_schedule(expert_backend=layer.moe.expert_backend)
+        outs.append(y)
+        h_TD = h_TD + y
+    return outs
+
+
+def _move(ctx, spec: RunSpec, stack, x_TD, window: LoadWindow, group) -> dict:
+    """Re-place every layer from the window's loads; the probe's outputs before and after, compared."""
+    W, R, nodes = spec.world_size, spec.parallel["redundant_experts"], spec.eplb["nodes"]
+    before = _probe(stack, x_TD)
+    _barrier(ctx, group)
+    t0 = time.perf_counter()
+    sent = 0
+    for layer, loads in zip(stack.layers, window.loads(), strict=True):
+        placement = rebalance([float(v) for v in loads], W, R, nodes, groups=nodes if nodes > 1 else None)
+        sent += layer.set_placement(placement)
+    _barrier(ctx, group)
+    elapsed = time.perf_counter() - t0
+    after = _probe(stack, x_TD)
+    exact = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    return {"time_s": elapsed, "bytes_sent": sent, "exact": exact}
+
+
+def eplb_timings(ctx, spec: RunSpec, stream: list[torch.Tensor], group) -> dict:
+    """The static pass and the EPLB pass over ``stream`` (one list of inputs per step)."""
+    E, W, R = spec.model["num_experts"], spec.world_size, spec.parallel["redundant_experts"]
+    wl = spec.workload
+    weights = layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
+    stack = build_stack(ctx, spec, placements=[static_placement(E, W, R)] * spec.model["layers"])
+    routes = stream_routes(ctx, spec)
+    _run_pass(ctx, spec, stack, stream[:1], routes, weights, group, eplb=False)  # warm-up, untimed
+    static = _run_pass(ctx, spec, stack, stream, routes, weights, group, eplb=False)
+    moving = _run_pass(ctx, spec, stack, stream, routes, weights, group, eplb=True)
+    return {"eplb": {"static": static, "eplb": moving}}
+
+
+# -------------------------------------------------------------------------------------------
+# Parent side
+
+
+def recovery_steps(balance: list[float], drift_every: int, threshold: float = RECOVERED) -> int | None:
+    """The most steps any drift change took to bring ``balance`` back to ``threshold`` or above (0: it
+    never fell below); None without drift, or when a change never recovered before the next one or the end."""
+    if not drift_every or drift_every >= len(balance):
+        return None
+    worst = 0
+    for change in range(drift_every, len(balance), drift_every):
+        end = min(change + drift_every, len(balance))
+        back = next((s for s in range(change, end) if balance[s] >= threshold), None)
+        if back is None:
+            return None
+        worst = max(worst, back - change)
+    return worst
+
+
+def eplb_metrics(spec: RunSpec, per_rank: list[dict]) -> dict:
+    """Metrics of the two passes (``EPLB_METRICS``; docs/results.md)."""
+    if "eplb" not in per_rank[0]:
+        return {}
+    static, moving = per_rank[0]["eplb"]["static"], per_rank[0]["eplb"]["eplb"]
+    moves = [r["eplb"]["eplb"]["moves"] for r in per_rank]
+    out = {
+        "balancedness": M.metric([float(np.median(moving["balancedness"]))], "ratio", "higher", exact=True),
+        "balancedness_static": M.metric([float(np.median(static["balancedness"]))], "ratio", "higher", exact=True),
+        "eplb_speedup": M.metric(ratios(static["step"], moving["step"]), "ratio", "higher"),
+    }
+    if moves[0]:
+        out["rebalance_time_s"] = M.metric([m["time_s"] for m in moves[0]], "s", "lower")
+        sent = [sum(rank[i]["bytes_sent"] for rank in moves) for i in range(len(moves[0]))]
+        out["rebalance_bytes"] = M.metric(sent, "B", "lower", exact=True)
+    steps = recovery_steps(moving["balancedness"], spec.workload["drift_every"])
+    if spec.workload["drift_every"]:
+        # a change that never recovered is reported as the drift period (the most it could have taken)
+        out["eplb_recovery_steps"] = M.metric([spec.workload["drift_every"] if steps is None else steps], "steps",
+                                              "lower", exact=True)  # fmt: skip
+    return out
+
+
+def eplb_checks(per_rank: list[dict]) -> list[dict]:
+    """``rebalance_exact``: every move left every layer's probe outputs bitwise equal, on every rank."""
+    if "eplb" not in per_rank[0] or not per_rank[0]["eplb"]["eplb"]["moves"]:
+        return []
+    results = [m["exact"] for r in per_rank for m in r["eplb"]["eplb"]["moves"]]
+    moves = len(per_rank[0]["eplb"]["eplb"]["moves"])
+    return [
+        {
+            "name": "rebalance_exact",
+            "pass": all(results),
+            "detail": f"{sum(results)} of {len(results)} (move, rank) probes bitwise equal across {moves} moves",
+        }
+    ]
+
+
+def eplb_details(spec: RunSpec, per_rank: list[dict]) -> dict:
+    """The per-step series of both passes and the moves, for the report's plot."""
+    if "eplb" not in per_rank[0]:
+        return {}
+    static, moving = per_rank[0]["eplb"]["static"], per_rank[0]["eplb"]["eplb"]
+    return {
+        "eplb": {
+            "interval": spec.eplb["interval"],
+            "window": spec.eplb["window"],
+            "drift_every": spec.workload["drift_every"],
+            "balancedness_static": static["balancedness"],
+            "balancedness": moving["balancedness"],
+            "step_time_static_s": static["step"],
+            "step_time_s": moving["step"],
+            "moves": [{"after_step": m["after_step"], "time_s": m["time_s"]} for m in moving["moves"]],
+        }
+    }
