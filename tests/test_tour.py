@@ -26,7 +26,13 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 MAX_TOUR_RUNS = 20
 MAX_RUNS_PER_FILE = 3  # one point, or a same-run comparison of two or three (e.g. LRU vs Belady)
 # the default set's seed-plan sweeps, and each one's bound in runs
-SEED_FILES = {"seed-serve.toml": 12, "seed-train.toml": 6, "train-recompute.toml": 3, "train-memory.toml": 8}
+SEED_FILES = {
+    "seed-serve.toml": 12,
+    "seed-train.toml": 6,
+    "train-recompute.toml": 3,
+    "train-memory.toml": 8,
+    "eplb.toml": 4,
+}
 
 
 def _offloaded(r: RunSpec) -> bool:
@@ -71,6 +77,10 @@ CAPABILITIES = {
     ),
     "checkpoint and resume": lambda runs: any(
         r.kind == "fault" and r.fault.get("checkpoint_every") and r.workload["train"] for r in runs
+    ),
+    "EPLB: re-placed against static in the same run, with drift, at EP 2 and 4": lambda runs: (
+        any(r.eplb["interval"] and r.workload["drift_every"] for r in runs)
+        and {r.world_size for r in runs if r.eplb["interval"]} >= {2, 4}
     ),
     "routing trace replay": lambda runs: any(r.workload["skew"] == "trace" for r in runs),
     "serving: a request-rate sweep, continuous vs static batching, EP vs DP": lambda runs: (
