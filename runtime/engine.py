@@ -88,6 +88,8 @@ class StepStats:
     prefill_tokens: int
     decode_tokens: int
     running: int  # requests in this step's batch
+    loads_LE: tuple = ()  # per MoE block, copies routed to each expert over the EP group (host)
+    received_LW: tuple = ()  # per MoE block, copies each rank's experts received (host)
 
     @property
     def tokens(self) -> int:
@@ -219,7 +221,7 @@ class Engine:
         inputs = self._inputs(plan)
         forward_start = self.clock()  # the forward's own preparation (positions, RoPE, masks) is the model's
         batch = Batch(segments, self.model.device, self.model.cfg)
-        h_TD, _ = self.model(inputs, batch, self.cache)
+        h_TD, routed = self.model(inputs, batch, self.cache)
         decoding = [r.prefilled for r, _ in plan]  # before this step's prompt tokens count
         emits = [i for i, (r, n) in enumerate(plan) if decoding[i] or r.computed + n == r.input_len]
         rows = [batch.rows[i] + plan[i][1] - 1 for i in emits]  # each emitting segment's last row
@@ -246,4 +248,6 @@ class Engine:
             self.finished.append(r)
         decode_tokens = sum(decoding)
         prefill_tokens = sum(n for (_, n), decode in zip(plan, decoding, strict=True) if not decode)
-        return StepStats(start, end, end - forward_start, prefill_tokens, decode_tokens, len(plan))
+        loads = tuple(tuple(r.counts_WE.sum(0).tolist()) for r in routed)  # host counts: no sync
+        received = tuple(tuple(r.received_W.tolist()) for r in routed)
+        return StepStats(start, end, end - forward_start, prefill_tokens, decode_tokens, len(plan), loads, received)

@@ -403,6 +403,11 @@ class MoELayer(nn.Module):
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.group)
         self.reduce_copy_grads()
 
+    def copy_share_L(self) -> torch.Tensor:
+        """1 / copies of each local slot's logical expert (host; all ones without copies)."""
+        copies_E = torch.bincount(torch.tensor(self.replicas.logical_of_P), minlength=self.moe.num_experts)
+        return 1.0 / copies_E[list(self.experts.experts_L)].double()
+
     @torch.no_grad()
     def reduce_copy_grads(self) -> None:
         """With copies of an expert on several ranks (``placement`` with spare slots): every copy's gradient

@@ -439,6 +439,17 @@ class MoEDecoder(nn.Module):
         """The routed experts this rank holds: sharded over the EP group, complete after backward."""
         return [p for block in self.blocks if block.moe is not None for p in block.moe.experts.parameters()]
 
+    def expert_grad_square_sum(self, zero: torch.Tensor) -> torch.Tensor:
+        """Σ grad² over this rank's expert slots in fp64, a slot counted 1/copies of its expert (copies on several
+        ranks hold the same summed gradient, ``reduce_copy_grads``), so the group's sum counts each expert once."""
+        total = zero
+        for layer in self.moe_layers:
+            share_L = layer.copy_share_L().to(zero.device, torch.float64)
+            for p in layer.experts.parameters():
+                if p.grad is not None:
+                    total = total + (p.grad.detach().double().square().flatten(1).sum(1) * share_L).sum()
+        return total
+
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Every other parameter: each rank of the EP group holds a copy and sees only its own tokens."""
         sharded = {id(p) for p in self.expert_parameters()}

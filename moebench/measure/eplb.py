@@ -103,28 +103,92 @@ def drifted(weights: list[MoEWeights], seed: int, epoch: int) -> list[MoEWeights
     return out
 
 
-def _balance(results) -> float:
-    """The step's balancedness over layers from each layer's ``received_W``."""
-    return M.balancedness([r.received_W.tolist() for r in results])
+def balance(received_LW) -> float:
+    """A step's balancedness over layers from each layer's copies received per rank."""
+    return M.balancedness([list(r) for r in received_LW])
 
 
 def _barrier(ctx, group) -> None:
     if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)  # sync: the moves' copies are done before the clock stops
+        torch.cuda.synchronize(ctx.device)  # sync: the step's (or the moves') work is done before the clock reads
     if group is not None:
         dist.barrier(group=group)
 
 
+class Rebalancer:
+    """The re-placement loop of one run, over its MoE layers (module docstring): ``reset`` puts every layer on
+    the static placement and empties the window; ``after_step`` records a step's loads and, every ``interval``
+    steps, re-places every layer (moving ``optimizer``'s state with the weights when training), with the
+    bitwise probe around the move. ``eplb`` False: record only, never move (the static pass)."""
+
+    def __init__(self, ctx, spec: RunSpec, layers, group, eplb: bool):
+        self.ctx, self.spec, self.layers, self.group, self.eplb = ctx, spec, list(layers), group, eplb
+        self.window = LoadWindow(len(self.layers), spec.model["num_experts"], spec.eplb["window"])
+        self.steps, self.moves, self.balance = 0, [], []
+
+    def reset(self) -> None:
+        E, W, R = self.spec.model["num_experts"], self.spec.world_size, self.spec.parallel["redundant_experts"]
+        for layer in self.layers:
+            layer.set_placement(static_placement(E, W, R))
+        self.window = LoadWindow(len(self.layers), E, self.spec.eplb["window"])
+        self.steps, self.moves, self.balance = 0, [], []
+
+    def after_step(self, loads_LE, received_LW, probe=None, optimizer=None, last: bool = False) -> None:
+        """One step's routed copies per expert and copies received per rank, per layer (host lists).
+        ``probe``: the tokens [T, D] each layer's exactness probe runs (None: seeded ones); ``last``: the run's
+        last step (nothing is moved after it)."""
+        self.steps += 1
+        self.balance.append(balance(received_LW))
+        self.window.record(loads_LE)
+        if self.eplb and not last and self.steps % self.spec.eplb["interval"] == 0:
+            self.moves.append(self._move(probe, optimizer) | {"after_step": self.steps - 1})
+
+    def _probe_tokens(self, probe) -> torch.Tensor:
+        if probe is not None:
+            return probe
+        D, dtype = self.spec.model["hidden"], self.layers[0].moe.torch_dtype
+        gen = torch.Generator().manual_seed(self.spec.workload["seed"] * 1_000_003 + 30_000 + self.ctx.rank)
+        return torch.randn(PROBE_TOKENS, D, generator=gen).to(self.ctx.device, dtype)
+
+    def _outputs(self, x_TD: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output on the same probe tokens, rowwise experts (batch-invariant)."""
+        outs = []
+        for layer in self.layers:
+            layer.set_schedule(expert_backend="rowwise")
+            with torch.no_grad():
+                outs.append(layer(x_TD).out_TD)
+            layer.set_schedule(expert_backend=layer.moe.expert_backend)
+        return outs
+
+    def _move(self, probe, optimizer) -> dict:
+        spec, ctx, group = self.spec, self.ctx, self.group
+        W, R, nodes = spec.world_size, spec.parallel["redundant_experts"], spec.eplb["nodes"]
+        x_TD = self._probe_tokens(probe)
+        before = self._outputs(x_TD)
+        _barrier(ctx, group)
+        t0 = time.perf_counter()
+        sent = 0
+        for layer, loads in zip(self.layers, self.window.loads(), strict=True):
+            placement = rebalance([float(v) for v in loads], W, R, nodes, groups=nodes if nodes > 1 else None)
+            sent += layer.set_placement(placement, optimizer)
+        _barrier(ctx, group)
+        elapsed = time.perf_counter() - t0
+        exact = all(torch.equal(a, b) for a, b in zip(before, self._outputs(x_TD), strict=True))
+        return {"time_s": elapsed, "bytes_sent": sent, "exact": exact}
+
+    def record(self, times_s: list[float]) -> dict:
+        """What the pass reports: its step times, balancedness per step and moves."""
+        return {"step": list(times_s), "balancedness": list(self.balance), "moves": list(self.moves)}
+
+
 def _run_pass(ctx, spec: RunSpec, stack, stream, routes, weights, group, eplb: bool) -> dict:
     """One pass over the stream (module docstring); the EPLB pass re-places, the static one never."""
-    E, W = spec.model["num_experts"], spec.world_size
-    R, cfg = spec.parallel["redundant_experts"], spec.eplb
-    drift, seed, layers = spec.workload["drift_every"], spec.workload["seed"], len(stack.layers)
-    window = LoadWindow(layers, E, cfg["window"])
-    for layer, w in zip(stack.layers, weights, strict=True):  # both passes start static, at epoch 0
-        layer.set_placement(static_placement(E, W, R))
+    drift, seed = spec.workload["drift_every"], spec.workload["seed"]
+    rebalancer = Rebalancer(ctx, spec, stack.layers, group, eplb)
+    rebalancer.reset()  # both passes start from the static placement, at epoch 0
+    for layer, w in zip(stack.layers, weights, strict=True):
         layer.load_router_weights(w)
-    epoch, out = 0, {"step": [], "balancedness": [], "moves": []}
+    epoch, times = 0, []
     for s in range(len(stream)):
         if drift and s // drift != epoch:
             epoch = s // drift
@@ -138,43 +202,11 @@ def _run_pass(ctx, spec: RunSpec, stack, stream, routes, weights, group, eplb: b
         with torch.no_grad():
             _, results = stack(stream[s])
         _barrier(ctx, group)  # sync (CUDA) and barrier: the step ends when the slowest rank is done
-        out["step"].append(time.perf_counter() - t0)
-        out["balancedness"].append(_balance(results))
-        window.record([r.counts_WE.sum(0).tolist() for r in results])
-        if eplb and (s + 1) % cfg["interval"] == 0 and s + 1 < len(stream):
-            probe = stream[s] if routes is not None else stream[s][:PROBE_TOKENS]  # a replayed trace: every row
-            out["moves"].append(_move(ctx, spec, stack, probe, window, group) | {"after_step": s})
-    return out
-
-
-def _probe(stack, x_TD: torch.Tensor) -> list[torch.Tensor]:
-    """Every layer's output on the probe tokens, rowwise experts (batch-invariant)."""
-    outs, h_TD = [], x_TD
-    for layer in stack.layers:
-        layer.set_schedule(expert_backend="rowwise")
-        with torch.no_grad():
-            y = layer(h_TD).out_TD
-        layer.set_schedule(expert_backend=layer.moe.expert_backend)
-        outs.append(y)
-        h_TD = h_TD + y
-    return outs
-
-
-def _move(ctx, spec: RunSpec, stack, x_TD, window: LoadWindow, group) -> dict:
-    """Re-place every layer from the window's loads; the probe's outputs before and after, compared."""
-    W, R, nodes = spec.world_size, spec.parallel["redundant_experts"], spec.eplb["nodes"]
-    before = _probe(stack, x_TD)
-    _barrier(ctx, group)
-    t0 = time.perf_counter()
-    sent = 0
-    for layer, loads in zip(stack.layers, window.loads(), strict=True):
-        placement = rebalance([float(v) for v in loads], W, R, nodes, groups=nodes if nodes > 1 else None)
-        sent += layer.set_placement(placement)
-    _barrier(ctx, group)
-    elapsed = time.perf_counter() - t0
-    after = _probe(stack, x_TD)
-    exact = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    return {"time_s": elapsed, "bytes_sent": sent, "exact": exact}
+        times.append(time.perf_counter() - t0)
+        probe = stream[s] if routes is not None else stream[s][:PROBE_TOKENS]  # a replayed trace: every row
+        loads, received = [r.counts_WE.sum(0).tolist() for r in results], [r.received_W.tolist() for r in results]
+        rebalancer.after_step(loads, received, probe, last=s + 1 == len(stream))
+    return rebalancer.record(times)
 
 
 def eplb_timings(ctx, spec: RunSpec, stream: list[torch.Tensor], group) -> dict:
