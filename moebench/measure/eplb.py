@@ -54,6 +54,11 @@ def check_eplb(spec: RunSpec) -> None:
     E, W, R = spec.model["num_experts"], spec.world_size, par["redundant_experts"]
     if wl["drift_every"] and wl["skew"] == "trace":
         raise ValueError('[workload] drift_every is invalid with skew = "trace": accepted a skew of routing')
+    if wl["drift_every"] and spec.kind == "train":
+        raise ValueError(
+            f'[workload] drift_every = {wl["drift_every"]} is invalid for kind = "train": accepted in kinds '
+            "throughput, latency and serve (a trained router learns its own popularity)"
+        )
     if wl["drift_every"] and not cfg["interval"]:
         raise ValueError(
             f"[workload] drift_every = {wl['drift_every']} without [eplb] interval is refused: accepted with "
@@ -72,7 +77,7 @@ def check_eplb(spec: RunSpec) -> None:
         )
     if R > E * (W - 1):
         raise ValueError(f"[parallel] redundant_experts = {R} is invalid: accepted at most {E * (W - 1)}")
-    if wl["steps"] <= cfg["interval"]:
+    if spec.kind in ("throughput", "latency") and wl["steps"] <= cfg["interval"]:
         raise ValueError(
             f"[workload] steps = {wl['steps']} is invalid with [eplb] interval = {cfg['interval']}: accepted more "
             "steps than the interval (else nothing is ever re-placed)"
@@ -117,21 +122,30 @@ def _barrier(ctx, group) -> None:
 
 class Rebalancer:
     """The re-placement loop of one run, over its MoE layers (module docstring): ``reset`` puts every layer on
-    the static placement and empties the window; ``after_step`` records a step's loads and, every ``interval``
-    steps, re-places every layer (moving ``optimizer``'s state with the weights when training), with the
-    bitwise probe around the move. ``eplb`` False: record only, never move (the static pass)."""
+    the static placement (and, with ``weights``, the routers of drift epoch 0) and empties the window;
+    ``after_step`` records a step's loads, every ``interval`` steps re-places every layer (moving
+    ``optimizer``'s state with the weights when training) with the bitwise probe around the move, and every
+    ``drift_every`` steps loads the next epoch's routers (``weights``: the layers' global weights; None: no
+    drift). ``eplb`` False: record and drift, never move (the static pass)."""
 
-    def __init__(self, ctx, spec: RunSpec, layers, group, eplb: bool):
+    def __init__(self, ctx, spec: RunSpec, layers, group, eplb: bool, weights: list[MoEWeights] | None = None):
         self.ctx, self.spec, self.layers, self.group, self.eplb = ctx, spec, list(layers), group, eplb
-        self.window = LoadWindow(len(self.layers), spec.model["num_experts"], spec.eplb["window"])
-        self.steps, self.moves, self.balance = 0, [], []
+        self.weights = weights
+        self.reset()
 
     def reset(self) -> None:
         E, W, R = self.spec.model["num_experts"], self.spec.world_size, self.spec.parallel["redundant_experts"]
         for layer in self.layers:
             layer.set_placement(static_placement(E, W, R))
+        if self.weights is not None:
+            for layer, w in zip(self.layers, self.weights, strict=True):
+                layer.load_router_weights(w)
         self.window = LoadWindow(len(self.layers), E, self.spec.eplb["window"])
         self.steps, self.moves, self.balance = 0, [], []
+
+    def hook(self, stats) -> None:
+        """``after_step`` from a step record that carries ``loads_LE`` and ``received_LW`` (the engine's)."""
+        self.after_step(stats.loads_LE, stats.received_LW)
 
     def after_step(self, loads_LE, received_LW, probe=None, optimizer=None, last: bool = False) -> None:
         """One step's routed copies per expert and copies received per rank, per layer (host lists).
@@ -142,6 +156,11 @@ class Rebalancer:
         self.window.record(loads_LE)
         if self.eplb and not last and self.steps % self.spec.eplb["interval"] == 0:
             self.moves.append(self._move(probe, optimizer) | {"after_step": self.steps - 1})
+        drift = self.spec.workload["drift_every"]
+        if self.weights is not None and drift and self.steps % drift == 0:  # the next step's popularity
+            epoch = self.steps // drift
+            for layer, w in zip(self.layers, drifted(self.weights, self.spec.workload["seed"], epoch), strict=True):
+                layer.load_router_weights(w)
 
     def _probe_tokens(self, probe) -> torch.Tensor:
         if probe is not None:
@@ -183,17 +202,9 @@ class Rebalancer:
 
 def _run_pass(ctx, spec: RunSpec, stack, stream, routes, weights, group, eplb: bool) -> dict:
     """One pass over the stream (module docstring); the EPLB pass re-places, the static one never."""
-    drift, seed = spec.workload["drift_every"], spec.workload["seed"]
-    rebalancer = Rebalancer(ctx, spec, stack.layers, group, eplb)
-    rebalancer.reset()  # both passes start from the static placement, at epoch 0
-    for layer, w in zip(stack.layers, weights, strict=True):
-        layer.load_router_weights(w)
-    epoch, times = 0, []
+    rebalancer = Rebalancer(ctx, spec, stack.layers, group, eplb, weights)  # static placement, drift epoch 0
+    times = []
     for s in range(len(stream)):
-        if drift and s // drift != epoch:
-            epoch = s // drift
-            for layer, w in zip(stack.layers, drifted(weights, seed, epoch), strict=True):
-                layer.load_router_weights(w)
         if routes is not None:
             for layer, ids_TK in zip(stack.layers, routes[s], strict=True):
                 layer.router.use(ids_TK)
@@ -209,12 +220,26 @@ def _run_pass(ctx, spec: RunSpec, stack, stream, routes, weights, group, eplb: b
     return rebalancer.record(times)
 
 
+def eplb_placements(spec: RunSpec, layers: int) -> list | None:
+    """The layers' starting placements when the run re-places (``[eplb] interval``): the static one; else None."""
+    if not spec.eplb["interval"]:
+        return None
+    E, W, R = spec.model["num_experts"], spec.world_size, spec.parallel["redundant_experts"]
+    return [static_placement(E, W, R)] * layers
+
+
+def serve_rebalancer(ctx, spec: RunSpec, model, group, eplb: bool) -> Rebalancer:
+    """A ``Rebalancer`` over a decoder's MoE layers, drifting their routers when ``[workload] drift_every``."""
+    wl, layers = spec.workload, model.moe_layers
+    weights = layer_weights(spec.moe_config(), len(layers), wl["seed"], wl["skew"], wl["skew_param"])
+    return Rebalancer(ctx, spec, layers, group, eplb, weights if wl["drift_every"] else None)
+
+
 def eplb_timings(ctx, spec: RunSpec, stream: list[torch.Tensor], group) -> dict:
     """The static pass and the EPLB pass over ``stream`` (one list of inputs per step)."""
-    E, W, R = spec.model["num_experts"], spec.world_size, spec.parallel["redundant_experts"]
     wl = spec.workload
     weights = layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
-    stack = build_stack(ctx, spec, placements=[static_placement(E, W, R)] * spec.model["layers"])
+    stack = build_stack(ctx, spec, placements=eplb_placements(spec, spec.model["layers"]))
     routes = stream_routes(ctx, spec)
     _run_pass(ctx, spec, stack, stream[:1], routes, weights, group, eplb=False)  # warm-up, untimed
     static = _run_pass(ctx, spec, stack, stream, routes, weights, group, eplb=False)
@@ -241,6 +266,14 @@ def recovery_steps(balance: list[float], drift_every: int, threshold: float = RE
     return worst
 
 
+def _speedups(static_s: list[float], eplb_s: list[float]) -> list[float]:
+    """Step by step (the same steps, timed in the same run) when both passes ran as many; else (serve, whose
+    windows may take different steps for the same requests) one ratio of the total forward times."""
+    if len(static_s) == len(eplb_s):
+        return ratios(static_s, eplb_s)
+    return [sum(static_s) / sum(eplb_s)]
+
+
 def eplb_metrics(spec: RunSpec, per_rank: list[dict]) -> dict:
     """Metrics of the two passes (``EPLB_METRICS``; docs/results.md)."""
     if "eplb" not in per_rank[0]:
@@ -250,7 +283,7 @@ def eplb_metrics(spec: RunSpec, per_rank: list[dict]) -> dict:
     out = {
         "balancedness": M.metric([float(np.median(moving["balancedness"]))], "ratio", "higher", exact=True),
         "balancedness_static": M.metric([float(np.median(static["balancedness"]))], "ratio", "higher", exact=True),
-        "eplb_speedup": M.metric(ratios(static["step"], moving["step"]), "ratio", "higher"),
+        "eplb_speedup": M.metric(_speedups(static["step"], moving["step"]), "ratio", "higher"),
     }
     if moves[0]:
         out["rebalance_time_s"] = M.metric([m["time_s"] for m in moves[0]], "s", "lower")
