@@ -68,7 +68,7 @@ def check_eplb(spec: RunSpec) -> None:
         return
     if W < 2 or par.get("mode") == "dp":
         raise ValueError(
-            f"[eplb] interval = {cfg['interval']} needs expert parallelism: accepted world_size >= 2, mode ep"
+            f"[eplb] interval = {cfg['interval']} needs expert parallelism: accepted world_size >= 2 and mode ep"
         )
     if (E + R) % W:
         raise ValueError(
