@@ -10,6 +10,10 @@ Policy, identical to ``runtime/router.py``: capacity C = ceil(cf · N · K / E) 
 given; copies are served in token order and the first C per expert are kept; a dropped copy
 contributes nothing and the other copies keep their weights; top-k ties go to the lower id.
 
+Sequence routing (``cfg.granularity = "sequence"``), written from its definition: each sequence's
+mean hidden state is routed once, every token of the sequence goes to those experts with those
+weights, and the sequence's router row enters the losses once per token (``runtime/router.py``).
+
 ``reference_decoder`` is the same ground truth for the whole decoder (runtime/model.py): one sequence
 in fp64, attention written out per head with an explicit causal mask and softmax, RoPE from its
 definition, the routed experts through ``reference_moe`` (dropless). It reads only the decoder's
@@ -70,8 +74,29 @@ def _expert(x_D, w_in_DH, w_down_FD, activation: str):
     return a_F @ w_down_FD
 
 
-def reference_moe(x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig) -> ReferenceOutput:
-    """Run the layer on N tokens in fp64. Inputs may require grad; outputs are differentiable."""
+def _spans(n: int, cfg: MoEConfig, lengths: list[int] | None) -> list[tuple[int, int]]:
+    """(first token, tokens) of each routed unit: every token alone, or each sequence."""
+    if cfg.granularity == "token":
+        if lengths is not None:
+            raise ValueError("reference_moe: lengths with granularity 'token': accepted granularity 'sequence'")
+        return [(t, 1) for t in range(n)]
+    if lengths is None:
+        size = cfg.seq_len or n
+        if n % max(size, 1):
+            raise ValueError(f"reference_moe: seq_len {size} does not divide {n} tokens")
+        lengths = [size] * (n // size) if n else []
+    if sum(lengths) != n or any(length < 1 for length in lengths):
+        raise ValueError(f"reference_moe: lengths {lengths} are not a split of {n} tokens")
+    starts = [sum(lengths[:b]) for b in range(len(lengths))]
+    return list(zip(starts, lengths, strict=True))
+
+
+def reference_moe(
+    x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig, lengths: list[int] | None = None
+) -> ReferenceOutput:
+    """Run the layer on N tokens in fp64. Inputs may require grad; outputs are differentiable.
+    With granularity "sequence", ``lengths`` split the N tokens into sequences in order (None: by
+    ``cfg.seq_len``, or one sequence)."""
     x = x_ND.double()
     router = weights.router_ED.double()
     bias = x.new_zeros(cfg.num_experts) if weights.router_bias_E is None else weights.router_bias_E.double()
@@ -83,27 +108,29 @@ def reference_moe(x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig) -> Re
     counts = [0] * e_count
     dropped = []
     rows, prob_sum, z_sum = [], torch.zeros(e_count, dtype=torch.float64), x.new_zeros(())
-    for t in range(n):
-        logits = router @ x[t] + bias
+    for start, length in _spans(n, cfg, lengths):
+        seen = x[start : start + length].sum(dim=0) / length  # what the router sees: the token, or the mean
+        logits = router @ seen + bias
         shifted = logits - logits.max()
         probs = torch.exp(shifted) / torch.exp(shifted).sum()
-        prob_sum = prob_sum + probs
-        z_sum = z_sum + (logits.max() + torch.log(torch.exp(shifted).sum())) ** 2
+        prob_sum = prob_sum + length * probs  # the unit's row counts once per token
+        z_sum = z_sum + length * (logits.max() + torch.log(torch.exp(shifted).sum())) ** 2
         values = probs.detach().tolist()
         chosen = sorted(range(e_count), key=lambda e: (-values[e], e))[:k]
         gate = [probs[e] for e in chosen]
         if cfg.normalize_topk:
             total = sum(gate)
             gate = [g / total for g in gate]
-        out = x.new_zeros(x.shape[1])
-        for e, g in zip(chosen, gate, strict=True):
-            counts[e] += 1
-            if capacity is not None and used[e] >= capacity:
-                dropped.append((t, e))
-                continue
-            used[e] += 1
-            out = out + g * _expert(x[t], w_in[e], w_down[e], cfg.activation)
-        rows.append(out)
+        for t in range(start, start + length):
+            out = x.new_zeros(x.shape[1])
+            for e, g in zip(chosen, gate, strict=True):
+                counts[e] += 1
+                if capacity is not None and used[e] >= capacity:
+                    dropped.append((t, e))
+                    continue
+                used[e] += 1
+                out = out + g * _expert(x[t], w_in[e], w_down[e], cfg.activation)
+            rows.append(out)
 
     out_ND = torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
     denom = max(n, 1)
