@@ -92,11 +92,16 @@ def _spans(n: int, cfg: MoEConfig, lengths: list[int] | None) -> list[tuple[int,
 
 
 def reference_moe(
-    x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig, lengths: list[int] | None = None
+    x_ND: torch.Tensor,
+    weights: MoEWeights,
+    cfg: MoEConfig,
+    lengths: list[int] | None = None,
+    prompt_len: int | None = None,
 ) -> ReferenceOutput:
     """Run the layer on N tokens in fp64. Inputs may require grad; outputs are differentiable.
     With granularity "sequence", ``lengths`` split the N tokens into sequences in order (None: by
-    ``cfg.seq_len``, or one sequence)."""
+    ``cfg.seq_len``, or one sequence), and the router sees the mean of each sequence's first
+    ``prompt_len`` tokens (None: all of them; serve's rule: the prompt's)."""
     x = x_ND.double()
     router = weights.router_ED.double()
     bias = x.new_zeros(cfg.num_experts) if weights.router_bias_E is None else weights.router_bias_E.double()
@@ -109,7 +114,8 @@ def reference_moe(
     dropped = []
     rows, prob_sum, z_sum = [], torch.zeros(e_count, dtype=torch.float64), x.new_zeros(())
     for start, length in _spans(n, cfg, lengths):
-        seen = x[start : start + length].sum(dim=0) / length  # what the router sees: the token, or the mean
+        seen_len = length if prompt_len is None else min(prompt_len, length)
+        seen = x[start : start + seen_len].sum(dim=0) / seen_len  # what the router sees: the token, or the mean
         logits = router @ seen + bias
         shifted = logits - logits.max()
         probs = torch.exp(shifted) / torch.exp(shifted).sum()
@@ -192,12 +198,16 @@ def _attention(cfg: DecoderConfig, w: BlockWeights, x_ND: torch.Tensor) -> torch
     return torch.cat(heads_out, dim=-1) @ w.wo_QD.double()  # heads concatenated head-major: [N, H·Dh]
 
 
-def reference_decoder(cfg: DecoderConfig, weights: DecoderWeights, inputs: torch.Tensor) -> torch.Tensor:
+def reference_decoder(
+    cfg: DecoderConfig, weights: DecoderWeights, inputs: torch.Tensor, prompt_len: int | None = None
+) -> torch.Tensor:
     """One whole sequence through the decoder in fp64 on the CPU: the output hidden states [N, D]
     after the final RMSNorm (what ``MoEDecoder.full`` returns). ``inputs``: hidden states [N, D]
     (vocab 0) or token ids [N] (vocab > 0). Block l: h = x + attn(norm(x)); x' = h + ffn(norm(h)),
     the FFN dense in the first ``dense_layers`` blocks, else the routed experts (dropless, whatever
-    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any."""
+    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any. With sequence
+    routing the whole input is one sequence, routed on the mean of its first ``prompt_len`` positions
+    (None: all; a served request's rule: its prompt's)."""
     x_ND = weights.embed_VD.double()[inputs.cpu().long()] if cfg.vocab else inputs.cpu().double()
     dropless = replace(cfg.moe, capacity_factor=0.0)
     act, eps = cfg.moe.activation, cfg.norm_eps
@@ -207,7 +217,7 @@ def reference_decoder(cfg: DecoderConfig, weights: DecoderWeights, inputs: torch
         if w.moe is None:
             y_ND = _dense_ffn(n_ND, w.dense, act)
         else:
-            y_ND = reference_moe(n_ND, w.moe, dropless).out_ND
+            y_ND = reference_moe(n_ND, w.moe, dropless, prompt_len=prompt_len).out_ND
             if w.shared is not None:
                 y_ND = y_ND + _dense_ffn(n_ND, w.shared, act)
         x_ND = h_ND + y_ND
