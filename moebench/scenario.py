@@ -598,6 +598,15 @@ def _check_sequences(spec: RunSpec) -> None:
             f"[workload] seq_len = {wl['seq_len']} is invalid with tokens_per_rank = "
             f"{wl['tokens_per_rank']}: accepted a divisor of tokens_per_rank (whole sequences per rank)"
         )
+    longest = (
+        max(spec.serve["input_len"]) if isinstance(spec.serve.get("input_len"), list) else spec.serve.get("input_len")
+    )
+    if spec.kind == "serve" and granularity == "sequence" and longest > spec.serve["max_batch_tokens"]:
+        raise ValueError(
+            f"[serve] input_len = {_show(spec.serve['input_len'])} is invalid with [routing] granularity = "
+            f'"sequence" and max_batch_tokens = {spec.serve["max_batch_tokens"]}: accepted prompts of at most '
+            "max_batch_tokens (a prompt is routed, so computed, whole)"
+        )
     if granularity == "sequence" and wl["skew"] == "trace":
         raise ValueError(
             '[routing] granularity = "sequence" is invalid with [workload] skew = "trace": accepted '

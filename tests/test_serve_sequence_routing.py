@@ -41,7 +41,7 @@ def served():
 
 
 def test_every_decode_step_reuses_the_prefill_choice_of_its_request(served):
-    reqs, calls = served
+    _, calls = served
     by_slot_prefill, checked = {}, 0
     for segments, blocks in calls:
         for b, seg in enumerate(segments):
