@@ -78,16 +78,17 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "detail": f"combine(dispatch(x)) vs x · kept weights: worst rank {worst:.2e}, tolerance {tol:g}",
     }
     return (
-        collective_metrics(spec, per_rank[0]) | balance_metrics(spec, per_rank[0]),
+        collective_metrics(spec, per_rank[0]) | balance_metrics(per_rank[0]),
         [check],
         {"layers": spec.model["layers"]},
     )
 
 
-def balance_metrics(spec: RunSpec, raw: dict) -> dict:
+def balance_metrics(raw: dict) -> dict:
     """The routed forward's worst layer's expert and rank imbalance (max / mean of the copies routed)."""
     experts = [torch.tensor(counts_WE).sum(0).tolist() for counts_WE in raw["counts_WE"]]
-    ranks = [M.rank_loads(e, raw["expert_to_rank"], spec.world_size) for e in experts]
+    world = len(raw["counts_WE"][0])  # W: the rows of the count matrix, the EP group
+    ranks = [M.rank_loads(e, raw["expert_to_rank"], world) for e in experts]
     return {
         "imbalance_max_mean": M.metric([max(map(M.imbalance, experts))], "ratio", "lower", exact=True),
         "rank_imbalance_max_mean": M.metric([max(map(M.imbalance, ranks))], "ratio", "lower", exact=True),
