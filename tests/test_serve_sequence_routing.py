@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runtime.engine import Request
-from runtime.model import decoder_weights
+from runtime.model import Batch, Segment, decoder_weights
 from runtime.reference import reference_decoder
 from tests.serve_cases import SERVE_TOLERANCE, decoder, decoder_config, engine, outputs, rel_error, requests, run
 
@@ -81,3 +81,14 @@ def test_a_prompt_waits_for_a_step_whose_budget_holds_it_whole():
     eng = engine(decoder(CFG), max_running=2, max_batch_tokens=6)
     stats = run(eng, requests(CFG, [(4, 2), (5, 2)], seed=0))
     assert [(s.prefill_tokens, s.decode_tokens) for s in stats] == [(4, 0), (5, 1), (0, 1)]
+
+
+def test_packed_sequences_of_one_forward_are_each_routed_on_their_own_mean():
+    """The train kind's layout (segments without a cache): each segment is a sequence of its own."""
+    x = torch.randn(12, CFG.hidden, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h, _ = decoder(CFG)(x, Batch([Segment(0, 5), Segment(0, 7)], "cpu", CFG))
+    w = decoder_weights(CFG, seed=1)
+    assert rel_error(h[:5], reference_decoder(CFG, w, x[:5])) <= 1e-6
+    assert rel_error(h[5:], reference_decoder(CFG, w, x[5:])) <= 1e-6
+    assert rel_error(h[5:], reference_decoder(BASE, w, x[5:])) > 1e-3  # and not as token routing would
