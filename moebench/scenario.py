@@ -45,7 +45,7 @@ from moebench.workload import trace as routing_trace
 from moebench.workload.skew import target_shares
 from moebench.workload.tokens import MAX_STEPS, SKEWS
 from runtime import cache_policy
-from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
+from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS, GRANULARITIES
 from runtime.experts import GROUPED_MM_ALIGN
 from runtime.model import RECOMPUTE
 from runtime.offload import PREFETCH
@@ -60,7 +60,7 @@ SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items() if kind.default_slos}
 
 REQUIRED = object()
-SWEEPABLE = ("model", "parallel", "workload", "eplb", "serve", "train", "offload", "fault")
+SWEEPABLE = ("model", "routing", "parallel", "workload", "eplb", "serve", "train", "offload", "fault")
 RANGES = {("serve", "input_len"), ("serve", "output_len")}  # [min, max] is one value there, not a sweep
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
@@ -188,6 +188,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "aux_loss_coef": Key(0.01, *_number(0)),
         "z_loss_coef": Key(0.001, *_number(0)),
         "normalize_topk": Key(False, *_BOOL),
+        "granularity": Key("token", *_choice(*GRANULARITIES)),  # "sequence": route each sequence's mean
     },
     "parallel": {
         "world_size": Key(1, *_int(1, 2**16)),
@@ -209,6 +210,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, *_int(0, 2**32 - 1)),
         "train": Key(False, *_BOOL),
         "drift_every": Key(0, *_int(0, MAX_STEPS)),  # redraw the skew's expert order every n steps ([eplb] passes)
+        # granularity "sequence": tokens per sequence; absent = each rank's tokens are one sequence
+        "seq_len": Key(None, *_optional_int(1, 2**31)),
     },
     "eplb": {  # expert re-placement from measured load (moebench/measure/eplb.py)
         "window": Key(EPLB_DEFAULTS["window"], *_int(1, 10**6)),
@@ -256,7 +259,8 @@ _RUNTIME_FIELDS = {
     "ffn_hidden_size": ("model", "ffn_hidden"),
     "ep_size": ("parallel", "world_size"),
     **{k: ("model", k) for k in ("num_experts", "top_k", "activation", "dtype", "expert_backend")},
-    **{k: ("routing", k) for k in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "normalize_topk")},
+    **{k: ("routing", k) for k in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "normalize_topk", "granularity")},
+    "seq_len": ("workload", "seq_len"),
     "placement": ("parallel", "placement"),
 }
 
@@ -564,6 +568,7 @@ def _check_workload(spec: RunSpec) -> None:
     wl, moe = spec.workload, spec.moe_config()
     if wl["tokens_per_rank"] is None and spec.kind != "serve":
         raise ValueError("[workload] tokens_per_rank is missing: accepted an integer from 1 to 2147483648")
+    _check_sequences(spec)
     if wl["steps"] > 1 and wl["train"]:
         raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")
     if wl["skew"] != "trace":
@@ -586,6 +591,37 @@ def _check_workload(spec: RunSpec) -> None:
     needed = wl["tokens_per_rank"] * spec.world_size
     routing_trace.check(found, num_experts=moe.num_experts, top_k=moe.top_k, layers=spec.model["layers"],
                         tokens_needed=needed)  # fmt: skip
+
+
+def _check_sequences(spec: RunSpec) -> None:
+    """[workload] seq_len cuts each rank's tokens into whole sequences, in the kinds that route a stack of
+    layers (the decoder kinds' sequences are their requests and [train] seq_len); a trace replays tokens."""
+    wl, granularity = spec.workload, spec.routing["granularity"]
+    if wl["seq_len"] is not None and spec.kind in ("serve", "train"):
+        where = "the requests" if spec.kind == "serve" else "[train] seq_len"
+        raise ValueError(
+            f"[workload] seq_len = {wl['seq_len']} is invalid for kind {spec.kind}: accepted none "
+            f"(its sequences are {where})"
+        )
+    if wl["seq_len"] is not None and wl["tokens_per_rank"] % wl["seq_len"]:
+        raise ValueError(
+            f"[workload] seq_len = {wl['seq_len']} is invalid with tokens_per_rank = "
+            f"{wl['tokens_per_rank']}: accepted a divisor of tokens_per_rank (whole sequences per rank)"
+        )
+    longest = (
+        max(spec.serve["input_len"]) if isinstance(spec.serve.get("input_len"), list) else spec.serve.get("input_len")
+    )
+    if spec.kind == "serve" and granularity == "sequence" and longest > spec.serve["max_batch_tokens"]:
+        raise ValueError(
+            f"[serve] input_len = {_show(spec.serve['input_len'])} is invalid with [routing] granularity = "
+            f'"sequence" and max_batch_tokens = {spec.serve["max_batch_tokens"]}: accepted prompts of at most '
+            "max_batch_tokens (a prompt is routed, so computed, whole)"
+        )
+    if granularity == "sequence" and wl["skew"] == "trace":
+        raise ValueError(
+            '[routing] granularity = "sequence" is invalid with [workload] skew = "trace": accepted '
+            '"token" (a trace replays each token\'s recorded experts)'
+        )
 
 
 def _check_device(parallel: dict) -> None:

@@ -112,6 +112,8 @@ class RunSpec:
             normalize_topk=r["normalize_topk"],
             dtype=m["dtype"],
             expert_backend=self._expert_backend(),
+            granularity=r.get("granularity", "token"),
+            seq_len=self.workload.get("seq_len") if r.get("granularity") == "sequence" else None,
         )
 
     def _expert_backend(self) -> str:

@@ -64,10 +64,13 @@ from runtime.redundancy import (
 from runtime.router import (
     Router,
     RouterOutput,
+    Sequences,
+    cut_sequences,
     expert_capacity,
     keep_mask,
     kept_counts,
     load_balancing_loss,
+    route_sequences,
     router_z_loss,
 )
 from runtime.weights import MoEWeights
@@ -84,6 +87,7 @@ class MoEOutput:
     capacity: int | None  # per-expert capacity over the group's batch; None when dropless
     lost_tokens: torch.Tensor | None = None  # this rank's tokens with a choice no live copy serves (0-d)
     received_W: torch.Tensor | None = None  # copies each rank's experts receive, after capacity (host)
+    sequence_routing: RouterOutput | None = None  # granularity "sequence": one row per sequence (serve keeps it)
 
     @property
     def tokens_dropped(self) -> int:
@@ -104,6 +108,7 @@ class RoutingPlan:
     dispatch_ids_TK: torch.Tensor  # the physical expert of each copy (= routing.ids_TK without replicas)
     dispatch_kept_WP: torch.Tensor  # copies each rank sends to each physical expert (host; = kept_WE without)
     lost_tokens: torch.Tensor | None  # tokens with a choice no live copy serves (rerouted or dropped); 0-d
+    sequence_routing: RouterOutput | None = None  # granularity "sequence": the router's row per sequence
 
     @property
     def dispatch_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -423,10 +428,11 @@ class MoELayer(nn.Module):
             dist.all_reduce(total, group=self.group)
             p.grad.copy_(total[index])
 
-    def plan(self, x_TD: torch.Tensor) -> RoutingPlan:
-        """Route this rank's tokens and decide, group-wide, which copies each expert keeps."""
+    def plan(self, x_TD: torch.Tensor, seqs: Sequences | None = None) -> RoutingPlan:
+        """Route this rank's tokens and decide, group-wide, which copies each expert keeps. ``seqs``: the
+        rows' sequences with granularity "sequence" (None: cut by ``MoEConfig.seq_len``)."""
         moe = self.moe
-        routing = self.router(x_TD)  # fp32 router
+        routing, routing_B = self._route(x_TD, seqs)  # fp32 router
         reps, lost = self.replicas, None
         if not reps.all_alive:  # some copies lost: route around the logical experts none serves
             available_E = reps.available_E()
@@ -451,13 +457,25 @@ class MoELayer(nn.Module):
             phys_TK = physical_ids(ids_TK, keep_TK, kept_WE, self.rank, reps)
         else:
             kept_WP, phys_TK = kept_WE, ids_TK
-        return RoutingPlan(routing, keep_TK, counts_WE, kept_WE, capacity, num_tokens, phys_TK, kept_WP, lost)
+        return RoutingPlan(
+            routing, keep_TK, counts_WE, kept_WE, capacity, num_tokens, phys_TK, kept_WP, lost, routing_B
+        )
 
-    def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+    def _route(self, x_TD: torch.Tensor, seqs: Sequences | None) -> tuple[RouterOutput, RouterOutput | None]:
+        """The per-token routing, and with granularity "sequence" the per-sequence one (runtime/router.py)."""
+        if self.moe.granularity == "token":
+            if seqs is not None:
+                raise ValueError("MoELayer: sequences given with granularity 'token': accepted granularity 'sequence'")
+            return self.router(x_TD), None
+        seqs = seqs if seqs is not None else Sequences(cut_sequences(x_TD.shape[0], self.moe.seq_len))
+        return route_sequences(self.router, x_TD, seqs)
+
+    def forward(self, x_TD: torch.Tensor, seqs: Sequences | None = None) -> MoEOutput:
+        """The layer on this rank's tokens; ``seqs`` as ``plan``'s."""
         moe = self.moe
         with span("route", x_TD.device):
             # 1. Route; exchange group-wide copies per expert; capacity and the copies kept follow.
-            plan = self.plan(x_TD)
+            plan = self.plan(x_TD, seqs)
             routing = plan.routing
             # 2. Auxiliary losses over the group's batch (this rank's share).
             counts_E = plan.counts_WE.sum(0).to(x_TD.device)
@@ -482,6 +500,7 @@ class MoELayer(nn.Module):
             capacity=plan.capacity,
             lost_tokens=plan.lost_tokens,
             received_W=self._received(plan.dispatch_kept_WP),
+            sequence_routing=plan.sequence_routing,
         )
 
     def _received(self, kept_WP: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ SEED_FILES = {
     "train-recompute.toml": 3,
     "train-memory.toml": 8,
     "eplb.toml": 4,
+    "seq-routing.toml": 2,
 }
 
 
@@ -83,6 +84,12 @@ CAPABILITIES = {
         and {r.world_size for r in runs if r.eplb["interval"]} >= {2, 4}
     ),
     "routing trace replay": lambda runs: any(r.workload["skew"] == "trace" for r in runs),
+    "sequence routing beside token routing on the same workload": lambda runs: (
+        {r.routing["granularity"] for r in runs} == {"token", "sequence"} and len({r.kind for r in runs}) == 1
+    ),
+    "equivalence, sequence routing": lambda runs: any(
+        r.kind == "equivalence" and r.routing["granularity"] == "sequence" and r.world_size > 1 for r in runs
+    ),
     "serving: a request-rate sweep, continuous vs static batching, EP vs DP": lambda runs: (
         len({str(r.serve["request_rate"]) for r in runs if r.kind == "serve"}) >= 3
         and {r.serve["batching"] for r in runs if r.kind == "serve"} == {"continuous", "static"}
