@@ -189,3 +189,38 @@ def test_offload_on_cuda_is_bitwise_and_copies_on_its_own_stream(prefetch):
     h2d = {s for s, names in streams.items() if any("Pinned -> Device" in n for n in names)}  # the weights
     compute = {s for s, names in streams.items() if any("gemm" in n.lower() for n in names)}
     assert h2d and compute and not h2d & compute  # the expert copies never run on the compute stream
+
+
+def test_rowwise_experts_are_batch_invariant_on_cuda():
+    """The backend rebalance_exact probes with: a row's output is the same bits whatever shares its run."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w_in = torch.randn(2, 64, 128, device="cuda", generator=gen)
+    w_down = torch.randn(2, 128, 64, device="cuda", generator=gen)
+    x = torch.randn(40, 64, device="cuda", generator=gen)
+    alone = expert_ffn(x[:1], w_in, w_down, [1, 0], "gelu", "rowwise")
+    for n in (2, 7, 16, 33):
+        assert torch.equal(expert_ffn(x[:n], w_in, w_down, [n, 0], "gelu", "rowwise")[:1], alone)
+
+
+def _replace_on_one_nccl_rank(ctx) -> dict:
+    from runtime import ParallelConfig
+    from runtime.eplb import rebalance, static_placement
+    from runtime.layer import MoELayer
+    from runtime.weights import init_weights
+
+    moe = _moe(top_k=2)
+    layer = MoELayer(moe, ParallelConfig(), ctx.group, ctx.device, "all_to_all", placement=static_placement(8, 1, 4))
+    layer.load_global_weights(init_weights(moe, seed=3))
+    layer.set_schedule(expert_backend="rowwise")
+    x = torch.randn(32, 64, device=ctx.device)
+    with torch.no_grad():
+        before = layer(x)
+        sent = layer.set_placement(rebalance([float(v) for v in before.counts_WE.sum(0)], 1, 4))
+        after = layer(x)
+    return {"equal": torch.equal(before.out_TD, after.out_TD), "sent": sent, "copies": layer.replicas.logical_of_P}
+
+
+def test_a_re_placement_over_a_one_rank_nccl_group_keeps_the_outputs_bitwise():
+    (rank,) = launch(_replace_on_one_nccl_rank, 1, device="cuda", backend="nccl")
+    assert rank["equal"] and rank["sent"] == 0  # one rank: every slot is a local copy
+    assert len(rank["copies"]) == 12 and len(set(rank["copies"])) == 8
