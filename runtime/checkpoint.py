@@ -92,8 +92,10 @@ def _params(layers) -> list[tuple[str, torch.nn.Parameter, list[tuple[str, int |
     """Per parameter: its key, itself, and its saved pieces (key, expert slice index or None: whole)."""
     out = []
     for l, layer in enumerate(layers):
-        if layer.replicas.num_redundant:
-            raise ValueError("checkpointing a layer with redundant experts is refused: accepted plain layers")
+        if not layer.replicas.identity:  # local slots are physical experts, not the logical ones keyed below
+            raise ValueError(
+                "checkpointing a layer with redundant or re-placed experts is refused: accepted plain layers"
+            )
         out.append((f"layers.{l}.router.weight_ED", layer.router.weight_ED, [(f"layers.{l}.router.weight_ED", None)]))
         for stacked, piece, param in (
             ("w_in_LDH", "w_in_DH", layer.experts.w_in_LDH),
