@@ -1,11 +1,14 @@
 """Live expert re-placement (runtime/layer.py ``MoELayer(placement=)``, ``set_placement``): on gloo ranks, a
 move puts every slot's logical expert's weights in place (bitwise), leaves the layer's outputs for the same
-tokens bitwise unchanged (with the batch-invariant ``rowwise`` backend), sends the bytes its move plan says,
+tokens bitwise unchanged (with the batch-invariant ``rowwise`` backend; at top_k = 3 only within rounding: the
+bitwise test there is an expected failure naming the runtime's bug), sends the bytes its move plan says,
 and changes the copies each rank receives as the placement says; training with copies matches the plain layer,
 and a move carries AdamW's state with the weights. The ``rowwise`` backend itself (equal to ``loop``, and a
 row's bits independent of the rows that share its run), the refusals, and the decoder with ``placements=``."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -39,7 +42,7 @@ def test_rowwise_backend_equals_loop_within_fp32_tolerance_expert_major_and_in_r
         want = expert_ffn(x, w_in, w_down, counts, activation, "loop", run_experts)
         got = expert_ffn(x, w_in, w_down, counts, activation, "rowwise", run_experts)
         assert got.shape == want.shape == (19, 16)
-        assert rel_error(got, want) <= 1e-6  # measured 0 to ~1e-7: both fp32, only the GEMM's blocking differs
+        assert rel_error(got, want) <= 1e-6  # measured ≤ 1.8e-7: both fp32, only the GEMMs' blocking differs
         # every row went through its own run's expert: another expert's output is far off
         swapped = [(l + 1) % 3 for l in run_experts] if run_experts else None
         other = expert_ffn(x, w_in, w_down, counts if swapped else [14, 5, 0], activation, "loop", swapped)
@@ -109,8 +112,36 @@ def _slots(layer: MoELayer) -> dict:
             "w_down": e.w_down_LFD.detach().clone()}  # fmt: skip
 
 
+def _reversed(placement: Placement, ranks: int) -> Placement:
+    """Every rank's slots in reverse order: each rank keeps its experts, every slot but a middle one takes
+    another slot's expert (a local move reading a slot that another local move writes)."""
+    logical = [
+        e for r in range(ranks) for e in reversed([placement.logical_of_P[p] for p in local_slots(placement, r)])
+    ]
+    return Placement(tuple(logical), placement.owner_P)
+
+
+# From the reversed static placement at W = 2 (rank 0: 6 4 2 1 0, rank 1: 7 5 3 1 0): rank 1 takes two copies of
+# expert 6 (only rank 0 holds it) and rank 0 nothing, so rank 0 sends two experts and receives none.
+LOPSIDED = Placement((0, 1, 2, 4, 4, 3, 5, 6, 6, 7), (0,) * 5 + (1,) * 5)
+
+
+def _top_k_3(ctx, spare: int) -> list[torch.Tensor]:
+    """A top-3 layer's outputs before and after a move to its load's EPLB placement (rowwise backend)."""
+    W, moe = ctx.world_size, dataclasses.replace(MOE, top_k=3)
+    layer = MoELayer(moe, ParallelConfig(ep_size=W), ctx.group, placement=static_placement(moe.num_experts, W, spare))
+    layer.load_global_weights(_weights(moe))
+    layer.set_schedule(expert_backend="rowwise")
+    x = _inputs(ctx.rank)
+    with torch.no_grad():
+        before = layer(x)
+        layer.set_placement(rebalance(before.counts_WE.sum(0).tolist(), W, spare))
+        return [before.out_TD, layer(x).out_TD]
+
+
 def _move_rank(ctx, spare: int) -> dict:
-    """Refusals, then forward / move to the load's EPLB placement / forward / move back / forward."""
+    """Refusals, then forward / move to the load's EPLB placement / forward / move back / forward / move to
+    the reversed slots / forward."""
     W, moe = ctx.world_size, MOE
     static = static_placement(moe.num_experts, W, spare)
     layer = MoELayer(moe, ParallelConfig(ep_size=W), ctx.group, placement=static)
@@ -136,7 +167,14 @@ def _move_rank(ctx, spare: int) -> dict:
         sent_back = layer.set_placement(static)
         home = _slots(layer)
         back = layer(x)
+        sent_reversed = layer.set_placement(_reversed(static, W))
+        reversed_slots = _slots(layer)
+        reversed_out = layer(x)
+        sent_lopsided = layer.set_placement(LOPSIDED) if W == 2 else None
+        lopsided_slots = _slots(layer)
+        lopsided_out = layer(x)
     return {
+        "top_k_3": _top_k_3(ctx, spare),
         "refused": refused,
         "kept": kept_after_refusals,
         "new": new,
@@ -144,7 +182,11 @@ def _move_rank(ctx, spare: int) -> dict:
         "sent_back": sent_back,
         "moved": moved,
         "home": home,
-        "out": [before.out_TD, after.out_TD, back.out_TD],
+        "sent_reversed": sent_reversed,
+        "reversed": reversed_slots,
+        "sent_lopsided": sent_lopsided,
+        "lopsided": lopsided_slots,
+        "out": [before.out_TD, after.out_TD, back.out_TD, reversed_out.out_TD, lopsided_out.out_TD],
         "kept_WE": [before.kept_WE, after.kept_WE],
         "received_W": [before.received_W, after.received_W],
     }
@@ -194,7 +236,8 @@ def test_after_a_move_every_slot_holds_its_logical_experts_global_weights_bitwis
     static = static_placement(MOE.num_experts, W, SPARE[W])
     assert new != static  # the skewed load does move experts
     for rank, r in enumerate(results):
-        for key, placement in (("moved", new), ("home", static)):
+        placements = [("moved", new), ("home", static), ("reversed", _reversed(static, W))]
+        for key, placement in placements + ([("lopsided", LOPSIDED)] if W == 2 else []):
             slots = r[key]
             assert slots["physical"] == tuple(local_slots(placement, rank))
             assert slots["logical"] == tuple(placement.logical_of_P[p] for p in local_slots(placement, rank))
@@ -207,10 +250,29 @@ def test_after_a_move_every_slot_holds_its_logical_experts_global_weights_bitwis
 def test_with_the_rowwise_backend_the_outputs_are_bitwise_equal_before_and_after_each_move(moved):
     _, results = moved
     for r in results:
-        before, after, back = r["out"]
+        before, *moved_outs = r["out"]
         assert before.abs().sum() > 0
+        for out in moved_outs:
+            assert torch.equal(out, before)
+
+
+@pytest.mark.multiproc
+def test_with_top_3_the_outputs_after_a_move_agree_within_fp32_rounding(moved):
+    _, results = moved
+    for before, after in (r["top_k_3"] for r in results):
+        assert rel_error(after, before) <= 1e-6  # measured 3.5e-8 (W = 2) and 3.3e-8 (W = 4)
+
+
+@pytest.mark.multiproc
+@pytest.mark.xfail(
+    reason="runtime bug: unpermute sums a token's K weighted copies with index_add_ in send order, which "
+    "follows the copies' physical experts; a move changes that order, and with K >= 3 the fp32 sum rounds "
+    "differently (K = 2 is exact: a + b = b + a). Remove this mark when the combine sums in k order."
+)
+def test_with_top_3_the_outputs_are_bitwise_equal_before_and_after_a_move(moved):
+    _, results = moved
+    for before, after in (r["top_k_3"] for r in results):
         assert torch.equal(after, before)
-        assert torch.equal(back, before)
 
 
 @pytest.mark.multiproc
@@ -224,6 +286,9 @@ def test_a_move_sends_each_slot_from_another_rank_as_one_whole_expert_and_nothin
         for rank, r in enumerate(results):
             assert r[key] == sum(m.src_rank == rank for m in remote) * EXPERT_BYTES
         assert sum(r[key] for r in results) == len(remote) * EXPERT_BYTES
+    assert [r["sent_reversed"] for r in results] == [0] * W  # every rank held its experts: local copies only
+    if W == 2:  # a move whose bytes differ between the ranks
+        assert [r["sent_lopsided"] for r in results] == [2 * EXPERT_BYTES, 0]
 
 
 @pytest.mark.multiproc
@@ -236,7 +301,8 @@ def test_received_copies_follow_the_placement_and_rebalance_lowers_the_busiest_r
             assert int(received.sum()) == W * TOKENS * MOE.top_k  # dropless: every copy is received
         assert torch.equal(r["kept_WE"][0], r["kept_WE"][1])  # the same tokens route the same way
     received_static, received_new = results[0]["received_W"]
-    assert max(received_new) < max(received_static)  # the skew made the static placement's busiest rank busier
+    # the skew made the static placement's busiest rank busier: measured 100 -> 98 copies at W = 2, 166 -> 102 at W = 4
+    assert max(received_new) < max(received_static)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +397,8 @@ def trained(request):
 
 
 # The placed layer's experts differ from the plain layer's by fp32 rounding only (the copies' gradients are
-# summed in another order, and their tokens are computed in other batches): measured ≤ 3e-7 over these steps.
+# summed in another order, and their tokens are computed in other batches): measured over these steps at W = 2
+# and 4, outputs ≤ 4.1e-8, expert weights ≤ 6.5e-9, router 0; moved without the optimizer, 1.7e-3 and 6.9e-3.
 TRAIN_TOLERANCE = 1e-5
 
 
