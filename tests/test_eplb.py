@@ -1,6 +1,7 @@
 """EPLB's rule (runtime/eplb.py): hand-worked replication and packing, the invariants of every placement,
 never busier than the static placement, its distance from the exhaustive optimum on small cases, the
-hierarchical variant keeping a group on one node, and the issue's target on Zipf loads."""
+hierarchical variant keeping a group on one node, the issue's target on Zipf loads, and the move plan between
+two placements (``expert_moves``: hand-worked, and on random placements it rebuilds the new one exactly)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.eplb import LoadWindow, Placement, balanced_packing, rebalance, replicate, static_placement
+from runtime.eplb import (
+    LoadWindow,
+    Move,
+    Placement,
+    balanced_packing,
+    expert_moves,
+    local_slots,
+    rebalance,
+    replicate,
+    static_placement,
+)
 
 
 def test_spare_slots_go_one_at_a_time_to_the_highest_load_per_copy():
@@ -172,3 +183,76 @@ def test_the_load_window_refuses_a_step_of_another_shape_and_a_bad_size():
     with pytest.raises(ValueError, match="window = 0 is invalid"):
         LoadWindow(layers=1, experts=4, window=0)
     assert window.loads() == [[0] * 4, [0] * 4] and window.steps == 0  # the refused step left no trace
+
+
+# ---------------------------------------------------------------------------------------------
+# The move plan between two placements
+
+
+def test_moves_of_a_hand_worked_case_copy_locally_where_the_rank_held_the_expert():
+    old = static_placement(4, 2, redundant=2)  # rank 0: 0 1 2, rank 1: 0 1 3 (local slots 0 1 2)
+    new = Placement((0, 3, 3, 1, 2, 2), (0, 0, 0, 1, 1, 1))
+    assert expert_moves(old, new, 2) == [
+        Move(0, 0, 0, 0),  # expert 0 stays in rank 0's slot 0
+        Move(0, 1, 1, 2),  # expert 3: only rank 1 held it, in its slot 2
+        Move(0, 2, 1, 2),  # its second copy comes from the same slot
+        Move(1, 0, 1, 1),  # expert 1: rank 1 held it in slot 1, a local copy to slot 0
+        Move(1, 1, 0, 2),  # expert 2: from rank 0's slot 2
+        Move(1, 2, 0, 2),
+    ]
+
+
+def test_moves_take_an_expert_from_the_lowest_holder_and_its_first_slot_of_it():
+    # rank 0: 0 1 | rank 1: 2 2 | rank 2: 1 2
+    old = Placement((0, 1, 2, 2, 1, 2), (0, 0, 1, 1, 2, 2))
+    # rank 0: 0 2 | rank 1: 1 2 | rank 2: 0 2
+    new = Placement((0, 2, 1, 2, 0, 2), (0, 0, 1, 1, 2, 2))
+    assert expert_moves(old, new, 3) == [
+        Move(0, 0, 0, 0),  # local
+        Move(0, 1, 1, 0),  # expert 2 held by ranks 1 (slots 0, 1) and 2: rank 1, its first slot
+        Move(1, 0, 0, 1),  # expert 1 held by ranks 0 and 2: rank 0
+        Move(1, 1, 1, 0),  # local: rank 1's first slot of expert 2
+        Move(2, 0, 0, 0),  # expert 0: only rank 0
+        Move(2, 1, 2, 1),  # local
+    ]
+
+
+def test_moves_refuse_a_placement_that_changes_slot_counts_or_the_experts():
+    old = static_placement(4, 2, redundant=2)
+    with pytest.raises(ValueError, match="rank 0 would hold 4 experts: accepted the 3 it holds"):
+        expert_moves(old, Placement((0, 1, 2, 3, 0, 1), (0, 0, 0, 0, 1, 1)), 2)
+    with pytest.raises(ValueError, match="has 8 physical experts of 4 logical ones: accepted the old one's 6 of 4"):
+        expert_moves(old, static_placement(4, 2, redundant=4), 2)
+    with pytest.raises(ValueError, match="has 6 physical experts of 3 logical ones: accepted the old one's 6 of 4"):
+        expert_moves(old, Placement((0, 1, 2, 0, 1, 2), (0, 0, 0, 1, 1, 1)), 2)
+
+
+@st.composite
+def _placement(draw, experts: int, ranks: int, slots: int) -> Placement:
+    """Every logical expert at least once, the other slots any expert, S slots per rank (rank-major)."""
+    extra = draw(
+        st.lists(st.integers(0, experts - 1), min_size=ranks * slots - experts, max_size=ranks * slots - experts)
+    )
+    logical = draw(st.permutations(list(range(experts)) + extra))
+    owner = [p // slots for p in range(ranks * slots)]
+    return Placement(tuple(logical), tuple(owner))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.data())
+def test_applying_the_moves_to_the_old_slots_yields_exactly_the_new_placement(ranks, slots, data):
+    experts = data.draw(st.integers(1, ranks * slots))
+    old = data.draw(_placement(experts, ranks, slots))
+    new = data.draw(_placement(experts, ranks, slots))
+    before = [[old.logical_of_P[p] for p in local_slots(old, r)] for r in range(ranks)]
+    after = [[None] * slots for _ in range(ranks)]
+    moves = expert_moves(old, new, ranks)
+    assert [(m.dst_rank, m.dst_slot) for m in moves] == [(r, s) for r in range(ranks) for s in range(slots)]
+    for m in moves:
+        e = before[m.src_rank][m.src_slot]
+        after[m.dst_rank][m.dst_slot] = e
+        holders = [r for r in range(ranks) if e in before[r]]
+        # local when the rank held it, else the lowest holder; always the source's first slot of it
+        assert m.src_rank == (m.dst_rank if m.dst_rank in holders else holders[0])
+        assert m.src_slot == before[m.src_rank].index(e)
+    assert after == [[new.logical_of_P[p] for p in local_slots(new, r)] for r in range(ranks)]
