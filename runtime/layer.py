@@ -48,6 +48,7 @@ from runtime.dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher
 from runtime.eplb import Placement, expert_moves, local_slots
 from runtime.experts import Experts, GroupedExperts
 from runtime.offload import OffloadConfig, OffloadedExperts
+from runtime.permute import ORDERED_SUM_K
 from runtime.placement import place_experts
 from runtime.ranges import span
 from runtime.redundancy import (
@@ -542,6 +543,9 @@ class MoELayer(nn.Module):
                 return d.unpermute(
                     combines[0].wait(), meta, plan.routing.weights_TK, owned=True
                 )  # made here, used once
+            if self.moe.top_k >= ORDERED_SUM_K:  # every chunk first: the copies are summed in k order at once
+                y_PD = torch.cat([pending.wait() for pending in combines])
+                return d.unpermute(y_PD, meta, plan.routing.weights_TK, owned=True)
             out_TD = None
             for chunk, pending in zip(meta.chunks, combines, strict=True):  # each chunk's tokens, as it arrives
                 out_TD = d.unpermute(

@@ -120,6 +120,9 @@ def expert_to_source_major(counts_WL) -> torch.Tensor:
     return torch.from_numpy(np.arange(flat.sum()) + np.repeat(dst_start - src_start, flat))
 
 
+ORDERED_SUM_K = 3  # from this top_k on, a token's copies are summed in k order (``unpermute``)
+
+
 def unpermute(
     y_PD: torch.Tensor,
     order_P: torch.Tensor,
@@ -138,11 +141,24 @@ def unpermute(
     ``rows``: ``y_PD`` holds only those rows of the send order (one chunk), added into ``out`` (a
     fresh zero tensor when None). ``owned``: the caller owns ``y_PD`` and needs it no more, so the
     weights scale it in place when no gradient flows through it (saves a [P, D] allocation: on CPU
-    its page faults alone cost about as much as the multiply)."""
+    its page faults alone cost about as much as the multiply).
+
+    The sum's order. Two addends give the same bits in either order, so with K <= 2 the copies are added
+    into their tokens as they come (``index_add_``). With K >= 3 the order of a token's additions would
+    follow the send order, which the placement of its experts decides (and on CUDA, atomics), so each
+    weighted copy is put in its own (token, k) slot and the K slots are summed: the same bits whatever
+    the placement (what a re-placement's exactness needs). That path takes the whole send order at once
+    (``rows`` all, ``out`` None)."""
     w_P = weights_TK.reshape(-1)[order_P[rows]].to(y_PD.dtype)
-    out_TD = y_PD.new_zeros(num_tokens, y_PD.shape[-1]) if out is None else out
     in_place = owned and not (torch.is_grad_enabled() and (y_PD.requires_grad or w_P.requires_grad))
     weighted_PD = y_PD.mul_(w_P[:, None]) if in_place else y_PD * w_P[:, None]
+    top_k = weights_TK.shape[1]
+    if top_k >= ORDERED_SUM_K:
+        if out is not None or rows != slice(None):
+            raise ValueError(f"unpermute with top_k = {top_k} takes every copy at once: accepted rows = all, no out")
+        slots_SD = weighted_PD.new_zeros(num_tokens * top_k, weighted_PD.shape[-1])
+        return slots_SD.index_copy(0, order_P, weighted_PD).view(num_tokens, top_k, -1).sum(1)
+    out_TD = y_PD.new_zeros(num_tokens, y_PD.shape[-1]) if out is None else out
     return out_TD.index_add_(0, token_P[rows], weighted_PD)  # in place under autograd too: backward needs no out
 
 
