@@ -45,6 +45,7 @@ FEATURES = {
     "redundancy": "[parallel] redundant_experts",  # replicas of the busiest experts
     "decoder": "[model] attention_heads",  # a decoder with attention ([serve] and the other decoder keys)
     "dp": "[parallel] mode",  # "dp": the data-parallel baseline, every rank holds every expert
+    "alerts": "[alerts]",  # the deployment plan's alerts, judged on per-step series (moebench/measure/series.py)
 }
 
 

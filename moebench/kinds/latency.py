@@ -8,6 +8,7 @@ from moebench import metrics as M
 from moebench.measure.common import finite_check, timed_window_tokens
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
+from moebench.measure.series import alert_results
 from moebench.measure.timed import measure_timed
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 NAME = "latency"
 ORDER = 2  # place in listings and "accepted" lists
-FEATURES = frozenset({"overlap", "offload", "stream"})  # what a scenario may ask of it (kinds/__init__.py)
+FEATURES = frozenset({"overlap", "offload", "stream", "alerts"})  # what a scenario may ask of it (kinds/__init__.py)
 COLUMNS = (
     ("step_time_s", "p50 (ms)", 1e3, ".3f"),
     ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),
@@ -23,8 +24,9 @@ COLUMNS = (
     ("step_time_s:n", "samples", 1, ".0f"),
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
+    ("alerts", "alerts", 1, ".0f"),  # only in tables of runs with [alerts]
 )
-METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS)
+METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS, "alerts")
 window_tokens = timed_window_tokens
 
 
@@ -36,4 +38,6 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
     metrics = {"step_time_s": M.metric(per_rank[0]["step"], "s", "lower")} | overlap_metrics(per_rank[0])
     metrics |= offload_metrics(spec, per_rank)
-    return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"], **offload_details(per_rank)}
+    alerted, series = alert_results(spec, per_rank)
+    details = {"layers": spec.model["layers"], **offload_details(per_rank), **series}
+    return metrics | alerted, [finite_check(per_rank)], details

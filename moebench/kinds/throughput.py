@@ -15,6 +15,7 @@ from moebench.measure.common import (
 )
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
+from moebench.measure.series import alert_results
 from moebench.measure.timed import measure_timed
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 NAME = "throughput"
 ORDER = 1  # place in listings and "accepted" lists
-FEATURES = frozenset({"overlap", "offload", "stream"})  # what a scenario may ask of it (kinds/__init__.py)
+FEATURES = frozenset({"overlap", "offload", "stream", "alerts"})  # what a scenario may ask of it (kinds/__init__.py)
 # (metric[:statistic], header with unit, scale, format); the statistic defaults to median.
 COLUMNS = (
     ("tokens_per_s", "tokens/s", 1, ".0f"),
@@ -39,6 +40,7 @@ COLUMNS = (
     ("moe_over_dense", "moe/dense", 1, ".2f"),
     ("bytes_per_token", "bytes/token", 1, ".0f"),
     ("tokens_dropped", "dropped", 1, ".0f"),
+    ("alerts", "alerts", 1, ".0f"),  # only in tables of runs with [alerts]
 )
 METRICS = (
     "tokens_per_s",
@@ -48,6 +50,7 @@ METRICS = (
     *COLLECTIVE_METRICS,
     *OVERLAP_METRICS,
     *OFFLOAD_METRICS,
+    "alerts",
 )
 window_tokens = timed_window_tokens
 
@@ -68,4 +71,6 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "moe_over_dense": M.metric(ratios(raw["paired_step"], raw["dense"]), "ratio", "lower"),
     }
     metrics |= collective_metrics(spec, raw) | overlap_metrics(raw) | offload_metrics(spec, per_rank)
-    return metrics, [finite_check(per_rank)], {"layers": spec.model["layers"], **offload_details(per_rank)}
+    alerted, series = alert_results(spec, per_rank)
+    details = {"layers": spec.model["layers"], **offload_details(per_rank), **series}
+    return metrics | alerted, [finite_check(per_rank)], details
