@@ -8,7 +8,7 @@ from moebench import metrics as M
 from moebench.measure.common import finite_check, timed_window_tokens
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
-from moebench.measure.series import alert_results
+from moebench.measure.series import ALERT_COLUMNS, ALERT_METRICS, alert_results
 from moebench.measure.timed import measure_timed
 
 if TYPE_CHECKING:
@@ -24,9 +24,9 @@ COLUMNS = (
     ("step_time_s:n", "samples", 1, ".0f"),
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
-    ("alerts", "alerts", 1, ".0f"),  # only in tables of runs with [alerts]
+    *ALERT_COLUMNS,  # only in tables of runs with [alerts]
 )
-METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS, "alerts")
+METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS, *ALERT_METRICS)
 window_tokens = timed_window_tokens
 
 

@@ -15,7 +15,7 @@ from moebench.measure.common import (
 )
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
-from moebench.measure.series import alert_results
+from moebench.measure.series import ALERT_COLUMNS, ALERT_METRICS, alert_results
 from moebench.measure.timed import measure_timed
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ COLUMNS = (
     ("moe_over_dense", "moe/dense", 1, ".2f"),
     ("bytes_per_token", "bytes/token", 1, ".0f"),
     ("tokens_dropped", "dropped", 1, ".0f"),
-    ("alerts", "alerts", 1, ".0f"),  # only in tables of runs with [alerts]
+    *ALERT_COLUMNS,  # only in tables of runs with [alerts]
 )
 METRICS = (
     "tokens_per_s",
@@ -50,7 +50,7 @@ METRICS = (
     *COLLECTIVE_METRICS,
     *OVERLAP_METRICS,
     *OFFLOAD_METRICS,
-    "alerts",
+    *ALERT_METRICS,
 )
 window_tokens = timed_window_tokens
 

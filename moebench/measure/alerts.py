@@ -23,6 +23,7 @@ it held, as above), ``peak`` (the worst value in the span: its largest, or small
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def spans(times_s: Sequence[float], values: Sequence, threshold: float, op: str)
     """(first, last) sample indices of each maximal run of consecutive samples where the condition holds."""
     if len(times_s) != len(values):
         raise ValueError(f"a series needs one time per value: {len(times_s)} times, {len(values)} values")
-    if any(b < a for a, b in zip(times_s, times_s[1:], strict=False)):
+    if any(b < a for a, b in itertools.pairwise(times_s)):
         raise ValueError("a series' times must not decrease")
     out, start = [], None
     for i, value in enumerate(values):

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from moebench.spec import RunSpec
 
 MAX_STEPS = 256  # steps a series records at most (a long stream is cut here)
+ALERT_METRICS = ("alerts",)  # what a run with [alerts] adds to the throughput and latency metrics
+ALERT_COLUMNS = (("alerts", "alerts", 1, ".0f"),)  # only in tables of runs with [alerts]
 
 
 # -------------------------------------------------------------------------------------------
