@@ -22,9 +22,9 @@ COLUMNS = (
     ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),
     ("step_time_s:p99", "p99 (ms)", 1e3, ".3f"),
     ("step_time_s:n", "samples", 1, ".0f"),
+    *ALERT_COLUMNS,  # only in tables of runs with [alerts]
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
-    *ALERT_COLUMNS,  # only in tables of runs with [alerts]
 )
 METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS, *ALERT_METRICS)
 window_tokens = timed_window_tokens

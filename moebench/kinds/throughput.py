@@ -30,6 +30,7 @@ COLUMNS = (
     ("tokens_per_s_per_gpu", "tokens/s/gpu", 1, ".0f"),
     ("step_time_s", "step p50 (ms)", 1e3, ".2f"),
     ("step_time_s:p90", "step p90 (ms)", 1e3, ".2f"),
+    *ALERT_COLUMNS,  # only in tables of runs with [alerts]
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
     ("dispatch_time_s", "dispatch (ms)", 1e3, ".2f"),
@@ -40,7 +41,6 @@ COLUMNS = (
     ("moe_over_dense", "moe/dense", 1, ".2f"),
     ("bytes_per_token", "bytes/token", 1, ".0f"),
     ("tokens_dropped", "dropped", 1, ".0f"),
-    *ALERT_COLUMNS,  # only in tables of runs with [alerts]
 )
 METRICS = (
     "tokens_per_s",
