@@ -26,6 +26,8 @@ import torch
 from moebench import kinds
 from moebench.kinds import fault as fault_kind  # its TYPES and ON_EXPERT_LOSS are [fault]'s choices
 from moebench.measure.alerts import DEFAULTS as ALERT_DEFAULTS
+from moebench.measure.eplb import DEFAULTS as EPLB_DEFAULTS
+from moebench.measure.eplb import check_eplb
 from moebench.measure.offload import check_offload
 from moebench.metrics import is_finite_number
 from moebench.spec import (
@@ -45,7 +47,7 @@ from moebench.workload import trace as routing_trace
 from moebench.workload.skew import target_shares
 from moebench.workload.tokens import MAX_STEPS, SKEWS
 from runtime import cache_policy
-from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS
+from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS, GRANULARITIES
 from runtime.experts import GROUPED_MM_ALIGN
 from runtime.model import RECOMPUTE
 from runtime.offload import PREFETCH
@@ -60,7 +62,7 @@ SLO_ALIASES = {"imbalance": "imbalance_max_mean"}
 DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items() if kind.default_slos}
 
 REQUIRED = object()
-SWEEPABLE = ("model", "parallel", "workload", "serve", "train", "offload", "fault")
+SWEEPABLE = ("model", "routing", "parallel", "workload", "eplb", "serve", "train", "offload", "fault")
 RANGES = {("serve", "input_len"), ("serve", "output_len")}  # [min, max] is one value there, not a sweep
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
@@ -188,6 +190,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "aux_loss_coef": Key(0.01, *_number(0)),
         "z_loss_coef": Key(0.001, *_number(0)),
         "normalize_topk": Key(False, *_BOOL),
+        "granularity": Key("token", *_choice(*GRANULARITIES)),  # "sequence": route each sequence's mean
     },
     "parallel": {
         "world_size": Key(1, *_int(1, 2**16)),
@@ -196,7 +199,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "backend": Key("auto", *_choice("auto", "gloo", "nccl")),
         "threads_per_rank": Key(0, *_int(0, 4096)),
         "overlap_chunks": Key(None, *_int(1, 4096)),  # absent: serial, and no overlap timing
-        "redundant_experts": Key(0, *_int(0, 2**16)),  # replicas of the busiest experts (kind "fault")
+        "redundant_experts": Key(0, *_int(0, 2**16)),  # replicas (kind "fault"), or EPLB's spare slots ([eplb])
         "mode": Key("ep", *_choice("ep", "dp")),  # "dp": every rank holds every expert (kinds "serve", "train")
     },
     "workload": {
@@ -208,6 +211,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "trace": Key("", *_text(r"(?s).{0,4096}", 'a path to a routing trace (.npz or .json), with skew = "trace"')),
         "seed": Key(0, *_int(0, 2**32 - 1)),
         "train": Key(False, *_BOOL),
+        "drift_every": Key(0, *_int(0, MAX_STEPS)),  # redraw the skew's expert order every n steps ([eplb] passes)
+        # granularity "sequence": tokens per sequence; absent = each rank's tokens are one sequence
+        "seq_len": Key(None, *_optional_int(1, 2**31)),
+    },
+    "eplb": {  # expert re-placement from measured load (moebench/measure/eplb.py)
+        "window": Key(EPLB_DEFAULTS["window"], *_int(1, 10**6)),
+        "interval": Key(EPLB_DEFAULTS["interval"], *_int(0, 10**6)),  # 0: never (static placement)
+        "nodes": Key(EPLB_DEFAULTS["nodes"], *_int(1, 2**16)),
     },
     "serve": {  # kind "serve" only (moebench/kinds/serve.py)
         "requests": Key(32, *_int(1, 10**6)),
@@ -259,7 +270,8 @@ _RUNTIME_FIELDS = {
     "ffn_hidden_size": ("model", "ffn_hidden"),
     "ep_size": ("parallel", "world_size"),
     **{k: ("model", k) for k in ("num_experts", "top_k", "activation", "dtype", "expert_backend")},
-    **{k: ("routing", k) for k in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "normalize_topk")},
+    **{k: ("routing", k) for k in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "normalize_topk", "granularity")},
+    "seq_len": ("workload", "seq_len"),
     "placement": ("parallel", "placement"),
 }
 
@@ -539,7 +551,8 @@ def _features(spec: RunSpec) -> dict[str, object]:
         "offload": spec.offload.get("cache_slots"),
         "stream": spec.workload["steps"] if spec.workload["steps"] > 1 else None,
         "fault": spec.fault.get("type"),
-        "redundancy": spec.parallel.get("redundant_experts") or None,
+        "redundancy": None if spec.eplb["interval"] else spec.parallel.get("redundant_experts") or None,
+        "eplb": spec.eplb["interval"] or None,
         "dp": spec.parallel["mode"] if spec.parallel["mode"] == "dp" else None,
         "alerts": spec.alerts or None,
     }
@@ -558,6 +571,7 @@ def _check_features(spec: RunSpec) -> None:
                 f"accepted only with kind {accepted}"
             )
     check_offload(spec)
+    check_eplb(spec)
     if kind.validate is not None:
         kind.validate(spec)
 
@@ -568,6 +582,7 @@ def _check_workload(spec: RunSpec) -> None:
     wl, moe = spec.workload, spec.moe_config()
     if wl["tokens_per_rank"] is None and spec.kind != "serve":
         raise ValueError("[workload] tokens_per_rank is missing: accepted an integer from 1 to 2147483648")
+    _check_sequences(spec)
     if wl["steps"] > 1 and wl["train"]:
         raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")
     if wl["skew"] != "trace":
@@ -590,6 +605,37 @@ def _check_workload(spec: RunSpec) -> None:
     needed = wl["tokens_per_rank"] * spec.world_size
     routing_trace.check(found, num_experts=moe.num_experts, top_k=moe.top_k, layers=spec.model["layers"],
                         tokens_needed=needed)  # fmt: skip
+
+
+def _check_sequences(spec: RunSpec) -> None:
+    """[workload] seq_len cuts each rank's tokens into whole sequences, in the kinds that route a stack of
+    layers (the decoder kinds' sequences are their requests and [train] seq_len); a trace replays tokens."""
+    wl, granularity = spec.workload, spec.routing["granularity"]
+    if wl["seq_len"] is not None and spec.kind in ("serve", "train"):
+        where = "the requests" if spec.kind == "serve" else "[train] seq_len"
+        raise ValueError(
+            f"[workload] seq_len = {wl['seq_len']} is invalid for kind {spec.kind}: accepted none "
+            f"(its sequences are {where})"
+        )
+    if wl["seq_len"] is not None and wl["tokens_per_rank"] % wl["seq_len"]:
+        raise ValueError(
+            f"[workload] seq_len = {wl['seq_len']} is invalid with tokens_per_rank = "
+            f"{wl['tokens_per_rank']}: accepted a divisor of tokens_per_rank (whole sequences per rank)"
+        )
+    longest = (
+        max(spec.serve["input_len"]) if isinstance(spec.serve.get("input_len"), list) else spec.serve.get("input_len")
+    )
+    if spec.kind == "serve" and granularity == "sequence" and longest > spec.serve["max_batch_tokens"]:
+        raise ValueError(
+            f"[serve] input_len = {_show(spec.serve['input_len'])} is invalid with [routing] granularity = "
+            f'"sequence" and max_batch_tokens = {spec.serve["max_batch_tokens"]}: accepted prompts of at most '
+            "max_batch_tokens (a prompt is routed, so computed, whole)"
+        )
+    if granularity == "sequence" and wl["skew"] == "trace":
+        raise ValueError(
+            '[routing] granularity = "sequence" is invalid with [workload] skew = "trace": accepted '
+            '"token" (a trace replays each token\'s recorded experts)'
+        )
 
 
 def _check_device(parallel: dict) -> None:

@@ -83,6 +83,7 @@ class RunSpec:
     serve: dict = field(default_factory=dict)  # [serve]; kind "serve" only
     train: dict = field(default_factory=dict)  # [train]; kind "train" only
     alerts: dict = field(default_factory=dict)  # [alerts]; empty: no series, no alerts (throughput, latency)
+    eplb: dict = field(default_factory=lambda: {"window": 1000, "interval": 0, "nodes": 1})  # [eplb]
     record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
     trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
 
@@ -112,6 +113,8 @@ class RunSpec:
             normalize_topk=r["normalize_topk"],
             dtype=m["dtype"],
             expert_backend=self._expert_backend(),
+            granularity=r.get("granularity", "token"),
+            seq_len=self.workload.get("seq_len") if r.get("granularity") == "sequence" else None,
         )
 
     def _expert_backend(self) -> str:
@@ -158,6 +161,7 @@ class RunSpec:
             **({"serve": self.serve} if self.kind == "serve" else {}),
             **({"train": self.train} if self.kind == "train" else {}),
             **({"alerts": self.alerts} if self.alerts else {}),
+            **({"eplb": self.eplb} if self.eplb.get("interval") else {}),
             "slo": slo,
         }
 

@@ -15,6 +15,7 @@ ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PLACEMENTS = ("round_robin", "contiguous", "load_balanced", "custom")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "bmm", "loop")
+GRANULARITIES = ("token", "sequence")  # what the router routes on: each token, or its sequence's mean
 
 
 def _fail(cls: str, name: str, value: object, accepted: str) -> None:
@@ -52,6 +53,8 @@ class MoEConfig:
     normalize_topk: bool = False  # True: top-k weights renormalised to sum to 1; False: raw softmax
     dtype: str = "float32"  # expert compute and activations dtype; the router always runs in fp32
     expert_backend: str = "auto"  # grouped expert GEMM: "grouped_mm", "bmm" (padded), "loop", "auto"
+    granularity: str = "token"  # "sequence": every token of a sequence goes where its mean hidden state is routed
+    seq_len: int | None = None  # "sequence": rows per sequence when a forward names none; None = one sequence
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -66,6 +69,11 @@ class MoEConfig:
             _fail(name, "normalize_topk", self.normalize_topk, "true or false")
         _one_of(name, "dtype", self.dtype, tuple(DTYPES))
         _one_of(name, "expert_backend", self.expert_backend, EXPERT_BACKENDS)
+        _one_of(name, "granularity", self.granularity, GRANULARITIES)
+        if self.seq_len is not None:
+            _positive_int(name, "seq_len", self.seq_len)
+            if self.granularity != "sequence":
+                _fail(name, "seq_len", self.seq_len, "None with granularity 'token' (it cuts sequences to route on)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

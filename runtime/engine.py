@@ -10,6 +10,9 @@ Each ``step()``:
   3. gives each request whose prompt is complete, or that decoded, its next output token (the output
      hidden state, or with a vocabulary the greedy token), stamped with the clock after the step,
      and retires the requests that have all their tokens (their cache slot is free for the next).
+With sequence routing (``MoEConfig.granularity = "sequence"``) a prompt is never chunked: it is
+scheduled whole when the budget left holds it (else it waits), since the router's choice for the request,
+kept while it decodes, is made on the whole prompt's mean (runtime/model.py).
 ``batching = "static"``: the baseline users know: when nothing runs, up to ``max_running`` waiting
 requests form a batch, which runs until every one of them has finished; only then is the next formed.
 
@@ -88,6 +91,8 @@ class StepStats:
     prefill_tokens: int
     decode_tokens: int
     running: int  # requests in this step's batch
+    loads_LE: tuple = ()  # per MoE block, copies routed to each expert over the EP group (host)
+    received_LW: tuple = ()  # per MoE block, copies each rank's experts received (host)
 
     @property
     def tokens(self) -> int:
@@ -138,6 +143,7 @@ class Engine:
                 "accepted max_batch_tokens >= max_running (each running request decodes one token per step)"
             )
         self.model, self.batching, self.clock, self.keep_outputs = model, batching, clock, keep_outputs
+        self.whole_prompts = model.cfg.moe.granularity == "sequence"  # never chunk a prompt (module docstring)
         self.max_running, self.max_batch_tokens = max_running, max_batch_tokens
         self.cache = KVCache(model.cfg, max_running, max_len, model.device)  # allocated once
         self._free = list(range(max_running - 1, -1, -1))
@@ -150,6 +156,11 @@ class Engine:
         here, not in a later step, where it would fail the whole batch's forward."""
         _check_prompt(request, self.model.cfg)
         need = max_context(request.input_len, request.output_len)
+        if self.whole_prompts and request.input_len > self.max_batch_tokens:
+            raise ValueError(
+                f"Request {request.id}: input_len {request.input_len} is refused with sequence routing: accepted "
+                f"at most max_batch_tokens ({self.max_batch_tokens}), the prompt being computed whole"
+            )
         if request.input_len < 1 or request.output_len < 1 or need > self.cache.max_len:
             raise ValueError(
                 f"Request {request.id}: input_len {request.input_len}, output_len {request.output_len}: accepted "
@@ -169,16 +180,18 @@ class Engine:
                 plan.append((r, 1))
                 budget -= 1
         for r in self.running:  # then the prompts in progress, oldest first
-            if not r.prefilled and budget > 0:
+            if not r.prefilled and budget > 0 and not (self.whole_prompts and r.input_len > budget):
                 n = min(r.input_len - r.computed, budget)
                 plan.append((r, n))
                 budget -= n
         form = self.batching == "continuous" or not self.running  # static: only an empty engine forms a batch
         while form and self.waiting and self._free and (budget > 0 or self.batching == "static"):
+            if self.whole_prompts and self.batching == "continuous" and self.waiting[0].input_len > budget:
+                break  # oldest first: it waits for a step whose budget holds its whole prompt
             r = self.waiting.popleft()
             r.slot = self._free.pop()
             self.running.append(r)
-            if budget > 0:
+            if budget > 0 and not (self.whole_prompts and r.input_len > budget):
                 n = min(r.input_len, budget)
                 plan.append((r, n))
                 budget -= n
@@ -219,7 +232,7 @@ class Engine:
         inputs = self._inputs(plan)
         forward_start = self.clock()  # the forward's own preparation (positions, RoPE, masks) is the model's
         batch = Batch(segments, self.model.device, self.model.cfg)
-        h_TD, _ = self.model(inputs, batch, self.cache)
+        h_TD, routed = self.model(inputs, batch, self.cache)
         decoding = [r.prefilled for r, _ in plan]  # before this step's prompt tokens count
         emits = [i for i, (r, n) in enumerate(plan) if decoding[i] or r.computed + n == r.input_len]
         rows = [batch.rows[i] + plan[i][1] - 1 for i in emits]  # each emitting segment's last row
@@ -246,4 +259,6 @@ class Engine:
             self.finished.append(r)
         decode_tokens = sum(decoding)
         prefill_tokens = sum(n for (_, n), decode in zip(plan, decoding, strict=True) if not decode)
-        return StepStats(start, end, end - forward_start, prefill_tokens, decode_tokens, len(plan))
+        loads = tuple(tuple(r.counts_WE.sum(0).tolist()) for r in routed)  # host counts: no sync
+        received = tuple(tuple(r.received_W.tolist()) for r in routed)
+        return StepStats(start, end, end - forward_start, prefill_tokens, decode_tokens, len(plan), loads, received)

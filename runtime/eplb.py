@@ -153,6 +153,54 @@ def rebalance(loads_E: Sequence[float], ranks: int, redundant: int = 0, nodes: i
     return placed
 
 
+@dataclass(frozen=True)
+class Move:
+    """Where one slot of the new placement gets its expert's weights: ``dst_rank``'s local slot ``dst_slot``
+    from ``src_rank``'s local slot ``src_slot`` of the old placement (``src_rank == dst_rank``: a local copy,
+    nothing sent). A rank's local slots are its physical experts in physical order."""
+
+    dst_rank: int
+    dst_slot: int
+    src_rank: int
+    src_slot: int
+
+
+def local_slots(placement: Placement, rank: int) -> list[int]:
+    """The physical experts ``rank`` holds, in physical order: local slot l is the l-th of them."""
+    return [p for p, r in enumerate(placement.owner_P) if r == rank]
+
+
+def expert_moves(old: Placement, new: Placement, ranks: int) -> list[Move]:
+    """One ``Move`` per slot of ``new``, ordered by (dst_rank, dst_slot). A slot takes its logical expert
+    from the same rank when the rank held it before (no transfer), else from the lowest rank that held it
+    (its first slot of it). Every rank computes the same list from the two placements alone."""
+    if len(old.logical_of_P) != len(new.logical_of_P) or set(old.logical_of_P) != set(new.logical_of_P):
+        raise ValueError(
+            f"eplb move: the new placement has {len(new.logical_of_P)} physical experts of "
+            f"{len(set(new.logical_of_P))} logical ones: accepted the old one's {len(old.logical_of_P)} of "
+            f"{len(set(old.logical_of_P))}"
+        )
+    held = []  # per rank: logical expert -> its first local slot in the old placement
+    for r in range(ranks):
+        first: dict[int, int] = {}
+        for slot, p in enumerate(local_slots(old, r)):
+            first.setdefault(old.logical_of_P[p], slot)
+        held.append(first)
+    moves = []
+    for r in range(ranks):
+        old_count, new_slots = len(local_slots(old, r)), local_slots(new, r)
+        if len(new_slots) != old_count:
+            raise ValueError(
+                f"eplb move: rank {r} would hold {len(new_slots)} experts: accepted the {old_count} it holds "
+                "(re-placement keeps every rank's slot count)"
+            )
+        for slot, p in enumerate(new_slots):
+            e = new.logical_of_P[p]
+            src = r if e in held[r] else min(q for q in range(ranks) if e in held[q])
+            moves.append(Move(r, slot, src, held[src][e]))
+    return moves
+
+
 class LoadWindow:
     """Routed copies per layer and expert over the last ``window`` steps: what ``rebalance`` re-places from.
 
@@ -193,4 +241,14 @@ class LoadWindow:
         return [list(totals) for totals in self._sum]
 
 
-__all__ = ["LoadWindow", "Placement", "balanced_packing", "rebalance", "replicate", "static_placement"]
+__all__ = [
+    "LoadWindow",
+    "Move",
+    "Placement",
+    "balanced_packing",
+    "expert_moves",
+    "local_slots",
+    "rebalance",
+    "replicate",
+    "static_placement",
+]

@@ -17,6 +17,10 @@ of the rows before or after). Three interchangeable backends compute the two gro
               [R, H] intermediate is built or concatenated (under autograd the experts'
               outputs are concatenated once); at the seed shape on one CPU thread
               this is 4 % over the bare GEMMs where GEMM-all-then-activate-all cost 28 %.
+A fourth, ``rowwise``, is for checks, not speed: every row alone through both GEMMs (M = 1), so a row's
+result never depends on the rows that share its expert's run (batch invariance, by construction; the
+other backends' GEMM kernels can round a row differently when the run's length changes: measured on
+this CPU for runs under 12 rows). ``MoELayer.set_schedule(expert_backend=...)`` switches to it.
 "auto" picks grouped_mm on CUDA devices that support it and loop elsewhere; the measurements
 behind that choice are in the README (``python -m moebench.tools.bench_experts``).
 
@@ -94,8 +98,17 @@ def _gmm_bmm(x_RD: torch.Tensor, w_LDH: torch.Tensor, counts: list[int]) -> torc
     return torch.bmm(padded_LCD, w_LDH)[expert_R, rows_R]
 
 
+def _ffn_rowwise(x_RD, w_in_LDH, w_down_LFD, counts: list[int], activation: str, run_experts=None) -> torch.Tensor:
+    """The rowwise backend: each row alone, M = 1 (see the module docstring)."""
+    experts = run_experts if run_experts is not None else range(len(counts))
+    expert_R = [l for l, n in zip(experts, counts, strict=True) for _ in range(n)]
+    rows = [_activate(x_RD[i : i + 1] @ w_in_LDH[l], activation, False) @ w_down_LFD[l] for i, l in enumerate(expert_R)]
+    return torch.cat(rows) if rows else x_RD.new_empty(0, w_down_LFD.shape[-1])
+
+
 GEMMS = {"grouped_mm": _gmm_grouped, "bmm": _gmm_bmm}  # the grouped backends; "loop" is ``_ffn_loop``
-BACKENDS = (*GEMMS, "loop")
+BACKENDS = (*GEMMS, "loop")  # the backends timed and chosen by "auto"
+BATCH_INVARIANT = "rowwise"  # for checks (``_ffn_rowwise``)
 
 
 def expert_ffn(
@@ -106,6 +119,8 @@ def expert_ffn(
     to local expert ``run_experts[i]``."""
     if backend == "loop":
         return _ffn_loop(x_RD, w_in_LDH, w_down_LFD, counts, activation, run_experts)
+    if backend == BATCH_INVARIANT:
+        return _ffn_rowwise(x_RD, w_in_LDH, w_down_LFD, counts, activation, run_experts)
     if run_experts is not None:
         raise ValueError(f"expert backend {backend!r} needs its rows expert-major: run_experts is for 'loop'")
     gmm = GEMMS[backend]
@@ -161,8 +176,15 @@ class GroupedExperts(nn.Module):
 
     @property
     def expert_major(self) -> bool:
-        """Whether the backend needs its rows expert-major; the loop backend takes any runs."""
-        return self.resolved_backend() != "loop"
+        """Whether the backend needs its rows expert-major; the loop and rowwise backends take any runs."""
+        return self.resolved_backend() not in ("loop", BATCH_INVARIANT)
+
+    def set_backend(self, backend: str) -> None:
+        """Compute with ``backend`` from the next call on: "auto", one of ``BACKENDS``, or "rowwise"."""
+        if backend not in ("auto", *BACKENDS, BATCH_INVARIANT):
+            accepted = ", ".join(map(repr, ("auto", *BACKENDS, BATCH_INVARIANT)))
+            raise ValueError(f"expert backend = {backend!r} is invalid: accepted one of {accepted}")
+        self.backend = backend
 
     def forward(self, x_RD: torch.Tensor, runs: list[int], run_experts: list[int] | None = None) -> torch.Tensor:
         """``runs``: rows per local expert (expert-major), or, with ``run_experts``, runs of rows of

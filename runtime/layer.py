@@ -13,6 +13,14 @@ are reduced over the expert-data-parallel group, which is outside this layer.
 
 Features (offload, replicas, on_loss, transport, recomputation) are chosen at construction; see ``MoELayer``.
 
+Re-placement (EPLB). A layer built with a ``placement`` (runtime/eplb.py: every rank holds the same number of
+slots, each a copy of one logical expert) can move to another placement between steps: ``set_placement``
+sends each slot's weights from a rank that held its expert (one all-to-all of whole experts; a rank that held
+the expert already copies it locally), and with an optimizer its state moves with the weights. Which copy
+computes a token never changes the result, so a layer's outputs for the same tokens are the same before and
+after a move. Training with copies: ``reduce_replicated_grads`` also sums each logical expert's gradient over
+its copies, so every copy takes the same optimizer step.
+
 Recomputation (``recompute_experts``): the expert FFNs run under ``torch.utils.checkpoint`` (non-reentrant),
 so backward recomputes their GEMMs and activations from the rows received, which are kept. Routing,
 the split counts and both all-to-alls are never recomputed: a second exchange in backward would repeat
@@ -37,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from runtime.collective import TRANSPORTS
 from runtime.config import MAX_CHUNKS, MoEConfig, ParallelConfig
 from runtime.dispatch import AllToAllDispatcher, Dispatcher, LocalDispatcher
+from runtime.eplb import Placement, expert_moves, local_slots
 from runtime.experts import Experts, GroupedExperts
 from runtime.offload import OffloadConfig, OffloadedExperts
 from runtime.placement import place_experts
@@ -55,10 +64,13 @@ from runtime.redundancy import (
 from runtime.router import (
     Router,
     RouterOutput,
+    Sequences,
+    cut_sequences,
     expert_capacity,
     keep_mask,
     kept_counts,
     load_balancing_loss,
+    route_sequences,
     router_z_loss,
 )
 from runtime.weights import MoEWeights
@@ -74,6 +86,8 @@ class MoEOutput:
     kept_WE: torch.Tensor  # copies each rank sent to each expert, after capacity (host)
     capacity: int | None  # per-expert capacity over the group's batch; None when dropless
     lost_tokens: torch.Tensor | None = None  # this rank's tokens with a choice no live copy serves (0-d)
+    received_W: torch.Tensor | None = None  # copies each rank's experts receive, after capacity (host)
+    sequence_routing: RouterOutput | None = None  # granularity "sequence": one row per sequence (serve keeps it)
 
     @property
     def tokens_dropped(self) -> int:
@@ -94,11 +108,22 @@ class RoutingPlan:
     dispatch_ids_TK: torch.Tensor  # the physical expert of each copy (= routing.ids_TK without replicas)
     dispatch_kept_WP: torch.Tensor  # copies each rank sends to each physical expert (host; = kept_WE without)
     lost_tokens: torch.Tensor | None  # tokens with a choice no live copy serves (rerouted or dropped); 0-d
+    sequence_routing: RouterOutput | None = None  # granularity "sequence": the router's row per sequence
 
     @property
     def dispatch_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What ``Dispatcher.plan`` / ``dispatch`` take: physical ids, keep mask, physical kept counts."""
         return self.dispatch_ids_TK, self.keep_TK, self.dispatch_kept_WP
+
+
+def _replicas(placement: Placement) -> Replicas:
+    """A placement's physical experts, every one alive."""
+    return Replicas(placement.logical_of_P, placement.owner_P, (True,) * len(placement.owner_P))
+
+
+def _first_owners(placement: Placement, num_experts: int) -> tuple[int, ...]:
+    """The rank of each logical expert's first copy (the layer's ``expert_to_rank`` under a placement)."""
+    return tuple(placement.owner_P[placement.logical_of_P.index(e)] for e in range(num_experts))
 
 
 class MoELayer(nn.Module):
@@ -123,6 +148,9 @@ class MoELayer(nn.Module):
       ``balance_group``    at ``ep_size`` = 1, a group of data-parallel ranks whose batches the load-balancing
                            and z losses are taken over (global-batch balancing: each rank's losses are its
                            share of the group's, as under EP); None: this rank's batch (or the EP group's).
+      ``placement``        a ``runtime.eplb.Placement`` of physical experts (copies of logical ones, the same
+                           number on every rank) in place of ``placement``'s one copy per expert; needs an EP
+                           group, no offload, no ``redundancy``; ``set_placement`` re-places it.
     ``set_schedule`` changes ``overlap_chunks`` and ``transport`` between calls (serial against
     overlapped, compute-only rounds); ``set_alive`` marks lost expert copies.
     """
@@ -145,12 +173,16 @@ class MoELayer(nn.Module):
         wrap_router: Callable[[Router], Router] | None = None,
         recompute_experts: bool = False,
         balance_group=None,
+        placement: Placement | None = None,
     ):
         super().__init__()
         par = par if par is not None else ParallelConfig()
         self.moe, self.par = moe, par
         self.expert_to_rank = place_experts(moe, par)
         self.group = self._check(dispatcher, par, group, offload, offload_steps, redundancy, transport)
+        if placement is not None:
+            self._check_placement(placement, offload, redundancy)
+        self._wrap_dispatcher, self._placed = wrap_dispatcher, placement is not None
         if balance_group is not None and self.group is not None:
             raise ValueError("MoELayer balance_group with an EP group is refused: accepted at ep_size = 1 only")
         if recompute_experts and (offload is not None or redundancy is not None):
@@ -159,8 +191,11 @@ class MoELayer(nn.Module):
         self.on_loss = check_on_loss(on_loss)  # change it with ``set_alive``
         self.overlap_chunks = par.overlap_chunks  # change it with ``set_schedule``
         # 1. physical experts: the logical ones, plus replicas with ``redundancy``
-        if redundancy is None:
-            self.replicas: Replicas = plain(self.expert_to_rank)
+        if placement is not None:
+            self.replicas: Replicas = _replicas(placement)
+            self.expert_to_rank = _first_owners(placement, moe.num_experts)
+        elif redundancy is None:
+            self.replicas = plain(self.expert_to_rank)
         else:
             self.replicas = replicate(redundancy.loads_E, self.expert_to_rank, par.ep_size, redundancy.redundant)
         # 2. the dispatcher over them
@@ -175,7 +210,7 @@ class MoELayer(nn.Module):
         router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
         self.router = router if wrap_router is None else wrap_router(router)
         shape = (moe.hidden_size, moe.ffn_hidden_size, moe.activation, moe.torch_dtype, moe.expert_backend)
-        if redundancy is not None:
+        if redundancy is not None or placement is not None:
             self.experts: Experts = ReplicatedExperts(self.replicas, self.local_experts, *shape)
         elif offload is not None:  # built on the host, moved there; only the cache's slots are on the device
             resident = GroupedExperts(self.local_experts, *shape)
@@ -224,14 +259,37 @@ class MoELayer(nn.Module):
             )
         return None if local else group
 
+    def _check_placement(self, placement, offload, redundancy) -> None:
+        if not isinstance(placement, Placement):
+            raise ValueError(f"MoELayer placement = {placement!r} is invalid: accepted an eplb.Placement or None")
+        if self.group is None:
+            raise ValueError("MoELayer placement at ep_size = 1 is refused: accepted with an EP group (ep_size >= 2)")
+        if offload is not None or redundancy is not None:
+            raise ValueError("MoELayer placement with offload or redundancy is refused: accepted one of the three")
+        self._check_slots(placement)
+
+    def _check_slots(self, placement: Placement) -> None:
+        moe, ranks = self.moe, self.par.ep_size
+        if sorted(set(placement.logical_of_P)) != list(range(moe.num_experts)):
+            raise ValueError(
+                f"MoELayer placement covers logical experts {sorted(set(placement.logical_of_P))}: accepted every "
+                f"one of 0..{moe.num_experts - 1}"
+            )
+        if any(not 0 <= r < ranks for r in placement.owner_P) or len(set(placement.owner_P)) != ranks:
+            owners = sorted(set(placement.owner_P))
+            raise ValueError(f"MoELayer placement owners {owners}: accepted every rank of {ranks}")
+
     @property
     def transport(self) -> str | None:
         """The all-to-all's transport; None with the local dispatcher (no exchange)."""
         return None if self.group is None else self.dispatcher.transport
 
-    def set_schedule(self, overlap_chunks: int | None = None, transport: str | None = None) -> None:
+    def set_schedule(
+        self, overlap_chunks: int | None = None, transport: str | None = None, expert_backend: str | None = None
+    ) -> None:
         """From the next forward on: pipeline over ``overlap_chunks`` chunks and/or exchange over
-        ``transport`` (None: unchanged). Validated as at construction."""
+        ``transport`` and/or compute the experts with ``expert_backend`` (runtime/experts.py; "rowwise" for
+        batch-invariant checks; resident experts only) (None: unchanged). Validated as at construction."""
         if overlap_chunks is not None:
             if (
                 isinstance(overlap_chunks, bool)
@@ -252,12 +310,21 @@ class MoELayer(nn.Module):
             self.dispatcher.set_transport(transport)  # validates it
         if overlap_chunks is not None:
             self.overlap_chunks = overlap_chunks
+        if expert_backend is not None:
+            if not isinstance(self.experts, GroupedExperts):
+                raise ValueError(f"expert_backend = {expert_backend!r} is refused for offloaded experts")
+            self.experts.set_backend(expert_backend)
 
     @torch.no_grad()
     def load_global_weights(self, weights: MoEWeights) -> None:
         """Copy the replicated router and this rank's experts (a replica: its logical expert's) from
         global weights."""
         self.experts.load_global(weights.w_in_EDH, weights.w_down_EFD)  # first: an offloaded layer may refuse
+        self.load_router_weights(weights)
+
+    @torch.no_grad()
+    def load_router_weights(self, weights: MoEWeights) -> None:
+        """Copy the router (gate and offsets) from global weights; the experts are left as they are."""
         self.router.weight_ED.copy_(weights.router_ED)
         self.router.bias_E.zero_()
         if weights.router_bias_E is not None:
@@ -270,22 +337,102 @@ class MoELayer(nn.Module):
             self.on_loss = check_on_loss(on_loss)
         self.replicas = self.replicas.with_alive(alive_P)
 
+    @torch.no_grad()
+    def set_placement(self, placement: Placement, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Move to ``placement`` between steps (every rank of the group, the same placement): each slot's
+        weights come from a rank that held its expert (``runtime.eplb.expert_moves``) in one all-to-all of
+        whole experts, and so do their gradients and, with ``optimizer``, every state tensor of the expert
+        weights' shape (Adam's moments; scalar state such as the step count is the same for every slot).
+        Returns the bytes this rank sent. Refused without a ``placement`` at construction, or for one that
+        changes a rank's slot count."""
+        if not self._placed:
+            raise ValueError("MoELayer.set_placement needs a layer built with placement=: accepted then only")
+        if not isinstance(placement, Placement):
+            raise ValueError(f"MoELayer.set_placement({placement!r}): accepted a runtime.eplb.Placement")
+        self._check_slots(placement)
+        ranks, old = self.par.ep_size, Placement(self.replicas.logical_of_P, self.replicas.owner_P)
+        moves = expert_moves(old, placement, ranks)  # the same list on every rank
+        tensors = self._expert_tensors(optimizer)
+        rows = [t.reshape(t.shape[0], -1).view(torch.uint8) for t in tensors]  # one byte row per slot per tensor
+        width = sum(r.shape[1] for r in rows)
+        sends = [m for m in moves if m.src_rank == self.rank and m.dst_rank != self.rank]  # (dst, dst_slot) order
+        recvs = sorted((m for m in moves if m.dst_rank == self.rank and m.src_rank != self.rank),
+                       key=lambda m: (m.src_rank, m.dst_slot))  # fmt: skip
+        device = tensors[0].device
+        send_NB = torch.cat([torch.cat([r[m.src_slot] for r in rows])[None] for m in sends]) if sends else None
+        send_NB = send_NB if send_NB is not None else torch.empty(0, width, dtype=torch.uint8, device=device)
+        recv_NB = torch.empty(len(recvs), width, dtype=torch.uint8, device=device)
+        in_splits = [sum(1 for m in sends if m.dst_rank == r) for r in range(ranks)]
+        out_splits = [sum(1 for m in recvs if m.src_rank == r) for r in range(ranks)]
+        dist.all_to_all_single(recv_NB, send_NB, out_splits, in_splits, group=self.group)  # blocking: the
+        # weights are written below, and the next forward reads them
+        before = [r.clone() for r in rows]  # a local move may read a slot another move overwrites
+        for m in moves:
+            if m.dst_rank == self.rank and m.src_rank == self.rank and m.dst_slot != m.src_slot:
+                for r, b in zip(rows, before, strict=True):
+                    r[m.dst_slot].copy_(b[m.src_slot])
+        for i, m in enumerate(recvs):
+            for r, part in zip(rows, recv_NB[i].split([r.shape[1] for r in rows]), strict=True):
+                r[m.dst_slot].copy_(part)
+        self.replicas = _replicas(placement)
+        d = AllToAllDispatcher(self.replicas.owner_P, self.group, self.dispatcher.transport)
+        self.dispatcher = d if self._wrap_dispatcher is None else self._wrap_dispatcher(d)
+        self.local_experts = self.dispatcher.local_experts
+        self.experts.rehome(self.replicas, local_slots(placement, self.rank))
+        self.expert_to_rank = _first_owners(placement, self.moe.num_experts)
+        return len(sends) * width
+
+    def _expert_tensors(self, optimizer) -> list[torch.Tensor]:
+        """The expert weights, their gradients, and the optimizer's state tensors shaped like them: what a
+        re-placement moves, in an order every rank shares."""
+        out = []
+        for p in (self.experts.w_in_LDH, self.experts.w_down_LFD):
+            out.append(p.data)
+            if p.grad is not None:
+                out.append(p.grad)
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            out += [state[k] for k in sorted(state) if torch.is_tensor(state[k]) and state[k].shape == p.shape]
+        return out
+
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every rank of the EP group holds a copy of: the router."""
         return list(self.router.parameters())
 
     def reduce_replicated_grads(self) -> None:
-        """Sum the replicated parameters' gradients over the EP group (no-op at EP = 1)."""
+        """Sum the replicated parameters' gradients over the EP group, and each logical expert's over its
+        copies (``reduce_copy_grads``); a no-op at EP = 1."""
         if self.group is None:
             return
         for p in self.replicated_parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.group)
+        self.reduce_copy_grads()
 
-    def plan(self, x_TD: torch.Tensor) -> RoutingPlan:
-        """Route this rank's tokens and decide, group-wide, which copies each expert keeps."""
+    def copy_share_L(self) -> torch.Tensor:
+        """1 / copies of each local slot's logical expert (host; all ones without copies)."""
+        copies_E = torch.bincount(torch.tensor(self.replicas.logical_of_P), minlength=self.moe.num_experts)
+        return 1.0 / copies_E[list(self.experts.experts_L)].double()
+
+    @torch.no_grad()
+    def reduce_copy_grads(self) -> None:
+        """With copies of an expert on several ranks (``placement`` with spare slots): every copy's gradient
+        becomes the sum over the copies (each copy saw only the tokens it served), one all-reduce of an
+        [E, ...] buffer per weight. A no-op when every logical expert has one copy."""
+        if self.group is None or not isinstance(self.experts, ReplicatedExperts) or not self.replicas.num_redundant:
+            return
+        index = torch.tensor(self.experts.experts_L, device=self.experts.w_in_LDH.device)
+        for p in (self.experts.w_in_LDH, self.experts.w_down_LFD):
+            if p.grad is None:
+                continue
+            total = p.grad.new_zeros(self.moe.num_experts, *p.shape[1:]).index_add_(0, index, p.grad)
+            dist.all_reduce(total, group=self.group)
+            p.grad.copy_(total[index])
+
+    def plan(self, x_TD: torch.Tensor, seqs: Sequences | None = None) -> RoutingPlan:
+        """Route this rank's tokens and decide, group-wide, which copies each expert keeps. ``seqs``: the
+        rows' sequences with granularity "sequence" (None: cut by ``MoEConfig.seq_len``)."""
         moe = self.moe
-        routing = self.router(x_TD)  # fp32 router
+        routing, routing_B = self._route(x_TD, seqs)  # fp32 router
         reps, lost = self.replicas, None
         if not reps.all_alive:  # some copies lost: route around the logical experts none serves
             available_E = reps.available_E()
@@ -305,18 +452,30 @@ class MoELayer(nn.Module):
             keep_TK = torch.ones_like(ids_TK, dtype=torch.bool)
         else:
             keep_TK = keep_mask(ids_TK, kept_WE[self.rank].to(ids_TK.device))
-        if reps.num_redundant:
+        if not reps.identity:
             kept_WP = split_counts(kept_WE, reps)
             phys_TK = physical_ids(ids_TK, keep_TK, kept_WE, self.rank, reps)
         else:
             kept_WP, phys_TK = kept_WE, ids_TK
-        return RoutingPlan(routing, keep_TK, counts_WE, kept_WE, capacity, num_tokens, phys_TK, kept_WP, lost)
+        return RoutingPlan(
+            routing, keep_TK, counts_WE, kept_WE, capacity, num_tokens, phys_TK, kept_WP, lost, routing_B
+        )
 
-    def forward(self, x_TD: torch.Tensor) -> MoEOutput:
+    def _route(self, x_TD: torch.Tensor, seqs: Sequences | None) -> tuple[RouterOutput, RouterOutput | None]:
+        """The per-token routing, and with granularity "sequence" the per-sequence one (runtime/router.py)."""
+        if self.moe.granularity == "token":
+            if seqs is not None:
+                raise ValueError("MoELayer: sequences given with granularity 'token': accepted granularity 'sequence'")
+            return self.router(x_TD), None
+        seqs = seqs if seqs is not None else Sequences(cut_sequences(x_TD.shape[0], self.moe.seq_len))
+        return route_sequences(self.router, x_TD, seqs)
+
+    def forward(self, x_TD: torch.Tensor, seqs: Sequences | None = None) -> MoEOutput:
+        """The layer on this rank's tokens; ``seqs`` as ``plan``'s."""
         moe = self.moe
         with span("route", x_TD.device):
             # 1. Route; exchange group-wide copies per expert; capacity and the copies kept follow.
-            plan = self.plan(x_TD)
+            plan = self.plan(x_TD, seqs)
             routing = plan.routing
             # 2. Auxiliary losses over the group's batch (this rank's share).
             counts_E = plan.counts_WE.sum(0).to(x_TD.device)
@@ -340,7 +499,14 @@ class MoELayer(nn.Module):
             kept_WE=plan.kept_WE,
             capacity=plan.capacity,
             lost_tokens=plan.lost_tokens,
+            received_W=self._received(plan.dispatch_kept_WP),
+            sequence_routing=plan.sequence_routing,
         )
+
+    def _received(self, kept_WP: torch.Tensor) -> torch.Tensor:
+        """Copies each rank's experts receive [W] from the physical kept counts (host, no sync)."""
+        owner_P = torch.tensor(self.replicas.owner_P, dtype=torch.long)
+        return torch.zeros(self.par.ep_size, dtype=kept_WP.dtype).index_add_(0, owner_P, kept_WP.sum(0))
 
     def pipeline(self, x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Dispatch, experts and combine of ``overlap_chunks`` chunks, each chunk's all-to-alls in

@@ -29,6 +29,13 @@ for the tensors forward keeps: "experts" recomputes the expert FFNs, "layer" als
 half and its dense or shared FFN. The router, the split counts and the all-to-alls are never recomputed:
 their results are kept, as large trainers do (a recomputed exchange would repeat the communication).
 
+Sequence routing (``MoEConfig.granularity = "sequence"``): each segment of a forward is a sequence to the
+router. A request keeps its prefill choice while it decodes: a segment starting at position 0 (a whole
+prompt: the engine never chunks one under this routing) is routed on its mean and its per-sequence choice
+(logits, probabilities, weights, ids, per MoE block) is stored in its cache slot (``KVCache.routes``); a
+segment starting later (a decode token) reuses its slot's choice. A prompt chunk that starts later is
+refused: its choice would be made on part of the prompt.
+
 KV cache: one contiguous region per slot (``KVCache``), allocated once: a sequence's keys are one
 slice that ``scaled_dot_product_attention`` reads without a gather during prefill, and decode gathers
 the batch's slots once per layer. Paged blocks would cut memory lost to slots sized for the longest
@@ -50,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from runtime.config import MoEConfig, ParallelConfig, _fail, _positive_int
 from runtime.experts import expert_ffn
 from runtime.layer import MoELayer
+from runtime.router import RouterOutput, Sequences
 from runtime.weights import MoEWeights, init_weights
 
 RECOMPUTE = ("none", "experts", "layer")  # what backward recomputes (module docstring)
@@ -189,6 +197,19 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=cfg.moe.torch_dtype, device=device)
         self.v = torch.zeros(shape, dtype=cfg.moe.torch_dtype, device=device)
         self.slots, self.max_len = slots, max_len
+        # granularity "sequence": each slot's prefill choice per block (rows of blocks without experts unused)
+        self.routes: list[RouterOutput] | None = None
+        if cfg.moe.granularity == "sequence":
+            e, k = cfg.moe.num_experts, cfg.moe.top_k
+            self.routes = [
+                RouterOutput(
+                    torch.zeros(slots, e, device=device),
+                    torch.zeros(slots, e, device=device),
+                    torch.zeros(slots, k, device=device),
+                    torch.zeros(slots, k, dtype=torch.long, device=device),
+                )
+                for _ in range(cfg.layers)
+            ]
 
     @property
     def nbytes(self) -> int:
@@ -329,7 +350,7 @@ class DenseFFN(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig, w: BlockWeights, par: ParallelConfig, group, device,
-                 recompute: str = "none", balance_group=None):  # fmt: skip
+                 recompute: str = "none", balance_group=None, placement=None):  # fmt: skip
         super().__init__()
         self.cfg, self.recompute = cfg, recompute
         dtype, act = cfg.moe.torch_dtype, cfg.moe.activation
@@ -340,7 +361,7 @@ class Block(nn.Module):
         if w.moe is not None:
             ep_group = group if par.ep_size > 1 else None
             self.moe = MoELayer(cfg.moe, par, group=ep_group, device=device, recompute_experts=recompute != "none",
-                                balance_group=balance_group)  # fmt: skip
+                                balance_group=balance_group, placement=placement)  # fmt: skip
             self.moe.load_global_weights(w.moe)
             self.shared = None if w.shared is None else DenseFFN(w.shared, act, dtype, device)
         else:
@@ -353,7 +374,8 @@ class Block(nn.Module):
         return h_TD, rms_norm(h_TD, self.ffn_norm_D, eps)
 
     def forward(self, x_TD: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int):
-        """The block's output, and the MoE layer's ``MoEOutput`` (None in a dense block)."""
+        """The block's output, and the MoE layer's ``MoEOutput`` (None in a dense block). With sequence
+        routing the segments are the router's sequences, a decode token taking its slot's kept choice."""
         again = self.recompute == "layer" and torch.is_grad_enabled()  # backward recomputes all but the MoE exchange
 
         def run(fn, *args):
@@ -362,11 +384,48 @@ class Block(nn.Module):
         h_TD, n_TD = run(self._attend, x_TD, batch, cache, layer)
         if self.dense is not None:
             return h_TD + run(self.dense, n_TD), None
-        routed = self.moe(n_TD)  # every rank of the EP group calls it, with or without rows; never recomputed
+        seqs = self._sequences(batch, cache, layer) if self.cfg.moe.granularity == "sequence" else None
+        routed = self.moe(n_TD, seqs)  # every rank of the EP group calls it, with or without rows; never recomputed
+        if seqs is not None and batch.cached:
+            self._keep_choices(batch, cache, layer, routed.sequence_routing)
         y_TD = routed.out_TD.to(h_TD.dtype)
         if self.shared is not None:
             y_TD = y_TD + run(self.shared, n_TD)
         return h_TD + y_TD, routed
+
+    @staticmethod
+    def _sequences(batch: Batch, cache: KVCache | None, layer: int) -> Sequences:
+        """The router's sequences: each segment; a cached one starting past 0 reuses its slot's choice."""
+        lengths = tuple(s.length for s in batch.segments)
+        if not batch.cached:
+            return Sequences(lengths)
+        for s in batch.segments:
+            if s.start > 0 and s.length > 1:
+                raise ValueError(
+                    f"sequence routing: a prompt chunk at position {s.start} is refused: accepted whole prompts "
+                    "(the choice is made on the prompt's mean) and one-token decode steps"
+                )
+        reuse = tuple(s.start > 0 for s in batch.segments)
+        slots = torch.tensor([s.slot for s in batch.segments], dtype=torch.long, device=cache.k.device)
+        kept = cache.routes[layer]
+        kept = RouterOutput(kept.logits_TE[slots], kept.probs_TE[slots], kept.weights_TK[slots], kept.ids_TK[slots])
+        return Sequences(lengths, kept, reuse)
+
+    @staticmethod
+    def _keep_choices(batch: Batch, cache: KVCache, layer: int, routing_B: RouterOutput) -> None:
+        """Store each prefilled segment's choice in its slot, for its decode steps."""
+        new = [b for b, s in enumerate(batch.segments) if s.start == 0]
+        if not new:
+            return
+        rows = torch.tensor(new, dtype=torch.long, device=cache.k.device)
+        slots = torch.tensor([batch.segments[b].slot for b in new], dtype=torch.long, device=cache.k.device)
+        stored = cache.routes[layer]
+        for kept, fresh in zip(
+            (stored.logits_TE, stored.probs_TE, stored.weights_TK, stored.ids_TK),
+            (routing_B.logits_TE, routing_B.probs_TE, routing_B.weights_TK, routing_B.ids_TK),
+            strict=True,
+        ):
+            kept[slots] = fresh[rows].detach().to(kept.dtype)
 
 
 class MoEDecoder(nn.Module):
@@ -375,10 +434,14 @@ class MoEDecoder(nn.Module):
 
     Training choices, at construction: ``recompute`` (one of ``RECOMPUTE``), and ``dp_group``: the
     data-parallel ranks (ep_size = 1) whose gradients ``reduce_grads`` sums and whose batches the router
-    losses are taken over (global-batch balancing, as EP's group-wide losses)."""
+    losses are taken over (global-batch balancing, as EP's group-wide losses).
+
+    ``placements``: one ``runtime.eplb.Placement`` per MoE block (in block order), for re-placement (EPLB):
+    each block's ``MoELayer(placement=...)``; ``moe_layers`` lists those layers for ``set_placement``."""
 
     def __init__(self, cfg: DecoderConfig, weights: DecoderWeights, par: ParallelConfig | None = None,
-                 group=None, device=None, *, recompute: str = "none", dp_group=None):  # fmt: skip
+                 group=None, device=None, *, recompute: str = "none", dp_group=None,
+                 placements=None):  # fmt: skip
         super().__init__()
         par = par if par is not None else ParallelConfig()
         if recompute not in RECOMPUTE:
@@ -392,7 +455,14 @@ class MoEDecoder(nn.Module):
         if (weights.embed_VD is None) != (cfg.vocab == 0):
             raise ValueError(f"MoEDecoder: vocab = {cfg.vocab} needs embedding weights exactly when vocab > 0")
         self.cfg, self.device = cfg, torch.device(device) if device is not None else torch.device("cpu")
-        self.blocks = nn.ModuleList(Block(cfg, w, par, group, device, recompute, dp_group) for w in weights.blocks)
+        moe_blocks = [i for i, w in enumerate(weights.blocks) if w.moe is not None]
+        if placements is not None and len(placements) != len(moe_blocks):
+            want = len(moe_blocks)
+            raise ValueError(f"MoEDecoder got {len(placements)} placements: accepted one per MoE block ({want})")
+        placed = dict(zip(moe_blocks, placements, strict=True)) if placements is not None else {}
+        self.blocks = nn.ModuleList(
+            Block(cfg, w, par, group, device, recompute, dp_group, placed.get(i)) for i, w in enumerate(weights.blocks)
+        )
         self.final_norm_D = nn.Parameter(weights.final_norm_D.to(device).clone())
         dtype = cfg.moe.torch_dtype
         self.embed_VD = self.head_VD = None
@@ -419,9 +489,25 @@ class MoEDecoder(nn.Module):
                 routed.append(out)
         return rms_norm(x_TD, self.final_norm_D, self.cfg.norm_eps), routed
 
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE blocks' layers, in block order."""
+        return [block.moe for block in self.blocks if block.moe is not None]
+
     def expert_parameters(self) -> list[nn.Parameter]:
         """The routed experts this rank holds: sharded over the EP group, complete after backward."""
         return [p for block in self.blocks if block.moe is not None for p in block.moe.experts.parameters()]
+
+    def expert_grad_square_sum(self, zero: torch.Tensor) -> torch.Tensor:
+        """Σ grad² over this rank's expert slots in fp64, a slot counted 1/copies of its expert (copies on several
+        ranks hold the same summed gradient, ``reduce_copy_grads``), so the group's sum counts each expert once."""
+        total = zero
+        for layer in self.moe_layers:
+            share_L = layer.copy_share_L().to(zero.device, torch.float64)
+            for p in layer.experts.parameters():
+                if p.grad is not None:
+                    total = total + (p.grad.detach().double().square().flatten(1).sum(1) * share_L).sum()
+        return total
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Every other parameter: each rank of the EP group holds a copy and sees only its own tokens."""
@@ -439,6 +525,8 @@ class MoEDecoder(nn.Module):
             dist.all_reduce(flat, group=group)
             for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
                 g.copy_(part.view_as(g))
+        for layer in self.moe_layers:  # copies of an expert on several ranks (placements with spare slots)
+            layer.reduce_copy_grads()
 
     def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
         """The LM head over output hidden states (vocab > 0)."""

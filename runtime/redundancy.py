@@ -85,13 +85,18 @@ class Replicas:
     owner_P: tuple[int, ...]
     alive_P: tuple[bool, ...]
 
-    @property
-    def num_logical(self) -> int:
-        return len(self.logical_of_P) - self.num_redundant
-
     @functools.cached_property  # read on every forward: computed once per layout
+    def num_logical(self) -> int:
+        return max(self.logical_of_P) + 1  # every logical expert has a copy
+
+    @property
     def num_redundant(self) -> int:
-        return sum(1 for p, e in enumerate(self.logical_of_P) if p != e)
+        return len(self.logical_of_P) - self.num_logical
+
+    @functools.cached_property
+    def identity(self) -> bool:
+        """Physical expert p is logical expert p (no replicas, nothing re-placed): dispatch needs no remap."""
+        return all(p == e for p, e in enumerate(self.logical_of_P))
 
     @functools.cached_property
     def all_alive(self) -> bool:
@@ -99,7 +104,7 @@ class Replicas:
 
     @functools.cached_property
     def _live(self) -> tuple[tuple[int, ...], ...]:
-        live = [[] for _ in range(len(self.logical_of_P) - self.num_redundant)]
+        live = [[] for _ in range(self.num_logical)]
         for p, e in enumerate(self.logical_of_P):
             if self.alive_P[p]:
                 live[e].append(p)
@@ -254,3 +259,11 @@ class ReplicatedExperts(GroupedExperts):
         logical_L = [replicas.logical_of_P[p] for p in physical_L]
         super().__init__(logical_L, hidden, ffn_hidden, activation, dtype, backend)
         self.physical_L = tuple(physical_L)
+
+    def rehome(self, replicas: Replicas, physical_L: Sequence[int]) -> None:
+        """After a re-placement (``MoELayer.set_placement``, which has moved the weights into place): local
+        expert l is now physical expert ``physical_L[l]``. The slot count is fixed by the stacked weights."""
+        if len(physical_L) != len(self.physical_L):
+            raise ValueError(f"rehome: {len(physical_L)} physical experts: accepted this rank's {len(self.physical_L)}")
+        self.physical_L = tuple(physical_L)
+        self.experts_L = tuple(replicas.logical_of_P[p] for p in physical_L)

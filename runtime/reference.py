@@ -10,6 +10,10 @@ Policy, identical to ``runtime/router.py``: capacity C = ceil(cf · N · K / E) 
 given; copies are served in token order and the first C per expert are kept; a dropped copy
 contributes nothing and the other copies keep their weights; top-k ties go to the lower id.
 
+Sequence routing (``cfg.granularity = "sequence"``), written from its definition: each sequence's
+mean hidden state is routed once, every token of the sequence goes to those experts with those
+weights, and the sequence's router row enters the losses once per token (``runtime/router.py``).
+
 ``reference_decoder`` is the same ground truth for the whole decoder (runtime/model.py): one sequence
 in fp64, attention written out per head with an explicit causal mask and softmax, RoPE from its
 definition, the routed experts through ``reference_moe`` (dropless). It reads only the decoder's
@@ -70,8 +74,34 @@ def _expert(x_D, w_in_DH, w_down_FD, activation: str):
     return a_F @ w_down_FD
 
 
-def reference_moe(x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig) -> ReferenceOutput:
-    """Run the layer on N tokens in fp64. Inputs may require grad; outputs are differentiable."""
+def _spans(n: int, cfg: MoEConfig, lengths: list[int] | None) -> list[tuple[int, int]]:
+    """(first token, tokens) of each routed unit: every token alone, or each sequence."""
+    if cfg.granularity == "token":
+        if lengths is not None:
+            raise ValueError("reference_moe: lengths with granularity 'token': accepted granularity 'sequence'")
+        return [(t, 1) for t in range(n)]
+    if lengths is None:
+        size = cfg.seq_len or n
+        if n % max(size, 1):
+            raise ValueError(f"reference_moe: seq_len {size} does not divide {n} tokens")
+        lengths = [size] * (n // size) if n else []
+    if sum(lengths) != n or any(length < 1 for length in lengths):
+        raise ValueError(f"reference_moe: lengths {lengths} are not a split of {n} tokens")
+    starts = [sum(lengths[:b]) for b in range(len(lengths))]
+    return list(zip(starts, lengths, strict=True))
+
+
+def reference_moe(
+    x_ND: torch.Tensor,
+    weights: MoEWeights,
+    cfg: MoEConfig,
+    lengths: list[int] | None = None,
+    prompt_len: int | None = None,
+) -> ReferenceOutput:
+    """Run the layer on N tokens in fp64. Inputs may require grad; outputs are differentiable.
+    With granularity "sequence", ``lengths`` split the N tokens into sequences in order (None: by
+    ``cfg.seq_len``, or one sequence), and the router sees the mean of each sequence's first
+    ``prompt_len`` tokens (None: all of them; serve's rule: the prompt's)."""
     x = x_ND.double()
     router = weights.router_ED.double()
     bias = x.new_zeros(cfg.num_experts) if weights.router_bias_E is None else weights.router_bias_E.double()
@@ -83,27 +113,30 @@ def reference_moe(x_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig) -> Re
     counts = [0] * e_count
     dropped = []
     rows, prob_sum, z_sum = [], torch.zeros(e_count, dtype=torch.float64), x.new_zeros(())
-    for t in range(n):
-        logits = router @ x[t] + bias
+    for start, length in _spans(n, cfg, lengths):
+        seen_len = length if prompt_len is None else min(prompt_len, length)
+        seen = x[start : start + seen_len].sum(dim=0) / seen_len  # what the router sees: the token, or the mean
+        logits = router @ seen + bias
         shifted = logits - logits.max()
         probs = torch.exp(shifted) / torch.exp(shifted).sum()
-        prob_sum = prob_sum + probs
-        z_sum = z_sum + (logits.max() + torch.log(torch.exp(shifted).sum())) ** 2
+        prob_sum = prob_sum + length * probs  # the unit's row counts once per token
+        z_sum = z_sum + length * (logits.max() + torch.log(torch.exp(shifted).sum())) ** 2
         values = probs.detach().tolist()
         chosen = sorted(range(e_count), key=lambda e: (-values[e], e))[:k]
         gate = [probs[e] for e in chosen]
         if cfg.normalize_topk:
             total = sum(gate)
             gate = [g / total for g in gate]
-        out = x.new_zeros(x.shape[1])
-        for e, g in zip(chosen, gate, strict=True):
-            counts[e] += 1
-            if capacity is not None and used[e] >= capacity:
-                dropped.append((t, e))
-                continue
-            used[e] += 1
-            out = out + g * _expert(x[t], w_in[e], w_down[e], cfg.activation)
-        rows.append(out)
+        for t in range(start, start + length):
+            out = x.new_zeros(x.shape[1])
+            for e, g in zip(chosen, gate, strict=True):
+                counts[e] += 1
+                if capacity is not None and used[e] >= capacity:
+                    dropped.append((t, e))
+                    continue
+                used[e] += 1
+                out = out + g * _expert(x[t], w_in[e], w_down[e], cfg.activation)
+            rows.append(out)
 
     out_ND = torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
     denom = max(n, 1)
@@ -165,12 +198,16 @@ def _attention(cfg: DecoderConfig, w: BlockWeights, x_ND: torch.Tensor) -> torch
     return torch.cat(heads_out, dim=-1) @ w.wo_QD.double()  # heads concatenated head-major: [N, H·Dh]
 
 
-def reference_decoder(cfg: DecoderConfig, weights: DecoderWeights, inputs: torch.Tensor) -> torch.Tensor:
+def reference_decoder(
+    cfg: DecoderConfig, weights: DecoderWeights, inputs: torch.Tensor, prompt_len: int | None = None
+) -> torch.Tensor:
     """One whole sequence through the decoder in fp64 on the CPU: the output hidden states [N, D]
     after the final RMSNorm (what ``MoEDecoder.full`` returns). ``inputs``: hidden states [N, D]
     (vocab 0) or token ids [N] (vocab > 0). Block l: h = x + attn(norm(x)); x' = h + ffn(norm(h)),
     the FFN dense in the first ``dense_layers`` blocks, else the routed experts (dropless, whatever
-    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any."""
+    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any. With sequence
+    routing the whole input is one sequence, routed on the mean of its first ``prompt_len`` positions
+    (None: all; a served request's rule: its prompt's)."""
     x_ND = weights.embed_VD.double()[inputs.cpu().long()] if cfg.vocab else inputs.cpu().double()
     dropless = replace(cfg.moe, capacity_factor=0.0)
     act, eps = cfg.moe.activation, cfg.norm_eps
@@ -180,7 +217,7 @@ def reference_decoder(cfg: DecoderConfig, weights: DecoderWeights, inputs: torch
         if w.moe is None:
             y_ND = _dense_ffn(n_ND, w.dense, act)
         else:
-            y_ND = reference_moe(n_ND, w.moe, dropless).out_ND
+            y_ND = reference_moe(n_ND, w.moe, dropless, prompt_len=prompt_len).out_ND
             if w.shared is not None:
                 y_ND = y_ND + _dense_ffn(n_ND, w.shared, act)
         x_ND = h_ND + y_ND

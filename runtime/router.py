@@ -1,7 +1,7 @@
 """Top-k softmax router: gating, capacity, token dropping and the auxiliary losses.
 
 Shape legend: T = tokens on this rank, N = tokens over the whole EP group, E = experts,
-K = top_k, W = EP group size, D = hidden size.
+K = top_k, W = EP group size, D = hidden size, B = sequences on this rank.
 
 Everything but ``Router`` is a pure function of tensors, so it can be property-tested.
 
@@ -13,6 +13,15 @@ Capacity and dropping policy (the same in ``runtime/reference.py``)
   anywhere and its combine weight is 0; the token's other copies keep their weights (no
   renormalisation), so a token whose every copy is dropped leaves the layer as zeros and only
   the residual connection around the layer carries it. capacity_factor = 0 means dropless.
+
+Sequence routing (``MoEConfig.granularity = "sequence"``; ``route_sequences``)
+  The router sees one row per sequence, the mean of its tokens' hidden states, and each token of the
+  sequence takes that row's logits, probabilities, ids and weights (per-sample routing, as the
+  task- and sentence-level routing of Kudugunta et al. 2021). Capacity and dropping are unchanged:
+  they count token copies. The losses are the token formulas over those per-token rows, so each
+  sequence's row counts once per token: aux = E · Σ_e f_e · P_e with f_e the token copies to e over
+  N·K and P_e = Σ_b (L_b / N) p_{b,e}; z = Σ_b (L_b / N) lse_b². With sequences of one length (every
+  kind but serve, whose prompts vary) that is exactly the loss over one row per sequence.
 """
 
 from __future__ import annotations
@@ -98,6 +107,81 @@ class RouterOutput:
     probs_TE: torch.Tensor  # fp32 softmax over experts
     weights_TK: torch.Tensor  # combine weight of each chosen expert (before dropping)
     ids_TK: torch.Tensor  # chosen expert ids, distinct per token
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """How a forward's rows split into sequences (granularity "sequence"), and choices made earlier.
+
+    ``lengths``: rows of each sequence, in row order, summing to T. ``kept``: a routing with one row
+    per sequence made by an earlier forward (serve's prefill), taken instead of the router's choice for
+    the sequences whose ``reuse`` entry is True (a decode token keeps its request's prefill choice)."""
+
+    lengths: tuple[int, ...]
+    kept: RouterOutput | None = None  # B rows (rows of sequences not reused are ignored)
+    reuse: tuple[bool, ...] | None = None  # per sequence; None = reuse none
+
+    def __post_init__(self) -> None:
+        lengths = tuple(self.lengths)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
+            raise ValueError(f"Sequences.lengths = {lengths!r} is invalid: accepted integers >= 1")
+        object.__setattr__(self, "lengths", lengths)
+        if (self.kept is None) != (self.reuse is None):
+            raise ValueError("Sequences: kept and reuse go together: accepted both or neither")
+        if self.reuse is not None:
+            reuse = tuple(bool(r) for r in self.reuse)
+            if len(reuse) != len(lengths) or self.kept.ids_TK.shape[0] != len(lengths):
+                raise ValueError(f"Sequences: reuse and kept need one entry per sequence ({len(lengths)})")
+            object.__setattr__(self, "reuse", reuse)
+
+
+def cut_sequences(num_tokens: int, seq_len: int | None) -> tuple[int, ...]:
+    """T rows as sequences of ``seq_len`` (None: one sequence of all T; T = 0: none)."""
+    if num_tokens == 0:
+        return ()
+    if seq_len is None:
+        return (num_tokens,)
+    if num_tokens % seq_len:
+        raise ValueError(
+            f"MoEConfig.seq_len = {seq_len} does not divide the forward's {num_tokens} tokens: "
+            "accepted a divisor of the tokens per rank"
+        )
+    return (seq_len,) * (num_tokens // seq_len)
+
+
+def sequence_means(x_TD: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
+    """Each sequence's mean row in fp32: [B, D]."""
+    lengths_B = torch.tensor(lengths, dtype=torch.long, device=x_TD.device)
+    seq_T = torch.repeat_interleave(torch.arange(len(lengths), device=x_TD.device), lengths_B)
+    sums_BD = x_TD.new_zeros((len(lengths), x_TD.shape[1]), dtype=torch.float32).index_add(0, seq_T, x_TD.float())
+    return sums_BD / lengths_B[:, None].float()
+
+
+def per_token(routing_B: RouterOutput, lengths: tuple[int, ...]) -> RouterOutput:
+    """Every token takes its sequence's row of each field: [B, ·] -> [T, ·]."""
+    lengths_B = torch.tensor(lengths, dtype=torch.long, device=routing_B.ids_TK.device)
+    return RouterOutput(*(t.repeat_interleave(lengths_B, dim=0) for t in _fields(routing_B)))
+
+
+def _fields(routing: RouterOutput) -> tuple[torch.Tensor, ...]:
+    return routing.logits_TE, routing.probs_TE, routing.weights_TK, routing.ids_TK
+
+
+def route_sequences(router: nn.Module, x_TD: torch.Tensor, seqs: Sequences) -> tuple[RouterOutput, RouterOutput]:
+    """Sequence routing: (per-token routing [T rows], per-sequence routing [B rows]). ``router`` is called
+    on the sequences' means; a reused sequence takes its row of ``seqs.kept`` instead."""
+    if sum(seqs.lengths) != x_TD.shape[0]:
+        raise ValueError(f"Sequences.lengths sum to {sum(seqs.lengths)}: accepted the forward's {x_TD.shape[0]} rows")
+    routing_B = router(sequence_means(x_TD, seqs.lengths))
+    if seqs.reuse is not None and any(seqs.reuse):
+        reuse_B = torch.tensor(seqs.reuse, device=x_TD.device)[:, None]
+        routing_B = RouterOutput(
+            *(
+                torch.where(reuse_B, k.to(t.device), t)
+                for k, t in zip(_fields(seqs.kept), _fields(routing_B), strict=True)
+            )
+        )
+    return per_token(routing_B, seqs.lengths), routing_B
 
 
 class Router(nn.Module):

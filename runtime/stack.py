@@ -18,6 +18,7 @@ from torch import nn
 
 from runtime.config import MoEConfig, ParallelConfig
 from runtime.dispatch import Dispatcher
+from runtime.eplb import Placement
 from runtime.layer import MoELayer
 from runtime.offload import OffloadConfig
 from runtime.redundancy import RedundancyConfig
@@ -41,6 +42,7 @@ class MoEStack(nn.Module):
         recorded: list[list[list[int]]] | None = None,
         horizon: int = 0,
         redundancy: list[RedundancyConfig] | None = None,
+        placements: list[Placement] | None = None,
         on_loss: str = "reroute",
         wrap_dispatcher: Callable[[Dispatcher], Dispatcher] | None = None,
         wrap_router: Callable[[Router], Router] | None = None,
@@ -56,7 +58,9 @@ class MoEStack(nn.Module):
         can of the named experts without evicting any of them (``ExpertCache.prefetch``).
         ``horizon``: forwards Belady plans exactly (``cache_policy.optimal_plan``; without prefetch,
         whose loads the plan does not foresee); later ones, and prefetch runs, follow its rule.
-        ``redundancy``: one ``RedundancyConfig`` per layer. ``on_loss``, ``wrap_dispatcher``,
+        ``redundancy``: one ``RedundancyConfig`` per layer. ``placements``: one ``runtime.eplb.Placement`` per
+        layer (``MoELayer``'s ``placement``: copies in equal slots per rank, re-placed by ``set_placement``).
+        ``on_loss``, ``wrap_dispatcher``,
         ``wrap_router``: as ``MoELayer``'s, for every layer."""
         super().__init__()
         if offload is not None and (offload.policy == "belady" or offload.prefetch == "oracle") and not recorded:
@@ -64,10 +68,11 @@ class MoEStack(nn.Module):
             raise ValueError(f"{modes} needs recorded: accepted the needed experts of each step of the stream")
         if offload is None and recorded is not None:
             raise ValueError("MoEStack recorded without offload is refused: accepted with an OffloadConfig")
-        if redundancy is not None and len(redundancy) != len(weights):
-            raise ValueError(
-                f"MoEStack redundancy has {len(redundancy)} entries: accepted one per layer ({len(weights)})"
-            )
+        for name, per_layer in (("redundancy", redundancy), ("placements", placements)):
+            if per_layer is not None and len(per_layer) != len(weights):
+                raise ValueError(
+                    f"MoEStack {name} has {len(per_layer)} entries: accepted one per layer ({len(weights)})"
+                )
         group = group if par.ep_size > 1 or dispatcher == "all_to_all" else None
         plan = horizon if offload is not None and offload.prefetch == "none" else 0
         self.layers = nn.ModuleList(
@@ -81,6 +86,7 @@ class MoEStack(nn.Module):
                 offload_steps=[step[l] for step in recorded] if recorded else None,
                 offload_horizon=plan,
                 redundancy=None if redundancy is None else redundancy[l],
+                placement=None if placements is None else placements[l],
                 on_loss=on_loss,
                 wrap_dispatcher=wrap_dispatcher,
                 wrap_router=wrap_router,

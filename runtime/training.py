@@ -49,6 +49,8 @@ class StepRecord:
     z_loss: float
     grad_norm: float
     tokens_dropped: int
+    loads_LE: tuple = ()  # per MoE block, copies routed to each expert over the group (host; EP only)
+    received_LW: tuple = ()  # per MoE block, copies each rank's experts received (host; EP only)
 
 
 class Trainer:
@@ -98,14 +100,16 @@ class Trainer:
             sum((r.aux_loss.detach().double() for r in routed), zero),
             sum((r.z_loss.detach().double() for r in routed), zero),
             torch.tensor(float(dropped), dtype=torch.float64, device=dev),  # counts_WE is on the host already
-            _square_sum(sharded, zero),
+            model.expert_grad_square_sum(zero) if sharded else zero,
         ])  # fmt: skip
         if self.group is not None:
             dist.all_reduce(stats, group=self.group)
         local = _square_sum(replicated, zero)  # equal on every rank after the reduction
         total, aux, z, drops, sharded_sq, local_sq = torch.cat([stats, local[None]]).tolist()  # sync: host numbers
         self.optimizer.step()
-        return StepRecord(total, aux, z, (sharded_sq + local_sq) ** 0.5, round(drops))
+        loads = tuple(tuple(r.counts_WE.sum(0).tolist()) for r in routed)  # host counts: no sync
+        received = tuple(tuple(r.received_W.tolist()) for r in routed)
+        return StepRecord(total, aux, z, (sharded_sq + local_sq) ** 0.5, round(drops), loads, received)
 
 
 def _square_sum(params, zero: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,9 @@ CASES = [
     Case("bfloat16-top2-cap", _moe(top_k=2, capacity_factor=1.25, dtype="bfloat16")),
     Case("float16-top2-swiglu-dropless", _moe(top_k=2, activation="swiglu", dtype="float16")),
     Case("bmm-backend-top2-cap", _moe(top_k=2, capacity_factor=1.25, activation="swiglu", expert_backend="bmm")),
+    # sequence routing: 8 sequences of 16 tokens (every rank's slice a whole number of them at W ≤ 4)
+    Case("sequence-top2-cap", _moe(top_k=2, capacity_factor=1.25, granularity="sequence", seq_len=16), layers=2),
+    Case("sequence-top1-swiglu-dropless", _moe(activation="swiglu", granularity="sequence", seq_len=16), skew="zipf"),
 ]
 BY_NAME = {case.name: case for case in CASES}
 

@@ -21,7 +21,12 @@ from moebench.workload.tokens import tokens
 from runtime.router import expert_capacity
 
 CTX = RankContext(rank=0, world_size=1, group=None, device=torch.device("cpu"), backend="gloo")
-W1_RAW = RAW | {"a2a": None, "counts_WE": [[[60, 20, 10, 10]]], "kept_WE": [[[50, 20, 10, 10]]]}  # one rank
+W1_RAW = RAW | {
+    "a2a": None,
+    "counts_WE": [[[60, 20, 10, 10]]],
+    "kept_WE": [[[50, 20, 10, 10]]],
+    "expert_to_rank": [0] * 4,
+}
 
 
 def test_load_balance_reports_the_worst_layer_not_the_best():

@@ -85,6 +85,9 @@ def test_dispatch_kind_reports_the_collectives_and_the_round_trip_check():
     assert "step_time_s" not in metrics and "moe_over_dense" not in metrics
     assert metrics["dispatch_over_a2a"]["median"] == pytest.approx(10.0)
     assert metrics["bytes_per_token"]["median"] == 2 * 190 * 32 / 200
+    # copies routed per expert 90, 50, 30, 30 (mean 50); per rank (experts 0, 2 | 1, 3) 120, 80 (mean 100)
+    assert metrics["imbalance_max_mean"]["median"] == pytest.approx(1.8)
+    assert metrics["rank_imbalance_max_mean"]["median"] == pytest.approx(1.2)
     assert checks[0]["name"] == "combine_inverts_dispatch" and checks[0]["pass"] is True
     _, checks, _ = kinds.evaluate(spec("dispatch"), [raw | {"round_trip_error": 1e-3}, raw | {"round_trip_error": 0}])
     assert checks[0]["pass"] is False and "worst rank 1.00e-03" in checks[0]["detail"]

@@ -66,7 +66,8 @@ def with_key(section: str, key: str, value) -> dict:
 def test_minimal_file_fills_every_default(tmp_path):
     (run,) = load(write(tmp_path, MINIMAL)).runs
     assert run.scenario == {"name": "t", "kind": "throughput", "description": "", "warmup": 3, "repeats": 10}
-    assert run.routing == {"capacity_factor": 0.0, "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "normalize_topk": False}
+    assert run.routing == {"capacity_factor": 0.0, "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "normalize_topk": False,
+                           "granularity": "token"}  # fmt: skip
     assert run.parallel == {
         "world_size": 1,
         "placement": "round_robin",
@@ -125,7 +126,9 @@ def test_slos_parse_with_alias_and_load_balance_gets_the_seed_plan_gate(tmp_path
         (with_key("model", "top_k", True), "[model] top_k = true is invalid: accepted an integer from 1 to"),
         (with_key("routing", "capacity_factor", -1.0), "[routing] capacity_factor = -1.0 is invalid: accepted a"),
         (with_key("routing", "capacity_factor", float("nan")), "[routing] capacity_factor = nan is invalid"),
-        (with_key("routing", "aux_loss_coef", [0.0, 0.1]), "lists sweep only in [model], [parallel], [workload]"),
+        (with_key("scenario", "warmup", [0, 1]), "lists sweep only in [model], [routing], [parallel], [workload]"),
+        (with_key("routing", "granularity", "batch"), '[routing] granularity = "batch" is invalid: accepted one of'),
+        (with_key("workload", "seq_len", 5), "[workload] seq_len = 5 is invalid with tokens_per_rank = 16: accepted a"),
         (with_key("workload", "skew", "pareto"), '[workload] skew = "pareto" is invalid: accepted one of "uniform"'),
         (with_key("parallel", "world_size", []), "[parallel] world_size = [] is invalid: accepted a non-empty list"),
         (with_key("parallel", "world_size", [2, 2]), "a non-empty list of distinct values"),

@@ -32,6 +32,8 @@ SEED_FILES = {
     "seed-train.toml": 6,
     "train-recompute.toml": 3,
     "train-memory.toml": 8,
+    "eplb.toml": 4,
+    "seq-routing.toml": 2,
     "alerts.toml": 2,  # the deployment plan's monitoring: one load that fires expert_overload, one that does not
 }
 
@@ -79,7 +81,17 @@ CAPABILITIES = {
     "checkpoint and resume": lambda runs: any(
         r.kind == "fault" and r.fault.get("checkpoint_every") and r.workload["train"] for r in runs
     ),
+    "EPLB: re-placed against static in the same run, with drift, at EP 2 and 4": lambda runs: (
+        any(r.eplb["interval"] and r.workload["drift_every"] for r in runs)
+        and {r.world_size for r in runs if r.eplb["interval"]} >= {2, 4}
+    ),
     "routing trace replay": lambda runs: any(r.workload["skew"] == "trace" for r in runs),
+    "sequence routing beside token routing on the same workload": lambda runs: (
+        {r.routing["granularity"] for r in runs} == {"token", "sequence"} and len({r.kind for r in runs}) == 1
+    ),
+    "equivalence, sequence routing": lambda runs: any(
+        r.kind == "equivalence" and r.routing["granularity"] == "sequence" and r.world_size > 1 for r in runs
+    ),
     "serving: a request-rate sweep, continuous vs static batching, EP vs DP": lambda runs: (
         len({str(r.serve["request_rate"]) for r in runs if r.kind == "serve"}) >= 3
         and {r.serve["batching"] for r in runs if r.kind == "serve"} == {"continuous", "static"}

@@ -43,6 +43,7 @@ FEATURES = {
     "stream": "[workload] steps",  # a decode-like stream of steps (steps > 1)
     "fault": "[fault] type",  # an injected fault
     "redundancy": "[parallel] redundant_experts",  # replicas of the busiest experts
+    "eplb": "[eplb] interval",  # experts re-placed from the measured load while running
     "decoder": "[model] attention_heads",  # a decoder with attention ([serve] and the other decoder keys)
     "dp": "[parallel] mode",  # "dp": the data-parallel baseline, every rank holds every expert
     "alerts": "[alerts]",  # the deployment plan's alerts, judged on per-step series (moebench/measure/series.py)

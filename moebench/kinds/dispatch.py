@@ -1,5 +1,7 @@
 """The dispatch kind: dispatch and combine alone against their references (the local floors at
-W = 1, the raw all-to-all at W > 1), and a round-trip check that combine inverts dispatch."""
+W = 1, the raw all-to-all at W > 1), and a round-trip check that combine inverts dispatch. Beside the
+cost, the routed forward's expert and rank imbalance (load_balance's definitions), so that two routings
+of the same workload (e.g. ``[routing] granularity`` token vs sequence) show load and cost side by side."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moebench import metrics as M
 from moebench.kinds.equivalence import TOLERANCE
 from moebench.measure.common import (
     COLLECTIVE_METRICS,
@@ -37,8 +40,10 @@ COLUMNS = (
     ("combine_over_a2a", "combine/a2a", 1, ".3f"),
     ("bytes_per_token", "bytes/token", 1, ".0f"),
     ("tokens_dropped", "dropped", 1, ".0f"),
+    ("imbalance_max_mean", "imbalance (max/mean)", 1, ".3f"),
+    ("rank_imbalance_max_mean", "rank imbalance (max/mean)", 1, ".3f"),
 )
-METRICS = COLLECTIVE_METRICS
+METRICS = (*COLLECTIVE_METRICS, "imbalance_max_mean", "rank_imbalance_max_mean")
 window_tokens = timed_window_tokens
 
 
@@ -72,4 +77,19 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "pass": worst <= tol,  # NaN never passes
         "detail": f"combine(dispatch(x)) vs x · kept weights: worst rank {worst:.2e}, tolerance {tol:g}",
     }
-    return collective_metrics(spec, per_rank[0]), [check], {"layers": spec.model["layers"]}
+    return (
+        collective_metrics(spec, per_rank[0]) | balance_metrics(per_rank[0]),
+        [check],
+        {"layers": spec.model["layers"]},
+    )
+
+
+def balance_metrics(raw: dict) -> dict:
+    """The routed forward's worst layer's expert and rank imbalance (max / mean of the copies routed)."""
+    experts = [torch.tensor(counts_WE).sum(0).tolist() for counts_WE in raw["counts_WE"]]
+    world = len(raw["counts_WE"][0])  # W: the rows of the count matrix, the EP group
+    ranks = [M.rank_loads(e, raw["expert_to_rank"], world) for e in experts]
+    return {
+        "imbalance_max_mean": M.metric([max(map(M.imbalance, experts))], "ratio", "lower", exact=True),
+        "rank_imbalance_max_mean": M.metric([max(map(M.imbalance, ranks))], "ratio", "lower", exact=True),
+    }

@@ -7,6 +7,10 @@ and skew, and a token split. The same global weights and tokens go to a stack of
 residual, x ← x + moe_l(x). The training objective is L = Σ_t ⟨out_t, g_t⟩ + Σ_l router_loss_l
 with a fixed random g, summed over ranks.
 
+With sequence routing (``MoEConfig.granularity = "sequence"``) each rank cuts its tokens into sequences
+of ``seq_len`` (None: its whole slice is one sequence); the reference is given the same sequences
+(``reference_lengths``) and routes them by its own code.
+
 Compared, each as ‖x − ref‖ / ‖ref‖ (``rel_error``): the output, the aux and z losses (summed
 over ranks and layers), and the gradients of the input, each router (after
 ``reduce_replicated_grads``) and every expert weight (gathered from the owners into the global
@@ -34,6 +38,7 @@ from moebench.workload.tokens import layer_weights
 from runtime import MoEConfig, MoEWeights, ParallelConfig, reference_moe
 from runtime.offload import OffloadConfig
 from runtime.reference import rel_error
+from runtime.router import cut_sequences
 from runtime.stack import MoEStack
 
 if TYPE_CHECKING:
@@ -205,9 +210,18 @@ def assemble(per_rank: list[dict]) -> Result:
     )
 
 
-def run_reference(case: Case) -> Result:
-    """The fp64 reference stack on the whole batch, with gradients of the same objective."""
+def reference_lengths(case: Case, world_size: int) -> list[int] | None:
+    """The sequences the ranks route on, over the whole batch in rank order (None: token routing)."""
+    if case.moe.granularity == "token":
+        return None
+    return [n for split in token_splits(case, world_size) for n in cut_sequences(split, case.moe.seq_len)]
+
+
+def run_reference(case: Case, world_size: int = 1) -> Result:
+    """The fp64 reference stack on the whole batch, with gradients of the same objective (``world_size``:
+    the ranks' split, which sets the sequences when each rank's slice is one)."""
     weights, x_ND, g_ND = make_inputs(case)
+    lengths = reference_lengths(case, world_size)
     x = x_ND.double().requires_grad_()
     leaves = [
         MoEWeights(*(t.double().requires_grad_() for t in (w.router_ED, w.w_in_EDH, w.w_down_EFD)), w.router_bias_E)
@@ -215,7 +229,7 @@ def run_reference(case: Case) -> Result:
     ]
     h, loss, aux, z, dropped = x, 0.0, 0.0, 0.0, 0
     for w in leaves:
-        ref = reference_moe(h, w, case.moe)
+        ref = reference_moe(h, w, case.moe, lengths)
         h = h + ref.out_ND
         loss = loss + case.moe.aux_loss_coef * ref.aux_loss + case.moe.z_loss_coef * ref.z_loss
         aux, z, dropped = aux + ref.aux_loss.item(), z + ref.z_loss.item(), dropped + len(ref.dropped)
@@ -288,7 +302,7 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
     """The worst relative error against the reference, and dropped copies against the reference's
     (with offload: the forward only, and each rank's output bitwise the resident stack's)."""
-    ep, ref = assemble(per_rank), run_reference(case(spec))
+    ep, ref = assemble(per_rank), run_reference(case(spec), spec.world_size)
     errors = compare(ep, ref)
     forward = errors["out"]
     grads = [v for k, v in errors.items() if k.startswith("grad_")]

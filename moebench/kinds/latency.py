@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from moebench import metrics as M
 from moebench.measure.common import finite_check, timed_window_tokens
+from moebench.measure.eplb import EPLB_COLUMNS, EPLB_METRICS, eplb_checks, eplb_details, eplb_metrics
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
 from moebench.measure.series import ALERT_COLUMNS, ALERT_METRICS, alert_results
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
 NAME = "latency"
 ORDER = 2  # place in listings and "accepted" lists
-FEATURES = frozenset({"overlap", "offload", "stream", "alerts"})  # what a scenario may ask of it (kinds/__init__.py)
+# what a scenario may ask of it (kinds/__init__.py)
+FEATURES = frozenset({"overlap", "offload", "stream", "eplb", "alerts"})
 COLUMNS = (
     ("step_time_s", "p50 (ms)", 1e3, ".3f"),
     ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),
@@ -25,8 +27,9 @@ COLUMNS = (
     *ALERT_COLUMNS,  # only in tables of runs with [alerts]
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
+    *EPLB_COLUMNS,  # only in tables of runs that set [eplb] interval
 )
-METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS, *ALERT_METRICS)
+METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS, *EPLB_METRICS, *ALERT_METRICS)
 window_tokens = timed_window_tokens
 
 
@@ -37,7 +40,8 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
 
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
     metrics = {"step_time_s": M.metric(per_rank[0]["step"], "s", "lower")} | overlap_metrics(per_rank[0])
-    metrics |= offload_metrics(spec, per_rank)
+    metrics |= offload_metrics(spec, per_rank) | eplb_metrics(spec, per_rank)
     alerted, series = alert_results(spec, per_rank)
-    details = {"layers": spec.model["layers"], **offload_details(per_rank), **series}
-    return metrics | alerted, [finite_check(per_rank)], details
+    checks = [finite_check(per_rank), *eplb_checks(per_rank)]
+    details = {"layers": spec.model["layers"], **offload_details(per_rank), **eplb_details(spec, per_rank), **series}
+    return metrics | alerted, checks, details

@@ -17,6 +17,7 @@ import numpy as np
 
 from moebench import metrics as M
 from moebench.measure.common import finite_check, ratios
+from moebench.measure.eplb import EPLB_COLUMNS, EPLB_METRICS, eplb_checks, eplb_details, eplb_metrics
 from moebench.measure.serving import measure_serve
 from moebench.spec import check_decoder
 from moebench.workload.requests import draw_requests
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 NAME = "serve"
 ORDER = 3  # place in listings and "accepted" lists
-FEATURES = frozenset({"decoder", "dp"})  # what a scenario may ask of it (kinds/__init__.py)
+FEATURES = frozenset({"decoder", "dp", "eplb"})  # what a scenario may ask of it (kinds/__init__.py)
 COLUMNS = (
     ("ttft_s", "TTFT p50 (ms)", 1e3, ".1f"),
     ("ttft_s:p99", "TTFT p99 (ms)", 1e3, ".1f"),
@@ -41,6 +42,7 @@ COLUMNS = (
     ("engine_overhead", "overhead", 1, ".3f"),
     ("rank_idle_fraction", "idle", 1, ".2f"),
     ("continuous_over_static", "cont/static", 1, ".2f"),  # only in tables of runs with baseline_rounds
+    *EPLB_COLUMNS,  # only in tables of runs that set [eplb] interval
 )
 MAX_ARRIVAL_SPAN_S = 3600  # the mean arrival span ((requests − 1) / rate) a run may take: a typo is not a day's run
 LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2el_s", "queue_time_s")
@@ -57,6 +59,7 @@ METRICS = (
     "kv_cache_bytes_per_token",
     "rank_idle_fraction",
     "continuous_over_static",
+    *EPLB_METRICS,
 )
 
 
@@ -214,5 +217,8 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         },
         "rank_idle_fraction": idle,
         "agree_fraction": waits,  # per rank: the share of its steps' loop spent releasing arrivals and agreeing
+        **eplb_details(spec, per_rank),
     }
+    metrics |= eplb_metrics(spec, per_rank)
+    checks += eplb_checks(per_rank)
     return metrics, checks, details

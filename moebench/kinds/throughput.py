@@ -13,6 +13,7 @@ from moebench.measure.common import (
     ratios,
     timed_window_tokens,
 )
+from moebench.measure.eplb import EPLB_COLUMNS, EPLB_METRICS, eplb_checks, eplb_details, eplb_metrics
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
 from moebench.measure.series import ALERT_COLUMNS, ALERT_METRICS, alert_results
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
 NAME = "throughput"
 ORDER = 1  # place in listings and "accepted" lists
-FEATURES = frozenset({"overlap", "offload", "stream", "alerts"})  # what a scenario may ask of it (kinds/__init__.py)
+# what a scenario may ask of it (kinds/__init__.py)
+FEATURES = frozenset({"overlap", "offload", "stream", "eplb", "alerts"})
 # (metric[:statistic], header with unit, scale, format); the statistic defaults to median.
 COLUMNS = (
     ("tokens_per_s", "tokens/s", 1, ".0f"),
@@ -33,6 +35,7 @@ COLUMNS = (
     *ALERT_COLUMNS,  # only in tables of runs with [alerts]
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
+    *EPLB_COLUMNS,  # only in tables of runs that set [eplb] interval
     ("dispatch_time_s", "dispatch (ms)", 1e3, ".2f"),
     ("combine_time_s", "combine (ms)", 1e3, ".2f"),
     ("a2a_busbw_gbps", "a2a busbw (GB/s)", 1, ".3f"),
@@ -50,6 +53,7 @@ METRICS = (
     *COLLECTIVE_METRICS,
     *OVERLAP_METRICS,
     *OFFLOAD_METRICS,
+    *EPLB_METRICS,
     *ALERT_METRICS,
 )
 window_tokens = timed_window_tokens
@@ -71,6 +75,8 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "moe_over_dense": M.metric(ratios(raw["paired_step"], raw["dense"]), "ratio", "lower"),
     }
     metrics |= collective_metrics(spec, raw) | overlap_metrics(raw) | offload_metrics(spec, per_rank)
+    metrics |= eplb_metrics(spec, per_rank)
     alerted, series = alert_results(spec, per_rank)
-    details = {"layers": spec.model["layers"], **offload_details(per_rank), **series}
-    return metrics | alerted, [finite_check(per_rank)], details
+    checks = [finite_check(per_rank), *eplb_checks(per_rank)]
+    details = {"layers": spec.model["layers"], **offload_details(per_rank), **eplb_details(spec, per_rank), **series}
+    return metrics | alerted, checks, details

@@ -14,6 +14,7 @@ import numpy as np
 
 from moebench import metrics as M
 from moebench.measure.common import ratios
+from moebench.measure.eplb import EPLB_COLUMNS, EPLB_METRICS, eplb_checks, eplb_details, eplb_metrics
 from moebench.measure.training import data_bytes, measure_train, seq_len
 from moebench.plan.memory import TrainShape, train_memory
 from moebench.spec import check_decoder
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 NAME = "train"
 ORDER = 4
-FEATURES = frozenset({"decoder", "dp"})
+FEATURES = frozenset({"decoder", "dp", "eplb"})
 COLUMNS = (
     ("loss_initial", "loss@0", 1, ".4g"),
     ("loss_final", "loss@end", 1, ".4g"),
@@ -34,6 +35,7 @@ COLUMNS = (
     ("activation_bytes", "act (MiB)", 2**-20, ".2f"),
     ("optimizer_bytes", "opt (MiB)", 2**-20, ".2f"),
     ("recompute_time_ratio", "recompute x", 1, ".2f"),  # only in tables of runs with recompute
+    *EPLB_COLUMNS,  # only in tables of runs that set [eplb] interval
 )
 MEMORY = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")
 METRICS = (
@@ -49,6 +51,7 @@ METRICS = (
     "peak_memory_bytes",
     "recompute_time_ratio",
     "activation_saving",
+    *EPLB_METRICS,
 )
 # converges_like_baseline: the largest relative difference from the single-device run, in loss and in
 # gradient norm, a layout may show over the run, per dtype. Measured (docs/measurements.md): fp32 layouts
@@ -135,6 +138,7 @@ def shape(spec: RunSpec) -> TrainShape:
         tokens=spec.workload["tokens_per_rank"],
         seq_len=seq_len(spec),
         ep=spec.parallel_config().ep_size,
+        spare_slots=spec.parallel["redundant_experts"] if spec.eplb["interval"] else 0,
         recompute=spec.model["recompute"],
         optimizer=spec.train["optimizer"],
         normalize_topk=cfg.moe.normalize_topk,
@@ -250,4 +254,7 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         checks.append({"name": "recompute_grads_equal", "pass": all(r["grads_equal"] for r in rec),
                        "detail": f"recompute = \"{spec.model['recompute']}\" vs \"none\" from the same weights on "
                                  "step 0's batch: every gradient bitwise equal on every rank"})  # fmt: skip
+    metrics |= eplb_metrics(spec, per_rank)
+    checks += eplb_checks(per_rank)
+    details |= eplb_details(spec, per_rank)
     return metrics, checks, details

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moebench.measure.common import progress, sampler
+from moebench.measure.eplb import eplb_placements, serve_rebalancer
 from moebench.measure.timing import time_interleaved
 from moebench.workload.requests import Draw, draw_requests, prompt
 from moebench.workload.tokens import layer_weights
@@ -37,7 +38,8 @@ def build_decoder(ctx, spec: RunSpec) -> MoEDecoder:
     routed = layer_weights(cfg.moe, moe_blocks, wl["seed"], wl["skew"], wl["skew_param"]) if moe_blocks else []
     par = spec.parallel_config()
     group = ctx.group if par.ep_size > 1 else None
-    return MoEDecoder(cfg, decoder_weights(cfg, wl["seed"], routed), par, group, ctx.device)
+    placements = eplb_placements(spec, moe_blocks)
+    return MoEDecoder(cfg, decoder_weights(cfg, wl["seed"], routed), par, group, ctx.device, placements=placements)
 
 
 def _engine(model: MoEDecoder, spec: RunSpec, draws: list[Draw], clock, batching: str | None = None,
@@ -60,12 +62,14 @@ def _agree(busy: bool, left: bool, group, device) -> tuple[bool, bool]:
     return bool(busy_any), bool(left_any)
 
 
-def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, clock, sleep=time.sleep) -> list[dict]:
+def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, clock, sleep=time.sleep,
+          after_step=None) -> list[dict]:  # fmt: skip
     """Serve ``pending`` (this rank's requests, in arrival order; ``arrival_s`` on ``clock``) until
     every rank of ``group`` is done; ``arrivals``: every rank's arrival times. Returns one record per
     step this rank ran: its loop iteration's time (releasing arrivals, the group's agreement and the
     step), the step's (scheduling, inputs, forward, bookkeeping), the forward's, and the tokens.
-    ``clock`` and ``sleep`` are the wall clock's (tests drive a fake one)."""
+    ``clock`` and ``sleep`` are the wall clock's (tests drive a fake one). ``after_step``: called with each
+    step's ``StepStats`` after it (EPLB's recording and re-placement, inside the window: a deployment pays it)."""
     pending, upcoming, steps = list(pending), sorted(arrivals), []
     while True:
         start = clock()
@@ -80,6 +84,8 @@ def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, 
                 sleep(max(upcoming[0] - clock(), 0.0))
             continue
         s = engine.step()
+        if after_step is not None:
+            after_step(s)
         steps.append({"iteration_s": s.end_s - start, "step_s": s.end_s - s.start_s, "forward_s": s.forward_s,
                       "tokens": s.tokens, "decode_tokens": s.decode_tokens})  # fmt: skip
 
@@ -146,9 +152,9 @@ def _idle_ttft(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, 
             "idle_prompt_len": draw.input_len}  # fmt: skip
 
 
-def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep, batching: str):
+def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep, batching: str, after_step=None):
     """Serve this rank's requests on the wall clock from a common start; (engine, steps, seconds). The
-    engine (its KV cache) and the prompts are made before the window starts."""
+    engine (its KV cache) and the prompts are made before the window starts. ``after_step``: ``drive``'s."""
     mine = _requests(draws, spec, ctx.rank, ctx.device)
     t0 = [0.0]
 
@@ -160,7 +166,7 @@ def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep,
     if world is not None:
         dist.barrier(world)  # sync: every rank's window starts together
     t0[0] = time.perf_counter()
-    steps = drive(engine, mine, arrivals, ep, clock)
+    steps = drive(engine, mine, arrivals, ep, clock, after_step=after_step)
     return engine, steps, clock()
 
 
@@ -184,8 +190,15 @@ def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
     model = build_decoder(ctx, spec)
     _warm_up(ctx, spec, model, draws, ep)
     progress(ctx, f"serving {len(draws)} requests", draws[-1].arrival_s)
+    static = eplb = None
+    if spec.eplb["interval"]:  # the same requests under the static placement first, for eplb_speedup
+        static = serve_rebalancer(ctx, spec, model, ep, eplb=False)
+        _, static_steps, _ = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"], static.hook)
+        static = static.record([s["forward_s"] for s in static_steps])
+        eplb = serve_rebalancer(ctx, spec, model, ep, eplb=True)
     with sampler(ctx, interval) as s:
-        engine, steps, window_s = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"])
+        engine, steps, window_s = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"],
+                                          eplb.hook if eplb else None)  # fmt: skip
     finite = all(bool(torch.isfinite(torch.as_tensor(r.last, dtype=torch.float32)).all()) for r in engine.finished)
     records, cache_bytes = [_record(r, ctx.rank) for r in engine.finished], engine.cache.nbytes
     del engine  # its KV cache, before the next engine's
@@ -199,4 +212,5 @@ def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
         "telemetry": s.summary(),
         **_idle_ttft(ctx, spec, model, draws, world, ep),
         "batching_rounds": _batching_rounds(ctx, spec, model, draws, world, ep),
+        **({"eplb": {"static": static, "eplb": eplb.record([s["forward_s"] for s in steps])}} if eplb else {}),
     }

@@ -1,7 +1,8 @@
 """The timed step of the throughput and latency kinds, with what a run adds to it: the collectives
 and their floors (throughput), the overlap timings (``[parallel] overlap_chunks``), the offload
-timings (``[offload]``), the per-step series of the alerts (``[alerts]``) and a profiler trace
-(``moebench run --trace``), each after the step's timed window."""
+timings (``[offload]``), the static and EPLB passes (``[eplb] interval``), the per-step series of
+the alerts (``[alerts]``) and a profiler trace (``moebench run --trace``), each after the step's timed
+window."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from moebench.measure.common import (
     stream_inputs,
     use_batch,
 )
+from moebench.measure.eplb import eplb_timings
 from moebench.measure.offload import offload_timings
 from moebench.measure.overlap import overlap_timings
 from moebench.measure.timing import time_fn
@@ -55,6 +57,8 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
         out.update(overlap_timings(ctx, spec, stack, x_TD, group))
     if spec.offload.get("cache_slots") is not None:
         out.update(offload_timings(ctx, spec, stack, stream, group))
+    if spec.eplb["interval"]:
+        out.update(eplb_timings(ctx, spec, stream, group))
     if spec.trace_dir is not None:  # last: the profiler never runs inside a timed window
         out["profile_trace"] = profile_trace.record(ctx, spec, step)
     return out

@@ -38,6 +38,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from moebench.measure.common import progress, sampler
+from moebench.measure.eplb import Rebalancer, eplb_placements
 from moebench.measure.memory import SavedTensors, optimizer_state_bytes, tensor_bytes
 from moebench.measure.timing import time_interleaved
 from runtime.model import Batch, MoEDecoder, Segment, decoder_weights
@@ -104,11 +105,14 @@ def student(ctx, spec: RunSpec, recompute: str, group) -> MoEDecoder:
     cfg, par = spec.decoder_config(), spec.parallel_config()
     weights = decoder_weights(cfg, spec.workload["seed"])
     if par.ep_size > 1:
-        return MoEDecoder(cfg, weights, par, group, ctx.device, recompute=recompute)
+        placements = eplb_placements(spec, cfg.layers - cfg.dense_layers)
+        return MoEDecoder(cfg, weights, par, group, ctx.device, recompute=recompute, placements=placements)
     return MoEDecoder(cfg, weights, par, None, ctx.device, recompute=recompute, dp_group=group)
 
 
-def _curve(trainer: Trainer, data, batch: Batch, global_tokens: int, device) -> list[dict]:
+def _curve(trainer: Trainer, data, batch: Batch, global_tokens: int, device, rebalancer=None) -> list[dict]:
+    """One optimizer step per batch of ``data``; with a ``Rebalancer``, its recording and re-placement after
+    each step (outside the step's time; the optimizer's state moves with the experts)."""
     curve = []
     for step, (x, y) in enumerate(data):
         x, y = x.to(device), y.to(device)
@@ -119,6 +123,9 @@ def _curve(trainer: Trainer, data, batch: Batch, global_tokens: int, device) -> 
         curve.append({"step": step, "loss": rec.loss, "aux_loss": rec.aux_loss, "z_loss": rec.z_loss,
                       "grad_norm": rec.grad_norm, "step_time_s": time.perf_counter() - start,
                       "tokens_dropped": rec.tokens_dropped})  # fmt: skip
+        if rebalancer is not None:
+            last = step + 1 == len(data)
+            rebalancer.after_step(rec.loads_LE, rec.received_LW, optimizer=trainer.optimizer, last=last)
     return curve
 
 
@@ -244,9 +251,15 @@ def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
     steps = spec.train["steps"]
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
+    rebalancer = static = None
+    if spec.eplb["interval"]:  # the same steps from the same start under the static placement, for eplb_speedup
+        static = _static_pass(ctx, spec, group, data, batch, G)
+        rebalancer = Rebalancer(ctx, spec, model.moe_layers, group, eplb=True)
     progress(ctx, f"training {steps} steps", 0.0)
     with sampler(ctx, interval) as s:
-        curve = _curve(trainer, data, batch, G, ctx.device)
+        curve = _curve(trainer, data, batch, G, ctx.device, rebalancer)
+    if rebalancer is not None:
+        out["eplb"] = {"static": static, "eplb": rebalancer.record([c["step_time_s"] for c in curve])}
     if ctx.device.type == "cuda":
         out["memory"]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(ctx.device)
     out["memory"] |= {
@@ -264,6 +277,15 @@ def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
         finally:  # even when rank 0's baseline fails: the others are released, and rank 0's error is raised
             dist.barrier(ctx.group)  # sync: the other ranks wait for rank 0's baseline before the run ends
     return out
+
+
+def _static_pass(ctx, spec: RunSpec, group, data, batch: Batch, global_tokens: int) -> dict:
+    """A fresh student trained on ``data`` under the static placement: its step times and balancedness."""
+    model = student(ctx, spec, spec.model["recompute"], group)
+    trainer = Trainer(model, spec.train["optimizer"], spec.train["lr"], group)
+    rebalancer = Rebalancer(ctx, spec, model.moe_layers, group, eplb=False)
+    curve = _curve(trainer, data, batch, global_tokens, ctx.device, rebalancer)
+    return rebalancer.record([c["step_time_s"] for c in curve])
 
 
 def _finite(record: dict) -> bool:

@@ -75,6 +75,7 @@ class TrainShape:
     activation: str = "gelu"  # "gelu" or "swiglu"
     ep: int = 1  # W: EP degree (1: every rank holds every expert, data parallelism)
     recompute: str = "none"  # "none", "experts" or "layer" (runtime/model.py RECOMPUTE)
+    spare_slots: int = 0  # R: EPLB's spare expert slots over the EP group (each rank holds (E + R) / W)
     optimizer: str = "adamw"  # "adamw", "adam" or "sgd"
     normalize_topk: bool = False  # the router renormalises its top-k weights (saves the sort's values)
 
@@ -104,8 +105,8 @@ class TrainShape:
 
     @property
     def local_experts(self) -> int:
-        """Experts on the busiest rank of the EP group (round-robin placement)."""
-        return math.ceil(self.experts / self.ep)
+        """Expert slots on the busiest rank of the EP group (round-robin placement; with EPLB, (E + R) / W)."""
+        return math.ceil((self.experts + (self.spare_slots if self.ep > 1 else 0)) / self.ep)
 
 
 def _is_int(value: object) -> bool:

@@ -13,7 +13,9 @@ Per result file (``plots_for``):
 - serve (runs with ``[serve] request_rate`` swept): goodput, throughput, TTFT and TPOT against the
   rate, per batching and mode (``report/serve_plots.py``), and TTFT's CDF, one curve per run;
 - train: the loss per optimizer step of every run on one chart, the single-device baseline dashed, and
-  (``num_experts`` swept) the expert parameter bytes per rank against num_experts (``report/train_plots.py``).
+  (``num_experts`` swept) the expert parameter bytes per rank against num_experts (``report/train_plots.py``);
+- eplb (runs with ``[eplb] interval`` > 0): balancedness per step, static against re-placed, moves and drift
+  changes marked, the 0.9 target drawn, and both passes' step times (``report/eplb_plots.py``).
 
 Many series (several swept params besides the x axis) are told apart one param per visual channel
 (``series_layout``): colour for one, line style and marker for another, and small panels (facets) for
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moebench.metrics import nearest_rank
-from moebench.report import alert_plots, serve_plots, train_plots
+from moebench.report import alert_plots, eplb_plots, serve_plots, train_plots
 
 INSTALL_HINT = "pip install 'moebench[plots]'"
 SWEPT = ("world_size", "tokens_per_rank")  # the sweeps drawn nccl-tests style
@@ -499,6 +501,11 @@ def plots_for(doc: dict) -> list[Plot]:
             title = f"{name}: routed-expert parameter bytes held per rank against num_experts, one line per layout"
             draw = lambda s=sized, t=title: train_plots.draw_expert_bytes(s, t, _figure)  # noqa: E731
             out.append(Plot(f"{base}.expert-bytes", title, draw))
+    eplb = eplb_plots.eplb_series(runs, run_label)
+    if eplb:
+        title = eplb_plots.title(doc)
+        draw = lambda e=eplb, t=title: eplb_plots.draw_eplb(e, t, _figure)  # noqa: E731
+        out.append(Plot(f"{base}.eplb-balance", title, draw))
     for run in runs:
         panels = alert_plots.alert_panels(run)
         if panels:

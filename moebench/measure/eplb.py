@@ -1,0 +1,331 @@
+"""Expert re-placement while running (``[eplb] interval`` > 0) in the timed kinds: the run's stream of
+steps twice, in the same run, on the same inputs and the same drift — once under the static placement and
+once re-placed from the measured load every ``interval`` steps — after the step's own timed window.
+
+Per step, each pass records its step time (the slowest rank's, as every timed step) and its
+``balancedness`` (vLLM's: Σ over layers of the mean copies a rank's experts receive / Σ over layers of the
+max). The EPLB pass keeps the routed copies of the last ``window`` steps (``runtime.eplb.LoadWindow``); after
+every ``interval``-th step every layer is re-placed (``runtime.eplb.rebalance`` on its window's loads, then
+``MoELayer.set_placement``), timed with the group's barrier around it, its bytes counted. Just before and
+just after each move, every layer's outputs on a probe of the step's tokens are computed with the
+batch-invariant ``rowwise`` experts and compared bitwise (check ``rebalance_exact``).
+
+Drift (``[workload] drift_every`` = n > 0): from step n on, every n steps each layer's experts swap
+popularity: the router rows (gate and calibrated offset) are permuted by a seeded permutation per epoch
+and layer, so expert π(e)'s old share goes to expert e. At layer 0 this is exactly the skew with another
+expert order; deeper layers see a changed residual stream, so their shares move too but are not
+recalibrated.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moebench import metrics as M
+from moebench.measure.common import build_stack, ratios, stream_routes
+from moebench.workload.tokens import layer_weights
+from runtime.eplb import LoadWindow, rebalance, static_placement
+from runtime.weights import MoEWeights
+
+if TYPE_CHECKING:
+    from moebench.spec import RunSpec
+
+PROBE_TOKENS = 16  # tokens per rank the exactness probe runs (rowwise experts: one GEMV pair per copy)
+DEFAULTS = {"window": 1000, "interval": 0, "nodes": 1}  # [eplb]: vLLM's window; 0 = never re-place
+RECOVERED = 0.9  # balancedness a re-placed run counts as recovered at (issue target; docs/results.md)
+EPLB_METRICS = ("balancedness", "balancedness_static", "rebalance_time_s", "rebalance_bytes", "eplb_speedup",
+                "eplb_recovery_steps")  # fmt: skip
+EPLB_COLUMNS = (
+    ("balancedness", "balanced", 1, ".3f"),
+    ("balancedness_static", "balanced static", 1, ".3f"),
+    ("eplb_speedup", "eplb speedup", 1, ".2f"),
+    ("rebalance_time_s", "rebalance (ms)", 1e3, ".2f"),
+)
+
+
+def check_eplb(spec: RunSpec) -> None:
+    """The rules of ``[eplb]`` and ``[workload] drift_every`` (``ValueError``, one line)."""
+    cfg, wl, par = spec.eplb, spec.workload, spec.parallel
+    E, W, R = spec.model["num_experts"], spec.world_size, par["redundant_experts"]
+    if wl["drift_every"] and wl["skew"] == "trace":
+        raise ValueError('[workload] drift_every is invalid with skew = "trace": accepted a skew of routing')
+    if wl["drift_every"] and spec.kind == "train":
+        raise ValueError(
+            f'[workload] drift_every = {wl["drift_every"]} is invalid for kind = "train": accepted in kinds '
+            "throughput, latency and serve (a trained router learns its own popularity)"
+        )
+    if wl["drift_every"] and not cfg["interval"]:
+        raise ValueError(
+            f"[workload] drift_every = {wl['drift_every']} without [eplb] interval is refused: accepted with "
+            "interval >= 1 (the drift is applied in the EPLB passes)"
+        )
+    if not cfg["interval"]:
+        return
+    if W < 2 or par.get("mode") == "dp":
+        raise ValueError(
+            f"[eplb] interval = {cfg['interval']} needs expert parallelism: accepted world_size >= 2 and mode ep"
+        )
+    if (E + R) % W:
+        raise ValueError(
+            f"[parallel] redundant_experts = {R} is invalid with num_experts = {E} and world_size = {W}: accepted "
+            "num_experts + redundant_experts a multiple of world_size (every rank holds as many slots)"
+        )
+    if R > E * (W - 1):
+        raise ValueError(f"[parallel] redundant_experts = {R} is invalid: accepted at most {E * (W - 1)}")
+    if spec.kind in ("throughput", "latency") and wl["steps"] <= cfg["interval"]:
+        raise ValueError(
+            f"[workload] steps = {wl['steps']} is invalid with [eplb] interval = {cfg['interval']}: accepted more "
+            "steps than the interval (else nothing is ever re-placed)"
+        )
+    if W % cfg["nodes"]:
+        raise ValueError(f"[eplb] nodes = {cfg['nodes']} is invalid with world_size = {W}: accepted a divisor of it")
+    if cfg["nodes"] > 1 and E % cfg["nodes"]:
+        raise ValueError(f"[eplb] nodes = {cfg['nodes']} is invalid with num_experts = {E}: accepted a divisor of it")
+    if wl["train"]:
+        raise ValueError("[eplb] interval with [workload] train = true is refused: accepted in a forward stream")
+
+
+def drift_permutation(num_experts: int, seed: int, epoch: int, layer: int) -> torch.Tensor:
+    """π of ``epoch`` at ``layer``: expert e takes the router row of expert π[e] (epoch 0: identity)."""
+    if epoch == 0:
+        return torch.arange(num_experts)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 20_000 + epoch * 4096 + layer)
+    return torch.randperm(num_experts, generator=gen)
+
+
+def drifted(weights: list[MoEWeights], seed: int, epoch: int) -> list[MoEWeights]:
+    """The stack's weights with each layer's router rows permuted for ``epoch`` (module docstring)."""
+    out = []
+    for l, w in enumerate(weights):
+        perm = drift_permutation(w.router_ED.shape[0], seed, epoch, l)
+        bias = None if w.router_bias_E is None else w.router_bias_E[perm]
+        out.append(MoEWeights(w.router_ED[perm], w.w_in_EDH, w.w_down_EFD, bias))
+    return out
+
+
+def balance(received_LW) -> float:
+    """A step's balancedness over layers from each layer's copies received per rank."""
+    return M.balancedness([list(r) for r in received_LW])
+
+
+def _barrier(ctx, group) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)  # sync: the step's (or the moves') work is done before the clock reads
+    if group is not None:
+        dist.barrier(group=group)
+
+
+class Rebalancer:
+    """The re-placement loop of one run, over its MoE layers (module docstring): ``reset`` puts every layer on
+    the static placement (and, with ``weights``, the routers of drift epoch 0) and empties the window;
+    ``after_step`` records a step's loads, every ``interval`` steps re-places every layer (moving
+    ``optimizer``'s state with the weights when training) with the bitwise probe around the move, and every
+    ``drift_every`` steps loads the next epoch's routers (``weights``: the layers' global weights; None: no
+    drift). ``eplb`` False: record and drift, never move (the static pass)."""
+
+    def __init__(self, ctx, spec: RunSpec, layers, group, eplb: bool, weights: list[MoEWeights] | None = None):
+        self.ctx, self.spec, self.layers, self.group, self.eplb = ctx, spec, list(layers), group, eplb
+        self.weights = weights
+        self.reset()
+
+    def reset(self) -> None:
+        E, W, R = self.spec.model["num_experts"], self.spec.world_size, self.spec.parallel["redundant_experts"]
+        for layer in self.layers:
+            layer.set_placement(static_placement(E, W, R))
+        if self.weights is not None:
+            for layer, w in zip(self.layers, self.weights, strict=True):
+                layer.load_router_weights(w)
+        self.window = LoadWindow(len(self.layers), E, self.spec.eplb["window"])
+        self.steps, self.moves, self.balance = 0, [], []
+
+    def hook(self, stats) -> None:
+        """``after_step`` from a step record that carries ``loads_LE`` and ``received_LW`` (the engine's)."""
+        self.after_step(stats.loads_LE, stats.received_LW)
+
+    def after_step(self, loads_LE, received_LW, probe=None, optimizer=None, last: bool = False) -> None:
+        """One step's routed copies per expert and copies received per rank, per layer (host lists).
+        ``probe``: the tokens [T, D] each layer's exactness probe runs (None: seeded ones); ``last``: the run's
+        last step (nothing is moved after it)."""
+        self.steps += 1
+        self.balance.append(balance(received_LW))
+        self.window.record(loads_LE)
+        if self.eplb and not last and self.steps % self.spec.eplb["interval"] == 0:
+            self.moves.append(self._move(probe, optimizer) | {"after_step": self.steps - 1})
+        drift = self.spec.workload["drift_every"]
+        if self.weights is not None and drift and self.steps % drift == 0:  # the next step's popularity
+            epoch = self.steps // drift
+            for layer, w in zip(self.layers, drifted(self.weights, self.spec.workload["seed"], epoch), strict=True):
+                layer.load_router_weights(w)
+
+    def _probe_tokens(self, probe) -> torch.Tensor:
+        if probe is not None:
+            return probe
+        D, dtype = self.spec.model["hidden"], self.layers[0].moe.torch_dtype
+        gen = torch.Generator().manual_seed(self.spec.workload["seed"] * 1_000_003 + 30_000 + self.ctx.rank)
+        return torch.randn(PROBE_TOKENS, D, generator=gen).to(self.ctx.device, dtype)
+
+    def _outputs(self, x_TD: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output on the same probe tokens, rowwise experts (batch-invariant)."""
+        outs = []
+        for layer in self.layers:
+            layer.set_schedule(expert_backend="rowwise")
+            with torch.no_grad():
+                outs.append(layer(x_TD).out_TD)
+            layer.set_schedule(expert_backend=layer.moe.expert_backend)
+        return outs
+
+    def _move(self, probe, optimizer) -> dict:
+        spec, ctx, group = self.spec, self.ctx, self.group
+        W, R, nodes = spec.world_size, spec.parallel["redundant_experts"], spec.eplb["nodes"]
+        x_TD = self._probe_tokens(probe)
+        before = self._outputs(x_TD)
+        _barrier(ctx, group)
+        t0 = time.perf_counter()
+        sent = 0
+        for layer, loads in zip(self.layers, self.window.loads(), strict=True):
+            placement = rebalance([float(v) for v in loads], W, R, nodes, groups=nodes if nodes > 1 else None)
+            sent += layer.set_placement(placement, optimizer)
+        _barrier(ctx, group)
+        elapsed = time.perf_counter() - t0
+        exact = all(torch.equal(a, b) for a, b in zip(before, self._outputs(x_TD), strict=True))
+        return {"time_s": elapsed, "bytes_sent": sent, "exact": exact}
+
+    def record(self, times_s: list[float]) -> dict:
+        """What the pass reports: its step times, balancedness per step and moves."""
+        return {"step": list(times_s), "balancedness": list(self.balance), "moves": list(self.moves)}
+
+
+def _run_pass(ctx, spec: RunSpec, stack, stream, routes, weights, group, eplb: bool) -> dict:
+    """One pass over the stream (module docstring); the EPLB pass re-places, the static one never."""
+    rebalancer = Rebalancer(ctx, spec, stack.layers, group, eplb, weights)  # static placement, drift epoch 0
+    times = []
+    for s in range(len(stream)):
+        if routes is not None:
+            for layer, ids_TK in zip(stack.layers, routes[s], strict=True):
+                layer.router.use(ids_TK)
+        _barrier(ctx, group)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _, results = stack(stream[s])
+        _barrier(ctx, group)  # sync (CUDA) and barrier: the step ends when the slowest rank is done
+        times.append(time.perf_counter() - t0)
+        probe = stream[s] if routes is not None else stream[s][:PROBE_TOKENS]  # a replayed trace: every row
+        loads, received = [r.counts_WE.sum(0).tolist() for r in results], [r.received_W.tolist() for r in results]
+        rebalancer.after_step(loads, received, probe, last=s + 1 == len(stream))
+    return rebalancer.record(times)
+
+
+def eplb_placements(spec: RunSpec, layers: int) -> list | None:
+    """The layers' starting placements when the run re-places (``[eplb] interval``): the static one; else None."""
+    if not spec.eplb["interval"]:
+        return None
+    E, W, R = spec.model["num_experts"], spec.world_size, spec.parallel["redundant_experts"]
+    return [static_placement(E, W, R)] * layers
+
+
+def serve_rebalancer(ctx, spec: RunSpec, model, group, eplb: bool) -> Rebalancer:
+    """A ``Rebalancer`` over a decoder's MoE layers, drifting their routers when ``[workload] drift_every``."""
+    wl, layers = spec.workload, model.moe_layers
+    weights = layer_weights(spec.moe_config(), len(layers), wl["seed"], wl["skew"], wl["skew_param"])
+    return Rebalancer(ctx, spec, layers, group, eplb, weights if wl["drift_every"] else None)
+
+
+def eplb_timings(ctx, spec: RunSpec, stream: list[torch.Tensor], group) -> dict:
+    """The static pass and the EPLB pass over ``stream`` (one list of inputs per step)."""
+    wl = spec.workload
+    weights = layer_weights(spec.moe_config(), spec.model["layers"], wl["seed"], wl["skew"], wl["skew_param"])
+    stack = build_stack(ctx, spec, placements=eplb_placements(spec, spec.model["layers"]))
+    routes = stream_routes(ctx, spec)
+    _run_pass(ctx, spec, stack, stream[:1], routes, weights, group, eplb=False)  # warm-up, untimed
+    static = _run_pass(ctx, spec, stack, stream, routes, weights, group, eplb=False)
+    moving = _run_pass(ctx, spec, stack, stream, routes, weights, group, eplb=True)
+    return {"eplb": {"static": static, "eplb": moving}}
+
+
+# -------------------------------------------------------------------------------------------
+# Parent side
+
+
+def recovery_steps(balance: list[float], drift_every: int, threshold: float = RECOVERED) -> int | None:
+    """The most steps any drift change took to bring ``balance`` back to ``threshold`` or above (0: it
+    never fell below); None without drift, or when a change never recovered before the next one or the end."""
+    if not drift_every or drift_every >= len(balance):
+        return None
+    worst = 0
+    for change in range(drift_every, len(balance), drift_every):
+        end = min(change + drift_every, len(balance))
+        back = next((s for s in range(change, end) if balance[s] >= threshold), None)
+        if back is None:
+            return None
+        worst = max(worst, back - change)
+    return worst
+
+
+def _speedups(static_s: list[float], eplb_s: list[float]) -> list[float]:
+    """Step by step (the same steps, timed in the same run) when both passes ran as many; else (serve, whose
+    windows may take different steps for the same requests) one ratio of the total forward times."""
+    if len(static_s) == len(eplb_s):
+        return ratios(static_s, eplb_s)
+    return [sum(static_s) / sum(eplb_s)]
+
+
+def eplb_metrics(spec: RunSpec, per_rank: list[dict]) -> dict:
+    """Metrics of the two passes (``EPLB_METRICS``; docs/results.md)."""
+    if "eplb" not in per_rank[0]:
+        return {}
+    static, moving = per_rank[0]["eplb"]["static"], per_rank[0]["eplb"]["eplb"]
+    moves = [r["eplb"]["eplb"]["moves"] for r in per_rank]
+    out = {
+        "balancedness": M.metric([float(np.median(moving["balancedness"]))], "ratio", "higher", exact=True),
+        "balancedness_static": M.metric([float(np.median(static["balancedness"]))], "ratio", "higher", exact=True),
+        "eplb_speedup": M.metric(_speedups(static["step"], moving["step"]), "ratio", "higher"),
+    }
+    if moves[0]:
+        out["rebalance_time_s"] = M.metric([m["time_s"] for m in moves[0]], "s", "lower")
+        sent = [sum(rank[i]["bytes_sent"] for rank in moves) for i in range(len(moves[0]))]
+        out["rebalance_bytes"] = M.metric(sent, "B", "lower", exact=True)
+    steps = recovery_steps(moving["balancedness"], spec.workload["drift_every"])
+    if spec.workload["drift_every"]:
+        # a change that never recovered is reported as the drift period (the most it could have taken)
+        out["eplb_recovery_steps"] = M.metric([spec.workload["drift_every"] if steps is None else steps], "steps",
+                                              "lower", exact=True)  # fmt: skip
+    return out
+
+
+def eplb_checks(per_rank: list[dict]) -> list[dict]:
+    """``rebalance_exact``: every move left every layer's probe outputs bitwise equal, on every rank."""
+    if "eplb" not in per_rank[0] or not per_rank[0]["eplb"]["eplb"]["moves"]:
+        return []
+    results = [m["exact"] for r in per_rank for m in r["eplb"]["eplb"]["moves"]]
+    moves = len(per_rank[0]["eplb"]["eplb"]["moves"])
+    return [
+        {
+            "name": "rebalance_exact",
+            "pass": all(results),
+            "detail": f"{sum(results)} of {len(results)} (move, rank) probes bitwise equal across {moves} moves",
+        }
+    ]
+
+
+def eplb_details(spec: RunSpec, per_rank: list[dict]) -> dict:
+    """The per-step series of both passes and the moves, for the report's plot."""
+    if "eplb" not in per_rank[0]:
+        return {}
+    static, moving = per_rank[0]["eplb"]["static"], per_rank[0]["eplb"]["eplb"]
+    return {
+        "eplb": {
+            "interval": spec.eplb["interval"],
+            "window": spec.eplb["window"],
+            "drift_every": spec.workload["drift_every"],
+            "balancedness_static": static["balancedness"],
+            "balancedness": moving["balancedness"],
+            "step_time_static_s": static["step"],
+            "step_time_s": moving["step"],
+            "moves": [{"after_step": m["after_step"], "time_s": m["time_s"]} for m in moving["moves"]],
+        }
+    }
