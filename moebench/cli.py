@@ -8,6 +8,7 @@ moebench compare A B C ...      a trend, oldest first: each set's medians, the n
 moebench baseline update RESULT...   copy passing results into results/baselines/<class>/
 moebench baseline path RESULT...     print the baseline folder those results compare against
 moebench plan FILE.toml [--search] [--calibrate RESULTS...]   validate a deployment plan (exit 1 on an error finding)
+moebench alerts FILE --prometheus-rules OUT.yml   a scenario's [alerts] thresholds as Prometheus alerting rules
 
 exit codes: 0 ok; 1 a check or SLO failed, a run errored, or a regression; 2 a usage or input error
 (one line naming the file, key and value); 3 an unexpected crash, a bug in moebench (one line naming
@@ -220,6 +221,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--calibrate", nargs="+", metavar="RESULTS", help="fit the model's factors to result files")
     plan.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': stdout, no text report)")
     plan.add_argument("--format", choices=["plain", "markdown"], default="plain", help="table format")
+    alerts = sub.add_parser("alerts", help="write a scenario's [alerts] thresholds as Prometheus alerting rules")
+    alerts.add_argument("file", type=Path, metavar="FILE", help="a scenario .toml, or a result .json (its scenario's)")
+    alerts.add_argument(
+        "--prometheus-rules", required=True, metavar="OUT.yml", help="the rule file to write ('-': stdout)"
+    )
     return parser
 
 
@@ -539,6 +545,25 @@ def _plan(args) -> int:
     return 1 if doc["errors"] else 0
 
 
+def _alerts(args) -> int:
+    from moebench.report import prometheus
+    from moebench.report.results import read
+    from moebench.scenario import load
+
+    path = str(args.file)
+    if args.file.suffix == ".json":
+        thresholds = prometheus.thresholds_of_result(read(args.file), path)
+    else:
+        thresholds = load(path).sections["alerts"]  # empty: the file has no [alerts], the defaults apply
+    text = prometheus.to_yaml(prometheus.rules(thresholds, path), path)
+    if args.prometheus_rules == "-":
+        print(text, end="")
+    else:
+        _write_text(Path(args.prometheus_rules), text)
+        print(f"wrote {args.prometheus_rules}", file=sys.stderr)
+    return 0
+
+
 def _write_text(path: Path, text: str) -> None:
     try:
         Path(path).write_text(text)
@@ -643,6 +668,7 @@ def _command(argv: list[str] | None, ctrl_c: _CtrlC) -> int:
         "compare": _compare,
         "baseline": _baseline,
         "plan": _plan,
+        "alerts": _alerts,
     }
     try:
         ctrl_c.armed = True

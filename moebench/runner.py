@@ -116,6 +116,8 @@ def run_one(
             per_rank = launch(kinds.measure, spec.world_size, spec, interval, device=device, backend=backend)
         threads = per_rank[0].get("threads")
         metrics, checks, details = kinds.evaluate(spec, per_rank)
+        if "alerts" in details:  # the alerts a run with [alerts] fired (moebench/measure/series.py)
+            run["alerts"] = details.pop("alerts")
         telemetry = combine_summaries([r["telemetry"] for r in per_rank], kinds.window_tokens(spec))
         run.update(metrics=metrics, checks=checks, details=details, telemetry=telemetry)
         run["slo"] = _judge_slos(spec, metrics)

@@ -1,8 +1,9 @@
 """Scenario files: the TOML schema, its validation, and the expansion of sweeps into runs.
 
 A scenario file (``scenarios/*.toml``, schema in ``scenarios/README.md``) has the sections
-[scenario], [model], [routing], [parallel], [workload] and optionally [slo] and [compare]
-(the thresholds ``moebench compare`` uses for this scenario's metrics). A list value in
+[scenario], [model], [routing], [parallel], [workload] and optionally [slo], [compare]
+(the thresholds ``moebench compare`` uses for this scenario's metrics) and [alerts] (the deployment
+plan's alerts, judged on per-step series; ``moebench/measure/alerts.py``). A list value in
 [model], [parallel] or [workload] is a sweep: the file expands into one ``RunSpec`` per
 combination, in the order the keys are listed in ``SCHEMA``.
 
@@ -24,6 +25,7 @@ import torch
 
 from moebench import kinds
 from moebench.kinds import fault as fault_kind  # its TYPES and ON_EXPERT_LOSS are [fault]'s choices
+from moebench.measure.alerts import DEFAULTS as ALERT_DEFAULTS
 from moebench.measure.eplb import DEFAULTS as EPLB_DEFAULTS
 from moebench.measure.eplb import check_eplb
 from moebench.measure.offload import check_offload
@@ -253,6 +255,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "on_expert_loss": Key("reroute", *_choice(*fault_kind.ON_EXPERT_LOSS)),
         "checkpoint_every": Key(None, *_int(1, 10**6)),  # with train = true: save, crash, resume
     },
+    "alerts": {  # kinds "throughput" and "latency"; present (or [slo] max_alerts): record the series, judge
+        "expert_overload": Key(ALERT_DEFAULTS["expert_overload"], *_number_above(0)),  # fraction of capacity
+        "overload_for_s": Key(ALERT_DEFAULTS["overload_for_s"], *_number(0)),
+        "memory_used": Key(ALERT_DEFAULTS["memory_used"], *_number_above(0)),  # fraction of memory
+        "comm_delay_s": Key(ALERT_DEFAULTS["comm_delay_s"], *_number_above(0)),  # one all-to-all
+        "min_tokens_per_s_per_gpu": Key(ALERT_DEFAULTS["min_tokens_per_s_per_gpu"], *_number(0)),
+        "throughput_for_s": Key(ALERT_DEFAULTS["throughput_for_s"], *_number(0)),
+        "capacity_factor": Key(ALERT_DEFAULTS["capacity_factor"], *_number_above(0)),  # a dropless model's C
+    },
 }
 _RUNTIME_FIELDS = {
     "hidden_size": ("model", "hidden"),
@@ -465,6 +476,8 @@ def load(path: str | Path, overrides: dict | None = None) -> Scenario:
     if sections["scenario"]["kind"] != fault_kind.NAME:  # the fault kind says its type is missing
         _check_fault_keys(path, doc.get("fault", {}))
     slos = _read_slos(path, sections["scenario"]["kind"], doc.get("slo", {}))
+    if "alerts" not in doc and not any(s.metric == "alerts" for s in slos):
+        sections["alerts"] = {}  # no [alerts] and no gate on them: no series recorded, no alerts judged
     thresholds = _read_compare(path, sections["scenario"]["kind"], doc.get("compare", {}))
     specs = []
     for resolved, params in _expand(sections):
@@ -541,6 +554,7 @@ def _features(spec: RunSpec) -> dict[str, object]:
         "redundancy": None if spec.eplb["interval"] else spec.parallel.get("redundant_experts") or None,
         "eplb": spec.eplb["interval"] or None,
         "dp": spec.parallel["mode"] if spec.parallel["mode"] == "dp" else None,
+        "alerts": spec.alerts or None,
     }
     return {feature: value for feature, value in asked.items() if value is not None}
 

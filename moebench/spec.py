@@ -82,6 +82,7 @@ class RunSpec:
     fault: dict = field(default_factory=dict)  # [fault]; kind "fault" only
     serve: dict = field(default_factory=dict)  # [serve]; kind "serve" only
     train: dict = field(default_factory=dict)  # [train]; kind "train" only
+    alerts: dict = field(default_factory=dict)  # [alerts]; empty: no series, no alerts (throughput, latency)
     eplb: dict = field(default_factory=lambda: {"window": 1000, "interval": 0, "nodes": 1})  # [eplb]
     record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
     trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
@@ -159,6 +160,7 @@ class RunSpec:
             **({"fault": self.fault} if self.fault.get("type") is not None else {}),
             **({"serve": self.serve} if self.kind == "serve" else {}),
             **({"train": self.train} if self.kind == "train" else {}),
+            **({"alerts": self.alerts} if self.alerts else {}),
             **({"eplb": self.eplb} if self.eplb.get("interval") else {}),
             "slo": slo,
         }

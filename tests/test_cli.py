@@ -13,8 +13,10 @@ import torch
 
 from moebench import runner
 from moebench.cli import main
+from moebench.measure.eplb import EPLB_METRICS
 from moebench.measure.offload import OFFLOAD_METRICS
 from moebench.measure.overlap import OVERLAP_METRICS
+from moebench.measure.series import ALERT_METRICS
 from moebench.scenario import METRICS
 
 TINY = """
@@ -66,12 +68,14 @@ def test_run_writes_the_documented_json_and_report_prints_the_same_table(tmp_pat
     assert (one["params"], two["params"]) == ({"world_size": 1}, {"world_size": 2})
     # every documented metric, but each run has one reference for its dispatch: the all-to-all at
     # W > 1, the local floors at W = 1; the overlap metrics only with overlap_chunks, the offload
-    # ones only with [offload]
-    documented = set(METRICS["throughput"]) - set(OVERLAP_METRICS) - set(OFFLOAD_METRICS)
+    # ones only with [offload], the EPLB ones only with [eplb] interval, the alerts only with [alerts]
+    optional = set(OVERLAP_METRICS) | set(OFFLOAD_METRICS) | set(EPLB_METRICS) | set(ALERT_METRICS)
+    documented = set(METRICS["throughput"]) - optional
     with_a2a = {n for n in documented if "a2a" in n}
     assert documented - set(two["metrics"]) == {"dispatch_over_floor", "combine_over_floor"}
     assert documented - set(one["metrics"]) == with_a2a
-    assert not (set(OVERLAP_METRICS) | set(OFFLOAD_METRICS)) & (set(one["metrics"]) | set(two["metrics"]))
+    assert not optional & (set(one["metrics"]) | set(two["metrics"]))
+    assert "alerts" not in one and "series" not in one["details"]  # nothing recorded without [alerts]
     for run in (one, two):
         m = run["metrics"]
         assert run["status"] == "ok" and run["backend"] == "gloo" and run["checks"][0]["pass"]

@@ -2,7 +2,8 @@
 a tour: every capability shown by at least one file, each tour file (``tour-*.toml``) a few runs, the tour a
 bounded number of runs; beside it, the seed plans' sweeps, each of its own bounded size: the serving
 workload (``seed-serve.toml``: request rate × batching × EP/DP) and training (``seed-train.toml``: EP/DP at
-W 1, 2, 4 against one device; ``train-recompute.toml``; ``train-memory.toml``: bytes per rank against E).
+W 1, 2, 4 against one device; ``train-recompute.toml``; ``train-memory.toml``: bytes per rank against E;
+``alerts.toml``: the deployment plan's alerts, one load that fires and one that does not).
 
 Counted with the loader's own expansion (``moebench.runner.load_all``, what ``moebench run`` plans),
 never by timing: the bound holds on a busy host as on a quiet one.
@@ -33,6 +34,7 @@ SEED_FILES = {
     "train-memory.toml": 8,
     "eplb.toml": 4,
     "seq-routing.toml": 2,
+    "alerts.toml": 2,  # the deployment plan's monitoring: one load that fires expert_overload, one that does not
 }
 
 
@@ -101,6 +103,10 @@ CAPABILITIES = {
     ),
     "training: activation recomputation none vs experts vs layer": lambda runs: (
         {r.model["recompute"] for r in runs if r.kind == "train"} == {"none", "experts", "layer"}
+    ),
+    "alerts: one load fires the deployment plan's expert_overload, one fires none": lambda runs: (
+        any(r.alerts and r.workload["skew"] == "uniform" for r in runs)
+        and any(r.alerts and r.workload["skew"] == "zipf" for r in runs)
     ),
     "training: memory per rank against num_experts, EP vs DP": lambda runs: (
         len({r.model["num_experts"] for r in runs if r.kind == "train"}) >= 2

@@ -46,6 +46,7 @@ FEATURES = {
     "eplb": "[eplb] interval",  # experts re-placed from the measured load while running
     "decoder": "[model] attention_heads",  # a decoder with attention ([serve] and the other decoder keys)
     "dp": "[parallel] mode",  # "dp": the data-parallel baseline, every rank holds every expert
+    "alerts": "[alerts]",  # the deployment plan's alerts, judged on per-step series (moebench/measure/series.py)
 }
 
 

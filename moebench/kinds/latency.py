@@ -9,6 +9,7 @@ from moebench.measure.common import finite_check, timed_window_tokens
 from moebench.measure.eplb import EPLB_COLUMNS, EPLB_METRICS, eplb_checks, eplb_details, eplb_metrics
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
+from moebench.measure.series import ALERT_COLUMNS, ALERT_METRICS, alert_results
 from moebench.measure.timed import measure_timed
 
 if TYPE_CHECKING:
@@ -16,17 +17,19 @@ if TYPE_CHECKING:
 
 NAME = "latency"
 ORDER = 2  # place in listings and "accepted" lists
-FEATURES = frozenset({"overlap", "offload", "stream", "eplb"})  # what a scenario may ask of it (kinds/__init__.py)
+# what a scenario may ask of it (kinds/__init__.py)
+FEATURES = frozenset({"overlap", "offload", "stream", "eplb", "alerts"})
 COLUMNS = (
     ("step_time_s", "p50 (ms)", 1e3, ".3f"),
     ("step_time_s:p90", "p90 (ms)", 1e3, ".3f"),
     ("step_time_s:p99", "p99 (ms)", 1e3, ".3f"),
     ("step_time_s:n", "samples", 1, ".0f"),
+    *ALERT_COLUMNS,  # only in tables of runs with [alerts]
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
     *EPLB_COLUMNS,  # only in tables of runs that set [eplb] interval
 )
-METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS, *EPLB_METRICS)
+METRICS = ("step_time_s", *OVERLAP_METRICS, *OFFLOAD_METRICS, *EPLB_METRICS, *ALERT_METRICS)
 window_tokens = timed_window_tokens
 
 
@@ -38,9 +41,7 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
     metrics = {"step_time_s": M.metric(per_rank[0]["step"], "s", "lower")} | overlap_metrics(per_rank[0])
     metrics |= offload_metrics(spec, per_rank) | eplb_metrics(spec, per_rank)
+    alerted, series = alert_results(spec, per_rank)
     checks = [finite_check(per_rank), *eplb_checks(per_rank)]
-    return (
-        metrics,
-        checks,
-        {"layers": spec.model["layers"], **offload_details(per_rank), **eplb_details(spec, per_rank)},
-    )
+    details = {"layers": spec.model["layers"], **offload_details(per_rank), **eplb_details(spec, per_rank), **series}
+    return metrics | alerted, checks, details

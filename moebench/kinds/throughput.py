@@ -16,6 +16,7 @@ from moebench.measure.common import (
 from moebench.measure.eplb import EPLB_COLUMNS, EPLB_METRICS, eplb_checks, eplb_details, eplb_metrics
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
+from moebench.measure.series import ALERT_COLUMNS, ALERT_METRICS, alert_results
 from moebench.measure.timed import measure_timed
 
 if TYPE_CHECKING:
@@ -23,13 +24,15 @@ if TYPE_CHECKING:
 
 NAME = "throughput"
 ORDER = 1  # place in listings and "accepted" lists
-FEATURES = frozenset({"overlap", "offload", "stream", "eplb"})  # what a scenario may ask of it (kinds/__init__.py)
+# what a scenario may ask of it (kinds/__init__.py)
+FEATURES = frozenset({"overlap", "offload", "stream", "eplb", "alerts"})
 # (metric[:statistic], header with unit, scale, format); the statistic defaults to median.
 COLUMNS = (
     ("tokens_per_s", "tokens/s", 1, ".0f"),
     ("tokens_per_s_per_gpu", "tokens/s/gpu", 1, ".0f"),
     ("step_time_s", "step p50 (ms)", 1e3, ".2f"),
     ("step_time_s:p90", "step p90 (ms)", 1e3, ".2f"),
+    *ALERT_COLUMNS,  # only in tables of runs with [alerts]
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
     *EPLB_COLUMNS,  # only in tables of runs that set [eplb] interval
@@ -51,6 +54,7 @@ METRICS = (
     *OVERLAP_METRICS,
     *OFFLOAD_METRICS,
     *EPLB_METRICS,
+    *ALERT_METRICS,
 )
 window_tokens = timed_window_tokens
 
@@ -72,9 +76,7 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
     }
     metrics |= collective_metrics(spec, raw) | overlap_metrics(raw) | offload_metrics(spec, per_rank)
     metrics |= eplb_metrics(spec, per_rank)
+    alerted, series = alert_results(spec, per_rank)
     checks = [finite_check(per_rank), *eplb_checks(per_rank)]
-    return (
-        metrics,
-        checks,
-        {"layers": spec.model["layers"], **offload_details(per_rank), **eplb_details(spec, per_rank)},
-    )
+    details = {"layers": spec.model["layers"], **offload_details(per_rank), **eplb_details(spec, per_rank), **series}
+    return metrics | alerted, checks, details

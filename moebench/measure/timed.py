@@ -1,7 +1,8 @@
 """The timed step of the throughput and latency kinds, with what a run adds to it: the collectives
 and their floors (throughput), the overlap timings (``[parallel] overlap_chunks``), the offload
-timings (``[offload]``), the static and EPLB passes (``[eplb] interval``) and a profiler trace
-(``moebench run --trace``), each after the step's timed window."""
+timings (``[offload]``), the static and EPLB passes (``[eplb] interval``), the per-step series of
+the alerts (``[alerts]``) and a profiler trace (``moebench run --trace``), each after the step's timed
+window."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moebench.measure import profile_trace
+from moebench.measure import profile_trace, series
 from moebench.measure.common import (
     collective_timings,
     progress_after_warmup,
@@ -40,12 +41,14 @@ def measure_timed(ctx, spec: RunSpec, interval: float | None, collectives: bool)
     time_fn(step, warmup=spec.scenario["warmup"], repeats=0, device=ctx.device, group=group, on_warm=hook)
     with sampler(ctx, interval) as s:
         step_t = time_fn(step, warmup=0, repeats=spec.scenario["repeats"], device=ctx.device, group=group)
+    recorded = {"series": series.record(ctx, spec, stack, stream, step, group)} if spec.alerts else {}
     use_batch(ctx, spec, stack, 0)  # a stream left its trace at another step: the rest is on step 0
     out = {
         "step": list(step_t.samples_s),
         "finite": bool(torch.isfinite(step()).all()),
         "telemetry": s.summary(),
         **routing_stats(stack, x_TD.detach(), spec.record_routing),
+        **recorded,
     }
     if collectives:
         out.update(collective_timings(ctx, spec, stack, x_TD, group))

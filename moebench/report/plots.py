@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moebench.metrics import nearest_rank
-from moebench.report import eplb_plots, serve_plots, train_plots
+from moebench.report import alert_plots, eplb_plots, serve_plots, train_plots
 
 INSTALL_HINT = "pip install 'moebench[plots]'"
 SWEPT = ("world_size", "tokens_per_rank")  # the sweeps drawn nccl-tests style
@@ -506,6 +506,15 @@ def plots_for(doc: dict) -> list[Plot]:
         title = eplb_plots.title(doc)
         draw = lambda e=eplb, t=title: eplb_plots.draw_eplb(e, t, _figure)  # noqa: E731
         out.append(Plot(f"{base}.eplb-balance", title, draw))
+    for run in runs:
+        panels = alert_plots.alert_panels(run)
+        if panels:
+            fired = sorted({a["name"] for a in run.get("alerts") or []})
+            title = f"{name}{' ' + run_label(run['params']) if run['params'] else ''}: the alerts' series per step, "
+            title += f"threshold dashed, fired spans shaded ({', '.join(fired) or 'none fired'})"
+            stem = f"{base}.alerts" + (f".{slug(run_label(run['params']))}" if run["params"] else "")
+            draw = lambda p=panels, t=title: alert_plots.draw_alerts(p, t, _figure)  # noqa: E731
+            out.append(Plot(stem, title, draw))
     key = swept_key(runs)
     if key:
         panels = [(unit, what, series(runs, key, m)) for m, what, unit in SWEEP_PANELS]
