@@ -342,19 +342,22 @@ class MoELayer(nn.Module):
     def set_placement(self, placement: Placement, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Move to ``placement`` between steps (every rank of the group, the same placement): each slot's
         weights come from a rank that held its expert (``runtime.eplb.expert_moves``) in one all-to-all of
-        whole experts, and so do their gradients and, with ``optimizer``, every state tensor of the expert
-        weights' shape (Adam's moments; scalar state such as the step count is the same for every slot).
-        Returns the bytes this rank sent. Refused without a ``placement`` at construction, or for one that
-        changes a rank's slot count."""
+        whole experts, and so does, with ``optimizer``, every state tensor of the expert weights' shape
+        (Adam's moments; scalar state such as the step count is the same for every slot). Gradients are not
+        moved: a move is between optimizer steps, and the experts' gradients are set to None. Returns the
+        bytes this rank sent. Refused without a ``placement`` at construction, with lost copies
+        (``set_alive``), or for a placement that changes a rank's slot count."""
         if not self._placed:
             raise ValueError("MoELayer.set_placement needs a layer built with placement=: accepted then only")
+        if not self.replicas.all_alive:
+            raise ValueError("MoELayer.set_placement with lost copies is refused: accepted when every copy is alive")
         if not isinstance(placement, Placement):
             raise ValueError(f"MoELayer.set_placement({placement!r}): accepted a runtime.eplb.Placement")
         self._check_slots(placement)
         ranks, old = self.par.ep_size, Placement(self.replicas.logical_of_P, self.replicas.owner_P)
         moves = expert_moves(old, placement, ranks)  # the same list on every rank
         tensors = self._expert_tensors(optimizer)
-        rows = [t.reshape(t.shape[0], -1).view(torch.uint8) for t in tensors]  # one byte row per slot per tensor
+        rows = [t.view(t.shape[0], -1).view(torch.uint8) for t in tensors]  # views: the writes below land in t
         width = sum(r.shape[1] for r in rows)
         sends = [m for m in moves if m.src_rank == self.rank and m.dst_rank != self.rank]  # (dst, dst_slot) order
         recvs = sorted((m for m in moves if m.dst_rank == self.rank and m.src_rank != self.rank),
@@ -365,13 +368,15 @@ class MoELayer(nn.Module):
         recv_NB = torch.empty(len(recvs), width, dtype=torch.uint8, device=device)
         in_splits = [sum(1 for m in sends if m.dst_rank == r) for r in range(ranks)]
         out_splits = [sum(1 for m in recvs if m.src_rank == r) for r in range(ranks)]
-        dist.all_to_all_single(recv_NB, send_NB, out_splits, in_splits, group=self.group)  # blocking: the
-        # weights are written below, and the next forward reads them
-        before = [r.clone() for r in rows]  # a local move may read a slot another move overwrites
-        for m in moves:
-            if m.dst_rank == self.rank and m.src_rank == self.rank and m.dst_slot != m.src_slot:
-                for r, b in zip(rows, before, strict=True):
-                    r[m.dst_slot].copy_(b[m.src_slot])
+        # synchronous: on NCCL the current stream waits for the exchange (a stream hand-off, not a host
+        # block), so the copies below, and the next forward, read the received rows after they arrive
+        dist.all_to_all_single(recv_NB, send_NB, out_splits, in_splits, group=self.group)
+        local = [m for m in moves if m.dst_rank == self.rank == m.src_rank and m.dst_slot != m.src_slot]
+        sources = sorted({m.src_slot for m in local})  # a local move may read a slot another one overwrites
+        kept = {slot: [r[slot].clone() for r in rows] for slot in sources}
+        for m in local:
+            for r, b in zip(rows, kept[m.src_slot], strict=True):
+                r[m.dst_slot].copy_(b)
         for i, m in enumerate(recvs):
             for r, part in zip(rows, recv_NB[i].split([r.shape[1] for r in rows]), strict=True):
                 r[m.dst_slot].copy_(part)
@@ -381,16 +386,16 @@ class MoELayer(nn.Module):
         self.local_experts = self.dispatcher.local_experts
         self.experts.rehome(self.replicas, local_slots(placement, self.rank))
         self.expert_to_rank = _first_owners(placement, self.moe.num_experts)
+        for p in (self.experts.w_in_LDH, self.experts.w_down_LFD):
+            p.grad = None  # they were the old slots' (module docstring: a move is between steps)
         return len(sends) * width
 
     def _expert_tensors(self, optimizer) -> list[torch.Tensor]:
-        """The expert weights, their gradients, and the optimizer's state tensors shaped like them: what a
-        re-placement moves, in an order every rank shares."""
+        """The expert weights and the optimizer's state tensors shaped like them: what a re-placement moves, in
+        an order every rank shares."""
         out = []
         for p in (self.experts.w_in_LDH, self.experts.w_down_LFD):
             out.append(p.data)
-            if p.grad is not None:
-                out.append(p.grad)
             state = optimizer.state.get(p, {}) if optimizer is not None else {}
             out += [state[k] for k in sorted(state) if torch.is_tensor(state[k]) and state[k].shape == p.shape]
         return out
@@ -411,8 +416,8 @@ class MoELayer(nn.Module):
 
     def copy_share_L(self) -> torch.Tensor:
         """1 / copies of each local slot's logical expert (host; all ones without copies)."""
-        copies_E = torch.bincount(torch.tensor(self.replicas.logical_of_P), minlength=self.moe.num_experts)
-        return 1.0 / copies_E[list(self.experts.experts_L)].double()
+        copies_E = self.replicas.copies_E
+        return torch.tensor([1.0 / copies_E[e] for e in self.experts.experts_L], dtype=torch.float64)
 
     @torch.no_grad()
     def reduce_copy_grads(self) -> None:
@@ -421,13 +426,20 @@ class MoELayer(nn.Module):
         [E, ...] buffer per weight. A no-op when every logical expert has one copy."""
         if self.group is None or not isinstance(self.experts, ReplicatedExperts) or not self.replicas.num_redundant:
             return
-        index = torch.tensor(self.experts.experts_L, device=self.experts.w_in_LDH.device)
+        copies_E = self.replicas.copies_E
+        copied = [e for e in range(self.moe.num_experts) if copies_E[e] > 1]  # the same list on every rank
+        row_of = {e: i for i, e in enumerate(copied)}
+        slots = [l for l, e in enumerate(self.experts.experts_L) if e in row_of]  # this rank's copied slots
+        device = self.experts.w_in_LDH.device
+        # host lists to the device: a pageable copy, synchronous with the host on CUDA (once per step)
+        slots_t = torch.tensor(slots, dtype=torch.long, device=device)
+        rows_t = torch.tensor([row_of[self.experts.experts_L[l]] for l in slots], dtype=torch.long, device=device)
         for p in (self.experts.w_in_LDH, self.experts.w_down_LFD):
             if p.grad is None:
                 continue
-            total = p.grad.new_zeros(self.moe.num_experts, *p.shape[1:]).index_add_(0, index, p.grad)
+            total = p.grad.new_zeros(len(copied), *p.shape[1:]).index_add_(0, rows_t, p.grad[slots_t])
             dist.all_reduce(total, group=self.group)
-            p.grad.copy_(total[index])
+            p.grad[slots_t] = total[rows_t]
 
     def plan(self, x_TD: torch.Tensor, seqs: Sequences | None = None) -> RoutingPlan:
         """Route this rank's tokens and decide, group-wide, which copies each expert keeps. ``seqs``: the

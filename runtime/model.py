@@ -57,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from runtime.config import MoEConfig, ParallelConfig, _fail, _positive_int
 from runtime.experts import expert_ffn
 from runtime.layer import MoELayer
+from runtime.permute import to_device
 from runtime.router import RouterOutput, Sequences
 from runtime.weights import MoEWeights, init_weights
 
@@ -406,7 +407,7 @@ class Block(nn.Module):
                     "(the choice is made on the prompt's mean) and one-token decode steps"
                 )
         reuse = tuple(s.start > 0 for s in batch.segments)
-        slots = torch.tensor([s.slot for s in batch.segments], dtype=torch.long, device=cache.k.device)
+        slots = to_device(torch.tensor([s.slot for s in batch.segments], dtype=torch.long), cache.k.device)
         kept = cache.routes[layer]
         kept = RouterOutput(kept.logits_TE[slots], kept.probs_TE[slots], kept.weights_TK[slots], kept.ids_TK[slots])
         return Sequences(lengths, kept, reuse)
@@ -417,8 +418,8 @@ class Block(nn.Module):
         new = [b for b, s in enumerate(batch.segments) if s.start == 0]
         if not new:
             return
-        rows = torch.tensor(new, dtype=torch.long, device=cache.k.device)
-        slots = torch.tensor([batch.segments[b].slot for b in new], dtype=torch.long, device=cache.k.device)
+        rows = to_device(torch.tensor(new, dtype=torch.long), cache.k.device)
+        slots = to_device(torch.tensor([batch.segments[b].slot for b in new], dtype=torch.long), cache.k.device)
         stored = cache.routes[layer]
         for kept, fresh in zip(
             (stored.logits_TE, stored.probs_TE, stored.weights_TK, stored.ids_TK),
@@ -503,7 +504,7 @@ class MoEDecoder(nn.Module):
         ranks hold the same summed gradient, ``reduce_copy_grads``), so the group's sum counts each expert once."""
         total = zero
         for layer in self.moe_layers:
-            share_L = layer.copy_share_L().to(zero.device, torch.float64)
+            share_L = layer.copy_share_L().to(zero.device)  # host to device: synchronous on CUDA (once per step)
             for p in layer.experts.parameters():
                 if p.grad is not None:
                     total = total + (p.grad.detach().double().square().flatten(1).sum(1) * share_L).sum()

@@ -94,6 +94,14 @@ class Replicas:
         return len(self.logical_of_P) - self.num_logical
 
     @functools.cached_property
+    def copies_E(self) -> tuple[int, ...]:
+        """Copies of each logical expert (alive or not)."""
+        counts = [0] * self.num_logical
+        for e in self.logical_of_P:
+            counts[e] += 1
+        return tuple(counts)
+
+    @functools.cached_property
     def identity(self) -> bool:
         """Physical expert p is logical expert p (no replicas, nothing re-placed): dispatch needs no remap."""
         return all(p == e for p, e in enumerate(self.logical_of_P))

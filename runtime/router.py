@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.permute import to_device
+
 
 def route(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, ...]:
     """Softmax gating with top-k selection.
@@ -150,17 +152,19 @@ def cut_sequences(num_tokens: int, seq_len: int | None) -> tuple[int, ...]:
 
 
 def sequence_means(x_TD: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
-    """Each sequence's mean row in fp32: [B, D]."""
-    lengths_B = torch.tensor(lengths, dtype=torch.long, device=x_TD.device)
-    seq_T = torch.repeat_interleave(torch.arange(len(lengths), device=x_TD.device), lengths_B)
+    """Each sequence's mean row in fp32: [B, D]. The indexes are built on the host and copied without a sync."""
+    lengths_host = torch.tensor(lengths, dtype=torch.long)
+    lengths_B = to_device(lengths_host, x_TD.device)
+    seq_T = to_device(torch.repeat_interleave(torch.arange(len(lengths)), lengths_host), x_TD.device)
     sums_BD = x_TD.new_zeros((len(lengths), x_TD.shape[1]), dtype=torch.float32).index_add(0, seq_T, x_TD.float())
     return sums_BD / lengths_B[:, None].float()
 
 
 def per_token(routing_B: RouterOutput, lengths: tuple[int, ...]) -> RouterOutput:
     """Every token takes its sequence's row of each field: [B, ·] -> [T, ·]."""
-    lengths_B = torch.tensor(lengths, dtype=torch.long, device=routing_B.ids_TK.device)
-    return RouterOutput(*(t.repeat_interleave(lengths_B, dim=0) for t in _fields(routing_B)))
+    lengths_B = to_device(torch.tensor(lengths, dtype=torch.long), routing_B.ids_TK.device)
+    total = sum(lengths)  # output_size: repeat_interleave would otherwise read the lengths back (a sync)
+    return RouterOutput(*(t.repeat_interleave(lengths_B, dim=0, output_size=total) for t in _fields(routing_B)))
 
 
 def _fields(routing: RouterOutput) -> tuple[torch.Tensor, ...]:
@@ -174,7 +178,7 @@ def route_sequences(router: nn.Module, x_TD: torch.Tensor, seqs: Sequences) -> t
         raise ValueError(f"Sequences.lengths sum to {sum(seqs.lengths)}: accepted the forward's {x_TD.shape[0]} rows")
     routing_B = router(sequence_means(x_TD, seqs.lengths))
     if seqs.reuse is not None and any(seqs.reuse):
-        reuse_B = torch.tensor(seqs.reuse, device=x_TD.device)[:, None]
+        reuse_B = to_device(torch.tensor(seqs.reuse), x_TD.device)[:, None]
         routing_B = RouterOutput(
             *(
                 torch.where(reuse_B, k.to(t.device), t)

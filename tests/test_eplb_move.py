@@ -319,7 +319,7 @@ def _expert_state(layer: MoELayer, opt: torch.optim.Optimizer) -> dict:
     """This rank's slots: logical expert, weights, gradients and AdamW moments of both expert weights."""
     e, out = layer.experts, {"logical": layer.experts.experts_L}
     for name, p in (("w_in", e.w_in_LDH), ("w_down", e.w_down_LFD)):
-        out[name], out[f"{name}.grad"] = p.detach().clone(), p.grad.clone()
+        out[name], out[f"{name}.grad"] = p.detach().clone(), None if p.grad is None else p.grad.clone()
         for key in STATE:
             out[f"{name}.{key}"] = opt.state[p][key].clone()
     return out
@@ -373,7 +373,7 @@ def _by_logical(states: list[dict], key: str) -> dict[int, torch.Tensor]:
 def _mismatched_slots(before: list[dict], after: list[dict]) -> list[tuple[int, int, str]]:
     """(rank, slot, tensor) of every slot whose tensor is not its logical expert's from before the move."""
     wrong = []
-    for key in ("w_in", "w_down", "w_in.grad", "w_down.grad", *(f"{w}.{k}" for w in ("w_in", "w_down") for k in STATE)):
+    for key in ("w_in", "w_down", *(f"{w}.{k}" for w in ("w_in", "w_down") for k in STATE)):
         want = _by_logical(before, key)
         for rank, s in enumerate(after):
             wrong += [(rank, l, key) for l, e in enumerate(s["logical"]) if not torch.equal(s[key][l], want[e])]
@@ -411,7 +411,7 @@ def test_copies_trained_with_summed_gradients_match_the_plain_layer_and_stay_bit
 
 
 @pytest.mark.multiproc
-def test_a_move_with_the_optimizer_carries_each_experts_adamw_state_and_gradient_to_its_new_slots(trained):
+def test_a_move_with_the_optimizer_carries_each_experts_adamw_state_to_its_new_slots_and_drops_gradients(trained):
     W, results = trained
     before = [r["before"] for r in results]
     with_opt, without = [r["after"][0] for r in results], [r["after"][1] for r in results]
@@ -420,20 +420,22 @@ def test_a_move_with_the_optimizer_carries_each_experts_adamw_state_and_gradient
     for rank, s in enumerate(with_opt):
         assert s["logical"] == tuple(new.logical_of_P[p] for p in local_slots(new, rank))
     assert _mismatched_slots(before, with_opt) == []
-    # without the optimizer the weights and gradients move but the moments stay in their old slots: the same
+    assert all(s[f"{w}.grad"] is None for s in (*with_opt, *without) for w in ("w_in", "w_down"))  # old slots'
+    assert all(s[f"{w}.grad"] is not None for s in before for w in ("w_in", "w_down"))
+    # without the optimizer the weights move but the moments stay in their old slots: the same
     # comparison catches it, in every slot whose expert changed
     wrong = _mismatched_slots(before, without)
     assert wrong and {key for _, _, key in wrong} == {f"{w}.{k}" for w in ("w_in", "w_down") for k in STATE}
     moved = {(rank, l) for rank, (b, a) in enumerate(zip(before, without, strict=True))
              for l in range(len(a["logical"])) if a["logical"][l] != b["logical"][l]}  # fmt: skip
     assert {(rank, l) for rank, l, _ in wrong} == moved
-    # bytes: a slot from another rank carries its weights, gradient and (with the optimizer) two moments
+    # bytes: a slot from another rank carries its weights and (with the optimizer) two moments, no gradient
     remote = [
         m for m in expert_moves(static_placement(MOE.num_experts, W, SPARE[W]), new, W) if m.src_rank != m.dst_rank
     ]
     for rank, r in enumerate(results):
         count = sum(m.src_rank == rank for m in remote)
-        assert r["sent"] == [count * EXPERT_BYTES * 4, count * EXPERT_BYTES * 2]
+        assert r["sent"] == [count * EXPERT_BYTES * 3, count * EXPERT_BYTES]
 
 
 @pytest.mark.multiproc
