@@ -26,12 +26,12 @@ import torch
 from moebench import kinds
 from moebench.kinds import fault as fault_kind  # its TYPES and ON_EXPERT_LOSS are [fault]'s choices
 from moebench.measure.alerts import DEFAULTS as ALERT_DEFAULTS
-from moebench.measure.eplb import DEFAULTS as EPLB_DEFAULTS
 from moebench.measure.eplb import check_eplb
 from moebench.measure.offload import check_offload
 from moebench.metrics import is_finite_number
 from moebench.spec import (
     DECODER,
+    EPLB_DEFAULTS,
     SLO_STATS,
     RunSpec,
     ScenarioError,

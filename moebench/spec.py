@@ -66,6 +66,9 @@ class Slo:
         return f"{self.op}_{self.metric}" + ("" if self.stat == "median" else f"_{self.stat}")
 
 
+EPLB_DEFAULTS = {"window": 1000, "interval": 0, "nodes": 1}  # [eplb]: vLLM's window; interval 0 = never re-place
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One run of a scenario: every key resolved, sweeps expanded to single values."""
@@ -83,7 +86,7 @@ class RunSpec:
     serve: dict = field(default_factory=dict)  # [serve]; kind "serve" only
     train: dict = field(default_factory=dict)  # [train]; kind "train" only
     alerts: dict = field(default_factory=dict)  # [alerts]; empty: no series, no alerts (throughput, latency)
-    eplb: dict = field(default_factory=lambda: {"window": 1000, "interval": 0, "nodes": 1})  # [eplb]
+    eplb: dict = field(default_factory=lambda: dict(EPLB_DEFAULTS))  # [eplb]
     record_routing: bool = False  # ranks also return their expert choices (moebench run --record-routing)
     trace_dir: str | None = None  # ranks also write a profiler trace here (moebench run --trace)
 

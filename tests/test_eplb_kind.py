@@ -105,13 +105,17 @@ def test_a_valid_eplb_file_records_its_section_and_a_plain_one_does_not(tmp_path
 # 2. Parent-side formulas
 
 
-def test_recovery_counts_the_slowest_change_back_to_the_threshold():
+def test_recovery_counts_the_slowest_judged_change_back_to_the_threshold():
     # drift every 4: changes at steps 4 and 8; back at 6 (2 steps) and at 8 itself (0)
     balance = [0.95, 0.96, 0.97, 0.95, 0.5, 0.6, 0.92, 0.95, 0.91, 0.95, 0.96, 0.97]
-    assert E.recovery_steps(balance, 4) == 2
-    assert E.recovery_steps([*balance[:4], 0.5, 0.5, 0.5, 0.5, *balance[8:]], 4) is None  # never back before 8
-    assert E.recovery_steps(balance, 0) is None and E.recovery_steps(balance, 12) is None
-    assert E.recovery_steps([0.9] * 8, 4) == 0  # exactly the threshold counts as recovered
+    assert E.recovery_steps(balance, 4, horizon=4) == 2
+    never = [*balance[:4], 0.5, 0.5, 0.5, 0.5, *balance[8:]]
+    assert E.recovery_steps(never, 4, horizon=4) == 4  # not back before the next change: all its 4 steps
+    assert E.recovery_steps(balance, 0, horizon=4) is None and E.recovery_steps(balance, 12, horizon=4) is None
+    assert E.recovery_steps([0.9] * 8, 4, horizon=4) == 0  # exactly the threshold counts as recovered
+    # a change with fewer than horizon steps after it is not judged: here only the change at 4 is
+    assert E.recovery_steps([*balance[:8], 0.1, 0.1, 0.1, 0.1], 4, horizon=5) == 2
+    assert E.recovery_steps(balance, 4, horizon=9) is None  # no change has 9 steps after it
 
 
 def _rank(static_s, eplb_s, static_b, eplb_b, moves) -> dict:
@@ -131,39 +135,43 @@ def _spec(tmp_path, **workload):
 
 
 def test_metrics_from_hand_records(tmp_path):
-    spec = _spec(tmp_path, drift_every=4, steps=8)
+    spec = _spec(tmp_path, drift_every=3, steps=8)  # interval 3 + window 2: a change is judged with 5 steps after
     moves0 = [{"after_step": 2, "time_s": 0.01, "bytes_sent": 100, "exact": True},
               {"after_step": 5, "time_s": 0.03, "bytes_sent": 0, "exact": True}]  # fmt: skip
     moves1 = [{**moves0[0], "bytes_sent": 50}, {**moves0[1], "bytes_sent": 25}]
-    static_b, eplb_b = [0.5, 0.6, 0.7, 0.5, 0.4, 0.5, 0.6, 0.5], [0.5, 0.6, 0.7, 0.95, 0.4, 0.5, 0.93, 0.99]
+    static_b, eplb_b = [0.5, 0.6, 0.7, 0.5, 0.4, 0.5, 0.6, 0.5], [0.5, 0.6, 0.7, 0.4, 0.5, 0.93, 0.95, 0.99]
     per_rank = [
         _rank([2.0] * 8, [1.0] * 7 + [4.0], static_b, eplb_b, moves0),
         _rank([9.0] * 8, [9.0] * 8, static_b, eplb_b, moves1),  # only rank 0's times count (the max already)
     ]
     m = E.eplb_metrics(spec, per_rank)
-    assert m["balancedness"]["median"] == pytest.approx(0.6 + (0.7 - 0.6) / 2)  # median of eplb_b
+    assert m["balancedness"]["median"] == pytest.approx(0.6 + (0.7 - 0.6) / 2)  # median of eplb_b (a planted
+    # "median over steps after the first move only" reads 0.93)
     assert m["balancedness_static"]["median"] == pytest.approx(0.5)
     assert m["eplb_speedup"]["samples"] == [2.0] * 7 + [0.5]
     assert m["rebalance_bytes"]["samples"] == [150, 25]  # summed over ranks, one per move
     assert m["rebalance_time_s"]["samples"] == [0.01, 0.03]
-    assert m["eplb_recovery_steps"]["median"] == 2  # the change at 4 is back at 6
+    assert m["eplb_recovery_steps"]["median"] == 2  # the change at 3 is back at 5; the one at 6 is not judged
     assert [c["pass"] for c in E.eplb_checks(per_rank)] == [True]
     per_rank[1]["eplb"]["eplb"]["moves"][1]["exact"] = False
     (check,) = E.eplb_checks(per_rank)
     assert not check["pass"] and "3 of 4" in check["detail"]
 
 
-def test_a_change_never_recovered_reports_the_drift_period(tmp_path):
-    spec = _spec(tmp_path, drift_every=4, steps=8)
-    per_rank = [_rank([1.0] * 8, [1.0] * 8, [0.5] * 8, [0.95] * 4 + [0.5] * 4, [])]
+def test_a_change_never_recovered_counts_its_steps_and_no_judged_change_reports_nothing(tmp_path):
+    spec = _spec(tmp_path, drift_every=4, steps=10)
+    per_rank = [_rank([1.0] * 10, [1.0] * 10, [0.5] * 10, [0.95] * 4 + [0.5] * 6, [])]
     m = E.eplb_metrics(spec, per_rank)
-    assert m["eplb_recovery_steps"]["median"] == 4
+    assert m["eplb_recovery_steps"]["median"] == 4  # the change at 4 never came back before the one at 8
     assert "rebalance_bytes" not in m and E.eplb_checks(per_rank) == []  # no move: nothing to report or check
+    short = _rank([1.0] * 6, [1.0] * 6, [0.5] * 6, [0.95] * 4 + [0.5] * 2, [])
+    assert "eplb_recovery_steps" not in E.eplb_metrics(_spec(tmp_path, drift_every=4, steps=6), [short])
 
 
-def test_speedup_of_passes_with_different_step_counts_is_one_ratio_of_totals():
-    assert E._speedups([1.0, 2.0, 3.0], [2.0, 2.0]) == [1.5]
-    assert E._speedups([1.0, 3.0], [2.0, 1.0]) == [0.5, 3.0]
+def test_speedup_is_step_by_step_on_the_same_steps_and_one_ratio_of_totals_in_serve():
+    assert E._speedups([1.0, 2.0, 3.0], [2.0, 2.0], same_steps=False) == [1.5]
+    assert E._speedups([1.0, 3.0], [2.0, 1.0], same_steps=True) == [0.5, 3.0]
+    assert E._speedups([1.0, 3.0], [2.0, 1.0], same_steps=False) == [4.0 / 3.0]  # serve's windows: other steps
 
 
 # -------------------------------------------------------------------------------------------
@@ -189,6 +197,12 @@ def test_drift_epoch_zero_is_the_skew_and_a_drifted_router_routes_through_the_pe
 # 4. Real launches
 
 
+def write_doc(tmp_path, doc):
+    from test_scenario import write
+
+    return write(tmp_path, doc)
+
+
 def _run(tmp_path, doc) -> dict:
     from test_scenario import write
 
@@ -212,6 +226,14 @@ def test_a_w2_throughput_run_re_places_exactly_and_balances_better_than_static(t
     assert d["balancedness_static"][:3] == d["balancedness"][:3]  # the same placement until the first move
 
 
+def test_a_w2_run_with_sequence_routing_re_places_and_probes_whole_sequences(tmp_path):
+    doc = doc_with(EPLB_RUN, routing={"granularity": "sequence"}, workload={"seq_len": 32, "steps": 7})
+    run = _run(tmp_path, doc)
+    (check,) = [c for c in run["checks"] if c["name"] == "rebalance_exact"]
+    assert check["pass"] and "across 2 moves" in check["detail"]  # the probe took 32 rows: one whole sequence
+    assert E.probe_rows(load(write_doc(tmp_path, doc)).runs[0], 32) == 32
+
+
 def test_a_w2_train_run_with_spare_slots_converges_like_one_device(tmp_path):
     doc = doc_with(
         TRAIN,
@@ -224,8 +246,9 @@ def test_a_w2_train_run_with_spare_slots_converges_like_one_device(tmp_path):
     checks = {c["name"]: c for c in run["checks"]}
     for name in ("converges_like_baseline", "memory_model", "rebalance_exact"):
         assert checks[name]["pass"], checks[name]["detail"]
-    assert len(run["details"]["eplb"]["moves"]) == 2
-    assert math.isfinite(run["metrics"]["eplb_speedup"]["median"])
+    moves = run["details"]["eplb"]["moves"]
+    assert [m["after_step"] for m in moves] == [2, 5]  # before steps 3 and 6; never after the last (7)
+    assert run["metrics"]["eplb_speedup"]["n"] == 8 and math.isfinite(run["metrics"]["eplb_speedup"]["median"])
 
 
 @pytest.mark.slow
@@ -242,4 +265,6 @@ def test_a_w2_serve_run_with_drift_re_places_and_serves_every_request(tmp_path):
     checks = {c["name"]: c for c in run["checks"]}
     for name in ("every_request_served", "rebalance_exact"):
         assert checks[name]["pass"], checks[name]["detail"]
-    assert run["details"]["eplb"]["moves"] and "eplb_recovery_steps" in run["metrics"]
+    d = run["details"]["eplb"]
+    assert d["moves"] and max(m["after_step"] for m in d["moves"]) < len(d["balancedness"]) - 1  # none after the last
+    assert run["metrics"]["eplb_speedup"]["n"] == 1  # serve: one ratio of the windows' forward times

@@ -208,19 +208,29 @@ def _replace_on_one_nccl_rank(ctx) -> dict:
     from runtime.layer import MoELayer
     from runtime.weights import init_weights
 
-    moe = _moe(top_k=2)
-    layer = MoELayer(moe, ParallelConfig(), ctx.group, ctx.device, "all_to_all", placement=static_placement(8, 1, 4))
-    layer.load_global_weights(init_weights(moe, seed=3))
+    moe, weights = _moe(top_k=2), init_weights(_moe(top_k=2), seed=3)
+    static = static_placement(8, 1, 4)
+    layer = MoELayer(moe, ParallelConfig(), ctx.group, ctx.device, "all_to_all", placement=static)
+    layer.load_global_weights(weights)
     layer.set_schedule(expert_backend="rowwise")
     x = torch.randn(32, 64, device=ctx.device)
     with torch.no_grad():
         before = layer(x)
-        sent = layer.set_placement(rebalance([float(v) for v in before.counts_WE.sum(0)], 1, 4))
+        loads = [float(v) for v in before.counts_WE.sum(0)]
+        new = rebalance(loads, 1, 4)
+        sent = layer.set_placement(new)
         after = layer(x)
-    return {"equal": torch.equal(before.out_TD, after.out_TD), "sent": sent, "copies": layer.replicas.logical_of_P}
+    slots_hold_their_experts = all(
+        torch.equal(layer.experts.w_in_LDH[l].cpu(), weights.w_in_EDH[e])
+        and torch.equal(layer.experts.w_down_LFD[l].cpu(), weights.w_down_EFD[e])
+        for l, e in enumerate(layer.experts.experts_L)
+    )
+    return {"equal": torch.equal(before.out_TD, after.out_TD), "sent": sent, "moved": new != static,
+            "slots": slots_hold_their_experts, "copies": layer.replicas.logical_of_P == new.logical_of_P}  # fmt: skip
 
 
 def test_a_re_placement_over_a_one_rank_nccl_group_keeps_the_outputs_bitwise():
     (rank,) = launch(_replace_on_one_nccl_rank, 1, device="cuda", backend="nccl")
+    assert rank["moved"] and rank["copies"]  # the load changed the placement, and the layer took it
+    assert rank["slots"]  # every slot holds its logical expert's global weights, bit for bit
     assert rank["equal"] and rank["sent"] == 0  # one rank: every slot is a local copy
-    assert len(rank["copies"]) == 12 and len(set(rank["copies"])) == 8

@@ -63,13 +63,15 @@ def _agree(busy: bool, left: bool, group, device) -> tuple[bool, bool]:
 
 
 def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, clock, sleep=time.sleep,
-          after_step=None) -> list[dict]:  # fmt: skip
+          rebalancer=None) -> list[dict]:  # fmt: skip
     """Serve ``pending`` (this rank's requests, in arrival order; ``arrival_s`` on ``clock``) until
     every rank of ``group`` is done; ``arrivals``: every rank's arrival times. Returns one record per
     step this rank ran: its loop iteration's time (releasing arrivals, the group's agreement and the
     step), the step's (scheduling, inputs, forward, bookkeeping), the forward's, and the tokens.
-    ``clock`` and ``sleep`` are the wall clock's (tests drive a fake one). ``after_step``: called with each
-    step's ``StepStats`` after it (EPLB's recording and re-placement, inside the window: a deployment pays it)."""
+    ``clock`` and ``sleep`` are the wall clock's (tests drive a fake one). ``rebalancer``: EPLB's
+    (``moebench.measure.eplb.Rebalancer``): a due move before each step, the step's loads recorded after it;
+    inside the window (a deployment pays for its moves). Every rank of the group steps together, so every
+    rank makes the same moves."""
     pending, upcoming, steps = list(pending), sorted(arrivals), []
     while True:
         start = clock()
@@ -83,9 +85,11 @@ def drive(engine: Engine, pending: list[Request], arrivals: list[float], group, 
             if upcoming:
                 sleep(max(upcoming[0] - clock(), 0.0))
             continue
+        if rebalancer is not None:
+            rebalancer.before_step()
         s = engine.step()
-        if after_step is not None:
-            after_step(s)
+        if rebalancer is not None:
+            rebalancer.hook(s)
         steps.append({"iteration_s": s.end_s - start, "step_s": s.end_s - s.start_s, "forward_s": s.forward_s,
                       "tokens": s.tokens, "decode_tokens": s.decode_tokens})  # fmt: skip
 
@@ -152,9 +156,9 @@ def _idle_ttft(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, 
             "idle_prompt_len": draw.input_len}  # fmt: skip
 
 
-def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep, batching: str, after_step=None):
+def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep, batching: str, rebalancer=None):
     """Serve this rank's requests on the wall clock from a common start; (engine, steps, seconds). The
-    engine (its KV cache) and the prompts are made before the window starts. ``after_step``: ``drive``'s."""
+    engine (its KV cache) and the prompts are made before the window starts. ``rebalancer``: ``drive``'s."""
     mine = _requests(draws, spec, ctx.rank, ctx.device)
     t0 = [0.0]
 
@@ -166,7 +170,7 @@ def _window(ctx, spec: RunSpec, model: MoEDecoder, draws: list[Draw], world, ep,
     if world is not None:
         dist.barrier(world)  # sync: every rank's window starts together
     t0[0] = time.perf_counter()
-    steps = drive(engine, mine, arrivals, ep, clock, after_step=after_step)
+    steps = drive(engine, mine, arrivals, ep, clock, rebalancer=rebalancer)
     return engine, steps, clock()
 
 
@@ -190,15 +194,18 @@ def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
     model = build_decoder(ctx, spec)
     _warm_up(ctx, spec, model, draws, ep)
     progress(ctx, f"serving {len(draws)} requests", draws[-1].arrival_s)
-    static = eplb = None
+    static = eplb = moving = None
     if spec.eplb["interval"]:  # the same requests under the static placement first, for eplb_speedup
         static = serve_rebalancer(ctx, spec, model, ep, eplb=False)
-        _, static_steps, _ = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"], static.hook)
+        _, static_steps, _ = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"], static)
         static = static.record([s["forward_s"] for s in static_steps])
         eplb = serve_rebalancer(ctx, spec, model, ep, eplb=True)
+        eplb.rehearse()  # the first timed move pays no one-time costs
     with sampler(ctx, interval) as s:
-        engine, steps, window_s = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"],
-                                          eplb.hook if eplb else None)  # fmt: skip
+        engine, steps, window_s = _window(ctx, spec, model, draws, world, ep, spec.serve["batching"], eplb)
+    if eplb is not None:
+        moving = eplb.record([s["forward_s"] for s in steps])
+        eplb.reset()  # the idle and batching rounds below run on the static placement and epoch 0's routers
     finite = all(bool(torch.isfinite(torch.as_tensor(r.last, dtype=torch.float32)).all()) for r in engine.finished)
     records, cache_bytes = [_record(r, ctx.rank) for r in engine.finished], engine.cache.nbytes
     del engine  # its KV cache, before the next engine's
@@ -212,5 +219,5 @@ def measure_serve(ctx, spec: RunSpec, interval: float | None) -> dict:
         "telemetry": s.summary(),
         **_idle_ttft(ctx, spec, model, draws, world, ep),
         "batching_rounds": _batching_rounds(ctx, spec, model, draws, world, ep),
-        **({"eplb": {"static": static, "eplb": eplb.record([s["forward_s"] for s in steps])}} if eplb else {}),
+        **({"eplb": {"static": static, "eplb": moving}} if eplb else {}),
     }

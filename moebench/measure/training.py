@@ -111,11 +111,14 @@ def student(ctx, spec: RunSpec, recompute: str, group) -> MoEDecoder:
 
 
 def _curve(trainer: Trainer, data, batch: Batch, global_tokens: int, device, rebalancer=None) -> list[dict]:
-    """One optimizer step per batch of ``data``; with a ``Rebalancer``, its recording and re-placement after
-    each step (outside the step's time; the optimizer's state moves with the experts)."""
+    """One optimizer step per batch of ``data``; with a ``Rebalancer``, a due re-placement before a step and
+    the step's loads recorded after it (both outside the step's time; the optimizer's state moves with the
+    experts)."""
     curve = []
     for step, (x, y) in enumerate(data):
         x, y = x.to(device), y.to(device)
+        if rebalancer is not None:
+            rebalancer.before_step(optimizer=trainer.optimizer)
         _sync(device)
         start = time.perf_counter()
         rec = trainer.step(x, batch, y, global_tokens)
@@ -124,8 +127,7 @@ def _curve(trainer: Trainer, data, batch: Batch, global_tokens: int, device, reb
                       "grad_norm": rec.grad_norm, "step_time_s": time.perf_counter() - start,
                       "tokens_dropped": rec.tokens_dropped})  # fmt: skip
         if rebalancer is not None:
-            last = step + 1 == len(data)
-            rebalancer.after_step(rec.loads_LE, rec.received_LW, optimizer=trainer.optimizer, last=last)
+            rebalancer.after_step(rec.loads_LE, rec.received_LW)
     return curve
 
 
@@ -249,12 +251,13 @@ def measure_train(ctx, spec: RunSpec, interval: float | None) -> dict:
     if spec.model["recompute"] != "none":
         out["recompute"] = _recompute_rounds(ctx, spec, trainer, group, x0, y0, batch, G)
     steps = spec.train["steps"]
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
     rebalancer = static = None
     if spec.eplb["interval"]:  # the same steps from the same start under the static placement, for eplb_speedup
-        static = _static_pass(ctx, spec, group, data, batch, G)
+        static = _static_pass(ctx, spec, group, data, batch, G)  # its student is freed when it returns
         rebalancer = Rebalancer(ctx, spec, model.moe_layers, group, eplb=True)
+        rebalancer.rehearse()  # the first timed move pays no one-time costs (no optimizer state yet to move)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)  # after the static pass: this student's peak only
     progress(ctx, f"training {steps} steps", 0.0)
     with sampler(ctx, interval) as s:
         curve = _curve(trainer, data, batch, G, ctx.device, rebalancer)

@@ -11,6 +11,7 @@ evaluation follows.
 from __future__ import annotations
 
 import json
+import math
 
 from moebench.measure.alerts import ALERTS, DEFAULTS
 from moebench.metrics import is_finite_number
@@ -23,16 +24,19 @@ AGGREGATE = {"expert_overload": "max without (layer, expert) ({metric})"}
 
 
 def duration(seconds: float) -> str:
-    """A Prometheus duration: whole seconds as "30s", else whole milliseconds ("1ms", Prometheus's finest);
-    a duration under 1 ms rounds to the nearest millisecond."""
+    """A Prometheus duration: whole seconds as "30s", else whole milliseconds ("1ms", Prometheus's finest),
+    rounded up: the exported rule never fires sooner than the run's own evaluation (0 stays "0s")."""
     if float(seconds).is_integer():
         return f"{int(seconds)}s"
-    return f"{round(seconds * 1000)}ms"
+    return f"{math.ceil(seconds * 1000)}ms"
 
 
 def number(value: float) -> str:
     """A PromQL number literal that reads back as ``value`` (Python's shortest round-trip form)."""
     return repr(float(value))
+
+
+POSITIVE = ("expert_overload", "memory_used", "comm_delay_s", "capacity_factor")  # as moebench/scenario.py
 
 
 def thresholds_of_result(doc: dict, path: str) -> dict:
@@ -43,9 +47,10 @@ def thresholds_of_result(doc: dict, path: str) -> dict:
     for key, value in table.items():
         if key not in DEFAULTS:
             raise ValueError(f"{path}: scenario.alerts.{clip(key)} is not a known key: accepted {', '.join(DEFAULTS)}")
-        if not (is_finite_number(value) and value >= 0):
-            shown = clip(json.dumps(value))
-            raise ValueError(f"{path}: scenario.alerts.{key} = {shown} is invalid: accepted a finite number >= 0")
+        positive = key in POSITIVE  # the thresholds the schema takes > 0; the sustains and the throughput >= 0
+        if not (is_finite_number(value) and (value > 0 if positive else value >= 0)):
+            shown, bound = clip(json.dumps(value)), "> 0" if positive else ">= 0"
+            raise ValueError(f"{path}: scenario.alerts.{key} = {shown} is invalid: accepted a finite number {bound}")
     return DEFAULTS | table
 
 
