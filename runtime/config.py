@@ -16,6 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PLACEMENTS = ("round_robin", "contiguous", "load_balanced", "custom")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "bmm", "loop")
 GRANULARITIES = ("token", "sequence")  # what the router routes on: each token, or its sequence's mean
+SCORINGS = ("softmax", "sigmoid")  # expert scores from logits: softmax over experts, or each expert's sigmoid
 
 
 def _fail(cls: str, name: str, value: object, accepted: str) -> None:
@@ -55,6 +56,13 @@ class MoEConfig:
     expert_backend: str = "auto"  # grouped expert GEMM: "grouped_mm", "bmm" (padded), "loop", "auto"
     granularity: str = "token"  # "sequence": every token of a sequence goes where its mean hidden state is routed
     seq_len: int | None = None  # "sequence": rows per sequence when a forward names none; None = one sequence
+    # Routers real models use (runtime/router.py): all at their defaults, the plain top-k softmax router.
+    scoring: str = "softmax"  # "sigmoid": scores = sigmoid(logits) (DeepSeek-V3)
+    topk_before_softmax: bool = False  # Mixtral's order: top-k on the logits, softmax over the chosen K
+    group_limited: tuple[int, int] | None = None  # (n_groups, top_groups): DeepSeek-V3's group-limited choice
+    score_bias: float = 0.0  # > 0: a per-expert bias (MoEWeights.score_bias_E, drawn by init_weights as
+    #   score_bias · N(0, 1)) moves the choice, not the weights (DeepSeek-V3's aux-loss-free balancing)
+    routed_scaling: float = 1.0  # a factor on the routed output (DeepSeek-V3's routed_scaling_factor)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -74,6 +82,48 @@ class MoEConfig:
             _positive_int(name, "seq_len", self.seq_len)
             if self.granularity != "sequence":
                 _fail(name, "seq_len", self.seq_len, "None with granularity 'token' (it cuts sequences to route on)")
+        self._check_gating(name)
+
+    def _check_gating(self, name: str) -> None:
+        """The router variants' fields, each alone and together."""
+        _one_of(name, "scoring", self.scoring, SCORINGS)
+        if not isinstance(self.topk_before_softmax, bool):
+            _fail(name, "topk_before_softmax", self.topk_before_softmax, "true or false")
+        _non_negative_number(name, "score_bias", self.score_bias)
+        scaling = self.routed_scaling
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
+            _fail(name, "routed_scaling", scaling, "a finite number > 0")
+        if self.group_limited is not None:
+            groups = self.group_limited
+            if not (isinstance(groups, (tuple, list)) and len(groups) == 2) or any(
+                isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in groups
+            ):
+                _fail(name, "group_limited", groups, "[n_groups, top_groups], two integers >= 1")
+            n_groups, top_groups = groups
+            e, k = self.num_experts, self.top_k
+            if e % n_groups or e // n_groups < 2:
+                _fail(name, "group_limited", groups, f"n_groups dividing num_experts ({e}) into groups of >= 2 experts")
+            if top_groups > n_groups or top_groups * (e // n_groups) < k:
+                _fail(name, "group_limited", groups, f"top_groups <= n_groups holding >= top_k ({k}) experts")
+            object.__setattr__(self, "group_limited", (n_groups, top_groups))
+        if self.topk_before_softmax and (self.scoring != "softmax" or self.group_limited or self.score_bias > 0):
+            _fail(
+                name,
+                "topk_before_softmax",
+                True,
+                "true only with scoring 'softmax', no group_limited and no score_bias (Mixtral's router)",
+            )
+
+    @property
+    def plain_routing(self) -> bool:
+        """The top-k softmax router: no variant of runtime/router.py's ``gate`` is on."""
+        return (
+            self.scoring == "softmax"
+            and not self.topk_before_softmax
+            and self.group_limited is None
+            and self.score_bias == 0
+            and self.routed_scaling == 1
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:

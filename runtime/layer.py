@@ -208,7 +208,7 @@ class MoELayer(nn.Module):
         self.rank = self.dispatcher.rank
         self.local_experts = self.dispatcher.local_experts  # physical ids
         # 3. the experts: resident, replicated or offloaded (the ``Experts`` protocol)
-        router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk)
+        router = Router(moe.hidden_size, moe.num_experts, moe.top_k, moe.normalize_topk, moe)
         self.router = router if wrap_router is None else wrap_router(router)
         shape = (moe.hidden_size, moe.ffn_hidden_size, moe.activation, moe.torch_dtype, moe.expert_backend)
         if redundancy is not None or placement is not None:
@@ -330,6 +330,9 @@ class MoELayer(nn.Module):
         self.router.bias_E.zero_()
         if weights.router_bias_E is not None:
             self.router.bias_E.copy_(weights.router_bias_E)
+        if self.moe.score_bias > 0:  # the choice bias (runtime/router.py ``gate``); None = zero
+            bias_E = weights.score_bias_E
+            self.router.score_bias_E.copy_(torch.zeros(self.moe.num_experts) if bias_E is None else bias_E)
 
     def set_alive(self, alive_P, on_loss: str | None = None) -> None:
         """Which physical experts still serve (the same on every rank of the group), and what becomes
@@ -451,6 +454,8 @@ class MoELayer(nn.Module):
             available_E = reps.available_E()
             lost = (~available_E.to(x_TD.device)[routing.ids_TK]).any(dim=1).sum()  # tokens that lost a choice
             if self.on_loss == "reroute":
+                if not moe.plain_routing:  # reroute re-picks by softmax probabilities: the plain router's rule
+                    raise ValueError("on_loss = 'reroute' with a router variant is refused: accepted on_loss 'drop'")
                 weights_TK, ids_TK = reroute(routing.probs_TE, routing.ids_TK, moe.normalize_topk, available_E)
                 routing = RouterOutput(routing.logits_TE, routing.probs_TE, weights_TK, ids_TK)
         ids_TK = routing.ids_TK

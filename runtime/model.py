@@ -9,7 +9,8 @@ Block l:  h = x + attn(rmsnorm(x));  x' = h + ffn(rmsnorm(h))
   attn    GQA: H query heads share G KV heads (H/G each), RoPE (rotate-half, as Llama and Qwen),
           ``F.scaled_dot_product_attention`` causal over the sequence's context
   ffn     the routed experts (``MoELayer``), plus ``shared_experts`` × F of dense FFN applied to every
-          token (as DeepSeek-MoE and Qwen-MoE); a dense FFN of width top_k·F in the first
+          token (as DeepSeek-MoE and Qwen-MoE), its output × sigmoid(x · w_gate) per token with
+          ``shared_expert_gate`` (Qwen2-MoE's gate); a dense FFN of width top_k·F in the first
           ``dense_layers`` blocks (the MoE block's active FLOPs, no routing)
 Output: rmsnorm(x) of the last block ("hidden"); with ``vocab`` > 0 an embedding feeds the first block and
 ``logits`` is the LM head over the output (untied).
@@ -75,6 +76,7 @@ class DecoderConfig:
     head_dim: int = 0  # Dh; 0: hidden // attention_heads
     dense_layers: int = 0  # the first blocks with a dense FFN instead of the experts
     shared_experts: int = 0  # n: a dense FFN of width n·F beside the routed experts in MoE blocks
+    shared_expert_gate: bool = False  # the shared output × sigmoid(x · w_gate_D) per token (Qwen2-MoE)
     vocab: int = 0  # 0: inputs and outputs are hidden states; > 0: embedding, LM head, greedy tokens
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
@@ -99,6 +101,10 @@ class DecoderConfig:
                 _fail(name, field, value, "an integer >= 0")
         if self.dense_layers > self.layers:
             _fail(name, "dense_layers", self.dense_layers, f"at most layers ({self.layers})")
+        if not isinstance(self.shared_expert_gate, bool):
+            _fail(name, "shared_expert_gate", self.shared_expert_gate, "true or false")
+        if self.shared_expert_gate and not self.shared_experts:
+            _fail(name, "shared_expert_gate", True, "true only with shared_experts >= 1 (it gates their output)")
 
     @property
     def hidden(self) -> int:
@@ -135,6 +141,7 @@ class BlockWeights:
     moe: MoEWeights | None  # the routed experts; None in a dense block
     dense: FFNWeights | None  # the dense FFN of a dense block (width top_k·F); None in an MoE block
     shared: FFNWeights | None  # the shared experts of an MoE block (width n·F); None without
+    shared_gate_D: torch.Tensor | None = None  # shared_expert_gate: the gate's weights; None without
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,8 @@ def decoder_weights(cfg: DecoderConfig, seed: int = 0, moe: list[MoEWeights] | N
             i = moe_blocks.index(l)
             routed = moe[i] if moe is not None else init_weights(cfg.moe, seed * 1000 + 17 + l)
             shared = _ffn_weights(gen, d, cfg.shared_experts * f, act) if cfg.shared_experts else None
-            blocks.append(BlockWeights(*attn, wo, ffn_norm, routed, None, shared))
+            gate = torch.randn(d, generator=gen) / d**0.5 if cfg.shared_expert_gate else None
+            blocks.append(BlockWeights(*attn, wo, ffn_norm, routed, None, shared, gate))
         else:
             blocks.append(BlockWeights(*attn, wo, ffn_norm, None, _ffn_weights(gen, d, cfg.moe.top_k * f, act), None))
     final = norm()
@@ -358,13 +366,15 @@ class Block(nn.Module):
         self.attn_norm_D = nn.Parameter(w.attn_norm_D.to(device).clone())
         self.ffn_norm_D = nn.Parameter(w.ffn_norm_D.to(device).clone())
         self.attn = Attention(cfg, w, device)
-        self.moe = self.dense = self.shared = None
+        self.moe = self.dense = self.shared = self.shared_gate_D = None
         if w.moe is not None:
             ep_group = group if par.ep_size > 1 else None
             self.moe = MoELayer(cfg.moe, par, group=ep_group, device=device, recompute_experts=recompute != "none",
                                 balance_group=balance_group, placement=placement)  # fmt: skip
             self.moe.load_global_weights(w.moe)
             self.shared = None if w.shared is None else DenseFFN(w.shared, act, dtype, device)
+            if cfg.shared_expert_gate:
+                self.shared_gate_D = nn.Parameter(w.shared_gate_D.to(device, torch.float32).clone())
         else:
             self.dense = DenseFFN(w.dense, act, dtype, device)
 
@@ -391,7 +401,10 @@ class Block(nn.Module):
             self._keep_choices(batch, cache, layer, routed.sequence_routing)
         y_TD = routed.out_TD.to(h_TD.dtype)
         if self.shared is not None:
-            y_TD = y_TD + run(self.shared, n_TD)
+            shared_TD = run(self.shared, n_TD)
+            if self.shared_gate_D is not None:  # Qwen2-MoE: a per-token sigmoid gate, computed in fp32
+                shared_TD = shared_TD * torch.sigmoid(n_TD.float() @ self.shared_gate_D)[:, None].to(shared_TD.dtype)
+            y_TD = y_TD + shared_TD
         return h_TD + y_TD, routed
 
     @staticmethod

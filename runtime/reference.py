@@ -10,6 +10,12 @@ Policy, identical to ``runtime/router.py``: capacity C = ceil(cf · N · K / E) 
 given; copies are served in token order and the first C per expert are kept; a dropped copy
 contributes nothing and the other copies keep their weights; top-k ties go to the lower id.
 
+Router variants (scoring, topk_before_softmax, group_limited, score_bias, routed_scaling: MoEConfig), written
+from their definitions in ``_choose`` over Python lists of fp64 values (the rule in ``runtime/router.py``'s
+docstring): sigmoid scores, normalised for the losses; Mixtral's top-k on the logits then a softmax over
+them; groups scored by their two best choice scores; a bias on the choice score only; the weights × the
+routed scaling. Ties go to the lower group and the lower expert, as everywhere.
+
 Sequence routing (``cfg.granularity = "sequence"``), written from its definition: each sequence's
 mean hidden state is routed once, every token of the sequence goes to those experts with those
 weights, and the sequence's router row enters the losses once per token (``runtime/router.py``).
@@ -91,6 +97,42 @@ def _spans(n: int, cfg: MoEConfig, lengths: list[int] | None) -> list[tuple[int,
     return list(zip(starts, lengths, strict=True))
 
 
+def _softmax(v: torch.Tensor) -> torch.Tensor:
+    shifted = v - v.max()
+    return torch.exp(shifted) / torch.exp(shifted).sum()
+
+
+def _choose(logits: torch.Tensor, cfg: MoEConfig, score_bias: list[float]) -> tuple[torch.Tensor, list[int], list]:
+    """One unit's routing from its logits [E]: the losses' row (probabilities), the K chosen experts in
+    descending choice score (ties to the lower id), and their combine weights (differentiable)."""
+    e_count, k = cfg.num_experts, cfg.top_k
+    if cfg.topk_before_softmax:  # Mixtral: the K largest logits, a softmax over those K only
+        values = logits.detach().tolist()
+        chosen = sorted(range(e_count), key=lambda e: (-values[e], e))[:k]
+        gate = list(_softmax(torch.stack([logits[e] for e in chosen])))
+        return _softmax(logits), chosen, [g * cfg.routed_scaling for g in gate]
+    if cfg.scoring == "sigmoid":
+        scores = 1.0 / (1.0 + torch.exp(-logits))
+        probs = scores / scores.sum()
+    else:
+        scores = probs = _softmax(logits)
+    values = [s + b for s, b in zip(scores.detach().tolist(), score_bias, strict=True)]  # the choice score
+    candidates = list(range(e_count))
+    if cfg.group_limited is not None:
+        n_groups, top_groups = cfg.group_limited
+        size = e_count // n_groups
+        members = [list(range(g * size, (g + 1) * size)) for g in range(n_groups)]
+        group_score = [sum(sorted((values[e] for e in m), reverse=True)[:2]) for m in members]
+        kept = sorted(range(n_groups), key=lambda g: (-group_score[g], g))[:top_groups]
+        candidates = sorted(e for g in kept for e in members[g])
+    chosen = sorted(candidates, key=lambda e: (-values[e], e))[:k]
+    gate = [scores[e] for e in chosen]  # the unbiased scores
+    if cfg.normalize_topk:
+        total = sum(gate)
+        gate = [g / total for g in gate]
+    return probs, chosen, [g * cfg.routed_scaling for g in gate]
+
+
 def reference_moe(
     x_ND: torch.Tensor,
     weights: MoEWeights,
@@ -105,6 +147,8 @@ def reference_moe(
     x = x_ND.double()
     router = weights.router_ED.double()
     bias = x.new_zeros(cfg.num_experts) if weights.router_bias_E is None else weights.router_bias_E.double()
+    no_bias = cfg.score_bias == 0 or weights.score_bias_E is None
+    score_bias = [0.0] * cfg.num_experts if no_bias else weights.score_bias_E.double().tolist()
     w_in, w_down = weights.w_in_EDH.double(), weights.w_down_EFD.double()
     n, e_count, k = x.shape[0], cfg.num_experts, cfg.top_k
     capacity = None if cfg.capacity_factor == 0 else math.ceil(cfg.capacity_factor * n * k / e_count)
@@ -118,15 +162,9 @@ def reference_moe(
         seen = x[start : start + seen_len].sum(dim=0) / seen_len  # what the router sees: the token, or the mean
         logits = router @ seen + bias
         shifted = logits - logits.max()
-        probs = torch.exp(shifted) / torch.exp(shifted).sum()
+        probs, chosen, gate = _choose(logits, cfg, score_bias)
         prob_sum = prob_sum + length * probs  # the unit's row counts once per token
         z_sum = z_sum + length * (logits.max() + torch.log(torch.exp(shifted).sum())) ** 2
-        values = probs.detach().tolist()
-        chosen = sorted(range(e_count), key=lambda e: (-values[e], e))[:k]
-        gate = [probs[e] for e in chosen]
-        if cfg.normalize_topk:
-            total = sum(gate)
-            gate = [g / total for g in gate]
         for t in range(start, start + length):
             out = x.new_zeros(x.shape[1])
             for e, g in zip(chosen, gate, strict=True):
@@ -205,7 +243,8 @@ def reference_decoder(
     after the final RMSNorm (what ``MoEDecoder.full`` returns). ``inputs``: hidden states [N, D]
     (vocab 0) or token ids [N] (vocab > 0). Block l: h = x + attn(norm(x)); x' = h + ffn(norm(h)),
     the FFN dense in the first ``dense_layers`` blocks, else the routed experts (dropless, whatever
-    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any. With sequence
+    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any (gated
+with ``shared_expert_gate``). With sequence
     routing the whole input is one sequence, routed on the mean of its first ``prompt_len`` positions
     (None: all; a served request's rule: its prompt's)."""
     x_ND = weights.embed_VD.double()[inputs.cpu().long()] if cfg.vocab else inputs.cpu().double()
@@ -219,7 +258,10 @@ def reference_decoder(
         else:
             y_ND = reference_moe(n_ND, w.moe, dropless, prompt_len=prompt_len).out_ND
             if w.shared is not None:
-                y_ND = y_ND + _dense_ffn(n_ND, w.shared, act)
+                shared_ND = _dense_ffn(n_ND, w.shared, act)
+                if cfg.shared_expert_gate:  # Qwen2-MoE: × sigmoid(x · w_gate) per position
+                    shared_ND = shared_ND / (1.0 + torch.exp(-(n_ND @ w.shared_gate_D.double())))[:, None]
+                y_ND = y_ND + shared_ND
         x_ND = h_ND + y_ND
     return _rms_norm(x_ND, weights.final_norm_D, eps)
 

@@ -1,4 +1,5 @@
-"""Top-k softmax router: gating, capacity, token dropping and the auxiliary losses.
+"""Top-k router: gating (softmax and the variants real models use), capacity, token dropping and the
+auxiliary losses.
 
 Shape legend: T = tokens on this rank, N = tokens over the whole EP group, E = experts,
 K = top_k, W = EP group size, D = hidden size, B = sequences on this rank.
@@ -22,6 +23,21 @@ Sequence routing (``MoEConfig.granularity = "sequence"``; ``route_sequences``)
   sequence's row counts once per token: aux = E · Σ_e f_e · P_e with f_e the token copies to e over
   N·K and P_e = Σ_b (L_b / N) p_{b,e}; z = Σ_b (L_b / N) lse_b². With sequences of one length (every
   kind but serve, whose prompts vary) that is exactly the loss over one row per sequence.
+
+Router variants (``gate``; MoEConfig fields, each in ``runtime/reference.py`` written again)
+  scoring "sigmoid"      scores s = sigmoid(logits) (DeepSeek-V3), not softmax(logits). The losses' row
+                         p = s / Σ_e s_e, the normalised scores of DeepSeek-V3's sequence-wise balance loss;
+                         the z-loss stays logsumexp(logits)².
+  topk_before_softmax    Mixtral's order: the top-k of the logits, weights = softmax over those K logits
+                         (they sum to 1 whatever normalize_topk), equal to softmax-then-top-k renormalised.
+  group_limited (G, M)   DeepSeek-V3: the E experts in G contiguous groups of E/G; a group's score is the sum of
+                         its two best choice scores; a token keeps its M best groups and takes its top-k among
+                         their experts (ties: the lower group, then the lower expert).
+  score_bias             DeepSeek-V3's aux-loss-free balancing: choice score = s + b_E (b: the router's
+                         ``score_bias_E``), used for the groups and the top-k; the weights use s, unbiased.
+  routed_scaling         every chosen weight × the factor, after any renormalisation (DeepSeek-V3's
+                         routed_scaling_factor), so the routed output is scaled by it.
+  The K ids are listed in descending choice score (ties to the lower id); the weights follow their ids.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.config import MoEConfig
 from runtime.permute import to_device
 
 
@@ -51,6 +68,48 @@ def route(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.T
     if normalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return probs_TE, weights_TK, ids_TK
+
+
+def gate(
+    logits_TE: torch.Tensor, moe: MoEConfig, score_bias_E: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """``route`` with the router variants of ``moe`` (module docstring): ``probs_TE`` (the losses' row),
+    ``weights_TK`` and ``ids_TK``. The plain config goes through ``route`` itself."""
+    k = moe.top_k
+    logits_TE = logits_TE.float()
+    if moe.plain_routing:
+        return route(logits_TE, k, moe.normalize_topk)
+    if moe.topk_before_softmax:
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        sorted_TE, order_TE = torch.sort(logits_TE, dim=-1, descending=True, stable=True)
+        weights_TK, ids_TK = torch.softmax(sorted_TE[:, :k], dim=-1), order_TE[:, :k]
+    else:
+        if moe.scoring == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        else:
+            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+        choice_TE = scores_TE if score_bias_E is None else scores_TE + score_bias_E
+        if moe.group_limited is not None:
+            choice_TE = _best_groups(choice_TE, *moe.group_limited)
+        ids_TK = torch.sort(choice_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if moe.normalize_topk:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    if moe.routed_scaling != 1:
+        weights_TK = weights_TK * moe.routed_scaling
+    return probs_TE, weights_TK, ids_TK
+
+
+def _best_groups(choice_TE: torch.Tensor, n_groups: int, top_groups: int) -> torch.Tensor:
+    """The choice scores with every expert outside the token's ``top_groups`` best groups at −inf; a
+    group's score is the sum of its two best choice scores (stable: ties to the lower group)."""
+    t, e = choice_TE.shape
+    size = e // n_groups
+    best2_TG = torch.topk(choice_TE.view(t, n_groups, size), 2, dim=-1).values.sum(dim=-1)  # values only: no ties
+    kept_TM = torch.sort(best2_TG, dim=-1, descending=True, stable=True).indices[:, :top_groups]
+    kept_TG = torch.zeros_like(best2_TG, dtype=torch.bool).scatter_(1, kept_TM, True)
+    return choice_TE.masked_fill(~kept_TG.repeat_interleave(size, dim=1), float("-inf"))
 
 
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
@@ -106,7 +165,7 @@ def router_z_loss(logits_TE: torch.Tensor, num_tokens: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class RouterOutput:
     logits_TE: torch.Tensor  # fp32 router logits
-    probs_TE: torch.Tensor  # fp32 softmax over experts
+    probs_TE: torch.Tensor  # fp32 softmax over experts (sigmoid scoring: the scores over their sum)
     weights_TK: torch.Tensor  # combine weight of each chosen expert (before dropping)
     ids_TK: torch.Tensor  # chosen expert ids, distinct per token
 
@@ -192,16 +251,26 @@ class Router(nn.Module):
     """A linear gate ``logits = x · W_gateᵀ + b`` in fp32, replicated on every rank.
 
     ``bias_E`` is a fixed (untrained) logit offset, zero by default; a benchmark sets it to give
-    routing a chosen skew while the whole router still runs.
+    routing a chosen skew while the whole router still runs. ``moe`` (optional) turns on the router
+    variants (``gate``); with ``moe.score_bias`` the router holds the choice bias ``score_bias_E``
+    (a buffer, zero until loaded from global weights).
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool, moe: MoEConfig | None = None):
         super().__init__()
         self.top_k, self.normalize = top_k, normalize
+        if moe is not None and (moe.num_experts, moe.top_k, moe.normalize_topk) != (num_experts, top_k, normalize):
+            raise ValueError("Router: moe's num_experts, top_k and normalize_topk must match the arguments")
+        self.moe = None if moe is None or moe.plain_routing else moe
         self.weight_ED = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         self.register_buffer("bias_E", torch.zeros(num_experts, dtype=torch.float32))
+        if self.moe is not None and self.moe.score_bias > 0:
+            self.register_buffer("score_bias_E", torch.zeros(num_experts, dtype=torch.float32))
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = F.linear(x_TD.float(), self.weight_ED, self.bias_E)
-        probs_TE, weights_TK, ids_TK = route(logits_TE, self.top_k, self.normalize)
+        if self.moe is None:
+            probs_TE, weights_TK, ids_TK = route(logits_TE, self.top_k, self.normalize)
+        else:
+            probs_TE, weights_TK, ids_TK = gate(logits_TE, self.moe, getattr(self, "score_bias_E", None))
         return RouterOutput(logits_TE, probs_TE, weights_TK, ids_TK)

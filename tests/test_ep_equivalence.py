@@ -62,6 +62,19 @@ CASES = [
     # sequence routing: 8 sequences of 16 tokens (every rank's slice a whole number of them at W ≤ 4)
     Case("sequence-top2-cap", _moe(top_k=2, capacity_factor=1.25, granularity="sequence", seq_len=16), layers=2),
     Case("sequence-top1-swiglu-dropless", _moe(activation="swiglu", granularity="sequence", seq_len=16), skew="zipf"),
+    # the routers real models use (runtime/router.py ``gate``), each against the reference's own code
+    Case("sigmoid-normalized-top2-cap", _moe(top_k=2, capacity_factor=1.25, scoring="sigmoid", normalize_topk=True)),
+    Case("sigmoid-raw-top2-dropless", _moe(top_k=2, scoring="sigmoid"), layers=2),
+    Case("topk-before-softmax-top2-cap", _moe(top_k=2, capacity_factor=1.25, topk_before_softmax=True), layers=2),
+    Case("group-limited-softmax-top2-cap", _moe(top_k=2, capacity_factor=1.25, group_limited=(4, 2))),
+    Case("score-bias-softmax-top1-dropless", _moe(score_bias=0.05, activation="swiglu")),
+    Case("routed-scaling-top2-cap", _moe(top_k=2, capacity_factor=1.25, routed_scaling=2.5)),
+    Case(  # DeepSeek-V3's router: sigmoid, groups, a choice bias, normalised weights scaled
+        "deepseek-v3-router-top2-cap",
+        _moe(top_k=2, capacity_factor=1.25, scoring="sigmoid", normalize_topk=True, group_limited=(4, 2),
+             score_bias=0.1, routed_scaling=2.5),  # fmt: skip
+        layers=2,
+    ),
 ]
 BY_NAME = {case.name: case for case in CASES}
 

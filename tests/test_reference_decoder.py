@@ -45,6 +45,15 @@ CONFIGS = {
     "gelu-top2-vocab": _config("gelu", 2, vocab=37),
     "swiglu-top2-vocab-headdim8": _config("swiglu", 2, vocab=37, head_dim=8),
     "gelu-top2-all-moe-no-shared": _config("gelu", 2, dense_layers=0, shared_experts=0),
+    "swiglu-top2-shared-gated": _config("swiglu", 2, shared_expert_gate=True),  # Qwen2-MoE's shared gate
+    "deepseek-v3-router-shared-gated": dataclasses.replace(  # sigmoid, groups, choice bias, scaling
+        _config("swiglu", 2, shared_expert_gate=True),
+        moe=MoEConfig(D, 12, 4, top_k=2, activation="swiglu", normalize_topk=True, scoring="sigmoid",
+                      group_limited=(2, 1), score_bias=0.1, routed_scaling=2.5),  # fmt: skip
+    ),
+    "mixtral-router-topk-before-softmax": dataclasses.replace(
+        _config("swiglu", 2), moe=MoEConfig(D, 12, 4, top_k=2, activation="swiglu", topk_before_softmax=True)
+    ),
 }
 
 

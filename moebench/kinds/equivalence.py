@@ -224,7 +224,11 @@ def run_reference(case: Case, world_size: int = 1) -> Result:
     lengths = reference_lengths(case, world_size)
     x = x_ND.double().requires_grad_()
     leaves = [
-        MoEWeights(*(t.double().requires_grad_() for t in (w.router_ED, w.w_in_EDH, w.w_down_EFD)), w.router_bias_E)
+        MoEWeights(
+            *(t.double().requires_grad_() for t in (w.router_ED, w.w_in_EDH, w.w_down_EFD)),
+            w.router_bias_E,
+            w.score_bias_E,
+        )
         for w in weights
     ]
     h, loss, aux, z, dropped = x, 0.0, 0.0, 0.0, 0

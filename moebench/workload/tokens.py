@@ -50,7 +50,7 @@ def layer_weights(moe: MoEConfig, layers: int, seed: int, skew: str, skew_param:
     if skew == "trace":
         return plain
     offsets = router_offsets(moe, layers, seed, skew, skew_param, _digest(plain))
-    return [MoEWeights(w.router_ED, w.w_in_EDH, w.w_down_EFD, b) for w, b in zip(plain, offsets, strict=True)]
+    return [dataclasses.replace(w, router_bias_E=b) for w, b in zip(plain, offsets, strict=True)]
 
 
 def expert_order(num_experts: int, seed: int, layer: int) -> torch.Tensor:
@@ -91,6 +91,8 @@ def router_offsets(
     key = (S.VERSION, S.constants(), torch.__version__, routers, moe.hidden_size, moe.ffn_hidden_size,
            moe.num_experts, moe.top_k, moe.activation, moe.capacity_factor, moe.normalize_topk, layers, seed,
            skew, S.skew_param(skew, skew_param))  # fmt: skip
+    if not moe.plain_routing:  # the router variants change the stack the later layers are fitted through
+        key += (moe.scoring, moe.topk_before_softmax, moe.group_limited, moe.score_bias, moe.routed_scaling)
     path = cache_dir() / f"skew-{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.pt"
     offsets = _read_cached(path, layers, moe.num_experts)
     if offsets is None:  # only a miss needs the weights themselves
