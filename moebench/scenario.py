@@ -47,7 +47,7 @@ from moebench.workload import trace as routing_trace
 from moebench.workload.skew import target_shares
 from moebench.workload.tokens import MAX_STEPS, SKEWS
 from runtime import cache_policy
-from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS, GRANULARITIES
+from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS, GRANULARITIES, SCORINGS
 from runtime.experts import GROUPED_MM_ALIGN
 from runtime.model import RECOMPUTE
 from runtime.offload import PREFETCH
@@ -63,7 +63,8 @@ DEFAULT_SLOS = {name: kind.default_slos for name, kind in kinds.REGISTRY.items()
 
 REQUIRED = object()
 SWEEPABLE = ("model", "routing", "parallel", "workload", "eplb", "serve", "train", "offload", "fault")
-RANGES = {("serve", "input_len"), ("serve", "output_len")}  # [min, max] is one value there, not a sweep
+# a flat list is one value there, not a sweep ([min, max]; [n_groups, top_groups])
+RANGES = {("serve", "input_len"), ("serve", "output_len"), ("routing", "group_limited")}
 MAX_RUNS = 10_000  # runs one file may expand to (a sweep typo should not run for days or fill memory)
 NAME_LENGTH = 100  # characters of a scenario name: it names the result file
 
@@ -151,6 +152,10 @@ def _is_sweep(section: str, key: str, value: object) -> bool:
 _BOOL = ((lambda v: isinstance(v, bool)), "true or false")
 _OPTIONAL_POSITIVE = ((lambda v: v is None or (is_finite_number(v) and v > 0)), "a finite number > 0")
 _OPTIONAL_NUMBER = ((lambda v: v is None or _number(0)[0](v)), "a finite number >= 0")
+_GROUPS = (
+    lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(g, int) and not isinstance(g, bool) for g in v),
+    "[n_groups, top_groups], two integers (a sweep: [[4, 2], [8, 4]])",
+)
 
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -182,6 +187,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "head_dim": Key(None, *_optional_int(2, 2**16)),  # absent: hidden / attention_heads
         "dense_layers": Key(0, *_int(0, 4096)),
         "shared_experts": Key(0, *_int(0, 4096)),
+        "shared_expert_gate": Key(False, *_BOOL),  # Qwen2-MoE: the shared output × sigmoid(x · w_gate)
         "vocab": Key(0, *_int(0, 2**24)),
         "recompute": Key("none", *_choice(*RECOMPUTE)),  # kind "train": what backward recomputes
     },
@@ -191,6 +197,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "z_loss_coef": Key(0.001, *_number(0)),
         "normalize_topk": Key(False, *_BOOL),
         "granularity": Key("token", *_choice(*GRANULARITIES)),  # "sequence": route each sequence's mean
+        # the routers real models use (runtime/router.py); the defaults are the plain top-k softmax router
+        "scoring": Key("softmax", *_choice(*SCORINGS)),
+        "topk_before_softmax": Key(False, *_BOOL),
+        "group_limited": Key(None, *_GROUPS),
+        "score_bias": Key(0.0, *_number(0)),  # the scale s of the seeded choice bias s · N(0, 1) per expert
+        "routed_scaling": Key(1.0, *_number_above(0)),
     },
     "parallel": {
         "world_size": Key(1, *_int(1, 2**16)),
@@ -271,6 +283,8 @@ _RUNTIME_FIELDS = {
     "ep_size": ("parallel", "world_size"),
     **{k: ("model", k) for k in ("num_experts", "top_k", "activation", "dtype", "expert_backend")},
     **{k: ("routing", k) for k in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "normalize_topk", "granularity")},
+    **{k: ("routing", k) for k in ("scoring", "topk_before_softmax", "group_limited", "score_bias", "routed_scaling")},
+    "shared_expert_gate": ("model", "shared_expert_gate"),
     "seq_len": ("workload", "seq_len"),
     "placement": ("parallel", "placement"),
 }
@@ -583,6 +597,7 @@ def _check_workload(spec: RunSpec) -> None:
     if wl["tokens_per_rank"] is None and spec.kind != "serve":
         raise ValueError("[workload] tokens_per_rank is missing: accepted an integer from 1 to 2147483648")
     _check_sequences(spec)
+    _check_router_variants(spec)
     if wl["steps"] > 1 and wl["train"]:
         raise ValueError(f"[workload] steps = {wl['steps']} is invalid with train = true: accepted steps = 1")
     if wl["skew"] != "trace":
@@ -635,6 +650,23 @@ def _check_sequences(spec: RunSpec) -> None:
         raise ValueError(
             '[routing] granularity = "sequence" is invalid with [workload] skew = "trace": accepted '
             '"token" (a trace replays each token\'s recorded experts)'
+        )
+
+
+def _check_router_variants(spec: RunSpec) -> None:
+    """A router variant (runtime/router.py ``gate``) where the run re-picks experts by the plain softmax rule:
+    a trace's replay and a fault's reroute compute their weights from softmax probabilities."""
+    if spec.moe_config().plain_routing:
+        return
+    if spec.workload["skew"] == "trace":
+        raise ValueError(
+            '[workload] skew = "trace" is invalid with a [routing] router variant (scoring, topk_before_softmax, '
+            "group_limited, score_bias, routed_scaling): accepted a skew of routing (a replay reweights by softmax)"
+        )
+    if spec.kind == "fault" and spec.fault.get("on_expert_loss") == "reroute":
+        raise ValueError(
+            '[fault] on_expert_loss = "reroute" is invalid with a [routing] router variant: accepted "drop" '
+            "(a reroute re-picks by softmax probabilities)"
         )
 
 

@@ -42,7 +42,14 @@ def _spell(value: object) -> str:
 
 
 # [model] keys only a decoder reads (kinds "serve", "train"); other kinds' result files do not record them
-DECODER = ("attention_heads", "kv_heads", "head_dim", "dense_layers", "shared_experts", "vocab", "recompute")
+DECODER = (
+    "attention_heads", "kv_heads", "head_dim", "dense_layers", "shared_experts", "shared_expert_gate", "vocab",
+    "recompute",
+)  # fmt: skip
+# [routing] keys of the router variants and their defaults: a result file records them only when set
+ROUTER_VARIANTS = {
+    "scoring": "softmax", "topk_before_softmax": False, "group_limited": None, "score_bias": 0.0, "routed_scaling": 1.0,
+}  # fmt: skip
 DECODER_KINDS = ("serve", "train")
 SLO_STATS = ("median", "p90", "p99", "min", "max")
 
@@ -118,6 +125,11 @@ class RunSpec:
             expert_backend=self._expert_backend(),
             granularity=r.get("granularity", "token"),
             seq_len=self.workload.get("seq_len") if r.get("granularity") == "sequence" else None,
+            scoring=r.get("scoring", "softmax"),
+            topk_before_softmax=r.get("topk_before_softmax", False),
+            group_limited=None if r.get("group_limited") is None else tuple(r["group_limited"]),
+            score_bias=float(r.get("score_bias", 0.0)),
+            routed_scaling=float(r.get("routed_scaling", 1.0)),
         )
 
     def _expert_backend(self) -> str:
@@ -140,6 +152,7 @@ class RunSpec:
             head_dim=m["head_dim"] or 0,
             dense_layers=m["dense_layers"],
             shared_experts=m["shared_experts"],
+            shared_expert_gate=m.get("shared_expert_gate", False),
             vocab=m["vocab"],
         )
 
@@ -156,7 +169,7 @@ class RunSpec:
         return {
             "scenario": self.scenario,
             "model": self.model if serving else {k: v for k, v in self.model.items() if k not in DECODER},
-            "routing": self.routing,
+            "routing": {k: v for k, v in self.routing.items() if k not in ROUTER_VARIANTS or v != ROUTER_VARIANTS[k]},
             "parallel": self.parallel if serving else {k: v for k, v in self.parallel.items() if k != "mode"},
             "workload": self.workload,
             **({"offload": self.offload} if self.offload.get("cache_slots") is not None else {}),

@@ -91,7 +91,12 @@ class MoEConfig:
             _fail(name, "topk_before_softmax", self.topk_before_softmax, "true or false")
         _non_negative_number(name, "score_bias", self.score_bias)
         scaling = self.routed_scaling
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
+        if (
+            isinstance(scaling, bool)
+            or not isinstance(scaling, (int, float))
+            or not math.isfinite(scaling)
+            or scaling <= 0
+        ):
             _fail(name, "routed_scaling", scaling, "a finite number > 0")
         if self.group_limited is not None:
             groups = self.group_limited

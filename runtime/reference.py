@@ -243,10 +243,10 @@ def reference_decoder(
     after the final RMSNorm (what ``MoEDecoder.full`` returns). ``inputs``: hidden states [N, D]
     (vocab 0) or token ids [N] (vocab > 0). Block l: h = x + attn(norm(x)); x' = h + ffn(norm(h)),
     the FFN dense in the first ``dense_layers`` blocks, else the routed experts (dropless, whatever
-    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any (gated
-with ``shared_expert_gate``). With sequence
-    routing the whole input is one sequence, routed on the mean of its first ``prompt_len`` positions
-    (None: all; a served request's rule: its prompt's)."""
+    the config's capacity_factor: the decoder serves dropless) plus the shared experts if any (their
+    output × sigmoid(x · w_gate) with ``shared_expert_gate``). With sequence routing the whole input is
+    one sequence, routed on the mean of its first ``prompt_len`` positions (None: all; a served
+    request's rule: its prompt's)."""
     x_ND = weights.embed_VD.double()[inputs.cpu().long()] if cfg.vocab else inputs.cpu().double()
     dropless = replace(cfg.moe, capacity_factor=0.0)
     act, eps = cfg.moe.activation, cfg.norm_eps

@@ -70,9 +70,7 @@ def route(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.T
     return probs_TE, weights_TK, ids_TK
 
 
-def gate(
-    logits_TE: torch.Tensor, moe: MoEConfig, score_bias_E: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
+def gate(logits_TE: torch.Tensor, moe: MoEConfig, score_bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``route`` with the router variants of ``moe`` (module docstring): ``probs_TE`` (the losses' row),
     ``weights_TK`` and ``ids_TK``. The plain config goes through ``route`` itself."""
     k = moe.top_k

@@ -71,8 +71,15 @@ CASES = [
     Case("routed-scaling-top2-cap", _moe(top_k=2, capacity_factor=1.25, routed_scaling=2.5)),
     Case(  # DeepSeek-V3's router: sigmoid, groups, a choice bias, normalised weights scaled
         "deepseek-v3-router-top2-cap",
-        _moe(top_k=2, capacity_factor=1.25, scoring="sigmoid", normalize_topk=True, group_limited=(4, 2),
-             score_bias=0.1, routed_scaling=2.5),  # fmt: skip
+        _moe(
+            top_k=2,
+            capacity_factor=1.25,
+            scoring="sigmoid",
+            normalize_topk=True,
+            group_limited=(4, 2),
+            score_bias=0.1,
+            routed_scaling=2.5,
+        ),
         layers=2,
     ),
 ]

@@ -48,8 +48,18 @@ CONFIGS = {
     "swiglu-top2-shared-gated": _config("swiglu", 2, shared_expert_gate=True),  # Qwen2-MoE's shared gate
     "deepseek-v3-router-shared-gated": dataclasses.replace(  # sigmoid, groups, choice bias, scaling
         _config("swiglu", 2, shared_expert_gate=True),
-        moe=MoEConfig(D, 12, 4, top_k=2, activation="swiglu", normalize_topk=True, scoring="sigmoid",
-                      group_limited=(2, 1), score_bias=0.1, routed_scaling=2.5),  # fmt: skip
+        moe=MoEConfig(
+            D,
+            12,
+            4,
+            top_k=2,
+            activation="swiglu",
+            normalize_topk=True,
+            scoring="sigmoid",
+            group_limited=(2, 1),
+            score_bias=0.1,
+            routed_scaling=2.5,
+        ),
     ),
     "mixtral-router-topk-before-softmax": dataclasses.replace(
         _config("swiglu", 2), moe=MoEConfig(D, 12, 4, top_k=2, activation="swiglu", topk_before_softmax=True)

@@ -13,10 +13,13 @@ import torch
 import runtime.router
 from moebench.kinds.equivalence import TOLERANCE, Case, assemble, compare, run_rank, run_reference
 from moebench.launch.spawn import RankContext
-from runtime import DecoderConfig, MoEConfig, MoEDecoder, decoder_weights, rel_error
+from moebench.scenario import ScenarioError, load
+from runtime import DecoderConfig, MoEConfig, MoEDecoder, decoder_weights, init_weights, rel_error
 from runtime.reference import _choose, reference_decoder
 from runtime.router import Router, gate, route
+from tests.test_scenario import MINIMAL, write
 
+MINIMAL_WORKLOAD = MINIMAL["workload"]
 CTX = RankContext(rank=0, world_size=1, group=None, device=torch.device("cpu"), backend="gloo")
 
 
@@ -104,7 +107,10 @@ def test_ties_go_to_the_lower_group_and_expert_in_both():
 def test_plain_config_is_the_plain_router_bitwise():
     logits_TE = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     for normalize in (False, True):
-        for got, want in zip(gate(logits_TE, _cfg(8, 2, normalize_topk=normalize)), route(logits_TE, 2, normalize)):
+        got_want = zip(
+            gate(logits_TE, _cfg(8, 2, normalize_topk=normalize)), route(logits_TE, 2, normalize), strict=True
+        )
+        for got, want in got_want:
             assert torch.equal(got, want)
     router = Router(8, 8, 2, False, _cfg(8, 2))
     assert router.moe is None and set(router.state_dict()) == {"weight_ED", "bias_E"}
@@ -200,3 +206,57 @@ def test_shared_expert_gate_left_out_is_caught_by_the_reference_decoder():
         assert rel_error(MoEDecoder(gated, weights).full(x), ref) <= 1e-6
         ungated = dataclasses.replace(gated, shared_expert_gate=False)  # the same weights, the gate not applied
         assert rel_error(MoEDecoder(ungated, weights).full(x), ref) > 1e-2
+
+
+# -------------------------------------------------------------------------------------------
+# [routing] keys: mapped onto MoEConfig, bad values refused in one line naming file, key, value, accepted
+
+
+def _scenario(tmp_path, routing: dict, **extra):
+    doc = {**MINIMAL, "model": {**MINIMAL["model"], "num_experts": 8, "top_k": 2}, "routing": routing, **extra}
+    return load(write(tmp_path, doc))
+
+
+def test_routing_keys_map_onto_the_moe_config_and_group_limited_is_one_value(tmp_path):
+    keys = {"scoring": "sigmoid", "group_limited": [4, 2], "score_bias": 0.1, "routed_scaling": 2.5}
+    (run,) = _scenario(tmp_path, {**keys, "normalize_topk": True}).runs
+    moe = run.moe_config()
+    assert (moe.scoring, moe.group_limited, moe.score_bias, moe.routed_scaling) == ("sigmoid", (4, 2), 0.1, 2.5)
+    assert {k: run.resolved()["routing"][k] for k in keys} == keys
+    swept = _scenario(tmp_path, {"group_limited": [[4, 2], [2, 1]]}).runs
+    assert [r.moe_config().group_limited for r in swept] == [(4, 2), (2, 1)]
+
+
+def test_plain_routing_records_no_variant_keys(tmp_path):
+    (run,) = _scenario(tmp_path, {}).runs
+    assert run.moe_config().plain_routing
+    assert not set(run.resolved()["routing"]) & {"scoring", "topk_before_softmax", "group_limited", "score_bias"}
+
+
+@pytest.mark.parametrize(
+    ("routing", "message"),
+    [
+        ({"scoring": "tanh"}, r'\[routing\] scoring = "tanh" is invalid: accepted one of "softmax", "sigmoid"'),
+        ({"group_limited": [3, 1]}, r"\[routing\] group_limited = \(3, 1\) is invalid: accepted n_groups dividing"),
+        ({"group_limited": [4, "2"]}, r"\[routing\] group_limited = \[4, \"2\"\] is invalid: accepted \[n_groups"),
+        ({"routed_scaling": 0}, r"\[routing\] routed_scaling = 0 is invalid: accepted a finite number > 0"),
+        ({"topk_before_softmax": True, "scoring": "sigmoid"}, r"\[routing\] topk_before_softmax = True is invalid"),
+    ],
+)
+def test_bad_routing_variant_is_one_line_naming_key_value_and_accepted(tmp_path, routing, message):
+    with pytest.raises(ScenarioError, match=message) as err:
+        _scenario(tmp_path, routing)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path))
+
+
+def test_router_variant_with_a_trace_replay_is_refused(tmp_path):
+    wl = {**MINIMAL_WORKLOAD, "skew": "trace", "trace": "routes.npz"}
+    with pytest.raises(ScenarioError, match=r'skew = "trace" is invalid with a \[routing\] router variant'):
+        _scenario(tmp_path, {"scoring": "sigmoid"}, workload=wl)
+
+
+def test_score_bias_scale_draws_the_seeded_bias_last():
+    plain, biased = init_weights(_cfg(8, 2), seed=3), init_weights(_cfg(8, 2, score_bias=0.5), seed=3)
+    assert plain.score_bias_E is None and torch.equal(plain.router_ED, biased.router_ED)
+    assert torch.equal(plain.w_down_EFD, biased.w_down_EFD)  # the other tensors do not move
+    assert biased.score_bias_E.shape == (8,) and 0.1 < biased.score_bias_E.std().item() < 1.5

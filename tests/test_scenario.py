@@ -66,8 +66,12 @@ def with_key(section: str, key: str, value) -> dict:
 def test_minimal_file_fills_every_default(tmp_path):
     (run,) = load(write(tmp_path, MINIMAL)).runs
     assert run.scenario == {"name": "t", "kind": "throughput", "description": "", "warmup": 3, "repeats": 10}
-    assert run.routing == {"capacity_factor": 0.0, "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "normalize_topk": False,
-                           "granularity": "token"}  # fmt: skip
+    plain = {"capacity_factor": 0.0, "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "normalize_topk": False,
+             "granularity": "token"}  # fmt: skip
+    variants = {"scoring": "softmax", "topk_before_softmax": False, "group_limited": None, "score_bias": 0.0,
+                "routed_scaling": 1.0}  # fmt: skip
+    assert run.routing == {**plain, **variants}
+    assert run.resolved()["routing"] == plain  # the router variants are recorded only when set
     assert run.parallel == {
         "world_size": 1,
         "placement": "round_robin",
