@@ -39,19 +39,72 @@ def _g(x: float) -> str:
 
 
 def attention_params(p: Plan) -> int:
-    """Q and O: d·h·dh each; K and V: d·kv·dh each."""
+    """One layer's attention matrices (what TP shards and the FLOPs count).
+
+    GQA: Q and O d·h·dh each, K and V d·kv·dh each. MLA (DeepSeek-V2/V3): the query d·rq + rq·h·(dn + dr)
+    (or d·h·(dn + dr) without a query rank rq), the joint key/value down-projection d·(rkv + dr), its
+    up-projection rkv·h·(dn + dv) and the output h·dv·d."""
     m = p.model
+    if m.attention == "mla":
+        qk, rq, rkv = m.qk_nope_head_dim + m.qk_rope_head_dim, m.q_lora_rank, m.kv_lora_rank
+        query = m.hidden * rq + rq * m.heads * qk if rq else m.hidden * m.heads * qk
+        kv = m.hidden * (rkv + m.qk_rope_head_dim) + rkv * m.heads * (m.qk_nope_head_dim + m.v_head_dim)
+        return query + kv + m.heads * m.v_head_dim * m.hidden
     return 2 * m.hidden * m.heads * m.head_dim + 2 * m.hidden * m.kv_heads * m.head_dim
 
 
+def attention_vector_params(p: Plan) -> int:
+    """One layer's attention vectors, no matmul: biases (qkv: h·dh + 2·kv·dh, qkvo: + d), one sink logit
+    per head, q/k norms (head: 2·dh shared by the heads; full: h·dh + kv·dh) and MLA's norms on its
+    latents (rq + rkv)."""
+    m = p.model
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    bias = {"none": 0, "qkv": q + 2 * kv, "qkvo": q + 2 * kv + m.hidden}[m.attention_bias]
+    norm = {"none": 0, "head": 2 * m.head_dim, "full": q + kv}[m.qk_norm]
+    latent_norms = m.q_lora_rank + m.kv_lora_rank
+    return bias + norm + latent_norms + (m.heads if m.attention_sinks else 0)
+
+
 def expert_params(p: Plan) -> int:
+    """One routed expert's matrices m·d·F."""
     return p.model.expert_matrices * p.model.hidden * p.model.ffn_hidden
 
 
-def layer_params(p: Plan) -> int:
-    """Attention, E experts, router d·E and two norms 2·d."""
+def expert_bias_params(p: Plan) -> int:
+    """One routed expert's biases when it has them: (m − 1)·F on the input side, d on the output."""
     m = p.model
-    return attention_params(p) + m.experts * expert_params(p) + m.hidden * m.experts + 2 * m.hidden
+    return (m.expert_matrices - 1) * m.ffn_hidden + m.hidden if m.expert_bias else 0
+
+
+def shared_params(p: Plan) -> int:
+    """The shared experts of one MoE layer: n·m·d·Fs, run for every token."""
+    m = p.model
+    return m.shared_experts * m.expert_matrices * m.hidden * m.shared_ffn_hidden
+
+
+def dense_ffn_params(p: Plan) -> int:
+    """The FFN of one of the first_k_dense layers: m·d·Fd."""
+    return p.model.expert_matrices * p.model.hidden * p.model.dense_ffn_hidden
+
+
+def router_params(p: Plan) -> int:
+    """d·E, and E more with a router bias (sigmoid scoring has the same weights as softmax)."""
+    m = p.model
+    return m.hidden * m.experts + (m.experts if m.router_bias else 0)
+
+
+def layer_params(p: Plan) -> int:
+    """One MoE layer: attention, E experts, the shared experts, the router and two norms 2·d."""
+    m = p.model
+    return (
+        attention_params(p) + attention_vector_params(p) + m.experts * (expert_params(p) + expert_bias_params(p))
+        + shared_params(p) + router_params(p) + 2 * m.hidden
+    )  # fmt: skip
+
+
+def dense_layer_params(p: Plan) -> int:
+    """One of the first_k_dense layers: attention, the dense FFN and two norms."""
+    return attention_params(p) + attention_vector_params(p) + dense_ffn_params(p) + 2 * p.model.hidden
 
 
 def embedding_params(p: Plan) -> int:
@@ -59,25 +112,47 @@ def embedding_params(p: Plan) -> int:
 
 
 def total_params(p: Plan) -> int:
-    return p.model.layers * layer_params(p) + embedding_params(p) + p.model.hidden
+    """Every layer, the embedding and LM head, and the final norm d."""
+    m = p.model
+    return m.moe_layers * layer_params(p) + m.first_k_dense * dense_layer_params(p) + embedding_params(p) + m.hidden
 
 
 def active_params(p: Plan) -> int:
-    """Parameters one token touches: the dense part plus k experts per layer."""
+    """Parameters one token touches: everything but the E − k routed experts it skips in each MoE layer.
+    The embedding table counts whole (Mixtral's, Qwen's and OLMoE's convention)."""
     m = p.model
-    return total_params(p) - m.layers * (m.experts - m.top_k) * expert_params(p)
+    return total_params(p) - m.moe_layers * (m.experts - m.top_k) * (expert_params(p) + expert_bias_params(p))
+
+
+def active_params_without_embedding(p: Plan) -> int:
+    """``active_params`` less the input embedding table V·d, of which a token reads one row (DeepSeek's
+    and OpenAI's convention). A tied table is also the LM head, which every token uses whole: kept."""
+    m = p.model
+    return active_params(p) - (0 if m.tie_embeddings else m.vocab * m.hidden)
 
 
 def matmul_flops_per_token(p: Plan) -> float:
-    """Forward projections and experts of one token, no embedding lookup: 2·L·(attn + d·E + k·m·d·F)."""
+    """Forward projections and experts of one token, no embedding lookup or LM head:
+    2·(L·attn + (L − Ld)·(d·E + k·m·d·F + n·m·d·Fs) + Ld·m·d·Fd)."""
     m = p.model
-    return 2.0 * m.layers * (attention_params(p) + m.hidden * m.experts + m.top_k * expert_params(p))
+    moe = m.hidden * m.experts + m.top_k * expert_params(p) + shared_params(p)
+    return 2.0 * (m.layers * attention_params(p) + m.moe_layers * moe + m.first_k_dense * dense_ffn_params(p))
 
 
 def score_flops(p: Plan, context: float) -> float:
-    """Attention scores and weighted values of one query over ``context`` keys, all layers: 4·L·h·dh·c."""
+    """Attention scores and weighted values of one query over ``context`` keys, all layers:
+    2·L·h·(dh + dv)·c (4·L·h·dh·c when dv = dh; MLA: dh = dn + dr, computed per head, not absorbed)."""
     m = p.model
-    return 4.0 * m.layers * m.heads * m.head_dim * context
+    return 2.0 * m.layers * m.heads * (m.head_dim + m.value_head_dim) * context
+
+
+def kv_values_per_token(p: Plan) -> int:
+    """Cached values per token and layer on one GPU: K and V of its ⌈kv/TP⌉ heads, 2·⌈kv/TP⌉·dh; MLA caches
+    the latent and the shared RoPE key, rkv + dr, whole on every TP rank."""
+    m = p.model
+    if m.attention == "mla":
+        return m.kv_lora_rank + m.qk_rope_head_dim
+    return 2 * math.ceil(m.kv_heads / p.parallel.tp) * m.head_dim
 
 
 # -------------------------------------------------------------------------------------------
@@ -163,13 +238,17 @@ def memory_per_gpu(p: Plan) -> Memory:
     """
     m, par, b = p.model, p.parallel, p.model.bytes_per_param
     Ls, tp = stage_layers(p), par.tp
-    dense = Ls * (attention_params(p) / tp + m.hidden * m.experts + 2 * m.hidden) * b
-    experts = Ls * resident_experts(p) * expert_params(p) / tp * b
+    moe_ls = min(Ls, m.moe_layers)  # the busiest stage holds the most MoE layers (the dense ones come first)
+    dense_ls = Ls - moe_ls
+    dense = (
+        moe_ls * (attention_params(p) / tp + router_params(p) + 2 * m.hidden + shared_params(p) / tp)
+        + dense_ls * (attention_params(p) / tp + 2 * m.hidden + dense_ffn_params(p) / tp)
+    ) * b
+    experts = moe_ls * resident_experts(p) * expert_params(p) / tp * b
     copies = 2 if (par.pp == 1 and not m.tie_embeddings) else 1
     embedding = copies * m.vocab * m.hidden / tp * b
     context = p.workload.seq_len_max + p.workload.output_tokens
-    kv_per_gpu = math.ceil(m.kv_heads / tp)
-    kv = seqs_per_rank(p) * context * Ls * 2 * kv_per_gpu * m.head_dim * b
+    kv = seqs_per_rank(p) * context * Ls * kv_values_per_token(p) * b
     T = prefill_tokens_per_microbatch(p)
     rows = T * m.top_k * load_factor(p)
     qkv = (m.heads + 2 * m.kv_heads) * m.head_dim / tp
@@ -285,21 +364,24 @@ def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
 
     prefill: context is the causal average S/2 and the KV cache is written;
     decode: one token per sequence, context S + O/2 (the mean over the generation) is read.
+    The layer is an MoE layer (with its shared experts); the first_k_dense layers are timed as MoE layers.
     """
     m, hw, par, b = p.model, p.hardware, p.parallel, p.model.bytes_per_param
     tp = par.tp
     rows = tokens * m.top_k * load_factor(p)  # expert rows at the busiest EP rank
     rows_per_expert = rows / local_experts(p)
-    dense_flops = tokens * 2 * (attention_params(p) / tp + m.hidden * m.experts)
-    attn_flops = tokens * 4 * m.heads * m.head_dim * context / tp
+    dense_flops = tokens * 2 * (attention_params(p) / tp + m.hidden * m.experts + shared_params(p) / tp)
+    attn_flops = tokens * 2 * m.heads * (m.head_dim + m.value_head_dim) * context / tp
     expert_flops = rows * 2 * expert_params(p) / tp
     peak = hw.peak_flops
     compute = (dense_flops + attn_flops) / (peak * gemm_efficiency(p, tokens)) + expert_flops / (
         peak * gemm_efficiency(p, rows_per_expert)
     )
     experts_read = min(local_experts(p), max(rows, 1.0))  # decode may touch fewer experts than it holds
-    weight_bytes = (attention_params(p) / tp + experts_read * expert_params(p) / tp) * m.bytes_per_param
-    kv_row = 2 * math.ceil(m.kv_heads / tp) * m.head_dim * b
+    weight_bytes = (
+        attention_params(p) / tp + experts_read * expert_params(p) / tp + shared_params(p) / tp
+    ) * m.bytes_per_param
+    kv_row = kv_values_per_token(p) * b
     sequences = tokens if phase == "decode" else tokens / p.workload.seq_len_max
     kv_bytes = tokens * kv_row if phase == "prefill" else sequences * context * kv_row
     act_bytes = 2 * b * (tokens * m.hidden + rows * (m.hidden + m.expert_matrices * m.ffn_hidden / tp))
@@ -376,6 +458,34 @@ class Estimate:
         return self.figures[key].value
 
 
+def _params_formula(p: Plan) -> str:
+    """The parameter count's formula, the terms a plain MoE lacks shown only when the plan has them."""
+    m = p.model
+    L, d, h, dh, kv, F, E, mm = (
+        m.layers,
+        m.hidden,
+        m.heads,
+        m.head_dim,
+        m.kv_heads,
+        m.ffn_hidden,
+        m.experts,
+        m.expert_matrices,
+    )
+    plain = not (m.shared_experts or m.first_k_dense or m.attention == "mla" or attention_vector_params(p)
+                 or m.router_bias or m.expert_bias)  # fmt: skip
+    if plain:
+        return (
+            f"L·(2·d·h·dh + 2·d·kv·dh + E·m·d·F + d·E + 2·d) + V·d·(2 − tied) + d = {L}·({2 * d * h * dh} + "
+            f"{2 * d * kv * dh} + {E}·{mm}·{d}·{F} + {d * E} + {2 * d}) + {embedding_params(p)} + {d}"
+        )
+    return (
+        f"L·(attn + attn vectors + 2·d) + (L − Ld)·(E·(m·d·F + expert biases) + n·m·d·Fs + router) + Ld·m·d·Fd "
+        f"+ V·d·(2 − tied) + d = {L}·({attention_params(p)} + {attention_vector_params(p)} + {2 * d}) + "
+        f"{m.moe_layers}·({E}·({expert_params(p)} + {expert_bias_params(p)}) + {shared_params(p)} + "
+        f"{router_params(p)}) + {m.first_k_dense}·{dense_ffn_params(p)} + {embedding_params(p)} + {d}"
+    )
+
+
 def throughput_per_gpu(p: Plan, ttft: float, tpot: float, counts: str) -> float:
     wl, G = p.workload, p.parallel.gpus
     if counts == "prefill":
@@ -391,14 +501,16 @@ def estimate(p: Plan) -> Estimate:
     mem, pre, dec = memory_per_gpu(p), prefill(p), decode(p)
     counts = p.slo.throughput_counts
     tput = throughput_per_gpu(p, pre.total, dec.total, counts)
-    L, d, h, dh, kv, F, E, k = m.layers, m.hidden, m.heads, m.head_dim, m.kv_heads, m.ffn_hidden, m.experts, m.top_k
+    L, d, dh, kv, F, k = m.layers, m.hidden, m.head_dim, m.kv_heads, m.ffn_hidden, m.top_k
     S, O, mm = wl.seq_len_max, wl.output_tokens, m.expert_matrices
     flops_token = matmul_flops_per_token(p) + score_flops(p, S / 2)
     fig = [
-        Figure("params", total_params(p), "params",
-               f"L·(2·d·h·dh + 2·d·kv·dh + E·m·d·F + d·E + 2·d) + V·d·(2 − tied) + d = {L}·({2*d*h*dh} + "
-               f"{2*d*kv*dh} + {E}·{mm}·{d}·{F} + {d*E} + {2*d}) + {embedding_params(p)} + {d}"),
-        Figure("active_params", active_params(p), "params", f"params − L·(E − k)·m·d·F, k = {k}"),
+        Figure("params", total_params(p), "params", _params_formula(p)),
+        Figure("active_params", active_params(p), "params",
+               f"params − (L − Ld)·(E − k)·(m·d·F + expert biases), k = {k}, Ld = {m.first_k_dense}"),
+        Figure("active_params_without_embedding", active_params_without_embedding(p), "params",
+               f"active_params − V·d (the input embedding; kept when tied) = {active_params(p)} − "
+               f"{0 if m.tie_embeddings else m.vocab * d}"),
         Figure("gpus", par.gpus, "GPUs", f"EP·TP·PP·DP = {par.ep}·{par.tp}·{par.pp}·{par.dp}"),
         Figure("weights_total", total_params(p) * m.bytes_per_param, "B",
                f"params · b = {_g(total_params(p))} · {m.bytes_per_param}"),
@@ -406,6 +518,8 @@ def estimate(p: Plan) -> Estimate:
                f"dense {_g(mem.weights_dense)} + experts ⌈E/EP⌉·m·d·F/TP·⌈L/PP⌉·b {_g(mem.weights_experts)} "
                f"+ embedding {_g(mem.weights_embedding)}"),
         Figure("kv_cache_per_gpu", mem.kv_cache, "B",
+               f"⌈B/(EP·DP)⌉·(S+O)·⌈L/PP⌉·(rkv + dr)·b = {seqs_per_rank(p)}·{S + O}·{stage_layers(p)}·"
+               f"{kv_values_per_token(p)}·{m.bytes_per_param}" if m.attention == "mla" else
                f"⌈B/(EP·DP)⌉·(S+O)·⌈L/PP⌉·2·⌈kv/TP⌉·dh·b = {seqs_per_rank(p)}·{S + O}·{stage_layers(p)}·2·"
                f"{math.ceil(kv / par.tp)}·{dh}·{m.bytes_per_param}"),
         Figure("activations_per_gpu", mem.activations, "B", "b·(T·(2·d + (h+2·kv)·dh/TP) + R·(d + m·F/TP)), "
@@ -413,9 +527,13 @@ def estimate(p: Plan) -> Estimate:
         Figure("comm_buffers_per_gpu", mem.comm_buffers, "B", "b·d·(T·k + R)/TP"),
         Figure("memory_per_gpu", mem.total, "B", "weights + KV cache + activations + buffers"),
         Figure("flops_per_token", flops_token, "FLOP",
-               f"2·L·(attn + d·E + k·m·d·F) + 4·L·h·dh·S/2, S = {S} (prefill, causal average)"),
-        Figure("expert_flops_per_token", 2.0 * L * k * expert_params(p), "FLOP",
-               f"2·L·k·m·d·F = 2·{L}·{k}·{mm}·{d}·{F}"),
+               f"2·L·(attn + d·E + k·m·d·F) + 4·L·h·dh·S/2, S = {S} (prefill, causal average)"
+               if not (m.shared_experts or m.first_k_dense or m.attention == "mla") else
+               f"2·(L·attn + (L − Ld)·(d·E + k·m·d·F + n·m·d·Fs) + Ld·m·d·Fd) + 2·L·h·(dh + dv)·S/2, S = {S} "
+               "(prefill, causal average)"),
+        Figure("expert_flops_per_token", 2.0 * m.moe_layers * k * expert_params(p), "FLOP",
+               f"2·L·k·m·d·F = 2·{L}·{k}·{mm}·{d}·{F}" if not m.first_k_dense else
+               f"2·(L − Ld)·k·m·d·F = 2·{m.moe_layers}·{k}·{mm}·{d}·{F}"),
         Figure("compute_bound_throughput_per_gpu", hw.peak_flops * hw.mfu / flops_token, "tokens/s",
                "peak · mfu / flops_per_token"),
         Figure("load_factor", load_factor(p), "×", f"min(s, cf) = min({wl.routing_skew:g}, {par.capacity_factor:g})"

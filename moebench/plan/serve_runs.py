@@ -24,7 +24,7 @@ import math
 from dataclasses import replace
 
 from moebench.plan.model import decode, prefill
-from moebench.plan.spec import Parallel, Plan, Workload
+from moebench.plan.spec import SCHEMA, Parallel, Plan, Workload
 from moebench.text import clip
 
 PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.model.dtype -> plan precision
@@ -45,6 +45,15 @@ def _positive(where: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise _bad(where, value, "a finite number > 0")
     return float(value)
+
+
+# The plan model's [model] keys a run's config does not set, at their defaults (a plain MoE).
+MODEL_DEFAULTS = {
+    key: spec.default
+    for key, spec in SCHEMA["model"].items()
+    if key not in ("layers", "hidden", "heads", "head_dim", "kv_heads", "ffn_hidden", "experts", "top_k", "vocab",
+                   "tie_embeddings", "activation", "precision", "params")
+}  # fmt: skip
 
 
 def _model(base: Plan, cfg: dict, where: str):
@@ -73,7 +82,8 @@ def _model(base: Plan, cfg: dict, where: str):
         activation=activation,
         precision=PRECISION[dtype],
         params=None,
-    )  # shared_experts: not in the plan model (left out)
+        **MODEL_DEFAULTS,  # none of the plan's own architecture (MLA, shared experts, biases) carries over
+    )  # shared_experts and dense_layers: not mapped (left out)
 
 
 def _parallel(cfg: dict, world: int, where: str) -> Parallel:

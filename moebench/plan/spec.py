@@ -115,15 +115,28 @@ def _q(dim, default=REQUIRED):
     return Spec(default, "quantity", dim=dim)
 
 
+ATTENTION = ("gqa", "mla")
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+MLA_REQUIRED = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # q_lora_rank 0: a full W_q
+
 SCHEMA: dict[str, dict[str, Spec]] = {
     "plan": {"name": Spec(REQUIRED, "text"), "description": Spec("", "text"), "source": Spec("", "text"),
              "assumed": Spec((), "list")},
     "model": {
-        "layers": _i(), "hidden": _i(), "heads": _i(), "head_dim": _i(), "kv_heads": _i(None),
+        "layers": _i(), "hidden": _i(), "heads": _i(), "head_dim": _i(None), "kv_heads": _i(None),
         "ffn_hidden": _i(), "experts": _i(), "top_k": _i(1), "vocab": _i(0, low=0),
         "tie_embeddings": Spec(False, "bool"), "activation": Spec("gelu", "choice", choices=("gelu", "swiglu")),
         "precision": Spec(REQUIRED, "choice", choices=("fp32", "bf16", "fp16", "fp8")),
         "params": Spec(None, "number", low=1),
+        "shared_experts": _i(0, low=0), "shared_ffn_hidden": _i(0, low=0),
+        "first_k_dense": _i(0, low=0), "dense_ffn_hidden": _i(0, low=0),
+        "attention": Spec("gqa", "choice", choices=ATTENTION),
+        "q_lora_rank": _i(0, low=0), "kv_lora_rank": _i(0, low=0), "qk_nope_head_dim": _i(0, low=0),
+        "qk_rope_head_dim": _i(0, low=0), "v_head_dim": _i(0, low=0),
+        "attention_bias": Spec("none", "choice", choices=("none", "qkv", "qkvo")),
+        "attention_sinks": Spec(False, "bool"), "qk_norm": Spec("none", "choice", choices=("none", "head", "full")),
+        "scoring": Spec("softmax", "choice", choices=("softmax", "sigmoid")),
+        "router_bias": Spec(False, "bool"), "expert_bias": Spec(False, "bool"),
     },
     "hardware": {
         "name": Spec("", "text"), "peak_flops": _q("flop_rate"), "mfu": Spec(REQUIRED, "fraction"),
@@ -161,7 +174,7 @@ class Model:
     layers: int
     hidden: int  # d, the residual stream width
     heads: int
-    head_dim: int
+    head_dim: int  # a query/key head's width (MLA: qk_nope_head_dim + qk_rope_head_dim)
     kv_heads: int
     ffn_hidden: int  # F, each expert's hidden width
     experts: int  # E, routed experts per layer
@@ -171,6 +184,30 @@ class Model:
     activation: str  # "gelu": 2 matrices per expert; "swiglu": 3
     precision: str
     params: float | None  # the plan's declared parameter count
+    shared_experts: int = 0  # n: always-active experts per MoE layer, each of width shared_ffn_hidden
+    shared_ffn_hidden: int = 0  # Fs (0 in the file: ffn_hidden)
+    first_k_dense: int = 0  # Ld: the first layers have a dense FFN of width dense_ffn_hidden, no experts
+    dense_ffn_hidden: int = 0  # Fd
+    attention: str = "gqa"  # "gqa" (multi-head, grouped-query with kv_heads) or "mla" (DeepSeek's latent attention)
+    q_lora_rank: int = 0  # MLA: the query's low rank (0: a full d × h·(nope + rope) projection)
+    kv_lora_rank: int = 0  # MLA: the cached key/value latent's width
+    qk_nope_head_dim: int = 0  # MLA: the part of a query/key head without RoPE
+    qk_rope_head_dim: int = 0  # MLA: the RoPE part (its key part is shared by the heads and cached)
+    v_head_dim: int = 0  # MLA: a value head's width
+    attention_bias: str = "none"  # "none", "qkv" (Qwen2), "qkvo" (gpt-oss)
+    attention_sinks: bool = False  # one learned logit per head (gpt-oss)
+    qk_norm: str = "none"  # "head": an RMSNorm of head_dim on q and on k (Qwen3); "full": on all of q and k (OLMoE)
+    scoring: str = "softmax"  # the router's "softmax" or "sigmoid" (DeepSeek-V3): the same parameters
+    router_bias: bool = False  # E more per router (gpt-oss's bias; DeepSeek-V3's e_score_correction_bias)
+    expert_bias: bool = False  # biases in each expert's matrices (gpt-oss): (m − 1)·F + d more per expert
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.first_k_dense
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.attention == "mla" else self.head_dim
 
     @property
     def bytes_per_param(self) -> int:
@@ -353,6 +390,8 @@ def _consistency(path: str, s: dict) -> None:
     checks = [
         ("model", "top_k", m["top_k"], m["top_k"] <= m["experts"], f"at most experts = {m['experts']}"),
         ("model", "kv_heads", m["kv_heads"], m["heads"] % m["kv_heads"] == 0, f"a divisor of heads = {m['heads']}"),
+        ("model", "first_k_dense", m["first_k_dense"], m["first_k_dense"] < m["layers"],
+         f"0 to layers − 1 = {m['layers'] - 1} (at least one MoE layer)"),
         ("workload", "seq_len_min", w["seq_len_min"], w["seq_len_min"] <= w["seq_len_max"],
          f"at most seq_len_max = {w['seq_len_max']}"),
         ("parallel", "capacity_factor", p["capacity_factor"], p["capacity_factor"] <= m["experts"] / m["top_k"],
@@ -385,6 +424,37 @@ def _consistency(path: str, s: dict) -> None:
             )
 
 
+def _model_keys(path: str, m: dict) -> None:
+    """Keys that are required or refused depending on others; fills in the widths that default to others."""
+
+    def missing(key: str, why: str, accepted: str = "an integer from 1 to 1e9") -> PlanError:
+        return PlanError(f"{path}: [model] {key} is missing {why}: accepted {accepted}")
+
+    if m["attention"] == "mla":
+        for key in MLA_REQUIRED:
+            if m[key] == 0:
+                raise missing(key, 'with attention = "mla"')
+        qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
+        if m["head_dim"] is not None and m["head_dim"] != qk:
+            raise PlanError(
+                f'{path}: [model] head_dim = {m["head_dim"]} is invalid with attention = "mla": accepted '
+                f"qk_nope_head_dim + qk_rope_head_dim = {qk}, or leave it out"
+            )
+        m["head_dim"] = qk
+    else:
+        for key in MLA_KEYS:
+            if m[key]:
+                raise PlanError(
+                    f'{path}: [model] {key} = {m[key]} is invalid with attention = "gqa": accepted only with '
+                    'attention = "mla" (leave it out)'
+                )
+        if m["head_dim"] is None:
+            raise missing("head_dim", 'with attention = "gqa"')
+    if m["first_k_dense"] and not m["dense_ffn_hidden"]:
+        raise missing("dense_ffn_hidden", f"with first_k_dense = {m['first_k_dense']}")
+    m["shared_ffn_hidden"] = m["shared_ffn_hidden"] or m["ffn_hidden"]
+
+
 def _build(cls, values: dict):
     return cls(**{f.name: values[f.name] for f in fields(cls)})
 
@@ -401,6 +471,7 @@ def load_plan(path: str) -> Plan:
         if section not in doc:
             raise PlanError(f"{path}: [{section}] is missing: accepted a file with [{'], ['.join(REQUIRED_SECTIONS)}]")
     s = {section: _section(path, section, doc.get(section, {})) for section in SCHEMA}
+    _model_keys(path, s["model"])
     s["model"]["kv_heads"] = s["model"]["kv_heads"] or s["model"]["heads"]
     s["workload"]["seq_len_min"] = s["workload"]["seq_len_min"] or s["workload"]["seq_len_max"]
     s["workload"]["microbatches"] = s["workload"]["microbatches"] or s["parallel"]["pp"]
