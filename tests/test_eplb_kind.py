@@ -193,6 +193,16 @@ def test_drift_epoch_zero_is_the_skew_and_a_drifted_router_routes_through_the_pe
     assert not torch.equal(E.drift_permutation(8, 7, 3, 0), E.drift_permutation(8, 7, 4, 0))  # epochs differ
 
 
+def test_drift_moves_the_choice_bias_with_its_router_row():
+    gen = torch.Generator().manual_seed(1)
+    w = MoEWeights(torch.randn(8, 16, generator=gen), torch.zeros(8, 16, 4), torch.zeros(8, 4, 16),
+                   torch.randn(8, generator=gen), torch.randn(8, generator=gen))  # fmt: skip
+    (d,) = E.drifted([w], 7, 2)
+    perm = E.drift_permutation(8, 7, 2, 0)
+    assert torch.equal(d.score_bias_E, w.score_bias_E[perm]) and torch.equal(d.router_bias_E, w.router_bias_E[perm])
+    assert d.w_in_EDH is w.w_in_EDH  # the experts stay where they are: only popularity moves
+
+
 # -------------------------------------------------------------------------------------------
 # 4. Real launches
 

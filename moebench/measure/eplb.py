@@ -19,6 +19,7 @@ recalibrated.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -111,13 +112,18 @@ def drift_permutation(num_experts: int, seed: int, epoch: int, layer: int) -> to
 
 
 def drifted(weights: list[MoEWeights], seed: int, epoch: int) -> list[MoEWeights]:
-    """The stack's weights with each layer's router rows permuted for ``epoch`` (module docstring)."""
+    """The stack's weights with each layer's router rows permuted for ``epoch`` (module docstring): the gate
+    rows, the calibrated offsets and the choice bias (``score_bias_E``) move together."""
     out = []
     for l, w in enumerate(weights):
         perm = drift_permutation(w.router_ED.shape[0], seed, epoch, l)
-        bias = None if w.router_bias_E is None else w.router_bias_E[perm]
-        out.append(MoEWeights(w.router_ED[perm], w.w_in_EDH, w.w_down_EFD, bias))
+        out.append(dataclasses.replace(w, router_ED=w.router_ED[perm], router_bias_E=_permuted(w.router_bias_E, perm),
+                                       score_bias_E=_permuted(w.score_bias_E, perm)))  # fmt: skip
     return out
+
+
+def _permuted(bias_E: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
+    return None if bias_E is None else bias_E[perm]
 
 
 def balance(received_LW) -> float:
