@@ -395,7 +395,8 @@ def _evaluate_impl(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict
     detail = f"{_impl(spec)} forward vs the fp64 reference: {error:.2e}, tolerance {tol:g}"
     if where is not None:
         detail += f"; first differs at {where['detail']}"
-    metrics = {"rel_error_forward": M.metric([error], "ratio", "lower", exact=True)}
+    finite = error < float("inf")  # a wrong shape or a NaN: no number to record, the check says why
+    metrics = {"rel_error_forward": M.metric([error], "ratio", "lower", exact=True)} if finite else {}
     checks = [{"name": "rel_error_within_tolerance", "pass": error <= tol, "detail": detail}]
     return metrics, checks, {"compared": "output (forward only)", "impl": _impl(spec), "first_difference": where}
 

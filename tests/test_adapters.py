@@ -1,0 +1,243 @@
+"""``[model] impl``: other MoE implementations checked against the fp64 reference (moebench/adapters/,
+docs/adapters.md). Planted ``python:`` implementations with a routing bug FAIL with the token and expert where
+they first differ; the Hugging Face blocks pass at the float32 tolerance (skipped without transformers); bad
+values are one-line errors; the default path never imports transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from moebench import adapters, kinds
+from moebench.cli import main
+from moebench.kinds import equivalence
+from moebench.scenario import ScenarioError, load
+from runtime import reference_moe
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCENARIO = """
+[scenario]
+name = "impl"
+kind = "{kind}"
+
+[model]
+hidden = 32
+ffn_hidden = 16
+num_experts = 8
+top_k = 2
+activation = "swiglu"
+impl = "{impl}"
+
+[routing]
+normalize_topk = true
+{routing}
+
+[parallel]
+world_size = {world}
+
+[workload]
+tokens_per_rank = 24
+"""
+
+# Written from the definitions, sharing no code with runtime/: softmax, top-2, renormalised, SwiGLU experts.
+PLANTED = """
+import torch
+
+class Planted(torch.nn.Module):
+    def __init__(self, weights, cfg, renormalise=True, drop=None):
+        super().__init__()
+        self.w, self.cfg, self.renormalise, self.drop = weights[0], cfg, renormalise, drop
+
+    def forward(self, x):
+        probs = torch.softmax(x @ self.w.router_ED.T, dim=-1)
+        top, ids = probs.topk(self.cfg.top_k, dim=-1)
+        if self.renormalise:
+            top = top / top.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        f = self.cfg.ffn_hidden_size
+        for t in range(x.shape[0]):
+            if t == self.drop:
+                continue
+            for g, e in zip(top[t], ids[t]):
+                h = x[t] @ self.w.w_in_EDH[e]
+                out[t] += g * ((torch.nn.functional.silu(h[:f]) * h[f:]) @ self.w.w_down_EFD[e])
+        return out
+
+def correct(weights, cfg):
+    return Planted(weights, cfg)
+
+def no_renormalise(weights, cfg):
+    return Planted(weights, cfg, renormalise=False)
+
+def drops_token_5(weights, cfg):
+    return Planted(weights, cfg, drop=5)
+"""
+
+
+def _spec(tmp_path, impl, kind="equivalence", routing="", world=1):
+    path = tmp_path / "impl.toml"
+    path.write_text(SCENARIO.format(kind=kind, impl=impl, routing=routing, world=world))
+    return load(path).runs[0]
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    (tmp_path / "planted_moe.py").write_text(PLANTED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("planted_moe", None)
+
+
+def _evaluate(spec):
+    return kinds.evaluate(spec, [equivalence.impl_forward(spec)])
+
+
+def test_a_correct_python_implementation_passes(tmp_path, planted):
+    metrics, checks, details = _evaluate(_spec(tmp_path, "python:planted_moe:correct"))
+    assert checks[0]["pass"] is True and metrics["rel_error_forward"]["median"] <= 1e-5
+    assert details["first_difference"] is None
+
+
+def _chosen(spec, t):
+    """The reference's top-2 experts of token t, by weight."""
+    _, weights, x_ND = equivalence.impl_inputs(spec)
+    probs = torch.softmax(x_ND[t].double() @ weights[0].router_ED.double().T, dim=-1)
+    return set(probs.topk(2).indices.tolist()), int(probs.argmax())
+
+
+def test_an_implementation_that_forgets_to_renormalise_fails_at_token_0(tmp_path, planted):
+    spec = _spec(tmp_path, "python:planted_moe:no_renormalise")
+    metrics, checks, details = _evaluate(spec)
+    assert checks[0]["pass"] is False and metrics["rel_error_forward"]["median"] > 1e-2
+    where = details["first_difference"]
+    assert where["token"] == 0 and where["expert"] in _chosen(spec, 0)[0]  # one of the experts it under-weighs
+    assert "first differs at token 0, expert" in checks[0]["detail"]
+
+
+def test_an_implementation_that_drops_a_token_fails_naming_it_and_one_of_its_experts(tmp_path, planted):
+    spec = _spec(tmp_path, "python:planted_moe:drops_token_5")
+    _, checks, details = _evaluate(spec)
+    where = details["first_difference"]
+    assert checks[0]["pass"] is False
+    # token 5's output is missing: its difference is −Σ g_e·expert_e over its two experts, named by the largest term
+    assert where["token"] == 5 and where["expert"] in _chosen(spec, 5)[0]
+    assert where["detail"].startswith("token 5, expert ")
+
+
+def test_a_wrong_shape_fails_instead_of_crashing(tmp_path, planted):
+    spec = _spec(tmp_path, "python:planted_moe:correct")
+    out = equivalence.impl_forward(spec)
+    _, checks, details = kinds.evaluate(spec, [out | {"out": out["out"][:-1]}])
+    assert checks[0]["pass"] is False and "output shape (23, 32)" in details["first_difference"]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("impl", "kind", "routing", "world", "message"),
+    [
+        ("hf:llama", "equivalence", "", 1, "[model] impl = 'hf:llama' is invalid: unknown family 'llama': accepted"),
+        ("python:no.such.module:f", "equivalence", "", 1, "module 'no.such.module' cannot be imported"),
+        ("pythn:x", "equivalence", "", 1, "[model] impl = 'pythn:x' is invalid: accepted \"runtime\""),
+        ("python:planted_moe:correct", "equivalence", "", 2, "[parallel] world_size = 2 is invalid with [model] impl"),
+        (
+            "python:planted_moe:correct",
+            "throughput",
+            "",
+            1,
+            'is invalid for kind = "throughput": accepted only with kind "equivalence"',
+        ),
+        ("python:planted_moe:correct", "equivalence", "capacity_factor = 1.0", 1, None),
+    ],
+)
+def test_a_bad_impl_is_a_one_line_error_naming_the_file_key_and_value(
+    tmp_path, planted, impl, kind, routing, world, message
+):
+    if message is None:  # a python: implementation gets the config: capacity is its business, not refused
+        assert _spec(tmp_path, impl, kind, routing, world).model["impl"] == impl
+        return
+    with pytest.raises(ScenarioError) as err:
+        _spec(tmp_path, impl, kind, routing, world)
+    text = str(err.value)
+    assert "\n" not in text and str(tmp_path / "impl.toml") in text and message in text
+
+
+def test_the_cli_exits_2_on_a_bad_impl(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(SCENARIO.format(kind="equivalence", impl="hf:nope", routing="", world=1))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hf:nope" in err[0]
+
+
+def test_hf_without_transformers_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ScenarioError, match=r"needs transformers, which is not installed: accepted after pip install"):
+        _spec(tmp_path, "hf:mixtral")
+
+
+def test_the_default_path_never_imports_transformers():
+    code = textwrap.dedent(f"""
+        import sys
+        from moebench.scenario import load
+        from moebench.kinds import equivalence
+        load({str(REPO / "scenarios" / "tour-equivalence-top2.toml")!r})
+        print("transformers" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -------------------------------------------------------------------------------------------
+# The Hugging Face blocks (skipped without transformers)
+
+HF_ROUTING = {
+    "mixtral": "",
+    "qwen2_moe": "",
+    "qwen3_moe": "",
+    "olmoe": "",
+    "deepseek_v3": 'scoring = "sigmoid"\ngroup_limited = [4, 2]\nscore_bias = 0.1\nrouted_scaling = 2.5',
+}
+
+
+@pytest.mark.parametrize("family", list(HF_ROUTING))
+def test_each_hf_block_matches_the_fp64_reference_at_the_float32_tolerance(tmp_path, family):
+    pytest.importorskip("transformers")
+    spec = _spec(tmp_path, f"hf:{family}", routing=HF_ROUTING[family])
+    metrics, checks, _ = _evaluate(spec)
+    assert checks[0]["pass"] is True, checks[0]["detail"]
+    assert metrics["rel_error_forward"]["median"] <= equivalence.TOLERANCE["float32"]
+
+
+def test_the_hf_weight_mapping_is_what_the_block_computes(tmp_path):
+    """Swapping gate and up halves of w_in (a planted mapping bug) moves the Mixtral block off the reference."""
+    pytest.importorskip("transformers")
+    spec = _spec(tmp_path, "hf:mixtral")
+    c, weights, x_ND = equivalence.impl_inputs(spec)
+    f = c.moe.ffn_hidden_size
+    w = weights[0]
+    swapped = type(w)(w.router_ED, torch.cat([w.w_in_EDH[..., f:], w.w_in_EDH[..., :f]], dim=-1), w.w_down_EFD)
+    block = adapters.build("hf:mixtral", [swapped], c.moe)
+    ref = reference_moe(x_ND.double(), w, c.moe).out_ND
+    with torch.no_grad():
+        assert equivalence.rel_error(block(x_ND), ref) > 1e-2
+        assert equivalence.rel_error(adapters.build("hf:mixtral", weights, c.moe)(x_ND), ref) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("family", "routing", "refused"),
+    [
+        ("mixtral", 'scoring = "sigmoid"', "a router variant"),
+        ("qwen3_moe", "routed_scaling = 2.0", "a router variant"),
+        ("deepseek_v3", "", 'scoring = "softmax": accepted scoring = "sigmoid"'),
+    ],
+)
+def test_a_routing_the_family_cannot_express_is_refused_in_one_line(tmp_path, family, routing, refused):
+    pytest.importorskip("transformers")
+    with pytest.raises(ScenarioError) as err:
+        _spec(tmp_path, f"hf:{family}", routing=routing)
+    assert "\n" not in str(err.value) and "cannot express this layer" in str(err.value) and refused in str(err.value)
