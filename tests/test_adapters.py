@@ -241,3 +241,12 @@ def test_a_routing_the_family_cannot_express_is_refused_in_one_line(tmp_path, fa
     with pytest.raises(ScenarioError) as err:
         _spec(tmp_path, f"hf:{family}", routing=routing)
     assert "\n" not in str(err.value) and "cannot express this layer" in str(err.value) and refused in str(err.value)
+
+
+def test_the_real_models_scenarios_name_every_family_once():
+    pytest.importorskip("transformers")
+    from moebench.scenario import discover
+
+    runs = [r for path in discover([REPO / "scenarios" / "real-models"]) for r in load(path).runs]
+    assert sorted(r.model["impl"] for r in runs) == sorted(f"hf:{f}" for f in adapters.hf.FAMILIES)
+    assert all(r.kind == "equivalence" and r.world_size == 1 for r in runs)

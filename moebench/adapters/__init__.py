@@ -39,7 +39,7 @@ def check(impl: str, cfg: MoEConfig) -> None:
         family = impl[3:]
         if family not in hf.FAMILIES:
             raise _bad(impl, f"unknown family {family!r}: ")
-        if importlib.util.find_spec("transformers") is None:
+        if not _installed("transformers"):
             raise ValueError(
                 f"[model] impl = {impl!r} needs transformers, which is not installed: "
                 "accepted after pip install 'moebench[hf]', or impl = \"runtime\""
@@ -49,6 +49,14 @@ def check(impl: str, cfg: MoEConfig) -> None:
             raise ValueError(f"[model] impl = {impl!r} cannot express this layer: {refusal}")
         return
     _factory(impl)
+
+
+def _installed(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it (a module blocked in sys.modules: no)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ValueError, ImportError):
+        return False
 
 
 def _factory(impl: str):
