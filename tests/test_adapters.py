@@ -16,15 +16,21 @@ import torch
 from moebench import adapters, kinds
 from moebench.cli import main
 from moebench.kinds import equivalence
+from moebench.launch.spawn import RankContext
+from moebench.measure import impl as impl_measure
 from moebench.scenario import ScenarioError, load
+from moebench.workload.tokens import tokens
 from runtime import reference_moe
 
 REPO = Path(__file__).resolve().parents[1]
+CTX = RankContext(rank=0, world_size=1, group=None, device=torch.device("cpu"), backend="gloo")
 
 SCENARIO = """
 [scenario]
 name = "impl"
 kind = "{kind}"
+warmup = 1
+repeats = 3
 
 [model]
 hidden = 32
@@ -69,6 +75,10 @@ class Planted(torch.nn.Module):
                 out[t] += g * ((torch.nn.functional.silu(h[:f]) * h[f:]) @ self.w.w_down_EFD[e])
         return out
 
+class Routed(Planted):
+    def route(self, x):
+        return torch.softmax(x @ self.w.router_ED.T, dim=-1).topk(self.cfg.top_k, dim=-1).indices
+
 def correct(weights, cfg):
     return Planted(weights, cfg)
 
@@ -77,6 +87,9 @@ def no_renormalise(weights, cfg):
 
 def drops_token_5(weights, cfg):
     return Planted(weights, cfg, drop=5)
+
+def routed(weights, cfg):
+    return Routed(weights, cfg)
 """
 
 
@@ -146,10 +159,10 @@ def test_a_wrong_shape_fails_instead_of_crashing(tmp_path, planted):
         ("python:planted_moe:correct", "equivalence", "", 2, "[parallel] world_size = 2 is invalid with [model] impl"),
         (
             "python:planted_moe:correct",
-            "throughput",
+            "dispatch",
             "",
             1,
-            'is invalid for kind = "throughput": accepted only with kind "equivalence"',
+            'is invalid for kind = "dispatch": accepted only with kind "throughput" or "latency" or',
         ),
         ("python:planted_moe:correct", "equivalence", "capacity_factor = 1.0", 1, None),
     ],
@@ -184,7 +197,7 @@ def test_the_default_path_never_imports_transformers():
     code = textwrap.dedent(f"""
         import sys
         from moebench.scenario import load
-        from moebench.kinds import equivalence
+        from moebench.kinds import equivalence, latency, load_balance, throughput
         load({str(REPO / "scenarios" / "tour-equivalence-top2.toml")!r})
         print("transformers" in sys.modules)
     """)
@@ -250,3 +263,64 @@ def test_the_real_models_scenarios_name_every_family_once():
     runs = [r for path in discover([REPO / "scenarios" / "real-models"]) for r in load(path).runs]
     assert sorted(r.model["impl"] for r in runs) == sorted(f"hf:{f}" for f in adapters.hf.FAMILIES)
     assert all(r.kind == "equivalence" and r.world_size == 1 for r in runs)
+
+
+# -------------------------------------------------------------------------------------------
+# throughput, latency and load_balance with impl
+
+
+@pytest.mark.parametrize("kind", ["throughput", "latency"])
+def test_impl_over_runtime_is_the_round_by_round_ratio_of_the_two_forwards(tmp_path, planted, kind):
+    spec = _spec(tmp_path, "python:planted_moe:correct", kind=kind)
+    raw = impl_measure.impl_timed(CTX, spec, None)
+    assert len(raw["step"]) == len(raw["runtime_step"]) == 3 and raw["finite"] is True
+    raw |= {"step": [2.0, 3.0, 4.0], "runtime_step": [1.0, 2.0, 1.0]}  # ratios 2, 1.5, 4: median 2
+    metrics, checks, _ = kinds.evaluate(spec, [raw])
+    assert metrics["impl_over_runtime"]["median"] == 2.0 and metrics["step_time_s"]["median"] == 3.0
+    assert ("tokens_per_s" in metrics) == (kind == "throughput") and checks[0]["pass"] is True
+
+
+def test_load_balance_reads_the_counts_through_the_route_hook(tmp_path, planted):
+    spec = _spec(tmp_path, "python:planted_moe:routed", kind="load_balance")
+    batches = impl_measure.impl_routing(CTX, spec, 2)
+    weights, moe = impl_measure.impl_weights(spec), spec.moe_config()
+    for b, batch in enumerate(batches):  # the reference's counts on the batch the kind routes
+        x_TD = tokens(24, moe.hidden_size, spec.workload["seed"], 1_000 * (b + 1))
+        assert batch["counts_WE"] == [[reference_moe(x_TD, weights[0], moe).counts_E]]
+    metrics, _, _ = kinds.evaluate(spec, [{"batches": batches}])
+    assert metrics["tokens_dropped"]["median"] == 0
+
+
+def test_load_balance_without_a_route_hook_is_a_one_line_error(tmp_path, planted):
+    spec = _spec(tmp_path, "python:planted_moe:correct", kind="load_balance")
+    with pytest.raises(ValueError, match=r"^Planted has no route\(x_TD\) method: accepted an implementation whose"):
+        impl_measure.impl_routing(CTX, spec, 1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("[parallel]\noverlap_chunks = 2", "[parallel] overlap_chunks = 2 is invalid with [model] impl"),
+        ('[workload]\nskew = "zipf"', "[workload] skew = 'zipf' is invalid with [model] impl"),
+        ("[alerts]", "[alerts] = True is invalid with [model] impl"),
+    ],
+)
+def test_a_timed_run_with_impl_refuses_what_belongs_to_the_runtime_layer(tmp_path, planted, extra, message):
+    text = SCENARIO.format(kind="throughput", impl="python:planted_moe:correct", routing="", world=1)
+    section = extra.partition("\n")[0]
+    text = text.replace(section, extra) if section in text else text + "\n" + extra + "\n"
+    path = tmp_path / "impl.toml"
+    path.write_text(text)
+    with pytest.raises(ScenarioError) as err:
+        load(path)
+    assert "\n" not in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.parametrize("family", list(HF_ROUTING))
+def test_each_hf_block_routes_as_the_fp64_reference_counts(tmp_path, family):
+    pytest.importorskip("transformers")
+    spec = _spec(tmp_path, f"hf:{family}", kind="load_balance", routing=HF_ROUTING[family])
+    (batch,) = impl_measure.impl_routing(CTX, spec, 1)
+    moe = spec.moe_config()
+    x_TD = tokens(24, moe.hidden_size, spec.workload["seed"], 1_000)
+    assert batch["counts_WE"] == [[reference_moe(x_TD, impl_measure.impl_weights(spec)[0], moe).counts_E]]

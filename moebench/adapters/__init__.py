@@ -82,9 +82,15 @@ def build(impl: str, weights: list[MoEWeights], cfg: MoEConfig) -> torch.nn.Modu
     return _factory(impl)(weights, cfg)
 
 
-def router_logits(module: torch.nn.Module, x_TD: torch.Tensor) -> torch.Tensor | None:
-    """The router's logits [T, E] of an "hf:" block (its ``gate``), None for an implementation without one."""
-    gate = getattr(module, "gate", None)
-    if gate is None or not hasattr(gate, "weight"):
-        return None
-    return x_TD.float() @ gate.weight.float().T
+def routing_counts(module: torch.nn.Module, x_TD: torch.Tensor, num_experts: int) -> list[int]:
+    """Copies routed to each expert on ``x_TD``, from the implementation's optional ``route(x_TD)`` hook (its
+    chosen expert ids [T, K]; an "hf:" block's is its own router's choice). ``ValueError`` without the hook."""
+    route = getattr(module, "route", None)
+    if not callable(route):
+        raise ValueError(
+            f"{type(module).__name__} has no route(x_TD) method: accepted an implementation whose route returns its "
+            "chosen expert ids [T, K] (every hf: block has one) for kind load_balance"
+        )
+    with torch.no_grad():
+        ids_TK = route(x_TD)
+    return torch.bincount(ids_TK.reshape(-1).long().cpu(), minlength=num_experts).tolist()

@@ -108,11 +108,14 @@ class HFBlock(torch.nn.Module):
     def __init__(self, block: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
         self.block = block.to(dtype)
-        self.gate = block.gate  # the router, for routing counts read from its logits
         self.dtype = dtype
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.block(x_TD.to(self.dtype)[None])[0]
+
+    def route(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The block's own router's choice [T, K]: its ``gate`` returns (logits, weights, top-k ids)."""
+        return self.block.gate(x_TD.to(self.dtype))[2]
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from moebench import adapters
 from moebench import metrics as M
 from moebench.measure import slowdown
 from moebench.measure.common import sampler
+from moebench.measure.impl import check_impl
 from moebench.measure.offload import offload_config
 from moebench.workload.tokens import layer_weights
 from runtime import MoEConfig, MoEWeights, ParallelConfig, reference_moe
@@ -313,21 +314,7 @@ def _impl(spec: RunSpec) -> str:
 
 def validate(spec: RunSpec) -> None:
     """``[model] impl``: one layer at world size 1, an implementation that can express the layer."""
-    impl = _impl(spec)
-    if impl == adapters.RUNTIME:
-        return
-    if spec.world_size != 1:
-        raise ValueError(
-            f"[parallel] world_size = {spec.world_size} is invalid with [model] impl = {impl!r}: accepted 1"
-        )
-    if spec.model["layers"] != 1:
-        raise ValueError(f"[model] layers = {spec.model['layers']} is invalid with [model] impl = {impl!r}: accepted 1")
-    if spec.workload["skew"] != "uniform":
-        raise ValueError(
-            f"[workload] skew = {spec.workload['skew']!r} is invalid with [model] impl = {impl!r}: accepted "
-            '"uniform" (the implementation gets the seeded weights without a skew\'s router offset)'
-        )
-    adapters.check(impl, spec.moe_config())
+    check_impl(spec)
 
 
 def impl_inputs(spec: RunSpec) -> tuple[Case, list[MoEWeights], torch.Tensor]:
