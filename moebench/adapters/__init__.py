@@ -32,18 +32,14 @@ def _bad(impl: str, why: str) -> ValueError:
 
 def check(impl: str, cfg: MoEConfig) -> None:
     """Raise ``ValueError`` (one line, naming the key and value) unless ``impl`` names an implementation
-    that exists here and can express ``cfg``'s layer; imports a "python:" module, never transformers."""
+    that exists here and can express ``cfg``'s layer; imports a "python:" module, never transformers (whether
+    transformers is installed is ``build``'s question: a scenario naming hf: still loads and lists without it)."""
     if impl == RUNTIME:
         return
     if impl.startswith("hf:"):
         family = impl[3:]
         if family not in hf.FAMILIES:
             raise _bad(impl, f"unknown family {family!r}: ")
-        if not _installed("transformers"):
-            raise ValueError(
-                f"[model] impl = {impl!r} needs transformers, which is not installed: "
-                "accepted after pip install 'moebench[hf]', or impl = \"runtime\""
-            )
         refusal = hf.refusal(family, cfg)
         if refusal:
             raise ValueError(f"[model] impl = {impl!r} cannot express this layer: {refusal}")
@@ -78,6 +74,11 @@ def build(impl: str, weights: list[MoEWeights], cfg: MoEConfig) -> torch.nn.Modu
     """The implementation ``impl`` names, built from the global ``weights`` and ``cfg`` (``check`` first)."""
     check(impl, cfg)
     if impl.startswith("hf:"):
+        if not _installed("transformers"):
+            raise ValueError(
+                f"[model] impl = {impl!r} needs transformers, which is not installed: "
+                "accepted after pip install 'moebench[hf]', or impl = \"runtime\""
+            )
         return hf.build(impl[3:], weights[0], cfg)
     return _factory(impl)(weights, cfg)
 
