@@ -143,6 +143,14 @@ def test_an_implementation_that_drops_a_token_fails_naming_it_and_one_of_its_exp
     assert where["detail"].startswith("token 5, expert ")
 
 
+def test_a_disagreement_under_deepseek_routing_fails_naming_token_and_expert_without_crashing(tmp_path, planted):
+    routing = 'scoring = "sigmoid"\ngroup_limited = [4, 2]\nscore_bias = 0.1\nrouted_scaling = 2.5'
+    spec = _spec(tmp_path, "python:planted_moe:correct", routing=routing)  # a softmax router: not DeepSeek's
+    _, checks, details = _evaluate(spec)
+    where = details["first_difference"]
+    assert checks[0]["pass"] is False and where["token"] == 0 and 0 <= where["expert"] < 8
+
+
 def test_a_wrong_shape_fails_instead_of_crashing(tmp_path, planted):
     spec = _spec(tmp_path, "python:planted_moe:correct")
     out = equivalence.impl_forward(spec)

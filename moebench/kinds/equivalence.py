@@ -265,9 +265,8 @@ def compare(ep: Result, ref: Result) -> dict[str, float]:
 
 NAME = "equivalence"
 ORDER = 4  # place in listings and "accepted" lists
-FEATURES = frozenset(
-    {"overlap", "offload", "impl"}
-)  # overlapped chunks and offload are checked too; forward only with offload
+# overlapped chunks and offload are checked too (forward only with offload); impl: another implementation's forward
+FEATURES = frozenset({"overlap", "offload", "impl"})
 COLUMNS = (
     ("rel_error_forward", "fwd rel err", 1, ".1e"),
     ("rel_error_grad", "grad rel err", 1, ".1e"),
@@ -334,36 +333,30 @@ def impl_forward(spec: RunSpec) -> dict:
     return {"out": out_ND.float().cpu(), "impl": _impl(spec)}
 
 
-def first_difference(out_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig, x_ND: torch.Tensor, tol: float):
-    """Where an implementation's output first leaves the reference's: the first token whose row error
-    ‖out_t − ref_t‖ exceeds tol · ‖ref‖/√N, and the expert that explains most of that row's difference (the
-    difference fitted by least squares on every expert's fp64 output for the token; the largest term).
-    None when no row differs."""
-    ref = reference_moe(x_ND.double(), weights, cfg).out_ND
-    if out_ND.shape != ref.shape:
-        return {
-            "token": 0,
-            "expert": None,
-            "detail": f"output shape {tuple(out_ND.shape)}, reference {tuple(ref.shape)}",
-        }
-    diff_ND = out_ND.double() - ref
-    scale = tol * ref.norm().item() / max(ref.shape[0], 1) ** 0.5
+def first_difference(
+    out_ND: torch.Tensor, ref_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig, x_ND: torch.Tensor, tol: float
+) -> dict | None:
+    """Where an implementation's output first leaves the reference's ``ref_ND``: the first token whose row
+    error ‖out_t − ref_t‖ exceeds tol · ‖ref‖/√N, and the expert that explains most of that row's difference
+    (the difference fitted by least squares on every expert's own fp64 output for the token; the expert of the
+    largest term |c_e| · ‖expert_e(x_t)‖). None when no row differs."""
+    if out_ND.shape != ref_ND.shape:
+        shapes = f"output shape {tuple(out_ND.shape)}, reference {tuple(ref_ND.shape)}"
+        return {"token": 0, "expert": None, "detail": shapes}
+    diff_ND = out_ND.double() - ref_ND
+    scale = tol * ref_ND.norm().item() / max(ref_ND.shape[0], 1) ** 0.5
     rows = (diff_ND.norm(dim=1) > scale) | ~torch.isfinite(diff_ND).all(dim=1)
     if not rows.any():
         return None
     t = int(rows.nonzero()[0, 0])
-    one = dataclasses.replace(cfg, num_experts=1, top_k=1, normalize_topk=False, routed_scaling=1.0)
+    one = MoEConfig(cfg.hidden_size, cfg.ffn_hidden_size, 1, activation=cfg.activation)  # one expert, weight 1
     columns = []
     for e in range(cfg.num_experts):  # each expert's own output for token t
         single = MoEWeights(torch.zeros(1, cfg.hidden_size), weights.w_in_EDH[e : e + 1], weights.w_down_EFD[e : e + 1])
-        plain = dataclasses.replace(
-            one, scoring="softmax", topk_before_softmax=False, group_limited=None, score_bias=0.0
-        )
-        columns.append(reference_moe(x_ND[t : t + 1].double(), single, plain).out_ND[0])
+        columns.append(reference_moe(x_ND[t : t + 1].double(), single, one).out_ND[0])
     basis_DE = torch.stack(columns, dim=1)
     coef_E = torch.linalg.lstsq(basis_DE, diff_ND[t].nan_to_num().unsqueeze(1)).solution[:, 0]
-    share_E = coef_E.abs() * basis_DE.norm(dim=0)
-    e = int(share_E.argmax())
+    e = int((coef_E.abs() * basis_DE.norm(dim=0)).argmax())
     return {
         "token": t,
         "expert": e,
@@ -378,7 +371,7 @@ def _evaluate_impl(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict
     ref = reference_moe(x_ND.double(), weights[0], c.moe).out_ND
     error = rel_error(out, ref) if out.shape == ref.shape else float("inf")
     tol = TOLERANCE[spec.model["dtype"]]
-    where = first_difference(out, weights[0], c.moe, x_ND, tol) if not error <= tol else None
+    where = first_difference(out, ref, weights[0], c.moe, x_ND, tol) if not error <= tol else None
     detail = f"{_impl(spec)} forward vs the fp64 reference: {error:.2e}, tolerance {tol:g}"
     if where is not None:
         detail += f"; first differs at {where['detail']}"
