@@ -107,10 +107,11 @@ def tests(session: nox.Session) -> None:
 
     It asserts logic, never this host's speed, and leaves out the long end-to-end runs (marked `slow`:
     `nox -s slow` runs them) and the `timing` tests (`nox -s regress` runs them). The `plots` extra
-    (matplotlib) is installed too, so the report page's drawing tests run, not skip. Arguments after
+    (matplotlib) is installed too, so the report page's drawing tests run, not skip, and the `hf` extra
+    (transformers, pinned), so the Hugging Face adapters' tests run. Arguments after
     `--` come after the marker expression, so `nox -s tests -- -m slow` or a test's node id work as usual.
     """
-    _install(session, "[test,plots]")
+    _install(session, "[test,plots,hf]")
     # The venv's python, even if pytest is a system install; timing tests off even if the caller's shell set them on.
     session.run("python", "-m", "pytest", "-m", UNIT, *session.posargs, env={"MOEBENCH_TIMING_TESTS": "0"})
 
@@ -119,7 +120,7 @@ def tests(session: nox.Session) -> None:
 def slow(session: nox.Session) -> None:
     """The long end-to-end tests (marked `slow`, not `timing`): spawned and torchrun runs of whole
     scenarios, a two-node torchrun rendezvous on loopback, the process-life checks. Logic, not speed."""
-    _install(session, "[test,plots]")
+    _install(session, "[test,plots,hf]")
     session.run(
         "python", "-m", "pytest", "-m", "slow and not timing", *session.posargs, env={"MOEBENCH_TIMING_TESTS": "0"}
     )

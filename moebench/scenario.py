@@ -190,6 +190,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "shared_expert_gate": Key(False, *_BOOL),  # Qwen2-MoE: the shared output × sigmoid(x · w_gate)
         "vocab": Key(0, *_int(0, 2**24)),
         "recompute": Key("none", *_choice(*RECOMPUTE)),  # kind "train": what backward recomputes
+        # the MoE implementation under test (moebench/adapters/, docs/adapters.md)
+        "impl": Key(
+            "runtime", *_text(r"\S{1,512}", 'a string: "runtime", "hf:<family>" or "python:package.module:factory"')
+        ),
     },
     "routing": {
         "capacity_factor": Key(0.0, *_number(0)),
@@ -569,6 +573,7 @@ def _features(spec: RunSpec) -> dict[str, object]:
         "eplb": spec.eplb["interval"] or None,
         "dp": spec.parallel["mode"] if spec.parallel["mode"] == "dp" else None,
         "alerts": spec.alerts or None,
+        "impl": None if spec.model.get("impl", "runtime") == "runtime" else spec.model["impl"],
     }
     return {feature: value for feature, value in asked.items() if value is not None}
 

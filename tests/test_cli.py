@@ -14,6 +14,7 @@ import torch
 from moebench import runner
 from moebench.cli import main
 from moebench.measure.eplb import EPLB_METRICS
+from moebench.measure.impl import IMPL_METRICS
 from moebench.measure.offload import OFFLOAD_METRICS
 from moebench.measure.overlap import OVERLAP_METRICS
 from moebench.measure.series import ALERT_METRICS
@@ -68,8 +69,9 @@ def test_run_writes_the_documented_json_and_report_prints_the_same_table(tmp_pat
     assert (one["params"], two["params"]) == ({"world_size": 1}, {"world_size": 2})
     # every documented metric, but each run has one reference for its dispatch: the all-to-all at
     # W > 1, the local floors at W = 1; the overlap metrics only with overlap_chunks, the offload
-    # ones only with [offload], the EPLB ones only with [eplb] interval, the alerts only with [alerts]
-    optional = set(OVERLAP_METRICS) | set(OFFLOAD_METRICS) | set(EPLB_METRICS) | set(ALERT_METRICS)
+    # ones only with [offload], the EPLB ones only with [eplb] interval, the alerts only with [alerts], the
+    # impl ones only with [model] impl
+    optional = set(OVERLAP_METRICS) | set(OFFLOAD_METRICS) | set(EPLB_METRICS) | set(ALERT_METRICS) | set(IMPL_METRICS)
     documented = set(METRICS["throughput"]) - optional
     with_a2a = {n for n in documented if "a2a" in n}
     assert documented - set(two["metrics"]) == {"dispatch_over_floor", "combine_over_floor"}

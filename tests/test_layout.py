@@ -29,6 +29,7 @@ LAYERS = (
     ("moebench.report",),
     ("moebench.launch",),
     ("moebench.measure",),
+    ("moebench.adapters",),  # other MoE implementations behind one contract ([model] impl)
     ("moebench.workload",),
     ("moebench.spec",),
     ("moebench.metrics", "moebench.text", "moebench.atomic", "moebench"),

@@ -142,7 +142,7 @@ def test_every_session_installs_under_the_constraints_and_the_unit_suite_leaves_
     noxfile.slow(slow)
     noxfile.lint(lint)
     assert noxfile.CONSTRAINTS == ("-c", "constraints/test.txt")
-    assert unit.installs == slow.installs == [("-c", "constraints/test.txt", "-e", ".[test,plots]")]
+    assert unit.installs == slow.installs == [("-c", "constraints/test.txt", "-e", ".[test,plots,hf]")]
     assert lint.installs == [("-c", "constraints/test.txt", "ruff")]
     ((args, env),) = unit.runs
     assert args == ("python", "-m", "pytest", "-m", "not slow and not timing", "tests/x.py")  # posargs last: they win

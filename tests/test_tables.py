@@ -153,6 +153,7 @@ def test_list_shows_every_shipped_set_and_the_plans_under_a_header_each(capsys):
         "scenarios/multigpu/  (moebench run scenarios/multigpu)",
         "scenarios/plans/  (moebench plan scenarios/plans/FILE.toml)",
         "scenarios/plans/models/  (moebench plan scenarios/plans/models/FILE.toml)",
+        "scenarios/real-models/  (moebench run scenarios/real-models)",
         "scenarios/regress/  (moebench run scenarios/regress)",
         "scenarios/sweeps/  (moebench run scenarios/sweeps)",
     ]

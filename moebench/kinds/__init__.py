@@ -47,6 +47,7 @@ FEATURES = {
     "decoder": "[model] attention_heads",  # a decoder with attention ([serve] and the other decoder keys)
     "dp": "[parallel] mode",  # "dp": the data-parallel baseline, every rank holds every expert
     "alerts": "[alerts]",  # the deployment plan's alerts, judged on per-step series (moebench/measure/series.py)
+    "impl": "[model] impl",  # another MoE implementation (moebench/adapters/) in place of the runtime's layer
 }
 
 

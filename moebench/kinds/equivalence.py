@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moebench import adapters
 from moebench import metrics as M
 from moebench.measure import slowdown
 from moebench.measure.common import sampler
+from moebench.measure.impl import check_impl
 from moebench.measure.offload import offload_config
 from moebench.workload.tokens import layer_weights
 from runtime import MoEConfig, MoEWeights, ParallelConfig, reference_moe
@@ -263,7 +265,8 @@ def compare(ep: Result, ref: Result) -> dict[str, float]:
 
 NAME = "equivalence"
 ORDER = 4  # place in listings and "accepted" lists
-FEATURES = frozenset({"overlap", "offload"})  # overlapped chunks and offload are checked too; forward only with offload
+# overlapped chunks and offload are checked too (forward only with offload); impl: another implementation's forward
+FEATURES = frozenset({"overlap", "offload", "impl"})
 COLUMNS = (
     ("rel_error_forward", "fwd rel err", 1, ".1e"),
     ("rel_error_grad", "grad rel err", 1, ".1e"),
@@ -296,16 +299,93 @@ def window_tokens(spec: RunSpec) -> int:
 
 
 def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
-    """This rank's forward and backward of the case (``run_rank``), under the sampler."""
+    """This rank's forward and backward of the case (``run_rank``), under the sampler; with ``[model] impl``
+    the implementation's forward on the whole batch (world size 1)."""
     with sampler(ctx, interval) as s:
-        out = run_rank(ctx, case(spec))
+        out = impl_forward(spec) if _impl(spec) != adapters.RUNTIME else run_rank(ctx, case(spec))
     out["telemetry"] = s.summary()
     return out
+
+
+def _impl(spec: RunSpec) -> str:
+    return spec.model.get("impl", adapters.RUNTIME)
+
+
+def validate(spec: RunSpec) -> None:
+    """``[model] impl``: one layer at world size 1, an implementation that can express the layer."""
+    check_impl(spec)
+
+
+def impl_inputs(spec: RunSpec) -> tuple[Case, list[MoEWeights], torch.Tensor]:
+    """The case, its seeded weights without the skew calibration's router offset (no family's router has a
+    bias: the implementation and the reference both get ``init_weights``' tensors) and its tokens."""
+    c = case(spec)
+    weights, x_ND, _ = make_inputs(c)
+    return c, [dataclasses.replace(w, router_bias_E=None) for w in weights], x_ND
+
+
+def impl_forward(spec: RunSpec) -> dict:
+    """The implementation's output on the case's tokens and weights (forward only, no gradients)."""
+    c, weights, x_ND = impl_inputs(spec)
+    module = adapters.build(_impl(spec), weights, c.moe)
+    with torch.no_grad():
+        out_ND = module(x_ND.to(c.moe.torch_dtype))
+    return {"out": out_ND.float().cpu(), "impl": _impl(spec)}
+
+
+def first_difference(
+    out_ND: torch.Tensor, ref_ND: torch.Tensor, weights: MoEWeights, cfg: MoEConfig, x_ND: torch.Tensor, tol: float
+) -> dict | None:
+    """Where an implementation's output first leaves the reference's ``ref_ND``: the first token whose row
+    error ‖out_t − ref_t‖ exceeds tol · ‖ref‖/√N, and the expert that explains most of that row's difference
+    (the difference fitted by least squares on every expert's own fp64 output for the token; the expert of the
+    largest term |c_e| · ‖expert_e(x_t)‖). None when no row differs."""
+    if out_ND.shape != ref_ND.shape:
+        shapes = f"output shape {tuple(out_ND.shape)}, reference {tuple(ref_ND.shape)}"
+        return {"token": 0, "expert": None, "detail": shapes}
+    diff_ND = out_ND.double() - ref_ND
+    scale = tol * ref_ND.norm().item() / max(ref_ND.shape[0], 1) ** 0.5
+    rows = (diff_ND.norm(dim=1) > scale) | ~torch.isfinite(diff_ND).all(dim=1)
+    if not rows.any():
+        return None
+    t = int(rows.nonzero()[0, 0])
+    one = MoEConfig(cfg.hidden_size, cfg.ffn_hidden_size, 1, activation=cfg.activation)  # one expert, weight 1
+    columns = []
+    for e in range(cfg.num_experts):  # each expert's own output for token t
+        single = MoEWeights(torch.zeros(1, cfg.hidden_size), weights.w_in_EDH[e : e + 1], weights.w_down_EFD[e : e + 1])
+        columns.append(reference_moe(x_ND[t : t + 1].double(), single, one).out_ND[0])
+    basis_DE = torch.stack(columns, dim=1)
+    coef_E = torch.linalg.lstsq(basis_DE, diff_ND[t].nan_to_num().unsqueeze(1)).solution[:, 0]
+    e = int((coef_E.abs() * basis_DE.norm(dim=0)).argmax())
+    return {
+        "token": t,
+        "expert": e,
+        "detail": f"token {t}, expert {e} (weighted {coef_E[e].item():+.3g} off the reference)",
+    }
+
+
+def _evaluate_impl(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    """An implementation against the fp64 reference: the forward's relative error, and where it first differs."""
+    c, weights, x_ND = impl_inputs(spec)
+    out = per_rank[0]["out"]
+    ref = reference_moe(x_ND.double(), weights[0], c.moe).out_ND
+    error = rel_error(out, ref) if out.shape == ref.shape else float("inf")
+    tol = TOLERANCE[spec.model["dtype"]]
+    where = first_difference(out, ref, weights[0], c.moe, x_ND, tol) if not error <= tol else None
+    detail = f"{_impl(spec)} forward vs the fp64 reference: {error:.2e}, tolerance {tol:g}"
+    if where is not None:
+        detail += f"; first differs at {where['detail']}"
+    finite = error < float("inf")  # a wrong shape or a NaN: no number to record, the check says why
+    metrics = {"rel_error_forward": M.metric([error], "ratio", "lower", exact=True)} if finite else {}
+    checks = [{"name": "rel_error_within_tolerance", "pass": error <= tol, "detail": detail}]
+    return metrics, checks, {"compared": "output (forward only)", "impl": _impl(spec), "first_difference": where}
 
 
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
     """The worst relative error against the reference, and dropped copies against the reference's
     (with offload: the forward only, and each rank's output bitwise the resident stack's)."""
+    if _impl(spec) != adapters.RUNTIME:
+        return _evaluate_impl(spec, per_rank)
     ep, ref = assemble(per_rank), run_reference(case(spec), spec.world_size)
     errors = compare(ep, ref)
     forward = errors["out"]

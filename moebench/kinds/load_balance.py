@@ -11,6 +11,7 @@ import torch
 
 from moebench import metrics as M
 from moebench.measure.common import build_stack, progress, routing_stats, sampler, timed_window_tokens, use_batch
+from moebench.measure.impl import check_impl, impl_of, impl_routing
 from moebench.measure.timing import steady_round_s
 from moebench.workload.tokens import tokens
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 NAME = "load_balance"
 ORDER = 3  # place in listings and "accepted" lists
-FEATURES = frozenset()  # what a scenario may ask of it (kinds/__init__.py)
+FEATURES = frozenset({"impl"})  # what a scenario may ask of it (kinds/__init__.py)
 COLUMNS = (
     ("imbalance_max_mean", "imbalance (max/mean)", 1, ".3f"),
     ("rank_imbalance_max_mean", "rank imbalance (max/mean)", 1, ".3f"),
@@ -42,7 +43,12 @@ window_tokens = timed_window_tokens
 
 
 def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
-    """Route ``repeats`` fresh batches through the stack; keep every batch's counts."""
+    """Route ``repeats`` fresh batches through the stack; keep every batch's counts (with ``[model] impl``:
+    the implementation's own routing, through its ``route`` hook)."""
+    if impl_of(spec) != "runtime":
+        with sampler(ctx, interval) as s:
+            batches = impl_routing(ctx, spec, spec.scenario["repeats"])
+        return {"batches": batches, "telemetry": s.summary()}
     moe = spec.moe_config()
     stack = build_stack(ctx, spec)
     batches, batch_s = [], []
@@ -58,6 +64,9 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
                 left = spec.scenario["repeats"] - 2
                 progress(ctx, f"routing {left} more batches", steady_round_s(batch_s) * left)
     return {"batches": batches, "telemetry": s.summary()}
+
+
+validate = check_impl  # [model] impl: one layer, world size 1 (moebench/measure/impl.py)
 
 
 def _layer_loads(batch: dict, layer: int, world: int) -> tuple[list[int], list[int], int]:

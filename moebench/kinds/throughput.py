@@ -14,6 +14,7 @@ from moebench.measure.common import (
     timed_window_tokens,
 )
 from moebench.measure.eplb import EPLB_COLUMNS, EPLB_METRICS, eplb_checks, eplb_details, eplb_metrics
+from moebench.measure.impl import IMPL_COLUMNS, IMPL_METRICS, check_impl, impl_of, impl_results, impl_timed
 from moebench.measure.offload import OFFLOAD_COLUMNS, OFFLOAD_METRICS, offload_details, offload_metrics
 from moebench.measure.overlap import OVERLAP_COLUMNS, OVERLAP_METRICS, overlap_metrics
 from moebench.measure.series import ALERT_COLUMNS, ALERT_METRICS, alert_results
@@ -25,13 +26,14 @@ if TYPE_CHECKING:
 NAME = "throughput"
 ORDER = 1  # place in listings and "accepted" lists
 # what a scenario may ask of it (kinds/__init__.py)
-FEATURES = frozenset({"overlap", "offload", "stream", "eplb", "alerts"})
+FEATURES = frozenset({"overlap", "offload", "stream", "eplb", "alerts", "impl"})
 # (metric[:statistic], header with unit, scale, format); the statistic defaults to median.
 COLUMNS = (
     ("tokens_per_s", "tokens/s", 1, ".0f"),
     ("tokens_per_s_per_gpu", "tokens/s/gpu", 1, ".0f"),
     ("step_time_s", "step p50 (ms)", 1e3, ".2f"),
     ("step_time_s:p90", "step p90 (ms)", 1e3, ".2f"),
+    *IMPL_COLUMNS,  # only in tables of runs that set [model] impl
     *ALERT_COLUMNS,  # only in tables of runs with [alerts]
     *OVERLAP_COLUMNS,  # only in tables of runs that set overlap_chunks
     *OFFLOAD_COLUMNS,  # only in tables of runs that set [offload] cache_slots
@@ -55,16 +57,24 @@ METRICS = (
     *OFFLOAD_METRICS,
     *EPLB_METRICS,
     *ALERT_METRICS,
+    *IMPL_METRICS,
 )
 window_tokens = timed_window_tokens
 
 
 def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     """Time the step, then the collectives and the dense reference."""
+    if impl_of(spec) != "runtime":  # another implementation, timed against the runtime's layer
+        return impl_timed(ctx, spec, interval)
     return measure_timed(ctx, spec, interval, collectives=True)
 
 
+validate = check_impl  # [model] impl: one layer, world size 1 (moebench/measure/impl.py)
+
+
 def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
+    if "impl" in per_rank[0]:
+        return impl_results(spec, per_rank, throughput=True)
     world, total = spec.world_size, spec.workload["tokens_per_rank"] * spec.world_size
     raw = per_rank[0]
     step = raw["step"]

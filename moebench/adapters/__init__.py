@@ -1,0 +1,97 @@
+"""Other MoE implementations behind one contract (``[model] impl``): resolving the value, checking that the
+implementation can express the scenario's layer, and building it from the run's global weights.
+
+The contract (docs/adapters.md): an implementation is given the run's seeded global weights (a list of
+``runtime.weights.MoEWeights``, one per layer) and the layer's ``runtime.MoEConfig``, and returns a torch
+module whose forward maps hidden states [T, D] to [T, D]: the MoE block's output, without the residual.
+
+``impl`` is "runtime" (the default: our own layer), "hf:<family>" (a Hugging Face transformers MoE block,
+``moebench/adapters/hf.py``) or "python:package.module:factory" (``factory(weights, cfg)`` returns the module).
+Nothing here imports transformers: only building an "hf:" block does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+
+import torch
+
+from moebench.adapters import hf
+from runtime import MoEConfig, MoEWeights
+
+RUNTIME = "runtime"
+_PYTHON = re.compile(r"python:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
+ACCEPTED = f'"runtime", "hf:<family>" (family one of {", ".join(hf.FAMILIES)}) or "python:package.module:factory"'
+
+
+def _bad(impl: str, why: str) -> ValueError:
+    return ValueError(f"[model] impl = {impl!r} is invalid: {why}accepted {ACCEPTED}")
+
+
+def check(impl: str, cfg: MoEConfig) -> None:
+    """Raise ``ValueError`` (one line, naming the key and value) unless ``impl`` names an implementation
+    that exists here and can express ``cfg``'s layer; imports a "python:" module, never transformers (whether
+    transformers is installed is ``build``'s question: a scenario naming hf: still loads and lists without it)."""
+    if impl == RUNTIME:
+        return
+    if impl.startswith("hf:"):
+        family = impl[3:]
+        if family not in hf.FAMILIES:
+            raise _bad(impl, f"unknown family {family!r}: ")
+        refusal = hf.refusal(family, cfg)
+        if refusal:
+            raise ValueError(f"[model] impl = {impl!r} cannot express this layer: {refusal}")
+        return
+    _factory(impl)
+
+
+def _installed(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it (a module blocked in sys.modules: no)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ValueError, ImportError):
+        return False
+
+
+def _factory(impl: str):
+    match = _PYTHON.fullmatch(impl)
+    if match is None:
+        raise _bad(impl, "")
+    module_name, name = match.groups()
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise _bad(impl, f"module {module_name!r} cannot be imported ({err}); ") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise _bad(impl, f"{module_name} has no callable {name!r}; ")
+    return factory
+
+
+def build(impl: str, weights: list[MoEWeights], cfg: MoEConfig) -> torch.nn.Module:
+    """The implementation ``impl`` names, built from the global ``weights`` and ``cfg`` (``check`` first)."""
+    check(impl, cfg)
+    if impl.startswith("hf:"):
+        if not _installed("transformers"):
+            raise ValueError(
+                f"[model] impl = {impl!r} needs transformers, which is not installed: "
+                "accepted after pip install 'moebench[hf]', or impl = \"runtime\""
+            )
+        return hf.build(impl[3:], weights[0], cfg)
+    return _factory(impl)(weights, cfg)
+
+
+def routing_counts(module: torch.nn.Module, x_TD: torch.Tensor, num_experts: int) -> list[int]:
+    """Copies routed to each expert on ``x_TD``, from the implementation's optional ``route(x_TD)`` hook (its
+    chosen expert ids [T, K]; an "hf:" block's is its own router's choice). ``ValueError`` without the hook."""
+    route = getattr(module, "route", None)
+    if not callable(route):
+        raise ValueError(
+            f"{type(module).__name__} has no route(x_TD) method: accepted an implementation whose route returns its "
+            "chosen expert ids [T, K] (every hf: block has one) for kind load_balance"
+        )
+    with torch.no_grad():
+        ids_TK = route(x_TD)
+    return torch.bincount(ids_TK.reshape(-1).long().cpu(), minlength=num_experts).tolist()
