@@ -132,6 +132,11 @@ def test_mla_matches_the_hand_count(toy):
     assert (Mo.attention_params(p), Mo.attention_vector_params(p), p.model.head_dim) == (86, 5, 3)
     assert Mo.attention_params(toy(**(mla | {"model__q_lora_rank": None}))) == 4 * 2 * 3 + 12 + 20 + 24
     assert Mo.score_flops(p, 10) == 2 * 2 * 2 * (3 + 3) * 10  # 2·L·h·(dn + dr + dv)·c
+    # one layer's attention: prefill decompresses the latent, 2·h·(dn + dr + dv)·c; decode reads it absorbed,
+    # 2·h·(2·rkv + dr)·c (a planted per-head decode count reads 240 here)
+    assert Mo.attention_flops(p, 10, "prefill") == 2 * 2 * (3 + 3) * 10
+    assert Mo.attention_flops(p, 10, "decode") == 2 * 2 * (2 * 2 + 1) * 10
+    assert Mo.attention_flops(toy(), 10, "decode") == Mo.attention_flops(toy(), 10, "prefill") == 2 * 2 * 4 * 10
     wide = toy(**mla, parallel__ep=2, parallel__tp=2)
     assert Mo.kv_values_per_token(wide) == 2 + 1  # the latent and the RoPE key, whole on each TP rank
     assert Mo.memory_per_gpu(wide).kv_cache == 2 * 10 * 2 * 3 * 2  # seqs · (S+O) · L · (rkv + dr) · b

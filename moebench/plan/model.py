@@ -146,6 +146,17 @@ def score_flops(p: Plan, context: float) -> float:
     return 2.0 * m.layers * m.heads * (m.head_dim + m.value_head_dim) * context
 
 
+def attention_flops(p: Plan, context: float, phase: str) -> float:
+    """One query's attention over ``context`` keys in one layer, all heads. GQA, and MLA in prefill (the latent
+    decompressed into per-head keys and values): 2·h·(dh + dv)·c. MLA in decode reads its latent cache with
+    the projections absorbed into the query and the output: scores over rkv + dr and values over rkv,
+    2·h·(2·rkv + dr)·c (DeepSeek-V2's weight absorption; for DeepSeek-V3 3.4× the per-head count)."""
+    m = p.model
+    if m.attention == "mla" and phase == "decode":
+        return 2.0 * m.heads * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * context
+    return 2.0 * m.heads * (m.head_dim + m.value_head_dim) * context
+
+
 def kv_values_per_token(p: Plan) -> int:
     """Cached values per token and layer on one GPU: K and V of its ⌈kv/TP⌉ heads, 2·⌈kv/TP⌉·dh; MLA caches
     the latent and the shared RoPE key, rkv + dr, whole on every TP rank."""
@@ -371,7 +382,7 @@ def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
     rows = tokens * m.top_k * load_factor(p)  # expert rows at the busiest EP rank
     rows_per_expert = rows / local_experts(p)
     dense_flops = tokens * 2 * (attention_params(p) / tp + m.hidden * m.experts + shared_params(p) / tp)
-    attn_flops = tokens * 2 * m.heads * (m.head_dim + m.value_head_dim) * context / tp
+    attn_flops = tokens * attention_flops(p, context, phase) / tp
     expert_flops = rows * 2 * expert_params(p) / tp
     peak = hw.peak_flops
     compute = (dense_flops + attn_flops) / (peak * gemm_efficiency(p, tokens)) + expert_flops / (
