@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moebench import kinds
+from moebench import adapters, kinds
 from moebench.launch.spawn import is_rank_zero, last_line, launch, resolve_device, under_torchrun
 from moebench.measure import host
 from moebench.measure.environment import environment, short_sha
@@ -101,6 +101,10 @@ def run_one(
             status="skipped",
             error=f"torchrun started {os.environ['WORLD_SIZE']} ranks, this run needs {spec.world_size}",
         )
+        return _record_host(run, spec, load_before, cpu_before)
+    missing = adapters.unavailable(spec.model.get("impl", adapters.RUNTIME), device)
+    if missing:  # the implementation needs what this host lacks: skipped, as a GPU run is on a CPU host
+        run.update(status="skipped", error=missing)
         return _record_host(run, spec, load_before, cpu_before)
     start, threads = time.perf_counter(), None
     try:

@@ -90,6 +90,11 @@ def drops_token_5(weights, cfg):
 
 def routed(weights, cfg):
     return Routed(weights, cfg)
+
+def gpu_only(weights, cfg):
+    return Planted(weights, cfg)
+
+gpu_only.unavailable = lambda device: "" if device == "cuda" else "needs a CUDA device"
 """
 
 
@@ -200,6 +205,18 @@ def test_hf_without_transformers_loads_and_fails_to_build_in_one_line(tmp_path, 
     spec = _spec(tmp_path, "hf:mixtral")  # the file loads (moebench list shows it) ...
     with pytest.raises(ValueError, match=r"^\[model\] impl = 'hf:mixtral' needs transformers, which is not installed"):
         equivalence.impl_forward(spec)  # ... and the run is an error naming the missing package
+
+
+def test_a_run_whose_implementation_cannot_run_here_is_skipped_with_the_reason(tmp_path, monkeypatch, planted):
+    from moebench import runner
+
+    monkeypatch.setattr(adapters.importlib.util, "find_spec", lambda name: None)
+    run = runner.run_one(_spec(tmp_path, "hf:mixtral"), None)
+    assert run["status"] == "skipped" and "needs transformers, which is not installed" in run["error"]
+    run = runner.run_one(_spec(tmp_path, "python:planted_moe:gpu_only"), None)  # its factory's own needs
+    assert run["status"] == "skipped" and run["error"].endswith("python:planted_moe:gpu_only': needs a CUDA device")
+    assert adapters.unavailable("python:planted_moe:gpu_only", "cuda") == ""
+    assert adapters.unavailable("python:planted_moe:correct", "cpu") == ""  # no attribute: runs anywhere
 
 
 def test_the_default_path_never_imports_transformers():

@@ -8,6 +8,10 @@ module whose forward maps hidden states [T, D] to [T, D]: the MoE block's output
 ``impl`` is "runtime" (the default: our own layer), "hf:<family>" (a Hugging Face transformers MoE block,
 ``moebench/adapters/hf.py``) or "python:package.module:factory" (``factory(weights, cfg)`` returns the module).
 Nothing here imports transformers: only building an "hf:" block does.
+
+``unavailable(impl, device)`` says why an implementation cannot run on this host (a package not installed, no
+GPU): the runner then records the run as skipped with that reason, not as an error. A "python:" factory states
+its own needs with an optional ``unavailable(device)`` attribute returning the reason or "".
 """
 
 from __future__ import annotations
@@ -81,6 +85,17 @@ def build(impl: str, weights: list[MoEWeights], cfg: MoEConfig) -> torch.nn.Modu
             )
         return hf.build(impl[3:], weights[0], cfg)
     return _factory(impl)(weights, cfg)
+
+
+def unavailable(impl: str, device: str) -> str:
+    """Why ``impl`` cannot run on ``device`` ("cpu" or "cuda") on this host, or "" when it can (``check`` first)."""
+    if impl.startswith("hf:") and not _installed("transformers"):
+        return f"[model] impl = {impl!r} needs transformers, which is not installed (pip install 'moebench[hf]')"
+    if impl.startswith("python:"):
+        needs = getattr(_factory(impl), "unavailable", None)
+        reason = needs(device) if callable(needs) else ""
+        return f"[model] impl = {impl!r}: {reason}" if reason else ""
+    return ""
 
 
 def routing_counts(module: torch.nn.Module, x_TD: torch.Tensor, num_experts: int) -> list[int]:
