@@ -318,9 +318,9 @@ def _list(args) -> int:
     for folder in folders:
         rows, plans = [], 0
         for path in sorted(folder.glob("*.toml")):
-            row = _plan_row(path) if _is_plan(path) else _scenario_row(path)
-            plans += row[1] == "plan"
-            rows.append(row)
+            found = [_plan_row(path)] if _is_plan(path) else _scenario_rows(path)
+            plans += sum(row[1] == "plan" for row in found)
+            rows.extend(found)
         shown = _shown_path(folder)
         how = f"moebench plan {shown}/FILE.toml" if plans == len(rows) else f"moebench run {shown}"
         table = tabulate(rows, headers=["name", "kind", "runs", "file", "description"], maxcolwidths=[None] * 4 + [60])
@@ -340,12 +340,14 @@ def _is_plan(path: Path) -> bool:
         return False
 
 
-def _scenario_row(path: Path) -> list:
-    from moebench.scenario import load
+def _scenario_rows(path: Path) -> list[list]:
+    from moebench.scenario import load_file
 
-    sc = load(path)
-    info = sc.sections["scenario"]
-    return [info["name"], info["kind"], len(sc.runs), path.name, info["description"]]
+    rows = []
+    for sc in load_file(path):  # one per kind a file lists
+        info = sc.sections["scenario"]
+        rows.append([info["name"], info["kind"], len(sc.runs), path.name, info["description"]])
+    return rows
 
 
 def _plan_row(path: Path) -> list:
@@ -548,13 +550,13 @@ def _plan(args) -> int:
 def _alerts(args) -> int:
     from moebench.report import prometheus
     from moebench.report.results import read
-    from moebench.scenario import load
+    from moebench.scenario import load_file
 
     path = str(args.file)
     if args.file.suffix == ".json":
         thresholds = prometheus.thresholds_of_result(read(args.file), path)
     else:
-        thresholds = load(path).sections["alerts"]  # empty: the file has no [alerts], the defaults apply
+        thresholds = load_file(path)[0].sections["alerts"]  # empty: the file has no [alerts], the defaults apply
     text = prometheus.to_yaml(prometheus.rules(thresholds, path), path)
     if args.prometheus_rules == "-":
         print(text, end="")

@@ -29,14 +29,14 @@ from moebench.measure import host
 from moebench.measure.environment import environment, short_sha
 from moebench.measure.telemetry import combine_summaries
 from moebench.report.results import SCHEMA, json_safe, read, render, verdict, write_atomic
-from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load
+from moebench.scenario import RunSpec, Scenario, ScenarioError, discover, load_file
 from moebench.workload import trace as routing_trace
 from moebench.workload.tokens import layer_weights
 
 
 def load_all(paths: list[str], overrides: dict) -> list[Scenario]:
     """Every scenario file under ``paths``, validated, with devices checked against this host."""
-    scenarios = [load(p, overrides) for p in discover(paths)]
+    scenarios = [sc for p in discover(paths) for sc in load_file(p, overrides)]
     names = {}
     for sc in scenarios:
         if sc.name in names:

@@ -466,11 +466,46 @@ class Scenario:
         return self.sections["scenario"]["name"]
 
 
-def load(path: str | Path, overrides: dict | None = None) -> Scenario:
+def _kinds_listed(path: str, doc: dict) -> list[str] | None:
+    """A file's ``[scenario] kind`` when it lists several kinds (each distinct and known), else None."""
+    table = doc.get("scenario")
+    listed = table.get("kind") if isinstance(table, dict) else None
+    if not isinstance(listed, list):
+        return None
+    if not listed or not all(isinstance(k, str) and k in KINDS for k in listed) or len(set(listed)) != len(listed):
+        raise ScenarioError(
+            f"{path}: [scenario] kind = {_show(listed)} is invalid: accepted one kind, or a list of distinct kinds "
+            f"(each of {', '.join(KINDS)})"
+        )
+    return listed
+
+
+def load_file(path: str | Path, overrides: dict | None = None) -> list[Scenario]:
+    """Every scenario one file holds: one, or with ``[scenario] kind`` a list, one per kind (the same
+    sections run through each kind, named ``<name>-<kind>``: e.g. an implementation's equivalence and its
+    timing from one file)."""
+    listed = _kinds_listed(str(path), read_toml(str(path)))
+    if listed is None:
+        return [load(path, overrides)]
+    return [load(path, overrides, kind=kind) for kind in listed]
+
+
+def load(path: str | Path, overrides: dict | None = None, kind: str | None = None) -> Scenario:
     """Parse, validate and expand one scenario file. ``overrides``: {(section, key): value}
-    applied before validation (the CLI's --device, --repeats, --world-size)."""
+    applied before validation (the CLI's --device, --repeats, --world-size). ``kind``: which of the
+    kinds a file lists to load (``load_file`` loads them all); a file listing several needs it."""
     path = str(path)
     doc = read_toml(path)
+    listed = _kinds_listed(path, doc)
+    if listed is not None:
+        if kind not in listed:
+            raise ScenarioError(
+                f"{path}: [scenario] kind = {_show(listed)} lists several kinds: load one of them "
+                f"(moebench run and list load them all)"
+            )
+        table = doc["scenario"]
+        named = f"{table['name']}-{kind}" if isinstance(table.get("name"), str) else table.get("name")
+        doc["scenario"] = {**table, "kind": kind, "name": named}
     if "plan" in doc and "scenario" not in doc:
         raise ScenarioError(
             f"{path}: this is a deployment-plan file ([plan]), not a scenario: validate it with moebench plan"

@@ -35,6 +35,7 @@ SEED_FILES = {
     "eplb.toml": 4,
     "seq-routing.toml": 2,
     "alerts.toml": 2,  # the deployment plan's monitoring: one load that fires expert_overload, one that does not
+    "real-models.toml": 8,  # four HF MoE blocks through equivalence and throughput (skipped without transformers)
 }
 
 
@@ -108,6 +109,9 @@ CAPABILITIES = {
         any(r.alerts and r.workload["skew"] == "uniform" for r in runs)
         and any(r.alerts and r.workload["skew"] == "zipf" for r in runs)
     ),
+    "other implementations (HF blocks) against the fp64 reference and timed against the runtime": lambda runs: (
+        {r.kind for r in runs if r.model["impl"].startswith("hf:")} >= {"equivalence", "throughput"}
+    ),
     "training: memory per rank against num_experts, EP vs DP": lambda runs: (
         len({r.model["num_experts"] for r in runs if r.kind == "train"}) >= 2
         and {r.parallel["mode"] for r in runs if r.kind == "train" and r.world_size > 1} == {"ep", "dp"}
@@ -118,7 +122,10 @@ CAPABILITIES = {
 @pytest.fixture(scope="module")
 def tour():
     """{file name: its runs}, as `moebench run scenarios` would plan them on this host."""
-    return {Path(sc.path).name: sc.runs for sc in load_all([str(SCENARIOS)], {})}
+    files: dict[str, list] = {}
+    for sc in load_all([str(SCENARIOS)], {}):  # a file listing several kinds is one scenario per kind
+        files.setdefault(Path(sc.path).name, []).extend(sc.runs)
+    return files
 
 
 def test_the_tour_is_the_top_level_files_only_never_the_sweeps_or_the_regress_set(tour):
