@@ -138,9 +138,10 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The tour (scenarios/*.toml): one small file per capability, a few minutes on 2 CPU cores.
 
-    On this host's GPUs where a run fits, else gloo ranks. The full sweeps are `nox -s sweeps`.
+    On this host's GPUs where a run fits, else gloo ranks. The full sweeps are `nox -s sweeps`. The `hf` extra
+    (transformers) is installed so that real-models.toml runs (without it, its runs are skipped).
     """
-    _install(session)
+    _install(session, "[hf]")
     session.run("python", "-m", "moebench", "run", "scenarios", *session.posargs)
 
 

@@ -3,7 +3,8 @@ a tour: every capability shown by at least one file, each tour file (``tour-*.to
 bounded number of runs; beside it, the seed plans' sweeps, each of its own bounded size: the serving
 workload (``seed-serve.toml``: request rate × batching × EP/DP) and training (``seed-train.toml``: EP/DP at
 W 1, 2, 4 against one device; ``train-recompute.toml``; ``train-memory.toml``: bytes per rank against E;
-``alerts.toml``: the deployment plan's alerts, one load that fires and one that does not).
+``alerts.toml``: the deployment plan's alerts, one load that fires and one that does not; ``real-models.toml``:
+four Hugging Face MoE blocks through equivalence and throughput).
 
 Counted with the loader's own expansion (``moebench.runner.load_all``, what ``moebench run`` plans),
 never by timing: the bound holds on a busy host as on a quiet one.
