@@ -9,7 +9,8 @@ cf capacity factor (0: none), s routing skew (busiest expert's tokens / mean).
 Layout assumed (documented in the README): attention is data-parallel over the EP·DP data ranks
 and sharded over TP; experts are split over EP and sharded over TP; layers are split over PP.
 Within a layer nothing overlaps: a layer's time is its roofline (max of compute and memory time)
-plus its all-to-alls and TP all-reduces. The busiest rank sets every collective's time.
+plus its all-to-alls and TP all-reduces. The busiest rank sets every collective's time. The first_k_dense
+layers run a dense FFN (no router, no all-to-all); a stage's time sums its MoE and dense layers.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ def expert_bias_params(p: Plan) -> int:
     """One routed expert's biases when it has them: (m − 1)·F on the input side, d on the output."""
     m = p.model
     return (m.expert_matrices - 1) * m.ffn_hidden + m.hidden if m.expert_bias else 0
+
+
+def expert_params_per_gpu(p: Plan) -> float:
+    """One routed expert's parameters on one GPU: its matrices m·d·F/TP and, with expert biases, the input-side
+    biases (m − 1)·F/TP (sharded with their columns) and the output bias d (whole on every TP rank)."""
+    m, tp = p.model, p.parallel.tp
+    bias = (m.expert_matrices - 1) * m.ffn_hidden / tp + m.hidden if m.expert_bias else 0
+    return expert_params(p) / tp + bias
 
 
 def shared_params(p: Plan) -> int:
@@ -239,8 +248,10 @@ def prefill_tokens_per_microbatch(p: Plan) -> int:
 def memory_per_gpu(p: Plan) -> Memory:
     """Bytes on the most loaded GPU (a stage holding the embedding or LM head) at the longest sequence.
 
-    1. Weights: attention and norms sharded by TP, router replicated; E/EP experts sharded by TP
-       (with offload, ``offload_cache_slots`` of them per layer: the rest stay in host memory);
+    1. Weights: attention matrices sharded by TP, its vectors (biases, sinks, q/k and latent norms), the
+       layer norms and the router (with its bias) whole on every TP rank; E/EP experts sharded by TP, their
+       biases with them (``expert_params_per_gpu``; with offload, ``offload_cache_slots`` of them per layer:
+       the rest stay in host memory); the first_k_dense layers' dense FFN sharded by TP;
        embedding and LM head sharded by TP, both on one GPU only when PP = 1.
     2. KV cache of this rank's sequences at S + O tokens, kv heads sharded by TP.
     3. Activations of one prefill micro-batch in one layer: residual and normed input (2·d),
@@ -251,11 +262,12 @@ def memory_per_gpu(p: Plan) -> Memory:
     Ls, tp = stage_layers(p), par.tp
     moe_ls = min(Ls, m.moe_layers)  # the busiest stage holds the most MoE layers (the dense ones come first)
     dense_ls = Ls - moe_ls
+    attention = attention_params(p) / tp + attention_vector_params(p) + 2 * m.hidden
     dense = (
-        moe_ls * (attention_params(p) / tp + router_params(p) + 2 * m.hidden + shared_params(p) / tp)
-        + dense_ls * (attention_params(p) / tp + 2 * m.hidden + dense_ffn_params(p) / tp)
+        moe_ls * (attention + router_params(p) + shared_params(p) / tp)
+        + dense_ls * (attention + dense_ffn_params(p) / tp)
     ) * b
-    experts = moe_ls * resident_experts(p) * expert_params(p) / tp * b
+    experts = moe_ls * resident_experts(p) * expert_params_per_gpu(p) * b
     copies = 2 if (par.pp == 1 and not m.tie_embeddings) else 1
     embedding = copies * m.vocab * m.hidden / tp * b
     context = p.workload.seq_len_max + p.workload.output_tokens
@@ -370,41 +382,50 @@ class LayerTime:
         return out | ({"host-to-device": self.offload} if self.offload else {})
 
 
-def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
+def layer_time(p: Plan, tokens: float, context: float, phase: str, ffn: str = "moe") -> LayerTime:
     """Time of one layer for ``tokens`` tokens of one data rank, each attending over ``context``.
 
     prefill: context is the causal average S/2 and the KV cache is written;
     decode: one token per sequence, context S + O/2 (the mean over the generation) is read.
-    The layer is an MoE layer (with its shared experts); the first_k_dense layers are timed as MoE layers.
+    ffn "moe": an MoE layer, the router d·E, the busiest rank's expert rows (their weights and biases read)
+    and the shared experts, with its two all-to-alls. ffn "dense": one of the first_k_dense layers, a dense FFN
+    m·d·Fd/TP run by every token, no router, no all-to-all, no expert copies.
     """
     m, hw, par, b = p.model, p.hardware, p.parallel, p.model.bytes_per_param
     tp = par.tp
+    attn_flops = tokens * attention_flops(p, context, phase) / tp
+    peak = hw.peak_flops
+    kv_row = kv_values_per_token(p) * b
+    sequences = tokens if phase == "decode" else tokens / p.workload.seq_len_max
+    kv_bytes = tokens * kv_row if phase == "prefill" else sequences * context * kv_row
+    bandwidth = hw.memory_bandwidth * hw.memory_bandwidth_efficiency
+    if ffn == "dense":
+        dense_flops = tokens * 2 * (attention_params(p) + dense_ffn_params(p)) / tp
+        compute = (dense_flops + attn_flops) / (peak * gemm_efficiency(p, tokens))
+        weight_bytes = (attention_params(p) + dense_ffn_params(p)) / tp * b
+        act_bytes = 2 * b * tokens * (2 * m.hidden + m.expert_matrices * m.dense_ffn_hidden / tp)
+        nbytes = weight_bytes + kv_bytes + act_bytes
+        none = CommTime(0.0, 0.0, 0.0, "none")
+        return LayerTime(compute, nbytes / bandwidth, none, tp_all_reduce(p, tokens), dense_flops + attn_flops, nbytes)
     rows = tokens * m.top_k * load_factor(p)  # expert rows at the busiest EP rank
     rows_per_expert = rows / local_experts(p)
     dense_flops = tokens * 2 * (attention_params(p) / tp + m.hidden * m.experts + shared_params(p) / tp)
-    attn_flops = tokens * attention_flops(p, context, phase) / tp
     expert_flops = rows * 2 * expert_params(p) / tp
-    peak = hw.peak_flops
     compute = (dense_flops + attn_flops) / (peak * gemm_efficiency(p, tokens)) + expert_flops / (
         peak * gemm_efficiency(p, rows_per_expert)
     )
     experts_read = min(local_experts(p), max(rows, 1.0))  # decode may touch fewer experts than it holds
-    weight_bytes = (
-        attention_params(p) / tp + experts_read * expert_params(p) / tp + shared_params(p) / tp
-    ) * m.bytes_per_param
-    kv_row = kv_values_per_token(p) * b
-    sequences = tokens if phase == "decode" else tokens / p.workload.seq_len_max
-    kv_bytes = tokens * kv_row if phase == "prefill" else sequences * context * kv_row
+    expert_bytes = expert_params_per_gpu(p) * b  # one expert's matrices and biases on this GPU
+    weight_bytes = (attention_params(p) / tp + shared_params(p) / tp) * b + experts_read * expert_bytes
     act_bytes = 2 * b * (tokens * m.hidden + rows * (m.hidden + m.expert_matrices * m.ffn_hidden / tp))
     nbytes = weight_bytes + kv_bytes + act_bytes
-    memory = nbytes / (hw.memory_bandwidth * hw.memory_bandwidth_efficiency)
     offload = 0.0
     if par.offload_cache_slots and phase == "decode":  # the experts read that were not on the GPU are copied in first
-        missed = (1 - p.workload.offload_hit_rate) * experts_read * expert_params(p) / tp * m.bytes_per_param
+        missed = (1 - p.workload.offload_hit_rate) * experts_read * expert_bytes
         offload = offloaded_time(0.0, missed, hw.host_to_device_bandwidth)
     return LayerTime(
         compute,
-        memory,
+        nbytes / bandwidth,
         all_to_all(p, tokens),
         tp_all_reduce(p, tokens),
         dense_flops + attn_flops + expert_flops,
@@ -413,16 +434,29 @@ def layer_time(p: Plan, tokens: float, context: float, phase: str) -> LayerTime:
     )
 
 
+def stage_layer_time(p: Plan, moe: LayerTime, dense: LayerTime | None) -> float:
+    """One micro-batch's layers through the busiest pipeline stage: stage i holds layers i·⌈L/PP⌉ onwards,
+    the first_k_dense of them (the first layers) dense; the stage whose n_moe·moe + n_dense·dense is largest."""
+    m, per = p.model, stage_layers(p)
+    longest = 0.0
+    for first in range(0, m.layers, per):
+        held = min(per, m.layers - first)
+        n_dense = min(max(m.first_k_dense - first, 0), held)
+        longest = max(longest, (held - n_dense) * moe.total + (n_dense * dense.total if n_dense else 0.0))
+    return longest
+
+
 # -------------------------------------------------------------------------------------------
 # End to end
 
 
 @dataclass(frozen=True)
 class Phase:
-    layer: LayerTime
-    stage: float  # one micro-batch through one stage, with the send to the next
+    layer: LayerTime  # an MoE layer
+    stage: float  # one micro-batch through the busiest stage, with the send to the next
     send: CommTime
     total: float  # the phase's time: TTFT for prefill, TPOT for decode
+    dense_layer: LayerTime | None = None  # one of the first_k_dense layers (None without them)
 
 
 def lm_head_time(p: Plan, tokens: float) -> float:
@@ -438,10 +472,11 @@ def prefill(p: Plan, seq_len: int | None = None) -> Phase:
     M = p.workload.microbatches
     tokens = math.ceil(seqs_per_rank(p) / M) * S
     layer = layer_time(p, tokens, S / 2, "prefill")
+    dense = layer_time(p, tokens, S / 2, "prefill", "dense") if p.model.first_k_dense else None
     send = stage_send(p, tokens)
-    stage = stage_layers(p) * layer.total + send.total
+    stage = stage_layer_time(p, layer, dense) + send.total
     total = (M + p.parallel.pp - 1) * stage + lm_head_time(p, seqs_per_rank(p))
-    return Phase(layer, stage, send, total)
+    return Phase(layer, stage, send, total, dense)
 
 
 def decode(p: Plan) -> Phase:
@@ -449,10 +484,12 @@ def decode(p: Plan) -> Phase:
     pipeline, max(M, PP) stage times (fewer micro-batches than stages leave stages idle)."""
     M, wl = p.workload.microbatches, p.workload
     tokens = math.ceil(seqs_per_rank(p) / M)
-    layer = layer_time(p, tokens, wl.seq_len_max + wl.output_tokens / 2, "decode")
+    context = wl.seq_len_max + wl.output_tokens / 2
+    layer = layer_time(p, tokens, context, "decode")
+    dense = layer_time(p, tokens, context, "decode", "dense") if p.model.first_k_dense else None
     send = stage_send(p, tokens)
-    stage = stage_layers(p) * layer.total + send.total + lm_head_time(p, tokens) / p.parallel.pp
-    return Phase(layer, stage, send, max(M, p.parallel.pp) * stage)
+    stage = stage_layer_time(p, layer, dense) + send.total + lm_head_time(p, tokens) / p.parallel.pp
+    return Phase(layer, stage, send, max(M, p.parallel.pp) * stage, dense)
 
 
 @dataclass(frozen=True)
@@ -515,6 +552,9 @@ def estimate(p: Plan) -> Estimate:
     L, d, dh, kv, F, k = m.layers, m.hidden, m.head_dim, m.kv_heads, m.ffn_hidden, m.top_k
     S, O, mm = wl.seq_len_max, wl.output_tokens, m.expert_matrices
     flops_token = matmul_flops_per_token(p) + score_flops(p, S / 2)
+    # the busiest stage's layers; with first_k_dense, its MoE and dense layers each at their own time (dense: no a2a)
+    stage_text = "Σ busiest stage's MoE and dense layers" if m.first_k_dense else "⌈L/PP⌉"
+    expert_text = "(m·d·F/TP + (m − 1)·F/TP + d)" if m.expert_bias else "m·d·F/TP"
     fig = [
         Figure("params", total_params(p), "params", _params_formula(p)),
         Figure("active_params", active_params(p), "params",
@@ -526,7 +566,8 @@ def estimate(p: Plan) -> Estimate:
         Figure("weights_total", total_params(p) * m.bytes_per_param, "B",
                f"params · b = {_g(total_params(p))} · {m.bytes_per_param}"),
         Figure("weights_per_gpu", mem.weights, "B",
-               f"dense {_g(mem.weights_dense)} + experts ⌈E/EP⌉·m·d·F/TP·⌈L/PP⌉·b {_g(mem.weights_experts)} "
+               f"dense {_g(mem.weights_dense)} + experts ⌈E/EP⌉·{expert_text}·(MoE layers of ⌈L/PP⌉)·b "
+               f"{_g(mem.weights_experts)} "
                f"+ embedding {_g(mem.weights_embedding)}"),
         Figure("kv_cache_per_gpu", mem.kv_cache, "B",
                f"⌈B/(EP·DP)⌉·(S+O)·⌈L/PP⌉·(rkv + dr)·b = {seqs_per_rank(p)}·{S + O}·{stage_layers(p)}·"
@@ -557,11 +598,12 @@ def estimate(p: Plan) -> Estimate:
         Figure("pipeline_bubble", (par.pp - 1) / (wl.microbatches + par.pp - 1), "fraction",
                f"(PP − 1)/(M + PP − 1) = {par.pp - 1}/{wl.microbatches + par.pp - 1}"),
         Figure("ttft", pre.total, "s",
-               f"(M + PP − 1)·(⌈L/PP⌉·(roofline + 2·a2a + 2·allreduce) + send) + LM head, M = {wl.microbatches}"),
+               f"(M + PP − 1)·({stage_text}·(roofline + 2·a2a + 2·allreduce) + send) + LM head, M = {wl.microbatches}"),
         Figure("decode_layer_compute", dec.layer.compute, "s", "flops / (peak · efficiency(rows))"),
         Figure("decode_layer_memory", dec.layer.memory, "s", "(weights read + KV read) / (bandwidth · efficiency)"),
         Figure("decode_a2a", dec.layer.a2a.total, "s", f"α + bytes/β over {dec.layer.a2a.link}"),
-        Figure("tpot", dec.total, "s", "max(M, PP)·(⌈L/PP⌉·(roofline + 2·a2a + 2·allreduce) + send + LM head/PP)"),
+        Figure("tpot", dec.total, "s",
+               f"max(M, PP)·({stage_text}·(roofline + 2·a2a + 2·allreduce) + send + LM head/PP)"),
         Figure("throughput_per_gpu", tput, "tokens/s", {
             "total": "B·(S + O) / (TTFT + O·TPOT) / G", "prefill": "B·S / TTFT / G", "decode": "B / TPOT / G"}[counts]),
     ]  # fmt: skip

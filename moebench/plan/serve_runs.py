@@ -5,9 +5,15 @@ A run maps onto a ``Plan`` by keeping the calibrating plan's hardware (and its S
 the model does not read) and replacing the model, the parallel degrees and the workload with the run's:
 
 - model: the run's ``config.model`` (``num_experts`` → experts, ``attention_heads`` → heads, ``dtype`` →
-  precision). Approximated: the plan model has no dense layers and no shared experts yet, so
-  ``dense_layers`` are counted as MoE layers (``layers`` as written) and ``shared_experts`` are left out;
-  the fit's slope absorbs a constant share of such work, not one that varies from run to run.
+  precision, ``vocab`` → an untied LM head), with the decoder's (``runtime/model.py``) FFN layout:
+  ``dense_layers`` → first_k_dense with a dense FFN of width top_k·F (dense_ffn_hidden), timed as dense
+  layers (no router, no all-to-all); ``shared_experts`` n → n shared experts of width F (the decoder's one
+  FFN of width n·F: the same matrices and FLOPs); ``config.routing.scoring`` → scoring (the same
+  parameters and time either way). The decoder has GQA attention without biases, sinks or q/k norms,
+  no MLA and no expert or router biases, so the plan's keys for those stay at their defaults: exact, not
+  an approximation. Left out: ``shared_expert_gate`` (d weights and one d-long dot product per token
+  and MoE layer), the router's other variants (group_limited, score_bias: a choice among the same
+  experts, no extra work the model counts).
 - parallel: mode "ep" is EP = world size, mode "dp" is DP = world size (EP = 1); TP = PP = 1; the
   capacity factor is ``config.routing.capacity_factor`` (0: dropless); no offload.
 - workload, per phase: prefill is the idle-engine TTFT, one prompt of ``details.idle_prompt_len`` tokens
@@ -52,7 +58,8 @@ MODEL_DEFAULTS = {
     key: spec.default
     for key, spec in SCHEMA["model"].items()
     if key not in ("layers", "hidden", "heads", "head_dim", "kv_heads", "ffn_hidden", "experts", "top_k", "vocab",
-                   "tie_embeddings", "activation", "precision", "params")
+                   "tie_embeddings", "activation", "precision", "params", "shared_experts", "shared_ffn_hidden",
+                   "first_k_dense", "dense_ffn_hidden", "scoring")
 }  # fmt: skip
 
 
@@ -67,23 +74,38 @@ def _model(base: Plan, cfg: dict, where: str):
     activation = m.get("activation", "gelu")
     if activation not in ("gelu", "swiglu"):
         raise _bad(f"{at}.activation", activation, 'one of "gelu", "swiglu"')
+    scoring = (cfg.get("routing") or {}).get("scoring", "softmax")
+    if scoring not in ("softmax", "sigmoid"):
+        raise _bad(f"{where}.config.routing.scoring", scoring, 'one of "softmax", "sigmoid"')
+    layers = _count(f"{at}.layers", m.get("layers"))
+    dense_layers = _count(f"{at}.dense_layers", m.get("dense_layers", 0), low=0)
+    if dense_layers > layers:
+        raise _bad(f"{at}.dense_layers", dense_layers, f"an integer from 0 to layers = {layers}")
+    ffn_hidden = _count(f"{at}.ffn_hidden", m.get("ffn_hidden"))
+    top_k = _count(f"{at}.top_k", m.get("top_k", 1))
+    shared = _count(f"{at}.shared_experts", m.get("shared_experts", 0), low=0)
     return replace(
         base.model,
-        layers=_count(f"{at}.layers", m.get("layers")),  # dense_layers among them counted as MoE layers
+        layers=layers,
         hidden=hidden,
         heads=heads,
         head_dim=_count(f"{at}.head_dim", m.get("head_dim") or hidden // heads),
         kv_heads=_count(f"{at}.kv_heads", m.get("kv_heads") or heads),
-        ffn_hidden=_count(f"{at}.ffn_hidden", m.get("ffn_hidden")),
+        ffn_hidden=ffn_hidden,
         experts=_count(f"{at}.num_experts", m.get("num_experts")),
-        top_k=_count(f"{at}.top_k", m.get("top_k", 1)),
+        top_k=top_k,
         vocab=_count(f"{at}.vocab", m.get("vocab", 0), low=0),  # 0: no LM head, as in a plan
         tie_embeddings=False,
         activation=activation,
         precision=PRECISION[dtype],
         params=None,
-        **MODEL_DEFAULTS,  # none of the plan's own architecture (MLA, shared experts, biases) carries over
-    )  # shared_experts and dense_layers: not mapped (left out)
+        shared_experts=shared,
+        shared_ffn_hidden=ffn_hidden,  # the decoder's shared FFN is n·F wide: n experts of width F
+        first_k_dense=dense_layers,
+        dense_ffn_hidden=top_k * ffn_hidden if dense_layers else 0,  # the decoder's dense FFN: top_k·F wide
+        scoring=scoring,
+        **MODEL_DEFAULTS,  # the decoder has none of the rest (MLA, biases, sinks, q/k norms): their defaults
+    )
 
 
 def _parallel(cfg: dict, world: int, where: str) -> Parallel:

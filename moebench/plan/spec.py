@@ -441,6 +441,14 @@ def _model_keys(path: str, m: dict) -> None:
                 f"qk_nope_head_dim + qk_rope_head_dim = {qk}, or leave it out"
             )
         m["head_dim"] = qk
+        # MLA has no per-head q/k/v projection to bias or norm: its own RMSNorms sit on the query and key/value
+        # latents (q_lora_rank + kv_lora_rank, counted with them), as in DeepSeek-V2/V3
+        for key, none in (("attention_bias", "none"), ("qk_norm", "none")):
+            if m[key] != none:
+                raise PlanError(
+                    f'{path}: [model] {key} = "{m[key]}" is invalid with attention = "mla": accepted "none" (MLA '
+                    "norms its query and key/value latents, counted from q_lora_rank and kv_lora_rank)"
+                )
     else:
         for key in MLA_KEYS:
             if m[key]:
