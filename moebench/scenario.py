@@ -49,7 +49,7 @@ from moebench.workload.tokens import MAX_STEPS, SKEWS
 from runtime import cache_policy
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS, GRANULARITIES, SCORINGS
 from runtime.experts import GROUPED_MM_ALIGN
-from runtime.model import RECOMPUTE
+from runtime.model import QK_NORM, RECOMPUTE
 from runtime.offload import PREFETCH
 from runtime.placement import place_experts
 from runtime.training import OPTIMIZERS
@@ -188,6 +188,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dense_layers": Key(0, *_int(0, 4096)),
         "shared_experts": Key(0, *_int(0, 4096)),
         "shared_expert_gate": Key(False, *_BOOL),  # Qwen2-MoE: the shared output × sigmoid(x · w_gate)
+        "qk_norm": Key("none", *_choice(*QK_NORM)),  # RMSNorm on q and k before RoPE: "head" (Qwen3), "full" (OLMoE)
         "vocab": Key(0, *_int(0, 2**24)),
         "recompute": Key("none", *_choice(*RECOMPUTE)),  # kind "train": what backward recomputes
         # the MoE implementation under test (moebench/adapters/, docs/adapters.md)

@@ -44,7 +44,7 @@ def _spell(value: object) -> str:
 # [model] keys only a decoder reads (kinds "serve", "train"); other kinds' result files do not record them
 DECODER = (
     "attention_heads", "kv_heads", "head_dim", "dense_layers", "shared_experts", "shared_expert_gate", "vocab",
-    "recompute",
+    "recompute", "qk_norm",
 )  # fmt: skip
 # [routing] keys of the router variants and their defaults: a result file records them only when set
 ROUTER_VARIANTS = {
@@ -154,6 +154,7 @@ class RunSpec:
             shared_experts=m["shared_experts"],
             shared_expert_gate=m.get("shared_expert_gate", False),
             vocab=m["vocab"],
+            qk_norm=m.get("qk_norm", "none"),
         )
 
     def parallel_config(self) -> ParallelConfig:
