@@ -167,9 +167,10 @@ class RunSpec:
         """The run's full configuration, as the result file records it."""
         slo = {s.key: s.limit for s in self.slos}
         serving = self.kind in DECODER_KINDS  # the decoder's keys and mode: recorded for the kinds that read them
+        decoder = serving or self.model.get("attention_heads") is not None  # also an hf: decoder's equivalence
         return {
             "scenario": self.scenario,
-            "model": self.model if serving else {k: v for k, v in self.model.items() if k not in DECODER},
+            "model": self.model if decoder else {k: v for k, v in self.model.items() if k not in DECODER},
             "routing": {k: v for k, v in self.routing.items() if k not in ROUTER_VARIANTS or v != ROUTER_VARIANTS[k]},
             "parallel": self.parallel if serving else {k: v for k, v in self.parallel.items() if k != "mode"},
             "workload": self.workload,

@@ -2,7 +2,8 @@
 weights agree with the fp64 ``reference_decoder`` and with our ``MoEDecoder.full`` on one sequence: 24 positions,
 2 layers, GQA (4 query heads on 2 KV heads), each family's q/k norm, qwen2_moe's shared experts gated and not,
 qwen3_moe's dense first block. Mapping bugs planted into a built model FAIL; what a family cannot express is a
-one-line refusal (those tests run without transformers).
+one-line refusal (those tests run without transformers). Kind equivalence with ``impl = "hf:<family>"`` and the
+decoder keys reports both decoders' errors and FAILs a disagreeing one at its first differing position.
 
 Tolerance: ``rel_error`` ≤ 1e-6 in float32. Measured (seeds 0–1, the shapes below): at most 2.7e-7 against the
 fp64 reference for every family, and at most 2.6e-7 between the HF model and our decoder; the planted
@@ -11,14 +12,19 @@ bugs move it to 0.10 (final norm scale left out) to 0.64 (GQA heads interleaved)
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
+from moebench import kinds
 from moebench.adapters import hf_decoder
+from moebench.kinds import equivalence
+from moebench.scenario import ScenarioError, discover, load
 from runtime import DecoderConfig, MoEConfig, MoEDecoder, decoder_weights, rel_error
 from runtime.reference import reference_decoder
 
+REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6  # float32 against fp64 (module docstring)
 PLANTED = 1e-2  # a planted mapping bug must push the error at least this far (10⁴ × the tolerance)
 D, N = 32, 24  # hidden, positions
@@ -179,3 +185,101 @@ def test_what_a_family_cannot_express_is_a_one_line_refusal(case):
 def test_every_family_accepts_its_own_plain_config():
     for family in hf_decoder.FAMILIES:
         assert hf_decoder.refusal(family, _config(family)) == ""
+
+
+# -------------------------------------------------------------------------------------------
+# Kind equivalence with an hf: impl and the decoder keys
+
+SCENARIO = """
+[scenario]
+name = "decoder"
+kind = "equivalence"
+
+[model]
+hidden = 32
+ffn_hidden = 16
+num_experts = 4
+top_k = 2
+activation = "swiglu"
+layers = {layers}
+impl = "{impl}"
+{decoder}
+
+[routing]
+normalize_topk = true
+
+[workload]
+tokens_per_rank = 12
+"""
+QWEN3 = 'attention_heads = 4\nkv_heads = 2\nqk_norm = "head"\ndense_layers = 1'
+
+
+def _spec(tmp_path, impl="hf:qwen3_moe", decoder=QWEN3, layers=2):
+    path = tmp_path / "decoder.toml"
+    path.write_text(SCENARIO.format(impl=impl, decoder=decoder, layers=layers))
+    return load(path).runs[0]
+
+
+def test_equivalence_run_reports_the_hf_decoder_and_ours_against_the_reference(tmp_path):
+    pytest.importorskip("transformers")
+    spec = _spec(tmp_path)
+    metrics, checks, details = kinds.evaluate(spec, [equivalence.impl_forward(spec)])
+    assert [c["pass"] for c in checks] == [True, True], checks
+    assert metrics["rel_error_forward"]["median"] <= TOLERANCE and metrics["rel_error_runtime"]["median"] <= TOLERANCE
+    assert details["first_difference"] is None and details["layers"] == 2 and details["qk_norm"] == "head"
+    assert spec.resolved()["model"]["qk_norm"] == "head"
+
+
+def _good_outputs(spec) -> dict:
+    """Our decoder's output as both implementations' (no transformers needed): both agree with the reference."""
+    cfg, weights, x_ND = equivalence.impl_decoder.inputs(spec)
+    out = _run(MoEDecoder(cfg, weights), x_ND)
+    return {"out": out.clone(), "runtime_out": out.clone(), "impl": spec.model["impl"]}
+
+
+def test_a_disagreeing_decoder_fails_naming_its_first_differing_position_without_crashing(tmp_path):
+    spec = _spec(tmp_path)
+    raw = _good_outputs(spec)
+    raw["out"][7] += 0.5  # position 7 (and only it) off
+    metrics, checks, details = kinds.evaluate(spec, [raw])
+    assert [c["pass"] for c in checks] == [False, True]
+    assert "first differs at position 7" in checks[0]["detail"] and details["first_difference"]["position"] == 7
+    assert metrics["rel_error_forward"]["median"] > PLANTED and metrics["rel_error_runtime"]["median"] <= TOLERANCE
+
+
+def test_a_decoder_output_of_the_wrong_shape_fails_with_both_shapes(tmp_path):
+    spec = _spec(tmp_path)
+    raw = _good_outputs(spec)
+    raw["out"] = raw["out"][:-1]
+    metrics, checks, _ = kinds.evaluate(spec, [raw])
+    assert checks[0]["pass"] is False and "output shape (11, 32), reference (12, 32)" in checks[0]["detail"]
+    assert "rel_error_forward" not in metrics and checks[1]["pass"] is True
+
+
+@pytest.mark.parametrize(
+    ("impl", "decoder", "layers", "refused"),
+    [
+        ("runtime", QWEN3, 2, 'accepted only with impl = "hf:<family>"'),
+        ("python:m:f", QWEN3, 2, 'accepted only with impl = "hf:<family>"'),
+        ("hf:deepseek_v3", QWEN3, 2, "is invalid with the decoder keys"),
+        ("hf:mixtral", QWEN3, 2, 'cannot express this decoder: qk_norm = "head": accepted "none"'),
+        ("hf:qwen3_moe", 'qk_norm = "head"', 2, "without attention_heads is invalid"),
+        ("hf:qwen3_moe", "", 2, "[model] layers = 2 is invalid with [model] impl"),  # one MoE block: layers 1
+        ("hf:qwen3_moe", QWEN3 + '\nrecompute = "layer"', 2, 'recompute = "layer" is invalid'),
+    ],
+)
+def test_decoder_keys_in_equivalence_are_refused_in_one_line_unless_an_hf_decoder_can_take_them(
+    tmp_path, impl, decoder, layers, refused
+):
+    with pytest.raises(ScenarioError) as err:
+        _spec(tmp_path, impl, decoder, layers)
+    assert "\n" not in str(err.value) and refused in str(err.value)
+
+
+def test_the_decoder_scenarios_check_every_family_with_its_own_qk_norm():
+    runs = [r for path in discover([REPO / "scenarios" / "real-models"]) for r in load(path).runs]
+    decoders = {(r.model["impl"], r.decoder_config().qk_norm) for r in runs if r.model.get("attention_heads")}
+    assert {impl for impl, _ in decoders} == {f"hf:{f}" for f in hf_decoder.FAMILIES}
+    assert all(qk == hf_decoder.QK_NORM[impl[3:]] for impl, qk in decoders)
+    shared = [r for r in runs if r.model.get("shared_expert_gate")]
+    assert [r.model["impl"] for r in shared] == ["hf:qwen2_moe"]
