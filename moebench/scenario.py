@@ -49,7 +49,7 @@ from moebench.workload.tokens import MAX_STEPS, SKEWS
 from runtime import cache_policy
 from runtime.config import ACTIVATIONS, DTYPES, EXPERT_BACKENDS, GRANULARITIES, SCORINGS
 from runtime.experts import GROUPED_MM_ALIGN
-from runtime.model import RECOMPUTE
+from runtime.model import QK_NORM, RECOMPUTE
 from runtime.offload import PREFETCH
 from runtime.placement import place_experts
 from runtime.training import OPTIMIZERS
@@ -188,6 +188,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dense_layers": Key(0, *_int(0, 4096)),
         "shared_experts": Key(0, *_int(0, 4096)),
         "shared_expert_gate": Key(False, *_BOOL),  # Qwen2-MoE: the shared output × sigmoid(x · w_gate)
+        "qk_norm": Key("none", *_choice(*QK_NORM)),  # RMSNorm on q and k before RoPE: "head" (Qwen3), "full" (OLMoE)
         "vocab": Key(0, *_int(0, 2**24)),
         "recompute": Key("none", *_choice(*RECOMPUTE)),  # kind "train": what backward recomputes
         # the MoE implementation under test (moebench/adapters/, docs/adapters.md)
@@ -567,13 +568,45 @@ def _check_decoder_keys(path: str, doc: dict, kind: str) -> None:
         return
     accepted = " or ".join(f'"{k}"' for k in kinds.accepting("decoder"))
     model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+    impl = model.get("impl", "runtime")
+    if kind == "equivalence" and all(isinstance(v, str) and v.startswith("hf:") for v in _values(impl)):
+        _check_decoder_equivalence(path, model)  # a Hugging Face decoder model against reference_decoder
+        _check_kind_section(path, doc, kind)
+        return
     for key in DECODER:
         if key in model:
+            if kind == "equivalence":
+                raise ScenarioError(
+                    f'{path}: [model] {key} = {_show(model[key])} is invalid for kind = "equivalence" with [model] '
+                    f'impl = {_show(impl)}: accepted only with impl = "hf:<family>" (a Hugging Face decoder model '
+                    f"checked against the fp64 reference decoder) or with kind {accepted}"
+                )
             raise ScenarioError(
                 f"{path}: [model] {key} = {_show(model[key])} is invalid for kind = {_show(kind)}: accepted only "
                 f"with kind {accepted} (a decoder; other kinds run a stack of MoE layers)"
             )
     _check_kind_section(path, doc, kind)
+
+
+def _values(value: object) -> list:
+    """A key's values: a sweep's list, or the one value."""
+    return value if isinstance(value, list) else [value]
+
+
+def _check_decoder_equivalence(path: str, model: dict) -> None:
+    """Kind equivalence of an hf: impl takes the decoder keys (attention_heads required once any is set), not
+    recompute (no backward)."""
+    written = [key for key in DECODER if key in model]
+    if written and "attention_heads" not in model:
+        raise ScenarioError(
+            f"{path}: [model] {written[0]} = {_show(model[written[0]])} without attention_heads is invalid for kind "
+            '"equivalence": accepted with attention_heads (a whole decoder), or no decoder keys (one MoE block)'
+        )
+    if model.get("recompute", "none") != "none":
+        raise ScenarioError(
+            f'{path}: [model] recompute = {_show(model["recompute"])} is invalid for kind "equivalence": accepted '
+            '"none" (a forward only)'
+        )
 
 
 def _check_kind_section(path: str, doc: dict, kind: str) -> None:

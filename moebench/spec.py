@@ -44,7 +44,7 @@ def _spell(value: object) -> str:
 # [model] keys only a decoder reads (kinds "serve", "train"); other kinds' result files do not record them
 DECODER = (
     "attention_heads", "kv_heads", "head_dim", "dense_layers", "shared_experts", "shared_expert_gate", "vocab",
-    "recompute",
+    "recompute", "qk_norm",
 )  # fmt: skip
 # [routing] keys of the router variants and their defaults: a result file records them only when set
 ROUTER_VARIANTS = {
@@ -154,6 +154,7 @@ class RunSpec:
             shared_experts=m["shared_experts"],
             shared_expert_gate=m.get("shared_expert_gate", False),
             vocab=m["vocab"],
+            qk_norm=m.get("qk_norm", "none"),
         )
 
     def parallel_config(self) -> ParallelConfig:
@@ -166,9 +167,10 @@ class RunSpec:
         """The run's full configuration, as the result file records it."""
         slo = {s.key: s.limit for s in self.slos}
         serving = self.kind in DECODER_KINDS  # the decoder's keys and mode: recorded for the kinds that read them
+        decoder = serving or self.model.get("attention_heads") is not None  # also an hf: decoder's equivalence
         return {
             "scenario": self.scenario,
-            "model": self.model if serving else {k: v for k, v in self.model.items() if k not in DECODER},
+            "model": self.model if decoder else {k: v for k, v in self.model.items() if k not in DECODER},
             "routing": {k: v for k, v in self.routing.items() if k not in ROUTER_VARIANTS or v != ROUTER_VARIANTS[k]},
             "parallel": self.parallel if serving else {k: v for k, v in self.parallel.items() if k != "mode"},
             "workload": self.workload,

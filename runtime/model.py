@@ -7,7 +7,10 @@ holds, B = sequences, N = a sequence's new tokens, C = a sequence's context (cac
 
 Block l:  h = x + attn(rmsnorm(x));  x' = h + ffn(rmsnorm(h))
   attn    GQA: H query heads share G KV heads (H/G each), RoPE (rotate-half, as Llama and Qwen),
-          ``F.scaled_dot_product_attention`` causal over the sequence's context
+          ``F.scaled_dot_product_attention`` causal over the sequence's context; with ``qk_norm`` an
+          RMSNorm on q and on k after the projection, before RoPE: "head" one of width Dh on every head
+          (one scale for q, one for k, shared by the heads: Qwen3), "full" one over all of q (H·Dh) and
+          one over all of k (G·Dh) (OLMoE); the KV cache holds keys normed and rotated
   ffn     the routed experts (``MoELayer``), plus ``shared_experts`` × F of dense FFN applied to every
           token (as DeepSeek-MoE and Qwen-MoE), its output × sigmoid(x · w_gate) per token with
           ``shared_expert_gate`` (Qwen2-MoE's gate); a dense FFN of width top_k·F in the first
@@ -47,7 +50,7 @@ ship; at the lengths this runtime serves, the waste is bounded and stated up fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -63,6 +66,7 @@ from runtime.router import RouterOutput, Sequences
 from runtime.weights import MoEWeights, init_weights
 
 RECOMPUTE = ("none", "experts", "layer")  # what backward recomputes (module docstring)
+QK_NORM = ("none", "head", "full")  # the RMSNorm on queries and keys before RoPE (module docstring)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class DecoderConfig:
     vocab: int = 0  # 0: inputs and outputs are hidden states; > 0: embedding, LM head, greedy tokens
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
+    qk_norm: str = "none"  # one of QK_NORM: "head" (Qwen3), "full" (OLMoE); its eps is norm_eps
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -105,6 +110,8 @@ class DecoderConfig:
             _fail(name, "shared_expert_gate", self.shared_expert_gate, "true or false")
         if self.shared_expert_gate and not self.shared_experts:
             _fail(name, "shared_expert_gate", True, "true only with shared_experts >= 1 (it gates their output)")
+        if self.qk_norm not in QK_NORM:
+            _fail(name, "qk_norm", self.qk_norm, f"one of {', '.join(QK_NORM)}")
 
     @property
     def hidden(self) -> int:
@@ -142,6 +149,8 @@ class BlockWeights:
     dense: FFNWeights | None  # the dense FFN of a dense block (width top_k·F); None in an MoE block
     shared: FFNWeights | None  # the shared experts of an MoE block (width n·F); None without
     shared_gate_D: torch.Tensor | None = None  # shared_expert_gate: the gate's weights; None without
+    q_norm: torch.Tensor | None = None  # qk_norm's scale on q: [Dh] ("head"), [H·Dh] ("full"); None ("none")
+    k_norm: torch.Tensor | None = None  # and on k: [Dh] ("head"), [G·Dh] ("full")
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,9 @@ def _ffn_weights(gen: torch.Generator, d: int, width: int, activation: str) -> F
 
 def decoder_weights(cfg: DecoderConfig, seed: int = 0, moe: list[MoEWeights] | None = None) -> DecoderWeights:
     """Seeded fp32 weights on the CPU, std 1/√fan_in (norm scales 1 ± 0.1). ``moe``: the routed experts
-    of each MoE block (e.g. with a calibrated routing skew); default ``init_weights`` seeded per block."""
+    of each MoE block (e.g. with a calibrated routing skew); default ``init_weights`` seeded per block.
+    The q/k norm scales (``qk_norm``) are drawn last, after every other weight: a seed gives every other
+    weight the same values whatever ``qk_norm`` is."""
     gen = torch.Generator().manual_seed(seed)
     d, hq, hk = cfg.hidden, cfg.attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     f, act = cfg.moe.ffn_hidden_size, cfg.moe.activation
@@ -184,10 +195,20 @@ def decoder_weights(cfg: DecoderConfig, seed: int = 0, moe: list[MoEWeights] | N
         else:
             blocks.append(BlockWeights(*attn, wo, ffn_norm, None, _ffn_weights(gen, d, cfg.moe.top_k * f, act), None))
     final = norm()
-    if cfg.vocab == 0:
-        return DecoderWeights(tuple(blocks), final)
-    embed = torch.randn(cfg.vocab, d, generator=gen)
-    head = torch.randn(cfg.vocab, d, generator=gen) / d**0.5
+    embed = head = None
+    if cfg.vocab:
+        embed = torch.randn(cfg.vocab, d, generator=gen)
+        head = torch.randn(cfg.vocab, d, generator=gen) / d**0.5
+    if cfg.qk_norm != "none":
+        q_width, k_width = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else (hq, hk)
+        blocks = [
+            replace(
+                b,
+                q_norm=1 + 0.1 * torch.randn(q_width, generator=gen),
+                k_norm=1 + 0.1 * torch.randn(k_width, generator=gen),
+            )
+            for b in blocks
+        ]
     return DecoderWeights(tuple(blocks), final, embed, head)
 
 
@@ -303,11 +324,27 @@ class Attention(nn.Module):
         self.wq_DQ, self.wk_DK, self.wv_DK, self.wo_QD = (
             nn.Parameter(t.to(device, dtype).clone()) for t in (w.wq_DQ, w.wk_DK, w.wv_DK, w.wo_QD)
         )
+        self.q_norm = self.k_norm = None  # [Dh] ("head") or [H·Dh], [G·Dh] ("full"), fp32 as the other norms
+        if cfg.qk_norm != "none":
+            if w.q_norm is None or w.k_norm is None:
+                raise ValueError(
+                    f'MoEDecoder: qk_norm = "{cfg.qk_norm}" needs q_norm and k_norm in every block\'s weights'
+                )
+            self.q_norm = nn.Parameter(w.q_norm.to(device).clone())
+            self.k_norm = nn.Parameter(w.k_norm.to(device).clone())
+
+    def _heads(self, x_TX: torch.Tensor, heads: int, scale: torch.Tensor | None) -> torch.Tensor:
+        """A projection [T, heads·Dh] as [T, heads, Dh], with qk_norm's RMSNorm (before RoPE)."""
+        cfg = self.cfg
+        if cfg.qk_norm == "full":
+            x_TX = rms_norm(x_TX, scale, cfg.norm_eps)
+        x_Thd = x_TX.view(x_TX.shape[0], heads, cfg.head_dim)
+        return rms_norm(x_Thd, scale, cfg.norm_eps) if cfg.qk_norm == "head" else x_Thd
 
     def forward(self, x_TD: torch.Tensor, batch: Batch, cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg, T = self.cfg, x_TD.shape[0]
-        q_THd = rope((x_TD @ self.wq_DQ).view(T, cfg.attention_heads, cfg.head_dim), batch.cos_T1R, batch.sin_T1R)
-        k_TGd = rope((x_TD @ self.wk_DK).view(T, cfg.kv_heads, cfg.head_dim), batch.cos_T1R, batch.sin_T1R)
+        q_THd = rope(self._heads(x_TD @ self.wq_DQ, cfg.attention_heads, self.q_norm), batch.cos_T1R, batch.sin_T1R)
+        k_TGd = rope(self._heads(x_TD @ self.wk_DK, cfg.kv_heads, self.k_norm), batch.cos_T1R, batch.sin_T1R)
         v_TGd = (x_TD @ self.wv_DK).view(T, cfg.kv_heads, cfg.head_dim)
         o_THd = torch.empty_like(q_THd)
         if batch.cached:  # this forward's keys join the context first: each attends to its own
@@ -558,6 +595,7 @@ def max_context(input_len: int, output_len: int) -> int:
 
 
 __all__ = [
+    "QK_NORM",
     "RECOMPUTE",
     "Batch",
     "BlockWeights",

@@ -219,11 +219,26 @@ def _rope(x_NHd: torch.Tensor, theta: float) -> torch.Tensor:
     return out
 
 
+def _queries_keys(cfg: DecoderConfig, w: BlockWeights, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries [N, H, Dh] and keys [N, G, Dh]: projected, RMS-normed as ``qk_norm`` says ("full": each
+    row of all H·Dh (G·Dh) values; "head": each head's Dh values), then rotated."""
+    n, dh = x_ND.shape[0], cfg.head_dim
+    out = []
+    for w_DX, scale, heads in ((w.wq_DQ, w.q_norm, cfg.attention_heads), (w.wk_DK, w.k_norm, cfg.kv_heads)):
+        y_NX = x_ND @ w_DX.double()
+        if cfg.qk_norm == "full":
+            y_NX = _rms_norm(y_NX, scale, cfg.norm_eps)
+        y_Nhd = y_NX.reshape(n, heads, dh)
+        if cfg.qk_norm == "head":
+            y_Nhd = torch.stack([_rms_norm(y_Nhd[:, h], scale, cfg.norm_eps) for h in range(heads)], dim=1)
+        out.append(_rope(y_Nhd, cfg.rope_theta))
+    return out[0], out[1]
+
+
 def _attention(cfg: DecoderConfig, w: BlockWeights, x_ND: torch.Tensor) -> torch.Tensor:
     """Causal grouped-query self-attention over the whole sequence, one query head at a time."""
     n, heads, groups, dh = x_ND.shape[0], cfg.attention_heads, cfg.kv_heads, cfg.head_dim
-    q_NHd = _rope((x_ND @ w.wq_DQ.double()).reshape(n, heads, dh), cfg.rope_theta)
-    k_NGd = _rope((x_ND @ w.wk_DK.double()).reshape(n, groups, dh), cfg.rope_theta)
+    q_NHd, k_NGd = _queries_keys(cfg, w, x_ND)
     v_NGd = (x_ND @ w.wv_DK.double()).reshape(n, groups, dh)
     future_NN = torch.ones(n, n, dtype=torch.bool).triu(diagonal=1)  # key j > query i
     heads_out = []

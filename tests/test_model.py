@@ -33,6 +33,11 @@ CONFIGS = {
         vocab=23,
     ),
     "swiglu-mha-all-dense": dict(moe=_moe(), layers=2, attention_heads=2, kv_heads=2, dense_layers=2),
+    # the KV cache holds keys after the q/k norm and RoPE: decode must read them so
+    "swiglu-gqa-qknorm-head": dict(moe=_moe(), layers=2, attention_heads=4, kv_heads=2, qk_norm="head"),
+    "gelu-gqa-qknorm-full-vocab": dict(
+        moe=_moe("gelu"), layers=2, attention_heads=4, kv_heads=2, qk_norm="full", vocab=23
+    ),
 }
 
 
@@ -163,6 +168,7 @@ def test_head_dim_defaults_to_hidden_over_heads():
         (dict(layers=0), "layers"),
         (dict(shared_experts=-1), "shared_experts"),
         (dict(vocab=1.5), "vocab"),
+        (dict(qk_norm="layer"), "qk_norm"),
     ],
 )
 def test_decoder_config_refuses_impossible_shapes_naming_the_field(kw, field):

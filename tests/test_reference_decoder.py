@@ -3,7 +3,8 @@ reference disagrees with subtly wrong decoders, and the serving engine's outputs
 
 Tolerance: ``rel_error`` ≤ 1e-6 for float32. Measured at these shapes (gelu and swiglu, top-1 and
 top-2, normalized top-k, GQA 4 query heads on 2 or 1 KV heads, one dense block, one shared expert,
-vocab 0 and 37, 9 tokens, seeds 0–2): at most 2.8e-7 on the output hidden states and on the logits.
+vocab 0 and 37, 9 tokens, seeds 0–2): at most 2.8e-7 on the output hidden states and on the logits; with
+the q/k norm ("head" at head_dim 8, "full" with one KV head; seeds 0–2) at most 4.3e-7.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ CONFIGS = {
     "mixtral-router-topk-before-softmax": dataclasses.replace(
         _config("swiglu", 2), moe=MoEConfig(D, 12, 4, top_k=2, activation="swiglu", topk_before_softmax=True)
     ),
+    "swiglu-top2-qknorm-head-headdim8": _config("swiglu", 2, head_dim=8, qk_norm="head"),  # Qwen3's q/k norm
+    "swiglu-top2-qknorm-full-mqa": _config("swiglu", 2, kv_heads=1, qk_norm="full"),  # OLMoE's q/k norm
 }
 
 
@@ -204,3 +207,72 @@ def test_engine_greedy_tokens_match_reference_argmax():
         chosen = logits[torch.arange(len(r.outputs)), torch.tensor(r.outputs)]
         slack = 1e-5 * logits.abs().max()
         assert (chosen >= logits.max(dim=-1).values - slack).all(), (r.id, r.outputs, logits.argmax(-1).tolist())
+
+
+# -------------------------------------------------------------------------------------------
+# The q/k norm (qk_norm): its weights leave every other draw alone, and a misplaced or misshaped norm is caught
+
+
+def test_qk_norm_weights_leave_every_other_weight_of_the_seed_unchanged():
+    """The q/k scales are drawn after everything else: the same seed gives the same attention, FFN, expert and
+    final-norm weights for "none", "head" and "full" (committed baselines depend on it)."""
+    plain = decoder_weights(CFG, seed=3)
+    for mode, width in (("head", CFG.head_dim), ("full", None)):
+        normed = decoder_weights(dataclasses.replace(CFG, qk_norm=mode), seed=3)
+        torch.testing.assert_close(normed.final_norm_D, plain.final_norm_D, rtol=0, atol=0)
+        for a, b in zip(normed.blocks, plain.blocks, strict=True):
+            for field in ("attn_norm_D", "wq_DQ", "wk_DK", "wv_DK", "wo_QD", "ffn_norm_D"):
+                torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=0)
+            if b.moe is not None:
+                torch.testing.assert_close(a.moe.w_in_EDH, b.moe.w_in_EDH, rtol=0, atol=0)
+            assert b.q_norm is None and b.k_norm is None
+            q_width = width or CFG.attention_heads * CFG.head_dim
+            k_width = width or CFG.kv_heads * CFG.head_dim
+            assert a.q_norm.shape == (q_width,) and a.k_norm.shape == (k_width,)
+
+
+QK_HEAD = dataclasses.replace(CFG, qk_norm="head")
+
+
+def test_reference_catches_per_head_qk_norm_done_over_all_heads():
+    """A decoder norming all of q (and k) at once where each head should be normed alone is, exactly, the
+    "full" config with the head scale repeated over the heads."""
+    weights, x = decoder_weights(QK_HEAD, seed=3), _inputs(QK_HEAD, 3)
+    full = _with_blocks(
+        weights,
+        q_norm=lambda b: b.q_norm.repeat(QK_HEAD.attention_heads),
+        k_norm=lambda b: b.k_norm.repeat(QK_HEAD.kv_heads),
+    )
+    wrong = dataclasses.replace(QK_HEAD, qk_norm="full")
+    assert rel_error(_full(QK_HEAD, weights, x), reference_decoder(wrong, full, x)) > PLANTED
+
+
+def test_reference_catches_qk_norm_left_out():
+    weights, x = decoder_weights(QK_HEAD, seed=3), _inputs(QK_HEAD, 3)
+    assert rel_error(_full(QK_HEAD, weights, x), reference_decoder(CFG, weights, x)) > PLANTED
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_reference_catches_qk_norm_applied_after_rope(mode, monkeypatch):
+    """RoPE turns pairs (i, i + Dh/2), so it keeps each head's (and all of q's) RMS: a norm moved after it
+    differs only through its scale's entries of a pair differing; the decoder must still see it."""
+    import runtime.reference as reference
+
+    cfg = dataclasses.replace(CFG, qk_norm=mode)
+    weights, x = decoder_weights(cfg, seed=3), _inputs(cfg, 3)
+    right = reference_decoder(cfg, weights, x)
+    assert rel_error(_full(cfg, weights, x), right) <= TOLERANCE
+
+    original = reference._queries_keys
+
+    def rope_then_norm(c, w, x_ND):
+        plain = dataclasses.replace(c, qk_norm="none")
+        q_NHd, k_NGd = original(plain, w, x_ND)  # projected and rotated, no norm
+        if mode == "head":
+            return reference._rms_norm(q_NHd, w.q_norm, c.norm_eps), reference._rms_norm(k_NGd, w.k_norm, c.norm_eps)
+        n = x_ND.shape[0]
+        q = reference._rms_norm(q_NHd.reshape(n, -1), w.q_norm, c.norm_eps).reshape(q_NHd.shape)
+        return q, reference._rms_norm(k_NGd.reshape(n, -1), w.k_norm, c.norm_eps).reshape(k_NGd.shape)
+
+    monkeypatch.setattr(reference, "_queries_keys", rope_then_norm)
+    assert rel_error(_full(cfg, weights, x), reference_decoder(cfg, weights, x)) > PLANTED  # measured 3.3e-2, 6.4e-2

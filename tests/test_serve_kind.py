@@ -77,6 +77,13 @@ def test_serve_accepts_mode_dp_which_holds_every_expert_on_every_rank(tmp_path):
     assert run.parallel_config().ep_size == 1 and run.resolved()["parallel"]["mode"] == "dp"
 
 
+def test_serve_qk_norm_key_reaches_the_decoder_config(tmp_path):
+    (run,) = load(write(tmp_path, doc_with(SERVE, model={"qk_norm": "head"}))).runs
+    assert run.decoder_config().qk_norm == "head" and run.resolved()["model"]["qk_norm"] == "head"
+    (plain,) = load(write(tmp_path, SERVE)).runs
+    assert plain.decoder_config().qk_norm == "none"
+
+
 @pytest.mark.parametrize("written", [math.inf, "inf"])
 def test_request_rate_inf_is_recorded_as_the_string_inf(tmp_path, written):
     (run,) = load(write(tmp_path, doc_with(SERVE, serve={"request_rate": written}))).runs
@@ -124,6 +131,14 @@ REFUSALS = {
     "kv_heads not dividing attention_heads": (
         doc_with(SERVE, model={"kv_heads": 3}),
         "[model] kv_heads = 3 is invalid: accepted a divisor of attention_heads (4)",
+    ),
+    "qk_norm not a choice": (
+        doc_with(SERVE, model={"qk_norm": "layer"}),
+        '[model] qk_norm = "layer" is invalid: accepted one of',
+    ),
+    "qk_norm for throughput": (
+        doc_with(THROUGHPUT, model={"qk_norm": "head"}),
+        '[model] qk_norm = "head" is invalid for kind = "throughput": accepted only with kind "serve"',
     ),
     "capacity factor for serve": (
         doc_with(SERVE, routing={"capacity_factor": 1.25}),

@@ -22,8 +22,8 @@ import re
 
 import torch
 
-from moebench.adapters import hf
-from runtime import MoEConfig, MoEWeights
+from moebench.adapters import hf, hf_decoder
+from runtime import DecoderConfig, DecoderWeights, MoEConfig, MoEWeights
 
 RUNTIME = "runtime"
 _PYTHON = re.compile(r"python:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
@@ -74,15 +74,19 @@ def _factory(impl: str):
     return factory
 
 
+def _need_transformers(impl: str) -> None:
+    if not _installed("transformers"):
+        raise ValueError(
+            f"[model] impl = {impl!r} needs transformers, which is not installed: "
+            "accepted after pip install 'moebench[hf]', or impl = \"runtime\""
+        )
+
+
 def build(impl: str, weights: list[MoEWeights], cfg: MoEConfig) -> torch.nn.Module:
     """The implementation ``impl`` names, built from the global ``weights`` and ``cfg`` (``check`` first)."""
     check(impl, cfg)
     if impl.startswith("hf:"):
-        if not _installed("transformers"):
-            raise ValueError(
-                f"[model] impl = {impl!r} needs transformers, which is not installed: "
-                "accepted after pip install 'moebench[hf]', or impl = \"runtime\""
-            )
+        _need_transformers(impl)
         return hf.build(impl[3:], weights[0], cfg)
     return _factory(impl)(weights, cfg)
 
@@ -96,6 +100,27 @@ def unavailable(impl: str, device: str) -> str:
         reason = needs(device) if callable(needs) else ""
         return f"[model] impl = {impl!r}: {reason}" if reason else ""
     return ""
+
+
+def check_decoder(impl: str, cfg: DecoderConfig) -> None:
+    """A whole decoder under test (``hf_decoder``): ``ValueError`` (one line) unless ``impl`` is "hf:<family>" of
+    a family whose decoder model can express ``cfg``."""
+    family = impl[3:] if impl.startswith("hf:") else None
+    if family not in hf_decoder.FAMILIES:
+        raise ValueError(
+            f"[model] impl = {impl!r} is invalid with the decoder keys (attention_heads, ...): accepted "
+            f"{', '.join(f'hf:{f}' for f in hf_decoder.FAMILIES)} (a Hugging Face decoder model)"
+        )
+    why = hf_decoder.refusal(family, cfg)
+    if why:
+        raise ValueError(f"[model] impl = {impl!r} cannot express this decoder: {why}")
+
+
+def build_decoder(impl: str, cfg: DecoderConfig, weights: DecoderWeights) -> torch.nn.Module:
+    """The decoder model ``impl`` names, filled with ``weights``: hidden states [N, D] of one sequence to [N, D]."""
+    check_decoder(impl, cfg)
+    _need_transformers(impl)
+    return hf_decoder.build(impl[3:], cfg, weights)
 
 
 def routing_counts(module: torch.nn.Module, x_TD: torch.Tensor, num_experts: int) -> list[int]:

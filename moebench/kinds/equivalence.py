@@ -32,7 +32,7 @@ import torch
 
 from moebench import adapters
 from moebench import metrics as M
-from moebench.measure import slowdown
+from moebench.measure import impl_decoder, slowdown
 from moebench.measure.common import sampler
 from moebench.measure.impl import check_impl
 from moebench.measure.offload import offload_config
@@ -271,8 +271,9 @@ COLUMNS = (
     ("rel_error_forward", "fwd rel err", 1, ".1e"),
     ("rel_error_grad", "grad rel err", 1, ".1e"),
     ("tokens_dropped", "dropped (copies)", 1, ".0f"),
+    *impl_decoder.COLUMNS,
 )
-METRICS = ("rel_error_forward", "rel_error_grad", "tokens_dropped")
+METRICS = ("rel_error_forward", "rel_error_grad", "tokens_dropped", "rel_error_runtime")
 
 
 def case(spec: RunSpec) -> Case:
@@ -325,7 +326,10 @@ def impl_inputs(spec: RunSpec) -> tuple[Case, list[MoEWeights], torch.Tensor]:
 
 
 def impl_forward(spec: RunSpec) -> dict:
-    """The implementation's output on the case's tokens and weights (forward only, no gradients)."""
+    """The implementation's output on the case's tokens and weights (forward only, no gradients); with the
+    decoder keys, a whole decoder's and our own decoder's on one sequence (``impl_decoder``)."""
+    if impl_decoder.is_decoder(spec):
+        return impl_decoder.forward(spec, _impl(spec))
     c, weights, x_ND = impl_inputs(spec)
     module = adapters.build(_impl(spec), weights, c.moe)
     with torch.no_grad():
@@ -366,6 +370,8 @@ def first_difference(
 
 def _evaluate_impl(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dict]:
     """An implementation against the fp64 reference: the forward's relative error, and where it first differs."""
+    if impl_decoder.is_decoder(spec):
+        return impl_decoder.evaluate(spec, per_rank, _impl(spec), TOLERANCE[spec.model["dtype"]])
     c, weights, x_ND = impl_inputs(spec)
     out = per_rank[0]["out"]
     ref = reference_moe(x_ND.double(), weights[0], c.moe).out_ND

@@ -17,6 +17,7 @@ from moebench import adapters
 from moebench import metrics as M
 from moebench.measure.common import finite_check, progress_after_warmup, ratios, sampler
 from moebench.measure.timing import time_interleaved
+from moebench.spec import check_decoder
 from moebench.workload.tokens import layer_weights, tokens
 from runtime import MoEWeights
 from runtime.stack import MoEStack
@@ -34,16 +35,18 @@ def impl_of(spec: RunSpec) -> str:
 
 
 def check_impl(spec: RunSpec) -> None:
-    """With ``impl``: one layer, world size 1, a uniform skew, a forward-only single step, none of overlap,
-    offload, EPLB or alerts (they belong to the runtime's layer), and an implementation that can express the
-    layer; ``ValueError`` (one line) otherwise."""
+    """With ``impl``: one layer (any number for a whole decoder: kind equivalence with the decoder keys), world
+    size 1, a uniform skew, a forward-only single step, none of overlap, offload, EPLB or alerts (they belong to
+    the runtime's layer), and an implementation that can express the layer (or decoder); ``ValueError`` (one
+    line) otherwise."""
     impl = impl_of(spec)
     if impl == adapters.RUNTIME:
         return
     wl = spec.workload
+    decoder = spec.model.get("attention_heads") is not None  # a whole decoder (kind equivalence): any layers
     for key, value, accepted in (
         ("[parallel] world_size", spec.world_size, 1),
-        ("[model] layers", spec.model["layers"], 1),
+        ("[model] layers", 1 if decoder else spec.model["layers"], 1),
         ("[workload] skew", wl["skew"], "uniform"),
         ("[workload] train", wl["train"], False),
         ("[workload] steps", wl.get("steps", 1), 1),
@@ -57,7 +60,11 @@ def check_impl(spec: RunSpec) -> None:
                 f"{key} = {value!r} is invalid with [model] impl = {impl!r}: accepted {accepted!r} (an implementation "
                 "runs one forward-only layer on one rank, on the seeded weights without a skew's router offset)"
             )
-    adapters.check(impl, spec.moe_config())
+    if decoder:
+        check_decoder(spec)
+        adapters.check_decoder(impl, spec.decoder_config())
+    else:
+        adapters.check(impl, spec.moe_config())
 
 
 def impl_weights(spec: RunSpec) -> list[MoEWeights]:
