@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,141 @@ def test_on_this_cpu_host_every_fused_run_is_skipped_with_its_reason_not_an_erro
             run = runner.run_one(spec, None)
             assert run["status"] == "skipped", run
             assert run["error"] == f"[model] impl = '{spec.model['impl']}': needs a CUDA device"
+
+
+# -------------------------------------------------------------------------------------------
+# The modules' plumbing on the CPU, under stand-in packages that compute as the sources state (the functions
+# above): the arguments each module passes, the bias tensor, the scaling an older grouped_topk leaves out,
+# the route hook, dtypes and devices. The real kernels run only on a GPU (tests/test_gpu_fused.py).
+
+
+def _package(monkeypatch, name, **attrs):
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+@pytest.fixture
+def stand_in_vllm(monkeypatch):
+    """vllm as a release before 2025's router/ folder: grouped_topk in fused_moe/fused_moe.py, without
+    routed_scaling_factor (the adapter scales after it)."""
+
+    def fused_topk(hidden_states, gating_output, topk, renormalize):
+        assert hidden_states.shape[0] == gating_output.shape[0] and gating_output.dtype == torch.float32
+        weights_TK, ids_TK = _vllm_fused_topk(gating_output, topk, renormalize)
+        return weights_TK, ids_TK.int(), None
+
+    def grouped_topk(
+        hidden_states, gating_output, topk, renormalize, num_expert_group=0, topk_group=0, scoring_func="softmax",
+        e_score_correction_bias=None,
+    ):  # fmt: skip
+        assert e_score_correction_bias is not None  # the adapter always passes one
+        bias = e_score_correction_bias
+        return _vllm_grouped_topk(
+            gating_output, topk, renormalize, num_expert_group, topk_group, scoring_func, 1.0, bias
+        )
+
+    def fused_experts(hidden_states, w1, w2, topk_weights, topk_ids):
+        assert w1.is_contiguous() and w2.is_contiguous() and w1.dtype == hidden_states.dtype
+        return _vllm_fused_experts(hidden_states, w1, w2, topk_weights.to(hidden_states.dtype), topk_ids.long())
+
+    for name in ("vllm", "vllm.model_executor", "vllm.model_executor.layers"):
+        _package(monkeypatch, name)
+    base = "vllm.model_executor.layers.fused_moe"
+    _package(monkeypatch, base, fused_experts=fused_experts, fused_topk=fused_topk)
+    _package(monkeypatch, f"{base}.fused_moe", grouped_topk=grouped_topk)
+
+
+@pytest.mark.parametrize("routing", ["softmax-renormalised", "mixtral-order", "deepseek-v3", "softmax-score-bias"])
+def test_the_vllm_module_passes_its_plan_to_vllms_functions_and_matches_the_reference(stand_in_vllm, routing):
+    cfg, weights, x_TD = _layer(**ROUTINGS[routing])
+    module = vllm.VllmFusedMoE(weights, cfg, torch.device("cpu"))
+    x = x_TD.float()
+    ref = reference_moe(x_TD, weights, cfg)
+    with torch.no_grad():
+        assert _rel(module(x).double(), ref.out_ND) < 1e-5
+        ids_TK = module.route(x)
+    assert torch.bincount(ids_TK.reshape(-1).long(), minlength=8).tolist() == ref.counts_E
+
+
+@pytest.fixture
+def stand_in_megablocks(monkeypatch):
+    """megablocks' dMoE as its layers/ source states (LearnedRouter, GroupedGLU/GroupedMLP), in its dtype."""
+
+    class Arguments:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class Experts(torch.nn.Module):
+        def __init__(self, args, dtype):
+            super().__init__()
+            self.mlp = torch.nn.Module()
+            names = ("w1", "v1", "w2") if args.mlp_type == "glu" else ("w1", "w2")
+            for name in names:
+                shape = (args.moe_num_experts * args.ffn_hidden_size, args.hidden_size)
+                self.mlp.register_parameter(name, torch.nn.Parameter(torch.empty(shape, dtype=dtype)))
+
+    class Router(torch.nn.Module):
+        def __init__(self, args, dtype):
+            super().__init__()
+            self.args = args
+            self.layer = torch.nn.Linear(args.hidden_size, args.moe_num_experts, bias=False, dtype=dtype)
+
+        def forward(self, x):
+            scores = self.layer(x.view(-1, x.shape[-1])).softmax(dim=-1)
+            weights, ids = scores.topk(self.args.moe_top_k, dim=-1)
+            p = self.args.moe_normalize_expert_weights
+            return scores, (weights / weights.norm(p=p, dim=-1, keepdim=True) if p else weights), ids
+
+    class dMoE(torch.nn.Module):  # megablocks' name
+        def __init__(self, args):
+            super().__init__()
+            assert args.bf16 and not args.fp16 and not args.bias and not args.return_bias
+            self.args, dtype = args, torch.bfloat16
+            self.router, self.experts = Router(args, dtype), Experts(args, dtype)
+
+        def forward(self, x):
+            sl, bs, hs = x.shape
+            _, weights_TK, ids_TK = self.router(x)
+            mlp, f = self.experts.mlp, self.args.ffn_hidden_size
+            x_TD, out = x.view(-1, hs), torch.zeros(sl * bs, hs, dtype=x.dtype)
+            for t in range(sl * bs):
+                for g, e in zip(weights_TK[t], ids_TK[t], strict=True):
+                    rows = slice(e * f, (e + 1) * f)
+                    a = self.args.activation_fn(x_TD[t] @ mlp.w1[rows].T)
+                    if self.args.mlp_type == "glu":
+                        a = a * (x_TD[t] @ mlp.v1[rows].T)
+                    out[t] += g * (a @ mlp.w2[rows])
+            return out.view(sl, bs, hs)
+
+    cleared = []
+    _package(monkeypatch, "megablocks")
+    _package(monkeypatch, "megablocks.layers")
+    _package(monkeypatch, "megablocks.layers.arguments", Arguments=Arguments)
+    _package(monkeypatch, "megablocks.layers.dmoe", dMoE=dMoE)
+    _package(monkeypatch, "megablocks.layers.moe", clear_load_balancing_loss=lambda: cleared.append(1))
+    return cleared
+
+
+def _agreeing_rows(ids_TK, x_TD, weights, cfg):
+    """Tokens whose chosen experts (as a set) equal the reference's top-k of its fp64 softmax."""
+    ref_TK = torch.softmax(x_TD @ weights.router_ED.double().T, dim=-1).topk(cfg.top_k, dim=-1).indices
+    return torch.tensor([set(a.tolist()) == set(b.tolist()) for a, b in zip(ids_TK, ref_TK, strict=True)])
+
+
+@pytest.mark.parametrize(("activation", "routing"), [("swiglu", {"normalize_topk": True}), ("gelu", {})])
+def test_the_megablocks_module_fills_dmoe_and_matches_the_reference_in_bfloat16(
+    stand_in_megablocks, activation, routing
+):
+    cfg, weights, x_TD = _layer(activation, dtype="bfloat16", **routing)
+    module = mb.MegaBlocksMoE(weights, cfg, torch.device("cpu"))
+    ref_ND = reference_moe(x_TD, weights, cfg).out_ND
+    with torch.no_grad():
+        out = module(x_TD.float()).double()
+        assert len(stand_in_megablocks) == 1  # the saved load-balancing inputs released after the forward
+        same = _agreeing_rows(module.route(x_TD.float()), x_TD, weights, cfg)
+    # its router runs in bfloat16: a near-tie may choose another expert for a token (at most one here); every
+    # token it routes as the reference does agrees at bfloat16's tolerance
+    assert out.shape == x_TD.shape and int((~same).sum()) <= 1
+    assert _rel(out[same], ref_ND[same]) < 2e-2

@@ -124,6 +124,14 @@ def _api():
     return fused.fused_experts, *found
 
 
+def _takes(function, name: str) -> bool:
+    """Whether ``function`` has a parameter ``name`` (True when its signature cannot be read)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return True
+
+
 class VllmFusedMoE(torch.nn.Module):
     """vLLM's fused MoE behind the contract: [T, D] in (any device), [T, D] out on the input's device."""
 
@@ -137,10 +145,8 @@ class VllmFusedMoE(torch.nn.Module):
         self.register_buffer("w2", w2.to(device, self.dtype))
         self.register_buffer("bias_E", choice_bias(weights, cfg).to(device))
         # older grouped_topk (before routed_scaling_factor moved into it): the scaling is applied here
-        kwargs = dict(self.plan.kwargs)
-        params = inspect.signature(self.grouped_topk).parameters if self.plan.function == "grouped_topk" else {}
-        self.scale_after = 1.0
-        if self.plan.function == "grouped_topk" and "routed_scaling_factor" not in params:
+        kwargs, self.scale_after = dict(self.plan.kwargs), 1.0
+        if self.plan.function == "grouped_topk" and not _takes(self.grouped_topk, "routed_scaling_factor"):
             self.scale_after = kwargs.pop("routed_scaling_factor")
         self.kwargs = kwargs
 
