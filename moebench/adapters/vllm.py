@@ -103,7 +103,8 @@ def choice_bias(weights: MoEWeights, cfg: MoEConfig) -> torch.Tensor:
 
 def _api():
     """(fused_experts, fused_topk, grouped_topk) from the installed vllm: the routing functions moved from
-    fused_moe/fused_moe.py to fused_moe/router/ in 2025; both places are tried."""
+    fused_moe/fused_moe.py to fused_moe/router/ in 2025; both places are tried. A release whose grouped_topk
+    lacks scoring_func and e_score_correction_bias (before DeepSeek-V3 support) fails on a variant router."""
     package = "vllm.model_executor.layers.fused_moe"
     fused = importlib.import_module(package)
     found = []
@@ -156,7 +157,7 @@ class VllmFusedMoE(torch.nn.Module):
         logits_TE = x.float() @ self.router_ED.T
         x = x.to(self.dtype).contiguous()
         if self.plan.function == "fused_topk":
-            weights_TK, ids_TK, _ = self.fused_topk(x, logits_TE, **self.kwargs)
+            weights_TK, ids_TK = self.fused_topk(x, logits_TE, **self.kwargs)[:2]  # (+ token_expert_indices)
             return x, weights_TK, ids_TK
         weights_TK, ids_TK = self.grouped_topk(x, logits_TE, e_score_correction_bias=self.bias_E, **self.kwargs)
         return x, weights_TK * self.scale_after, ids_TK
