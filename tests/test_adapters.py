@@ -352,3 +352,59 @@ def test_each_hf_block_routes_as_the_fp64_reference_counts(tmp_path, family):
     moe = spec.moe_config()
     x_TD = tokens(24, moe.hidden_size, spec.workload["seed"], 1_000)
     assert batch["counts_WE"] == [[reference_moe(x_TD, impl_measure.impl_weights(spec)[0], moe).counts_E]]
+
+
+# -------------------------------------------------------------------------------------------
+# bfloat16 with the Hugging Face blocks (skipped without transformers)
+
+
+def _bf16_spec(tmp_path, impl, kind="equivalence", routing=""):
+    path = tmp_path / "impl.toml"
+    text = SCENARIO.format(kind=kind, impl=impl, routing=routing, world=1)
+    path.write_text(text.replace('activation = "swiglu"', 'activation = "swiglu"\ndtype = "bfloat16"'))
+    return load(path).runs[0]
+
+
+@pytest.mark.parametrize("family", list(HF_ROUTING))
+def test_each_hf_block_in_bfloat16_matches_the_fp64_reference_at_the_bfloat16_tolerance(tmp_path, family):
+    pytest.importorskip("transformers")
+    spec = _bf16_spec(tmp_path, f"hf:{family}", routing=HF_ROUTING[family])
+    metrics, checks, _ = _evaluate(spec)
+    error = metrics["rel_error_forward"]["median"]
+    assert checks[0]["pass"] is True, checks[0]["detail"]
+    # within the bfloat16 tolerance, and far above float32's rounding: the block really computed in bfloat16
+    assert 1e-4 < error <= equivalence.TOLERANCE["bfloat16"] and "tolerance 0.02" in checks[0]["detail"]
+
+
+def test_a_bf16_hf_block_that_skips_renormalising_or_stores_fp8_weights_fails(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    hf, build, config = adapters.hf, adapters.hf.build, adapters.hf._config
+
+    def no_renormalise(family, cfg):
+        planted = config(family, cfg)
+        planted.norm_topk_prob = False
+        return planted
+
+    monkeypatch.setattr(hf, "_config", no_renormalise)
+    metrics, checks, _ = _evaluate(_bf16_spec(tmp_path, "hf:qwen3_moe"))
+    assert checks[0]["pass"] is False and metrics["rel_error_forward"]["median"] > 0.1
+    monkeypatch.setattr(hf, "_config", config)
+
+    def fp8_weights(family, w, cfg):  # the experts' weights rounded through float8 (e4m3) instead of bfloat16
+        f8 = lambda t: t.to(torch.float8_e4m3fn).float()  # noqa: E731
+        return build(family, type(w)(w.router_ED, f8(w.w_in_EDH), f8(w.w_down_EFD)), cfg)
+
+    monkeypatch.setattr(hf, "build", fp8_weights)
+    metrics, checks, _ = _evaluate(_bf16_spec(tmp_path, "hf:mixtral"))
+    assert checks[0]["pass"] is False and metrics["rel_error_forward"]["median"] > equivalence.TOLERANCE["bfloat16"]
+
+
+def test_a_bf16_hf_block_is_timed_in_bfloat16_against_the_runtimes_layer(tmp_path):
+    pytest.importorskip("transformers")
+    spec = _bf16_spec(tmp_path, "hf:mixtral", kind="throughput")
+    c, weights, _ = equivalence.impl_inputs(spec)
+    assert {p.dtype for p in adapters.build("hf:mixtral", weights, c.moe).parameters()} == {torch.bfloat16}
+    raw = impl_measure.impl_timed(CTX, spec, None)
+    assert raw["finite"] is True and len(raw["step"]) == len(raw["runtime_step"]) == 3
+    metrics, checks, _ = kinds.evaluate(spec, [raw])
+    assert checks[0]["pass"] is True and metrics["impl_over_runtime"]["n"] == 3

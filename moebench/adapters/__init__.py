@@ -11,7 +11,9 @@ Nothing here imports transformers: only building an "hf:" block does.
 
 ``unavailable(impl, device)`` says why an implementation cannot run on this host (a package not installed, no
 GPU): the runner then records the run as skipped with that reason, not as an error. A "python:" factory states
-its own needs with an optional ``unavailable(device)`` attribute returning the reason or "".
+its own needs with an optional ``unavailable(device)`` attribute returning the reason or "", and its own limits
+with an optional ``refusal(cfg)`` attribute returning why it cannot express the layer or "" (``check`` then
+refuses the scenario in one line). The fused GPU implementations: ``vllm.py`` and ``megablocks.py`` here.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def check(impl: str, cfg: MoEConfig) -> None:
         if refusal:
             raise ValueError(f"[model] impl = {impl!r} cannot express this layer: {refusal}")
         return
-    _factory(impl)
+    refuse = getattr(_factory(impl), "refusal", None)  # a "python:" factory's own limits, like an hf: family's
+    why = refuse(cfg) if callable(refuse) else ""
+    if why:
+        raise ValueError(f"[model] impl = {impl!r} cannot express this layer: {why}")
 
 
 def _installed(name: str) -> bool:
