@@ -244,6 +244,7 @@ def test_a_w2_run_with_sequence_routing_re_places_and_probes_whole_sequences(tmp
     assert E.probe_rows(load(write_doc(tmp_path, doc)).runs[0], 32) == 32
 
 
+@pytest.mark.slow  # the unit suite keeps the W2 throughput and sequence-routing runs
 def test_a_w2_train_run_with_spare_slots_converges_like_one_device(tmp_path):
     doc = doc_with(
         TRAIN,

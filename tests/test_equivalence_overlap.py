@@ -48,6 +48,7 @@ def test_the_case_carries_the_scenarios_chunks_into_the_layer_on_the_collective_
     assert [type(layer.dispatcher).__name__ for layer in stack.layers] == ["AllToAllDispatcher"] * 2
 
 
+@pytest.mark.slow  # the layer-level overlap equivalence tests stay in the unit suite
 @pytest.mark.multiproc
 def test_an_overlap_chunks_4_scenario_at_ep2_runs_and_passes_its_rel_error_check():
     spec = _spec(4, 2)

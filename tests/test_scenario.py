@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moebench.scenario import SCHEMA, ScenarioError, discover, load
+from moebench.scenario import SCHEMA, ScenarioError, discover, load, load_file
 
 SHIPPED = Path(__file__).resolve().parent.parent / "scenarios"
 
@@ -179,9 +179,9 @@ def test_unreadable_or_invalid_toml_and_missing_paths_are_named(tmp_path):
 
 
 def test_every_shipped_scenario_loads():
-    files = discover([SHIPPED, SHIPPED / "sweeps", SHIPPED / "multigpu"])
+    files = discover([SHIPPED, SHIPPED / "sweeps", SHIPPED / "multigpu", SHIPPED / "real-models"])
     assert len(files) >= 8
-    names = [load(f).name for f in files]
+    names = [sc.name for f in files for sc in load_file(f)]
     assert len(set(names)) == len(names)
 
 

@@ -322,7 +322,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("mode", ["ep", "dp"])
+@pytest.mark.parametrize("mode", ["ep", pytest.param("dp", marks=pytest.mark.slow)])  # dp: the slow session
 def test_w2_training_takes_the_single_devices_steps_on_the_global_batch(world2, single, mode):
     """Per-step loss, router losses and gradient norm, then every final weight (experts by global id),
     within ``SAME_STEPS`` relative (measured on CPU: losses and norms 6e-8, weights 1.3e-6), while the weights
