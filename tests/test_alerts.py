@@ -198,6 +198,7 @@ def test_alerts_on_a_kind_without_per_step_series_is_refused_naming_the_kinds_th
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # the whole scenario; the alert rules and series are unit-tested above
 def test_the_alerts_scenario_fires_expert_overload_under_zipf_and_nothing_under_uniform_routing():
     from moebench.runner import run_one
 

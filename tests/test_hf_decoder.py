@@ -20,7 +20,7 @@ import torch
 from moebench import kinds
 from moebench.adapters import hf_decoder
 from moebench.kinds import equivalence
-from moebench.scenario import ScenarioError, discover, load
+from moebench.scenario import ScenarioError, discover, load, load_file
 from runtime import DecoderConfig, MoEConfig, MoEDecoder, decoder_weights, rel_error
 from runtime.reference import reference_decoder
 
@@ -277,7 +277,7 @@ def test_decoder_keys_in_equivalence_are_refused_in_one_line_unless_an_hf_decode
 
 
 def test_the_decoder_scenarios_check_every_family_with_its_own_qk_norm():
-    runs = [r for path in discover([REPO / "scenarios" / "real-models"]) for r in load(path).runs]
+    runs = [r for path in discover([REPO / "scenarios" / "real-models"]) for sc in load_file(path) for r in sc.runs]
     decoders = {(r.model["impl"], r.decoder_config().qk_norm) for r in runs if r.model.get("attention_heads")}
     assert {impl for impl, _ in decoders} == {f"hf:{f}" for f in hf_decoder.FAMILIES}
     assert all(qk == hf_decoder.QK_NORM[impl[3:]] for impl, qk in decoders)
