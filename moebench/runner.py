@@ -102,7 +102,11 @@ def run_one(
             error=f"torchrun started {os.environ['WORLD_SIZE']} ranks, this run needs {spec.world_size}",
         )
         return _record_host(run, spec, load_before, cpu_before)
-    missing = adapters.unavailable(spec.model.get("impl", adapters.RUNTIME), device)
+    try:
+        missing = adapters.unavailable(spec.model.get("impl", adapters.RUNTIME), device)
+    except Exception as err:  # a user's factory whose unavailable() raises: this run's error, not the whole run's
+        run.update(status="error", error=f"{type(err).__name__}: {last_line(err)}")
+        return _record_host(run, spec, load_before, cpu_before)
     if missing:  # the implementation needs what this host lacks: skipped, as a GPU run is on a CPU host
         run.update(status="skipped", error=missing)
         return _record_host(run, spec, load_before, cpu_before)

@@ -498,15 +498,30 @@ def load(path: str | Path, overrides: dict | None = None, kind: str | None = Non
     path = str(path)
     doc = read_toml(path)
     listed = _kinds_listed(path, doc)
-    if listed is not None:
-        if kind not in listed:
-            raise ScenarioError(
-                f"{path}: [scenario] kind = {_show(listed)} lists several kinds: load one of them "
-                f"(moebench run and list load them all)"
-            )
-        table = doc["scenario"]
-        named = f"{table['name']}-{kind}" if isinstance(table.get("name"), str) else table.get("name")
-        doc["scenario"] = {**table, "kind": kind, "name": named}
+    if listed is None:
+        table = doc.get("scenario") if isinstance(doc.get("scenario"), dict) else {}
+        if kind is not None and table.get("kind") != kind:
+            raise ScenarioError(f"{path}: [scenario] kind = {_show(table.get('kind'))}: asked to load kind {kind!r}")
+        return _load(path, doc, overrides)
+    if kind not in listed:
+        raise ScenarioError(
+            f"{path}: [scenario] kind = {_show(listed)} lists several kinds: load one of them "
+            f"(moebench run and list load them all)"
+        )
+    table = doc["scenario"]
+    named = f"{table['name']}-{kind}" if isinstance(table.get("name"), str) else table.get("name")
+    doc["scenario"] = {**table, "kind": kind, "name": named}
+    try:
+        return _load(path, doc, overrides)
+    except ScenarioError as err:  # say which of the listed kinds refused, and the name it was loaded under
+        raise ScenarioError(
+            f"{err} (the file lists kind = {_show(listed)}: every key must suit each kind; this is its {kind} "
+            f"scenario, {named!r})"
+        ) from None
+
+
+def _load(path: str, doc: dict, overrides: dict | None) -> Scenario:
+    """``load`` of one kind's document."""
     if "plan" in doc and "scenario" not in doc:
         raise ScenarioError(
             f"{path}: this is a deployment-plan file ([plan]), not a scenario: validate it with moebench plan"

@@ -95,6 +95,14 @@ def gpu_only(weights, cfg):
     return Planted(weights, cfg)
 
 gpu_only.unavailable = lambda device: "" if device == "cuda" else "needs a CUDA device"
+
+def broken_needs(weights, cfg):
+    return Planted(weights, cfg)
+
+def _raise(device):
+    raise RuntimeError("probe failed")
+
+broken_needs.unavailable = _raise
 """
 
 
@@ -217,6 +225,8 @@ def test_a_run_whose_implementation_cannot_run_here_is_skipped_with_the_reason(t
     assert run["status"] == "skipped" and run["error"].endswith("python:planted_moe:gpu_only': needs a CUDA device")
     assert adapters.unavailable("python:planted_moe:gpu_only", "cuda") == ""
     assert adapters.unavailable("python:planted_moe:correct", "cpu") == ""  # no attribute: runs anywhere
+    run = runner.run_one(_spec(tmp_path, "python:planted_moe:broken_needs"), None)  # its unavailable() raises
+    assert run["status"] == "error" and run["error"] == "RuntimeError: probe failed"
 
 
 def test_the_default_path_never_imports_transformers():

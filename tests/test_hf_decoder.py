@@ -162,6 +162,14 @@ REFUSALS = {
         dataclasses.replace(_config("olmoe"), moe=MoEConfig(D, 24, 4, top_k=2, activation="swiglu", scoring="sigmoid")),
         "a router variant",
     ),
+    "bfloat16": (  # HF routes in bf16, ours in fp32: a near-tie token would FAIL a correct model
+        "mixtral",
+        dataclasses.replace(
+            _config("mixtral"),
+            moe=MoEConfig(D, 24, 4, top_k=2, activation="swiglu", normalize_topk=True, dtype="bfloat16"),
+        ),
+        'dtype = "bfloat16": accepted "float32"',
+    ),
     "sequence routing": (
         "mixtral",
         dataclasses.replace(

@@ -295,6 +295,13 @@ def test_a_serve_runs_dense_layers_shared_experts_and_scoring_carry_into_its_pla
     assert all_dense.model.moe_layers == 0 and Mo.prefill(all_dense).stage == pytest.approx(
         2 * Mo.prefill(all_dense).dense_layer.total
     )
+    normed = serve_run(world=2, layers=3)
+    normed["config"]["model"]["qk_norm"] = "full"  # the decoder's q/k norm: (H + G)·Dh scales per layer
+    full = SR.plan_for_serve_run(base, normed, "decode")
+    plain = SR.plan_for_serve_run(base, serve_run(world=2, layers=3), "decode")
+    assert full.model.qk_norm == "full" and plain.model.qk_norm == "none"
+    m = full.model
+    assert Mo.attention_vector_params(full) - Mo.attention_vector_params(plain) == (m.heads + m.kv_heads) * m.head_dim
     with pytest.raises(ValueError, match=r"run\.config\.model\.dense_layers = 3 is invalid: accepted an integer "
                                          r"from 0 to layers = 2"):  # fmt: skip
         SR.plan_for_serve_run(base, serve_run(layers=2, dense_layers=3), "prefill")

@@ -62,3 +62,18 @@ def test_moebench_list_shows_a_row_per_kind(tmp_path, capsys):
     assert main(["list", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "pair-equivalence" in out and "pair-throughput" in out
+
+
+def test_a_gate_one_listed_kind_does_not_know_says_the_file_lists_kinds(tmp_path):
+    doc = {**_doc(["equivalence", "throughput"]), "slo": {"min_tokens_per_s": 10}}
+    with pytest.raises(ScenarioError) as err:
+        load_file(write(tmp_path, doc))
+    text = str(err.value)
+    assert "\n" not in text and "min_tokens_per_s" in text
+    listed = '(the file lists kind = ["equivalence", "throughput"]: every key must suit each kind; '
+    assert text.endswith(listed + "this is its equivalence scenario, 'pair-equivalence')")
+
+
+def test_loading_a_kind_the_file_does_not_name_is_refused(tmp_path):
+    with pytest.raises(ScenarioError, match=r'kind = "throughput": asked to load kind \'equivalence\''):
+        load(write(tmp_path, _doc("throughput")), kind="equivalence")

@@ -51,6 +51,11 @@ def refusal(family: str, cfg: DecoderConfig) -> str:
     block = hf.refusal(family, cfg.moe)
     if block:
         return block
+    if cfg.moe.dtype != "float32":
+        return (
+            f'dtype = "{cfg.moe.dtype}": accepted "float32" (the family\'s decoder routes in its own dtype, ours in '
+            "float32: over several layers a token near a routing tie takes other experts, a FAIL that is no bug)"
+        )
     if cfg.qk_norm != QK_NORM[family]:
         return f'qk_norm = "{cfg.qk_norm}": accepted "{QK_NORM[family]}" for {family}'
     if cfg.vocab:

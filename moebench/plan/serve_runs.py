@@ -9,11 +9,11 @@ the model does not read) and replacing the model, the parallel degrees and the w
   ``dense_layers`` → first_k_dense with a dense FFN of width top_k·F (dense_ffn_hidden), timed as dense
   layers (no router, no all-to-all); ``shared_experts`` n → n shared experts of width F (the decoder's one
   FFN of width n·F: the same matrices and FLOPs); ``config.routing.scoring`` → scoring (the same
-  parameters and time either way). The decoder has GQA attention without biases, sinks or q/k norms,
-  no MLA and no expert or router biases, so the plan's keys for those stay at their defaults: exact, not
-  an approximation. Left out: ``shared_expert_gate`` (d weights and one d-long dot product per token
-  and MoE layer), the router's other variants (group_limited, score_bias: a choice among the same
-  experts, no extra work the model counts).
+  parameters and time either way); ``qk_norm`` → qk_norm (the same names). The decoder has GQA
+  attention without biases or sinks, no MLA and no expert or router biases, so the plan's keys for those
+  stay at their defaults: exact, not an approximation. Left out: ``shared_expert_gate`` (d weights and
+  one d-long dot product per token and MoE layer), the router's other variants (group_limited,
+  score_bias: a choice among the same experts, no extra work the model counts).
 - parallel: mode "ep" is EP = world size, mode "dp" is DP = world size (EP = 1); TP = PP = 1; the
   capacity factor is ``config.routing.capacity_factor`` (0: dropless); no offload.
 - workload, per phase: prefill is the idle-engine TTFT, one prompt of ``details.idle_prompt_len`` tokens
@@ -59,7 +59,7 @@ MODEL_DEFAULTS = {
     for key, spec in SCHEMA["model"].items()
     if key not in ("layers", "hidden", "heads", "head_dim", "kv_heads", "ffn_hidden", "experts", "top_k", "vocab",
                    "tie_embeddings", "activation", "precision", "params", "shared_experts", "shared_ffn_hidden",
-                   "first_k_dense", "dense_ffn_hidden", "scoring")
+                   "first_k_dense", "dense_ffn_hidden", "scoring", "qk_norm")
 }  # fmt: skip
 
 
@@ -84,6 +84,9 @@ def _model(base: Plan, cfg: dict, where: str):
     ffn_hidden = _count(f"{at}.ffn_hidden", m.get("ffn_hidden"))
     top_k = _count(f"{at}.top_k", m.get("top_k", 1))
     shared = _count(f"{at}.shared_experts", m.get("shared_experts", 0), low=0)
+    qk_norm = m.get("qk_norm", "none")
+    if qk_norm not in ("none", "head", "full"):
+        raise _bad(f"{at}.qk_norm", qk_norm, 'one of "none", "head", "full"')
     return replace(
         base.model,
         layers=layers,
@@ -104,7 +107,8 @@ def _model(base: Plan, cfg: dict, where: str):
         first_k_dense=dense_layers,
         dense_ffn_hidden=top_k * ffn_hidden if dense_layers else 0,  # the decoder's dense FFN: top_k·F wide
         scoring=scoring,
-        **MODEL_DEFAULTS,  # the decoder has none of the rest (MLA, biases, sinks, q/k norms): their defaults
+        qk_norm=qk_norm,  # the decoder's and the plan's names agree: "none", "head" (Qwen3), "full" (OLMoE)
+        **MODEL_DEFAULTS,  # the decoder has none of the rest (MLA, biases, sinks): their defaults
     )
 
 
