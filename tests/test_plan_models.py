@@ -217,8 +217,9 @@ def test_memory_per_gpu_holds_the_biases_worked_by_hand(toy):
     assert Mo.expert_params_per_gpu(p) == 32 + 4 + 4
     mem = Mo.memory_per_gpu(p)
     assert mem.weights_experts == 2 * 2 * 40 * 2  # L · E/EP · 40 · b (without the biases: 256)
-    # L · (attn/TP 32 + its biases h·dh + 2·kv·dh + d = 16 + norms 2·d = 8 + router d·E + E = 20) · b
-    assert mem.weights_dense == 2 * (32 + 16 + 8 + 20) * 2
+    # L · (attn/TP 32 + its q/k/v biases (h·dh + 2·kv·dh)/TP = 12/2 and o bias d = 4 + norms 2·d = 8 + router
+    # d·E + E = 20) · b: the q/k/v biases are sharded with their heads, the o bias is whole
+    assert mem.weights_dense == 2 * (32 + 6 + 4 + 8 + 20) * 2
     plain = Mo.memory_per_gpu(toy(parallel__ep=2, parallel__tp=2))
     assert (plain.weights_experts, plain.weights_dense) == (2 * 2 * 32 * 2, 2 * (32 + 8 + 16) * 2)
     # decode reads each of the 2 local experts' biases too (2 tokens · k 2 = 4 rows ≥ 2 experts): 2 · 8 · b more

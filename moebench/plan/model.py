@@ -66,6 +66,14 @@ def attention_vector_params(p: Plan) -> int:
     return bias + norm + latent_norms + (m.heads if m.attention_sinks else 0)
 
 
+def attention_head_vector_params(p: Plan) -> int:
+    """The part of ``attention_vector_params`` that belongs to heads, so TP shards it with them: the q, k and v
+    biases (h·dh + 2·kv·dh) and the sink logits (one per head). The o bias and the norms stay whole."""
+    m = p.model
+    bias = 0 if m.attention_bias == "none" else (m.heads + 2 * m.kv_heads) * m.head_dim
+    return bias + (m.heads if m.attention_sinks else 0)
+
+
 def expert_params(p: Plan) -> int:
     """One routed expert's matrices m·d·F."""
     return p.model.expert_matrices * p.model.hidden * p.model.ffn_hidden
@@ -248,8 +256,8 @@ def prefill_tokens_per_microbatch(p: Plan) -> int:
 def memory_per_gpu(p: Plan) -> Memory:
     """Bytes on the most loaded GPU (a stage holding the embedding or LM head) at the longest sequence.
 
-    1. Weights: attention matrices sharded by TP, its vectors (biases, sinks, q/k and latent norms), the
-       layer norms and the router (with its bias) whole on every TP rank; E/EP experts sharded by TP, their
+    1. Weights: attention matrices sharded by TP with their heads' vectors (q/k/v biases, sinks); the o bias,
+       q/k and latent norms, the layer norms and the router (with its bias) whole on every TP rank; E/EP experts sharded by TP, their
        biases with them (``expert_params_per_gpu``; with offload, ``offload_cache_slots`` of them per layer:
        the rest stay in host memory); the first_k_dense layers' dense FFN sharded by TP;
        embedding and LM head sharded by TP, both on one GPU only when PP = 1.
@@ -262,7 +270,8 @@ def memory_per_gpu(p: Plan) -> Memory:
     Ls, tp = stage_layers(p), par.tp
     moe_ls = min(Ls, m.moe_layers)  # the busiest stage holds the most MoE layers (the dense ones come first)
     dense_ls = Ls - moe_ls
-    attention = attention_params(p) / tp + attention_vector_params(p) + 2 * m.hidden
+    heads = attention_head_vector_params(p)  # q/k/v biases and sinks: sharded with their heads
+    attention = (attention_params(p) + heads) / tp + attention_vector_params(p) - heads + 2 * m.hidden
     dense = (
         moe_ls * (attention + router_params(p) + shared_params(p) / tp)
         + dense_ls * (attention + dense_ffn_params(p) / tp)
