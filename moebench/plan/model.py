@@ -257,9 +257,10 @@ def memory_per_gpu(p: Plan) -> Memory:
     """Bytes on the most loaded GPU (a stage holding the embedding or LM head) at the longest sequence.
 
     1. Weights: attention matrices sharded by TP with their heads' vectors (q/k/v biases, sinks); the o bias,
-       q/k and latent norms, the layer norms and the router (with its bias) whole on every TP rank; E/EP experts sharded by TP, their
-       biases with them (``expert_params_per_gpu``; with offload, ``offload_cache_slots`` of them per layer:
-       the rest stay in host memory); the first_k_dense layers' dense FFN sharded by TP;
+       q/k and latent norms, the layer norms and the router (with its bias) whole on every TP rank; E/EP
+       experts sharded by TP, their biases with them (``expert_params_per_gpu``; with offload,
+       ``offload_cache_slots`` of them per layer: the rest stay in host memory); the first_k_dense layers'
+       dense FFN sharded by TP;
        embedding and LM head sharded by TP, both on one GPU only when PP = 1.
     2. KV cache of this rank's sequences at S + O tokens, kv heads sharded by TP.
     3. Activations of one prefill micro-batch in one layer: residual and normed input (2·d),
