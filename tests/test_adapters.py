@@ -103,6 +103,20 @@ def _raise(device):
     raise RuntimeError("probe failed")
 
 broken_needs.unavailable = _raise
+
+class DeviceProbe(torch.nn.Module):
+    seen = []
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        DeviceProbe.seen.append((x.device.type, self.w.device.type))
+        return torch.zeros(x.shape)
+
+def device_probe(weights, cfg):
+    return DeviceProbe()
 """
 
 
@@ -227,6 +241,13 @@ def test_a_run_whose_implementation_cannot_run_here_is_skipped_with_the_reason(t
     assert adapters.unavailable("python:planted_moe:correct", "cpu") == ""  # no attribute: runs anywhere
     run = runner.run_one(_spec(tmp_path, "python:planted_moe:broken_needs"), None)  # its unavailable() raises
     assert run["status"] == "error" and run["error"] == "RuntimeError: probe failed"
+
+
+def test_the_implementation_runs_on_the_runs_device(tmp_path, planted):
+    import planted_moe
+
+    equivalence.impl_forward(_spec(tmp_path, "python:planted_moe:device_probe"), torch.device("meta"))
+    assert planted_moe.DeviceProbe.seen == [("meta", "meta")]  # module and input moved to the device given
 
 
 def test_the_default_path_never_imports_transformers():

@@ -303,7 +303,7 @@ def measure(ctx, spec: RunSpec, interval: float | None) -> dict:
     """This rank's forward and backward of the case (``run_rank``), under the sampler; with ``[model] impl``
     the implementation's forward on the whole batch (world size 1)."""
     with sampler(ctx, interval) as s:
-        out = impl_forward(spec) if _impl(spec) != adapters.RUNTIME else run_rank(ctx, case(spec))
+        out = impl_forward(spec, ctx.device) if _impl(spec) != adapters.RUNTIME else run_rank(ctx, case(spec))
     out["telemetry"] = s.summary()
     return out
 
@@ -325,15 +325,16 @@ def impl_inputs(spec: RunSpec) -> tuple[Case, list[MoEWeights], torch.Tensor]:
     return c, [dataclasses.replace(w, router_bias_E=None) for w in weights], x_ND
 
 
-def impl_forward(spec: RunSpec) -> dict:
-    """The implementation's output on the case's tokens and weights (forward only, no gradients); with the
-    decoder keys, a whole decoder's and our own decoder's on one sequence (``impl_decoder``)."""
+def impl_forward(spec: RunSpec, device: torch.device | str = "cpu") -> dict:
+    """The implementation's output on the case's tokens and weights (forward only, no gradients), computed on
+    the run's ``device``; with the decoder keys, a whole decoder's and our own decoder's on one sequence
+    (``impl_decoder``)."""
     if impl_decoder.is_decoder(spec):
-        return impl_decoder.forward(spec, _impl(spec))
+        return impl_decoder.forward(spec, _impl(spec), device)
     c, weights, x_ND = impl_inputs(spec)
-    module = adapters.build(_impl(spec), weights, c.moe)
+    module = adapters.build(_impl(spec), weights, c.moe).to(device)
     with torch.no_grad():
-        out_ND = module(x_ND.to(c.moe.torch_dtype))
+        out_ND = module(x_ND.to(device, c.moe.torch_dtype))
     return {"out": out_ND.float().cpu(), "impl": _impl(spec)}
 
 

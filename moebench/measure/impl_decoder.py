@@ -37,12 +37,13 @@ def inputs(spec: RunSpec) -> tuple[DecoderConfig, DecoderWeights, torch.Tensor]:
 
 
 @torch.no_grad()
-def forward(spec: RunSpec, impl: str) -> dict:
-    """On the rank: the implementation's output and our decoder's (``MoEDecoder.full``) on the sequence."""
+def forward(spec: RunSpec, impl: str, device: torch.device | str = "cpu") -> dict:
+    """On the rank: the implementation's output and our decoder's (``MoEDecoder.full``) on the sequence, both
+    computed on the run's ``device``."""
     cfg, weights, x_ND = inputs(spec)
-    x = x_ND.to(cfg.moe.torch_dtype)
-    out_ND = adapters.build_decoder(impl, cfg, weights)(x)
-    runtime_ND = MoEDecoder(cfg, weights).full(x)
+    x = x_ND.to(device, cfg.moe.torch_dtype)
+    out_ND = adapters.build_decoder(impl, cfg, weights).to(device)(x)
+    runtime_ND = MoEDecoder(cfg, weights, device=torch.device(device)).full(x)
     return {"out": out_ND.float().cpu(), "runtime_out": runtime_ND.float().cpu(), "impl": impl}
 
 
