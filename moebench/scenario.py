@@ -208,6 +208,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "group_limited": Key(None, *_GROUPS),
         "score_bias": Key(0.0, *_number(0)),  # the scale s of the seeded choice bias s · N(0, 1) per expert
         "routed_scaling": Key(1.0, *_number_above(0)),
+        "score_bias_update": Key(0.0, *_number(0)),  # γ of DeepSeek-V3's online bias update (kind train)
     },
     "parallel": {
         "world_size": Key(1, *_int(1, 2**16)),
@@ -289,6 +290,7 @@ _RUNTIME_FIELDS = {
     **{k: ("model", k) for k in ("num_experts", "top_k", "activation", "dtype", "expert_backend")},
     **{k: ("routing", k) for k in ("capacity_factor", "aux_loss_coef", "z_loss_coef", "normalize_topk", "granularity")},
     **{k: ("routing", k) for k in ("scoring", "topk_before_softmax", "group_limited", "score_bias", "routed_scaling")},
+    "score_bias_update": ("routing", "score_bias_update"),
     "shared_expert_gate": ("model", "shared_expert_gate"),
     "seq_len": ("workload", "seq_len"),
     "placement": ("parallel", "placement"),
@@ -657,6 +659,7 @@ def _features(spec: RunSpec) -> dict[str, object]:
         "dp": spec.parallel["mode"] if spec.parallel["mode"] == "dp" else None,
         "alerts": spec.alerts or None,
         "impl": None if spec.model.get("impl", "runtime") == "runtime" else spec.model["impl"],
+        "bias_update": spec.routing.get("score_bias_update") or None,
     }
     return {feature: value for feature, value in asked.items() if value is not None}
 

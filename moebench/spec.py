@@ -49,6 +49,7 @@ DECODER = (
 # [routing] keys of the router variants and their defaults: a result file records them only when set
 ROUTER_VARIANTS = {
     "scoring": "softmax", "topk_before_softmax": False, "group_limited": None, "score_bias": 0.0, "routed_scaling": 1.0,
+    "score_bias_update": 0.0,
 }  # fmt: skip
 DECODER_KINDS = ("serve", "train")
 SLO_STATS = ("median", "p90", "p99", "min", "max")
@@ -130,6 +131,7 @@ class RunSpec:
             group_limited=None if r.get("group_limited") is None else tuple(r["group_limited"]),
             score_bias=float(r.get("score_bias", 0.0)),
             routed_scaling=float(r.get("routed_scaling", 1.0)),
+            score_bias_update=float(r.get("score_bias_update", 0.0)),
         )
 
     def _expert_backend(self) -> str:

@@ -63,6 +63,8 @@ class MoEConfig:
     score_bias: float = 0.0  # > 0: a per-expert bias (MoEWeights.score_bias_E, drawn by init_weights as
     #   score_bias · N(0, 1)) moves the choice, not the weights (DeepSeek-V3's aux-loss-free balancing)
     routed_scaling: float = 1.0  # a factor on the routed output (DeepSeek-V3's routed_scaling_factor)
+    score_bias_update: float = 0.0  # γ > 0: after each training step b_e += γ · sign(mean load − load_e)
+    #   (DeepSeek-V3's online bias update; runtime/training.py); the bias buffer exists, zero when score_bias = 0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -90,6 +92,7 @@ class MoEConfig:
         if not isinstance(self.topk_before_softmax, bool):
             _fail(name, "topk_before_softmax", self.topk_before_softmax, "true or false")
         _non_negative_number(name, "score_bias", self.score_bias)
+        _non_negative_number(name, "score_bias_update", self.score_bias_update)
         scaling = self.routed_scaling
         if (
             isinstance(scaling, bool)
@@ -111,12 +114,13 @@ class MoEConfig:
             if top_groups > n_groups or top_groups * (e // n_groups) < k:
                 _fail(name, "group_limited", groups, f"top_groups <= n_groups holding >= top_k ({k}) experts")
             object.__setattr__(self, "group_limited", (n_groups, top_groups))
-        if self.topk_before_softmax and (self.scoring != "softmax" or self.group_limited or self.score_bias > 0):
+        if self.topk_before_softmax and (self.scoring != "softmax" or self.group_limited or self.has_score_bias):
             _fail(
                 name,
                 "topk_before_softmax",
                 True,
-                "true only with scoring 'softmax', no group_limited and no score_bias (Mixtral's router)",
+                "true only with scoring 'softmax', no group_limited, no score_bias and no score_bias_update "
+                "(Mixtral's router)",
             )
 
     @property
@@ -126,9 +130,15 @@ class MoEConfig:
             self.scoring == "softmax"
             and not self.topk_before_softmax
             and self.group_limited is None
-            and self.score_bias == 0
+            and not self.has_score_bias
             and self.routed_scaling == 1
         )
+
+    @property
+    def has_score_bias(self) -> bool:
+        """The router holds the choice bias ``score_bias_E``: drawn (score_bias > 0) or updated in training
+        (score_bias_update > 0; it then starts at zero when score_bias = 0)."""
+        return self.score_bias > 0 or self.score_bias_update > 0
 
     @property
     def torch_dtype(self) -> torch.dtype:

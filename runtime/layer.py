@@ -330,7 +330,7 @@ class MoELayer(nn.Module):
         self.router.bias_E.zero_()
         if weights.router_bias_E is not None:
             self.router.bias_E.copy_(weights.router_bias_E)
-        if self.moe.score_bias > 0:  # the choice bias (runtime/router.py ``gate``); None = zero
+        if self.moe.has_score_bias:  # the choice bias (runtime/router.py ``gate``); None = zero
             bias_E = weights.score_bias_E
             self.router.score_bias_E.copy_(torch.zeros(self.moe.num_experts) if bias_E is None else bias_E)
 

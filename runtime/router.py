@@ -35,6 +35,8 @@ Router variants (``gate``; MoEConfig fields, each in ``runtime/reference.py`` wr
                          their experts (ties: the lower group, then the lower expert).
   score_bias             DeepSeek-V3's aux-loss-free balancing: choice score = s + b_E (b: the router's
                          ``score_bias_E``), used for the groups and the top-k; the weights use s, unbiased.
+  score_bias_update γ    DeepSeek-V3's online update of b in training (``score_bias_step``): after each optimizer
+                         step, b_e += γ · sign(mean(load) − load_e), the loads the step's global per-expert counts.
   routed_scaling         every chosen weight × the factor, after any renormalisation (DeepSeek-V3's
                          routed_scaling_factor), so the routed output is scaled by it.
   The K ids are listed in descending choice score (ties to the lower id); the weights follow their ids.
@@ -155,6 +157,15 @@ def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_toke
     return num_experts * torch.sum(f_E * p_E)
 
 
+def score_bias_step(score_bias_E: torch.Tensor, loads_E: torch.Tensor, gamma: float) -> torch.Tensor:
+    """DeepSeek-V3's aux-loss-free balancing update (arXiv 2412.19437, §2.1.2): b_e − γ for an expert whose
+    load is above the mean, b_e + γ below it, unchanged at it. ``loads_E``: the step's copies per expert over
+    the global batch (host integers). The comparison is exact: sign(Σ_e' load_e' − E · load_e) in integers."""
+    loads_E = loads_E.to(torch.long)
+    sign_E = torch.sign(loads_E.sum() - loads_E.numel() * loads_E)
+    return score_bias_E + gamma * sign_E.to(score_bias_E.device, score_bias_E.dtype)
+
+
 def router_z_loss(logits_TE: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """This rank's share of the ST-MoE router z-loss: (1/N) Σ_t (log Σ_e exp(logit_{t,e}))²."""
     return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / num_tokens
@@ -250,8 +261,9 @@ class Router(nn.Module):
 
     ``bias_E`` is a fixed (untrained) logit offset, zero by default; a benchmark sets it to give
     routing a chosen skew while the whole router still runs. ``moe`` (optional) turns on the router
-    variants (``gate``); with ``moe.score_bias`` the router holds the choice bias ``score_bias_E``
-    (a buffer, zero until loaded from global weights).
+    variants (``gate``); with ``moe.score_bias`` or ``moe.score_bias_update`` the router holds the choice
+    bias ``score_bias_E`` (a buffer, not a parameter: zero until loaded from global weights, moved in training
+    only by ``update_score_bias``).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool, moe: MoEConfig | None = None):
@@ -262,8 +274,16 @@ class Router(nn.Module):
         self.moe = None if moe is None or moe.plain_routing else moe
         self.weight_ED = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         self.register_buffer("bias_E", torch.zeros(num_experts, dtype=torch.float32))
-        if self.moe is not None and self.moe.score_bias > 0:
+        if self.moe is not None and self.moe.has_score_bias:
             self.register_buffer("score_bias_E", torch.zeros(num_experts, dtype=torch.float32))
+
+    @torch.no_grad()
+    def update_score_bias(self, loads_E: torch.Tensor) -> None:
+        """One ``score_bias_step`` with ``moe.score_bias_update`` from a step's global per-expert loads (no-op
+        when the update is off). Every rank given the same loads holds the same bias after it."""
+        if self.moe is None or self.moe.score_bias_update == 0:
+            return
+        self.score_bias_E.copy_(score_bias_step(self.score_bias_E, loads_E, self.moe.score_bias_update))
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = F.linear(x_TD.float(), self.weight_ED, self.bias_E)

@@ -12,6 +12,12 @@ up to the order of floating-point sums.
 
 Pure EP (the EP group is every rank) or pure data parallelism (ep_size = 1, a ``dp_group``); a mixed
 layout would also need the experts' gradients summed over their expert-data-parallel group.
+
+DeepSeek-V3's online bias update (``MoEConfig.score_bias_update`` > 0; runtime/router.py ``score_bias_step``):
+after each optimizer step every MoE block's router moves its choice bias from that step's global per-expert
+loads (``StepRecord.loads_LE``). The loads are global on every rank (EP: the layer's exchanged counts; data
+parallelism: summed in the step's statistics all-reduce), so every rank makes the same update and the bias,
+a buffer outside the optimizer, stays identical on every rank with no collective of its own.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ class StepRecord:
     z_loss: float
     grad_norm: float
     tokens_dropped: int
-    loads_LE: tuple = ()  # per MoE block, copies routed to each expert over the group (host; EP only)
+    loads_LE: tuple = ()  # per MoE block, copies routed to each expert over the group's global batch (host)
     received_LW: tuple = ()  # per MoE block, copies each rank's experts received (host; EP only)
 
 
@@ -84,8 +90,9 @@ class Trainer:
         return loss, routed
 
     def step(self, inputs: torch.Tensor, batch: Batch, targets: torch.Tensor, global_tokens: int) -> StepRecord:
-        """Forward, backward, the gradient reduction, one optimizer step. One small all-reduce of the
-        step's statistics, read on the host (sync: once per step)."""
+        """Forward, backward, the gradient reduction, one optimizer step, then the routers' bias update
+        (``score_bias_update``). One small all-reduce of the step's statistics (under data parallelism with
+        each rank's per-expert loads), read on the host (sync: once per step)."""
         model = self.model
         loss, routed = self.forward_backward(inputs, batch, targets, global_tokens)
         model.reduce_grads()
@@ -102,14 +109,22 @@ class Trainer:
             torch.tensor(float(dropped), dtype=torch.float64, device=dev),  # counts_WE is on the host already
             model.expert_grad_square_sum(zero) if sharded else zero,
         ])  # fmt: skip
+        loads_LE = torch.stack([r.counts_WE.sum(0) for r in routed]) if routed else torch.zeros(0, 0)  # host
+        if model.dp_group is not None:  # each rank routed its own slice: the global loads ride the same all-reduce
+            stats = torch.cat([stats, loads_LE.to(dev, torch.float64).reshape(-1)])
         if self.group is not None:
             dist.all_reduce(stats, group=self.group)
         local = _square_sum(replicated, zero)  # equal on every rank after the reduction
-        total, aux, z, drops, sharded_sq, local_sq = torch.cat([stats, local[None]]).tolist()  # sync: host numbers
+        values = torch.cat([stats, local[None]]).tolist()  # sync: host numbers
+        total, aux, z, drops, sharded_sq = values[:5]
+        if model.dp_group is not None:  # counts below 2**53 are exact in fp64
+            loads_LE = torch.tensor([round(v) for v in values[5:-1]], dtype=torch.long).reshape(loads_LE.shape)
         self.optimizer.step()
-        loads = tuple(tuple(r.counts_WE.sum(0).tolist()) for r in routed)  # host counts: no sync
+        for layer, loads_E in zip(model.moe_layers, loads_LE, strict=True):  # the same global loads on every rank
+            layer.router.update_score_bias(loads_E)
+        loads = tuple(tuple(row) for row in loads_LE.tolist())  # host counts: no sync
         received = tuple(tuple(r.received_W.tolist()) for r in routed)
-        return StepRecord(total, aux, z, (sharded_sq + local_sq) ** 0.5, round(drops), loads, received)
+        return StepRecord(total, aux, z, (sharded_sq + values[-1]) ** 0.5, round(drops), loads, received)
 
 
 def _square_sum(params, zero: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ FEATURES = {
     "dp": "[parallel] mode",  # "dp": the data-parallel baseline, every rank holds every expert
     "alerts": "[alerts]",  # the deployment plan's alerts, judged on per-step series (moebench/measure/series.py)
     "impl": "[model] impl",  # another MoE implementation (moebench/adapters/) in place of the runtime's layer
+    "bias_update": "[routing] score_bias_update",  # the router's choice bias moved after each optimizer step
 }
 
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 NAME = "train"
 ORDER = 4
-FEATURES = frozenset({"decoder", "dp", "eplb"})
+FEATURES = frozenset({"decoder", "dp", "eplb", "bias_update"})
 COLUMNS = (
     ("loss_initial", "loss@0", 1, ".4g"),
     ("loss_final", "loss@end", 1, ".4g"),
@@ -51,6 +51,8 @@ METRICS = (
     "peak_memory_bytes",
     "recompute_time_ratio",
     "activation_saving",
+    "imbalance_max_mean_initial",
+    "imbalance_max_mean_final",
     *EPLB_METRICS,
 )
 # converges_like_baseline: the largest relative difference from the single-device run, in loss and in
@@ -205,6 +207,10 @@ def evaluate(spec: RunSpec, per_rank: list[dict]) -> tuple[dict, list[dict], dic
         "tokens_per_s": M.metric([G / t for t in times], "tokens/s", "higher"),
         "tokens_per_s_per_gpu": M.metric([G / t / world for t in times], "tokens/s", "higher"),
     }
+    if "imbalance_max_mean" in curve[0]:  # recorded by every MoE decoder's run (moebench/measure/training.py)
+        for name, record in (("initial", curve[0]), ("final", curve[-1])):  # the same global loads on every rank
+            metrics[f"imbalance_max_mean_{name}"] = M.metric([record["imbalance_max_mean"]], "ratio", "lower",
+                                                            exact=True)  # fmt: skip
     if world > 1:  # one rank exchanges nothing
         metrics["comm_time_share"] = M.metric([rank["comm_time_share"] for rank in per_rank], "fraction", "lower")
     checks = [{"name": "finite_output", "pass": all(rank["finite"] for rank in per_rank),

@@ -17,7 +17,8 @@ Per rank, in order:
  2. with ``recompute`` other than "none": the same decoder without recomputation, from the same weights:
     the gradients of both on step 0's batch (compared bit for bit), their activation bytes, and
     ``warmup`` + ``repeats`` alternating rounds of forward + backward + reduction on each;
- 3. the training curve: every step's loss, router losses, gradient norm, drops and time;
+ 3. the training curve: every step's loss, router losses, gradient norm, drops, expert load imbalance
+    (max over MoE blocks of max/mean of the step's global per-expert loads) and time;
  4. (W > 1) a few more steps under the profiler: the time spent in collectives (all-to-alls, all-reduces);
  5. rank 0 only (W > 1): the single-device baseline, the same student trained on the whole global batch
     in this process, while the other ranks wait.
@@ -41,6 +42,7 @@ from moebench.measure.common import progress, sampler
 from moebench.measure.eplb import Rebalancer, eplb_placements
 from moebench.measure.memory import SavedTensors, optimizer_state_bytes, tensor_bytes
 from moebench.measure.timing import time_interleaved
+from moebench.metrics import imbalance
 from runtime.model import Batch, MoEDecoder, Segment, decoder_weights
 from runtime.training import Trainer
 
@@ -126,6 +128,8 @@ def _curve(trainer: Trainer, data, batch: Batch, global_tokens: int, device, reb
         curve.append({"step": step, "loss": rec.loss, "aux_loss": rec.aux_loss, "z_loss": rec.z_loss,
                       "grad_norm": rec.grad_norm, "step_time_s": time.perf_counter() - start,
                       "tokens_dropped": rec.tokens_dropped})  # fmt: skip
+        if rec.loads_LE:  # the loads the step's router bias update (if any) moved from
+            curve[-1]["imbalance_max_mean"] = max(imbalance(loads_E) for loads_E in rec.loads_LE)
         if rebalancer is not None:
             rebalancer.after_step(rec.loads_LE, rec.received_LW)
     return curve
