@@ -69,7 +69,7 @@ def test_minimal_file_fills_every_default(tmp_path):
     plain = {"capacity_factor": 0.0, "aux_loss_coef": 0.01, "z_loss_coef": 0.001, "normalize_topk": False,
              "granularity": "token"}  # fmt: skip
     variants = {"scoring": "softmax", "topk_before_softmax": False, "group_limited": None, "score_bias": 0.0,
-                "routed_scaling": 1.0}  # fmt: skip
+                "routed_scaling": 1.0, "score_bias_update": 0.0}  # fmt: skip
     assert run.routing == {**plain, **variants}
     assert run.resolved()["routing"] == plain  # the router variants are recorded only when set
     assert run.parallel == {
