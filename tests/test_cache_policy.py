@@ -78,7 +78,8 @@ def test_a_plan_too_large_for_its_budget_gives_way_to_the_rule():
     assert plan == [frozenset({0, 1}), frozenset({0, 2}), frozenset({0, 2})]
 
 
-@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2))])
+@pytest.mark.slow  # long recorded streams; the unit suite checks Belady against the exhaustive optimum above
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_on_recorded_decode_streams_belady_hits_at_least_as_often_as_lru_and_lfu(seed):
     import torch
 
