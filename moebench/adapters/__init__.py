@@ -19,12 +19,12 @@ refuses the scenario in one line). The fused GPU implementations: ``vllm.py`` an
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import re
 
 import torch
 
 from moebench.adapters import hf, hf_decoder
+from moebench.adapters.common import installed
 from runtime import DecoderConfig, DecoderWeights, MoEConfig, MoEWeights
 
 RUNTIME = "runtime"
@@ -56,14 +56,6 @@ def check(impl: str, cfg: MoEConfig) -> None:
         raise ValueError(f"[model] impl = {impl!r} cannot express this layer: {why}")
 
 
-def _installed(name: str) -> bool:
-    """Whether ``name`` can be imported, without importing it (a module blocked in sys.modules: no)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ValueError, ImportError):
-        return False
-
-
 def _factory(impl: str):
     match = _PYTHON.fullmatch(impl)
     if match is None:
@@ -80,7 +72,7 @@ def _factory(impl: str):
 
 
 def _need_transformers(impl: str) -> None:
-    if not _installed("transformers"):
+    if not installed("transformers"):
         raise ValueError(
             f"[model] impl = {impl!r} needs transformers, which is not installed: "
             "accepted after pip install 'moebench[hf]', or impl = \"runtime\""
@@ -98,7 +90,7 @@ def build(impl: str, weights: list[MoEWeights], cfg: MoEConfig) -> torch.nn.Modu
 
 def unavailable(impl: str, device: str) -> str:
     """Why ``impl`` cannot run on ``device`` ("cpu" or "cuda") on this host, or "" when it can (``check`` first)."""
-    if impl.startswith("hf:") and not _installed("transformers"):
+    if impl.startswith("hf:") and not installed("transformers"):
         return f"[model] impl = {impl!r} needs transformers, which is not installed (pip install 'moebench[hf]')"
     if impl.startswith("python:"):
         needs = getattr(_factory(impl), "unavailable", None)

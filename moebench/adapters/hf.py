@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from moebench.adapters.common import dropless_token_refusal
 from runtime import MoEConfig, MoEWeights
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
@@ -31,10 +32,9 @@ def refusal(family: str, cfg: MoEConfig) -> str:
     """Why ``family``'s block cannot express ``cfg``'s layer, or "" when it can (no transformers needed)."""
     if cfg.activation != "swiglu":
         return f'activation = "{cfg.activation}": accepted "swiglu" (every family\'s experts are SwiGLU)'
-    if cfg.capacity_factor:
-        return f"capacity_factor = {cfg.capacity_factor:g}: accepted 0 (the blocks are dropless)"
-    if cfg.granularity != "token":
-        return f'granularity = "{cfg.granularity}": accepted "token"'
+    why = dropless_token_refusal(cfg, "the blocks are")
+    if why:
+        return why
     if family == "deepseek_v3":
         if cfg.scoring != "sigmoid" or cfg.topk_before_softmax:
             return 'scoring = "softmax": accepted scoring = "sigmoid" (DeepSeek-V3\'s router)'

@@ -24,27 +24,18 @@ check for bfloat16). Its router runs in the module's bfloat16, ours in fp32: a n
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
+from moebench.adapters.common import dropless_token_refusal, installed
 from runtime import MoEConfig, MoEWeights
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ValueError, ImportError):
-        return False
 
 
 def unavailable(device: str) -> str:
     """Why dMoE cannot run on ``device`` on this host, or "" (never imports megablocks)."""
     if device != "cuda":
         return "needs a CUDA device"
-    missing = [name for name in ("megablocks", "grouped_gemm") if not _installed(name)]
+    missing = [name for name in ("megablocks", "grouped_gemm") if not installed(name)]
     if missing:
         return f"needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed"
     return ""
@@ -57,10 +48,9 @@ def refusal(cfg: MoEConfig) -> str:
             "a router variant (scoring, group_limited, score_bias, routed_scaling) is set: accepted the top-k softmax "
             "router (MegaBlocks' LearnedRouter)"
         )
-    if cfg.capacity_factor:
-        return f"capacity_factor = {cfg.capacity_factor:g}: accepted 0 (dMoE is dropless)"
-    if cfg.granularity != "token":
-        return f'granularity = "{cfg.granularity}": accepted "token"'
+    why = dropless_token_refusal(cfg, "dMoE is")
+    if why:
+        return why
     if cfg.dtype != "bfloat16":
         return f'dtype = "{cfg.dtype}": accepted "bfloat16" (grouped_gemm\'s kernels take bfloat16 only)'
     return ""

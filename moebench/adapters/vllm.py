@@ -23,27 +23,20 @@ DeepSeek-V3's rule and ours). Refused (``refusal``): gelu (vLLM's "gelu" activat
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 from dataclasses import dataclass
 
 import torch
 
+from moebench.adapters.common import dropless_token_refusal, installed
 from runtime import MoEConfig, MoEWeights
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ValueError, ImportError):
-        return False
 
 
 def unavailable(device: str) -> str:
     """Why the kernel cannot run on ``device`` on this host, or "" (never imports vllm)."""
     if device != "cuda":
         return "needs a CUDA device"
-    if not _installed("vllm"):
+    if not installed("vllm"):
         return "needs vllm, which is not installed (pip install vllm)"
     return ""
 
@@ -52,10 +45,9 @@ def refusal(cfg: MoEConfig) -> str:
     """Why vLLM's fused MoE cannot express ``cfg``'s layer, or "" when it can."""
     if cfg.activation != "swiglu":
         return f'activation = "{cfg.activation}": accepted "swiglu" (vLLM\'s fused experts are gated: silu_and_mul)'
-    if cfg.capacity_factor:
-        return f"capacity_factor = {cfg.capacity_factor:g}: accepted 0 (the fused kernel is dropless)"
-    if cfg.granularity != "token":
-        return f'granularity = "{cfg.granularity}": accepted "token"'
+    why = dropless_token_refusal(cfg, "the fused kernel is")
+    if why:
+        return why
     if routing_plan(cfg).function == "grouped_topk" and cfg.num_experts < 2:
         return "num_experts = 1 with a router variant: accepted >= 2 (grouped_topk scores a group by its two best)"
     return ""

@@ -348,12 +348,10 @@ def first_difference(
     if out_ND.shape != ref_ND.shape:
         shapes = f"output shape {tuple(out_ND.shape)}, reference {tuple(ref_ND.shape)}"
         return {"token": 0, "expert": None, "detail": shapes}
-    diff_ND = out_ND.double() - ref_ND
-    scale = tol * ref_ND.norm().item() / max(ref_ND.shape[0], 1) ** 0.5
-    rows = (diff_ND.norm(dim=1) > scale) | ~torch.isfinite(diff_ND).all(dim=1)
-    if not rows.any():
+    t = impl_decoder.first_position(out_ND, ref_ND, tol)  # the same row rule as a decoder's first position
+    if t is None:
         return None
-    t = int(rows.nonzero()[0, 0])
+    diff_ND = out_ND.double() - ref_ND
     one = MoEConfig(cfg.hidden_size, cfg.ffn_hidden_size, 1, activation=cfg.activation)  # one expert, weight 1
     columns = []
     for e in range(cfg.num_experts):  # each expert's own output for token t
